@@ -1,0 +1,33 @@
+//! The `podmesh` command-line tool.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// podmesh: check a multi-cluster address plan, show mesh status, render Secrets.
+#[derive(Debug, Parser)]
+#[command(name = "podmesh", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the version of podmesh and of its embedded kernel programs.
+    Version,
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!(
+                "podmesh {} (eBPF object {} bytes)",
+                env!("CARGO_PKG_VERSION"),
+                crate::EBPF_OBJECT.len()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! podmesh-agent: the node agent's library and the `podmesh` CLI's core.
+//!
+//! The wire contract lives in [`model`]; the kernel programs built from
+//! `ebpf/podmesh-ebpf` are embedded as [`EBPF_OBJECT`].
+
+pub mod cli;
+pub mod config;
+pub mod model;
+
+/// The compiled kernel programs (ELF for `bpfel-unknown-none`), aligned for aya.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podmesh-ebpf.o"));

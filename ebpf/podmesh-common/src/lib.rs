@@ -1,0 +1,54 @@
+//! Map keys, values and constants shared by the tc program and the agent.
+//!
+//! Every type here is `#[repr(C)]` and declared once; user space gets
+//! `aya::Pod` impls behind the `user` feature.
+#![no_std]
+
+/// Directory under bpffs where podmesh pins its maps and links.
+pub const PIN_DIR: &str = "/sys/fs/bpf/podmesh";
+/// Name of the LPM map of remote IPv4 Pod CIDRs (also its pin file name).
+pub const REMOTES_V4_MAP: &str = "PODMESH_REMOTES_V4";
+/// Name of the per-CPU counters map.
+pub const COUNTERS_MAP: &str = "PODMESH_COUNTERS";
+/// Maximum number of remote Pod CIDRs the LPM map holds.
+pub const REMOTES_MAX_ENTRIES: u32 = 262_144;
+
+/// Index into the counters array.
+pub mod counter {
+    /// Packets whose destination matched a remote Pod CIDR and were sent.
+    pub const FORWARDED: u32 = 0;
+    /// Packets whose destination matched no remote Pod CIDR (dropped).
+    pub const MISS: u32 = 1;
+    /// Packets that were not IPv4 or were too short to parse (passed on).
+    pub const NOT_IPV4: u32 = 2;
+    /// Packets for which setting the tunnel key failed (dropped).
+    pub const TUNNEL_KEY_FAILED: u32 = 3;
+    /// Number of counters.
+    pub const LEN: u32 = 4;
+}
+
+/// Value of the remote-CIDR LPM map: where to send packets for that CIDR.
+///
+/// The key is `aya::maps::lpm_trie::Key<[u8; 4]>` (prefix length, address
+/// in network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// Underlay IPv4 address of the remote node, host byte order (as
+    /// `bpf_skb_set_tunnel_key` expects `remote_ipv4`).
+    pub addr_v4: u32,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// MAC address of the remote node's tunnel device: the inner
+    /// destination MAC (the receiving stack drops frames not addressed to it).
+    pub vtep_mac: [u8; 6],
+    /// Reserved, zero.
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: RemoteNode is repr(C), Copy, has no padding holes (explicit
+    // `_pad`) and every bit pattern is valid.
+    unsafe impl aya::Pod for super::RemoteNode {}
+}

@@ -1,0 +1,24 @@
+//! The maps shared by the programs; names and sizes come from podmesh-common.
+use aya_ebpf::{
+    macros::map,
+    maps::{LpmTrie, PerCpuArray},
+};
+use podmesh_common::{RemoteNode, REMOTES_MAX_ENTRIES, counter};
+
+/// Remote node Pod CIDR (IPv4) -> the node to tunnel to.
+#[map(name = "PODMESH_REMOTES_V4")]
+pub static PODMESH_REMOTES_V4: LpmTrie<[u8; 4], RemoteNode> =
+    LpmTrie::with_max_entries(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Per-CPU packet counters, indexed by `podmesh_common::counter`.
+#[map(name = "PODMESH_COUNTERS")]
+pub static PODMESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// Adds one to counter `index`.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = PODMESH_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,68 @@
+//! tc egress program of `podmesh0` (VXLAN, external/collect_md mode).
+//!
+//! For each IPv4 packet routed into the tunnel device it looks the inner
+//! destination up in the remote-CIDR LPM map, sets the tunnel key (remote
+//! node address + VNI) that the VXLAN driver reads in collect_md mode
+//! (drivers/net/vxlan/vxlan_core.c, `vxlan_xmit`: `skb_tunnel_info`), and
+//! rewrites the inner destination MAC to the remote tunnel device's MAC,
+//! because the receiving stack drops frames that are not addressed to it
+//! (net/core/dev.c, `eth_type_trans` -> PACKET_OTHERHOST).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    helpers::bpf_skb_set_tunnel_key,
+    macros::classifier,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use podmesh_common::counter;
+
+use crate::maps::{PODMESH_REMOTES_V4, count};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offset of the destination address in an IPv4 header.
+const IPV4_DADDR: usize = 16;
+
+#[classifier]
+pub fn podmesh_tunnel_egress(ctx: TcContext) -> i32 {
+    match try_tunnel_egress(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_tunnel_egress(ctx: &TcContext) -> Result<i32, i32> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| TC_ACT_OK)?);
+    if ethertype != ETH_P_IP {
+        count(counter::NOT_IPV4);
+        return Ok(TC_ACT_OK);
+    }
+    let daddr: [u8; 4] = ctx
+        .load(ETH_HLEN + IPV4_DADDR)
+        .map_err(|_| TC_ACT_OK)?;
+    let Some(remote) = PODMESH_REMOTES_V4.get(&Key::new(32, daddr)) else {
+        count(counter::MISS);
+        return Err(TC_ACT_SHOT);
+    };
+
+    // SAFETY: bpf_tunnel_key is plain data; all-zero is a valid value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = remote.vni;
+    key.__bindgen_anon_1.remote_ipv4 = remote.addr_v4;
+    key.tunnel_ttl = 64;
+    // SAFETY: the helper reads `size` bytes of `key`, which lives on our stack.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if ret != 0 {
+        count(counter::TUNNEL_KEY_FAILED);
+        return Err(TC_ACT_SHOT);
+    }
+    ctx.store(0, &remote.vtep_mac, 0).map_err(|_| TC_ACT_SHOT)?;
+    count(counter::FORWARDED);
+    Ok(TC_ACT_OK)
+}

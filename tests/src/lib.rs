@@ -1,0 +1,1 @@
+//! Test harness: network namespaces, topologies, a real etcd with mTLS.
