@@ -76,8 +76,16 @@ fn main() -> anyhow::Result<()> {
         // that crate only.
         .env("RUSTC_BOOTSTRAP", "aya_ebpf")
         .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none"]);
-    let status = cmd.status().context("running the nested eBPF cargo build")?;
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ]);
+    let status = cmd
+        .status()
+        .context("running the nested eBPF cargo build")?;
     if !status.success() {
         bail!("building ebpf/podmesh-ebpf failed ({status}); see the output above");
     }
@@ -93,12 +101,13 @@ fn find_bpf_linker(root: &Path) -> Option<PathBuf> {
     if let Some(p) = env::var_os("PODMESH_BPF_LINKER") {
         return Some(PathBuf::from(p));
     }
-    let mut candidates = vec![root.join(format!(".tools/bpf-linker-{BPF_LINKER_VERSION}/bin/bpf-linker"))];
+    let mut candidates = vec![root.join(format!(
+        ".tools/bpf-linker-{BPF_LINKER_VERSION}/bin/bpf-linker"
+    ))];
     if let Some(home) = env::var_os("HOME") {
-        candidates.push(
-            PathBuf::from(home)
-                .join(format!(".cache/podmesh/bpf-linker-{BPF_LINKER_VERSION}/bin/bpf-linker")),
-        );
+        candidates.push(PathBuf::from(home).join(format!(
+            ".cache/podmesh/bpf-linker-{BPF_LINKER_VERSION}/bin/bpf-linker"
+        )));
     }
     candidates.extend(
         env::split_paths(&env::var_os("PATH").unwrap_or_default()).map(|d| d.join("bpf-linker")),

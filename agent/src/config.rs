@@ -1,5 +1,8 @@
 //! Command-line flags of `podmesh-agent` (DESIGN.md, "Commands").
-use std::{net::{IpAddr, SocketAddr}, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod datapath;
 pub mod model;
 
 /// The compiled kernel programs (ELF for `bpfel-unknown-none`), aligned for aya.

@@ -25,7 +25,9 @@ pub struct ClusterName(String);
 
 /// A string that is not a valid cluster name, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid cluster name {name:?}: {reason} (a DNS label of 1-32 characters: lowercase letters, digits and '-', starting and ending with a letter or digit)")]
+#[error(
+    "invalid cluster name {name:?}: {reason} (a DNS label of 1-32 characters: lowercase letters, digits and '-', starting and ending with a letter or digit)"
+)]
 pub struct InvalidClusterName {
     /// The offending name.
     pub name: String,
@@ -59,7 +61,10 @@ pub fn cluster_name_problem(name: &str) -> Option<&'static str> {
     if b.len() > 32 {
         return Some("longer than 32 characters");
     }
-    if !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-') {
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+    {
         return Some("contains a character other than a-z, 0-9 and '-'");
     }
     if b[0] == b'-' || b[b.len() - 1] == b'-' {
@@ -157,7 +162,9 @@ pub enum Key {
 
 /// A key that is not in podmesh's layout.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("key {key:?} is not in podmesh's layout (podmesh/v1/clusters/<cluster> or podmesh/v1/nodes/<cluster>/<node>)")]
+#[error(
+    "key {key:?} is not in podmesh's layout (podmesh/v1/clusters/<cluster> or podmesh/v1/nodes/<cluster>/<node>)"
+)]
 pub struct UnknownKey {
     /// The key, lossily decoded.
     pub key: String,
@@ -167,12 +174,16 @@ impl Key {
     /// Parses a key; names inside it are checked only for being non-empty
     /// and free of '/' (validation checks the cluster-name rule).
     pub fn parse(key: &str) -> Result<Self, UnknownKey> {
-        let err = || UnknownKey { key: key.to_string() };
+        let err = || UnknownKey {
+            key: key.to_string(),
+        };
         if let Some(rest) = key.strip_prefix(CLUSTERS_PREFIX) {
             if rest.is_empty() || rest.contains('/') {
                 return Err(err());
             }
-            return Ok(Key::Cluster { cluster: rest.to_string() });
+            return Ok(Key::Cluster {
+                cluster: rest.to_string(),
+            });
         }
         if let Some(rest) = key.strip_prefix(NODES_PREFIX) {
             let mut parts = rest.split('/');
@@ -180,7 +191,10 @@ impl Key {
                 && !c.is_empty()
                 && !n.is_empty()
             {
-                return Ok(Key::Node { cluster: c.to_string(), node: n.to_string() });
+                return Ok(Key::Node {
+                    cluster: c.to_string(),
+                    node: n.to_string(),
+                });
             }
         }
         Err(err())
@@ -229,7 +243,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Formats a MAC address as six colon-separated lowercase hex octets.
 pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -241,7 +258,15 @@ mod tests {
         for ok in ["east", "a", "e-1", "0", "abcdefghijabcdefghijabcdefghij12"] {
             assert!(ClusterName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "East", "a_b", "a.b", "abcdefghijabcdefghijabcdefghij123"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "East",
+            "a_b",
+            "a.b",
+            "abcdefghijabcdefghijabcdefghij123",
+        ] {
             assert!(ClusterName::new(bad).is_err(), "{bad}");
         }
     }
@@ -249,7 +274,13 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         let k = Key::parse("podmesh/v1/nodes/east/node-1").unwrap();
-        assert_eq!(k, Key::Node { cluster: "east".into(), node: "node-1".into() });
+        assert_eq!(
+            k,
+            Key::Node {
+                cluster: "east".into(),
+                node: "node-1".into()
+            }
+        );
         assert_eq!(k.to_string(), node_key("east", "node-1"));
         let k = Key::parse("podmesh/v1/clusters/east").unwrap();
         assert_eq!(k.to_string(), cluster_key("east"));
@@ -272,7 +303,10 @@ mod tests {
         let r: NodeRecord = serde_json::from_str(v).unwrap();
         assert_eq!(r.cluster_id, 1);
         assert_eq!(r.pod_cidrs, vec!["10.1.1.0/24".parse::<IpNet>().unwrap()]);
-        assert_eq!(parse_mac(r.vtep_mac.as_deref().unwrap()), Some([2, 0, 0xc0, 0xa8, 1, 10]));
+        assert_eq!(
+            parse_mac(r.vtep_mac.as_deref().unwrap()),
+            Some([2, 0, 0xc0, 0xa8, 1, 10])
+        );
         let c: ClusterRecord = serde_json::from_str(
             r#"{"name":"east","id":1,"podCIDRs":["10.1.0.0/16"],"serviceCIDRs":["10.96.0.0/12"]}"#,
         )

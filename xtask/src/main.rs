@@ -1,6 +1,11 @@
 //! `cargo xtask`: project automation (setup, test, demo, bench, vm-test).
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod setup;
+mod test;
+mod util;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "podmesh project automation")]
 struct Cli {
@@ -10,12 +15,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what this machine lacks (Debian packages, bpf-linker).
-    Setup,
+    /// Install what this machine lacks (Debian packages, bpf-linker); idempotent.
+    Setup(setup::SetupArgs),
+    /// Setup, then fmt check, clippy, unit tests and the privileged integration tests.
+    Test(test::TestArgs),
+    /// Benchmarks, each side by side with its peer in the same run.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => anyhow::bail!("setup is not written yet"),
+        Command::Setup(a) => setup::run(&a),
+        Command::Test(a) => test::run(&a),
+        Command::Bench(b) => bench::run(b),
     }
 }

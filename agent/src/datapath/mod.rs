@@ -1,0 +1,76 @@
+//! The datapath: what the control plane asks of the kernel, behind a narrow trait.
+//!
+//! The control plane computes the desired set of [`RemoteRoute`]s (a pure
+//! function) and drives a [`Datapath`] with idempotent upserts, deletes and a
+//! `prune(keep)` that removes every podmesh-owned entry not in `keep`.
+//! Implementations: [`memory::MemoryDatapath`] for tests of the control plane,
+//! and the kernel ones (eBPF, VXLAN, IPIP, direct routes).
+use std::{collections::BTreeSet, future::Future, net::IpAddr};
+
+use ipnet::IpNet;
+
+pub mod memory;
+
+/// One remote node Pod CIDR and where to send its packets.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct RemoteRoute {
+    /// The remote node's Pod CIDR (canonical).
+    pub cidr: IpNet,
+    /// The remote cluster.
+    pub cluster: String,
+    /// The remote node.
+    pub node: String,
+    /// The remote node's tunnel endpoint / next hop (`addresses[0]`).
+    pub node_addr: IpAddr,
+    /// The remote node's tunnel device MAC, when it published one.
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+/// A datapath operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The kernel refused or could not do `op` for `cidr`.
+    #[error("{op} {cidr}: {message}")]
+    Op {
+        /// What was attempted (e.g. "upsert route").
+        op: &'static str,
+        /// The CIDR concerned.
+        cidr: IpNet,
+        /// What went wrong, with a hint where there is one.
+        message: String,
+    },
+    /// The datapath cannot run on this machine (missing kernel feature,
+    /// missing privilege); the message says what to do.
+    #[error("datapath unavailable: {0}")]
+    Unavailable(String),
+    /// Any other failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What `prune` removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// CIDRs whose entries were removed.
+    pub removed: Vec<IpNet>,
+}
+
+/// The kernel side of podmesh. Every method is idempotent.
+pub trait Datapath: Send {
+    /// Installs or updates the entries for these routes.
+    fn upsert(
+        &mut self,
+        routes: &[RemoteRoute],
+    ) -> impl Future<Output = Result<(), DatapathError>> + Send;
+    /// Removes the entries of these CIDRs (absent ones are fine).
+    fn delete(&mut self, cidrs: &[IpNet])
+    -> impl Future<Output = Result<(), DatapathError>> + Send;
+    /// Removes every podmesh-owned entry whose CIDR is not in `keep`.
+    fn prune(
+        &mut self,
+        keep: &BTreeSet<IpNet>,
+    ) -> impl Future<Output = Result<PruneReport, DatapathError>> + Send;
+    /// The routes currently installed (as far as this datapath can read them back).
+    fn installed(&mut self)
+    -> impl Future<Output = Result<Vec<RemoteRoute>, DatapathError>> + Send;
+}
