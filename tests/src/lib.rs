@@ -1,1 +1,88 @@
 //! Test harness: network namespaces, topologies, a real etcd with mTLS.
+//!
+//! Privileged tests create their own namespaces (never touching the host's),
+//! clean up on drop (also after a panic), and wait with [`eventually`]
+//! instead of bare sleeps. A test that cannot run says why, and fails when
+//! `$CI` is set instead of passing silently ([`require_root`]).
+use std::time::{Duration, Instant};
+
+pub mod etcd;
+pub mod netns;
+pub mod pki;
+pub mod topo;
+
+/// Whether privileged tests can run here (root, `ip netns` usable).
+///
+/// When they cannot, prints why and returns `false` so the test can return;
+/// under CI (`$CI` set) it panics instead: a CI run that skips is a failure.
+pub fn require_root(test: &str) -> bool {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("it needs root (network namespaces, netlink, eBPF)".to_string())
+    } else {
+        match std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+        {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "`ip netns list` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("cannot run `ip` (install iproute2): {e}")),
+        }
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("CI").is_some() => {
+            panic!("{test} cannot run: {why}; under CI this is a failure, not a skip")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Ok`, or until `timeout` passes,
+/// then fails with the last error.
+pub fn eventually<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                anyhow::bail!("not true after {timeout:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// [`eventually`] for async conditions; uses tokio's clock.
+pub async fn eventually_async<T, F, Fut>(timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("not true after {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}

@@ -1,0 +1,309 @@
+//! A real etcd (Debian `etcd-server`) with mTLS on random loopback ports, killed on drop.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::pki::{CertFiles, Pki};
+
+/// A running etcd server with client-certificate authentication.
+#[derive(Debug)]
+pub struct Etcd {
+    name: String,
+    pki: Arc<Pki>,
+    server: CertFiles,
+    root_client: CertFiles,
+    data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    metrics_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Etcd {
+    /// Starts an etcd with its own CA.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Arc::new(Pki::new("etcd")?), "etcd")
+    }
+
+    /// Starts an etcd named `name` whose certificates come from `pki`.
+    pub fn start_with(pki: Arc<Pki>, name: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("podmesh-etcd-{name}-"))
+            .tempdir()?;
+        let server = pki.issue(&crate::pki::CertSpec {
+            name: &format!("{name}-server"),
+            file: None,
+            sans: vec!["127.0.0.1".into(), "localhost".into()],
+            server: true,
+            client: true,
+            expired: false,
+        })?;
+        let root_client = pki.client(&format!("{name}-root"))?;
+        let mut etcd = Self {
+            name: name.to_string(),
+            pki,
+            server,
+            root_client,
+            data_dir: tmp.path().join("data"),
+            log: tmp.path().join("etcd.log"),
+            _tmp: tmp,
+            client_port: crate::free_port(),
+            peer_port: crate::free_port(),
+            metrics_port: crate::free_port(),
+            child: None,
+        };
+        etcd.spawn()?;
+        Ok(etcd)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let client = format!("https://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new("etcd");
+        // etcd reads every ETCD_* variable as a flag.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("{}={peer}", self.name))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", self.metrics_port))
+            .arg("--cert-file")
+            .arg(&self.server.cert)
+            .arg("--key-file")
+            .arg(&self.server.key)
+            .arg("--trusted-ca-file")
+            .arg(self.pki.ca())
+            .arg("--client-cert-auth")
+            .args([
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+                "--quota-backend-bytes",
+                "4294967296",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .context("starting etcd (install etcd-server: cargo xtask setup)")?;
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(20))
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("etcd exited with {status}; log:\n{}", self.log_tail());
+            }
+            if http_get(self.metrics_port, "/health").is_ok_and(|b| b.contains("\"true\"")) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "etcd not healthy after {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of etcd's log.
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// The CA that signed the server and client certificates.
+    pub fn pki(&self) -> &Arc<Pki> {
+        &self.pki
+    }
+
+    /// A client certificate with full access (etcd has no auth enabled).
+    pub fn root_client(&self) -> &CertFiles {
+        &self.root_client
+    }
+
+    /// `http://127.0.0.1:<port>/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    /// GETs `/metrics` and returns the value of the first sample of `name`.
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let body = http_get(self.metrics_port, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("metric {name} not found"))
+    }
+
+    /// Writes an etcd client YAML (DESIGN.md Secret format) for this etcd
+    /// with the root client certificate, and returns its path.
+    pub fn client_config(&self, path: &Path) -> anyhow::Result<PathBuf> {
+        write_client_config(path, &[self.endpoint()], self.pki.ca(), &self.root_client)
+    }
+
+    /// Runs `etcdctl` (v3 API) against this etcd with the root client certificate.
+    pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = Command::new("etcdctl");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .arg("--cacert")
+            .arg(self.pki.ca())
+            .arg("--cert")
+            .arg(&self.root_client.cert)
+            .arg("--key")
+            .arg(&self.root_client.key)
+            .args(args);
+        cmd.output()
+            .context("running etcdctl (install etcd-client)")
+    }
+
+    /// An `etcd-client` connected with the root client certificate.
+    pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
+        connect(&[self.endpoint()], self.pki.ca(), Some(&self.root_client)).await
+    }
+
+    /// The process ID of the running etcd.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills etcd (SIGKILL) and waits for it; the data dir stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Kills etcd, deletes its data and starts it empty on the same ports.
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        if self.data_dir.exists() {
+            std::fs::remove_dir_all(&self.data_dir)?;
+        }
+        self.spawn()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes an etcd client YAML (`endpoints`, `trusted-ca-file`, `cert-file`, `key-file`).
+pub fn write_client_config(
+    path: &Path,
+    endpoints: &[String],
+    ca: &Path,
+    client: &CertFiles,
+) -> anyhow::Result<PathBuf> {
+    let mut y = String::from("endpoints:\n");
+    for e in endpoints {
+        y.push_str(&format!("- {e}\n"));
+    }
+    y.push_str(&format!(
+        "trusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
+        ca.display(),
+        client.cert.display(),
+        client.key.display()
+    ));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, y)?;
+    Ok(path.to_path_buf())
+}
+
+/// An `etcd-client` over TLS; `client` is the identity (None: no client certificate).
+pub async fn connect(
+    endpoints: &[String],
+    ca: &Path,
+    client: Option<&CertFiles>,
+) -> anyhow::Result<etcd_client::Client> {
+    let mut tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(ca)?));
+    if let Some(c) = client {
+        tls = tls.identity(etcd_client::Identity::from_pem(
+            std::fs::read(&c.cert)?,
+            std::fs::read(&c.key)?,
+        ));
+    }
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(5));
+    Ok(etcd_client::Client::connect(endpoints, Some(opts)).await?)
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1 (health and metrics endpoints).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
