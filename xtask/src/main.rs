@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod setup;
+mod setup_deploy;
 mod test;
 mod util;
 

@@ -48,6 +48,7 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
     )?;
     let linker = ensure_bpf_linker(llvm, args.check)?;
     eprintln!("setup: bpf-linker at {}", linker.display());
+    crate::setup_deploy::run(args.check)?;
     eprintln!("setup: everything is in place");
     Ok(())
 }

@@ -1,0 +1,520 @@
+//! The Kubernetes manifests in `deploy/`: rendered with `kubectl kustomize`,
+//! validated offline and strictly against the Kubernetes schemas, and checked
+//! against what the binaries actually accept (flags, paths, ports).
+//!
+//! Needs `kubectl` (with kustomize v4+) and kubernetes-validate; `cargo xtask
+//! setup` installs the validator into `.tools/bin/`.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use clap::CommandFactory;
+use podmesh_agent::config::AgentArgs;
+use serde_yaml::Value;
+
+/// Secrets the operator creates (certificates); every other referenced
+/// object must be part of the rendered manifests.
+const OPERATOR_SECRETS: &[&str] = &[
+    "podmesh-kvstore-client",
+    "podmesh-mesh-etcd-server",
+    "podmesh-mesh-etcd-peer",
+    "podmesh-etcd-proxy-tls",
+    "podmesh-etcd-proxy-upstream",
+];
+
+/// The flags of podmesh-etcd-proxy (DESIGN.md, "Commands").
+const PROXY_FLAGS: &[&str] = &[
+    "listen",
+    "upstream-config",
+    "tls-cert",
+    "tls-key",
+    "client-ca",
+    "allow-prefix",
+    "metrics-addr",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// `kubectl kustomize deploy/<dir>`.
+fn render(dir: &str) -> String {
+    let path = root().join("deploy").join(dir);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `kubectl kustomize` ({e}): install kubectl (1.27 or newer, \
+                 kustomize v5) to render deploy/"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kustomize prints UTF-8")
+}
+
+fn validator() -> PathBuf {
+    let local = root().join(".tools/bin/kubernetes-validate");
+    if local.exists() {
+        return local;
+    }
+    let on_path = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output();
+    match on_path {
+        Ok(o) if o.status.success() => PathBuf::from("kubernetes-validate"),
+        _ => panic!("kubernetes-validate is not installed; run `cargo xtask setup`"),
+    }
+}
+
+/// Runs `kubernetes-validate --strict` on `yaml`; returns (success, output).
+fn validate(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(validator())
+        .args(["--strict", "--no-warn"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in the rendered manifests"))
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("expected a string, got {v:?}"))
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence()
+        .map(Vec::as_slice)
+        .unwrap_or_else(|| panic!("expected a list, got {v:?}"))
+}
+
+fn container<'a>(pod_spec: &'a Value, name: &str) -> &'a Value {
+    seq(&pod_spec["containers"])
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// `--flag=value` arguments of a container as (flag, value) pairs.
+fn flag_args(c: &Value) -> Vec<(String, String)> {
+    seq(&c["args"])
+        .iter()
+        .map(|a| {
+            let a = s(a).strip_prefix("--").expect("arguments are --flag=value");
+            let (k, v) = a.split_once('=').expect("arguments are --flag=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+fn flag<'a>(args: &'a [(String, String)], name: &str) -> &'a str {
+    args.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no --{name}"))
+}
+
+fn mount<'a>(c: &'a Value, path: &str) -> &'a Value {
+    seq(&c["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("no volume mounted at {path} in {}", s(&c["name"])))
+}
+
+fn volume<'a>(pod_spec: &'a Value, name: &str) -> &'a Value {
+    seq(&pod_spec["volumes"])
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+fn agent_config(docs: &[Value]) -> Value {
+    let cm = find(docs, "ConfigMap", "podmesh-agent-config");
+    serde_yaml::from_str(s(&cm["data"]["config.yaml"])).expect("config.yaml parses")
+}
+
+#[test]
+fn deploy_base_and_overlays_pass_strict_schema_validation() {
+    for dir in ["base", "overlays/east", "overlays/west"] {
+        let yaml = render(dir);
+        let n = docs(&yaml).len();
+        assert!(n >= 15, "{dir}: only {n} objects rendered");
+        let (ok, out) = validate(&yaml);
+        assert!(ok, "{dir} fails strict schema validation:\n{out}");
+        let passed = out.lines().filter(|l| l.contains(" passed for ")).count();
+        assert_eq!(passed, n, "{dir}: {n} objects, {passed} validated:\n{out}");
+    }
+}
+
+/// The validator really is strict: a misspelt field and a wrong type fail.
+/// Without this, the test above could pass on a validator that checks nothing.
+#[test]
+fn deploy_schema_validation_rejects_unknown_fields_and_wrong_types() {
+    let yaml = render("base");
+    let typo = yaml.replacen("hostNetwork: true", "hostNetwrok: true", 1);
+    assert_ne!(typo, yaml);
+    let (ok, out) = validate(&typo);
+    assert!(!ok, "a misspelt field passed validation:\n{out}");
+    assert!(out.contains("hostNetwrok"), "{out}");
+
+    let wrong = yaml.replacen("replicas: 3", "replicas: three", 1);
+    assert_ne!(wrong, yaml);
+    let (ok, out) = validate(&wrong);
+    assert!(!ok, "a string replica count passed validation:\n{out}");
+}
+
+#[test]
+fn deploy_agent_daemonset_runs_the_agent_as_designed() {
+    let d = docs(&render("base"));
+    let ds = find(&d, "DaemonSet", "podmesh-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["serviceAccountName"], "podmesh-agent");
+    assert!(
+        seq(&pod["tolerations"])
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null()),
+        "the agent must tolerate every taint"
+    );
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+
+    let agent = container(pod, "agent");
+    assert_eq!(seq(&agent["command"])[0], "podmesh-agent");
+    let args = flag_args(agent);
+    let config_path = flag(&args, "config");
+    assert_eq!(config_path, "/etc/podmesh/config.yaml");
+
+    let caps: BTreeSet<&str> = seq(&agent["securityContext"]["capabilities"]["add"])
+        .iter()
+        .map(s)
+        .collect();
+    for cap in ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"] {
+        assert!(caps.contains(cap), "agent lacks {cap}: {caps:?}");
+    }
+    assert_ne!(agent["securityContext"]["privileged"], true);
+
+    let node_name = seq(&agent["env"])
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME is set");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+
+    // The Secret is mounted whole (no subPath) where the config says, so that
+    // Kubernetes' symlink swap reaches the agent.
+    let cfg = agent_config(&d);
+    let cm_dir = s(&cfg["clustermesh-config"]);
+    assert_eq!(cm_dir, "/var/lib/podmesh/clustermesh");
+    let m = mount(agent, cm_dir);
+    assert!(
+        m["subPath"].is_null(),
+        "the clustermesh Secret must not use subPath"
+    );
+    assert_eq!(
+        volume(pod, s(&m["name"]))["secret"]["secretName"],
+        "podmesh-clustermesh"
+    );
+
+    // --config and kvstore-config resolve to files of the mounted ConfigMap.
+    let cfg_mount = mount(agent, "/etc/podmesh");
+    let items: BTreeSet<&str> = seq(&volume(pod, s(&cfg_mount["name"]))["configMap"]["items"])
+        .iter()
+        .map(|i| s(&i["path"]))
+        .collect();
+    let kv = s(&cfg["kvstore-config"]);
+    for f in [config_path, kv] {
+        let name = f.strip_prefix("/etc/podmesh/").expect("under /etc/podmesh");
+        assert!(items.contains(name), "{f} is not in the mounted ConfigMap");
+    }
+    // The kvstore YAML names files of the mounted client-certificate Secret.
+    let cm = find(&d, "ConfigMap", "podmesh-agent-config");
+    let kv_yaml: Value =
+        serde_yaml::from_str(s(&cm["data"]["kvstore.yaml"])).expect("kvstore.yaml parses");
+    assert!(s(&seq(&kv_yaml["endpoints"])[0]).starts_with("https://"));
+    let kv_mount = mount(agent, "/var/lib/podmesh/kvstore");
+    assert_eq!(
+        volume(pod, s(&kv_mount["name"]))["secret"]["secretName"],
+        "podmesh-kvstore-client"
+    );
+    for key in ["trusted-ca-file", "cert-file", "key-file"] {
+        assert!(
+            s(&kv_yaml[key]).starts_with("/var/lib/podmesh/kvstore/"),
+            "{key}"
+        );
+    }
+
+    // /sys/fs/bpf: bpffs mounted on the host by a privileged init step with
+    // Bidirectional propagation; the agent sees it (HostToContainer).
+    let init = &seq(&pod["initContainers"])[0];
+    assert_eq!(init["securityContext"]["privileged"], true);
+    assert_eq!(
+        mount(init, "/sys/fs/bpf")["mountPropagation"],
+        "Bidirectional"
+    );
+    let bpf = mount(agent, "/sys/fs/bpf");
+    assert_eq!(bpf["mountPropagation"], "HostToContainer");
+    assert_eq!(
+        volume(pod, s(&bpf["name"]))["hostPath"]["path"],
+        "/sys/fs/bpf"
+    );
+
+    // Probes hit the status server where status-addr puts it.
+    let status_addr = s(&cfg["status-addr"]);
+    let (host, port) = status_addr.rsplit_once(':').unwrap();
+    let port: u64 = port.parse().unwrap();
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        let get = &agent[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["port"].as_u64(), Some(port), "{probe}");
+        assert_eq!(get["host"], host, "{probe}");
+    }
+
+    let res = &agent["resources"];
+    assert!(!res["requests"]["cpu"].is_null() && !res["limits"]["memory"].is_null());
+}
+
+/// Every key of the agent's YAML config is a flag of `podmesh-agent`.
+#[test]
+fn deploy_agent_config_keys_are_agent_flags() {
+    let flags: BTreeSet<String> = AgentArgs::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    for dir in ["base", "overlays/east", "overlays/west"] {
+        let cfg = agent_config(&docs(&render(dir)));
+        let map = cfg.as_mapping().expect("config.yaml is a mapping");
+        assert!(map.len() >= 8, "{dir}: config.yaml has {} keys", map.len());
+        for k in map.keys() {
+            assert!(
+                flags.contains(s(k)),
+                "{dir}: config key {k:?} is not a podmesh-agent flag ({flags:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
+    let plan: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/overlays/plan.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut ids = BTreeSet::new();
+    let mut pods = BTreeSet::new();
+    for (name, id, remote) in [("east", 1, "west"), ("west", 2, "east")] {
+        let d = docs(&render(&format!("overlays/{name}")));
+        let cfg = agent_config(&d);
+        assert_eq!(cfg["cluster-name"], name);
+        assert_eq!(cfg["cluster-id"].as_u64(), Some(id));
+        ids.insert(id);
+        let cidrs: Vec<&str> = seq(&cfg["cluster-pod-cidr"]).iter().map(s).collect();
+        assert_eq!(cidrs.len(), 1, "{name}");
+        assert!(pods.insert(cidrs[0].to_string()), "pod CIDR reused");
+
+        // The overlay agrees with the mesh's address plan.
+        let planned = seq(&plan["clusters"])
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in plan.yaml"));
+        assert_eq!(planned["id"].as_u64(), Some(id));
+        assert_eq!(planned["podCIDRs"], cfg["cluster-pod-cidr"], "{name}");
+        assert_eq!(planned["serviceCIDRs"], cfg["service-cidr"], "{name}");
+
+        // The Secret lists exactly the other cluster, in the wire format.
+        let secret = find(&d, "Secret", "podmesh-clustermesh");
+        let data = secret["stringData"].as_mapping().expect("stringData");
+        let keys: BTreeSet<&str> = data.keys().map(s).collect();
+        let want: BTreeSet<String> = ["", ".ca.crt", ".client.crt", ".client.key"]
+            .iter()
+            .map(|suffix| format!("{remote}{suffix}"))
+            .collect();
+        assert_eq!(
+            keys,
+            want.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+            "{name}"
+        );
+        let etcd: Value = serde_yaml::from_str(s(&data[remote])).unwrap();
+        assert!(s(&seq(&etcd["endpoints"])[0]).starts_with("https://"));
+        for (key, suffix) in [
+            ("trusted-ca-file", "ca.crt"),
+            ("cert-file", "client.crt"),
+            ("key-file", "client.key"),
+        ] {
+            assert_eq!(
+                s(&etcd[key]),
+                format!("/var/lib/podmesh/clustermesh/{remote}.{suffix}"),
+                "{name}: {key}"
+            );
+        }
+        // Every object carries the cluster label.
+        for o in &d {
+            assert_eq!(
+                o["metadata"]["labels"]["podmesh.io/cluster"],
+                name,
+                "{name}: {}/{}",
+                s(&o["kind"]),
+                s(&o["metadata"]["name"])
+            );
+        }
+    }
+    assert_eq!(ids.len(), 2);
+}
+
+#[test]
+fn deploy_mesh_etcd_and_proxy_use_mutual_tls() {
+    let d = docs(&render("base"));
+    let proxy = find(&d, "Deployment", "podmesh-etcd-proxy");
+    let pod = &proxy["spec"]["template"]["spec"];
+    let c = container(pod, "etcd-proxy");
+    let args = flag_args(c);
+    let names: BTreeSet<&str> = args.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, PROXY_FLAGS.iter().copied().collect::<BTreeSet<_>>());
+    assert_eq!(flag(&args, "allow-prefix"), "podmesh/v1/");
+    for f in ["tls-cert", "tls-key", "client-ca"] {
+        let p = flag(&args, f);
+        let dir = Path::new(p).parent().unwrap().to_str().unwrap();
+        let m = mount(c, dir);
+        assert_eq!(
+            volume(pod, s(&m["name"]))["secret"]["secretName"],
+            "podmesh-etcd-proxy-tls",
+            "--{f}"
+        );
+    }
+    let up = flag(&args, "upstream-config");
+    let cm = find(&d, "ConfigMap", "podmesh-etcd-proxy-config");
+    let name = Path::new(up).file_name().unwrap().to_str().unwrap();
+    let upstream: Value = serde_yaml::from_str(s(&cm["data"][name])).unwrap();
+    assert!(s(&seq(&upstream["endpoints"])[0]).starts_with("https://podmesh-mesh-etcd-client."));
+
+    // The LoadBalancer forwards 2379 to the port the proxy listens on.
+    let listen_port: u64 = flag(&args, "listen")
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let svc = find(&d, "Service", "podmesh-etcd-proxy");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    let sp = &seq(&svc["spec"]["ports"])[0];
+    assert_eq!(sp["port"].as_u64(), Some(2379));
+    let target = seq(&c["ports"])
+        .iter()
+        .find(|p| p["name"] == sp["targetPort"])
+        .expect("the Service's targetPort names a container port");
+    assert_eq!(target["containerPort"].as_u64(), Some(listen_port));
+    let metrics_port: u64 = flag(&args, "metrics-addr")
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let port = &c[probe]["httpGet"]["port"];
+        let p = seq(&c["ports"])
+            .iter()
+            .find(|p| p["name"] == *port)
+            .unwrap();
+        assert_eq!(p["containerPort"].as_u64(), Some(metrics_port), "{probe}");
+    }
+    let labels = &proxy["spec"]["selector"]["matchLabels"];
+    let pdb = find(&d, "PodDisruptionBudget", "podmesh-etcd-proxy");
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(&svc["spec"]["selector"], labels);
+    assert!(proxy["spec"]["replicas"].as_u64().unwrap() >= 2);
+
+    let sts = find(&d, "StatefulSet", "podmesh-mesh-etcd");
+    let etcd = container(&sts["spec"]["template"]["spec"], "etcd");
+    let eargs = flag_args(etcd);
+    assert_eq!(flag(&eargs, "client-cert-auth"), "true");
+    assert_eq!(flag(&eargs, "peer-client-cert-auth"), "true");
+    assert!(flag(&eargs, "listen-client-urls").starts_with("https://"));
+    assert!(flag(&eargs, "listen-peer-urls").starts_with("https://"));
+    let initial = flag(&eargs, "initial-cluster");
+    assert_eq!(
+        initial.split(',').count() as u64,
+        sts["spec"]["replicas"].as_u64().unwrap(),
+        "--initial-cluster lists every replica"
+    );
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+}
+
+/// Every ConfigMap, Secret and ServiceAccount a workload names is rendered,
+/// or is one of the certificate Secrets the walkthrough tells the operator to
+/// create.
+#[test]
+fn deploy_every_referenced_object_exists_or_is_documented() {
+    let walkthrough = std::fs::read_to_string(root().join("docs/walkthrough.md"))
+        .expect("docs/walkthrough.md exists");
+    for dir in ["base", "overlays/east", "overlays/west"] {
+        let d = docs(&render(dir));
+        let rendered = |kind: &str, name: &str| {
+            d.iter()
+                .any(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        };
+        let mut checked = 0;
+        for w in d
+            .iter()
+            .filter(|o| ["DaemonSet", "Deployment", "StatefulSet"].contains(&s(&o["kind"])))
+        {
+            let pod = &w["spec"]["template"]["spec"];
+            assert!(rendered("ServiceAccount", s(&pod["serviceAccountName"])));
+            for v in seq(&pod["volumes"]) {
+                if let Some(cm) = v["configMap"]["name"].as_str() {
+                    assert!(rendered("ConfigMap", cm), "{dir}: ConfigMap {cm}");
+                    checked += 1;
+                }
+                if let Some(sec) = v["secret"]["secretName"].as_str() {
+                    if !rendered("Secret", sec) {
+                        assert!(OPERATOR_SECRETS.contains(&sec), "{dir}: Secret {sec}");
+                        assert!(
+                            walkthrough.contains(sec),
+                            "docs/walkthrough.md does not say how to create {sec}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 8, "{dir}: only {checked} references checked");
+    }
+}
