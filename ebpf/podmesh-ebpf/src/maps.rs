@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LpmTrie, PerCpuArray},
 };
-use podmesh_common::{RemoteNode, REMOTES_MAX_ENTRIES, counter};
+use podmesh_common::{REMOTES_MAX_ENTRIES, RemoteNode, counter};
 
 /// Remote node Pod CIDR (IPv4) -> the node to tunnel to.
 #[map(name = "PODMESH_REMOTES_V4")]

@@ -36,9 +36,7 @@ fn try_tunnel_egress(ctx: &TcContext) -> Result<i32, i32> {
         count(counter::NOT_IPV4);
         return Ok(TC_ACT_OK);
     }
-    let daddr: [u8; 4] = ctx
-        .load(ETH_HLEN + IPV4_DADDR)
-        .map_err(|_| TC_ACT_OK)?;
+    let daddr: [u8; 4] = ctx.load(ETH_HLEN + IPV4_DADDR).map_err(|_| TC_ACT_OK)?;
     let Some(remote) = PODMESH_REMOTES_V4.get(&Key::new(32, daddr)) else {
         count(counter::MISS);
         return Err(TC_ACT_SHOT);
