@@ -9,7 +9,23 @@ use std::{collections::BTreeSet, future::Future, net::IpAddr};
 
 use ipnet::IpNet;
 
+pub mod device;
+pub mod ebpf;
+pub mod kernel;
 pub mod memory;
+pub mod nl;
+pub mod routes;
+pub mod rtnl;
+
+pub use kernel::{Counters, KernelConfig, KernelDatapath, from_config};
+
+/// Route protocol number of every route podmesh installs (`ip route show
+/// proto 80`): prune and resync touch only routes with this number.
+pub const ROUTE_PROTOCOL: u8 = 80;
+/// First id of podmesh's nexthop objects (which also carry [`ROUTE_PROTOCOL`]).
+pub const NEXTHOP_ID_FIRST: u32 = 0x5000_0000;
+/// Last id of podmesh's nexthop objects.
+pub const NEXTHOP_ID_LAST: u32 = 0x5fff_ffff;
 
 /// One remote node Pod CIDR and where to send its packets.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

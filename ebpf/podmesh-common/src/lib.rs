@@ -10,6 +10,13 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/podmesh";
 pub const REMOTES_V4_MAP: &str = "PODMESH_REMOTES_V4";
 /// Name of the per-CPU counters map.
 pub const COUNTERS_MAP: &str = "PODMESH_COUNTERS";
+/// Name of the tc egress program in the object (its ELF symbol).
+pub const TUNNEL_EGRESS_PROG: &str = "podmesh_tunnel_egress";
+/// File name, under the pin directory, of the pinned TCX link that keeps the
+/// program attached to `podmesh0` while no agent runs.
+pub const TUNNEL_EGRESS_LINK_PIN: &str = "tunnel_egress_link";
+/// Name of the eBPF tunnel device.
+pub const TUNNEL_DEVICE: &str = "podmesh0";
 /// Maximum number of remote Pod CIDRs the LPM map holds.
 pub const REMOTES_MAX_ENTRIES: u32 = 262_144;
 

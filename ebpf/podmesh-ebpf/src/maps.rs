@@ -6,13 +6,17 @@ use aya_ebpf::{
 use podmesh_common::{REMOTES_MAX_ENTRIES, RemoteNode, counter};
 
 /// Remote node Pod CIDR (IPv4) -> the node to tunnel to.
+///
+/// Pinned by name so that a restarted agent (and a replaced program) keeps
+/// using the same map: forwarding survives the agent.
 #[map(name = "PODMESH_REMOTES_V4")]
 pub static PODMESH_REMOTES_V4: LpmTrie<[u8; 4], RemoteNode> =
-    LpmTrie::with_max_entries(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    LpmTrie::pinned(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
-/// Per-CPU packet counters, indexed by `podmesh_common::counter`.
+/// Per-CPU packet counters, indexed by `podmesh_common::counter`; pinned so
+/// counts survive an agent restart.
 #[map(name = "PODMESH_COUNTERS")]
-pub static PODMESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+pub static PODMESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 
 /// Adds one to counter `index`.
 #[inline(always)]

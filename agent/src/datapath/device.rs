@@ -1,0 +1,109 @@
+//! Tunnel devices podmesh owns (`podmesh0`, `podmesh-vx`): create, or adopt when present.
+use std::net::IpAddr;
+
+use super::{
+    DatapathError,
+    nl::Netlink,
+    rtnl::{self, IFF_NOARP, IFF_UP, Link},
+};
+
+/// Bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes IPIP adds: the outer IPv4 header.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+/// The wanted shape of a VXLAN device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanSpec<'a> {
+    /// Device name.
+    pub name: &'a str,
+    /// `None`: external (collect_md), the tunnel key comes from the tc program.
+    pub vni: Option<u32>,
+    /// UDP port.
+    pub port: u16,
+    /// Device MTU.
+    pub mtu: u32,
+    /// Set IFF_NOARP: with an L3 route into the device the kernel then uses
+    /// the device's own MAC as neighbour address and never resolves.
+    pub noarp: bool,
+}
+
+/// Creates the device, or adopts an existing one of that name with the same
+/// kind, VNI mode and port (its MTU and flags are corrected). A device of that
+/// name with another shape is podmesh's own (the name is reserved) and is
+/// recreated. Returns the device as it is now.
+pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, DatapathError> {
+    let ctx = |what: &str, e: super::nl::NlError| {
+        DatapathError::Other(format!(
+            "{what} {}: {e} (hint: podmesh needs CAP_NET_ADMIN and a kernel with VXLAN)",
+            spec.name
+        ))
+    };
+    let existing = rtnl::link_by_name(nl, spec.name).map_err(|e| ctx("listing links for", e))?;
+    let matches = |l: &Link| {
+        l.kind.as_deref() == Some("vxlan")
+            && l.vxlan.is_some_and(|v| {
+                v.port == spec.port
+                    && match spec.vni {
+                        None => v.external,
+                        Some(vni) => !v.external && v.vni == vni,
+                    }
+            })
+    };
+    match existing {
+        Some(l) if matches(&l) => {}
+        Some(l) => {
+            tracing::warn!(
+                device = spec.name,
+                "recreating {} with the configured VNI/port (it had another shape)",
+                spec.name
+            );
+            rtnl::delete_link(nl, l.index).map_err(|e| ctx("deleting", e))?;
+            rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
+                .map_err(|e| ctx("creating", e))?;
+        }
+        None => rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
+            .map_err(|e| ctx("creating", e))?,
+    }
+    let link = rtnl::link_by_name(nl, spec.name)
+        .map_err(|e| ctx("reading back", e))?
+        .ok_or_else(|| DatapathError::Other(format!("{} vanished after creation", spec.name)))?;
+    let want = IFF_UP | if spec.noarp { IFF_NOARP } else { 0 };
+    if link.flags & (IFF_UP | IFF_NOARP) != want || link.mtu != spec.mtu {
+        rtnl::set_link(nl, link.index, want, IFF_UP | IFF_NOARP, Some(spec.mtu))
+            .map_err(|e| ctx("setting up", e))?;
+    }
+    rtnl::link_by_name(nl, spec.name)
+        .map_err(|e| ctx("reading back", e))?
+        .ok_or_else(|| DatapathError::Other(format!("{} vanished after creation", spec.name)))
+}
+
+/// The MTU of the underlay: the configured value, else the MTU of the device
+/// that holds `node_ip`, else 1500.
+pub fn underlay_mtu(
+    nl: &mut Netlink,
+    configured: Option<u32>,
+    node_ip: Option<IpAddr>,
+) -> Result<u32, DatapathError> {
+    if let Some(m) = configured {
+        return Ok(m);
+    }
+    let Some(ip) = node_ip else { return Ok(1500) };
+    let err = |e| DatapathError::Other(format!("finding the device of {ip}: {e}"));
+    let Some(index) = rtnl::link_with_address(nl, ip).map_err(err)? else {
+        return Ok(1500);
+    };
+    Ok(rtnl::links(nl)
+        .map_err(err)?
+        .into_iter()
+        .find(|l| l.index == index)
+        .map_or(1500, |l| l.mtu))
+}
+
+/// The 6-byte MAC of a link.
+pub fn mac_of(link: &Link) -> Result<[u8; 6], DatapathError> {
+    link.mac
+        .as_slice()
+        .try_into()
+        .map_err(|_| DatapathError::Other(format!("{} has no Ethernet address", link.name)))
+}

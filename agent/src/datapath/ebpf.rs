@@ -1,0 +1,437 @@
+//! The `ebpf` datapath: `podmesh0` (VXLAN, collect_md), a TCX egress program and a pinned LPM map.
+//!
+//! Remote Pod CIDRs are routed into `podmesh0` (protocol [`ROUTE_PROTOCOL`],
+//! MTU = underlay − 50); the program looks the destination up in the map,
+//! sets the tunnel key and rewrites the inner destination MAC. Maps and the
+//! TCX link are pinned under the pin directory, so a stopped agent leaves
+//! forwarding in place and a new one adopts them: it reuses the pinned maps
+//! and atomically swaps its program into the pinned link.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use ipnet::IpNet;
+use podmesh_common::{
+    COUNTERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN,
+    TUNNEL_EGRESS_PROG, counter,
+};
+
+use super::{
+    Datapath, DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    device::{self, VXLAN_OVERHEAD, VxlanSpec},
+    kernel::{Counters, KernelConfig},
+    nl::{Netlink, NlError, in_netns},
+    rtnl::{self, RouteTarget},
+};
+
+/// The eBPF datapath of one network namespace.
+pub struct EbpfDatapath {
+    nl: Netlink,
+    ifindex: u32,
+    mac: [u8; 6],
+    route_mtu: u32,
+    vni: u32,
+    pin_dir: PathBuf,
+    remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Names of what this process installed, for `installed()` (the map
+    /// holds only addresses).
+    names: BTreeMap<IpNet, RemoteRoute>,
+    /// Keeps the loaded program (and so the maps) referenced while we run.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for EbpfDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfDatapath")
+            .field("ifindex", &self.ifindex)
+            .field("mac", &self.mac)
+            .field("route_mtu", &self.route_mtu)
+            .field("vni", &self.vni)
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EbpfDatapath {
+    /// Creates or adopts `podmesh0`, loads the program with the pinned maps
+    /// (creating the pins on first start) and attaches it, replacing the
+    /// program of an existing pinned link atomically.
+    pub fn new(cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netns_err)?;
+        let underlay = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)?;
+        let route_mtu = underlay - VXLAN_OVERHEAD;
+        let link = device::ensure_vxlan(
+            &mut nl,
+            VxlanSpec {
+                name: TUNNEL_DEVICE,
+                vni: None,
+                port: cfg.tunnel_port,
+                mtu: route_mtu,
+                noarp: true,
+            },
+        )?;
+        let mac = device::mac_of(&link)?;
+        ensure_pin_dir(&cfg.pin_dir)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|e| {
+                unavailable(
+                    "loading the eBPF object",
+                    &e,
+                    "needs CAP_BPF/CAP_SYS_ADMIN; a map pinned by an incompatible podmesh version \
+                     under the pin directory must be removed",
+                )
+            })?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TUNNEL_EGRESS_PROG)
+            .ok_or_else(|| DatapathError::Other(format!("{TUNNEL_EGRESS_PROG} not in object")))?
+            .try_into()
+            .map_err(|e| unavailable("program type", &e, "rebuild podmesh"))?;
+        prog.load()
+            .map_err(|e| unavailable("verifying the tc program", &e, "see the verifier log"))?;
+        let link_pin = cfg.pin_dir.join(TUNNEL_EGRESS_LINK_PIN);
+        match cfg.netns.as_deref() {
+            None => attach_or_adopt(prog, &link_pin)?,
+            Some(ns) => in_netns(ns, || attach_or_adopt(prog, &link_pin))?,
+        }
+
+        let remotes = LpmTrie::try_from(
+            ebpf.take_map(REMOTES_V4_MAP)
+                .ok_or_else(|| DatapathError::Other(format!("{REMOTES_V4_MAP} not in object")))?,
+        )
+        .map_err(|e| unavailable("opening the LPM map", &e, "rebuild podmesh"))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(COUNTERS_MAP)
+                .ok_or_else(|| DatapathError::Other(format!("{COUNTERS_MAP} not in object")))?,
+        )
+        .map_err(|e| unavailable("opening the counters map", &e, "rebuild podmesh"))?;
+        tracing::info!(
+            device = TUNNEL_DEVICE,
+            ifindex = link.index,
+            mtu = route_mtu,
+            pin_dir = %cfg.pin_dir.display(),
+            "ebpf datapath ready"
+        );
+        Ok(Self {
+            nl,
+            ifindex: link.index,
+            mac,
+            route_mtu,
+            vni: cfg.vni,
+            pin_dir: cfg.pin_dir.clone(),
+            remotes,
+            counters,
+            names: BTreeMap::new(),
+            _ebpf: ebpf,
+        })
+    }
+
+    /// MAC of `podmesh0`: what this node publishes as `vtepMAC`.
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The pin directory in use.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Packet counters of the tc program, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let read = |i: u32| -> Result<u64, DatapathError> {
+            Ok(self
+                .counters
+                .get(&i, 0)
+                .map_err(|e| DatapathError::Other(format!("reading counter {i}: {e}")))?
+                .iter()
+                .sum())
+        };
+        Ok(Counters {
+            forwarded: read(counter::FORWARDED)?,
+            miss: read(counter::MISS)?,
+            not_ipv4: read(counter::NOT_IPV4)?,
+            tunnel_key_failed: read(counter::TUNNEL_KEY_FAILED)?,
+        })
+    }
+
+    fn map_keys(&self) -> Result<Vec<IpNet>, DatapathError> {
+        self.remotes
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| DatapathError::Other(format!("iterating the map: {e}")))?;
+                IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8)
+                    .map_err(|e| DatapathError::Other(format!("bad key in map: {e}")))
+            })
+            .collect()
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        let mut msgs = Vec::with_capacity(routes.len());
+        for r in routes {
+            let (IpNet::V4(net), IpAddr::V4(addr)) = (r.cidr, r.node_addr) else {
+                return Err(op_err(
+                    "upsert",
+                    r.cidr,
+                    "the ebpf datapath forwards IPv4 only; use --datapath vxlan or direct for IPv6",
+                ));
+            };
+            let Some(vtep_mac) = r.vtep_mac else {
+                return Err(op_err(
+                    "upsert",
+                    r.cidr,
+                    &format!(
+                        "node {}/{} published no vtepMAC; the ebpf datapath needs it (is the \
+                         remote agent older or in another datapath mode?)",
+                        r.cluster, r.node
+                    ),
+                ));
+            };
+            let value = RemoteNode {
+                addr_v4: u32::from(addr),
+                vni: self.vni,
+                vtep_mac,
+                _pad: [0; 2],
+            };
+            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+            self.remotes
+                .insert(&key, value, 0)
+                .map_err(|e| op_err("upsert map entry", r.cidr, &e.to_string()))?;
+            msgs.push(rtnl::route_replace(
+                r.cidr,
+                RouteTarget::Dev(self.ifindex),
+                ROUTE_PROTOCOL,
+                Some(self.route_mtu),
+            ));
+            self.names.insert(r.cidr, r.clone());
+        }
+        let failures = self.nl.batch(msgs).map_err(other)?;
+        if let Some((i, errno)) = failures.first() {
+            return Err(op_err(
+                "upsert route",
+                routes[*i].cidr,
+                &format!(
+                    "{} ({} of {} failed)",
+                    std::io::Error::from_raw_os_error(*errno),
+                    failures.len(),
+                    routes.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        for c in cidrs {
+            if let IpNet::V4(net) = c {
+                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                // Absent is fine (idempotent).
+                let _ = self.remotes.remove(&key);
+            }
+            self.names.remove(c);
+        }
+        delete_routes(&mut self.nl, cidrs)
+    }
+
+    async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+        let mut removed = BTreeSet::new();
+        for c in self.map_keys()? {
+            if !keep.contains(&c) {
+                removed.insert(c);
+            }
+        }
+        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)? {
+            if !keep.contains(&r.dst) {
+                removed.insert(r.dst);
+            }
+        }
+        let removed: Vec<IpNet> = removed.into_iter().collect();
+        self.delete(&removed).await?;
+        Ok(PruneReport { removed })
+    }
+
+    async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
+        let routed: BTreeSet<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(other)?
+            .into_iter()
+            .filter(|r| r.oif == Some(self.ifindex))
+            .map(|r| r.dst)
+            .collect();
+        let mut out = Vec::new();
+        for item in self.remotes.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::Other(format!("reading the map: {e}")))?;
+            let Ok(cidr) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) else {
+                continue;
+            };
+            // Both halves are needed to forward: the route steers into
+            // podmesh0, the map entry says where to.
+            if !routed.contains(&cidr) {
+                continue;
+            }
+            let known = self.names.get(&cidr);
+            out.push(RemoteRoute {
+                cidr,
+                cluster: known.map(|r| r.cluster.clone()).unwrap_or_default(),
+                node: known.map(|r| r.node.clone()).unwrap_or_default(),
+                node_addr: IpAddr::V4(Ipv4Addr::from(v.addr_v4)),
+                vtep_mac: Some(v.vtep_mac),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Deletes podmesh's routes of these CIDRs; absent ones are fine.
+pub(super) fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+    let failures = nl
+        .batch(cidrs.iter().map(|c| rtnl::route_delete(*c, ROUTE_PROTOCOL)))
+        .map_err(other)?;
+    for (i, errno) in failures {
+        if errno != libc::ESRCH && errno != libc::ENOENT {
+            return Err(op_err(
+                "delete route",
+                cidrs[i],
+                &std::io::Error::from_raw_os_error(errno).to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches `prog` to the egress of `podmesh0` through TCX: when the pinned
+/// link is still attached there, its program is replaced atomically (no
+/// packet sees an empty hook); otherwise a new link is created and pinned.
+/// Runs in the target namespace (interface names resolve there).
+fn attach_or_adopt(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), DatapathError> {
+    let attached = ours_attached()?;
+    let pinned = PinnedLink::from_pin(link_pin).ok();
+    if let (true, Some(old)) = (attached, pinned) {
+        let link = SchedClassifierLink::try_from(FdLink::from(old))
+            .map_err(|e| unavailable("adopting the pinned link", &e, "remove the pin"))?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|e| unavailable("replacing the program", &e, "remove the pin"))?;
+        // The pin keeps the link; this handle only has to let go of it.
+        drop(prog.take_link(id));
+        tracing::info!(pin = %link_pin.display(), "adopted the attached tc program");
+        return Ok(());
+    }
+    if link_pin.exists() {
+        // Stale: podmesh0 was recreated, the pinned link points at nothing.
+        std::fs::remove_file(link_pin).map_err(|e| {
+            DatapathError::Other(format!("removing stale pin {}: {e}", link_pin.display()))
+        })?;
+    }
+    let id = prog
+        .attach_with_options(
+            TUNNEL_DEVICE,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| {
+            unavailable(
+                "attaching to podmesh0 egress",
+                &e,
+                "TCX needs Linux 6.6 or newer",
+            )
+        })?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|e| unavailable("taking the link", &e, ""))?
+        .try_into()
+        .map_err(|e| unavailable("link type", &e, ""))?;
+    link.pin(link_pin)
+        .map_err(|e| unavailable("pinning the link", &e, "is the pin directory on bpffs?"))?;
+    Ok(())
+}
+
+/// Whether a podmesh tunnel program is attached to podmesh0's TCX egress.
+pub fn ours_attached() -> Result<bool, DatapathError> {
+    let (_, progs) = SchedClassifier::query_tcx(TUNNEL_DEVICE, TcAttachType::Egress)
+        .map_err(|e| unavailable("querying podmesh0 egress", &e, ""))?;
+    Ok(progs.iter().any(|p| {
+        p.name_as_str()
+            .is_some_and(|n| !n.is_empty() && TUNNEL_EGRESS_PROG.starts_with(n))
+    }))
+}
+
+/// Makes sure `dir` exists on a bpffs; mounts one on its parent when the
+/// parent is not bpffs yet (the usual `/sys/fs/bpf` on a fresh host).
+fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if !is_bpffs(parent) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", parent.display())))?;
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| {
+            DatapathError::Unavailable(format!(
+                "mounting bpffs on {}: {e} (hint: mount it on the host, e.g. hostPath \
+                 /sys/fs/bpf with mountPropagation, so pins outlive the agent)",
+                parent.display()
+            ))
+        })?;
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DatapathError::Other(format!("creating {}: {e}", dir.display())))
+}
+
+fn unavailable(what: &str, e: &dyn std::error::Error, hint: &str) -> DatapathError {
+    let mut msg = format!("{what}: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if !hint.is_empty() {
+        msg.push_str(&format!(" (hint: {hint})"));
+    }
+    DatapathError::Unavailable(msg)
+}
+
+pub(super) fn op_err(op: &'static str, cidr: IpNet, message: &str) -> DatapathError {
+    DatapathError::Op {
+        op,
+        cidr,
+        message: message.to_string(),
+    }
+}
+
+pub(super) fn other(e: NlError) -> DatapathError {
+    DatapathError::Other(format!("netlink: {e}"))
+}
+
+fn netns_err(e: NlError) -> DatapathError {
+    DatapathError::Unavailable(format!("opening netlink: {e}"))
+}
+
+impl From<NlError> for DatapathError {
+    fn from(e: NlError) -> Self {
+        other(e)
+    }
+}

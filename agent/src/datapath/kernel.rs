@@ -1,0 +1,138 @@
+//! The configured kernel datapath: one type over the four modes, built by [`from_config`].
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+
+use super::{
+    Datapath, DatapathError, PruneReport, RemoteRoute, ebpf::EbpfDatapath, routes::RouteDatapath,
+};
+use crate::config::DatapathMode;
+
+/// What the kernel datapath needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Forwarding mode.
+    pub mode: DatapathMode,
+    /// VXLAN UDP port (ebpf, vxlan).
+    pub tunnel_port: u16,
+    /// VXLAN network identifier (ebpf, vxlan).
+    pub vni: u32,
+    /// Underlay MTU; default: the MTU of the device holding `node_ip`, else 1500.
+    pub underlay_mtu: Option<u32>,
+    /// This node's underlay address.
+    pub node_ip: Option<IpAddr>,
+    /// Where the maps and the tc link are pinned (on bpffs).
+    pub pin_dir: PathBuf,
+    /// Network namespace to program (a file like `/run/netns/NAME`); `None`
+    /// for the agent's own. Tests and benchmarks program many namespaces
+    /// from one process.
+    pub netns: Option<PathBuf>,
+}
+
+impl KernelConfig {
+    /// Defaults of the agent's flags for `mode`.
+    pub fn new(mode: DatapathMode) -> Self {
+        Self {
+            mode,
+            tunnel_port: 8472,
+            vni: 1,
+            underlay_mtu: None,
+            node_ip: None,
+            pin_dir: PathBuf::from(podmesh_common::PIN_DIR),
+            netns: None,
+        }
+    }
+
+    /// Programs the namespace at `path` instead of the caller's.
+    pub fn in_netns(mut self, path: impl AsRef<Path>) -> Self {
+        self.netns = Some(path.as_ref().to_path_buf());
+        self
+    }
+}
+
+/// Packet counters of the eBPF program (summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Sent into the tunnel.
+    pub forwarded: u64,
+    /// Destination in no remote Pod CIDR: dropped.
+    pub miss: u64,
+    /// Not IPv4: passed on unchanged.
+    pub not_ipv4: u64,
+    /// The kernel refused the tunnel key: dropped.
+    pub tunnel_key_failed: u64,
+}
+
+/// The datapath of the configured mode.
+#[derive(Debug)]
+pub enum KernelDatapath {
+    /// `ebpf`.
+    Ebpf(Box<EbpfDatapath>),
+    /// `vxlan`, `direct` or `ipip`.
+    Routes(RouteDatapath),
+}
+
+/// Builds (creating or adopting devices, maps, programs) the datapath of
+/// `cfg.mode`. Nothing already installed is removed: stale entries go with
+/// the first `prune`.
+pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> {
+    Ok(match cfg.mode {
+        DatapathMode::Ebpf => KernelDatapath::Ebpf(Box::new(EbpfDatapath::new(cfg)?)),
+        DatapathMode::Vxlan => KernelDatapath::Routes(RouteDatapath::vxlan(cfg)?),
+        DatapathMode::Direct => KernelDatapath::Routes(RouteDatapath::direct(cfg)?),
+        DatapathMode::Ipip => KernelDatapath::Routes(RouteDatapath::ipip(cfg)?),
+    })
+}
+
+impl KernelDatapath {
+    /// The MAC this node publishes as `vtepMAC` (its tunnel device's), in the
+    /// modes that need one.
+    pub fn vtep_mac(&self) -> Option<[u8; 6]> {
+        match self {
+            Self::Ebpf(d) => Some(d.vtep_mac()),
+            Self::Routes(d) => d.vtep_mac(),
+        }
+    }
+
+    /// Counters of the eBPF program (ebpf mode only).
+    pub fn counters(&self) -> Option<Result<Counters, DatapathError>> {
+        match self {
+            Self::Ebpf(d) => Some(d.counters()),
+            Self::Routes(_) => None,
+        }
+    }
+}
+
+impl Datapath for KernelDatapath {
+    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        match self {
+            Self::Ebpf(d) => d.upsert(routes).await,
+            Self::Routes(d) => d.upsert(routes).await,
+        }
+    }
+
+    async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        match self {
+            Self::Ebpf(d) => d.delete(cidrs).await,
+            Self::Routes(d) => d.delete(cidrs).await,
+        }
+    }
+
+    async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+        match self {
+            Self::Ebpf(d) => d.prune(keep).await,
+            Self::Routes(d) => d.prune(keep).await,
+        }
+    }
+
+    async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
+        match self {
+            Self::Ebpf(d) => d.installed().await,
+            Self::Routes(d) => d.installed().await,
+        }
+    }
+}

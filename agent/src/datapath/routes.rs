@@ -1,0 +1,372 @@
+//! Route-only datapaths (`vxlan`, `direct`, `ipip`): one nexthop object per remote node.
+//!
+//! Every remote node becomes one nexthop object (id in podmesh's range,
+//! protocol [`ROUTE_PROTOCOL`]) and each of its Pod CIDRs a route that points
+//! at it: per-route gateways are quadratic to install in the kernel, nexthop
+//! objects are not. `vxlan` adds a permanent neighbour (node address → its
+//! VTEP MAC) and an fdb entry (VTEP MAC → node address) on `podmesh-vx`,
+//! flannel style; `ipip` routes onlink through `tunl0`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use super::{
+    Datapath, DatapathError, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport, ROUTE_PROTOCOL,
+    RemoteRoute,
+    device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
+    ebpf::{delete_routes, op_err, other},
+    kernel::KernelConfig,
+    nl::{Msg, Netlink, consts::AF_BRIDGE},
+    rtnl::{self, RouteTarget},
+};
+
+/// Name of the VXLAN device of the `vxlan` mode.
+pub const VXLAN_DEVICE: &str = "podmesh-vx";
+/// The IPIP fallback device the `ipip` module creates in every namespace.
+pub const IPIP_DEVICE: &str = "tunl0";
+
+/// How routes leave the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteMode {
+    /// Through `podmesh-vx` (ifindex, its MAC).
+    Vxlan { ifindex: u32, mac: [u8; 6] },
+    /// Straight to the node address over the underlay.
+    Direct,
+    /// Through `tunl0` (ifindex).
+    Ipip { ifindex: u32 },
+}
+
+/// A route-only datapath.
+#[derive(Debug)]
+pub struct RouteDatapath {
+    nl: Netlink,
+    mode: RouteMode,
+    route_mtu: Option<u32>,
+    /// Our nexthop objects by gateway (node address), adopted at start.
+    nexthops: BTreeMap<IpAddr, u32>,
+    /// What this process installed, by CIDR.
+    routes: BTreeMap<IpNet, RemoteRoute>,
+}
+
+impl RouteDatapath {
+    /// `vxlan`: creates or adopts `podmesh-vx`.
+    pub fn vxlan(cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - VXLAN_OVERHEAD;
+        let link = device::ensure_vxlan(
+            &mut nl,
+            VxlanSpec {
+                name: VXLAN_DEVICE,
+                vni: Some(cfg.vni),
+                port: cfg.tunnel_port,
+                mtu,
+                noarp: false,
+            },
+        )?;
+        let mode = RouteMode::Vxlan {
+            ifindex: link.index,
+            mac: device::mac_of(&link)?,
+        };
+        Self::with(nl, mode, Some(mtu))
+    }
+
+    /// `direct`: plain routes via the node addresses.
+    pub fn direct(cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        Self::with(nl, RouteMode::Direct, None)
+    }
+
+    /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
+    pub fn ipip(cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let mut tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+        if tunl.is_none() {
+            // The module creates tunl0 in every namespace when it loads.
+            let _ = std::process::Command::new("modprobe")
+                .arg("ipip")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+        }
+        let Some(tunl) = tunl else {
+            return Err(DatapathError::Unavailable(
+                "this kernel has no IPIP support: no tunl0 device, even after `modprobe ipip` \
+                 (hint: use --datapath ebpf (default) or vxlan, or a kernel with CONFIG_NET_IPIP)"
+                    .into(),
+            ));
+        };
+        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IPIP_OVERHEAD;
+        rtnl::set_link(&mut nl, tunl.index, rtnl::IFF_UP, rtnl::IFF_UP, Some(mtu))
+            .map_err(other)?;
+        Self::with(
+            nl,
+            RouteMode::Ipip {
+                ifindex: tunl.index,
+            },
+            Some(mtu),
+        )
+    }
+
+    fn with(
+        mut nl: Netlink,
+        mode: RouteMode,
+        route_mtu: Option<u32>,
+    ) -> Result<Self, DatapathError> {
+        let nexthops = rtnl::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
+            .map_err(|e| {
+                DatapathError::Unavailable(format!(
+                    "listing nexthop objects: {e} (hint: needs Linux 5.3 or newer)"
+                ))
+            })?
+            .into_iter()
+            .filter_map(|nh| Some((nh.gateway?, nh.id)))
+            .collect();
+        Ok(Self {
+            nl,
+            mode,
+            route_mtu,
+            nexthops,
+            routes: BTreeMap::new(),
+        })
+    }
+
+    /// MAC of the tunnel device (vxlan mode), what the node publishes as `vtepMAC`.
+    pub fn vtep_mac(&self) -> Option<[u8; 6]> {
+        match self.mode {
+            RouteMode::Vxlan { mac, .. } => Some(mac),
+            _ => None,
+        }
+    }
+
+    fn allocate_id(&self) -> Result<u32, DatapathError> {
+        let used: BTreeSet<u32> = self.nexthops.values().copied().collect();
+        let start = used
+            .last()
+            .map_or(NEXTHOP_ID_FIRST, |m| m.saturating_add(1));
+        (start..=NEXTHOP_ID_LAST)
+            .chain(NEXTHOP_ID_FIRST..start)
+            .find(|id| !used.contains(id))
+            .ok_or_else(|| DatapathError::Other("podmesh's nexthop id range is full".into()))
+    }
+
+    /// For `direct`: the device of the directly connected network of each
+    /// address (a gateway on the way means the underlay is not shared).
+    fn direct_oifs(
+        &mut self,
+        addrs: &BTreeSet<IpAddr>,
+    ) -> Result<BTreeMap<IpAddr, u32>, DatapathError> {
+        let connected = rtnl::connected_routes(&mut self.nl).map_err(other)?;
+        let mut out = BTreeMap::new();
+        for a in addrs {
+            let best = connected
+                .iter()
+                .filter(|(net, _)| net.contains(a))
+                .max_by_key(|(net, _)| net.prefix_len());
+            match best {
+                Some((_, oif)) => {
+                    out.insert(*a, *oif);
+                }
+                None => {
+                    return Err(DatapathError::Other(format!(
+                        "node address {a} is not on a directly connected network (hint: the \
+                         direct datapath needs a shared L2 underlay; use ebpf or vxlan)"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Datapath for RouteDatapath {
+    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        let addrs: BTreeSet<IpAddr> = routes.iter().map(|r| r.node_addr).collect();
+        let oifs = match self.mode {
+            RouteMode::Direct => self.direct_oifs(&addrs)?,
+            RouteMode::Vxlan { ifindex, .. } | RouteMode::Ipip { ifindex } => {
+                addrs.iter().map(|a| (*a, ifindex)).collect()
+            }
+        };
+        let onlink = !matches!(self.mode, RouteMode::Direct);
+        // Per node: nexthop (+ neighbour and fdb for vxlan); then the routes.
+        let mut node_msgs: Vec<(IpNet, Msg)> = Vec::new();
+        let mut macs: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
+        for r in routes {
+            if let RouteMode::Vxlan { .. } = self.mode {
+                let Some(mac) = r.vtep_mac else {
+                    return Err(op_err(
+                        "upsert",
+                        r.cidr,
+                        &format!(
+                            "node {}/{} published no vtepMAC; the vxlan datapath needs it",
+                            r.cluster, r.node
+                        ),
+                    ));
+                };
+                macs.insert(r.node_addr, mac);
+            }
+        }
+        let first_cidr: BTreeMap<IpAddr, IpNet> =
+            routes.iter().rev().map(|r| (r.node_addr, r.cidr)).collect();
+        for a in &addrs {
+            let id = match self.nexthops.get(a) {
+                Some(id) => *id,
+                None => {
+                    let id = self.allocate_id()?;
+                    self.nexthops.insert(*a, id);
+                    id
+                }
+            };
+            let cidr = first_cidr[a];
+            node_msgs.push((
+                cidr,
+                rtnl::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
+            ));
+            if let RouteMode::Vxlan { ifindex, .. } = self.mode {
+                let mac = macs[a];
+                node_msgs.push((cidr, rtnl::neigh_replace(ifindex, *a, mac)));
+                node_msgs.push((cidr, rtnl::fdb_replace(ifindex, mac, *a)));
+            }
+        }
+        let (cidrs, msgs): (Vec<IpNet>, Vec<Msg>) = node_msgs.into_iter().unzip();
+        let failures = self.nl.batch(msgs).map_err(other)?;
+        if let Some((i, errno)) = failures.first() {
+            return Err(op_err(
+                "upsert nexthop",
+                cidrs[*i],
+                &std::io::Error::from_raw_os_error(*errno).to_string(),
+            ));
+        }
+        let msgs = routes.iter().map(|r| {
+            rtnl::route_replace(
+                r.cidr,
+                RouteTarget::Nexthop(self.nexthops[&r.node_addr]),
+                ROUTE_PROTOCOL,
+                self.route_mtu,
+            )
+        });
+        let failures = self.nl.batch(msgs.collect::<Vec<_>>()).map_err(other)?;
+        if let Some((i, errno)) = failures.first() {
+            return Err(op_err(
+                "upsert route",
+                routes[*i].cidr,
+                &std::io::Error::from_raw_os_error(*errno).to_string(),
+            ));
+        }
+        for r in routes {
+            self.routes.insert(r.cidr, r.clone());
+        }
+        Ok(())
+    }
+
+    async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        delete_routes(&mut self.nl, cidrs)?;
+        for c in cidrs {
+            self.routes.remove(c);
+        }
+        self.collect_nexthops()
+    }
+
+    async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+        let removed: Vec<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(other)?
+            .into_iter()
+            .map(|r| r.dst)
+            .filter(|d| !keep.contains(d))
+            .collect();
+        delete_routes(&mut self.nl, &removed)?;
+        self.routes.retain(|c, _| keep.contains(c));
+        self.collect_nexthops()?;
+        Ok(PruneReport { removed })
+    }
+
+    async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
+        let by_id: BTreeMap<u32, IpAddr> =
+            rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+                .map_err(other)?
+                .into_iter()
+                .filter_map(|nh| Some((nh.id, nh.gateway?)))
+                .collect();
+        let macs: BTreeMap<IpAddr, [u8; 6]> = match self.mode {
+            RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(
+                &mut self.nl,
+                rtnl::family_of(IpAddr::from([0u8; 4])),
+                ifindex,
+            )
+            .map_err(other)?
+            .into_iter()
+            .filter_map(|(ip, mac)| Some((ip?, mac?)))
+            .collect(),
+            _ => BTreeMap::new(),
+        };
+        let mut out = Vec::new();
+        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)? {
+            let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
+                continue;
+            };
+            let known = self.routes.get(&r.dst);
+            out.push(RemoteRoute {
+                cidr: r.dst,
+                cluster: known.map(|k| k.cluster.clone()).unwrap_or_default(),
+                node: known.map(|k| k.node.clone()).unwrap_or_default(),
+                node_addr: *addr,
+                vtep_mac: macs.get(addr).copied(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl RouteDatapath {
+    /// Deletes our nexthop objects (and vxlan neighbour/fdb entries) that no
+    /// podmesh route uses any more.
+    fn collect_nexthops(&mut self) -> Result<(), DatapathError> {
+        let used: BTreeSet<u32> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(other)?
+            .into_iter()
+            .filter_map(|r| r.nhid)
+            .collect();
+        let all = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)?;
+        let unused: Vec<(u32, Option<IpAddr>)> = all
+            .iter()
+            .filter(|nh| !used.contains(&nh.id))
+            .map(|nh| (nh.id, nh.gateway))
+            .collect();
+        let live: BTreeSet<IpAddr> = all
+            .iter()
+            .filter(|nh| used.contains(&nh.id))
+            .filter_map(|nh| nh.gateway)
+            .collect();
+        let mut msgs: Vec<Msg> = unused
+            .iter()
+            .map(|(id, _)| rtnl::nexthop_delete(*id))
+            .collect();
+        if let RouteMode::Vxlan { ifindex, .. } = self.mode {
+            for family in [
+                rtnl::family_of(IpAddr::from([0u8; 4])),
+                rtnl::family_of(IpAddr::from([0u16; 8])),
+            ] {
+                for (ip, _) in rtnl::neighbours(&mut self.nl, family, ifindex).map_err(other)? {
+                    if let Some(ip) = ip.filter(|ip| !live.contains(ip)) {
+                        msgs.push(rtnl::neigh_delete(ifindex, ip));
+                    }
+                }
+            }
+            for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex).map_err(other)? {
+                if let (Some(ip), Some(mac)) = (ip, mac)
+                    && !live.contains(&ip)
+                {
+                    msgs.push(rtnl::fdb_delete(ifindex, mac, ip));
+                }
+            }
+        }
+        // Already gone is fine: deleting is idempotent.
+        let _ = self.nl.batch(msgs).map_err(other)?;
+        self.nexthops.retain(|_, id| used.contains(id));
+        Ok(())
+    }
+}
