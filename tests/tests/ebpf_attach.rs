@@ -1,6 +1,6 @@
 //! The embedded tc program loads into the real kernel and attaches to the
 //! egress of `podmesh0` (VXLAN, external mode) inside a fresh network namespace.
-use std::{fs::File, os::fd::AsFd, path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 use aya::{
@@ -8,40 +8,8 @@ use aya::{
     maps::{LpmTrie, lpm_trie::Key},
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
 };
-use nix::sched::{CloneFlags, setns};
 use podmesh_common::{REMOTES_V4_MAP, RemoteNode, TUNNEL_DEVICE, TUNNEL_EGRESS_PROG};
-
-/// A named network namespace the calling thread has entered; on drop the
-/// thread goes back to its original namespace and the namespace is deleted.
-struct EnteredNetns {
-    name: String,
-    original: File,
-}
-
-impl EnteredNetns {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        run(Command::new("ip").args(["netns", "add", name]))?;
-        let this = Self {
-            name: name.to_string(),
-            original,
-        };
-        let ns = File::open(format!("/run/netns/{name}"))?;
-        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("setns into the test netns")?;
-        Ok(this)
-    }
-}
-
-impl Drop for EnteredNetns {
-    fn drop(&mut self) {
-        if let Err(e) = setns(self.original.as_fd(), CloneFlags::CLONE_NEWNET) {
-            eprintln!("cannot return to the original netns: {e}");
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
+use podmesh_tests::netns::NetNs;
 
 /// A private bpffs instance on a temporary directory, unmounted on drop, so
 /// pins of concurrent or crashed tests never collide with the host's.
@@ -79,24 +47,13 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "privileged test needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN) under $CI"
-    );
-    eprintln!("skipped: needs root (netns, bpffs, tc); run `cargo xtask test` as root");
-    false
-}
-
 #[test]
 fn tc_egress_program_attaches_to_podmesh0() -> anyhow::Result<()> {
-    if !is_root() {
+    if !podmesh_tests::require_root("tc_egress_program_attaches_to_podmesh0") {
         return Ok(());
     }
-    let _ns = EnteredNetns::new(&format!("pm-attach-{}", std::process::id()))?;
+    let ns = NetNs::new("attach")?;
+    let _inside = ns.enter()?;
     let bpffs = Bpffs::new()?;
     run(Command::new("ip").args([
         "link",
