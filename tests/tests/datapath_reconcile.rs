@@ -1,0 +1,319 @@
+//! Reconciliation on a real kernel: removing a remote node removes exactly its
+//! entries, a resync repairs manual deletions, foreign routes/nexthops/tc
+//! filters are never touched, and a new datapath adopts a running one
+//! without losing a packet.
+mod datapath_support;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    process::Stdio,
+    time::Duration,
+};
+
+use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+use datapath_support::{Mesh, podmesh_routes};
+use ipnet::IpNet;
+use podmesh_agent::{
+    config::DatapathMode,
+    datapath::{Datapath, ebpf::ours_attached},
+};
+use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
+use podmesh_tests::require_root;
+
+/// The LPM map of node `i`, opened from its pin.
+fn pinned_map(mesh: &Mesh, i: usize) -> anyhow::Result<LpmTrie<MapData, [u8; 4], RemoteNode>> {
+    let data = MapData::from_pin(mesh.config(i).pin_dir.join(REMOTES_V4_MAP))?;
+    Ok(LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?)
+}
+
+fn map_cidrs(mesh: &Mesh, i: usize) -> anyhow::Result<BTreeSet<String>> {
+    let map = pinned_map(mesh, i)?;
+    let mut out = BTreeSet::new();
+    for k in map.keys() {
+        let k = k?;
+        out.insert(format!("{}/{}", Ipv4Addr::from(k.data()), k.prefix_len()));
+    }
+    Ok(out)
+}
+
+fn reaches(mesh: &Mesh, from: &str, to: &str) -> bool {
+    let f = &mesh.topo.nodes[mesh.index(from)].pods[0];
+    let t = &mesh.topo.nodes[mesh.index(to)].pods[0];
+    f.ns.ping(&t.addr.to_string(), 2, None)
+}
+
+async fn removed_node_loses_exactly_its_entries(mode: DatapathMode) -> anyhow::Result<()> {
+    let mut mesh = Mesh::build(mode)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let (w0, w1) = (mesh.index("west-n0"), mesh.index("west-n1"));
+    let gone = mesh.topo.nodes[w0].pod_cidr.to_string();
+    let kept = mesh.topo.nodes[w1].pod_cidr.to_string();
+    assert!(reaches(&mesh, "east-n0", "west-n0"));
+
+    let keep: BTreeSet<IpNet> = [kept.parse()?].into();
+    let report = mesh.dps[e0].prune(&keep).await?;
+    assert_eq!(report.removed, vec![gone.parse::<IpNet>()?], "{mode:?}");
+
+    assert_eq!(
+        podmesh_routes(&mesh, e0)?,
+        [kept.clone()].into(),
+        "{mode:?}"
+    );
+    let installed = mesh.dps[e0].installed().await?;
+    assert_eq!(installed.len(), 1, "{mode:?}: {installed:?}");
+    assert_eq!(installed[0].cidr.to_string(), kept);
+    assert_eq!(installed[0].node_addr, IpAddr::V4(mesh.topo.nodes[w1].addr));
+    match mode {
+        DatapathMode::Ebpf => assert_eq!(map_cidrs(&mesh, e0)?, [kept.clone()].into()),
+        DatapathMode::Vxlan => {
+            let nh = mesh.ip(e0, &["nexthop", "show", "proto", "80"])?;
+            assert_eq!(nh.lines().count(), 1, "{nh}");
+            assert!(nh.contains(&mesh.topo.nodes[w1].addr.to_string()), "{nh}");
+            let neigh = mesh.ip(e0, &["neigh", "show", "dev", "podmesh-vx"])?;
+            assert!(
+                !neigh.contains(&mesh.topo.nodes[w0].addr.to_string()),
+                "{neigh}"
+            );
+            assert!(
+                neigh.contains(&mesh.topo.nodes[w1].addr.to_string()),
+                "{neigh}"
+            );
+            let fdb = mesh.topo.nodes[e0]
+                .ns
+                .run("bridge", &["fdb", "show", "dev", "podmesh-vx"])?;
+            assert!(
+                !fdb.contains(&mesh.topo.nodes[w0].addr.to_string()),
+                "{fdb}"
+            );
+            assert!(fdb.contains(&mesh.topo.nodes[w1].addr.to_string()), "{fdb}");
+        }
+        _ => {}
+    }
+    // Traffic follows: the removed node is unreachable, the kept one is not.
+    assert!(!reaches(&mesh, "east-n0", "west-n0"), "{mode:?}");
+    assert!(reaches(&mesh, "east-n0", "west-n1"), "{mode:?}");
+    // Other nodes are untouched.
+    let e1 = mesh.index("east-n1");
+    assert_eq!(podmesh_routes(&mesh, e1)?.len(), 2);
+    assert!(reaches(&mesh, "east-n1", "west-n0"), "{mode:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebpf_removed_node_loses_exactly_its_entries() -> anyhow::Result<()> {
+    if !require_root("ebpf_removed_node_loses_exactly_its_entries") {
+        return Ok(());
+    }
+    removed_node_loses_exactly_its_entries(DatapathMode::Ebpf).await
+}
+
+#[tokio::test]
+async fn vxlan_removed_node_loses_exactly_its_entries() -> anyhow::Result<()> {
+    if !require_root("vxlan_removed_node_loses_exactly_its_entries") {
+        return Ok(());
+    }
+    removed_node_loses_exactly_its_entries(DatapathMode::Vxlan).await
+}
+
+#[tokio::test]
+async fn ebpf_resync_restores_deleted_route_and_map_entry() -> anyhow::Result<()> {
+    if !require_root("ebpf_resync_restores_deleted_route_and_map_entry") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let w0 = mesh.topo.nodes[mesh.index("west-n0")].pod_cidr;
+    let w1 = mesh.topo.nodes[mesh.index("west-n1")].pod_cidr;
+    mesh.ip(e0, &["route", "del", &w0.to_string()])?;
+    pinned_map(&mesh, e0)?.remove(&Key::new(u32::from(w1.prefix_len()), w1.network().octets()))?;
+    assert!(
+        !reaches(&mesh, "east-n0", "west-n0"),
+        "route deletion had no effect"
+    );
+    assert!(
+        !reaches(&mesh, "east-n0", "west-n1"),
+        "map deletion had no effect"
+    );
+
+    mesh.resync(e0).await?;
+    assert_eq!(podmesh_routes(&mesh, e0)?.len(), 2);
+    assert_eq!(map_cidrs(&mesh, e0)?.len(), 2);
+    assert!(reaches(&mesh, "east-n0", "west-n0"));
+    assert!(reaches(&mesh, "east-n0", "west-n1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn vxlan_resync_restores_deleted_route_nexthop_and_neighbour() -> anyhow::Result<()> {
+    if !require_root("vxlan_resync_restores_deleted_route_nexthop_and_neighbour") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Vxlan)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let w0 = &mesh.topo.nodes[mesh.index("west-n0")];
+    let w1_addr = mesh.topo.nodes[mesh.index("west-n1")].addr.to_string();
+    let (w0_cidr, w0_addr) = (w0.pod_cidr.to_string(), w0.addr.to_string());
+    mesh.ip(e0, &["route", "del", &w0_cidr])?;
+    mesh.ip(e0, &["neigh", "del", &w1_addr, "dev", "podmesh-vx"])?;
+    let nh = mesh.ip(e0, &["nexthop", "show", "proto", "80"])?;
+    let w0_nh = nh
+        .lines()
+        .find(|l| l.contains(&w0_addr))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("nexthop of west-n0")
+        .to_string();
+    mesh.ip(e0, &["nexthop", "del", "id", &w0_nh])?;
+    assert!(!reaches(&mesh, "east-n0", "west-n0"));
+    assert!(
+        !reaches(&mesh, "east-n0", "west-n1"),
+        "neighbour deletion had no effect"
+    );
+
+    mesh.resync(e0).await?;
+    assert!(reaches(&mesh, "east-n0", "west-n0"));
+    assert!(reaches(&mesh, "east-n0", "west-n1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebpf_prune_leaves_foreign_routes_and_tc_filters() -> anyhow::Result<()> {
+    if !require_root("ebpf_prune_leaves_foreign_routes_and_tc_filters") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    mesh.ip(e0, &["route", "add", "10.9.0.0/24", "dev", "podmesh0"])?;
+    mesh.ip(
+        e0,
+        &[
+            "route",
+            "add",
+            "10.8.0.0/24",
+            "via",
+            "172.31.1.2",
+            "proto",
+            "static",
+        ],
+    )?;
+    let ns = &mesh.topo.nodes[e0].ns;
+    ns.run("tc", &["qdisc", "add", "dev", "podmesh0", "clsact"])?;
+    ns.run(
+        "tc",
+        &[
+            "filter", "add", "dev", "podmesh0", "egress", "prio", "7", "u32", "match", "u32", "0",
+            "0", "classid", "1:1",
+        ],
+    )?;
+
+    let report = mesh.dps[e0].prune(&BTreeSet::new()).await?;
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert!(podmesh_routes(&mesh, e0)?.is_empty());
+    assert!(map_cidrs(&mesh, e0)?.is_empty());
+    let routes = mesh.ip(e0, &["route", "show"])?;
+    assert!(routes.contains("10.9.0.0/24 dev podmesh0"), "{routes}");
+    assert!(routes.contains("10.8.0.0/24 via 172.31.1.2"), "{routes}");
+    let filters = ns.run("tc", &["filter", "show", "dev", "podmesh0", "egress"])?;
+    assert!(
+        filters.contains("u32") && filters.contains("1:1"),
+        "{filters}"
+    );
+    {
+        let _inside = ns.enter()?;
+        assert!(ours_attached()?, "prune detached the podmesh program");
+    }
+    // And podmesh's own state comes back on the next resync.
+    mesh.resync(e0).await?;
+    assert!(reaches(&mesh, "east-n0", "west-n0"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_prune_leaves_foreign_nexthops_and_routes() -> anyhow::Result<()> {
+    if !require_root("direct_prune_leaves_foreign_nexthops_and_routes") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Direct)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    mesh.ip(
+        e0,
+        &[
+            "nexthop",
+            "add",
+            "id",
+            "77",
+            "via",
+            "172.31.1.2",
+            "dev",
+            "eth0",
+        ],
+    )?;
+    mesh.ip(e0, &["route", "add", "10.7.0.0/24", "nhid", "77"])?;
+    let report = mesh.dps[e0].prune(&BTreeSet::new()).await?;
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert!(
+        mesh.ip(e0, &["nexthop", "show", "proto", "80"])?
+            .trim()
+            .is_empty()
+    );
+    assert!(
+        mesh.ip(e0, &["nexthop", "show", "id", "77"])?
+            .contains("172.31.1.2")
+    );
+    assert!(
+        mesh.ip(e0, &["route", "show"])?
+            .contains("10.7.0.0/24 nhid 77")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebpf_new_datapath_adopts_running_one_without_loss() -> anyhow::Result<()> {
+    if !require_root("ebpf_new_datapath_adopts_running_one_without_loss") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let before_routes = podmesh_routes(&mesh, e0)?;
+    let before_map = map_cidrs(&mesh, e0)?;
+    let mac = mesh.dps[e0].vtep_mac();
+    let from = &mesh.topo.nodes[e0].pods[0];
+    let to = mesh.topo.nodes[mesh.index("west-n0")].pods[0]
+        .addr
+        .to_string();
+    // 20 pps for 4 s across the restart.
+    let ping = from
+        .ns
+        .command("ping")
+        .args(["-n", "-q", "-i", "0.05", "-c", "80", "-W", "1", &to])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Stop: the agent's datapath object goes away, forwarding must not.
+    drop(mesh.dps.remove(e0));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Start: a new one adopts device, maps and program, then resyncs.
+    let dp = mesh.datapath(e0)?;
+    mesh.dps.insert(e0, dp);
+    mesh.resync(e0).await?;
+    let out = ping.wait_with_output()?;
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("80 packets transmitted, 80 received"),
+        "packets lost across the restart: {summary}"
+    );
+    assert_eq!(podmesh_routes(&mesh, e0)?, before_routes);
+    assert_eq!(map_cidrs(&mesh, e0)?, before_map);
+    assert_eq!(mesh.dps[e0].vtep_mac(), mac, "podmesh0 was recreated");
+    let ns = &mesh.topo.nodes[e0].ns;
+    let _inside = ns.enter()?;
+    assert!(ours_attached()?);
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Shared by the datapath tests: two clusters of the harness topology, one
+//! kernel datapath per node programmed from a desired state computed here.
+#![allow(dead_code)]
+
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
+
+use anyhow::{Context, bail};
+use ipnet::IpNet;
+use podmesh_agent::{
+    config::DatapathMode,
+    datapath::{Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config},
+};
+use podmesh_tests::topo::{ClusterPlan, Node, Topology};
+
+/// A private bpffs instance on a temporary directory, unmounted on drop, so
+/// pins of one test never meet another's or the host's.
+#[derive(Debug)]
+pub struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()?;
+        if !st.success() {
+            bail!("mounting bpffs on {} failed", dir.path().display());
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Two clusters (east 10.1.0.0/16, west 10.2.0.0/16) × 2 nodes × 2 pods,
+/// and a datapath of `mode` on every node. Fields drop in order: datapaths,
+/// then namespaces, then bpffs.
+#[derive(Debug)]
+pub struct Mesh {
+    pub dps: Vec<KernelDatapath>,
+    pub topo: Topology,
+    pub bpffs: Bpffs,
+    pub mode: DatapathMode,
+}
+
+impl Mesh {
+    pub fn build(mode: DatapathMode) -> anyhow::Result<Self> {
+        let topo = Topology::build(&[
+            ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
+            ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
+        ])?;
+        let bpffs = Bpffs::new()?;
+        let mut mesh = Self {
+            dps: Vec::new(),
+            topo,
+            bpffs,
+            mode,
+        };
+        for i in 0..mesh.topo.nodes.len() {
+            let dp = mesh.datapath(i)?;
+            mesh.dps.push(dp);
+        }
+        Ok(mesh)
+    }
+
+    /// The datapath configuration of node `i`.
+    pub fn config(&self, i: usize) -> KernelConfig {
+        let node = &self.topo.nodes[i];
+        let mut cfg =
+            KernelConfig::new(self.mode).in_netns(format!("/run/netns/{}", node.ns.name()));
+        cfg.node_ip = Some(IpAddr::V4(node.addr));
+        cfg.pin_dir = self.bpffs.path().join(&node.name);
+        cfg
+    }
+
+    /// Builds (creates or adopts) the datapath of node `i`.
+    pub fn datapath(&self, i: usize) -> anyhow::Result<KernelDatapath> {
+        from_config(&self.config(i))
+            .with_context(|| format!("datapath of {}", self.topo.nodes[i].name))
+    }
+
+    /// What node `i` must install: every node of the other cluster.
+    pub fn desired(&self, i: usize) -> Vec<RemoteRoute> {
+        let me = &self.topo.nodes[i];
+        self.topo
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.cluster != me.cluster)
+            .map(|(j, n)| self.route_to(j, n))
+            .collect()
+    }
+
+    fn route_to(&self, j: usize, n: &Node) -> RemoteRoute {
+        RemoteRoute {
+            cidr: IpNet::V4(n.pod_cidr),
+            cluster: n.cluster.clone(),
+            node: n.name.clone(),
+            node_addr: IpAddr::V4(n.addr),
+            vtep_mac: self.dps[j].vtep_mac(),
+        }
+    }
+
+    /// The periodic resync: prune to the desired set, then upsert all of it.
+    pub async fn resync(&mut self, i: usize) -> anyhow::Result<()> {
+        let desired = self.desired(i);
+        let keep: BTreeSet<IpNet> = desired.iter().map(|r| r.cidr).collect();
+        self.dps[i].prune(&keep).await?;
+        self.dps[i].upsert(&desired).await?;
+        Ok(())
+    }
+
+    pub async fn resync_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.dps.len() {
+            self.resync(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Pings every pod of the other cluster from every pod, `size` bytes with
+    /// DF set when given; returns the pairs that got no answer.
+    pub fn cross_cluster_failures(&self, size: Option<u32>) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (from_node, from) in self.topo.pods() {
+            for (to_node, to) in self.topo.pods() {
+                if from_node.cluster == to_node.cluster {
+                    continue;
+                }
+                if !from.ns.ping(&to.addr.to_string(), 2, size) {
+                    failed.push(format!("{} -> {} ({})", from.name, to.name, to.addr));
+                }
+            }
+        }
+        failed
+    }
+
+    /// `ip <args>` inside node `i`.
+    pub fn ip(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        self.topo.nodes[i].ns.ip(args)
+    }
+
+    /// Index of the node called `name`.
+    pub fn index(&self, name: &str) -> usize {
+        self.topo
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("node exists")
+    }
+}
+
+/// The podmesh routes (protocol 80) of a node's main table, as `ip` prints them.
+pub fn podmesh_routes(mesh: &Mesh, i: usize) -> anyhow::Result<BTreeSet<String>> {
+    Ok(mesh
+        .ip(i, &["route", "show", "proto", "80"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
