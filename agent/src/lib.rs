@@ -7,6 +7,8 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod model;
+pub mod plan;
+pub mod validate;
 
 /// The compiled kernel programs (ELF for `bpfel-unknown-none`), aligned for aya.
 pub static EBPF_OBJECT: &[u8] =

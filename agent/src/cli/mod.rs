@@ -3,6 +3,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod plan;
+
 /// podmesh: check a multi-cluster address plan, show mesh status, render Secrets.
 #[derive(Debug, Parser)]
 #[command(name = "podmesh", version, about, long_about = None)]
@@ -15,6 +17,9 @@ pub struct Cli {
 enum Command {
     /// Print the version of podmesh and of its embedded kernel programs.
     Version,
+    /// Check a multi-cluster address plan, or find free ranges in it.
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -29,5 +34,6 @@ pub fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Plan(cmd) => plan::run(cmd),
     }
 }

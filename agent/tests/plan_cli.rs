@@ -1,0 +1,179 @@
+//! Golden tests of `podmesh plan check|suggest`: the real binary, its output and exit codes.
+//!
+//! Set `UPDATE_GOLDEN=1` to rewrite the expected files after an intended change.
+use std::{path::Path, process::Command};
+
+const DIR: &str = "tests/testdata/plan";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn podmesh(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_podmesh"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run podmesh");
+    Run {
+        code: out.status.code().expect("exited"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    }
+}
+
+fn golden(name: &str, got: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DIR).join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(got, want, "output differs from {}", path.display());
+}
+
+fn check_golden(plan: &str, want_code: i32) {
+    let file = format!("{DIR}/{plan}.yaml");
+    let table = podmesh(&["plan", "check", &file]);
+    assert_eq!(
+        table.code, want_code,
+        "exit code of {plan}: {}",
+        table.stderr
+    );
+    assert!(!table.stdout.contains('\x1b'), "no colour when piped");
+    golden(&format!("{plan}.table"), &table.stdout);
+    let json = podmesh(&["plan", "check", &file, "-o", "json"]);
+    assert_eq!(json.code, want_code);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("one JSON object");
+    for f in v["findings"].as_array().expect("findings list") {
+        assert!(["error", "warning", "info"].contains(&f["severity"].as_str().unwrap()));
+        assert!(!f["code"].as_str().unwrap().is_empty());
+        assert!(!f["clusters"].as_array().unwrap().is_empty(), "{f}");
+        assert!(!f["message"].as_str().unwrap().is_empty());
+    }
+    golden(&format!("{plan}.json"), &json.stdout);
+}
+
+#[test]
+fn clean_dual_stack_plan_exits_0() {
+    check_golden("clean", 0);
+}
+
+#[test]
+fn warnings_alone_exit_0() {
+    check_golden("warnings", 0);
+}
+
+#[test]
+fn overlaps_exit_1() {
+    check_golden("overlaps", 1);
+}
+
+#[test]
+fn identities_and_unusable_cidrs_exit_1() {
+    check_golden("identity", 1);
+}
+
+#[test]
+fn capacity_exit_1() {
+    check_golden("capacity", 1);
+}
+
+fn unreadable(plan: &str, line: usize, needle: &str) {
+    let file = format!("{DIR}/{plan}.yaml");
+    for out in ["table", "json"] {
+        let r = podmesh(&["plan", "check", &file, "-o", out]);
+        assert_eq!(r.code, 2, "{plan}: {}", r.stderr);
+        assert!(r.stdout.is_empty());
+        assert!(
+            r.stderr.starts_with(&format!("podmesh: {file}:{line}:")),
+            "file and line first: {}",
+            r.stderr
+        );
+        assert!(r.stderr.contains(needle), "{needle:?} in {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+    }
+}
+
+#[test]
+fn not_a_cidr_exits_2_naming_field_and_line() {
+    unreadable("bad-cidr", 4, "clusters[0].podCIDRs[1]");
+}
+
+#[test]
+fn unknown_field_exits_2_naming_it() {
+    unreadable("unknown-field", 4, "podCidrs");
+}
+
+#[test]
+fn bad_yaml_exits_2() {
+    unreadable("bad-yaml", 5, "");
+}
+
+#[test]
+fn missing_file_exits_2() {
+    let r = podmesh(&["plan", "check", "tests/testdata/plan/no-such.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no-such.yaml"), "{}", r.stderr);
+}
+
+#[test]
+fn suggest_prints_free_blocks() {
+    let file = format!("{DIR}/overlaps.yaml");
+    let r = podmesh(&[
+        "plan",
+        "suggest",
+        &file,
+        "--prefix-len",
+        "16",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "10.0.0.0/16\n10.2.0.0/16\n10.3.0.0/16\n");
+    let r = podmesh(&[
+        "plan",
+        "suggest",
+        &file,
+        "--prefix-len",
+        "48",
+        "--family",
+        "6",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["suggestions"], serde_json::json!(["fd00::/48"]));
+    let r = podmesh(&[
+        "plan",
+        "suggest",
+        &file,
+        "--prefix-len",
+        "16",
+        "--within",
+        "fd00:1::/48",
+    ]);
+    assert_eq!(r.code, 64, "a /16 does not fit in a /48");
+    let r = podmesh(&[
+        "plan",
+        "suggest",
+        &file,
+        "--prefix-len",
+        "18",
+        "--within",
+        "10.1.0.0/16",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(r.code, 1, "10.1.0.0/16 is taken: {}", r.stdout);
+    assert!(r.stderr.contains("only 0 free /18"), "{}", r.stderr);
+}
