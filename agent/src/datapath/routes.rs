@@ -47,6 +47,9 @@ pub struct RouteDatapath {
     route_mtu: Option<u32>,
     /// Our nexthop objects by gateway (node address), adopted at start.
     nexthops: BTreeMap<IpAddr, u32>,
+    /// Ids in use (ours), and where the search for a free one starts.
+    used_ids: BTreeSet<u32>,
+    next_id: u32,
     /// What this process installed, by CIDR.
     routes: BTreeMap<IpNet, RemoteRoute>,
 }
@@ -124,12 +127,18 @@ impl RouteDatapath {
             })?
             .into_iter()
             .filter_map(|nh| Some((nh.gateway?, nh.id)))
-            .collect();
+            .collect::<BTreeMap<IpAddr, u32>>();
+        let used_ids: BTreeSet<u32> = nexthops.values().copied().collect();
+        let next_id = used_ids
+            .last()
+            .map_or(NEXTHOP_ID_FIRST, |m| m.saturating_add(1));
         Ok(Self {
             nl,
             mode,
             route_mtu,
             nexthops,
+            used_ids,
+            next_id,
             routes: BTreeMap::new(),
         })
     }
@@ -142,15 +151,17 @@ impl RouteDatapath {
         }
     }
 
-    fn allocate_id(&self) -> Result<u32, DatapathError> {
-        let used: BTreeSet<u32> = self.nexthops.values().copied().collect();
-        let start = used
-            .last()
-            .map_or(NEXTHOP_ID_FIRST, |m| m.saturating_add(1));
-        (start..=NEXTHOP_ID_LAST)
+    /// The next free id of podmesh's range (amortised O(1): ids are handed
+    /// out in order and wrap around only once the range's end is reached).
+    fn allocate_id(&mut self) -> Result<u32, DatapathError> {
+        let start = self.next_id.clamp(NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST);
+        let id = (start..=NEXTHOP_ID_LAST)
             .chain(NEXTHOP_ID_FIRST..start)
-            .find(|id| !used.contains(id))
-            .ok_or_else(|| DatapathError::Other("podmesh's nexthop id range is full".into()))
+            .find(|id| !self.used_ids.contains(id))
+            .ok_or_else(|| DatapathError::Other("podmesh's nexthop id range is full".into()))?;
+        self.used_ids.insert(id);
+        self.next_id = id.saturating_add(1);
+        Ok(id)
     }
 
     /// For `direct`: the device of the directly connected network of each
@@ -367,6 +378,7 @@ impl RouteDatapath {
         // Already gone is fine: deleting is idempotent.
         let _ = self.nl.batch(msgs).map_err(other)?;
         self.nexthops.retain(|_, id| used.contains(id));
+        self.used_ids.retain(|id| used.contains(id));
         Ok(())
     }
 }

@@ -1,0 +1,303 @@
+//! Datapath benchmarks, run by `cargo xtask bench install|datapath` (ignored
+//! by plain `cargo test`): figures and ratios against the peer measured in
+//! the same run, never asserted.
+mod datapath_support;
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+use datapath_support::{Bpffs, Mesh};
+use ipnet::{IpNet, Ipv4Net};
+use podmesh_agent::{
+    config::DatapathMode,
+    datapath::{Datapath, KernelConfig, ROUTE_PROTOCOL, RemoteRoute, from_config},
+};
+use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
+use podmesh_tests::{eventually, netns::NetNs, require_root};
+
+/// Remote node `i` of the install benchmark: a /26 Pod CIDR in 10.0.0.0/8
+/// and an underlay address in 100.64.0.0/10 (on the scratch veth).
+fn remote(i: u32) -> RemoteRoute {
+    let cidr = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i * 64), 26).expect("valid");
+    let addr = Ipv4Addr::from(0x6440_0000 + 2 + i);
+    let b = i.to_be_bytes();
+    RemoteRoute {
+        cidr: IpNet::V4(cidr),
+        cluster: "bench".into(),
+        node: format!("node-{i}"),
+        node_addr: IpAddr::V4(addr),
+        vtep_mac: Some([0x02, 0x00, b[0], b[1], b[2], b[3]]),
+    }
+}
+
+/// A scratch namespace with an underlay veth that has every node address on-link.
+fn scratch() -> anyhow::Result<NetNs> {
+    let ns = NetNs::new("bench")?;
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])?;
+    ns.ip(&["addr", "add", "100.64.0.1/10", "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["link", "set", "eth1", "up"])?;
+    Ok(ns)
+}
+
+fn config(mode: DatapathMode, ns: &NetNs, bpffs: &Bpffs) -> KernelConfig {
+    let mut cfg = KernelConfig::new(mode).in_netns(format!("/run/netns/{}", ns.name()));
+    cfg.pin_dir = bpffs.path().join(ns.name());
+    cfg.underlay_mtu = Some(1500);
+    cfg
+}
+
+async fn time_upsert(
+    mode: DatapathMode,
+    routes: &[RemoteRoute],
+    bpffs: &Bpffs,
+) -> anyhow::Result<Duration> {
+    let ns = scratch()?;
+    let mut dp = from_config(&config(mode, &ns, bpffs))?;
+    let t = Instant::now();
+    dp.upsert(routes).await?;
+    let d = t.elapsed();
+    let n = ns
+        .ip(&["route", "show", "proto", &ROUTE_PROTOCOL.to_string()])?
+        .lines()
+        .count();
+    if n != routes.len() {
+        bail!("{mode:?}: {n} routes installed, expected {}", routes.len());
+    }
+    Ok(d)
+}
+
+/// Only the LPM map: the same inserts the ebpf datapath makes, on the pinned map.
+async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<Duration> {
+    let ns = scratch()?;
+    let cfg = config(DatapathMode::Ebpf, &ns, bpffs);
+    let _dp = from_config(&cfg)?;
+    let data = MapData::from_pin(cfg.pin_dir.join(REMOTES_V4_MAP))?;
+    let mut map: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let t = Instant::now();
+    for r in routes {
+        let (IpNet::V4(net), IpAddr::V4(addr)) = (r.cidr, r.node_addr) else {
+            unreachable!()
+        };
+        let v = RemoteNode {
+            addr_v4: u32::from(addr),
+            vni: 1,
+            vtep_mac: r.vtep_mac.expect("mac"),
+            _pad: [0; 2],
+        };
+        map.insert(
+            &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            v,
+            0,
+        )?;
+    }
+    Ok(t.elapsed())
+}
+
+/// The peer: `ip -batch` with nexthop objects, the same entries as `direct`.
+fn time_ip_batch(routes: &[RemoteRoute]) -> anyhow::Result<Duration> {
+    let ns = scratch()?;
+    let mut batch = String::new();
+    for (i, r) in routes.iter().enumerate() {
+        writeln!(
+            batch,
+            "nexthop add id {} via {} dev eth0 proto 80",
+            1000 + i,
+            r.node_addr
+        )?;
+    }
+    for (i, r) in routes.iter().enumerate() {
+        writeln!(batch, "route add {} nhid {} proto 80", r.cidr, 1000 + i)?;
+    }
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), batch)?;
+    let t = Instant::now();
+    ns.ip(&["-batch", &file.path().to_string_lossy()])?;
+    Ok(t.elapsed())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+#[tokio::test]
+#[ignore = "benchmark: cargo xtask bench install"]
+async fn bench_install() -> anyhow::Result<()> {
+    if !require_root("bench_install") {
+        return Ok(());
+    }
+    let sizes: Vec<u32> = std::env::var("PODMESH_BENCH_SIZES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .map(|s| s.trim().parse().context("PODMESH_BENCH_SIZES"))
+        .collect::<Result<_, _>>()?;
+    let bpffs = Bpffs::new()?;
+    let mut table = String::from(
+        "| remote nodes | ebpf map only | ebpf map+routes | direct (nexthops) | vxlan (nh+neigh+fdb) | ip -batch (nexthops) | direct / ip -batch |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for n in sizes {
+        let routes: Vec<RemoteRoute> = (0..n).map(remote).collect();
+        let map = time_map(&routes, &bpffs).await?;
+        let ebpf = time_upsert(DatapathMode::Ebpf, &routes, &bpffs).await?;
+        let direct = time_upsert(DatapathMode::Direct, &routes, &bpffs).await?;
+        let vxlan = time_upsert(DatapathMode::Vxlan, &routes, &bpffs).await?;
+        let batch = time_ip_batch(&routes)?;
+        writeln!(
+            table,
+            "| {n} | {} | {} | {} | {} | {} | {:.2} |",
+            secs(map),
+            secs(ebpf),
+            secs(direct),
+            secs(vxlan),
+            secs(batch),
+            direct.as_secs_f64() / batch.as_secs_f64()
+        )?;
+        eprintln!("{n} done");
+    }
+    println!("\n{table}");
+    Ok(())
+}
+
+/// Two namespaces joined by one veth pair: the upper bound.
+struct Baseline {
+    a: NetNs,
+    b: NetNs,
+}
+
+fn baseline() -> anyhow::Result<Baseline> {
+    let a = NetNs::new("base-a")?;
+    let b = NetNs::new("base-b")?;
+    a.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"])?;
+    b.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])?;
+    a.ip(&["link", "set", "eth0", "up"])?;
+    b.ip(&["link", "set", "eth0", "up"])?;
+    Ok(Baseline { a, b })
+}
+
+struct Figures {
+    gbps: f64,
+    rtt_ms: f64,
+}
+
+fn measure(from: &NetNs, to: &NetNs, addr: &str) -> anyhow::Result<Figures> {
+    let mut server: Child = to
+        .command("iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    eventually(Duration::from_secs(5), || {
+        let o = to
+            .exec("ss", &["-ltn", "sport = :5201"])
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&o.stdout).contains("5201") {
+            Ok(())
+        } else {
+            Err("iperf3 not listening".into())
+        }
+    })?;
+    let out = from.run("iperf3", &["-c", addr, "-p", "5201", "-t", "5", "-J"])?;
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received")?;
+    let ping = from.run("ping", &["-n", "-q", "-c", "200", "-i", "0.005", addr])?;
+    let rtt = ping
+        .lines()
+        .find(|l| l.starts_with("rtt"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("ping summary")?;
+    Ok(Figures {
+        gbps: bps / 1e9,
+        rtt_ms: rtt,
+    })
+}
+
+#[tokio::test]
+#[ignore = "benchmark: cargo xtask bench datapath"]
+async fn bench_datapath() -> anyhow::Result<()> {
+    if !require_root("bench_datapath") {
+        return Ok(());
+    }
+    let rounds: usize = std::env::var("PODMESH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let modes = [
+        DatapathMode::Ebpf,
+        DatapathMode::Vxlan,
+        DatapathMode::Direct,
+    ];
+    let mut meshes = Vec::new();
+    for mode in modes {
+        let mut mesh = Mesh::build(mode)?;
+        mesh.resync_all().await?;
+        let failed = mesh.cross_cluster_failures(None);
+        if !failed.is_empty() {
+            bail!("{mode:?}: not connected: {failed:?}");
+        }
+        meshes.push(mesh);
+    }
+    let base = baseline()?;
+    // Best of `rounds`, modes interleaved so that load from other work on the
+    // machine spreads over all of them.
+    let mut best: Vec<(String, f64, f64)> = modes
+        .iter()
+        .map(|m| (format!("{m:?}").to_lowercase(), 0.0, f64::MAX))
+        .chain(std::iter::once(("plain veth".to_string(), 0.0, f64::MAX)))
+        .collect();
+    for round in 0..rounds {
+        for (k, mesh) in meshes.iter().enumerate() {
+            let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];
+            let to = &mesh.topo.nodes[mesh.index("west-n0")].pods[0];
+            let f = measure(&from.ns, &to.ns, &to.addr.to_string())?;
+            best[k].1 = best[k].1.max(f.gbps);
+            best[k].2 = best[k].2.min(f.rtt_ms);
+        }
+        let f = measure(&base.a, &base.b, "10.99.0.2")?;
+        let k = best.len() - 1;
+        best[k].1 = best[k].1.max(f.gbps);
+        best[k].2 = best[k].2.min(f.rtt_ms);
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    let vxlan = best[1].clone();
+    let veth = best[3].clone();
+    let mut table = String::from(
+        "| path (pod east-n0 -> pod west-n0) | TCP Gbit/s | ping avg RTT ms | throughput vs vxlan | throughput vs veth | RTT vs vxlan |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (name, gbps, rtt) in &best {
+        writeln!(
+            table,
+            "| {name} | {gbps:.2} | {rtt:.3} | {:.2} | {:.2} | {:.2} |",
+            gbps / vxlan.1,
+            gbps / veth.1,
+            rtt / vxlan.2
+        )?;
+    }
+    println!("\nbest of {rounds} rounds, iperf3 -t 5, 200 pings at 5 ms\n{table}");
+    Ok(())
+}
