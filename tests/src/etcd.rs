@@ -1,7 +1,7 @@
 //! A real etcd (Debian `etcd-server`) with mTLS on random loopback ports, killed on drop.
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{IpAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Arc,
@@ -20,12 +20,14 @@ pub struct Etcd {
     server: CertFiles,
     root_client: CertFiles,
     data_dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
     client_port: u16,
     peer_port: u16,
     metrics_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// Clients are also served on this address (same port), besides loopback.
+    extra_ip: Option<IpAddr>,
 }
 
 impl Etcd {
@@ -36,13 +38,28 @@ impl Etcd {
 
     /// Starts an etcd named `name` whose certificates come from `pki`.
     pub fn start_with(pki: Arc<Pki>, name: &str) -> anyhow::Result<Self> {
+        Self::start_in(pki, name, None)
+    }
+
+    /// Like [`Etcd::start_with`], and also serves clients on `ip` (same
+    /// port; the server certificate covers it), so that other network
+    /// namespaces reach it. Call it from a thread inside the namespace that
+    /// owns `ip` ([`crate::netns::NetNs::enter`]): etcd inherits it.
+    pub fn start_listening(pki: Arc<Pki>, name: &str, ip: IpAddr) -> anyhow::Result<Self> {
+        Self::start_in(pki, name, Some(ip))
+    }
+
+    fn start_in(pki: Arc<Pki>, name: &str, extra_ip: Option<IpAddr>) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("podmesh-etcd-{name}-"))
             .tempdir()?;
         let server = pki.issue(&crate::pki::CertSpec {
             name: &format!("{name}-server"),
             file: None,
-            sans: vec!["127.0.0.1".into(), "localhost".into()],
+            sans: ["127.0.0.1".to_string(), "localhost".to_string()]
+                .into_iter()
+                .chain(extra_ip.map(|ip| ip.to_string()))
+                .collect(),
             server: true,
             client: true,
             expired: false,
@@ -55,18 +72,26 @@ impl Etcd {
             root_client,
             data_dir: tmp.path().join("data"),
             log: tmp.path().join("etcd.log"),
-            _tmp: tmp,
+            _tmp: Some(tmp),
             client_port: crate::free_port(),
             peer_port: crate::free_port(),
             metrics_port: crate::free_port(),
             child: None,
+            extra_ip,
         };
         etcd.spawn()?;
         Ok(etcd)
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let client = format!("https://127.0.0.1:{}", self.client_port);
+        let mut client = format!("https://127.0.0.1:{}", self.client_port);
+        if let Some(ip) = self.extra_ip {
+            let ip = match ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("[{v6}]"),
+            };
+            client = format!("{client},https://{ip}:{}", self.client_port);
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -214,6 +239,7 @@ impl Etcd {
     }
 
     /// An `etcd-client` connected with the root client certificate.
+    #[cfg(feature = "etcd-client")]
     pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
         connect(&[self.endpoint()], self.pki.ca(), Some(&self.root_client)).await
     }
@@ -221,6 +247,22 @@ impl Etcd {
     /// The process ID of the running etcd.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Leaves etcd running after this value is gone (no kill on drop, the
+    /// temp dir with its data and log is kept); returns its process ID and
+    /// that directory, which the caller removes when done.
+    pub fn detach(mut self) -> (Option<u32>, PathBuf) {
+        let pid = self.child.take().map(|c| c.id());
+        let dir = match self._tmp.take() {
+            Some(tmp) => tmp.keep(),
+            None => self
+                .log
+                .parent()
+                .expect("log is in the temp dir")
+                .to_path_buf(),
+        };
+        (pid, dir)
     }
 
     /// Kills etcd (SIGKILL) and waits for it; the data dir stays.
@@ -278,6 +320,7 @@ pub fn write_client_config(
 }
 
 /// An `etcd-client` over TLS; `client` is the identity (None: no client certificate).
+#[cfg(feature = "etcd-client")]
 pub async fn connect(
     endpoints: &[String],
     ca: &Path,

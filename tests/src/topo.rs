@@ -80,6 +80,8 @@ pub struct Topology {
     pub underlay: NetNs,
     /// The plans it was built from.
     pub clusters: Vec<ClusterPlan>,
+    /// Namespace name prefix (`None`: the per-process test names of [`NetNs::new`]).
+    prefix: Option<String>,
 }
 
 /// Underlay prefix length: all clusters share one L2 segment.
@@ -88,13 +90,46 @@ pub const UNDERLAY_PREFIX_LEN: u8 = 16;
 impl Topology {
     /// Builds the clusters of `plans` on one underlay bridge.
     pub fn build(plans: &[ClusterPlan]) -> anyhow::Result<Self> {
-        let underlay = NetNs::new("ul")?;
+        Self::build_in(None, plans)
+    }
+
+    /// Like [`Topology::build`], but every namespace is named `<prefix><tag>`
+    /// (`<prefix>ul`, `<prefix>east-n0`, `<prefix>east-n0-p1`), so that a
+    /// long-lived topology (the demo) is recognisable and can be found again.
+    pub fn build_named(prefix: &str, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        Self::build_in(Some(prefix), plans)
+    }
+
+    /// The namespace names [`Topology::build_named`] creates for `plans`.
+    pub fn planned_names(prefix: &str, plans: &[ClusterPlan]) -> Vec<String> {
+        let mut names = vec![format!("{prefix}ul")];
+        for plan in plans {
+            for ni in 0..plan.nodes {
+                names.push(format!("{prefix}{}-n{ni}", plan.name));
+                for pi in 0..plan.pods_per_node {
+                    names.push(format!("{prefix}{}-n{ni}-p{pi}", plan.name));
+                }
+            }
+        }
+        names
+    }
+
+    fn netns(prefix: Option<&str>, tag: &str) -> anyhow::Result<NetNs> {
+        match prefix {
+            Some(p) => NetNs::named(&format!("{p}{tag}")),
+            None => NetNs::new(tag),
+        }
+    }
+
+    fn build_in(prefix: Option<&str>, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        let underlay = Self::netns(prefix, "ul")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
         let mut topo = Topology {
             nodes: Vec::new(),
             underlay,
             clusters: plans.to_vec(),
+            prefix: prefix.map(str::to_string),
         };
         for (ci, plan) in plans.iter().enumerate() {
             let blocks = plan
@@ -118,7 +153,7 @@ impl Topology {
         pod_cidr: Ipv4Net,
     ) -> anyhow::Result<Node> {
         let name = format!("{}-n{ni}", plan.name);
-        let ns = NetNs::new(&name)?;
+        let ns = Self::netns(self.prefix.as_deref(), &name)?;
         let addr = Ipv4Addr::new(172, 31, ci as u8 + 1, ni as u8 + 1);
         let ul_port = format!("u{ci}n{ni}");
         self.underlay.ip(&[
@@ -158,7 +193,7 @@ impl Topology {
         let mut pods = Vec::new();
         for pi in 0..plan.pods_per_node {
             let pod_name = format!("{name}-p{pi}");
-            let pns = NetNs::new(&pod_name)?;
+            let pns = Self::netns(self.prefix.as_deref(), &pod_name)?;
             let paddr = pod_cidr
                 .hosts()
                 .nth(9 + pi)
@@ -221,6 +256,19 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Leaves every namespace in place (no removal on drop) and returns their
+    /// names; whoever calls this removes them later (`ip netns del`).
+    pub fn detach(self) -> Vec<String> {
+        let mut names = vec![self.underlay.name().to_string()];
+        for n in &self.nodes {
+            names.push(n.ns.name().to_string());
+            names.extend(n.pods.iter().map(|p| p.ns.name().to_string()));
+        }
+        // Skips every NetNs drop; the namespaces outlive this process.
+        std::mem::forget(self);
+        names
     }
 
     /// The nodes of one cluster.
