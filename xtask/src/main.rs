@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod demo;
 mod setup;
 mod setup_deploy;
 mod test;
@@ -20,6 +21,8 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Setup, then fmt check, clippy, unit tests and the privileged integration tests.
     Test(test::TestArgs),
+    /// A multi-cluster mesh in network namespaces: `demo [--clusters N] [--keep]`, `demo down`.
+    Demo(demo::DemoArgs),
     /// Benchmarks, each side by side with its peer in the same run.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -30,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(a) => setup::run(&a),
         Command::Test(a) => test::run(&a),
         Command::Bench(b) => bench::run(b),
+        Command::Demo(a) => demo::run(&a),
     }
 }
