@@ -518,3 +518,24 @@ fn deploy_every_referenced_object_exists_or_is_documented() {
         assert!(checked >= 8, "{dir}: only {checked} references checked");
     }
 }
+
+/// The example mesh's address plan is clean by `podmesh plan check`'s rules,
+/// and the same check catches the overlays' ranges colliding.
+#[test]
+fn deploy_example_plan_passes_plan_check() {
+    use podmesh_agent::{plan::Plan, validate::Severity};
+    let path = root().join("deploy/overlays/plan.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let findings = Plan::parse(&text, &path).expect("plan.yaml parses").check();
+    assert!(findings.is_empty(), "{findings:#?}");
+
+    let clash = text.replace("podCIDRs: [10.2.0.0/16]", "podCIDRs: [10.1.128.0/17]");
+    assert_ne!(clash, text);
+    let findings = Plan::parse(&clash, &path).unwrap().check();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.clusters.len() == 2),
+        "an overlap of east's and west's Pod CIDRs is not an error: {findings:#?}"
+    );
+}
