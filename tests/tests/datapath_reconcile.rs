@@ -317,3 +317,31 @@ async fn ebpf_new_datapath_adopts_running_one_without_loss() -> anyhow::Result<(
     assert!(ours_attached()?);
     Ok(())
 }
+
+#[tokio::test]
+async fn ebpf_node_without_vtep_mac_does_not_block_the_others() -> anyhow::Result<()> {
+    if !require_root("ebpf_node_without_vtep_mac_does_not_block_the_others") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let w0 = mesh.topo.nodes[mesh.index("west-n0")].pod_cidr.to_string();
+    mesh.dps[e0].prune(&BTreeSet::new()).await?;
+    let mut desired = mesh.desired(e0);
+    let bad = desired
+        .iter_mut()
+        .find(|r| r.cidr.to_string() == w0)
+        .expect("west-n0 route");
+    bad.vtep_mac = None;
+    let err = mesh.dps[e0]
+        .upsert(&desired)
+        .await
+        .expect_err("a record without vtepMAC is refused");
+    assert!(err.to_string().contains("vtepMAC"), "{err}");
+    assert!(err.to_string().contains(&w0), "{err}");
+    assert_eq!(podmesh_routes(&mesh, e0)?.len(), 1);
+    assert!(!reaches(&mesh, "east-n0", "west-n0"));
+    assert!(reaches(&mesh, "east-n0", "west-n1"));
+    Ok(())
+}

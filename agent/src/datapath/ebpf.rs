@@ -181,18 +181,23 @@ impl EbpfDatapath {
 }
 
 impl Datapath for EbpfDatapath {
+    /// Installs every route that can be installed; one bad remote record
+    /// (IPv6, no vtepMAC) never blocks the others. Returns the first failure.
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        let mut first_err = None;
         let mut msgs = Vec::with_capacity(routes.len());
+        let mut cidrs = Vec::with_capacity(routes.len());
         for r in routes {
             let (IpNet::V4(net), IpAddr::V4(addr)) = (r.cidr, r.node_addr) else {
-                return Err(op_err(
+                first_err.get_or_insert(op_err(
                     "upsert",
                     r.cidr,
                     "the ebpf datapath forwards IPv4 only; use --datapath vxlan or direct for IPv6",
                 ));
+                continue;
             };
             let Some(vtep_mac) = r.vtep_mac else {
-                return Err(op_err(
+                first_err.get_or_insert(op_err(
                     "upsert",
                     r.cidr,
                     &format!(
@@ -201,6 +206,7 @@ impl Datapath for EbpfDatapath {
                         r.cluster, r.node
                     ),
                 ));
+                continue;
             };
             let value = RemoteNode {
                 addr_v4: u32::from(addr),
@@ -209,31 +215,33 @@ impl Datapath for EbpfDatapath {
                 _pad: [0; 2],
             };
             let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            self.remotes
-                .insert(&key, value, 0)
-                .map_err(|e| op_err("upsert map entry", r.cidr, &e.to_string()))?;
+            if let Err(e) = self.remotes.insert(&key, value, 0) {
+                first_err.get_or_insert(op_err("upsert map entry", r.cidr, &e.to_string()));
+                continue;
+            }
             msgs.push(rtnl::route_replace(
                 r.cidr,
                 RouteTarget::Dev(self.ifindex),
                 ROUTE_PROTOCOL,
                 Some(self.route_mtu),
             ));
+            cidrs.push(r.cidr);
             self.names.insert(r.cidr, r.clone());
         }
         let failures = self.nl.batch(msgs).map_err(other)?;
         if let Some((i, errno)) = failures.first() {
-            return Err(op_err(
+            first_err.get_or_insert(op_err(
                 "upsert route",
-                routes[*i].cidr,
+                cidrs[*i],
                 &format!(
                     "{} ({} of {} failed)",
                     std::io::Error::from_raw_os_error(*errno),
                     failures.len(),
-                    routes.len()
+                    cidrs.len()
                 ),
             ));
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {

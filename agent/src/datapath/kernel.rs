@@ -47,6 +47,17 @@ impl KernelConfig {
         }
     }
 
+    /// The configuration the agent's flags ask for (`--datapath`,
+    /// `--tunnel-port`, `--vni`, `--node-ip`).
+    pub fn from_args(args: &crate::config::AgentArgs) -> Self {
+        Self {
+            tunnel_port: args.tunnel_port,
+            vni: args.vni,
+            node_ip: args.node_ip,
+            ..Self::new(args.datapath)
+        }
+    }
+
     /// Programs the namespace at `path` instead of the caller's.
     pub fn in_netns(mut self, path: impl AsRef<Path>) -> Self {
         self.netns = Some(path.as_ref().to_path_buf());

@@ -171,59 +171,80 @@ impl RouteDatapath {
         addrs: &BTreeSet<IpAddr>,
     ) -> Result<BTreeMap<IpAddr, u32>, DatapathError> {
         let connected = rtnl::connected_routes(&mut self.nl).map_err(other)?;
-        let mut out = BTreeMap::new();
-        for a in addrs {
-            let best = connected
-                .iter()
-                .filter(|(net, _)| net.contains(a))
-                .max_by_key(|(net, _)| net.prefix_len());
-            match best {
-                Some((_, oif)) => {
-                    out.insert(*a, *oif);
-                }
-                None => {
-                    return Err(DatapathError::Other(format!(
-                        "node address {a} is not on a directly connected network (hint: the \
-                         direct datapath needs a shared L2 underlay; use ebpf or vxlan)"
-                    )));
-                }
-            }
-        }
-        Ok(out)
+        Ok(addrs
+            .iter()
+            .filter_map(|a| {
+                connected
+                    .iter()
+                    .filter(|(net, _)| net.contains(a))
+                    .max_by_key(|(net, _)| net.prefix_len())
+                    .map(|(_, oif)| (*a, *oif))
+            })
+            .collect())
     }
-}
 
-impl Datapath for RouteDatapath {
-    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
-        let addrs: BTreeSet<IpAddr> = routes.iter().map(|r| r.node_addr).collect();
+    /// The routes that can be installed, with the output device of their
+    /// node; the first reason one cannot goes to `first_err`.
+    fn usable<'a>(
+        &mut self,
+        routes: &'a [RemoteRoute],
+        first_err: &mut Option<DatapathError>,
+    ) -> Result<(Vec<&'a RemoteRoute>, BTreeMap<IpAddr, u32>), DatapathError> {
+        let mut usable: Vec<&RemoteRoute> = Vec::with_capacity(routes.len());
+        for r in routes {
+            if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
+                first_err.get_or_insert(op_err(
+                    "upsert",
+                    r.cidr,
+                    &format!(
+                        "node {}/{} published no vtepMAC; the vxlan datapath needs it",
+                        r.cluster, r.node
+                    ),
+                ));
+                continue;
+            }
+            usable.push(r);
+        }
+        let addrs: BTreeSet<IpAddr> = usable.iter().map(|r| r.node_addr).collect();
         let oifs = match self.mode {
             RouteMode::Direct => self.direct_oifs(&addrs)?,
             RouteMode::Vxlan { ifindex, .. } | RouteMode::Ipip { ifindex } => {
                 addrs.iter().map(|a| (*a, ifindex)).collect()
             }
         };
+        usable.retain(|r| {
+            let ok = oifs.contains_key(&r.node_addr);
+            if !ok {
+                first_err.get_or_insert(op_err(
+                    "upsert",
+                    r.cidr,
+                    &format!(
+                        "node address {} is not on a directly connected network (hint: the \
+                         direct datapath needs a shared L2 underlay; use ebpf or vxlan)",
+                        r.node_addr
+                    ),
+                ));
+            }
+            ok
+        });
+        Ok((usable, oifs))
+    }
+}
+
+impl Datapath for RouteDatapath {
+    /// Installs every route that can be installed (a node without vtepMAC
+    /// or off the underlay never blocks the others); returns the first failure.
+    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        let mut first_err = None;
+        let (usable, oifs) = self.usable(routes, &mut first_err)?;
         let onlink = !matches!(self.mode, RouteMode::Direct);
         // Per node: nexthop (+ neighbour and fdb for vxlan); then the routes.
-        let mut node_msgs: Vec<(IpNet, Msg)> = Vec::new();
-        let mut macs: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
-        for r in routes {
-            if let RouteMode::Vxlan { .. } = self.mode {
-                let Some(mac) = r.vtep_mac else {
-                    return Err(op_err(
-                        "upsert",
-                        r.cidr,
-                        &format!(
-                            "node {}/{} published no vtepMAC; the vxlan datapath needs it",
-                            r.cluster, r.node
-                        ),
-                    ));
-                };
-                macs.insert(r.node_addr, mac);
-            }
+        let mut nodes: BTreeMap<IpAddr, (IpNet, Option<[u8; 6]>)> = BTreeMap::new();
+        for r in &usable {
+            nodes.entry(r.node_addr).or_insert((r.cidr, r.vtep_mac));
         }
-        let first_cidr: BTreeMap<IpAddr, IpNet> =
-            routes.iter().rev().map(|r| (r.node_addr, r.cidr)).collect();
-        for a in &addrs {
+        let mut node_msgs: Vec<(IpNet, Msg)> = Vec::with_capacity(nodes.len() * 3);
+        for (a, (cidr, mac)) in &nodes {
             let id = match self.nexthops.get(a) {
                 Some(id) => *id,
                 None => {
@@ -232,46 +253,48 @@ impl Datapath for RouteDatapath {
                     id
                 }
             };
-            let cidr = first_cidr[a];
             node_msgs.push((
-                cidr,
+                *cidr,
                 rtnl::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
             ));
-            if let RouteMode::Vxlan { ifindex, .. } = self.mode {
-                let mac = macs[a];
-                node_msgs.push((cidr, rtnl::neigh_replace(ifindex, *a, mac)));
-                node_msgs.push((cidr, rtnl::fdb_replace(ifindex, mac, *a)));
+            if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
+                node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, *a, *mac)));
+                node_msgs.push((*cidr, rtnl::fdb_replace(ifindex, *mac, *a)));
             }
         }
         let (cidrs, msgs): (Vec<IpNet>, Vec<Msg>) = node_msgs.into_iter().unzip();
         let failures = self.nl.batch(msgs).map_err(other)?;
         if let Some((i, errno)) = failures.first() {
-            return Err(op_err(
+            // Routes to a node whose nexthop failed would fail too.
+            return Err(first_err.unwrap_or(op_err(
                 "upsert nexthop",
                 cidrs[*i],
                 &std::io::Error::from_raw_os_error(*errno).to_string(),
-            ));
+            )));
         }
-        let msgs = routes.iter().map(|r| {
-            rtnl::route_replace(
-                r.cidr,
-                RouteTarget::Nexthop(self.nexthops[&r.node_addr]),
-                ROUTE_PROTOCOL,
-                self.route_mtu,
-            )
-        });
-        let failures = self.nl.batch(msgs.collect::<Vec<_>>()).map_err(other)?;
+        let msgs: Vec<Msg> = usable
+            .iter()
+            .map(|r| {
+                rtnl::route_replace(
+                    r.cidr,
+                    RouteTarget::Nexthop(self.nexthops[&r.node_addr]),
+                    ROUTE_PROTOCOL,
+                    self.route_mtu,
+                )
+            })
+            .collect();
+        let failures = self.nl.batch(msgs).map_err(other)?;
         if let Some((i, errno)) = failures.first() {
-            return Err(op_err(
+            first_err.get_or_insert(op_err(
                 "upsert route",
-                routes[*i].cidr,
+                usable[*i].cidr,
                 &std::io::Error::from_raw_os_error(*errno).to_string(),
             ));
         }
-        for r in routes {
+        for r in usable {
             self.routes.insert(r.cidr, r.clone());
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
