@@ -124,7 +124,25 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if !args.skip_setup {
         crate::setup::run(&crate::setup::SetupArgs { check: false })?;
     }
-    sh(cargo().args(["build", "-p", "podmesh-agent", "-p", "podmesh-etcd-proxy"]))?;
+    let mut build = cargo();
+    // `cargo run` gives xtask the variables of its own package; build
+    // scripts that watch them (ring's watches CARGO_MANIFEST_DIR) would
+    // rebuild on every alternation between a plain `cargo build` and this one.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&k.as_ref())
+        {
+            build.env_remove(k.as_ref());
+        }
+    }
+    sh(build.args(["build", "-p", "podmesh-agent", "-p", "podmesh-etcd-proxy"]))?;
     let bins = Bins::locate()?;
 
     let mut demo = Demo {
@@ -242,8 +260,9 @@ impl Demo {
             .map(|i| ClusterPlan::new(NAMES[i], &format!("10.{}.0.0/16", i + 1), NODES, PODS))
             .collect();
 
-        step(2, "network namespaces: underlay bridge, nodes, pods");
+        step(2, "address plan (podmesh plan check), network namespaces");
         fs::create_dir_all(self.dir.join("logs"))?;
+        self.check_plan(&plans)?;
         self.state.namespaces = Topology::planned_names(PREFIX, &plans);
         let cp_names: Vec<String> = plans
             .iter()
@@ -354,6 +373,41 @@ impl Demo {
             None => eprintln!("  did not converge within {timeout:?}"),
         }
         Ok(ok == total)
+    }
+
+    /// Writes the demo's address plan and runs `podmesh plan check` on it,
+    /// as an operator would before connecting clusters.
+    fn check_plan(&self, plans: &[ClusterPlan]) -> anyhow::Result<()> {
+        let mut y = String::from("clusters:\n");
+        for (ci, p) in plans.iter().enumerate() {
+            y.push_str(&format!(
+                "- name: {}\n  id: {}\n  podCIDRs: [{}]\n  serviceCIDRs: []\n  \
+                 nodeCIDRs: [172.31.{}.0/24]\n  nodeMaskSize: {{ipv4: {}}}\n  nodes: {}\n",
+                p.name,
+                ci + 1,
+                p.pod_cidr,
+                ci + 1,
+                p.node_prefix_len,
+                p.nodes
+            ));
+        }
+        let path = self.dir.join("plan.yaml");
+        fs::write(&path, y)?;
+        let out = Command::new(&self.bins.cli)
+            .args(["plan", "check"])
+            .arg(&path)
+            .output()
+            .context("running podmesh plan check")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!(
+                "podmesh plan check {} failed: {}",
+                path.display(),
+                out.status
+            );
+        }
+        Ok(())
     }
 
     fn record_process(&mut self, pid: u32, program: &str) -> anyhow::Result<()> {
