@@ -93,6 +93,26 @@ async fn direct_mode_connects_every_pod_pair_across_clusters() -> anyhow::Result
     Ok(())
 }
 
+/// Runs only where the kernel has IPIP: `cargo xtask vm-test` boots a Debian
+/// kernel in qemu and runs it there.
+#[tokio::test]
+#[ignore = "needs a kernel with IPIP: cargo xtask vm-test runs it in a VM"]
+async fn ipip_mode_connects_every_pod_pair_across_clusters() -> anyhow::Result<()> {
+    if !require_root("ipip_mode_connects_every_pod_pair_across_clusters") {
+        return Ok(());
+    }
+    let mesh = every_pod_reaches_every_remote_pod(DatapathMode::Ipip).await?;
+    let nh = mesh.ip(0, &["nexthop", "show", "proto", "80"])?;
+    assert_eq!(nh.lines().count(), 2, "one nexthop per remote node: {nh}");
+    assert!(nh.contains("dev tunl0") && nh.contains("onlink"), "{nh}");
+    let route = mesh.ip(0, &["route", "show", "10.2.0.0/24"])?;
+    assert!(
+        route.contains("mtu 1480"),
+        "route without IPIP MTU: {route}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn ipip_mode_refuses_clearly_without_kernel_support() -> anyhow::Result<()> {
     if !require_root("ipip_mode_refuses_clearly_without_kernel_support") {

@@ -7,6 +7,7 @@ mod setup;
 mod setup_deploy;
 mod test;
 mod util;
+mod vm_test;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "podmesh project automation")]
@@ -26,6 +27,8 @@ enum Command {
     /// Benchmarks, each side by side with its peer in the same run.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// The ipip datapath on a Debian kernel with IPIP, in a qemu VM (software emulation).
+    VmTest(vm_test::VmTestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(a) => test::run(&a),
         Command::Bench(b) => bench::run(b),
         Command::Demo(a) => demo::run(&a),
+        Command::VmTest(a) => vm_test::run(&a),
     }
 }
