@@ -1,0 +1,425 @@
+//! In-memory copy of the allowed prefix at one upstream revision, plus a bounded history of its events.
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+
+use etcd_client::proto::{PbEvent, PbKeyValue, PbRangeRequest};
+
+/// `mvccpb.Event.EventType.PUT`.
+pub const PUT: i32 = 0;
+/// `mvccpb.Event.EventType.DELETE`.
+pub const DELETE: i32 = 1;
+
+/// Why a Range cannot be answered from the cache.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error(
+        "mvcc: required revision has been compacted (revision {revision}, the proxy holds revisions from {floor} on)"
+    )]
+    Compacted { revision: i64, floor: i64 },
+    #[error(
+        "mvcc: required revision is a future revision (revision {revision}, current {current})"
+    )]
+    Future { revision: i64, current: i64 },
+    #[error(
+        "range at past revision {revision} is not served by the proxy (current {current}); read at the current revision"
+    )]
+    Past { revision: i64, current: i64 },
+}
+
+/// Result of a Range served from the cache.
+#[derive(Debug, Default, PartialEq)]
+pub struct RangeResult {
+    pub kvs: Vec<PbKeyValue>,
+    pub count: i64,
+    pub more: bool,
+}
+
+/// The cache: the current key-values under the prefix, the upstream revision
+/// they are complete up to, and the recent events (with `prev_kv` filled in)
+/// from which watches starting in the past are replayed.
+#[derive(Debug)]
+pub struct Cache {
+    kvs: BTreeMap<Vec<u8>, PbKeyValue>,
+    revision: i64,
+    /// Every event with a revision >= floor is in `history`.
+    floor: i64,
+    history: VecDeque<PbEvent>,
+    history_cap: usize,
+    synced: bool,
+}
+
+fn event_rev(e: &PbEvent) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
+impl Cache {
+    pub fn new(history_cap: usize) -> Cache {
+        Cache {
+            kvs: BTreeMap::new(),
+            revision: 0,
+            floor: 1,
+            history: VecDeque::new(),
+            history_cap: history_cap.max(1),
+            synced: false,
+        }
+    }
+
+    /// Replaces the contents with a complete list taken at `revision`; the
+    /// history restarts there, so only watches from `revision + 1` on can be replayed.
+    pub fn reset(&mut self, kvs: Vec<PbKeyValue>, revision: i64) {
+        self.kvs = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        self.revision = revision;
+        self.floor = revision + 1;
+        self.history.clear();
+        self.synced = true;
+    }
+
+    /// Applies upstream events in order and returns them with `prev_kv` taken
+    /// from the cache (so the upstream watch need not ask for it).
+    pub fn apply(&mut self, events: Vec<PbEvent>) -> Vec<PbEvent> {
+        let mut out = Vec::with_capacity(events.len());
+        for mut e in events {
+            let Some(kv) = e.kv.as_ref() else { continue };
+            let rev = kv.mod_revision;
+            if rev <= self.revision {
+                // Already applied (a resumed watch may repeat the last revision).
+                continue;
+            }
+            e.prev_kv = match e.r#type {
+                DELETE => self.kvs.remove(&kv.key),
+                _ => self.kvs.insert(kv.key.clone(), kv.clone()),
+            };
+            out.push(e);
+        }
+        if let Some(last) = out.last() {
+            self.revision = self.revision.max(event_rev(last));
+        }
+        for e in &out {
+            self.history.push_back(e.clone());
+        }
+        while self.history.len() > self.history_cap {
+            if let Some(old) = self.history.pop_front() {
+                self.floor = self.floor.max(event_rev(&old) + 1);
+            }
+        }
+        out
+    }
+
+    /// Records that the upstream has delivered every event up to `revision`
+    /// (a progress notification).
+    pub fn advance(&mut self, revision: i64) -> bool {
+        if revision > self.revision {
+            self.revision = revision;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    #[cfg(test)]
+    pub fn floor(&self) -> i64 {
+        self.floor
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.kvs.len()
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The events with revision >= `start`, or `Err(compact_revision)` when
+    /// some of them are no longer held.
+    pub fn replay(&self, start: i64) -> Result<Vec<PbEvent>, i64> {
+        if start < self.floor {
+            return Err(self.floor - 1);
+        }
+        let from = self.history.partition_point(|e| event_rev(e) < start);
+        Ok(self.history.range(from..).cloned().collect())
+    }
+
+    /// Serves a RangeRequest (already confined to the prefix) from the cache.
+    pub fn range(&self, req: &PbRangeRequest) -> Result<RangeResult, RangeError> {
+        if req.revision > 0 && req.revision != self.revision {
+            if req.revision > self.revision {
+                return Err(RangeError::Future {
+                    revision: req.revision,
+                    current: self.revision,
+                });
+            }
+            if req.revision < self.floor - 1 {
+                return Err(RangeError::Compacted {
+                    revision: req.revision,
+                    floor: self.floor,
+                });
+            }
+            return Err(RangeError::Past {
+                revision: req.revision,
+                current: self.revision,
+            });
+        }
+        let selected: Vec<&PbKeyValue> = self
+            .select(&req.key, &req.range_end)
+            .filter(|kv| {
+                (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+                    && (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+                    && (req.min_create_revision == 0
+                        || kv.create_revision >= req.min_create_revision)
+                    && (req.max_create_revision == 0
+                        || kv.create_revision <= req.max_create_revision)
+            })
+            .collect();
+        let count = selected.len() as i64;
+        if req.count_only {
+            return Ok(RangeResult {
+                kvs: Vec::new(),
+                count,
+                more: false,
+            });
+        }
+        let mut selected = selected;
+        sort(&mut selected, req.sort_target, req.sort_order);
+        let limit = if req.limit > 0 {
+            req.limit as usize
+        } else {
+            usize::MAX
+        };
+        let more = selected.len() > limit;
+        let kvs = selected
+            .into_iter()
+            .take(limit)
+            .map(|kv| {
+                let mut kv = kv.clone();
+                if req.keys_only {
+                    kv.value.clear();
+                }
+                kv
+            })
+            .collect();
+        Ok(RangeResult { kvs, count, more })
+    }
+
+    fn select<'a>(
+        &'a self,
+        key: &'a [u8],
+        range_end: &'a [u8],
+    ) -> Box<dyn Iterator<Item = &'a PbKeyValue> + 'a> {
+        if range_end.is_empty() {
+            return Box::new(self.kvs.get(key).into_iter());
+        }
+        if range_end == [0] {
+            return Box::new(
+                self.kvs
+                    .range::<[u8], _>((Bound::Included(key), Bound::Unbounded))
+                    .map(|(_, v)| v),
+            );
+        }
+        if range_end <= key {
+            return Box::new(std::iter::empty());
+        }
+        Box::new(
+            self.kvs
+                .range::<[u8], _>((Bound::Included(key), Bound::Excluded(range_end)))
+                .map(|(_, v)| v),
+        )
+    }
+}
+
+/// etcd's sort: targets KEY=0 VERSION=1 CREATE=2 MOD=3 VALUE=4, orders
+/// NONE=0 ASCEND=1 DESCEND=2; NONE keeps key order.
+fn sort(kvs: &mut [&PbKeyValue], target: i32, order: i32) {
+    if order == 0 {
+        return;
+    }
+    match target {
+        1 => kvs.sort_by_key(|kv| kv.version),
+        2 => kvs.sort_by_key(|kv| kv.create_revision),
+        3 => kvs.sort_by_key(|kv| kv.mod_revision),
+        4 => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+        _ => {}
+    }
+    if order == 2 {
+        kvs.reverse();
+    }
+}
+
+/// Whether `key` is in the etcd range (key, range_end) of a watcher.
+pub fn in_range(start: &[u8], range_end: &[u8], key: &[u8]) -> bool {
+    if range_end.is_empty() {
+        key == start
+    } else if range_end == [0] {
+        key >= start
+    } else {
+        key >= start && key < range_end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, val: &str, create: i64, modr: i64, version: i64) -> PbKeyValue {
+        PbKeyValue {
+            key: key.into(),
+            value: val.into(),
+            create_revision: create,
+            mod_revision: modr,
+            version,
+            lease: 0,
+        }
+    }
+
+    fn put(k: PbKeyValue) -> PbEvent {
+        PbEvent {
+            r#type: PUT,
+            kv: Some(k),
+            prev_kv: None,
+        }
+    }
+
+    fn del(key: &str, rev: i64) -> PbEvent {
+        PbEvent {
+            r#type: DELETE,
+            kv: Some(PbKeyValue {
+                key: key.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn req(key: &str, end: &str) -> PbRangeRequest {
+        PbRangeRequest {
+            key: key.into(),
+            range_end: end.into(),
+            ..Default::default()
+        }
+    }
+
+    fn keys(r: &RangeResult) -> Vec<String> {
+        r.kvs.iter().map(|kv| show(&kv.key)).collect()
+    }
+
+    fn show(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn seeded() -> Cache {
+        let mut c = Cache::new(4);
+        c.reset(
+            vec![
+                kv("p/a", "1", 2, 2, 1),
+                kv("p/b", "2", 3, 3, 1),
+                kv("p/c", "3", 4, 5, 2),
+            ],
+            10,
+        );
+        c
+    }
+
+    #[test]
+    fn range_single_prefix_limit_count_keys_only() {
+        let c = seeded();
+        assert_eq!(keys(&c.range(&req("p/b", "")).unwrap()), vec!["p/b"]);
+        assert_eq!(
+            keys(&c.range(&req("p/x", "")).unwrap()),
+            Vec::<String>::new()
+        );
+        let all = c.range(&req("p/", "p0")).unwrap();
+        assert_eq!(keys(&all), vec!["p/a", "p/b", "p/c"]);
+        assert_eq!(all.count, 3);
+        let mut r = req("p/", "p0");
+        r.limit = 2;
+        let lim = c.range(&r).unwrap();
+        assert_eq!((keys(&lim).len(), lim.count, lim.more), (2, 3, true));
+        r.limit = 0;
+        r.count_only = true;
+        let co = c.range(&r).unwrap();
+        assert_eq!((co.kvs.len(), co.count), (0, 3));
+        r.count_only = false;
+        r.keys_only = true;
+        assert!(
+            c.range(&r)
+                .unwrap()
+                .kvs
+                .iter()
+                .all(|kv| kv.value.is_empty())
+        );
+        let mut d = req("p/", "p0");
+        d.sort_order = 2;
+        assert_eq!(keys(&c.range(&d).unwrap()), vec!["p/c", "p/b", "p/a"]);
+        d.sort_target = 3;
+        d.sort_order = 1;
+        d.min_mod_revision = 3;
+        assert_eq!(keys(&c.range(&d).unwrap()), vec!["p/b", "p/c"]);
+    }
+
+    #[test]
+    fn range_revision_rules() {
+        let mut c = seeded();
+        let mut r = req("p/", "p0");
+        r.revision = 10;
+        assert!(c.range(&r).is_ok());
+        r.revision = 11;
+        assert!(matches!(c.range(&r), Err(RangeError::Future { .. })));
+        r.revision = 5;
+        assert!(matches!(c.range(&r), Err(RangeError::Compacted { .. })));
+        c.apply(vec![put(kv("p/d", "4", 11, 11, 1))]);
+        r.revision = 10;
+        assert!(matches!(c.range(&r), Err(RangeError::Past { .. })));
+    }
+
+    #[test]
+    fn apply_fills_prev_kv_and_skips_repeats() {
+        let mut c = seeded();
+        let out = c.apply(vec![
+            put(kv("p/a", "9", 2, 11, 2)),
+            del("p/b", 12),
+            put(kv("p/z", "0", 13, 13, 1)),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].prev_kv.as_ref().unwrap().value, b"1");
+        assert_eq!(out[1].prev_kv.as_ref().unwrap().value, b"2");
+        assert!(out[2].prev_kv.is_none());
+        assert_eq!(c.revision(), 13);
+        assert_eq!(
+            keys(&c.range(&req("p/", "p0")).unwrap()),
+            vec!["p/a", "p/c", "p/z"]
+        );
+        // A resumed upstream watch may repeat revision 13: applied once only.
+        assert!(c.apply(vec![put(kv("p/z", "0", 13, 13, 1))]).is_empty());
+    }
+
+    #[test]
+    fn replay_from_history_or_compacted() {
+        let mut c = seeded();
+        assert_eq!(c.replay(11), Ok(vec![]));
+        assert_eq!(c.replay(10), Err(10));
+        for r in 11..=16 {
+            c.apply(vec![put(kv("p/a", "x", 2, r, r - 9))]);
+        }
+        // Capacity 4: revisions 13..=16 held, floor 13.
+        assert_eq!(c.floor(), 13);
+        assert_eq!(c.replay(12), Err(12));
+        let revs: Vec<i64> = c.replay(14).unwrap().iter().map(event_rev).collect();
+        assert_eq!(revs, vec![14, 15, 16]);
+        assert!(c.advance(20));
+        assert!(!c.advance(19));
+        assert_eq!(c.revision(), 20);
+    }
+
+    #[test]
+    fn watcher_range_membership() {
+        assert!(in_range(b"p/a", b"", b"p/a"));
+        assert!(!in_range(b"p/a", b"", b"p/ab"));
+        assert!(in_range(b"p/", b"p0", b"p/zz"));
+        assert!(!in_range(b"p/", b"p0", b"p0"));
+        assert!(in_range(b"p/", b"\0", b"zzz"));
+    }
+}

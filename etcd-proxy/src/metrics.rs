@@ -1,0 +1,203 @@
+//! Prometheus metrics of the proxy and the HTTP endpoint serving them with /healthz and /readyz.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
+
+use crate::hub::Hub;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+/// Upstream connection states as exported in `podmesh_proxy_upstream_state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamState {
+    Disconnected = 0,
+    Connecting = 1,
+    Watching = 2,
+}
+
+impl UpstreamState {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamState::Disconnected => "disconnected",
+            UpstreamState::Connecting => "connecting",
+            UpstreamState::Watching => "watching",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub watchers: Gauge,
+    pub watch_streams: Gauge,
+    pub upstream_state: Gauge,
+    pub upstream_reconnects: Counter,
+    pub upstream_relists: Counter,
+    pub events_in: Counter,
+    pub events_out: Counter,
+    pub cache_keys: Gauge,
+    pub cache_revision: Gauge,
+    pub refused: Family<Reason, Counter>,
+    pub watchers_cancelled: Family<Reason, Counter>,
+    pub tls_reloads: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("podmesh_proxy");
+        let m = Metrics {
+            registry: Registry::default(),
+            watchers: Gauge::default(),
+            watch_streams: Gauge::default(),
+            upstream_state: Gauge::default(),
+            upstream_reconnects: Counter::default(),
+            upstream_relists: Counter::default(),
+            events_in: Counter::default(),
+            events_out: Counter::default(),
+            cache_keys: Gauge::default(),
+            cache_revision: Gauge::default(),
+            refused: Family::default(),
+            watchers_cancelled: Family::default(),
+            tls_reloads: Counter::default(),
+        };
+        registry.register("watchers", "Active downstream watchers", m.watchers.clone());
+        registry.register(
+            "watch_streams",
+            "Open downstream Watch streams",
+            m.watch_streams.clone(),
+        );
+        registry.register(
+            "upstream_state",
+            "Upstream connection: 0 disconnected, 1 connecting, 2 watching",
+            m.upstream_state.clone(),
+        );
+        registry.register(
+            "upstream_reconnects",
+            "Upstream connection attempts after the first",
+            m.upstream_reconnects.clone(),
+        );
+        registry.register(
+            "upstream_relists",
+            "Complete re-lists of the prefix (first sync, compaction, rewound upstream)",
+            m.upstream_relists.clone(),
+        );
+        registry.register(
+            "events_in",
+            "Events received from the upstream watch",
+            m.events_in.clone(),
+        );
+        registry.register(
+            "events_out",
+            "Events delivered to downstream watchers",
+            m.events_out.clone(),
+        );
+        registry.register("cache_keys", "Keys held in the cache", m.cache_keys.clone());
+        registry.register(
+            "cache_revision",
+            "Upstream revision the cache is complete up to",
+            m.cache_revision.clone(),
+        );
+        registry.register(
+            "refused_requests",
+            "Refused requests by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "watchers_cancelled",
+            "Downstream watchers cancelled by the proxy, by reason",
+            m.watchers_cancelled.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Server certificate reloads",
+            m.tls_reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn cancelled(&self, reason: &str, n: u64) {
+        self.watchers_cancelled
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves /metrics, /healthz (the process answers) and /readyz (the cache
+/// holds a complete list of the prefix) until shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hub: Arc<Hub>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(hub);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = crate::hub::stopped(&mut shutdown).await;
+        })
+        .await
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        hub.metrics.encode(),
+    )
+}
+
+async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, String) {
+    let (synced, revision) = hub.with_cache(|c| (c.synced(), c.revision()));
+    let state = hub.upstream_state();
+    let err = hub.upstream_error();
+    let body = format!(
+        "synced={synced} revision={revision} upstream={}{}\n",
+        state.name(),
+        err.map(|e| format!(" last_error={e:?}"))
+            .unwrap_or_default()
+    );
+    if synced {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}

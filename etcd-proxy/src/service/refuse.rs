@@ -1,0 +1,79 @@
+//! Whole services refused without decoding (Lease, Auth): PermissionDenied for every method.
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+
+use crate::hub::Hub;
+
+/// A gRPC service refused as a whole, and why.
+pub trait Refused: Send + Sync + 'static {
+    const NAME: &'static str;
+    const WHY: &'static str;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Lease;
+impl Refused for Lease {
+    const NAME: &'static str = "etcdserverpb.Lease";
+    const WHY: &'static str = "leases belong to writers of the cluster's own mesh etcd";
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Auth;
+impl Refused for Auth {
+    const NAME: &'static str = "etcdserverpb.Auth";
+    const WHY: &'static str =
+        "clients authenticate with their TLS certificate; etcd users and roles are not exposed";
+}
+
+/// Answers every method of `R` with PermissionDenied (a trailers-only gRPC
+/// response), so that the request body is never decoded.
+#[derive(Debug)]
+pub struct RefuseService<R> {
+    hub: Arc<Hub>,
+    _r: PhantomData<R>,
+}
+
+impl<R> Clone for RefuseService<R> {
+    fn clone(&self) -> Self {
+        RefuseService {
+            hub: self.hub.clone(),
+            _r: PhantomData,
+        }
+    }
+}
+
+impl<R: Refused> RefuseService<R> {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        RefuseService {
+            hub,
+            _r: PhantomData,
+        }
+    }
+}
+
+impl<R: Refused> NamedService for RefuseService<R> {
+    const NAME: &'static str = R::NAME;
+}
+
+impl<R: Refused> Service<http::Request<Body>> for RefuseService<R> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+        let status = super::read_only(&self.hub, &format!("{}.{method} ({})", R::NAME, R::WHY));
+        ready(Ok(status.into_http()))
+    }
+}

@@ -1,0 +1,380 @@
+//! etcd Watch served from the cache: create/cancel/progress per stream, replay from history, bounded fan-out.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::proto::{
+    PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService,
+};
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::{DELETE, PUT, in_range};
+use crate::hub::{Hub, Update};
+
+/// `WatchCreateRequest.FilterType`.
+const FILTER_NOPUT: i32 = 0;
+const FILTER_NODELETE: i32 = 1;
+
+/// Tunables of the watch fan-out.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// Responses queued per stream towards the client before the stream
+    /// stops reading updates (and then lags on the broadcast).
+    pub out_buffer: usize,
+    /// Interval of progress notifications for watchers that asked for them.
+    pub progress_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchService {
+    hub: Arc<Hub>,
+    cfg: WatchConfig,
+}
+
+impl WatchService {
+    pub fn new(hub: Arc<Hub>, cfg: WatchConfig) -> WatchService {
+        WatchService { hub, cfg }
+    }
+}
+
+#[tonic::async_trait]
+impl PbWatchService for WatchService {
+    type WatchStream = ReceiverStream<Result<PbWatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<PbWatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(1));
+        let (updates, revision) = self.hub.subscribe();
+        let task = StreamTask {
+            hub: self.hub.clone(),
+            tx,
+            watchers: HashMap::new(),
+            next_id: 0,
+            delivered: revision,
+        };
+        self.hub.metrics.watch_streams.inc();
+        tokio::spawn(task.run(request.into_inner(), updates, self.cfg.progress_interval));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[derive(Debug)]
+struct Watcher {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+    /// Events below this revision were replayed already or precede the start.
+    next_rev: i64,
+    sent_since_tick: bool,
+}
+
+impl Watcher {
+    fn wants(&self, e: &PbEvent) -> bool {
+        let Some(kv) = e.kv.as_ref() else {
+            return false;
+        };
+        kv.mod_revision >= self.next_rev
+            && in_range(&self.key, &self.range_end, &kv.key)
+            && !(self.no_put && e.r#type == PUT)
+            && !(self.no_delete && e.r#type == DELETE)
+    }
+
+    fn select(&self, events: &[PbEvent]) -> Vec<PbEvent> {
+        events
+            .iter()
+            .filter(|e| self.wants(e))
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            })
+            .collect()
+    }
+}
+
+/// The client is gone; the stream ends.
+struct Gone;
+
+#[derive(Debug)]
+struct StreamTask {
+    hub: Arc<Hub>,
+    tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
+    watchers: HashMap<i64, Watcher>,
+    next_id: i64,
+    /// Every update up to this revision has been handled by this stream.
+    delivered: i64,
+}
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        mut requests: Streaming<PbWatchRequest>,
+        mut updates: broadcast::Receiver<Update>,
+        progress_interval: Duration,
+    ) {
+        let mut shutdown = self.hub.shutdown();
+        let mut tick = tokio::time::interval(progress_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            let step = tokio::select! {
+                _ = crate::hub::stopped(&mut shutdown) => break,
+                req = requests.next() => match req {
+                    Some(Ok(r)) => self.request(r).await,
+                    Some(Err(_)) | None => break,
+                },
+                upd = updates.recv() => match upd {
+                    Ok(u) => self.update(u).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n).await,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => self.progress_tick().await,
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+        self.hub.metrics.watchers.dec_by(self.watchers.len() as i64);
+        self.hub.metrics.watch_streams.dec();
+    }
+
+    async fn send(&self, resp: PbWatchResponse) -> Result<(), Gone> {
+        self.tx.send(Ok(resp)).await.map_err(|_| Gone)
+    }
+
+    fn response(&self, watch_id: i64, revision: i64) -> PbWatchResponse {
+        PbWatchResponse {
+            header: Some(self.hub.header(revision)),
+            watch_id,
+            ..Default::default()
+        }
+    }
+
+    async fn request(&mut self, req: PbWatchRequest) -> Result<(), Gone> {
+        match req.request_union {
+            Some(PbWatchRequestUnion::CreateRequest(c)) => {
+                self.create(
+                    c.key,
+                    c.range_end,
+                    c.start_revision,
+                    c.watch_id,
+                    c.prev_kv,
+                    c.progress_notify,
+                    &c.filters,
+                )
+                .await
+            }
+            Some(PbWatchRequestUnion::CancelRequest(c)) => {
+                if self.watchers.remove(&c.watch_id).is_some() {
+                    self.hub.metrics.watchers.dec();
+                }
+                let mut r = self.response(c.watch_id, self.delivered);
+                r.canceled = true;
+                self.send(r).await
+            }
+            Some(PbWatchRequestUnion::ProgressRequest(_)) => {
+                // Not tied to one watcher: etcd answers with watch ID -1.
+                self.send(self.response(-1, self.delivered)).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create(
+        &mut self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        start_revision: i64,
+        watch_id: i64,
+        prev_kv: bool,
+        progress_notify: bool,
+        filters: &[i32],
+    ) -> Result<(), Gone> {
+        let refuse = |this: &Self, why: String| {
+            let mut r = this.response(-1, this.delivered);
+            r.created = true;
+            r.canceled = true;
+            r.cancel_reason = why;
+            r
+        };
+        if let Err(e) = self.hub.prefix.check(&key, &range_end) {
+            self.hub.metrics.refuse(e.reason());
+            tracing::debug!(error = %e, "watch refused");
+            return self
+                .send(refuse(self, format!("permission denied: {e}")))
+                .await;
+        }
+        let id = if watch_id != 0 {
+            if self.watchers.contains_key(&watch_id) {
+                return self
+                    .send(refuse(
+                        self,
+                        format!("watch ID {watch_id} is already in use on this stream"),
+                    ))
+                    .await;
+            }
+            watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id
+        };
+        let (synced, current, replay) = self.hub.with_cache(|c| {
+            let start = if start_revision > 0 {
+                start_revision
+            } else {
+                c.revision() + 1
+            };
+            (
+                c.synced(),
+                c.revision(),
+                c.replay(start.min(c.revision() + 1)),
+            )
+        });
+        if !synced {
+            self.hub.metrics.refuse("not_synced");
+            return self
+                .send(refuse(
+                    self,
+                    "the proxy has not listed its upstream etcd yet; retry shortly".into(),
+                ))
+                .await;
+        }
+        let mut created = self.response(id, current);
+        created.created = true;
+        self.send(created).await?;
+        let replay = match replay {
+            Ok(events) => events,
+            Err(compact_revision) => {
+                let mut r = self.response(id, current);
+                r.canceled = true;
+                r.compact_revision = compact_revision;
+                r.cancel_reason = format!(
+                    "mvcc: required revision has been compacted: the proxy holds events from revision {} on; list again and watch from the list's revision + 1",
+                    compact_revision + 1
+                );
+                self.hub.metrics.cancelled("compacted", 1);
+                return self.send(r).await;
+            }
+        };
+        let mut w = Watcher {
+            key,
+            range_end,
+            prev_kv,
+            no_put: filters.contains(&FILTER_NOPUT),
+            no_delete: filters.contains(&FILTER_NODELETE),
+            progress_notify,
+            next_rev: start_revision.max(1),
+            sent_since_tick: false,
+        };
+        let events = w.select(&replay);
+        w.next_rev = w.next_rev.max(current + 1);
+        if !events.is_empty() {
+            self.hub.metrics.events_out.inc_by(events.len() as u64);
+            let mut r = self.response(id, current);
+            r.events = events;
+            w.sent_since_tick = true;
+            self.send(r).await?;
+        }
+        self.watchers.insert(id, w);
+        self.hub.metrics.watchers.inc();
+        if watch_id == 0 {
+            self.next_id += 1;
+        }
+        Ok(())
+    }
+
+    async fn update(&mut self, u: Update) -> Result<(), Gone> {
+        match u {
+            Update::Events { revision, events } => {
+                let mut out = Vec::new();
+                for (id, w) in self.watchers.iter_mut() {
+                    let selected = w.select(&events);
+                    w.next_rev = w.next_rev.max(revision + 1);
+                    if !selected.is_empty() {
+                        w.sent_since_tick = true;
+                        out.push((*id, selected));
+                    }
+                }
+                self.delivered = self.delivered.max(revision);
+                let mut n = 0;
+                for (id, events) in out {
+                    n += events.len() as u64;
+                    let mut r = self.response(id, revision);
+                    r.events = events;
+                    self.send(r).await?;
+                }
+                self.hub.metrics.events_out.inc_by(n);
+                Ok(())
+            }
+            Update::Progress(revision) => {
+                self.delivered = self.delivered.max(revision);
+                Ok(())
+            }
+            Update::Reset { compact_revision } => {
+                let reason = format!(
+                    "the upstream etcd was compacted past the proxy's last revision (compact revision {compact_revision}); list again and watch from the list's revision + 1"
+                );
+                self.cancel_all("compacted", compact_revision, reason).await
+            }
+        }
+    }
+
+    async fn lagged(&mut self, n: u64) -> Result<(), Gone> {
+        let reason = format!(
+            "watch stream fell behind by {n} updates (the client reads too slowly); list again and watch from the list's revision + 1"
+        );
+        tracing::warn!(
+            lagged = n,
+            watchers = self.watchers.len(),
+            "cancelling the watchers of a slow stream; hint: the client must read its watch stream faster, or raise --watch-buffer"
+        );
+        self.cancel_all("slow_watcher", 0, reason).await
+    }
+
+    async fn cancel_all(
+        &mut self,
+        label: &str,
+        compact_revision: i64,
+        reason: String,
+    ) -> Result<(), Gone> {
+        let ids: Vec<i64> = self.watchers.keys().copied().collect();
+        self.hub.metrics.watchers.dec_by(ids.len() as i64);
+        self.hub.metrics.cancelled(label, ids.len() as u64);
+        self.watchers.clear();
+        for id in ids {
+            let mut r = self.response(id, self.delivered);
+            r.canceled = true;
+            r.compact_revision = compact_revision;
+            r.cancel_reason = reason.clone();
+            self.send(r).await?;
+        }
+        Ok(())
+    }
+
+    async fn progress_tick(&mut self) -> Result<(), Gone> {
+        let mut due = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            if w.progress_notify && !w.sent_since_tick {
+                due.push(*id);
+            }
+            w.sent_since_tick = false;
+        }
+        for id in due {
+            self.send(self.response(id, self.delivered)).await?;
+        }
+        Ok(())
+    }
+}
