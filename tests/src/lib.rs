@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub mod etcd;
 pub mod netns;
 pub mod pki;
+pub mod proxy;
 pub mod topo;
 
 /// Whether privileged tests can run here (root, `ip netns` usable).

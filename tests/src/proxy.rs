@@ -1,0 +1,267 @@
+//! podmesh-etcd-proxy run as a real process in front of a harness etcd, killed on drop.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    etcd::{Etcd, http_get},
+    pki::{CertFiles, Pki},
+};
+
+/// A running proxy: its own CA signs its server certificate and the client
+/// certificates it accepts.
+#[derive(Debug)]
+pub struct Proxy {
+    pki: Arc<Pki>,
+    server: CertFiles,
+    client: CertFiles,
+    upstream_config: PathBuf,
+    _tmp: tempfile::TempDir,
+    port: u16,
+    metrics_port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// The proxy binary of this workspace, built once per test process with the
+/// profile the tests run in.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // <target>/<profile>/deps/<test binary>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("test binary has no target dir")?
+            .to_path_buf();
+        let target = profile_dir.parent().ok_or("no target dir")?;
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_string(),
+            Some(p) => p.to_string(),
+            None => "dev".to_string(),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "podmesh-etcd-proxy",
+                "--profile",
+                &profile,
+            ])
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !st.success() {
+            return Err(format!("cargo build -p podmesh-etcd-proxy failed: {st}"));
+        }
+        Ok(profile_dir.join("podmesh-etcd-proxy"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `etcd` (with etcd's root client
+    /// certificate upstream), allowing `podmesh/v1/`, plus `extra` flags.
+    pub fn start(etcd: &Etcd, extra: &[&str]) -> anyhow::Result<Self> {
+        let pki = Arc::new(Pki::new("proxy")?);
+        let tmp = tempfile::Builder::new()
+            .prefix("podmesh-proxy-")
+            .tempdir()?;
+        let server = pki.server("proxy-server", &["127.0.0.1", "localhost"])?;
+        let client = pki.client("remote-agent")?;
+        let upstream_config = etcd.client_config(&tmp.path().join("upstream.yaml"))?;
+        let mut p = Self {
+            pki,
+            server,
+            client,
+            upstream_config,
+            log: tmp.path().join("proxy.log"),
+            _tmp: tmp,
+            port: crate::free_port(),
+            metrics_port: crate::free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// The command line the proxy runs with (without spawning it).
+    pub fn command(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(binary()?);
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .arg("--upstream-config")
+            .arg(&self.upstream_config)
+            .arg("--tls-cert")
+            .arg(&self.server.cert)
+            .arg("--tls-key")
+            .arg(&self.server.key)
+            .arg("--client-ca")
+            .arg(self.pki.ca())
+            .args(["--tls-reload-interval", "200ms", "--max-backoff", "2s"])
+            .args(&self.extra);
+        Ok(cmd)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = self
+            .command()?
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting podmesh-etcd-proxy")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Waits until /readyz answers 200 (the upstream prefix is listed).
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("proxy exited with {status}; log:\n{}", self.log_tail());
+            }
+            if http_get(self.metrics_port, "/readyz")
+                .is_ok_and(|b| b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200"))
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "proxy not ready after {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the proxy's log.
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The metrics port (/metrics, /healthz, /readyz).
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// The proxy's CA (server certificate and accepted client certificates).
+    pub fn pki(&self) -> &Arc<Pki> {
+        &self.pki
+    }
+
+    /// A client certificate the proxy accepts.
+    pub fn client(&self) -> &CertFiles {
+        &self.client
+    }
+
+    /// The server certificate files (tests overwrite them to check reloads).
+    pub fn server_cert(&self) -> &CertFiles {
+        &self.server
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// GETs /metrics and sums the samples of `name` whose labels contain `labels`.
+    pub fn metric(&self, name: &str, labels: &str) -> anyhow::Result<f64> {
+        let body = http_get(self.metrics_port, "/metrics")?;
+        Ok(body
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(labels)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Runs `etcdctl` (v3 API) against the proxy with `client` (None: no
+    /// client certificate).
+    pub fn etcdctl(&self, client: Option<&CertFiles>, args: &[&str]) -> anyhow::Result<Output> {
+        self.etcdctl_command(client, args)?
+            .output()
+            .context("running etcdctl (install etcd-client)")
+    }
+
+    /// The `etcdctl` command of [`Proxy::etcdctl`], to spawn (e.g. `watch`).
+    pub fn etcdctl_command(
+        &self,
+        client: Option<&CertFiles>,
+        args: &[&str],
+    ) -> anyhow::Result<Command> {
+        let mut cmd = Command::new("etcdctl");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .arg("--cacert")
+            .arg(self.pki.ca())
+            .args(["--dial-timeout", "5s", "--command-timeout", "10s"]);
+        if let Some(c) = client {
+            cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+        }
+        cmd.args(args);
+        Ok(cmd)
+    }
+
+    /// An `etcd-client` connected with the accepted client certificate.
+    pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
+        crate::etcd::connect(&[self.endpoint()], self.pki.ca(), Some(&self.client)).await
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("proxy not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(c.wait()?)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
