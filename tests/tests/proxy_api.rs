@@ -1,0 +1,544 @@
+//! podmesh-etcd-proxy in front of a real etcd with mTLS: etcdctl 3.4 and etcd-client read and
+//! watch through it; every write/admin RPC and every prefix escape is refused; TLS strangers are refused.
+use std::{process::Output, time::Duration};
+
+use etcd_client::{GetOptions, WatchOptions};
+use podmesh_tests::{etcd::Etcd, eventually, pki::Pki, proxy::Proxy};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "status {} stdout {:?} stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn seed(etcd: &Etcd) {
+    for (k, v) in [
+        ("podmesh/v1/clusters/east", r#"{"name":"east","id":1}"#),
+        ("podmesh/v1/nodes/east/n1", r#"{"name":"n1"}"#),
+        ("podmesh/v1/nodes/east/n2", r#"{"name":"n2"}"#),
+        ("podmesh/v10", "just past the prefix"),
+        ("secret/admin", "must never leak"),
+    ] {
+        let o = etcd.etcdctl(&["put", k, v]).unwrap();
+        assert!(o.status.success(), "{}", out(&o));
+    }
+}
+
+#[test]
+fn proxy_etcdctl_reads_watches_and_reports_itself() {
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let c = Some(proxy.client());
+
+    let o = proxy
+        .etcdctl(c, &["get", "--prefix", "podmesh/v1/"])
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains("podmesh/v1/clusters/east") && s.contains("podmesh/v1/nodes/east/n2"),
+        "{s}"
+    );
+    assert!(!s.contains("podmesh/v10") && !s.contains("secret"), "{s}");
+
+    let o = proxy
+        .etcdctl(
+            c,
+            &["get", "podmesh/v1/nodes/east/n1", "--print-value-only"],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        r#"{"name":"n1"}"#,
+        "{}",
+        out(&o)
+    );
+
+    let o = proxy
+        .etcdctl(
+            c,
+            &[
+                "get",
+                "--prefix",
+                "podmesh/v1/nodes/",
+                "--limit",
+                "1",
+                "-w",
+                "json",
+            ],
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"count\":2"),
+        "{}",
+        out(&o)
+    );
+
+    // endpoint status and member list name the proxy, never the etcd behind it.
+    let o = proxy
+        .etcdctl(c, &["endpoint", "status", "-w", "json"])
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&proxy.endpoint()),
+        "{}",
+        out(&o)
+    );
+    let o = proxy
+        .etcdctl(c, &["member", "list", "-w", "simple"])
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains(&proxy.endpoint()) && !s.contains(&etcd.endpoint()),
+        "{}",
+        out(&o)
+    );
+
+    // etcdctl watch --prefix sees a write made directly to the upstream etcd.
+    let mut cmd = proxy
+        .etcdctl_command(c, &["watch", "--prefix", "podmesh/v1/nodes/"])
+        .unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = cmd
+        .stdout(log.reopen().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Writes until the watcher has printed one (the watch may start after the first put).
+    let seen = eventually(Duration::from_secs(20), || {
+        etcd.etcdctl(&["put", "podmesh/v1/nodes/east/n3", r#"{"name":"n3"}"#])
+            .map_err(|e| e.to_string())?;
+        let s = std::fs::read_to_string(log.path()).map_err(|e| e.to_string())?;
+        if s.contains("PUT") && s.contains("podmesh/v1/nodes/east/n3") {
+            Ok(s)
+        } else {
+            Err(s)
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    seen.unwrap();
+    // And a Range after the write shows it (the cache follows the upstream watch).
+    eventually(Duration::from_secs(10), || {
+        let o = proxy
+            .etcdctl(
+                c,
+                &["get", "podmesh/v1/nodes/east/n3", "--print-value-only"],
+            )
+            .map_err(|e| e.to_string())?;
+        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if s == r#"{"name":"n3"}"# {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn proxy_etcd_client_reads_and_watches_with_replay() {
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    rt().block_on(async {
+        let mut up = etcd.connect().await.unwrap();
+        let mut c = proxy.connect().await.unwrap();
+        let r = c
+            .get("podmesh/v1/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let keys: Vec<&str> = r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "podmesh/v1/clusters/east",
+                "podmesh/v1/nodes/east/n1",
+                "podmesh/v1/nodes/east/n2"
+            ]
+        );
+        let list_rev = r.header().unwrap().revision();
+        let upstream = up.get("podmesh/v1/nodes/east/n1", None).await.unwrap();
+        assert_eq!(r.kvs()[1].mod_revision(), upstream.kvs()[0].mod_revision());
+        assert_eq!(
+            r.kvs()[1].create_revision(),
+            upstream.kvs()[0].create_revision()
+        );
+
+        // Limit, keys-only.
+        let r = c
+            .get(
+                "podmesh/v1/",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.kvs().len(), r.count(), r.more()), (1, 3, true));
+        assert!(r.kvs()[0].value().is_empty());
+
+        // Changes made upstream after the list, then a watch from list_rev + 1:
+        // the replay from history delivers them, with prev_kv, then live ones follow.
+        up.put("podmesh/v1/nodes/east/n1", "v2", None)
+            .await
+            .unwrap();
+        up.delete("podmesh/v1/nodes/east/n2", None).await.unwrap();
+        up.put("secret/admin", "x", None).await.unwrap();
+        let mut w = c
+            .watch(
+                "podmesh/v1/",
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(list_rev + 1)
+                        .with_prev_key(),
+                ),
+            )
+            .await
+            .unwrap();
+        up.put("podmesh/v1/nodes/east/n4", "v1", None)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let resp = tokio::time::timeout(Duration::from_secs(15), w.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(!resp.canceled(), "{}", resp.cancel_reason());
+            for e in resp.events() {
+                let kv = e.kv().unwrap();
+                got.push((
+                    format!("{:?}", e.event_type()),
+                    kv.key_str().unwrap().to_string(),
+                    e.prev_kv().map(|p| p.value_str().unwrap().to_string()),
+                ));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "Put".into(),
+                    "podmesh/v1/nodes/east/n1".into(),
+                    Some(r#"{"name":"n1"}"#.into())
+                ),
+                (
+                    "Delete".into(),
+                    "podmesh/v1/nodes/east/n2".into(),
+                    Some(r#"{"name":"n2"}"#.into())
+                ),
+                ("Put".into(), "podmesh/v1/nodes/east/n4".into(), None),
+            ]
+        );
+
+        // A watch from before the proxy's first list gets the compacted answer.
+        let mut old = c
+            .watch(
+                "podmesh/v1/",
+                Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+            )
+            .await
+            .unwrap();
+        let compacted = loop {
+            let resp = tokio::time::timeout(Duration::from_secs(15), old.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if resp.canceled() {
+                break resp;
+            }
+        };
+        assert!(compacted.compact_revision() > 0, "{compacted:?}");
+
+        // A progress request is answered with the stream's revision.
+        w.request_progress().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(15), w.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(resp.header().unwrap().revision() >= list_rev + 3);
+    });
+}
+
+fn denied(o: &Output, why: &str) {
+    let s = out(o);
+    assert!(!o.status.success(), "must be refused: {s}");
+    assert!(
+        s.contains("permission denied") || s.contains("PermissionDenied"),
+        "{s}"
+    );
+    assert!(s.contains(why), "message must say {why:?}: {s}");
+}
+
+#[test]
+fn proxy_refuses_writes_admin_and_prefix_escapes() {
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let c = Some(proxy.client());
+    let ro = "read-only";
+    for args in [
+        vec!["put", "podmesh/v1/clusters/east", "x"],
+        vec!["del", "podmesh/v1/clusters/east"],
+        vec!["del", "--prefix", "podmesh/v1/"],
+        vec!["compaction", "2"],
+        vec!["lease", "grant", "60"],
+        vec!["lease", "list"],
+        vec!["lease", "timetolive", "1234"],
+        vec!["lease", "revoke", "1234"],
+        vec!["member", "add", "m2", "--peer-urls", "http://127.0.0.1:1"],
+        vec!["member", "remove", "1234"],
+        vec![
+            "member",
+            "update",
+            "1234",
+            "--peer-urls",
+            "http://127.0.0.1:1",
+        ],
+        vec!["auth", "enable"],
+        vec!["user", "add", "eve:pw"],
+        vec!["user", "list"],
+        vec!["role", "add", "r"],
+        vec!["defrag"],
+        vec!["alarm", "list"],
+        vec!["alarm", "disarm"],
+        vec!["move-leader", "1234"],
+        vec!["endpoint", "hashkv"],
+    ] {
+        let o = proxy.etcdctl(c, &args).unwrap();
+        denied(&o, ro);
+    }
+    // Txn (even one that only compares) and snapshot.
+    let mut txn = proxy.etcdctl_command(c, &["txn"]).unwrap();
+    txn.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = txn.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"value(\"podmesh/v1/clusters/east\") = \"x\"\n\nput podmesh/v1/x y\n\nput podmesh/v1/y z\n\n")
+        .unwrap();
+    denied(&child.wait_with_output().unwrap(), ro);
+    let snap = tempfile::TempDir::new().unwrap();
+    // etcdctl 3.4 reports a refused snapshot stream only as "EOF"; no snapshot may be written.
+    let db = snap.path().join("s.db");
+    let o = proxy
+        .etcdctl(c, &["snapshot", "save", db.to_str().unwrap()])
+        .unwrap();
+    assert!(!o.status.success() && !db.exists(), "{}", out(&o));
+
+    // Prefix escapes: other keys, the whole keyspace, from-key, range ends past the prefix.
+    for args in [
+        vec!["get", "secret/admin"],
+        vec!["get", "podmesh/v10"],
+        vec!["get", "--prefix", "podmesh/"],
+        vec!["get", "--prefix", ""],
+        vec!["get", "--from-key", "podmesh/v1/"],
+        vec!["get", "--from-key", ""],
+        vec!["get", "podmesh/v1/a", "podmesh/v2"],
+        vec!["get", "podmesh/v1/a", "zzz"],
+    ] {
+        let o = proxy.etcdctl(c, &args).unwrap();
+        denied(&o, "podmesh/v1/");
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("leak"),
+            "{}",
+            out(&o)
+        );
+    }
+    rt().block_on(async {
+        let mut cl = proxy.connect().await.unwrap();
+        for (key, opts) in [
+            ("secret/", WatchOptions::new().with_prefix()),
+            ("podmesh/v1/", WatchOptions::new().with_from_key()),
+            ("", WatchOptions::new().with_all_keys()),
+            ("podmesh/v1/a", WatchOptions::new().with_range("podmesh/v2")),
+        ] {
+            let mut w = cl.watch(key, Some(opts)).await.unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), w.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(
+                resp.canceled(),
+                "watch of {key:?} must be refused: {resp:?}"
+            );
+            assert!(
+                resp.cancel_reason().contains("podmesh/v1/"),
+                "{}",
+                resp.cancel_reason()
+            );
+        }
+        let e = cl
+            .get("", Some(GetOptions::new().with_all_keys()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("podmesh/v1/"), "{e}");
+    });
+    // Nothing was written upstream through the proxy.
+    let o = etcd.etcdctl(&["get", "podmesh/v1/x"]).unwrap();
+    assert!(o.stdout.is_empty(), "{}", out(&o));
+    assert!(
+        proxy
+            .metric("podmesh_proxy_refused_requests_total", "read_only")
+            .unwrap()
+            >= 20.0
+    );
+    assert!(
+        proxy
+            .metric("podmesh_proxy_refused_requests_total", "from_key")
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[test]
+fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() {
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let mut proxy = Proxy::start(&etcd, &[]).unwrap();
+    let get = ["get", "podmesh/v1/clusters/east", "--print-value-only"];
+
+    let o = proxy.etcdctl(None, &get).unwrap();
+    assert!(
+        !o.status.success() && o.stdout.is_empty(),
+        "no client cert must be refused: {}",
+        out(&o)
+    );
+    let other = Pki::new("other").unwrap();
+    let stranger = other.client("stranger").unwrap();
+    let o = proxy.etcdctl(Some(&stranger), &get).unwrap();
+    assert!(
+        !o.status.success() && o.stdout.is_empty(),
+        "foreign CA must be refused: {}",
+        out(&o)
+    );
+    // Plaintext gRPC against the TLS port.
+    let mut cmd = std::process::Command::new("etcdctl");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD") {
+            cmd.env_remove(k);
+        }
+    }
+    let o = cmd
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &proxy.endpoint().replace("https://", "http://"),
+            "--dial-timeout",
+            "3s",
+            "--command-timeout",
+            "5s",
+        ])
+        .args(get)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && o.stdout.is_empty(),
+        "plaintext must be refused: {}",
+        out(&o)
+    );
+    assert!(
+        proxy
+            .metric("podmesh_proxy_refused_requests_total", "tls_handshake")
+            .unwrap()
+            >= 2.0
+    );
+    let o = proxy.etcdctl(Some(proxy.client()), &get).unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+
+    // Rotate the server certificate onto a new CA: the proxy serves the new
+    // one without a restart (a client trusting only the new CA gets through).
+    let fresh = Pki::new("rotated").unwrap();
+    let new_server = fresh.server("proxy-server-2", &["127.0.0.1"]).unwrap();
+    let pid = proxy.pid();
+    std::fs::copy(&new_server.key, &proxy.server_cert().key).unwrap();
+    std::fs::copy(&new_server.cert, &proxy.server_cert().cert).unwrap();
+    let mut cmd = std::process::Command::new("etcdctl");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD") {
+            cmd.env_remove(k);
+        }
+    }
+    let mk = || {
+        let mut cmd = std::process::Command::new("etcdctl");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &proxy.endpoint(),
+                "--dial-timeout",
+                "3s",
+                "--command-timeout",
+                "5s",
+            ])
+            .arg("--cacert")
+            .arg(fresh.ca())
+            .arg("--cert")
+            .arg(&proxy.client().cert)
+            .arg("--key")
+            .arg(&proxy.client().key)
+            .args(get);
+        cmd
+    };
+    eventually(Duration::from_secs(20), || {
+        let o = mk().output().map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(out(&o))
+        }
+    })
+    .unwrap();
+    assert_eq!(proxy.pid(), pid);
+    assert!(proxy.metric("podmesh_proxy_tls_reloads_total", "").unwrap() >= 1.0);
+
+    // SIGTERM: a clean exit.
+    let st = proxy.terminate().unwrap();
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn proxy_config_errors_exit_64_with_one_line() {
+    let etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    for (flag, value) in [
+        ("--upstream-config", "/nonexistent/upstream.yaml"),
+        ("--tls-cert", "/nonexistent/tls.crt"),
+        ("--allow-prefix", ""),
+        ("--listen", "not-an-address"),
+    ] {
+        let mut cmd = proxy.command().unwrap();
+        let o = cmd.arg(flag).arg(value).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(64), "{flag} {value:?}: {}", out(&o));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
