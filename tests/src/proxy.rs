@@ -242,6 +242,7 @@ impl Proxy {
     }
 
     /// An `etcd-client` connected with the accepted client certificate.
+    #[cfg(feature = "etcd-client")]
     pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
         crate::etcd::connect(&[self.endpoint()], self.pki.ca(), Some(&self.client)).await
     }
