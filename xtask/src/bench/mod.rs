@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod datapath;
 mod install;
+mod proxy;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
@@ -11,11 +12,14 @@ pub enum Bench {
     Datapath(datapath::DatapathArgs),
     /// Time to program 10k/100k remote nodes per mode vs `ip -batch` with nexthop objects.
     Install(install::InstallArgs),
+    /// Watch fan-out: podmesh-etcd-proxy vs etcd grpc-proxy vs direct etcd (latency, RSS, upstream watches).
+    Proxy(proxy::ProxyArgs),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
     match b {
         Bench::Datapath(a) => datapath::run(&a),
         Bench::Install(a) => install::run(&a),
+        Bench::Proxy(a) => proxy::run(&a),
     }
 }

@@ -1,0 +1,349 @@
+//! Load generator of `cargo xtask bench proxy` (ignored as a test; run in release by xtask): fan-out
+//! latency, proxy RSS and upstream watch count for podmesh-etcd-proxy, etcd grpc-proxy and direct etcd.
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, WatchOptions};
+use podmesh_tests::{
+    etcd::{Etcd, connect},
+    free_port,
+    pki::{CertFiles, CertSpec, Pki},
+    proxy::Proxy,
+};
+
+const PREFIX: &str = "podmesh/v1/bench/";
+const PER_STREAM: usize = 100;
+const STREAMS_PER_CONN: usize = 10;
+
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default)]
+struct Row {
+    watchers: usize,
+    target: &'static str,
+    p50_ms: f64,
+    p99_ms: f64,
+    delivered: f64,
+    rss_mib: Option<f64>,
+    upstream_watches: f64,
+}
+
+/// A watch target: where clients connect, with which CA and identity, and
+/// which process to measure.
+struct Target {
+    name: &'static str,
+    endpoint: String,
+    ca: std::path::PathBuf,
+    client: CertFiles,
+    pid: Option<u32>,
+}
+
+struct GrpcProxy {
+    child: Child,
+    port: u16,
+    pki: Pki,
+    client: CertFiles,
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// etcd's own `etcd grpc-proxy`, with empty-CN certificates (a CN would be
+/// taken as an etcd user name).
+fn grpc_proxy(etcd: &Etcd) -> anyhow::Result<GrpcProxy> {
+    let pki = Pki::new("grpc-proxy")?;
+    let server = pki.issue(&CertSpec {
+        name: "",
+        file: Some("grpc-proxy-server"),
+        sans: vec!["127.0.0.1".into()],
+        server: true,
+        client: true,
+        expired: false,
+    })?;
+    let client = pki.client("bench-client")?;
+    let upstream = etcd.pki().issue(&CertSpec {
+        name: "",
+        file: Some("grpc-proxy-upstream"),
+        sans: vec![],
+        server: false,
+        client: true,
+        expired: false,
+    })?;
+    let port = free_port();
+    let mut cmd = Command::new("etcd");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .args(["grpc-proxy", "start"])
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .arg(format!("--listen-addr=127.0.0.1:{port}"))
+        .arg(format!("--cacert={}", etcd.pki().ca().display()))
+        .arg(format!("--cert={}", upstream.cert.display()))
+        .arg(format!("--key={}", upstream.key.display()))
+        .arg(format!("--trusted-ca-file={}", pki.ca().display()))
+        .arg(format!("--cert-file={}", server.cert.display()))
+        .arg(format!("--key-file={}", server.key.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(GrpcProxy {
+        child,
+        port,
+        pki,
+        client,
+    })
+}
+
+async fn connect_retry(t: &Target) -> anyhow::Result<Client> {
+    let mut last = None;
+    for _ in 0..100 {
+        match connect(std::slice::from_ref(&t.endpoint), &t.ca, Some(&t.client)).await {
+            Ok(mut c) => {
+                if c.status().await.is_ok() {
+                    return Ok(c);
+                }
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{} never answered", t.name)))
+}
+
+async fn run_target(
+    etcd: &Etcd,
+    t: &Target,
+    watchers: usize,
+    seconds: u64,
+    rate: u64,
+) -> anyhow::Result<Row> {
+    let baseline = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
+    let conns = watchers.div_ceil(PER_STREAM * STREAMS_PER_CONN);
+    let base = Instant::now();
+    let puts = (seconds * rate) as usize;
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..puts).map(|_| AtomicU64::new(0)).collect());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(watchers.div_ceil(PER_STREAM));
+    let mut readers = Vec::new();
+    let mut left = watchers;
+    for _ in 0..conns {
+        let client = connect_retry(t).await?;
+        for _ in 0..STREAMS_PER_CONN {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(PER_STREAM);
+            left -= n;
+            let mut wc = client.watch_client();
+            let opts = || Some(WatchOptions::new().with_prefix());
+            let mut s = wc.watch(PREFIX, opts()).await?;
+            for _ in 1..n {
+                s.watch(PREFIX, opts()).await?;
+            }
+            let sent = sent.clone();
+            let ready = ready_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut created = 0;
+                let mut lat = Vec::with_capacity(n * puts);
+                let deadline = Duration::from_secs(seconds + 20);
+                loop {
+                    let msg = tokio::time::timeout(deadline, s.message()).await;
+                    let Ok(Ok(Some(resp))) = msg else { break };
+                    if resp.created() {
+                        created += 1;
+                        if created == n {
+                            let _ = ready.send(()).await;
+                        }
+                    }
+                    let now = base.elapsed().as_nanos() as u64;
+                    for e in resp.events() {
+                        let Some(seq) = e
+                            .kv()
+                            .and_then(|kv| kv.value_str().ok()?.parse::<usize>().ok())
+                        else {
+                            continue;
+                        };
+                        let at = sent[seq].load(Ordering::Acquire);
+                        lat.push(((now.saturating_sub(at)) / 1000) as u32);
+                    }
+                    if lat.len() >= n * puts {
+                        break;
+                    }
+                }
+                lat
+            }));
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..readers.len() {
+        ready_rx.recv().await;
+    }
+    // Let the proxies settle their upstream watches.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")? - baseline;
+    let mut writer = etcd.connect().await?;
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    let mut rss = 0;
+    for seq in 0..puts {
+        tick.tick().await;
+        sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
+        writer
+            .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
+            .await?;
+        if seq % 50 == 0 {
+            rss = rss.max(t.pid.map_or(0, rss_kib));
+        }
+    }
+    let mut lat = Vec::new();
+    for r in readers {
+        lat.extend(r.await?);
+    }
+    rss = rss.max(t.pid.map_or(0, rss_kib));
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+        }
+    };
+    Ok(Row {
+        watchers,
+        target: t.name,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        delivered: lat.len() as f64 / (watchers * puts) as f64,
+        rss_mib: t.pid.map(|_| rss as f64 / 1024.0),
+        upstream_watches,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: run by `cargo xtask bench proxy`"]
+async fn proxy_bench() {
+    let counts = env_list("PODMESH_BENCH_WATCHERS", "1000");
+    let seconds: u64 = std::env::var("PODMESH_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let rate: u64 = std::env::var("PODMESH_BENCH_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let mut rows = Vec::new();
+    for &w in &counts {
+        for which in ["podmesh-etcd-proxy", "etcd grpc-proxy", "etcd (direct)"] {
+            // A fresh etcd per measurement: nothing left from the previous one.
+            let etcd = Etcd::start().unwrap();
+            let row = match which {
+                "podmesh-etcd-proxy" => {
+                    let p = Proxy::start(&etcd, &[]).unwrap();
+                    let t = Target {
+                        name: "podmesh-etcd-proxy",
+                        endpoint: p.endpoint(),
+                        ca: p.pki().ca().to_path_buf(),
+                        client: p.client().clone(),
+                        pid: p.pid(),
+                    };
+                    run_target(&etcd, &t, w, seconds, rate).await
+                }
+                "etcd grpc-proxy" => {
+                    let g = grpc_proxy(&etcd).unwrap();
+                    let t = Target {
+                        name: "etcd grpc-proxy",
+                        endpoint: format!("https://127.0.0.1:{}", g.port),
+                        ca: g.pki.ca().to_path_buf(),
+                        client: g.client.clone(),
+                        pid: Some(g.child.id()),
+                    };
+                    run_target(&etcd, &t, w, seconds, rate).await
+                }
+                _ => {
+                    let t = Target {
+                        name: "etcd (direct)",
+                        endpoint: etcd.endpoint(),
+                        ca: etcd.pki().ca().to_path_buf(),
+                        client: etcd.root_client().clone(),
+                        pid: None,
+                    };
+                    run_target(&etcd, &t, w, seconds, rate).await
+                }
+            };
+            let row = row.unwrap_or_else(|e| panic!("{which} at {w} watchers: {e:#}"));
+            eprintln!("{row:?}");
+            rows.push(row);
+        }
+    }
+    println!();
+    println!(
+        "proxy bench: put rate {rate}/s for {seconds}s, watchers on prefix {PREFIX}, {PER_STREAM} per gRPC stream"
+    );
+    println!(
+        "{:>8}  {:<20} {:>9} {:>9} {:>10} {:>9} {:>17}",
+        "watchers", "target", "p50 ms", "p99 ms", "delivered", "RSS MiB", "upstream watches"
+    );
+    for r in &rows {
+        println!(
+            "{:>8}  {:<20} {:>9.2} {:>9.2} {:>9.1}% {:>9} {:>17}",
+            r.watchers,
+            r.target,
+            r.p50_ms,
+            r.p99_ms,
+            r.delivered * 100.0,
+            r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
+            r.upstream_watches
+        );
+    }
+    println!();
+    for &w in &counts {
+        let get = |t: &str| rows.iter().find(|r| r.watchers == w && r.target == t);
+        if let (Some(p), Some(g)) = (get("podmesh-etcd-proxy"), get("etcd grpc-proxy")) {
+            println!(
+                "{w:>8} watchers: podmesh/grpc-proxy  p50 {:.2}x  p99 {:.2}x  RSS {:.2}x  upstream watches {} vs {}",
+                p.p50_ms / g.p50_ms,
+                p.p99_ms / g.p99_ms,
+                p.rss_mib.unwrap_or(f64::NAN) / g.rss_mib.unwrap_or(f64::NAN),
+                p.upstream_watches,
+                g.upstream_watches
+            );
+        }
+        if let (Some(p), Some(d)) = (get("podmesh-etcd-proxy"), get("etcd (direct)")) {
+            println!(
+                "{w:>8} watchers: podmesh/direct etcd p50 {:.2}x  p99 {:.2}x  upstream watches {} vs {}",
+                p.p50_ms / d.p50_ms,
+                p.p99_ms / d.p99_ms,
+                p.upstream_watches,
+                d.upstream_watches
+            );
+        }
+    }
+}
