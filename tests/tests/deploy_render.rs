@@ -24,7 +24,7 @@ const OPERATOR_SECRETS: &[&str] = &[
     "podmesh-etcd-proxy-upstream",
 ];
 
-/// The flags of podmesh-etcd-proxy (DESIGN.md, "Commands").
+/// The flags of podmesh-etcd-proxy the base sets (DESIGN.md, "Commands").
 const PROXY_FLAGS: &[&str] = &[
     "listen",
     "upstream-config",
@@ -34,6 +34,9 @@ const PROXY_FLAGS: &[&str] = &[
     "allow-prefix",
     "metrics-addr",
 ];
+
+/// Flags of `podmesh-etcd-proxy --help` beyond DESIGN.md's that overlays may set.
+const PROXY_EXTRA_FLAGS: &[&str] = &["advertise-url"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -386,6 +389,27 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
                 "{name}: {key}"
             );
         }
+        // The proxy advertises the name the Secret of the other cluster uses.
+        let proxy = find(&d, "Deployment", "podmesh-etcd-proxy");
+        let pargs = flag_args(container(&proxy["spec"]["template"]["spec"], "etcd-proxy"));
+        for (k, _) in &pargs {
+            assert!(
+                PROXY_FLAGS.contains(&k.as_str()) || PROXY_EXTRA_FLAGS.contains(&k.as_str()),
+                "{name}: unknown proxy flag --{k}"
+            );
+        }
+        assert_eq!(
+            flag(&pargs, "advertise-url"),
+            format!("https://{name}-mesh.example.com:2379")
+        );
+        let other = docs(&render(&format!("overlays/{remote}")));
+        let other_secret = find(&other, "Secret", "podmesh-clustermesh");
+        let theirs: Value = serde_yaml::from_str(s(&other_secret["stringData"][name])).unwrap();
+        assert_eq!(
+            seq(&theirs["endpoints"])[0].as_str(),
+            Some(flag(&pargs, "advertise-url")),
+            "{remote}'s Secret must point at {name}'s advertised proxy URL"
+        );
         // Every object carries the cluster label.
         for o in &d {
             assert_eq!(
@@ -398,6 +422,21 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
         }
     }
     assert_eq!(ids.len(), 2);
+}
+
+/// Every proxy flag the manifests use is one `podmesh-etcd-proxy --help` lists.
+#[test]
+fn deploy_proxy_flags_are_flags_of_the_binary() {
+    let bin = podmesh_tests::proxy::binary().expect("podmesh-etcd-proxy builds");
+    let out = Command::new(&bin).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for f in PROXY_FLAGS.iter().chain(PROXY_EXTRA_FLAGS) {
+        assert!(
+            help.contains(&format!("--{f} ")),
+            "podmesh-etcd-proxy has no --{f}:\n{help}"
+        );
+    }
 }
 
 #[test]

@@ -570,6 +570,7 @@ impl Demo {
             .arg(cmd.get_program())
             .args(cmd.get_args())
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
