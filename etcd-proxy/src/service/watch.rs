@@ -378,3 +378,85 @@ impl StreamTask {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::proto::PbKeyValue;
+
+    fn ev(kind: i32, key: &str, rev: i64) -> PbEvent {
+        PbEvent {
+            r#type: kind,
+            kv: Some(PbKeyValue {
+                key: key.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: Some(PbKeyValue {
+                key: key.into(),
+                value: b"old".to_vec(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn watcher(key: &str, end: &str, prev_kv: bool, filters: &[i32], next_rev: i64) -> Watcher {
+        Watcher {
+            key: key.into(),
+            range_end: end.into(),
+            prev_kv,
+            no_put: filters.contains(&FILTER_NOPUT),
+            no_delete: filters.contains(&FILTER_NODELETE),
+            progress_notify: false,
+            next_rev,
+            sent_since_tick: false,
+        }
+    }
+
+    #[test]
+    fn selects_by_range_revision_and_filters_and_strips_prev_kv() {
+        let events = vec![
+            ev(PUT, "p/a", 5),
+            ev(DELETE, "p/b", 6),
+            ev(PUT, "p/c", 7),
+            ev(PUT, "q/x", 8),
+        ];
+        let keys = |w: &Watcher| -> Vec<(i32, String, bool)> {
+            w.select(&events)
+                .iter()
+                .map(|e| {
+                    let kv = e.kv.as_ref().unwrap();
+                    (
+                        e.r#type,
+                        String::from_utf8_lossy(&kv.key).into_owned(),
+                        e.prev_kv.is_some(),
+                    )
+                })
+                .collect()
+        };
+        let all = watcher("p/", "p0", false, &[], 1);
+        assert_eq!(
+            keys(&all),
+            vec![
+                (PUT, "p/a".into(), false),
+                (DELETE, "p/b".into(), false),
+                (PUT, "p/c".into(), false)
+            ]
+        );
+        // Events before next_rev were replayed already (or precede the start).
+        assert_eq!(keys(&watcher("p/", "p0", true, &[], 6)).len(), 2);
+        assert!(keys(&watcher("p/", "p0", true, &[], 6)).iter().all(|k| k.2));
+        assert_eq!(
+            keys(&watcher("p/", "p0", false, &[FILTER_NOPUT], 1)),
+            vec![(DELETE, "p/b".into(), false)]
+        );
+        assert_eq!(
+            keys(&watcher("p/", "p0", false, &[FILTER_NODELETE], 1)).len(),
+            2
+        );
+        assert_eq!(
+            keys(&watcher("p/c", "", false, &[], 1)),
+            vec![(PUT, "p/c".into(), false)]
+        );
+    }
+}
