@@ -21,7 +21,7 @@ const EXIT_USAGE: u8 = 64;
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// Human-readable, grouped by severity (coloured on a terminal).
+    /// Human-readable: findings grouped by severity (coloured on a terminal); suggestions one per line.
     Table,
     /// One JSON object.
     Json,

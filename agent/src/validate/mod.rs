@@ -149,10 +149,10 @@ pub mod code {
 #[serde(deny_unknown_fields)]
 pub struct NodeMaskSize {
     /// Prefix length of each node's IPv4 Pod CIDR (e.g. 24).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<u8>,
     /// Prefix length of each node's IPv6 Pod CIDR (e.g. 64).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<u8>,
 }
 
@@ -177,10 +177,14 @@ pub struct ClusterSpec {
     #[serde(rename = "nodeCIDRs", default, deserialize_with = "de_cidrs")]
     pub node_cidrs: Vec<IpNet>,
     /// Per-node Pod CIDR sizes, for the capacity check.
-    #[serde(rename = "nodeMaskSize", default)]
+    #[serde(
+        rename = "nodeMaskSize",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub node_mask_size: Option<NodeMaskSize>,
     /// Expected node count, for the capacity check.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u64>,
 }
 

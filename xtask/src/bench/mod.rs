@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod datapath;
 mod install;
+mod plan;
 mod proxy;
 
 #[derive(Debug, Subcommand)]
@@ -14,6 +15,8 @@ pub enum Bench {
     Install(install::InstallArgs),
     /// Watch fan-out: podmesh-etcd-proxy vs etcd grpc-proxy vs direct etcd (latency, RSS, upstream watches).
     Proxy(proxy::ProxyArgs),
+    /// `podmesh plan check` (sort/sweep) against a naive pairwise check at 1k, 10k, 100k CIDRs.
+    Plan(plan::PlanArgs),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -21,5 +24,6 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Datapath(a) => datapath::run(&a),
         Bench::Install(a) => install::run(&a),
         Bench::Proxy(a) => proxy::run(&a),
+        Bench::Plan(a) => plan::run(&a),
     }
 }
