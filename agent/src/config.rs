@@ -1,11 +1,16 @@
-//! Command-line flags of `podmesh-agent` (DESIGN.md, "Commands").
+//! Command-line flags of `podmesh-agent` (DESIGN.md, "Commands"), the `--config` YAML file, and the
+//! typed, validated [`AgentConfig`] built from them once at start.
 use std::{
+    ffi::OsString,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
+
+use crate::model::ClusterName;
 
 /// The forwarding mode the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -27,7 +32,7 @@ pub enum DatapathMode {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "podmesh-agent", version, about, long_about = None)]
 pub struct AgentArgs {
-    /// YAML file with any of these flags as keys (e.g. `cluster-name: east`); flags given on the command line win.
+    /// YAML file with any of these flags as keys (e.g. `cluster-name: east`, `pod-cidr: [10.1.1.0/24]`); flags given on the command line or in the environment win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This cluster's name (DNS label, 1-32 characters).
@@ -63,10 +68,474 @@ pub struct AgentArgs {
     /// UDP port of the VXLAN tunnel.
     #[arg(long, default_value_t = 8472)]
     pub tunnel_port: u16,
-    /// VXLAN network identifier.
+    /// VXLAN network identifier (0-16777215).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
     /// Address of the status server (/healthz /readyz /metrics /status).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub status_addr: SocketAddr,
+    /// TTL in seconds of the lease this node's record is bound to; the record disappears this long after the agent is gone.
+    #[arg(long, default_value_t = 15)]
+    pub lease_ttl: u64,
+    /// Seconds to keep a remote cluster's routes when its etcd comes back empty, so its agents can republish before traffic is withdrawn.
+    #[arg(long, default_value_t = 60)]
+    pub empty_grace: u64,
+    /// Seconds between full resyncs of the datapath (read back, re-apply, prune).
+    #[arg(long, default_value_t = 60)]
+    pub resync_interval: u64,
+    /// Milliseconds between scans of --clustermesh-config for added, changed or removed remote clusters and rotated certificates.
+    #[arg(long, default_value_t = 1000)]
+    pub secret_poll_ms: u64,
+    /// Cap in seconds of the exponential reconnect backoff towards a remote cluster.
+    #[arg(long, default_value_t = 30)]
+    pub max_backoff: u64,
+    /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
+    #[arg(long, hide = true)]
+    pub datapath_dry_run: bool,
+}
+
+/// Where this node's identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeSource {
+    /// `--node-ip` and `--pod-cidr` given.
+    Static {
+        /// The tunnel endpoint.
+        ip: IpAddr,
+        /// The node's Pod CIDRs.
+        pod_cidrs: Vec<IpNet>,
+    },
+    /// Read (and watched) from the Kubernetes Node object named `node_name`.
+    Kubernetes,
+}
+
+/// The agent's configuration, typed and validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This cluster.
+    pub cluster_name: ClusterName,
+    /// This cluster's ID (1-255).
+    pub cluster_id: u32,
+    /// This node.
+    pub node_name: String,
+    /// Where the node's address and Pod CIDRs come from.
+    pub node_source: NodeSource,
+    /// Declared Pod CIDRs of this cluster.
+    pub cluster_pod_cidrs: Vec<IpNet>,
+    /// Service CIDRs of this cluster.
+    pub service_cidrs: Vec<IpNet>,
+    /// etcd client YAML of the local mesh etcd; `None` runs without publishing.
+    pub kvstore_config: Option<PathBuf>,
+    /// The clustermesh Secret directory; `None` follows no remote cluster.
+    pub clustermesh_config: Option<PathBuf>,
+    /// Forwarding mode.
+    pub datapath: DatapathMode,
+    /// Keep routes in memory only.
+    pub datapath_dry_run: bool,
+    /// VXLAN UDP port.
+    pub tunnel_port: u16,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Status server address.
+    pub status_addr: SocketAddr,
+    /// Lease TTL of the node record.
+    pub lease_ttl: Duration,
+    /// Grace period before pruning a remote that came back empty.
+    pub empty_grace: Duration,
+    /// Period of full datapath resyncs.
+    pub resync_interval: Duration,
+    /// Period of Secret directory scans.
+    pub secret_poll: Duration,
+    /// Cap of the reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+/// A configuration problem; the agent exits 64 with this one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The command line or a value in it does not parse (clap's message, shortened).
+    #[error("{0}")]
+    Cli(String),
+    /// The `--config` file cannot be read.
+    #[error("--config {path}: cannot read: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--config` file is not a YAML mapping of flag names.
+    #[error("--config {path}: {message}")]
+    FileSyntax {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line where known.
+        message: String,
+    },
+    /// A flag has an invalid value.
+    #[error("--{flag}: {message}")]
+    Invalid {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(flag: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            flag,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses the process arguments (and `--config`) into a validated config.
+/// `--help`/`--version` print and exit here, like clap does.
+pub fn load() -> Result<AgentConfig, ConfigError> {
+    load_from(std::env::args_os())
+}
+
+/// Parses these arguments (first one is the program name) and the `--config` file they name.
+pub fn load_from<I, T>(args: I) -> Result<AgentConfig, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = AgentArgs::command();
+    let matches = cmd.clone().try_get_matches_from(&argv).map_err(clap_error)?;
+    let first = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
+    let Some(path) = first.config.clone() else {
+        return first.validate();
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    let file_args = file_to_args(&path, &text, &cmd, |id| {
+        matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    })?;
+    // File flags first, then the command line: a flag is taken from the file
+    // only when neither the command line nor the environment set it.
+    let mut merged = vec![argv[0].clone()];
+    merged.extend(file_args);
+    merged.extend(argv.into_iter().skip(1));
+    let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
+    AgentArgs::from_arg_matches(&matches)
+        .map_err(clap_error)?
+        .validate()
+}
+
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    ConfigError::Cli(line)
+}
+
+/// Turns the YAML mapping into `--flag value` arguments, skipping flags `already_set`.
+fn file_to_args(
+    path: &std::path::Path,
+    text: &str,
+    cmd: &clap::Command,
+    already_set: impl Fn(&str) -> bool,
+) -> Result<Vec<OsString>, ConfigError> {
+    let syntax = |message: String| ConfigError::FileSyntax {
+        path: path.to_path_buf(),
+        message,
+    };
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        syntax(match e.location() {
+            Some(l) => format!("not valid YAML at line {}: {e}", l.line()),
+            None => format!("not valid YAML: {e}"),
+        })
+    })?;
+    let map = match value {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err(syntax("expected a mapping of flag names to values".into())),
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let Some(name) = k.as_str() else {
+            return Err(syntax(format!("key {k:?} is not a flag name")));
+        };
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name) && name != "config")
+        else {
+            return Err(syntax(format!(
+                "unknown key {name:?} (keys are the flag names of --help, without dashes)"
+            )));
+        };
+        if already_set(arg.get_id().as_str()) {
+            continue;
+        }
+        let flag = format!("--{name}");
+        let scalar = |v: &serde_yaml::Value| -> Result<String, ConfigError> {
+            match v {
+                serde_yaml::Value::String(s) => Ok(s.clone()),
+                serde_yaml::Value::Number(n) => Ok(n.to_string()),
+                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
+                _ => Err(syntax(format!("{name}: expected a scalar value"))),
+            }
+        };
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        match &v {
+            serde_yaml::Value::Sequence(items) => {
+                for item in items {
+                    out.push(OsString::from(&flag));
+                    out.push(OsString::from(scalar(item)?));
+                }
+            }
+            serde_yaml::Value::Bool(b) if is_switch => {
+                if *b {
+                    out.push(OsString::from(&flag));
+                }
+            }
+            serde_yaml::Value::Null => {}
+            other => {
+                out.push(OsString::from(&flag));
+                out.push(OsString::from(scalar(other)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn check_cidrs(flag: &'static str, cidrs: &[IpNet]) -> Result<(), ConfigError> {
+    for c in cidrs {
+        if let Some(problem) = crate::validate::cidr::cidr_problem(c) {
+            return Err(ConfigError::invalid(flag, format!("{c}: {problem}")));
+        }
+    }
+    Ok(())
+}
+
+impl AgentArgs {
+    /// Checks every value once and builds the typed config.
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let name = self.cluster_name.ok_or_else(|| {
+            ConfigError::invalid("cluster-name", "required (this cluster's name, e.g. east)")
+        })?;
+        let cluster_name =
+            ClusterName::new(name).map_err(|e| ConfigError::invalid("cluster-name", e.to_string()))?;
+        let cluster_id = self.cluster_id.ok_or_else(|| {
+            ConfigError::invalid("cluster-id", "required (1-255, unique in the mesh)")
+        })?;
+        if !(1..=255).contains(&cluster_id) {
+            return Err(ConfigError::invalid(
+                "cluster-id",
+                format!("{cluster_id} is outside 1-255"),
+            ));
+        }
+        let node_name = self
+            .node_name
+            .filter(|n| !n.is_empty())
+            .or_else(host_name)
+            .ok_or_else(|| {
+                ConfigError::invalid("node-name", "required when $NODE_NAME and the host name are unset")
+            })?;
+        if node_name.contains('/') || node_name.len() > 253 {
+            return Err(ConfigError::invalid(
+                "node-name",
+                format!("{node_name:?} is not a Kubernetes node name"),
+            ));
+        }
+        check_cidrs("pod-cidr", &self.pod_cidrs)?;
+        check_cidrs("cluster-pod-cidr", &self.cluster_pod_cidrs)?;
+        check_cidrs("service-cidr", &self.service_cidrs)?;
+        let node_source = match (self.node_ip, self.pod_cidrs.is_empty()) {
+            (Some(ip), false) => NodeSource::Static {
+                ip,
+                pod_cidrs: self.pod_cidrs.clone(),
+            },
+            (None, true) => NodeSource::Kubernetes,
+            (Some(_), true) => {
+                return Err(ConfigError::invalid(
+                    "pod-cidr",
+                    "required with --node-ip (or give neither to read the Node from Kubernetes)",
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError::invalid(
+                    "node-ip",
+                    "required with --pod-cidr (or give neither to read the Node from Kubernetes)",
+                ));
+            }
+        };
+        for c in &self.pod_cidrs {
+            if !self.cluster_pod_cidrs.is_empty()
+                && !self.cluster_pod_cidrs.iter().any(|p| p.contains(c))
+            {
+                return Err(ConfigError::invalid(
+                    "pod-cidr",
+                    format!("{c} is outside every --cluster-pod-cidr"),
+                ));
+            }
+        }
+        if let Some(p) = &self.kvstore_config
+            && !p.is_file()
+        {
+            return Err(ConfigError::invalid(
+                "kvstore-config",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+        if let Some(p) = &self.clustermesh_config
+            && !p.is_dir()
+        {
+            return Err(ConfigError::invalid(
+                "clustermesh-config",
+                format!("{} is not a directory", p.display()),
+            ));
+        }
+        if self.vni > 0x00ff_ffff {
+            return Err(ConfigError::invalid(
+                "vni",
+                format!("{} does not fit in 24 bits", self.vni),
+            ));
+        }
+        if self.tunnel_port == 0 {
+            return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
+        }
+        if self.lease_ttl < 2 {
+            return Err(ConfigError::invalid("lease-ttl", "must be at least 2 seconds"));
+        }
+        if self.secret_poll_ms == 0 {
+            return Err(ConfigError::invalid("secret-poll-ms", "must be positive"));
+        }
+        if self.max_backoff == 0 {
+            return Err(ConfigError::invalid("max-backoff", "must be positive"));
+        }
+        if self.resync_interval == 0 {
+            return Err(ConfigError::invalid("resync-interval", "must be positive"));
+        }
+        Ok(AgentConfig {
+            cluster_name,
+            cluster_id,
+            node_name,
+            node_source,
+            cluster_pod_cidrs: self.cluster_pod_cidrs,
+            service_cidrs: self.service_cidrs,
+            kvstore_config: self.kvstore_config,
+            clustermesh_config: self.clustermesh_config,
+            datapath: self.datapath,
+            datapath_dry_run: self.datapath_dry_run,
+            tunnel_port: self.tunnel_port,
+            vni: self.vni,
+            status_addr: self.status_addr,
+            lease_ttl: Duration::from_secs(self.lease_ttl),
+            empty_grace: Duration::from_secs(self.empty_grace),
+            resync_interval: Duration::from_secs(self.resync_interval),
+            secret_poll: Duration::from_millis(self.secret_poll_ms),
+            max_backoff: Duration::from_secs(self.max_backoff),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec![
+            "podmesh-agent",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "n1",
+        ]
+    }
+
+    #[test]
+    fn flags_only() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        let c = load_from(a).unwrap();
+        assert_eq!(c.cluster_name.as_str(), "east");
+        assert!(matches!(c.node_source, NodeSource::Static { .. }));
+    }
+
+    #[test]
+    fn file_values_and_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "cluster-name: west\ncluster-id: 7\nnode-name: n9\nnode-ip: 10.0.0.1\npod-cidr: [10.2.1.0/24, 10.2.2.0/24]\nvni: 42\ndatapath-dry-run: true\n",
+        )
+        .unwrap();
+        let c = load_from([
+            "podmesh-agent",
+            "--config",
+            f.to_str().unwrap(),
+            "--cluster-id",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster_name.as_str(), "west");
+        assert_eq!(c.cluster_id, 3);
+        assert_eq!(c.vni, 42);
+        assert!(c.datapath_dry_run);
+        match c.node_source {
+            NodeSource::Static { pod_cidrs, .. } => assert_eq!(pod_cidrs.len(), 2),
+            NodeSource::Kubernetes => panic!("expected static"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.1/24"]);
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.starts_with("--pod-cidr:"), "{e}");
+        let e = load_from(["podmesh-agent", "--cluster-name", "East", "--cluster-id", "1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--cluster-name:"), "{e}");
+        let mut a = base();
+        a[4] = "300";
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.starts_with("--cluster-id:"), "{e}");
+        let e = load_from(["podmesh-agent", "--vni", "x"]).unwrap_err().to_string();
+        assert!(e.contains("--vni"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn unknown_file_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "cluster-nam: west\n").unwrap();
+        let e = load_from(["podmesh-agent", "--config", f.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key \"cluster-nam\""), "{e}");
+    }
 }

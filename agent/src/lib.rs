@@ -6,8 +6,16 @@
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod desired;
+pub mod k8s;
+pub mod kvstore;
 pub mod model;
 pub mod plan;
+pub mod publish;
+pub mod reconcile;
+pub mod remote;
+pub mod runtime;
+pub mod status;
 pub mod validate;
 
 /// The compiled kernel programs (ELF for `bpfel-unknown-none`), aligned for aya.

@@ -1,9 +1,59 @@
 //! `podmesh-agent`: the node daemon.
-use clap::Parser;
-use podmesh_agent::config::AgentArgs;
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    let args = AgentArgs::parse();
-    eprintln!("podmesh-agent: parsed {args:?}; the control plane is not wired yet");
-    std::process::ExitCode::from(70)
+use podmesh_agent::{config, datapath::memory::MemoryDatapath, runtime};
+
+fn main() -> ExitCode {
+    let cfg = match config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("podmesh-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("podmesh-agent: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podmesh-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
+    // The one place where the datapath is chosen.
+    let mut agent = if cfg.datapath_dry_run {
+        runtime::start(&cfg, MemoryDatapath::new(), None).await?
+    } else {
+        anyhow::bail!(
+            "--datapath {:?}: the kernel datapath is not part of this build yet; run with --datapath-dry-run",
+            cfg.datapath
+        );
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping; routes and the node record (until its lease expires) stay in place");
+    agent.stop();
+    Ok(())
 }

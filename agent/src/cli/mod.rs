@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod plan;
+pub mod secret;
+pub mod status;
 
 /// podmesh: check a multi-cluster address plan, show mesh status, render Secrets.
 #[derive(Debug, Parser)]
@@ -20,6 +22,17 @@ enum Command {
     /// Check a multi-cluster address plan, or find free ranges in it.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// Show a running agent's remote clusters, records and rejections.
+    Status(status::StatusArgs),
+    /// Render clustermesh Secret entries.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// The Secret YAML for one remote cluster, with its certificates inlined.
+    Render(secret::RenderArgs),
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -35,5 +48,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Plan(cmd) => plan::run(cmd),
+        Command::Status(a) => ExitCode::from(status::run(&a)),
+        Command::Secret(SecretCommand::Render(a)) => ExitCode::from(secret::run(&a)),
     }
 }

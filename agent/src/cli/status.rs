@@ -1,0 +1,201 @@
+//! `podmesh status`: the agent's `/status`, as a table or as JSON.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    time::Duration,
+};
+
+use crate::{
+    desired::RecordState,
+    status::StatusReport,
+};
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable tables.
+    Table,
+    /// The `/status` document.
+    Json,
+}
+
+/// `podmesh status` arguments.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's status address (its --status-addr).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub addr: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// Fetching or reading the status failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The agent is not reachable.
+    #[error("cannot reach the agent at {addr}: {source} (is podmesh-agent running with --status-addr {addr}?)")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer is not a status document.
+    #[error("{addr} did not answer with a podmesh status: {message}")]
+    Answer {
+        /// The address.
+        addr: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// GETs `/status` from `addr` (plain HTTP/1.1 on loopback or the pod network).
+pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
+    let connect = |source| StatusError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sa: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(connect)?
+        .next()
+        .ok_or_else(|| connect(std::io::Error::other("no address")))?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(connect)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(connect)?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(connect)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(connect)?;
+    let answer = |message: String| StatusError::Answer {
+        addr: addr.to_string(),
+        message,
+    };
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| answer("no HTTP response".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(answer(head.lines().next().unwrap_or("").to_string()));
+    }
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    serde_json::from_str(&body).map_err(|e| answer(e.to_string()))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Renders the status as tables.
+pub fn table(s: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cluster {}  node {}  published: {}  ready: {}  routes: {}",
+        s.local.cluster,
+        s.local.node,
+        yes(s.local.published),
+        yes(s.ready),
+        s.routes.len()
+    );
+    if let Some(c) = &s.local.cluster_record_conflict {
+        let _ = writeln!(o, "cluster record conflict: {c}");
+    }
+    if let Some(e) = &s.datapath_error {
+        let _ = writeln!(o, "datapath error: {e}");
+    }
+    let _ = writeln!(
+        o,
+        "\n{:<20} {:<9} {:<6} {:>7} {:>10} {:>8}  LAST ERROR",
+        "REMOTE", "CONNECTED", "SYNCED", "ENTRIES", "PROGRAMMED", "REJECTED"
+    );
+    for r in s.remotes.values() {
+        let rejected: usize = r.rejected_by_reason.values().sum();
+        let _ = writeln!(
+            o,
+            "{:<20} {:<9} {:<6} {:>7} {:>10} {:>8}  {}",
+            r.name,
+            yes(r.connected),
+            yes(r.synced),
+            r.entries,
+            r.nodes_programmed,
+            rejected,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+        if r.empty_grace_until.is_some() {
+            let _ = writeln!(o, "{:<20} came back empty: keeping its routes for the grace period", "");
+        }
+    }
+    let rejected: Vec<_> = s
+        .remotes
+        .values()
+        .flat_map(|r| r.records.iter())
+        .filter_map(|r| match &r.state {
+            RecordState::Rejected(j) => Some((r, j)),
+            RecordState::Programmed => None,
+        })
+        .collect();
+    if !rejected.is_empty() {
+        let _ = writeln!(o, "\nREJECTED RECORDS");
+        for (r, j) in rejected {
+            let _ = writeln!(o, "{}  [{}]  {}", r.key, j.code, j.message);
+        }
+    }
+    o
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Runs `podmesh status`; returns the exit code (0 ready, 1 not ready, 2 unreachable).
+pub fn run(a: &StatusArgs) -> u8 {
+    match fetch(&a.addr) {
+        Ok(s) => {
+            match a.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                ),
+                Output::Table => print!("{}", table(&s)),
+            }
+            u8::from(!s.ready)
+        }
+        Err(e) => {
+            eprintln!("podmesh status: {e}");
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

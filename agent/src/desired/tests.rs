@@ -1,0 +1,243 @@
+//! Unit tests of the desired state and the diff.
+use super::*;
+
+fn local() -> LocalRanges {
+    LocalRanges {
+        cluster: "home".into(),
+        cluster_id: 9,
+        pod: vec!["10.9.0.0/16".parse().unwrap()],
+        service: vec!["10.96.0.0/12".parse().unwrap()],
+        node: vec!["192.168.9.1/32".parse().unwrap()],
+    }
+}
+
+fn cluster_json(name: &str, id: u32, pods: &[&str]) -> String {
+    serde_json::json!({"name": name, "id": id, "podCIDRs": pods, "serviceCIDRs": []}).to_string()
+}
+
+fn node_json(cluster: &str, id: u32, node: &str, addr: &str, pods: &[&str]) -> String {
+    serde_json::json!({"name": node, "cluster": cluster, "clusterID": id, "addresses": [addr], "podCIDRs": pods})
+        .to_string()
+}
+
+#[derive(Default)]
+struct Mesh(BTreeMap<String, RemoteEntries>);
+
+impl Mesh {
+    fn put(&mut self, remote: &str, key: &str, value: &str, rev: i64) -> &mut Self {
+        let e = self.0.entry(remote.to_string()).or_default();
+        e.synced_once = true;
+        e.entries.insert(
+            key.to_string(),
+            decode::decode(remote, key, value.as_bytes(), rev, rev),
+        );
+        self
+    }
+    fn cluster(&mut self, name: &str, id: u32, pods: &[&str]) -> &mut Self {
+        self.put(name, &cluster_key(name), &cluster_json(name, id, pods), 1)
+    }
+    fn node(&mut self, c: &str, id: u32, n: &str, pods: &[&str], rev: i64) -> &mut Self {
+        let v = node_json(c, id, n, "192.168.1.10", pods);
+        self.put(c, &crate::model::node_key(c, n), &v, rev)
+    }
+}
+
+fn state_of<'a>(d: &'a Desired, key: &str) -> &'a RecordState {
+    &d.records
+        .iter()
+        .find(|r| r.key == key)
+        .unwrap_or_else(|| panic!("no record {key}"))
+        .state
+}
+
+fn code_of(d: &Desired, key: &str) -> String {
+    match state_of(d, key) {
+        RecordState::Rejected(r) => r.code.clone(),
+        RecordState::Programmed => "programmed".into(),
+    }
+}
+
+#[test]
+fn two_clusters_programmed() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "e1", &["10.1.1.0/24"], 2)
+        .cluster("west", 2, &["10.2.0.0/16"])
+        .node("west", 2, "w1", &["10.2.1.0/24", "10.2.2.0/24"], 2);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(d.routes.len(), 3);
+    assert_eq!(d.routes[&"10.2.2.0/24".parse().unwrap()].node, "w1");
+    assert_eq!(d.rejected().count(), 0);
+}
+
+#[test]
+fn unsynced_cluster_is_not_considered() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "e1", &["10.1.1.0/24"], 2);
+    m.0.get_mut("east").unwrap().synced_once = false;
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert!(d.routes.is_empty());
+}
+
+#[test]
+fn bad_record_corpus_is_rejected_with_reasons() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .put("east", "podmesh/v1/nodes/east/json", "{not json", 2)
+        .put(
+            "east",
+            "podmesh/v1/nodes/east/mismatch",
+            &node_json("east", 1, "other", "192.168.1.1", &["10.1.3.0/24"]),
+            2,
+        )
+        .node("east", 1, "outside", &["10.5.0.0/24"], 2)
+        .node("east", 1, "default", &["0.0.0.0/0"], 2)
+        .node("east", 1, "reserved", &["127.0.0.0/24"], 2)
+        .node("east", 1, "hostbits", &["10.1.4.1/24"], 2)
+        .node("east", 7, "wrongid", &["10.1.5.0/24"], 2)
+        .put(
+            "east",
+            "podmesh/v1/nodes/east/huge",
+            &" ".repeat(crate::model::MAX_VALUE_LEN + 1),
+            2,
+        )
+        .put(
+            "east",
+            "podmesh/v1/nodes/east/noaddr",
+            &serde_json::json!({"name":"noaddr","cluster":"east","clusterID":1,"addresses":[],"podCIDRs":["10.1.6.0/24"]}).to_string(),
+            2,
+        )
+        .node("east", 1, "good", &["10.1.1.0/24"], 2);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    let k = |n: &str| format!("podmesh/v1/nodes/east/{n}");
+    assert_eq!(code_of(&d, &k("json")), code::RECORD_INVALID_JSON);
+    assert_eq!(code_of(&d, &k("mismatch")), vcode::RECORD_KEY_MISMATCH);
+    assert_eq!(code_of(&d, &k("outside")), vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER);
+    assert_eq!(code_of(&d, &k("default")), vcode::CIDR_DEFAULT_ROUTE);
+    assert_eq!(code_of(&d, &k("reserved")), vcode::CIDR_RESERVED);
+    assert_eq!(code_of(&d, &k("hostbits")), vcode::CIDR_NOT_CANONICAL);
+    assert_eq!(code_of(&d, &k("wrongid")), vcode::RECORD_KEY_MISMATCH);
+    assert_eq!(code_of(&d, &k("huge")), code::RECORD_TOO_LARGE);
+    assert_eq!(code_of(&d, &k("noaddr")), vcode::NODE_ADDRESS_MISSING);
+    assert_eq!(code_of(&d, &k("good")), "programmed");
+    assert_eq!(d.routes.len(), 1);
+}
+
+#[test]
+fn overlap_with_local_rejects_cluster_and_node() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.9.0.0/16"])
+        .node("east", 1, "e1", &["10.9.1.0/24"], 2)
+        .cluster("west", 2, &["10.96.0.0/16"])
+        .cluster("north", 3, &["10.3.0.0/16", "192.168.9.0/24"])
+        .cluster("south", 4, &["10.4.0.0/16"])
+        .node("south", 4, "s1", &["10.4.1.0/24"], 2);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), code::CLUSTER_REJECTED);
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/west"), vcode::POD_CIDR_OVERLAPS_SERVICE);
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/north"), vcode::POD_CIDR_OVERLAPS_NODE);
+    assert_eq!(d.routes.len(), 1);
+}
+
+#[test]
+fn duplicate_id_and_local_id() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "e1", &["10.1.1.0/24"], 2)
+        .cluster("west", 1, &["10.2.0.0/16"])
+        .cluster("mine", 9, &["10.3.0.0/16"]);
+    // east is programmed already: it keeps its ID, west is the newcomer.
+    let programmed = desired(&local(), &{
+        let mut only = Mesh::default();
+        only.cluster("east", 1, &["10.1.0.0/16"])
+            .node("east", 1, "e1", &["10.1.1.0/24"], 2);
+        only.0
+    }, &BTreeMap::new())
+    .routes;
+    let d = desired(&local(), &m.0, &programmed);
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), "programmed");
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/west"), vcode::CLUSTER_ID_DUPLICATE);
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/mine"), code::LOCAL_CLUSTER_CLAIMED);
+    // At a cold start neither keeps the duplicate ID.
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), vcode::CLUSTER_ID_DUPLICATE);
+    assert!(d.routes.is_empty());
+}
+
+#[test]
+fn within_cluster_higher_create_revision_loses() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "b-old", &["10.1.1.0/24"], 5)
+        .node("east", 1, "a-new", &["10.1.1.0/25"], 9);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/b-old"), "programmed");
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/a-new"),
+        vcode::POD_CIDR_OVERLAP_SAME_CLUSTER
+    );
+}
+
+#[test]
+fn across_clusters_the_programmed_owner_keeps_traffic() {
+    // west is programmed with 10.2.0.0/16; east then declares 10.0.0.0/14.
+    let mut m = Mesh::default();
+    m.cluster("west", 2, &["10.2.0.0/16"])
+        .node("west", 2, "w1", &["10.2.1.0/24"], 3);
+    let before = desired(&local(), &m.0, &BTreeMap::new()).routes;
+    assert_eq!(before.len(), 1);
+    m.cluster("east", 1, &["10.0.0.0/14"])
+        .node("east", 1, "e1", &["10.2.1.0/24"], 1)
+        .node("east", 1, "e2", &["10.1.0.0/24"], 2);
+    let d = desired(&local(), &m.0, &before);
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/west/w1"), "programmed");
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
+    assert_eq!(d.routes[&"10.2.1.0/24".parse().unwrap()].cluster, "west");
+    // Cold start with both: the doubly declared range goes to neither.
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/west/w1"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
+}
+
+#[test]
+fn diff_upserts_changes_and_deletes_leftovers() {
+    let r = |c: &str, n: &str| RemoteRoute {
+        cidr: c.parse().unwrap(),
+        cluster: "east".into(),
+        node: n.into(),
+        node_addr: "192.168.1.1".parse().unwrap(),
+        vtep_mac: None,
+    };
+    let installed: BTreeMap<_, _> = [r("10.1.1.0/24", "a"), r("10.1.2.0/24", "b")]
+        .into_iter()
+        .map(|x| (x.cidr, x))
+        .collect();
+    let want: BTreeMap<_, _> = [r("10.1.1.0/24", "a"), r("10.1.2.0/24", "c"), r("10.1.3.0/24", "d")]
+        .into_iter()
+        .map(|x| (x.cidr, x))
+        .collect();
+    let ops = diff(&installed, &want);
+    assert_eq!(ops.upsert.len(), 2);
+    assert!(ops.delete.is_empty());
+    let ops = diff(&want, &BTreeMap::new());
+    assert_eq!(ops.delete.len(), 3);
+    assert!(diff(&want, &want).is_empty());
+}
+
+#[test]
+fn unsynced_cluster_keeps_programmed_routes_and_removed_cluster_loses_them() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "e1", &["10.1.1.0/24"], 2);
+    let programmed = desired(&local(), &m.0, &BTreeMap::new()).routes;
+    let mut restarted: BTreeMap<String, RemoteEntries> = BTreeMap::new();
+    restarted.insert("east".into(), RemoteEntries::default());
+    let d = desired(&local(), &restarted, &programmed);
+    assert_eq!(d.routes, programmed);
+    let d = desired(&local(), &BTreeMap::new(), &programmed);
+    assert!(d.routes.is_empty());
+}

@@ -1,0 +1,316 @@
+//! [`KvStore`] on a real etcd (v3 gRPC), with the TLS settings of an etcd client YAML.
+use std::{path::Path, time::Duration};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{
+    EventStream, KeyValue, KvError, KvEvent, KvStore, LeaseId, client_config::EtcdClientConfig,
+};
+
+/// Keys per page of a list; keeps each Range response well under gRPC's message limit.
+const PAGE: i64 = 1000;
+
+/// An etcd client. Clones share the connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn convert(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    }
+}
+
+impl EtcdStore {
+    /// Connects with the settings of `cfg` (read from `path`, named in errors).
+    /// TLS files are read now, so a rotated certificate takes effect on the next connect.
+    pub async fn connect(cfg: &EtcdClientConfig, path: &Path) -> Result<Self, KvError> {
+        let endpoints = cfg.endpoints.join(",");
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let (ca, identity) = cfg.read_tls_files(path)?;
+        if ca.is_some() || identity.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = ca {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        let client = Client::connect(&cfg.endpoints, Some(opts))
+            .await
+            .map_err(|e| unavailable("connect", &endpoints, e))?;
+        Ok(Self { client, endpoints })
+    }
+
+    /// The endpoints this store talks to, comma-separated.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Compacts the store's history up to `revision` (tests and benchmarks).
+    pub async fn compact(&self, revision: i64) -> Result<(), KvError> {
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("compact", &self.endpoints, e))
+    }
+
+    /// Deletes every key under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), KvError> {
+        self.client
+            .clone()
+            .delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix()))
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("delete", &self.endpoints, e))
+    }
+
+    async fn list_page(
+        &self,
+        from: &[u8],
+        end: &[u8],
+        revision: i64,
+    ) -> Result<etcd_client::GetResponse, KvError> {
+        let mut opts = GetOptions::new().with_range(end.to_vec()).with_limit(PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        self.client
+            .clone()
+            .get(from.to_vec(), Some(opts))
+            .await
+            .map_err(|e| map_list_error(&self.endpoints, e))
+    }
+}
+
+/// The end of the range that `prefix` covers (etcd's `with_prefix` rule).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn unavailable(op: &'static str, endpoints: &str, e: etcd_client::Error) -> KvError {
+    KvError::Unavailable {
+        op,
+        endpoints: endpoints.to_string(),
+        message: error_message(&e),
+    }
+}
+
+/// A one-line message with tonic's cause chain (the TLS reason sits in the sources).
+fn error_message(e: &etcd_client::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+fn map_list_error(endpoints: &str, e: etcd_client::Error) -> KvError {
+    if let etcd_client::Error::GRpcStatus(s) = &e
+        && s.message().contains("compacted")
+    {
+        return KvError::Compacted {
+            compact_revision: 0,
+        };
+    }
+    unavailable("list", endpoints, e)
+}
+
+impl KvStore for EtcdStore {
+    async fn list_and_watch(&self, prefix: &str) -> Result<EventStream, KvError> {
+        let end = prefix_end(prefix.as_bytes());
+        // The first page fixes the revision; later pages read at that revision.
+        let first = self.list_page(prefix.as_bytes(), &end, 0).await?;
+        let revision = first.header().map(|h| h.revision()).unwrap_or(0);
+        let (tx, rx) = mpsc::channel::<Result<KvEvent, KvError>>(1024);
+        let this = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            let run = async {
+                let mut page = first;
+                loop {
+                    for kv in page.kvs() {
+                        if tx.send(Ok(KvEvent::Put(convert(kv)))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if !page.more() {
+                        break;
+                    }
+                    let Some(last) = page.kvs().last() else { break };
+                    let mut from = last.key().to_vec();
+                    from.push(0);
+                    page = this.list_page(&from, &end, revision).await?;
+                }
+                if tx.send(Ok(KvEvent::ListDone { revision })).await.is_err() {
+                    return Ok(());
+                }
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1)
+                    .with_progress_notify();
+                let mut watch = this
+                    .client
+                    .clone()
+                    .watch(prefix.as_bytes(), Some(opts))
+                    .await
+                    .map_err(|e| unavailable("watch", &this.endpoints, e))?;
+                loop {
+                    let msg = tokio::select! {
+                        m = watch.message() => m,
+                        () = tx.closed() => return Ok(()),
+                    };
+                    let resp = match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            return Err(KvError::WatchClosed {
+                                reason: "stream ended".into(),
+                            });
+                        }
+                        Err(e) => return Err(unavailable("watch", &this.endpoints, e)),
+                    };
+                    if resp.compact_revision() > 0 {
+                        return Err(KvError::Compacted {
+                            compact_revision: resp.compact_revision(),
+                        });
+                    }
+                    if resp.canceled() {
+                        return Err(KvError::WatchClosed {
+                            reason: resp.cancel_reason().to_string(),
+                        });
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let item = match ev.event_type() {
+                            EventType::Put => KvEvent::Put(convert(kv)),
+                            EventType::Delete => KvEvent::Delete {
+                                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                revision: kv.mod_revision(),
+                            },
+                        };
+                        if tx.send(Ok(item)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            let result: Result<(), KvError> = run.await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
+        let resp = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(|e| unavailable("get", &self.endpoints, e))?;
+        Ok(resp.kvs().first().map(convert))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<(), KvError> {
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        self.client
+            .clone()
+            .put(key, value, opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("put", &self.endpoints, e))
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<Option<KeyValue>, KvError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| unavailable("create", &self.endpoints, e))?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        Ok(resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(convert),
+            _ => None,
+        }))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        self.client
+            .clone()
+            .lease_grant(ttl, None)
+            .await
+            .map(|r| r.id())
+            .map_err(|e| unavailable("grant lease", &self.endpoints, e))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, KvError> {
+        match self.client.clone().lease_keep_alive(lease).await {
+            Ok(_) => Ok(true),
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                Ok(false)
+            }
+            Err(e) => Err(unavailable("keep lease alive", &self.endpoints, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_rule() {
+        assert_eq!(prefix_end(b"podmesh/v1/"), b"podmesh/v10".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

@@ -1,0 +1,225 @@
+//! One remote cluster's connection lifecycle: connect with the Secret entry's
+//! TLS settings, list `podmesh/v1/` at a revision then watch from the next,
+//! back off with jitter on failure, re-list after compaction, prune entries
+//! missing from a complete list (after a grace period when the remote came
+//! back empty), and report every step in the status.
+use std::{future::pending, time::Duration};
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, secret::RemoteFile};
+use crate::{
+    desired::decode::decode,
+    kvstore::{KvError, KvEvent, KvStore},
+    model::PREFIX,
+    status::{Status, unix_now},
+};
+
+/// A remote cluster's connection task.
+#[derive(Debug)]
+pub struct RemoteCluster<C> {
+    /// Cluster name.
+    pub name: String,
+    /// Its Secret entry.
+    pub file: RemoteFile,
+    /// How to connect.
+    pub connector: C,
+    /// Where its entries go.
+    pub cache: MeshCache,
+    /// Where its state is reported.
+    pub status: Status,
+    /// Backoff and grace settings.
+    pub settings: RemoteSettings,
+}
+
+/// What ended a session (one connection's list + watch).
+enum End {
+    Failed(KvError),
+    Compacted,
+}
+
+fn hint(e: &KvError) -> &'static str {
+    let t = e.to_string().to_ascii_lowercase();
+    if t.contains("certificate") || t.contains("tls") || t.contains("handshake") || t.contains("unknownissuer") {
+        "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
+    } else if t.contains("refused") || t.contains("unreachable") || t.contains("timed out") || t.contains("dns") {
+        "check that the remote cluster's etcd proxy is up and reachable at the configured endpoints"
+    } else if matches!(e, KvError::Config(_)) {
+        "fix this cluster's entry in the clustermesh Secret"
+    } else {
+        "routes of this cluster stay as last known; retrying"
+    }
+}
+
+impl<C: Connector> RemoteCluster<C> {
+    fn fail(&self, e: &KvError) {
+        let h = hint(e);
+        tracing::warn!(cluster = %self.name, error = %e, hint = h, "remote cluster connection failed; keeping its last known routes and retrying");
+        self.status.remote(&self.name, |r| {
+            r.connected = false;
+            r.synced = false;
+            r.failures += 1;
+            r.last_failure = Some(unix_now());
+            r.last_error = Some(format!("{e} (hint: {h})"));
+        });
+    }
+
+    /// Runs until aborted.
+    pub async fn run(self) {
+        let cfg = match &self.file.config {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                tracing::warn!(cluster = %self.name, error = %e, "remote cluster configuration unusable; fix the Secret entry (checked again on every change)");
+                self.status.remote(&self.name, |r| {
+                    r.connected = false;
+                    r.synced = false;
+                    r.failures += 1;
+                    r.last_failure = Some(unix_now());
+                    r.last_error = Some(e.clone());
+                });
+                return pending().await;
+            }
+        };
+        self.status.remote(&self.name, |r| r.endpoints = cfg.endpoints.clone());
+        let mut backoff = Backoff::new(self.settings.min_backoff, self.settings.max_backoff);
+        let mut grace: Option<(Instant, u64)> = None;
+        loop {
+            let started = Instant::now();
+            let end = match self.connector.connect(&self.name, &self.file.path, &cfg).await {
+                Err(e) => End::Failed(e),
+                Ok(store) => self.session(&store, started, &mut backoff, &mut grace).await,
+            };
+            match end {
+                End::Failed(e) => self.fail(&e),
+                End::Compacted => {
+                    tracing::info!(cluster = %self.name, "remote watch compacted; re-listing");
+                    self.status.remote(&self.name, |r| r.synced = false);
+                }
+            }
+            let delay = backoff.next_delay();
+            // A grace period may expire while disconnected.
+            let deadline = Instant::now() + delay;
+            while let Some((until, generation)) = grace
+                && until <= deadline
+            {
+                tokio::time::sleep_until(until).await;
+                self.end_grace(generation);
+                grace = None;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn end_grace(&self, generation: u64) {
+        let pruned = self.cache.prune_stale(&self.name, generation);
+        tracing::info!(cluster = %self.name, pruned, "grace period over: withdrawing routes of nodes that did not republish");
+        self.status.remote(&self.name, |r| r.empty_grace_until = None);
+        self.cache.notify();
+    }
+
+    async fn session<S: KvStore>(
+        &self,
+        store: &S,
+        started: Instant,
+        backoff: &mut Backoff,
+        grace: &mut Option<(Instant, u64)>,
+    ) -> End {
+        let mut stream = match store.list_and_watch(PREFIX).await {
+            Ok(s) => s,
+            Err(e) => return End::Failed(e),
+        };
+        self.status.remote(&self.name, |r| {
+            r.connected = true;
+            r.synced = false;
+        });
+        let generation = self.cache.begin_list(&self.name);
+        let mut synced = false;
+        loop {
+            let grace_at = grace.map(|(t, _)| t);
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                () = async {
+                    match grace_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => pending().await,
+                    }
+                } => {
+                    if let Some((_, g)) = grace.take() {
+                        self.end_grace(g);
+                    }
+                    continue;
+                }
+            };
+            match ev {
+                Some(Ok(KvEvent::Put(kv))) => {
+                    let entry = decode(
+                        &self.name,
+                        &kv.key,
+                        &kv.value,
+                        kv.create_revision,
+                        kv.mod_revision,
+                    );
+                    self.cache.put(&self.name, generation, entry);
+                    if synced {
+                        self.cache.notify();
+                    }
+                }
+                Some(Ok(KvEvent::Delete { key, .. })) => {
+                    self.cache.delete(&self.name, &key);
+                    if synced {
+                        self.cache.notify();
+                    }
+                }
+                Some(Ok(KvEvent::ListDone { revision })) => {
+                    synced = true;
+                    backoff.reset();
+                    let (listed, held) = self.cache.counts(&self.name, generation);
+                    if listed == 0 && held > 0 {
+                        if grace.is_none() {
+                            let until = Instant::now() + self.settings.empty_grace;
+                            *grace = Some((until, generation));
+                            tracing::warn!(cluster = %self.name, held, grace_seconds = self.settings.empty_grace.as_secs(), "remote cluster's etcd came back empty; keeping its routes for the grace period so its agents can republish");
+                            let at = unix_now() + self.settings.empty_grace.as_secs_f64();
+                            self.status
+                                .remote(&self.name, |r| r.empty_grace_until = Some(at));
+                        }
+                        self.cache.mark_synced(&self.name);
+                    } else if let Some((until, _)) = *grace {
+                        // Entries are coming back: the ones that return in time keep their routes.
+                        *grace = Some((until, generation));
+                        self.cache.mark_synced(&self.name);
+                    } else {
+                        let pruned = self.cache.prune_stale(&self.name, generation);
+                        if pruned > 0 {
+                            tracing::info!(cluster = %self.name, pruned, "entries missing from the complete list removed");
+                        }
+                    }
+                    let secs = started.elapsed().as_secs_f64();
+                    self.status.remote(&self.name, |r| {
+                        r.connected = true;
+                        r.synced = true;
+                        r.last_sync = Some(unix_now());
+                        r.sync_seconds = Some(secs);
+                        r.last_error = None;
+                    });
+                    tracing::info!(cluster = %self.name, revision, entries = listed, seconds = secs, "remote cluster synced");
+                    self.cache.notify();
+                }
+                Some(Err(KvError::Compacted { .. })) => return End::Compacted,
+                Some(Err(e)) => return End::Failed(e),
+                None => {
+                    return End::Failed(KvError::WatchClosed {
+                        reason: "stream ended".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The default first reconnect delay.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests;

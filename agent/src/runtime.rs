@@ -1,0 +1,217 @@
+//! Wires the agent together: status server, publisher, remote clusters,
+//! reconciler over any [`Datapath`]. Used by the `podmesh-agent` binary and
+//! by tests (with the in-memory datapath).
+use std::{net::SocketAddr, time::Duration};
+
+use ipnet::IpNet;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{AgentConfig, NodeSource},
+    datapath::Datapath,
+    desired::LocalRanges,
+    k8s,
+    kvstore::{client_config::EtcdClientConfig, etcd::EtcdStore},
+    model::{ClusterRecord, format_mac},
+    publish::{LocalNode, Publisher, boot_id},
+    reconcile::Reconciler,
+    remote::{
+        Connector, EtcdConnector, MeshCache, RemoteSettings, Remotes, backoff::Backoff,
+        cluster::MIN_BACKOFF,
+    },
+    status::{Status, server},
+};
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The status server cannot bind.
+    #[error(transparent)]
+    Status(#[from] server::ServeError),
+    /// The local etcd client config is unusable.
+    #[error("--kvstore-config: {0}")]
+    Kvstore(#[from] crate::kvstore::client_config::ClientConfigError),
+    /// The Kubernetes client cannot be built.
+    #[error(transparent)]
+    Kubernetes(#[from] k8s::K8sError),
+}
+
+/// A running agent. Dropping it (or [`Agent::stop`]) ends its tasks and
+/// leaves the datapath and the node record's lease as they are.
+#[derive(Debug)]
+pub struct Agent {
+    /// Its status.
+    pub status: Status,
+    /// The address the status server listens on.
+    pub status_addr: SocketAddr,
+    /// The remote entries it holds.
+    pub cache: MeshCache,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Ends every task. Stop is not remove: routes and records stay.
+    pub fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The local ranges no remote may take.
+pub fn local_ranges(cfg: &AgentConfig) -> LocalRanges {
+    let mut pod = cfg.cluster_pod_cidrs.clone();
+    let mut node = Vec::new();
+    if let NodeSource::Static { ip, pod_cidrs } = &cfg.node_source {
+        pod.extend(pod_cidrs.iter().copied());
+        node.push(IpNet::from(*ip));
+    }
+    LocalRanges {
+        cluster: cfg.cluster_name.to_string(),
+        cluster_id: cfg.cluster_id,
+        pod,
+        service: cfg.service_cidrs.clone(),
+        node,
+    }
+}
+
+/// Starts the agent with real etcd connections.
+pub async fn start<D: Datapath + 'static>(
+    cfg: &AgentConfig,
+    datapath: D,
+    vtep_mac: Option<[u8; 6]>,
+) -> Result<Agent, StartError> {
+    start_with(cfg, datapath, vtep_mac, EtcdConnector).await
+}
+
+/// Starts the agent; remote clusters are reached through `connector`.
+pub async fn start_with<D: Datapath + 'static, C: Connector>(
+    cfg: &AgentConfig,
+    datapath: D,
+    vtep_mac: Option<[u8; 6]>,
+    connector: C,
+) -> Result<Agent, StartError> {
+    let status = Status::new(cfg.cluster_name.as_str(), &cfg.node_name);
+    let cache = MeshCache::new();
+    let mut tasks = Vec::new();
+    let (status_addr, serve) = server::bind(
+        cfg.status_addr,
+        status.clone(),
+        std::future::pending::<()>(),
+    )
+    .await?;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "status server stopped");
+        }
+    }));
+
+    // The local node: from flags, or watched from Kubernetes.
+    let (node_tx, node_rx) = watch::channel(None::<LocalNode>);
+    let mac = vtep_mac.map(format_mac);
+    match &cfg.node_source {
+        NodeSource::Static { ip, pod_cidrs } => {
+            let _ = node_tx.send(Some(LocalNode {
+                addresses: vec![*ip],
+                pod_cidrs: pod_cidrs.clone(),
+                vtep_mac: mac,
+            }));
+            // Keep the sender alive so the publisher sees no end of the source.
+            tasks.push(tokio::spawn(async move {
+                node_tx.closed().await;
+            }));
+        }
+        NodeSource::Kubernetes => {
+            let api = k8s::KubeNodes::from_env().await?;
+            tasks.push(tokio::spawn(k8s::follow_node(
+                api,
+                cfg.node_name.clone(),
+                mac,
+                node_tx,
+            )));
+        }
+    }
+
+    // Publishing into the local mesh etcd.
+    if let Some(path) = &cfg.kvstore_config {
+        let client_cfg = EtcdClientConfig::load(path)?;
+        let publisher_cluster = ClusterRecord {
+            name: cfg.cluster_name.to_string(),
+            id: cfg.cluster_id,
+            pod_cidrs: cfg.cluster_pod_cidrs.clone(),
+            service_cidrs: cfg.service_cidrs.clone(),
+        };
+        let (path, node_name, ttl, st) = (
+            path.clone(),
+            cfg.node_name.clone(),
+            cfg.lease_ttl,
+            status.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut backoff = Backoff::new(MIN_BACKOFF, Duration::from_secs(10));
+            loop {
+                match EtcdStore::connect(&client_cfg, &path).await {
+                    Ok(store) => {
+                        Publisher {
+                            store,
+                            cluster: publisher_cluster.clone(),
+                            node_name: node_name.clone(),
+                            boot_id: boot_id(),
+                            ttl,
+                            status: st.clone(),
+                            node: node_rx.clone(),
+                        }
+                        .run()
+                        .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, hint = "check --kvstore-config and that the local mesh etcd is up", "cannot connect to the local mesh etcd; retrying");
+                        st.update(|r| r.local.last_error = Some(e.to_string()));
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    // Remote clusters: scan the Secret once before the reconciler starts, so
+    // that routes of configured clusters are kept while they reconnect.
+    let settings = RemoteSettings {
+        empty_grace: cfg.empty_grace,
+        min_backoff: MIN_BACKOFF,
+        max_backoff: cfg.max_backoff,
+    };
+    if let Some(dir) = &cfg.clustermesh_config {
+        let mut remotes = Remotes::new(
+            dir.clone(),
+            cfg.cluster_name.as_str(),
+            connector,
+            cache.clone(),
+            status.clone(),
+            settings,
+        );
+        remotes.sync_once();
+        let poll = cfg.secret_poll;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(poll).await;
+            remotes.run(poll).await;
+        }));
+    }
+
+    let reconciler = Reconciler::new(datapath, local_ranges(cfg), cache.clone(), status.clone());
+    tasks.push(tokio::spawn(reconciler.run(cfg.resync_interval)));
+    tracing::info!(cluster = %cfg.cluster_name, node = %cfg.node_name, status = %status_addr, "podmesh-agent started");
+    Ok(Agent {
+        status,
+        status_addr,
+        cache,
+        tasks,
+    })
+}

@@ -1,0 +1,181 @@
+//! The agent's observable state (per remote cluster: connection, sync, records)
+//! and the HTTP status server that shows it (`/healthz`, `/readyz`, `/metrics`, `/status`).
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{datapath::RemoteRoute, desired::RecordOutcome, model::format_mac};
+
+pub mod metrics;
+pub mod server;
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One installed route as `/status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// Remote node Pod CIDR.
+    pub cidr: ipnet::IpNet,
+    /// Remote cluster.
+    pub cluster: String,
+    /// Remote node.
+    pub node: String,
+    /// Tunnel endpoint / next hop.
+    #[serde(rename = "nodeAddr")]
+    pub node_addr: std::net::IpAddr,
+    /// Remote VTEP MAC.
+    #[serde(rename = "vtepMAC", default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<String>,
+}
+
+impl From<&RemoteRoute> for RouteStatus {
+    fn from(r: &RemoteRoute) -> Self {
+        Self {
+            cidr: r.cidr,
+            cluster: r.cluster.clone(),
+            node: r.node.clone(),
+            node_addr: r.node_addr,
+            vtep_mac: r.vtep_mac.map(format_mac),
+        }
+    }
+}
+
+/// One remote cluster as `/status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemoteStatus {
+    /// Cluster name (the Secret file name).
+    pub name: String,
+    /// etcd endpoints from its client config.
+    pub endpoints: Vec<String>,
+    /// A connection is established and a list or watch is running.
+    pub connected: bool,
+    /// A complete list was received and the watch is live.
+    pub synced: bool,
+    /// Unix time of the last complete list.
+    pub last_sync: Option<f64>,
+    /// Seconds the last complete list took (connect to `ListDone`).
+    pub sync_seconds: Option<f64>,
+    /// Connection or watch failures since start.
+    pub failures: u64,
+    /// Unix time of the last failure.
+    pub last_failure: Option<f64>,
+    /// The last error, with a hint.
+    pub last_error: Option<String>,
+    /// Set while the remote came back empty and its old entries are kept: Unix time when they are pruned.
+    pub empty_grace_until: Option<f64>,
+    /// Entries held for this remote.
+    pub entries: usize,
+    /// Node records whose routes are programmed.
+    pub nodes_programmed: usize,
+    /// Records rejected, by reason code.
+    pub rejected_by_reason: BTreeMap<String, usize>,
+    /// Every record and its outcome.
+    pub records: Vec<RecordOutcome>,
+}
+
+/// This node's publication in the local mesh etcd.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalStatus {
+    /// This cluster.
+    pub cluster: String,
+    /// This node.
+    pub node: String,
+    /// The node record is written under a live lease.
+    pub published: bool,
+    /// The lease the node record is bound to.
+    pub lease: Option<i64>,
+    /// Times the node record was (re)published since start.
+    pub publications: u64,
+    /// Set when the local etcd holds a different cluster record than this agent would write.
+    pub cluster_record_conflict: Option<String>,
+    /// The last error, with a hint.
+    pub last_error: Option<String>,
+}
+
+/// The whole `/status` document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// podmesh version.
+    pub version: String,
+    /// Ready: every configured remote connected and synced.
+    pub ready: bool,
+    /// The local publication.
+    pub local: LocalStatus,
+    /// Remote clusters by name.
+    pub remotes: BTreeMap<String, RemoteStatus>,
+    /// Routes the datapath holds (as last applied).
+    pub routes: Vec<RouteStatus>,
+    /// Last datapath error, if any.
+    pub datapath_error: Option<String>,
+    /// Rejections counted since start, by (cluster, reason).
+    #[serde(default)]
+    pub rejections_total: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl StatusReport {
+    /// Whether every remote is connected and synced.
+    pub fn compute_ready(&self) -> bool {
+        self.remotes.values().all(|r| r.connected && r.synced)
+    }
+}
+
+/// Shared, cheaply cloneable handle on the status.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    inner: Arc<Mutex<StatusReport>>,
+}
+
+impl Status {
+    /// A status for this cluster and node.
+    pub fn new(cluster: &str, node: &str) -> Self {
+        let s = Self::default();
+        s.update(|r| {
+            r.version = env!("CARGO_PKG_VERSION").to_string();
+            r.local.cluster = cluster.to_string();
+            r.local.node = node.to_string();
+        });
+        s
+    }
+
+    /// Changes the status under its lock.
+    pub fn update<T>(&self, f: impl FnOnce(&mut StatusReport) -> T) -> T {
+        let mut g = self.inner.lock().expect("status lock");
+        f(&mut g)
+    }
+
+    /// Changes one remote's status, creating it if needed.
+    pub fn remote<T>(&self, name: &str, f: impl FnOnce(&mut RemoteStatus) -> T) -> T {
+        self.update(|r| {
+            let e = r
+                .remotes
+                .entry(name.to_string())
+                .or_insert_with(|| RemoteStatus {
+                    name: name.to_string(),
+                    ..RemoteStatus::default()
+                });
+            f(e)
+        })
+    }
+
+    /// A copy of the status with `ready` computed.
+    pub fn snapshot(&self) -> StatusReport {
+        let mut s = self.update(|r| r.clone());
+        s.ready = s.compute_ready();
+        s
+    }
+
+    /// Whether every configured remote is connected and synced.
+    pub fn ready(&self) -> bool {
+        self.update(|r| r.compute_ready())
+    }
+}

@@ -1,0 +1,93 @@
+//! The HTTP status server: `/healthz`, `/readyz`, `/metrics`, `/status`.
+use std::net::SocketAddr;
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::net::TcpListener;
+
+use super::{Status, StatusReport, metrics};
+
+/// The status server could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("status server on {addr}: {source} (is another agent running? choose another --status-addr)")]
+pub struct ServeError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` now (so a taken port fails at start) and returns the bound
+/// address and the future that serves until `shutdown` resolves.
+pub async fn bind(
+    addr: SocketAddr,
+    status: Status,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<
+    (
+        SocketAddr,
+        impl std::future::Future<Output = std::io::Result<()>> + Send,
+    ),
+    ServeError,
+> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError { addr, source })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .route("/status", get(status_handler))
+        .with_state(status);
+    let fut = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    };
+    Ok((local, fut))
+}
+
+async fn readyz(State(s): State<Status>) -> impl IntoResponse {
+    let snap = s.snapshot();
+    if snap.ready {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        let waiting: Vec<String> = snap
+            .remotes
+            .values()
+            .filter(|r| !(r.connected && r.synced))
+            .map(|r| {
+                format!(
+                    "{}: {}",
+                    r.name,
+                    r.last_error.as_deref().unwrap_or(if r.connected {
+                        "listing"
+                    } else {
+                        "connecting"
+                    })
+                )
+            })
+            .collect();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", waiting.join("; ")),
+        )
+    }
+}
+
+async fn metrics_handler(State(s): State<Status>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&s.snapshot()),
+    )
+}
+
+async fn status_handler(State(s): State<Status>) -> Json<StatusReport> {
+    Json(s.snapshot())
+}

@@ -1,0 +1,502 @@
+//! The agent's control plane against real etcd with mTLS: several simulated
+//! remote clusters (each a real etcd), the bad-record corpus, etcd restarts
+//! (also empty), compaction, and Secret changes including certificate rotation.
+//! The agent runs in-process with the in-memory datapath.
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use podmesh_agent::{
+    config,
+    datapath::{RemoteRoute, memory::MemoryDatapath},
+    desired::RecordState,
+    model::{cluster_key, node_key},
+    runtime::{self, Agent},
+    status::StatusReport,
+};
+use podmesh_tests::{
+    eventually_async,
+    etcd::{Etcd, http_get, write_client_config},
+    pki::Pki,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A remote cluster: a real etcd its (simulated) agents write into.
+struct Remote {
+    name: &'static str,
+    id: u32,
+    etcd: Etcd,
+    client: etcd_client::Client,
+}
+
+impl Remote {
+    async fn start(name: &'static str, id: u32) -> anyhow::Result<Self> {
+        let etcd = Etcd::start_with(Arc::new(Pki::new(name)?), name)?;
+        let client = etcd.connect().await?;
+        Ok(Self {
+            name,
+            id,
+            etcd,
+            client,
+        })
+    }
+
+    async fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.client = self.etcd.connect().await?;
+        Ok(())
+    }
+
+    async fn put_raw(&mut self, key: &str, value: impl Into<Vec<u8>>) -> anyhow::Result<()> {
+        self.client.put(key, value, None).await?;
+        Ok(())
+    }
+
+    async fn cluster(&mut self, pods: &[&str]) -> anyhow::Result<()> {
+        let v = serde_json::json!({"name": self.name, "id": self.id, "podCIDRs": pods, "serviceCIDRs": []});
+        self.put_raw(&cluster_key(self.name), v.to_string()).await
+    }
+
+    async fn node(&mut self, node: &str, addr: &str, pods: &[&str]) -> anyhow::Result<()> {
+        let v = serde_json::json!({"name": node, "cluster": self.name, "clusterID": self.id,
+            "addresses": [addr], "podCIDRs": pods, "vtepMAC": "02:00:00:00:00:01"});
+        self.put_raw(&node_key(self.name, node), v.to_string()).await
+    }
+
+    async fn delete(&mut self, key: &str) -> anyhow::Result<()> {
+        self.client.delete(key, None).await?;
+        Ok(())
+    }
+}
+
+/// The clustermesh Secret as a directory that is updated like the kubelet does it.
+struct SecretDir {
+    root: tempfile::TempDir,
+    generation: u32,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl SecretDir {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            root: tempfile::tempdir()?,
+            generation: 0,
+            files: BTreeMap::new(),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Adds or replaces the entry of `remote` (client YAML plus its three PEM files).
+    fn set(&mut self, remote: &Remote, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<()> {
+        let n = remote.name;
+        self.files.insert(format!("{n}.ca.crt"), std::fs::read(ca)?);
+        self.files.insert(format!("{n}.client.crt"), std::fs::read(cert)?);
+        self.files.insert(format!("{n}.client.key"), std::fs::read(key)?);
+        // Relative paths: resolved against the mounted directory.
+        let yaml = format!(
+            "endpoints:\n- {}\ntrusted-ca-file: {n}.ca.crt\ncert-file: {n}.client.crt\nkey-file: {n}.client.key\n",
+            remote.etcd.endpoint()
+        );
+        self.files.insert(n.to_string(), yaml.into_bytes());
+        self.publish()
+    }
+
+    fn set_valid(&mut self, remote: &Remote) -> anyhow::Result<()> {
+        let c = remote.etcd.root_client().clone();
+        self.set(remote, remote.etcd.pki().ca(), &c.cert, &c.key)
+    }
+
+    fn remove(&mut self, name: &str) -> anyhow::Result<()> {
+        self.files.retain(|k, _| k != name && !k.starts_with(&format!("{name}.")));
+        self.publish()
+    }
+
+    /// Writes a new `..<generation>` directory and swaps `..data` to it atomically.
+    fn publish(&mut self) -> anyhow::Result<()> {
+        self.generation += 1;
+        let root = self.root.path();
+        let data = format!("..2026_{}", self.generation);
+        std::fs::create_dir(root.join(&data))?;
+        for (n, c) in &self.files {
+            std::fs::write(root.join(&data).join(n), c)?;
+        }
+        let tmp = root.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&data, &tmp)?;
+        std::fs::rename(&tmp, root.join("..data"))?;
+        for n in self.files.keys() {
+            let link = root.join(n);
+            if link.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(Path::new("..data").join(n), &link)?;
+            }
+        }
+        for e in std::fs::read_dir(root)?.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if !n.starts_with("..") && !self.files.contains_key(&n) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent under test (cluster "home", ID 9) with its own real etcd.
+struct Home {
+    etcd: Etcd,
+    agent: Agent,
+    dp: MemoryDatapath,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_home(secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
+    let etcd = Etcd::start_with(Arc::new(Pki::new("home")?), "home")?;
+    let dir = tempfile::tempdir()?;
+    let kv = etcd.client_config(&dir.path().join("local.yaml"))?;
+    let mut args: Vec<String> = [
+        "podmesh-agent",
+        "--cluster-name",
+        "home",
+        "--cluster-id",
+        "9",
+        "--node-name",
+        "h1",
+        "--node-ip",
+        "192.168.9.1",
+        "--pod-cidr",
+        "10.9.1.0/24",
+        "--cluster-pod-cidr",
+        "10.9.0.0/16",
+        "--service-cidr",
+        "10.96.0.0/12",
+        "--status-addr",
+        "127.0.0.1:0",
+        "--datapath-dry-run",
+        "--secret-poll-ms",
+        "100",
+        "--max-backoff",
+        "1",
+        "--lease-ttl",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push("--kvstore-config".into());
+    args.push(kv.display().to_string());
+    args.push("--clustermesh-config".into());
+    args.push(secret.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let cfg = config::load_from(args)?;
+    let dp = MemoryDatapath::new();
+    let agent = runtime::start(&cfg, dp.clone(), None).await?;
+    Ok(Home {
+        etcd,
+        agent,
+        dp,
+        _dir: dir,
+    })
+}
+
+fn routes(dp: &MemoryDatapath) -> BTreeMap<String, RemoteRoute> {
+    dp.snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// Waits until the datapath holds exactly `want` (CIDR -> node).
+async fn wait_routes(dp: &MemoryDatapath, want: &[(&str, &str)]) -> anyhow::Result<()> {
+    let want: BTreeMap<String, String> = want
+        .iter()
+        .map(|(c, n)| (c.to_string(), n.to_string()))
+        .collect();
+    eventually_async(WAIT, || async {
+        let have: BTreeMap<String, String> = routes(dp)
+            .into_iter()
+            .map(|(c, r)| (c, r.node))
+            .collect();
+        if have == want {
+            Ok(())
+        } else {
+            Err(format!("routes {have:?}, want {want:?}"))
+        }
+    })
+    .await
+}
+
+fn status(home: &Home) -> anyhow::Result<StatusReport> {
+    podmesh_agent::cli::status::fetch(&home.agent.status_addr.to_string())
+        .context("fetching /status")
+}
+
+async fn wait_status(
+    home: &Home,
+    what: &str,
+    f: impl Fn(&StatusReport) -> bool,
+) -> anyhow::Result<StatusReport> {
+    eventually_async(WAIT, || async {
+        let s = status(home).map_err(|e| e.to_string())?;
+        if f(&s) {
+            Ok(s)
+        } else {
+            Err(format!("{what}: {}", serde_json::to_string(&s.remotes).unwrap_or_default()))
+        }
+    })
+    .await
+}
+
+fn rejected_code(s: &StatusReport, key: &str) -> Option<String> {
+    s.remotes
+        .values()
+        .flat_map(|r| r.records.iter())
+        .find(|r| r.key == key)
+        .and_then(|r| match &r.state {
+            RecordState::Rejected(j) => Some(j.code.clone()),
+            RecordState::Programmed => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_mesh_two_and_three_clusters_propagate_and_drain() -> anyhow::Result<()> {
+    let mut east = Remote::start("east", 1).await?;
+    let mut west = Remote::start("west", 2).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let home = start_home(secret.path(), &[]).await?;
+
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
+    wait_status(&home, "ready", |s| s.ready).await?;
+    assert!(http_get(home.agent.status_addr.port(), "/readyz")?.starts_with("HTTP/1.1 200"));
+
+    // The local node is published under a lease, with the cluster record.
+    let mut local = home.etcd.connect().await?;
+    let r = local.get(node_key("home", "h1"), None).await?;
+    let kv = r.kvs().first().context("local node record")?;
+    assert_ne!(kv.lease(), 0, "node record bound to a lease");
+    let rec: serde_json::Value = serde_json::from_slice(kv.value())?;
+    assert_eq!(rec["podCIDRs"][0], "10.9.1.0/24");
+    assert!(!local.get(cluster_key("home"), None).await?.kvs().is_empty());
+
+    // A third cluster appears in the Secret.
+    west.cluster(&["10.2.0.0/16"]).await?;
+    west.node("w1", "192.168.2.1", &["10.2.1.0/24", "10.2.2.0/24"]).await?;
+    secret.set_valid(&west)?;
+    wait_routes(
+        &home.dp,
+        &[
+            ("10.1.1.0/24", "e1"),
+            ("10.1.2.0/24", "e2"),
+            ("10.2.1.0/24", "w1"),
+            ("10.2.2.0/24", "w1"),
+        ],
+    )
+    .await?;
+
+    // Update and delete propagate.
+    east.node("e1", "192.168.1.11", &["10.1.1.0/24"]).await?;
+    eventually_async(WAIT, || async {
+        let r = routes(&home.dp);
+        match r.get("10.1.1.0/24") {
+            Some(x) if x.node_addr.to_string() == "192.168.1.11" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    east.delete(&node_key("east", "e2")).await?;
+    wait_routes(
+        &home.dp,
+        &[("10.1.1.0/24", "e1"), ("10.2.1.0/24", "w1"), ("10.2.2.0/24", "w1")],
+    )
+    .await?;
+
+    // Metrics name every remote.
+    let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    assert!(m.contains("podmesh_remote_ready{cluster=\"west\"} 1"), "{m}");
+    assert!(m.contains("podmesh_remote_nodes{cluster=\"east\"} 1"), "{m}");
+
+    // Removing east from the Secret drains its routes; west stays.
+    secret.remove("east")?;
+    wait_routes(&home.dp, &[("10.2.1.0/24", "w1"), ("10.2.2.0/24", "w1")]).await?;
+    let s = wait_status(&home, "east gone", |s| !s.remotes.contains_key("east")).await?;
+    assert!(s.ready);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()> {
+    let mut west = Remote::start("west", 2).await?;
+    west.cluster(&["10.2.0.0/16"]).await?;
+    west.node("w1", "192.168.2.1", &["10.2.1.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&west)?;
+    let home = start_home(secret.path(), &[]).await?;
+    wait_routes(&home.dp, &[("10.2.1.0/24", "w1")]).await?;
+
+    // east joins later, declaring a range that also covers west's.
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.0.0.0/14"]).await?;
+    east.node("good", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.put_raw(&node_key("east", "json"), "{\"name\":").await?;
+    east.put_raw(
+        &node_key("east", "mismatch"),
+        serde_json::json!({"name":"other","cluster":"east","clusterID":1,"addresses":["192.168.1.2"],"podCIDRs":["10.1.2.0/24"]}).to_string(),
+    )
+    .await?;
+    east.node("outside", "192.168.1.3", &["10.5.0.0/24"]).await?;
+    east.node("local", "192.168.1.4", &["10.9.1.0/24"]).await?;
+    east.node("remote", "192.168.1.5", &["10.2.1.0/24"]).await?;
+    east.node("default", "192.168.1.6", &["0.0.0.0/0"]).await?;
+    east.node("reserved", "192.168.1.7", &["127.0.0.0/24"]).await?;
+    east.put_raw(&node_key("east", "huge"), vec![b' '; 70 * 1024]).await?;
+    east.put_raw(&node_key("west", "foreign"), "{}").await?;
+    // dup: a cluster with west's ID.
+    let mut dup = Remote::start("dup", 2).await?;
+    dup.cluster(&["10.7.0.0/16"]).await?;
+    dup.node("d1", "192.168.7.1", &["10.7.1.0/24"]).await?;
+    secret.set_valid(&east)?;
+    secret.set_valid(&dup)?;
+
+    let expect = [
+        (node_key("east", "json"), "record-invalid-json"),
+        (node_key("east", "mismatch"), "record-key-mismatch"),
+        (node_key("east", "outside"), "node-pod-cidr-outside-cluster"),
+        (node_key("east", "local"), "pod-cidr-overlap"),
+        (node_key("east", "remote"), "pod-cidr-overlap"),
+        (node_key("east", "default"), "cidr-default-route"),
+        (node_key("east", "reserved"), "cidr-reserved"),
+        (node_key("east", "huge"), "record-too-large"),
+        (node_key("west", "foreign"), "record-foreign-cluster"),
+        (cluster_key("dup"), "cluster-id-duplicate"),
+        (node_key("dup", "d1"), "cluster-rejected"),
+    ];
+    let s = wait_status(&home, "all rejected", |s| {
+        s.ready && expect.iter().all(|(k, _)| rejected_code(s, k).is_some())
+    })
+    .await?;
+    for (k, code) in &expect {
+        assert_eq!(rejected_code(&s, k).as_deref(), Some(*code), "{k}");
+    }
+    wait_routes(&home.dp, &[("10.2.1.0/24", "w1"), ("10.1.1.0/24", "good")]).await?;
+    let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    assert!(
+        m.contains("podmesh_remote_rejected_records{cluster=\"east\",reason=\"cidr-reserved\"} 1"),
+        "{m}"
+    );
+    // The table view lists the rejected keys with their reasons.
+    let table = podmesh_agent::cli::status::table(&s);
+    assert!(table.contains("podmesh/v1/nodes/east/huge  [record-too-large]"), "{table}");
+
+    // Still serving: a good record still propagates, a fixed one is accepted.
+    east.node("good2", "192.168.1.8", &["10.1.3.0/24"]).await?;
+    east.node("outside", "192.168.1.3", &["10.1.4.0/24"]).await?;
+    wait_routes(
+        &home.dp,
+        &[
+            ("10.2.1.0/24", "w1"),
+            ("10.1.1.0/24", "good"),
+            ("10.1.3.0/24", "good2"),
+            ("10.1.4.0/24", "outside"),
+        ],
+    )
+    .await?;
+    assert!(http_get(home.agent.status_addr.port(), "/healthz")?.contains("ok"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> anyhow::Result<()> {
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let mut home = start_home(secret.path(), &["--empty-grace", "4"]).await?;
+    let both = [("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")];
+    wait_routes(&home.dp, &both).await?;
+
+    // Killed: not ready, last known routes kept, failure reported.
+    east.etcd.kill();
+    let s = wait_status(&home, "east down", |s| {
+        !s.ready && s.remotes["east"].failures > 0
+    })
+    .await?;
+    assert!(s.remotes["east"].last_error.is_some());
+    assert_eq!(routes(&home.dp).len(), 2);
+    // Restarted with its data, plus a change made while the agent was away.
+    east.etcd.restart()?;
+    east.reconnect().await?;
+    east.delete(&node_key("east", "e2")).await?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1")]).await?;
+    wait_status(&home, "ready again", |s| s.ready).await?;
+
+    // Compaction: history gone; updates keep flowing.
+    for i in 0..20 {
+        east.node("e1", &format!("192.168.1.{}", 20 + i), &["10.1.1.0/24"]).await?;
+    }
+    let rev = east.client.get("x", None).await?.header().map(|h| h.revision()).unwrap_or(1);
+    east.client.compact(rev, None).await?;
+    east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.3.0/24", "e3")]).await?;
+
+    // Restarted empty: routes kept through the grace period (reported), then
+    // only the nodes that republished stay.
+    east.etcd.restart_empty()?;
+    east.reconnect().await?;
+    let s = wait_status(&home, "grace", |s| {
+        s.remotes["east"].empty_grace_until.is_some()
+    })
+    .await?;
+    assert!(s.remotes["east"].synced);
+    assert_eq!(routes(&home.dp).len(), 2, "routes kept during the grace period");
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
+    wait_routes(&home.dp, &[("10.1.3.0/24", "e3")]).await?;
+    wait_status(&home, "grace over", |s| s.remotes["east"].empty_grace_until.is_none()).await?;
+
+    // The local etcd restarted empty: the agent republishes its node and cluster records.
+    home.etcd.restart_empty()?;
+    let mut local = home.etcd.connect().await?;
+    eventually_async(WAIT, || {
+        let mut local = local.clone();
+        async move {
+            let n = local.get(node_key("home", "h1"), None).await.map_err(|e| e.to_string())?;
+            let c = local.get(cluster_key("home"), None).await.map_err(|e| e.to_string())?;
+            if !n.kvs().is_empty() && !c.kvs().is_empty() {
+                Ok(())
+            } else {
+                Err("not republished yet".to_string())
+            }
+        }
+    })
+    .await?;
+    let _ = local.status().await?;
+
+    // Certificate rotation to a client certificate from a CA the server does not
+    // trust: refused with a TLS error, routes kept.
+    let stranger = Pki::new("stranger")?;
+    let bad = stranger.client("intruder")?;
+    secret.set(&east, east.etcd.pki().ca(), &bad.cert, &bad.key)?;
+    let before = status(&home)?.remotes["east"].failures;
+    east.etcd.restart()?; // drop the established connection
+    east.reconnect().await?;
+    let s = wait_status(&home, "refused", |s| {
+        !s.remotes["east"].connected && s.remotes["east"].failures > before
+    })
+    .await?;
+    eprintln!("refused with: {:?}", s.remotes["east"].last_error);
+    assert_eq!(routes(&home.dp).len(), 1);
+    // Rotated to a fresh valid certificate: reconnects without a restart.
+    let fresh = east.etcd.pki().client("east-rotated")?;
+    secret.set(&east, east.etcd.pki().ca(), &fresh.cert, &fresh.key)?;
+    wait_status(&home, "reconnected", |s| s.ready).await?;
+    east.node("e4", "192.168.1.4", &["10.1.4.0/24"]).await?;
+    wait_routes(&home.dp, &[("10.1.3.0/24", "e3"), ("10.1.4.0/24", "e4")]).await?;
+    drop(home);
+    Ok(())
+}
