@@ -205,7 +205,10 @@ where
 {
     let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let cmd = AgentArgs::command();
-    let matches = cmd.clone().try_get_matches_from(&argv).map_err(clap_error)?;
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(clap_error)?;
     let first = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
     let Some(path) = first.config.clone() else {
         return first.validate();
@@ -233,10 +236,7 @@ where
 
 fn clap_error(e: clap::Error) -> ConfigError {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-    ) {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
     let text = e.to_string();
@@ -341,8 +341,8 @@ impl AgentArgs {
         let name = self.cluster_name.ok_or_else(|| {
             ConfigError::invalid("cluster-name", "required (this cluster's name, e.g. east)")
         })?;
-        let cluster_name =
-            ClusterName::new(name).map_err(|e| ConfigError::invalid("cluster-name", e.to_string()))?;
+        let cluster_name = ClusterName::new(name)
+            .map_err(|e| ConfigError::invalid("cluster-name", e.to_string()))?;
         let cluster_id = self.cluster_id.ok_or_else(|| {
             ConfigError::invalid("cluster-id", "required (1-255, unique in the mesh)")
         })?;
@@ -357,7 +357,10 @@ impl AgentArgs {
             .filter(|n| !n.is_empty())
             .or_else(host_name)
             .ok_or_else(|| {
-                ConfigError::invalid("node-name", "required when $NODE_NAME and the host name are unset")
+                ConfigError::invalid(
+                    "node-name",
+                    "required when $NODE_NAME and the host name are unset",
+                )
             })?;
         if node_name.contains('/') || node_name.len() > 253 {
             return Err(ConfigError::invalid(
@@ -423,7 +426,10 @@ impl AgentArgs {
             return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
         }
         if self.lease_ttl < 2 {
-            return Err(ConfigError::invalid("lease-ttl", "must be at least 2 seconds"));
+            return Err(ConfigError::invalid(
+                "lease-ttl",
+                "must be at least 2 seconds",
+            ));
         }
         if self.secret_poll_ms == 0 {
             return Err(ConfigError::invalid("secret-poll-ms", "must be positive"));
@@ -515,15 +521,23 @@ mod tests {
         a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.1/24"]);
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.starts_with("--pod-cidr:"), "{e}");
-        let e = load_from(["podmesh-agent", "--cluster-name", "East", "--cluster-id", "1"])
-            .unwrap_err()
-            .to_string();
+        let e = load_from([
+            "podmesh-agent",
+            "--cluster-name",
+            "East",
+            "--cluster-id",
+            "1",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("--cluster-name:"), "{e}");
         let mut a = base();
         a[4] = "300";
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.starts_with("--cluster-id:"), "{e}");
-        let e = load_from(["podmesh-agent", "--vni", "x"]).unwrap_err().to_string();
+        let e = load_from(["podmesh-agent", "--vni", "x"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--vni"), "{e}");
         assert!(!e.contains('\n'));
     }

@@ -18,7 +18,9 @@ use crate::{publish::LocalNode, remote::backoff::Backoff};
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
     /// No in-cluster or kubeconfig credentials.
-    #[error("kubernetes client: {0} (run in a Pod with a service account, or give --node-ip and --pod-cidr)")]
+    #[error(
+        "kubernetes client: {0} (run in a Pod with a service account, or give --node-ip and --pod-cidr)"
+    )]
     Client(String),
     /// The API call failed.
     #[error("{op} node {node}: {message}")]
@@ -141,9 +143,7 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
         ));
     }
     let spec = node.spec.as_ref();
-    let mut cidrs: Vec<String> = spec
-        .and_then(|s| s.pod_cidrs.clone())
-        .unwrap_or_default();
+    let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if cidrs.is_empty()
         && let Some(c) = spec.and_then(|s| s.pod_cidr.clone())
     {
@@ -176,11 +176,13 @@ pub async fn follow_node<A: NodeApi>(
     loop {
         let mut stream = api.watch(&name);
         while let Some(item) = stream.next().await {
-            let local = item.and_then(|n| node_addresses(&n)).map(|(a, p)| LocalNode {
-                addresses: a,
-                pod_cidrs: p,
-                vtep_mac: vtep_mac.clone(),
-            });
+            let local = item
+                .and_then(|n| node_addresses(&n))
+                .map(|(a, p)| LocalNode {
+                    addresses: a,
+                    pod_cidrs: p,
+                    vtep_mac: vtep_mac.clone(),
+                });
             match local {
                 Ok(l) => {
                     backoff.reset();
@@ -233,7 +235,12 @@ mod tests {
         assert_eq!(p, vec!["10.1.1.0/24".parse::<IpNet>().unwrap()]);
         let mut bare = n.clone();
         bare.spec = None;
-        assert!(node_addresses(&bare).unwrap_err().to_string().contains("podCIDRs"));
+        assert!(
+            node_addresses(&bare)
+                .unwrap_err()
+                .to_string()
+                .contains("podCIDRs")
+        );
     }
 
     #[tokio::test]
@@ -247,12 +254,19 @@ mod tests {
             assert_eq!(req.uri().path(), "/api/v1/nodes/n1");
             send.send_response(
                 Response::builder()
-                    .body(Body::from(serde_json::to_vec(&node_json("10.1.1.0/24")).unwrap()))
+                    .body(Body::from(
+                        serde_json::to_vec(&node_json("10.1.1.0/24")).unwrap(),
+                    ))
                     .unwrap(),
             );
             // LIST of the watcher, by field selector.
             let (req, send) = handle.next_request().await.unwrap();
-            assert!(req.uri().query().unwrap().contains("fieldSelector=metadata.name%3Dn1"));
+            assert!(
+                req.uri()
+                    .query()
+                    .unwrap()
+                    .contains("fieldSelector=metadata.name%3Dn1")
+            );
             let list = serde_json::json!({
                 "apiVersion": "v1", "kind": "NodeList",
                 "metadata": {"resourceVersion": "7"},

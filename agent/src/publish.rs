@@ -88,7 +88,13 @@ impl<S: KvStore> Publisher<S> {
                 Ok(r) if r == self.cluster => None,
                 Ok(r) => Some(format!(
                     "{key} holds {} (ID {}, Pod CIDRs {:?}, service CIDRs {:?}) but this agent is configured with ID {}, Pod CIDRs {:?}, service CIDRs {:?}; not overwritten: make every agent of the cluster use the same --cluster-id/--cluster-pod-cidr/--service-cidr, then delete the key",
-                    r.name, r.id, r.pod_cidrs, r.service_cidrs, self.cluster.id, self.cluster.pod_cidrs, self.cluster.service_cidrs
+                    r.name,
+                    r.id,
+                    r.pod_cidrs,
+                    r.service_cidrs,
+                    self.cluster.id,
+                    self.cluster.pod_cidrs,
+                    self.cluster.service_cidrs
                 )),
                 Err(e) => Some(format!(
                     "{key} holds an undecodable record ({e}); not overwritten: delete the key so agents can recreate it"
@@ -118,7 +124,9 @@ impl<S: KvStore> Publisher<S> {
             }
             match self.session(&mut backoff).await {
                 Stop::LeaseLost => {
-                    tracing::warn!("node record's lease was lost (local etcd restarted or wiped, or the agent stalled); republishing");
+                    tracing::warn!(
+                        "node record's lease was lost (local etcd restarted or wiped, or the agent stalled); republishing"
+                    );
                     self.status.update(|r| r.local.published = false);
                 }
                 Stop::Failed(e) => {
@@ -201,7 +209,11 @@ mod tests {
     fn publisher(
         store: &MemoryStore,
         cluster_id: u32,
-    ) -> (Publisher<MemoryStore>, watch::Sender<Option<LocalNode>>, Status) {
+    ) -> (
+        Publisher<MemoryStore>,
+        watch::Sender<Option<LocalNode>>,
+        Status,
+    ) {
         let (tx, rx) = watch::channel(Some(LocalNode {
             addresses: vec!["192.168.1.10".parse().unwrap()],
             pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
@@ -265,9 +277,14 @@ mod tests {
         p1.ensure_cluster_record().await.unwrap();
         let (p2, _t2, s2) = publisher(&store, 2);
         p2.ensure_cluster_record().await.unwrap();
-        let c: ClusterRecord =
-            serde_json::from_slice(&store.dump()[&cluster_key("east")]).unwrap();
+        let c: ClusterRecord = serde_json::from_slice(&store.dump()[&cluster_key("east")]).unwrap();
         assert_eq!(c.id, 1);
-        assert!(s2.snapshot().local.cluster_record_conflict.unwrap().contains("not overwritten"));
+        assert!(
+            s2.snapshot()
+                .local
+                .cluster_record_conflict
+                .unwrap()
+                .contains("not overwritten")
+        );
     }
 }

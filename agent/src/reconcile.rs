@@ -74,7 +74,10 @@ impl<D: Datapath> Reconciler<D> {
                 let keep: BTreeSet<IpNet> = d.routes.keys().copied().collect();
                 let pruned = self.datapath.prune(&keep).await?;
                 if !pruned.removed.is_empty() {
-                    tracing::info!(removed = pruned.removed.len(), "resync pruned routes podmesh no longer wants");
+                    tracing::info!(
+                        removed = pruned.removed.len(),
+                        "resync pruned routes podmesh no longer wants"
+                    );
                 }
             } else if !ops.upsert.is_empty() {
                 self.datapath.upsert(&ops.upsert).await?;
@@ -118,7 +121,8 @@ impl<D: Datapath> Reconciler<D> {
                 .map(|(k, v)| (k.clone(), v.entries.len()))
                 .collect()
         });
-        let applied: Vec<crate::status::RouteStatus> = self.applied.values().map(Into::into).collect();
+        let applied: Vec<crate::status::RouteStatus> =
+            self.applied.values().map(Into::into).collect();
         let error = result.err().map(|e| e.to_string());
         self.status.update(|s| {
             for (name, rs) in s.remotes.iter_mut() {

@@ -14,8 +14,8 @@ use podmesh_agent::{
     status::StatusReport,
 };
 use podmesh_tests::{
+    etcd::{Etcd, http_get},
     eventually_async,
-    etcd::{Etcd, http_get, write_client_config},
     pki::Pki,
 };
 
@@ -59,7 +59,8 @@ impl Remote {
     async fn node(&mut self, node: &str, addr: &str, pods: &[&str]) -> anyhow::Result<()> {
         let v = serde_json::json!({"name": node, "cluster": self.name, "clusterID": self.id,
             "addresses": [addr], "podCIDRs": pods, "vtepMAC": "02:00:00:00:00:01"});
-        self.put_raw(&node_key(self.name, node), v.to_string()).await
+        self.put_raw(&node_key(self.name, node), v.to_string())
+            .await
     }
 
     async fn delete(&mut self, key: &str) -> anyhow::Result<()> {
@@ -92,8 +93,10 @@ impl SecretDir {
     fn set(&mut self, remote: &Remote, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<()> {
         let n = remote.name;
         self.files.insert(format!("{n}.ca.crt"), std::fs::read(ca)?);
-        self.files.insert(format!("{n}.client.crt"), std::fs::read(cert)?);
-        self.files.insert(format!("{n}.client.key"), std::fs::read(key)?);
+        self.files
+            .insert(format!("{n}.client.crt"), std::fs::read(cert)?);
+        self.files
+            .insert(format!("{n}.client.key"), std::fs::read(key)?);
         // Relative paths: resolved against the mounted directory.
         let yaml = format!(
             "endpoints:\n- {}\ntrusted-ca-file: {n}.ca.crt\ncert-file: {n}.client.crt\nkey-file: {n}.client.key\n",
@@ -109,7 +112,8 @@ impl SecretDir {
     }
 
     fn remove(&mut self, name: &str) -> anyhow::Result<()> {
-        self.files.retain(|k, _| k != name && !k.starts_with(&format!("{name}.")));
+        self.files
+            .retain(|k, _| k != name && !k.starts_with(&format!("{name}.")));
         self.publish()
     }
 
@@ -213,10 +217,8 @@ async fn wait_routes(dp: &MemoryDatapath, want: &[(&str, &str)]) -> anyhow::Resu
         .map(|(c, n)| (c.to_string(), n.to_string()))
         .collect();
     eventually_async(WAIT, || async {
-        let have: BTreeMap<String, String> = routes(dp)
-            .into_iter()
-            .map(|(c, r)| (c, r.node))
-            .collect();
+        let have: BTreeMap<String, String> =
+            routes(dp).into_iter().map(|(c, r)| (c, r.node)).collect();
         if have == want {
             Ok(())
         } else {
@@ -241,7 +243,10 @@ async fn wait_status(
         if f(&s) {
             Ok(s)
         } else {
-            Err(format!("{what}: {}", serde_json::to_string(&s.remotes).unwrap_or_default()))
+            Err(format!(
+                "{what}: {}",
+                serde_json::to_string(&s.remotes).unwrap_or_default()
+            ))
         }
     })
     .await
@@ -271,7 +276,11 @@ async fn agent_mesh_two_and_three_clusters_propagate_and_drain() -> anyhow::Resu
 
     wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
     wait_status(&home, "ready", |s| s.ready).await?;
-    assert!(http_get(home.agent.status_addr.port(), "/readyz")?.starts_with("HTTP/1.1 200"));
+    let readyz = http_get(home.agent.status_addr.port(), "/readyz")?;
+    assert!(
+        readyz.lines().next().unwrap_or("").contains(" 200 "),
+        "{readyz}"
+    );
 
     // The local node is published under a lease, with the cluster record.
     let mut local = home.etcd.connect().await?;
@@ -284,7 +293,8 @@ async fn agent_mesh_two_and_three_clusters_propagate_and_drain() -> anyhow::Resu
 
     // A third cluster appears in the Secret.
     west.cluster(&["10.2.0.0/16"]).await?;
-    west.node("w1", "192.168.2.1", &["10.2.1.0/24", "10.2.2.0/24"]).await?;
+    west.node("w1", "192.168.2.1", &["10.2.1.0/24", "10.2.2.0/24"])
+        .await?;
     secret.set_valid(&west)?;
     wait_routes(
         &home.dp,
@@ -310,14 +320,24 @@ async fn agent_mesh_two_and_three_clusters_propagate_and_drain() -> anyhow::Resu
     east.delete(&node_key("east", "e2")).await?;
     wait_routes(
         &home.dp,
-        &[("10.1.1.0/24", "e1"), ("10.2.1.0/24", "w1"), ("10.2.2.0/24", "w1")],
+        &[
+            ("10.1.1.0/24", "e1"),
+            ("10.2.1.0/24", "w1"),
+            ("10.2.2.0/24", "w1"),
+        ],
     )
     .await?;
 
     // Metrics name every remote.
     let m = http_get(home.agent.status_addr.port(), "/metrics")?;
-    assert!(m.contains("podmesh_remote_ready{cluster=\"west\"} 1"), "{m}");
-    assert!(m.contains("podmesh_remote_nodes{cluster=\"east\"} 1"), "{m}");
+    assert!(
+        m.contains("podmesh_remote_ready{cluster=\"west\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("podmesh_remote_nodes{cluster=\"east\"} 1"),
+        "{m}"
+    );
 
     // Removing east from the Secret drains its routes; west stays.
     secret.remove("east")?;
@@ -341,31 +361,40 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
     let mut east = Remote::start("east", 1).await?;
     east.cluster(&["10.0.0.0/14"]).await?;
     east.node("good", "192.168.1.1", &["10.1.1.0/24"]).await?;
-    east.put_raw(&node_key("east", "json"), "{\"name\":").await?;
+    east.put_raw(&node_key("east", "json"), "{\"name\":")
+        .await?;
     east.put_raw(
         &node_key("east", "mismatch"),
         serde_json::json!({"name":"other","cluster":"east","clusterID":1,"addresses":["192.168.1.2"],"podCIDRs":["10.1.2.0/24"]}).to_string(),
     )
     .await?;
-    east.node("outside", "192.168.1.3", &["10.5.0.0/24"]).await?;
-    east.node("local", "192.168.1.4", &["10.9.1.0/24"]).await?;
+    east.node("outside", "192.168.1.3", &["10.5.0.0/24"])
+        .await?;
     east.node("remote", "192.168.1.5", &["10.2.1.0/24"]).await?;
     east.node("default", "192.168.1.6", &["0.0.0.0/0"]).await?;
-    east.node("reserved", "192.168.1.7", &["127.0.0.0/24"]).await?;
-    east.put_raw(&node_key("east", "huge"), vec![b' '; 70 * 1024]).await?;
+    east.node("reserved", "192.168.1.7", &["127.0.0.0/24"])
+        .await?;
+    east.put_raw(&node_key("east", "huge"), vec![b' '; 70 * 1024])
+        .await?;
     east.put_raw(&node_key("west", "foreign"), "{}").await?;
     // dup: a cluster with west's ID.
     let mut dup = Remote::start("dup", 2).await?;
     dup.cluster(&["10.7.0.0/16"]).await?;
     dup.node("d1", "192.168.7.1", &["10.7.1.0/24"]).await?;
+    // clash: declares this cluster's own Pod CIDR.
+    let mut clash = Remote::start("clash", 3).await?;
+    clash.cluster(&["10.9.0.0/16"]).await?;
+    clash.node("k1", "192.168.3.1", &["10.9.5.0/24"]).await?;
     secret.set_valid(&east)?;
     secret.set_valid(&dup)?;
+    secret.set_valid(&clash)?;
 
     let expect = [
         (node_key("east", "json"), "record-invalid-json"),
         (node_key("east", "mismatch"), "record-key-mismatch"),
         (node_key("east", "outside"), "node-pod-cidr-outside-cluster"),
-        (node_key("east", "local"), "pod-cidr-overlap"),
+        (cluster_key("clash"), "pod-cidr-overlap"),
+        (node_key("clash", "k1"), "cluster-rejected"),
         (node_key("east", "remote"), "pod-cidr-overlap"),
         (node_key("east", "default"), "cidr-default-route"),
         (node_key("east", "reserved"), "cidr-reserved"),
@@ -389,11 +418,15 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
     );
     // The table view lists the rejected keys with their reasons.
     let table = podmesh_agent::cli::status::table(&s);
-    assert!(table.contains("podmesh/v1/nodes/east/huge  [record-too-large]"), "{table}");
+    assert!(
+        table.contains("podmesh/v1/nodes/east/huge  [record-too-large]"),
+        "{table}"
+    );
 
     // Still serving: a good record still propagates, a fixed one is accepted.
     east.node("good2", "192.168.1.8", &["10.1.3.0/24"]).await?;
-    east.node("outside", "192.168.1.3", &["10.1.4.0/24"]).await?;
+    east.node("outside", "192.168.1.3", &["10.1.4.0/24"])
+        .await?;
     wait_routes(
         &home.dp,
         &[
@@ -437,9 +470,16 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
 
     // Compaction: history gone; updates keep flowing.
     for i in 0..20 {
-        east.node("e1", &format!("192.168.1.{}", 20 + i), &["10.1.1.0/24"]).await?;
+        east.node("e1", &format!("192.168.1.{}", 20 + i), &["10.1.1.0/24"])
+            .await?;
     }
-    let rev = east.client.get("x", None).await?.header().map(|h| h.revision()).unwrap_or(1);
+    let rev = east
+        .client
+        .get("x", None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or(1);
     east.client.compact(rev, None).await?;
     east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
     wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.3.0/24", "e3")]).await?;
@@ -453,11 +493,18 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
     })
     .await?;
     assert!(s.remotes["east"].synced);
-    assert_eq!(routes(&home.dp).len(), 2, "routes kept during the grace period");
+    assert_eq!(
+        routes(&home.dp).len(),
+        2,
+        "routes kept during the grace period"
+    );
     east.cluster(&["10.1.0.0/16"]).await?;
     east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
     wait_routes(&home.dp, &[("10.1.3.0/24", "e3")]).await?;
-    wait_status(&home, "grace over", |s| s.remotes["east"].empty_grace_until.is_none()).await?;
+    wait_status(&home, "grace over", |s| {
+        s.remotes["east"].empty_grace_until.is_none()
+    })
+    .await?;
 
     // The local etcd restarted empty: the agent republishes its node and cluster records.
     home.etcd.restart_empty()?;
@@ -465,8 +512,14 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
     eventually_async(WAIT, || {
         let mut local = local.clone();
         async move {
-            let n = local.get(node_key("home", "h1"), None).await.map_err(|e| e.to_string())?;
-            let c = local.get(cluster_key("home"), None).await.map_err(|e| e.to_string())?;
+            let n = local
+                .get(node_key("home", "h1"), None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let c = local
+                .get(cluster_key("home"), None)
+                .await
+                .map_err(|e| e.to_string())?;
             if !n.kvs().is_empty() && !c.kvs().is_empty() {
                 Ok(())
             } else {

@@ -1,7 +1,14 @@
 //! `podmesh-agent`: the node daemon.
 use std::process::ExitCode;
 
-use podmesh_agent::{config, datapath::memory::MemoryDatapath, runtime};
+use podmesh_agent::{
+    config::{self, NodeSource},
+    datapath::{
+        kernel::{KernelConfig, from_config},
+        memory::MemoryDatapath,
+    },
+    runtime,
+};
 
 fn main() -> ExitCode {
     let cfg = match config::load() {
@@ -43,10 +50,18 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
     let mut agent = if cfg.datapath_dry_run {
         runtime::start(&cfg, MemoryDatapath::new(), None).await?
     } else {
-        anyhow::bail!(
-            "--datapath {:?}: the kernel datapath is not part of this build yet; run with --datapath-dry-run",
-            cfg.datapath
-        );
+        let kc = KernelConfig {
+            tunnel_port: cfg.tunnel_port,
+            vni: cfg.vni,
+            node_ip: match &cfg.node_source {
+                NodeSource::Static { ip, .. } => Some(*ip),
+                NodeSource::Kubernetes => None,
+            },
+            ..KernelConfig::new(cfg.datapath)
+        };
+        let dp = from_config(&kc)?;
+        let mac = dp.vtep_mac();
+        runtime::start(&cfg, dp, mac).await?
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

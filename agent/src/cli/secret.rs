@@ -115,7 +115,10 @@ pub fn render(a: &RenderArgs) -> Result<String, RenderError> {
         "trusted-ca-file: {mount}/{kca}\ncert-file: {mount}/{kcert}\nkey-file: {mount}/{kkey}\n"
     ));
     // Refuse to render what the agent would refuse to read.
-    EtcdClientConfig::parse(client.as_bytes(), std::path::Path::new(&format!("{mount}/{cluster}")))?;
+    EtcdClientConfig::parse(
+        client.as_bytes(),
+        std::path::Path::new(&format!("{mount}/{cluster}")),
+    )?;
     let mut out = format!(
         "# clustermesh Secret entry for remote cluster {cluster}; merge the data keys of several\n# remote clusters into one Secret mounted at {mount} (--clustermesh-config).\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {}\n  namespace: {}\ntype: Opaque\ndata:\n",
         a.name, a.namespace
@@ -151,7 +154,13 @@ mod tests {
 
     #[test]
     fn base64_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }
@@ -179,6 +188,9 @@ mod tests {
         for k in ["east", "east.ca.crt", "east.client.crt", "east.client.key"] {
             assert!(v["data"][k].is_string(), "{k}");
         }
-        assert_eq!(v["data"]["east.ca.crt"].as_str().unwrap(), base64(pem.as_bytes()));
+        assert_eq!(
+            v["data"]["east.ca.crt"].as_str().unwrap(),
+            base64(pem.as_bytes())
+        );
     }
 }

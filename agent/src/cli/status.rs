@@ -5,10 +5,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    desired::RecordState,
-    status::StatusReport,
-};
+use crate::{desired::RecordState, status::StatusReport};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,7 +31,9 @@ pub struct StatusArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The agent is not reachable.
-    #[error("cannot reach the agent at {addr}: {source} (is podmesh-agent running with --status-addr {addr}?)")]
+    #[error(
+        "cannot reach the agent at {addr}: {source} (is podmesh-agent running with --status-addr {addr}?)"
+    )]
     Connect {
         /// The address.
         addr: String,
@@ -84,7 +83,10 @@ pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
     if !head.starts_with("HTTP/1.1 200") {
         return Err(answer(head.lines().next().unwrap_or("").to_string()));
     }
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -145,7 +147,11 @@ pub fn table(s: &StatusReport) -> String {
             r.last_error.as_deref().unwrap_or("-")
         );
         if r.empty_grace_until.is_some() {
-            let _ = writeln!(o, "{:<20} came back empty: keeping its routes for the grace period", "");
+            let _ = writeln!(
+                o,
+                "{:<20} came back empty: keeping its routes for the grace period",
+                ""
+            );
         }
     }
     let rejected: Vec<_> = s
@@ -175,10 +181,9 @@ pub fn run(a: &StatusArgs) -> u8 {
     match fetch(&a.addr) {
         Ok(s) => {
             match a.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).unwrap_or_default()
-                ),
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default())
+                }
                 Output::Table => print!("{}", table(&s)),
             }
             u8::from(!s.ready)

@@ -107,7 +107,9 @@ fn decode_value(remote: &str, key: &str, value: &[u8]) -> Decoded {
         Err(e) => {
             return Decoded::Invalid(Rejection::new(
                 code::RECORD_KEY_UNKNOWN,
-                format!("{e}; ignored (a newer podmesh, or something else writing under podmesh/v1/ in cluster {remote})"),
+                format!(
+                    "{e}; ignored (a newer podmesh, or something else writing under podmesh/v1/ in cluster {remote})"
+                ),
             ));
         }
     };
@@ -123,7 +125,11 @@ fn decode_value(remote: &str, key: &str, value: &[u8]) -> Decoded {
     let json_err = |what: &str, e: serde_json::Error| {
         Decoded::Invalid(Rejection::new(
             code::RECORD_INVALID_JSON,
-            format!("record {key} is not a valid {what} record: {e} (line {}, column {}); fix the publisher in cluster {remote}", e.line(), e.column()),
+            format!(
+                "record {key} is not a valid {what} record: {e} (line {}, column {}); fix the publisher in cluster {remote}",
+                e.line(),
+                e.column()
+            ),
         ))
     };
     match parsed {
@@ -151,11 +157,20 @@ mod tests {
 
     #[test]
     fn rejections() {
-        assert_eq!(reason("podmesh/v1/nodes/east/n1", b"{"), code::RECORD_INVALID_JSON);
-        assert_eq!(reason("podmesh/v1/nodes/west/n1", b"{}"), code::RECORD_FOREIGN_CLUSTER);
+        assert_eq!(
+            reason("podmesh/v1/nodes/east/n1", b"{"),
+            code::RECORD_INVALID_JSON
+        );
+        assert_eq!(
+            reason("podmesh/v1/nodes/west/n1", b"{}"),
+            code::RECORD_FOREIGN_CLUSTER
+        );
         assert_eq!(reason("podmesh/v1/other", b"{}"), code::RECORD_KEY_UNKNOWN);
         let huge = vec![b' '; MAX_VALUE_LEN + 1];
-        assert_eq!(reason("podmesh/v1/nodes/east/n1", &huge), code::RECORD_TOO_LARGE);
+        assert_eq!(
+            reason("podmesh/v1/nodes/east/n1", &huge),
+            code::RECORD_TOO_LARGE
+        );
     }
 
     #[test]

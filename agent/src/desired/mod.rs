@@ -156,7 +156,9 @@ pub fn desired(
         let state = match rem.entries.get(&key).map(|e| &e.decoded) {
             None => Err(Rejection::new(
                 code::CLUSTER_RECORD_MISSING,
-                format!("cluster {name} publishes no cluster record ({key}); its nodes cannot be validated (run the cluster's agents with --cluster-pod-cidr)"),
+                format!(
+                    "cluster {name} publishes no cluster record ({key}); its nodes cannot be validated (run the cluster's agents with --cluster-pod-cidr)"
+                ),
             )),
             Some(Decoded::Invalid(r)) => Err(r.clone()),
             Some(Decoded::Node { .. }) => Err(Rejection::new(
@@ -310,12 +312,18 @@ pub fn desired(
 
     // 3. Conflicts: existing owners first, then newcomers by create revision.
     candidates.sort_by(|a, b| {
-        (!a.programmed, a.entry.create_revision, a.cluster, &a.entry.key).cmp(&(
-            !b.programmed,
-            b.entry.create_revision,
-            b.cluster,
-            &b.entry.key,
-        ))
+        (
+            !a.programmed,
+            a.entry.create_revision,
+            a.cluster,
+            &a.entry.key,
+        )
+            .cmp(&(
+                !b.programmed,
+                b.entry.create_revision,
+                b.cluster,
+                &b.entry.key,
+            ))
     });
     let mut owners: CidrIndex<(&str, &str)> = CidrIndex::new();
     // A configured cluster that has not completed a list yet (agent restart,
@@ -451,7 +459,9 @@ fn check_node(
     if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
         return Some(Rejection::new(
             code::NODE_ADDRESS_INVALID,
-            format!("node {node} of cluster {cluster} publishes tunnel endpoint {a}, which cannot be reached; its agent must publish the node's underlay address"),
+            format!(
+                "node {node} of cluster {cluster} publishes tunnel endpoint {a}, which cannot be reached; its agent must publish the node's underlay address"
+            ),
         ));
     }
     if let Some(m) = &r.vtep_mac
@@ -459,7 +469,9 @@ fn check_node(
     {
         return Some(Rejection::new(
             code::NODE_VTEP_MAC_INVALID,
-            format!("node {node} of cluster {cluster} publishes vtepMAC {m:?}, not six colon-separated hex octets"),
+            format!(
+                "node {node} of cluster {cluster} publishes vtepMAC {m:?}, not six colon-separated hex octets"
+            ),
         ));
     }
     for p in &r.pod_cidrs {

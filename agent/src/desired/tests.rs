@@ -113,7 +113,10 @@ fn bad_record_corpus_is_rejected_with_reasons() {
     let k = |n: &str| format!("podmesh/v1/nodes/east/{n}");
     assert_eq!(code_of(&d, &k("json")), code::RECORD_INVALID_JSON);
     assert_eq!(code_of(&d, &k("mismatch")), vcode::RECORD_KEY_MISMATCH);
-    assert_eq!(code_of(&d, &k("outside")), vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER);
+    assert_eq!(
+        code_of(&d, &k("outside")),
+        vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER
+    );
     assert_eq!(code_of(&d, &k("default")), vcode::CIDR_DEFAULT_ROUTE);
     assert_eq!(code_of(&d, &k("reserved")), vcode::CIDR_RESERVED);
     assert_eq!(code_of(&d, &k("hostbits")), vcode::CIDR_NOT_CANONICAL);
@@ -134,10 +137,22 @@ fn overlap_with_local_rejects_cluster_and_node() {
         .cluster("south", 4, &["10.4.0.0/16"])
         .node("south", 4, "s1", &["10.4.1.0/24"], 2);
     let d = desired(&local(), &m.0, &BTreeMap::new());
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), vcode::POD_CIDR_OVERLAP);
-    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), code::CLUSTER_REJECTED);
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/west"), vcode::POD_CIDR_OVERLAPS_SERVICE);
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/north"), vcode::POD_CIDR_OVERLAPS_NODE);
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/east"),
+        vcode::POD_CIDR_OVERLAP
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/e1"),
+        code::CLUSTER_REJECTED
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/west"),
+        vcode::POD_CIDR_OVERLAPS_SERVICE
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/north"),
+        vcode::POD_CIDR_OVERLAPS_NODE
+    );
     assert_eq!(d.routes.len(), 1);
 }
 
@@ -149,20 +164,33 @@ fn duplicate_id_and_local_id() {
         .cluster("west", 1, &["10.2.0.0/16"])
         .cluster("mine", 9, &["10.3.0.0/16"]);
     // east is programmed already: it keeps its ID, west is the newcomer.
-    let programmed = desired(&local(), &{
-        let mut only = Mesh::default();
-        only.cluster("east", 1, &["10.1.0.0/16"])
-            .node("east", 1, "e1", &["10.1.1.0/24"], 2);
-        only.0
-    }, &BTreeMap::new())
+    let programmed = desired(
+        &local(),
+        &{
+            let mut only = Mesh::default();
+            only.cluster("east", 1, &["10.1.0.0/16"])
+                .node("east", 1, "e1", &["10.1.1.0/24"], 2);
+            only.0
+        },
+        &BTreeMap::new(),
+    )
     .routes;
     let d = desired(&local(), &m.0, &programmed);
     assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), "programmed");
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/west"), vcode::CLUSTER_ID_DUPLICATE);
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/mine"), code::LOCAL_CLUSTER_CLAIMED);
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/west"),
+        vcode::CLUSTER_ID_DUPLICATE
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/mine"),
+        code::LOCAL_CLUSTER_CLAIMED
+    );
     // At a cold start neither keeps the duplicate ID.
     let d = desired(&local(), &m.0, &BTreeMap::new());
-    assert_eq!(code_of(&d, "podmesh/v1/clusters/east"), vcode::CLUSTER_ID_DUPLICATE);
+    assert_eq!(
+        code_of(&d, "podmesh/v1/clusters/east"),
+        vcode::CLUSTER_ID_DUPLICATE
+    );
     assert!(d.routes.is_empty());
 }
 
@@ -193,13 +221,22 @@ fn across_clusters_the_programmed_owner_keeps_traffic() {
         .node("east", 1, "e2", &["10.1.0.0/24"], 2);
     let d = desired(&local(), &m.0, &before);
     assert_eq!(code_of(&d, "podmesh/v1/nodes/west/w1"), "programmed");
-    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/e1"),
+        vcode::POD_CIDR_OVERLAP
+    );
     assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
     assert_eq!(d.routes[&"10.2.1.0/24".parse().unwrap()].cluster, "west");
     // Cold start with both: the doubly declared range goes to neither.
     let d = desired(&local(), &m.0, &BTreeMap::new());
-    assert_eq!(code_of(&d, "podmesh/v1/nodes/west/w1"), vcode::POD_CIDR_OVERLAP);
-    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e1"), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/west/w1"),
+        vcode::POD_CIDR_OVERLAP
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/e1"),
+        vcode::POD_CIDR_OVERLAP
+    );
     assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
 }
 
@@ -216,10 +253,14 @@ fn diff_upserts_changes_and_deletes_leftovers() {
         .into_iter()
         .map(|x| (x.cidr, x))
         .collect();
-    let want: BTreeMap<_, _> = [r("10.1.1.0/24", "a"), r("10.1.2.0/24", "c"), r("10.1.3.0/24", "d")]
-        .into_iter()
-        .map(|x| (x.cidr, x))
-        .collect();
+    let want: BTreeMap<_, _> = [
+        r("10.1.1.0/24", "a"),
+        r("10.1.2.0/24", "c"),
+        r("10.1.3.0/24", "d"),
+    ]
+    .into_iter()
+    .map(|x| (x.cidr, x))
+    .collect();
     let ops = diff(&installed, &want);
     assert_eq!(ops.upsert.len(), 2);
     assert!(ops.delete.is_empty());

@@ -21,6 +21,15 @@ use serde::Deserialize;
 /// Largest client YAML accepted, in bytes; anything larger is not a client config.
 pub const MAX_CONFIG_LEN: usize = 64 * 1024;
 
+/// The PEM contents of a config's TLS files.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// The CA bundle.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A parsed etcd client configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdClientConfig {
@@ -120,7 +129,11 @@ impl EtcdClientConfig {
                 })
                 .collect::<Result<_, _>>()?,
             None | Some(serde_yaml::Value::Null) => Vec::new(),
-            Some(other) => return Err(invalid(format!("endpoints: expected a list, got {other:?}"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "endpoints: expected a list, got {other:?}"
+                )));
+            }
         };
         if endpoints.is_empty() {
             return Err(invalid(
@@ -165,7 +178,8 @@ impl EtcdClientConfig {
                 "cert-file and key-file go together: give both for mTLS, or neither".into(),
             ));
         }
-        if cfg.endpoints.iter().any(|e| e.starts_with("https://")) && cfg.trusted_ca_file.is_none() {
+        if cfg.endpoints.iter().any(|e| e.starts_with("https://")) && cfg.trusted_ca_file.is_none()
+        {
             return Err(invalid(
                 "trusted-ca-file is required for https:// endpoints (the CA that signed the etcd server certificate)".into(),
             ));
@@ -178,11 +192,8 @@ impl EtcdClientConfig {
         self.trusted_ca_file.is_some()
     }
 
-    /// The PEM contents of (CA, client certificate, client key), read now.
-    pub fn read_tls_files(
-        &self,
-        config_path: &Path,
-    ) -> Result<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>), ClientConfigError> {
+    /// The PEM contents of the TLS files, read now.
+    pub fn read_tls_files(&self, config_path: &Path) -> Result<TlsFiles, ClientConfigError> {
         let read = |what: &'static str, f: &Path| {
             std::fs::read(f).map_err(|source| ClientConfigError::TlsFile {
                 path: config_path.to_path_buf(),
@@ -200,7 +211,7 @@ impl EtcdClientConfig {
             (Some(c), Some(k)) => Some((read("cert-file", c)?, read("key-file", k)?)),
             _ => None,
         };
-        Ok((ca, id))
+        Ok(TlsFiles { ca, identity: id })
     }
 
     /// A fingerprint of this configuration and of the current contents of its
@@ -234,7 +245,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.endpoints, vec!["https://east-mesh.example.com:2379"]);
-        assert_eq!(c.trusted_ca_file.unwrap(), Path::new("/etc/mesh/east.ca.crt"));
+        assert_eq!(
+            c.trusted_ca_file.unwrap(),
+            Path::new("/etc/mesh/east.ca.crt")
+        );
         assert_eq!(c.cert_file.unwrap(), Path::new("/abs/east.client.crt"));
     }
 

@@ -49,7 +49,7 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
-        let (ca, identity) = cfg.read_tls_files(path)?;
+        let super::client_config::TlsFiles { ca, identity } = cfg.read_tls_files(path)?;
         if ca.is_some() || identity.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = ca {
@@ -85,7 +85,10 @@ impl EtcdStore {
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), KvError> {
         self.client
             .clone()
-            .delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix()))
+            .delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
             .await
             .map(|_| ())
             .map_err(|e| unavailable("delete", &self.endpoints, e))

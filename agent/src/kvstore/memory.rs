@@ -265,7 +265,10 @@ mod tests {
         s.put("p/b", b"2".to_vec(), None).await.unwrap();
         assert!(matches!(w.next().await, Some(Ok(KvEvent::Put(kv))) if kv.key == "p/b"));
         s.wipe();
-        assert!(matches!(w.next().await, Some(Err(KvError::WatchClosed { .. }))));
+        assert!(matches!(
+            w.next().await,
+            Some(Err(KvError::WatchClosed { .. }))
+        ));
     }
 
     #[tokio::test]

@@ -41,9 +41,17 @@ enum End {
 
 fn hint(e: &KvError) -> &'static str {
     let t = e.to_string().to_ascii_lowercase();
-    if t.contains("certificate") || t.contains("tls") || t.contains("handshake") || t.contains("unknownissuer") {
+    if t.contains("certificate")
+        || t.contains("tls")
+        || t.contains("handshake")
+        || t.contains("unknownissuer")
+    {
         "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
-    } else if t.contains("refused") || t.contains("unreachable") || t.contains("timed out") || t.contains("dns") {
+    } else if t.contains("refused")
+        || t.contains("unreachable")
+        || t.contains("timed out")
+        || t.contains("dns")
+    {
         "check that the remote cluster's etcd proxy is up and reachable at the configured endpoints"
     } else if matches!(e, KvError::Config(_)) {
         "fix this cluster's entry in the clustermesh Secret"
@@ -81,14 +89,22 @@ impl<C: Connector> RemoteCluster<C> {
                 return pending().await;
             }
         };
-        self.status.remote(&self.name, |r| r.endpoints = cfg.endpoints.clone());
+        self.status
+            .remote(&self.name, |r| r.endpoints = cfg.endpoints.clone());
         let mut backoff = Backoff::new(self.settings.min_backoff, self.settings.max_backoff);
         let mut grace: Option<(Instant, u64)> = None;
         loop {
             let started = Instant::now();
-            let end = match self.connector.connect(&self.name, &self.file.path, &cfg).await {
+            let end = match self
+                .connector
+                .connect(&self.name, &self.file.path, &cfg)
+                .await
+            {
                 Err(e) => End::Failed(e),
-                Ok(store) => self.session(&store, started, &mut backoff, &mut grace).await,
+                Ok(store) => {
+                    self.session(&store, started, &mut backoff, &mut grace)
+                        .await
+                }
             };
             match end {
                 End::Failed(e) => self.fail(&e),
@@ -114,7 +130,8 @@ impl<C: Connector> RemoteCluster<C> {
     fn end_grace(&self, generation: u64) {
         let pruned = self.cache.prune_stale(&self.name, generation);
         tracing::info!(cluster = %self.name, pruned, "grace period over: withdrawing routes of nodes that did not republish");
-        self.status.remote(&self.name, |r| r.empty_grace_until = None);
+        self.status
+            .remote(&self.name, |r| r.empty_grace_until = None);
         self.cache.notify();
     }
 

@@ -144,10 +144,9 @@ impl MeshCache {
     pub fn counts(&self, cluster: &str, generation: u64) -> (usize, usize) {
         let g = self.lock();
         let held = g.remotes.get(cluster).map_or(0, |r| r.entries.len());
-        let seen = g
-            .seen
-            .get(cluster)
-            .map_or(0, |s| s.by_key.values().filter(|v| **v >= generation).count());
+        let seen = g.seen.get(cluster).map_or(0, |s| {
+            s.by_key.values().filter(|v| **v >= generation).count()
+        });
         (seen, held)
     }
 

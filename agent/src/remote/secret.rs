@@ -114,7 +114,11 @@ mod tests {
         project(
             d.path(),
             3,
-            &[("east", yaml), ("east.ca.crt", "CA2"), ("west", "endpoints: [\n")],
+            &[
+                ("east", yaml),
+                ("east.ca.crt", "CA2"),
+                ("west", "endpoints: [\n"),
+            ],
         );
         let s3 = scan(d.path());
         assert_eq!(s3.len(), 2);

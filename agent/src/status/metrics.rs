@@ -36,7 +36,9 @@ pub fn render(s: &StatusReport) -> String {
         let l = ClusterLabel {
             cluster: name.clone(),
         };
-        ready.get_or_create(&l).set(i64::from(r.connected && r.synced));
+        ready
+            .get_or_create(&l)
+            .set(i64::from(r.connected && r.synced));
         connected.get_or_create(&l).set(i64::from(r.connected));
         nodes
             .get_or_create(&l)
@@ -73,10 +75,26 @@ pub fn render(s: &StatusReport) -> String {
                 .inc_by(*n);
         }
     }
-    reg.register("remote_ready", "1 when the remote cluster is connected and synced", ready);
-    reg.register("remote_connected", "1 when connected to the remote cluster's etcd", connected);
-    reg.register("remote_nodes", "Remote nodes whose routes are programmed", nodes);
-    reg.register("remote_entries", "Entries held for the remote cluster", entries);
+    reg.register(
+        "remote_ready",
+        "1 when the remote cluster is connected and synced",
+        ready,
+    );
+    reg.register(
+        "remote_connected",
+        "1 when connected to the remote cluster's etcd",
+        connected,
+    );
+    reg.register(
+        "remote_nodes",
+        "Remote nodes whose routes are programmed",
+        nodes,
+    );
+    reg.register(
+        "remote_entries",
+        "Entries held for the remote cluster",
+        entries,
+    );
     reg.register("remote_failures", "Connection and watch failures", failures);
     reg.register(
         "remote_last_failure_timestamp_seconds",
@@ -93,11 +111,23 @@ pub fn render(s: &StatusReport) -> String {
         "1 while a remote that came back empty is in its grace period",
         grace,
     );
-    reg.register("remote_rejected_records", "Records currently rejected, by reason", rejected);
-    reg.register("remote_rejections", "Records rejected since start, by reason", rejections);
+    reg.register(
+        "remote_rejected_records",
+        "Records currently rejected, by reason",
+        rejected,
+    );
+    reg.register(
+        "remote_rejections",
+        "Records rejected since start, by reason",
+        rejections,
+    );
     let published = Gauge::<i64>::default();
     published.set(i64::from(s.local.published));
-    reg.register("local_node_published", "1 when this node's record is published under a live lease", published);
+    reg.register(
+        "local_node_published",
+        "1 when this node's record is published under a live lease",
+        published,
+    );
     let routes = Gauge::<i64>::default();
     routes.set(i64::try_from(s.routes.len()).unwrap_or(i64::MAX));
     reg.register("datapath_routes", "Routes the datapath holds", routes);

@@ -8,7 +8,9 @@ use super::{Status, StatusReport, metrics};
 
 /// The status server could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("status server on {addr}: {source} (is another agent running? choose another --status-addr)")]
+#[error(
+    "status server on {addr}: {source} (is another agent running? choose another --status-addr)"
+)]
 pub struct ServeError {
     /// The address.
     pub addr: SocketAddr,

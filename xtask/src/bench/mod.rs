@@ -2,6 +2,7 @@
 //! and prints figures and ratios.
 use clap::Subcommand;
 
+mod converge;
 mod datapath;
 mod install;
 mod plan;
@@ -9,6 +10,8 @@ mod proxy;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// Control plane: 20 clusters x 5,000 nodes, cold start, churn latency, RSS.
+    Converge(converge::ConvergeArgs),
     /// Pod-to-pod TCP throughput and RTT across clusters: ebpf, vxlan, direct, plain veth.
     Datapath(datapath::DatapathArgs),
     /// Time to program 10k/100k remote nodes per mode vs `ip -batch` with nexthop objects.
@@ -21,6 +24,7 @@ pub enum Bench {
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
     match b {
+        Bench::Converge(a) => converge::run(&a),
         Bench::Datapath(a) => datapath::run(&a),
         Bench::Install(a) => install::run(&a),
         Bench::Proxy(a) => proxy::run(&a),

@@ -88,13 +88,19 @@ fn keys(cache: &MeshCache) -> Vec<String> {
 #[tokio::test(start_paused = true)]
 async fn lists_watches_and_prunes_after_relist() {
     let s = MemoryStore::new();
-    s.put(&cluster_key("east"), b"{}".to_vec(), None).await.unwrap();
-    s.put(&node_key("east", "a"), b"{}".to_vec(), None).await.unwrap();
+    s.put(&cluster_key("east"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    s.put(&node_key("east", "a"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
     let (_c, cache, status, h) = setup(&s);
     settle().await;
     assert_eq!(keys(&cache).len(), 2);
     assert!(status.ready());
-    s.put(&node_key("east", "b"), b"{}".to_vec(), None).await.unwrap();
+    s.put(&node_key("east", "b"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
     settle().await;
     assert_eq!(keys(&cache).len(), 3);
     // A deletion missed while disconnected is pruned by the next complete list.
@@ -105,7 +111,10 @@ async fn lists_watches_and_prunes_after_relist() {
     s.set_down(false);
     tokio::time::sleep(Duration::from_secs(1)).await;
     settle().await;
-    assert_eq!(keys(&cache), vec![cluster_key("east"), node_key("east", "b")]);
+    assert_eq!(
+        keys(&cache),
+        vec![cluster_key("east"), node_key("east", "b")]
+    );
     assert!(status.ready());
     h.abort();
 }
@@ -118,7 +127,11 @@ async fn backoff_is_capped_and_not_a_hot_loop() {
     tokio::time::sleep(Duration::from_secs(120)).await;
     let attempts = conn.attempts.lock().unwrap().clone();
     // 200 ms doubling to a 10 s cap (jitter: upper half): about 16 attempts in 120 s.
-    assert!(attempts.len() >= 10 && attempts.len() <= 30, "{}", attempts.len());
+    assert!(
+        attempts.len() >= 10 && attempts.len() <= 30,
+        "{}",
+        attempts.len()
+    );
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps.iter().all(|g| *g <= Duration::from_secs(10)));
     assert!(gaps.last().unwrap() >= &Duration::from_secs(5));
@@ -131,9 +144,15 @@ async fn backoff_is_capped_and_not_a_hot_loop() {
 #[tokio::test(start_paused = true)]
 async fn empty_remote_keeps_entries_for_the_grace_period() {
     let s = MemoryStore::new();
-    s.put(&cluster_key("east"), b"{}".to_vec(), None).await.unwrap();
-    s.put(&node_key("east", "a"), b"{}".to_vec(), None).await.unwrap();
-    s.put(&node_key("east", "b"), b"{}".to_vec(), None).await.unwrap();
+    s.put(&cluster_key("east"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    s.put(&node_key("east", "a"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    s.put(&node_key("east", "b"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
     let (_c, cache, status, h) = setup(&s);
     settle().await;
     assert_eq!(keys(&cache).len(), 3);
@@ -142,21 +161,38 @@ async fn empty_remote_keeps_entries_for_the_grace_period() {
     settle().await;
     // Came back empty: nothing pruned yet, grace reported.
     assert_eq!(keys(&cache).len(), 3);
-    assert!(status.snapshot().remotes["east"].empty_grace_until.is_some());
+    assert!(
+        status.snapshot().remotes["east"]
+            .empty_grace_until
+            .is_some()
+    );
     // Node a and the cluster record republish during the grace period.
-    s.put(&cluster_key("east"), b"{}".to_vec(), None).await.unwrap();
-    s.put(&node_key("east", "a"), b"{}".to_vec(), None).await.unwrap();
+    s.put(&cluster_key("east"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    s.put(&node_key("east", "a"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(61)).await;
     settle().await;
-    assert_eq!(keys(&cache), vec![cluster_key("east"), node_key("east", "a")]);
-    assert!(status.snapshot().remotes["east"].empty_grace_until.is_none());
+    assert_eq!(
+        keys(&cache),
+        vec![cluster_key("east"), node_key("east", "a")]
+    );
+    assert!(
+        status.snapshot().remotes["east"]
+            .empty_grace_until
+            .is_none()
+    );
     h.abort();
 }
 
 #[tokio::test(start_paused = true)]
 async fn compaction_relists_without_hot_loop() {
     let s = MemoryStore::new();
-    s.put(&cluster_key("east"), b"{}".to_vec(), None).await.unwrap();
+    s.put(&cluster_key("east"), b"{}".to_vec(), None)
+        .await
+        .unwrap();
     let (conn, cache, _status, h) = setup(&s);
     settle().await;
     // Overflow the watch channel: the memory store reports it as a compaction.
