@@ -3,6 +3,7 @@
 //! [`Datapath`], and reports records and rejections in the status.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -32,7 +33,7 @@ pub struct Reconciler<D> {
     cache: MeshCache,
     status: Status,
     /// What was last applied successfully (the datapath's state as far as we know).
-    applied: BTreeMap<IpNet, RemoteRoute>,
+    applied: Arc<BTreeMap<IpNet, RemoteRoute>>,
     /// Rejections already logged, so each is logged once.
     logged: BTreeSet<(String, String)>,
 }
@@ -45,7 +46,7 @@ impl<D: Datapath> Reconciler<D> {
             local,
             cache,
             status,
-            applied: BTreeMap::new(),
+            applied: Arc::default(),
             logged: BTreeSet::new(),
         }
     }
@@ -54,13 +55,13 @@ impl<D: Datapath> Reconciler<D> {
     /// the kernel's state (forwarding survived the restart) rather than from nothing.
     pub async fn adopt_installed(&mut self) -> Result<(), DatapathError> {
         let installed = self.datapath.installed().await?;
-        self.applied = installed.into_iter().map(|r| (r.cidr, r)).collect();
+        self.applied = Arc::new(installed.into_iter().map(|r| (r.cidr, r)).collect());
         Ok(())
     }
 
     /// One pass: desired state, diff, apply; `full` also re-applies everything and prunes.
     pub async fn reconcile(&mut self, full: bool) -> Action {
-        let d = self
+        let mut d = self
             .cache
             .with(|remotes| desired::desired(&self.local, remotes, &self.applied));
         let ops = desired::diff(&self.applied, &d.routes);
@@ -87,7 +88,7 @@ impl<D: Datapath> Reconciler<D> {
         .await;
         let action = match &result {
             Ok(()) => {
-                self.applied = d.routes.clone();
+                self.applied = Arc::new(std::mem::take(&mut d.routes));
                 Action::AwaitChange
             }
             Err(e) => {
@@ -112,33 +113,31 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.logged = now_rejected;
         // Report.
-        let mut per: BTreeMap<&str, Vec<&desired::RecordOutcome>> = BTreeMap::new();
+        let mut per: BTreeMap<String, (usize, BTreeMap<String, usize>)> = BTreeMap::new();
         for r in &d.records {
-            per.entry(r.cluster.as_str()).or_default().push(r);
+            let e = per.entry(r.cluster.clone()).or_default();
+            match &r.state {
+                RecordState::Programmed if r.kind == "node" => e.0 += 1,
+                RecordState::Programmed => {}
+                RecordState::Rejected(j) => *e.1.entry(j.code.clone()).or_default() += 1,
+            }
         }
         let entries: BTreeMap<String, usize> = self.cache.with(|m| {
             m.iter()
                 .map(|(k, v)| (k.clone(), v.entries.len()))
                 .collect()
         });
-        let applied: Vec<crate::status::RouteStatus> =
-            self.applied.values().map(Into::into).collect();
+        self.status.set_routes(self.applied.clone());
         let error = result.err().map(|e| e.to_string());
+        // The full record list is handed over without copying; `/status` splits it per remote.
+        self.status.set_records(std::sync::Arc::new(d.records));
         self.status.update(|s| {
             for (name, rs) in s.remotes.iter_mut() {
-                let recs = per.remove(name.as_str()).unwrap_or_default();
+                let (programmed, rejected) = per.remove(name.as_str()).unwrap_or_default();
                 rs.entries = entries.get(name).copied().unwrap_or(0);
-                rs.nodes_programmed = recs
-                    .iter()
-                    .filter(|r| r.kind == "node" && r.state == RecordState::Programmed)
-                    .count();
-                rs.rejected_by_reason.clear();
-                for r in &recs {
-                    if let RecordState::Rejected(j) = &r.state {
-                        *rs.rejected_by_reason.entry(j.code.clone()).or_default() += 1;
-                    }
-                }
-                rs.records = recs.into_iter().cloned().collect();
+                rs.nodes_programmed = programmed;
+                rs.rejected_by_reason = rejected;
+                rs.records.clear();
             }
             for (cluster, by) in newly {
                 let t = s.rejections_total.entry(cluster).or_default();
@@ -146,7 +145,7 @@ impl<D: Datapath> Reconciler<D> {
                     *t.entry(reason).or_default() += n;
                 }
             }
-            s.routes = applied;
+            s.routes_installed = self.applied.len();
             s.datapath_error = error;
         });
         action

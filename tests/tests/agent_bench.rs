@@ -38,6 +38,7 @@ fn env_usize(k: &str, d: usize) -> usize {
 struct Timed {
     inner: MemoryDatapath,
     seen: Arc<Mutex<HashMap<(IpNet, IpAddr), Instant>>>,
+    installed: Arc<Mutex<std::collections::HashSet<IpNet>>>,
     count: Arc<AtomicUsize>,
 }
 
@@ -51,14 +52,27 @@ impl Datapath for Timed {
             }
         }
         self.inner.upsert(routes).await?;
-        self.count
-            .store(self.inner.snapshot().len(), Ordering::Relaxed);
+        let mut i = self.installed.lock().unwrap();
+        i.extend(routes.iter().map(|r| r.cidr));
+        self.count.store(i.len(), Ordering::Relaxed);
         Ok(())
     }
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        {
+            let mut i = self.installed.lock().unwrap();
+            for c in cidrs {
+                i.remove(c);
+            }
+            self.count.store(i.len(), Ordering::Relaxed);
+        }
         self.inner.delete(cidrs).await
     }
     async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+        {
+            let mut i = self.installed.lock().unwrap();
+            i.retain(|c| keep.contains(c));
+            self.count.store(i.len(), Ordering::Relaxed);
+        }
         self.inner.prune(keep).await
     }
     async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {

@@ -120,7 +120,7 @@ pub fn table(s: &StatusReport) -> String {
         s.local.node,
         yes(s.local.published),
         yes(s.ready),
-        s.routes.len()
+        s.routes_installed
     );
     if let Some(c) = &s.local.cluster_record_conflict {
         let _ = writeln!(o, "cluster record conflict: {c}");

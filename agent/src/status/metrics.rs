@@ -129,7 +129,7 @@ pub fn render(s: &StatusReport) -> String {
         published,
     );
     let routes = Gauge::<i64>::default();
-    routes.set(i64::try_from(s.routes.len()).unwrap_or(i64::MAX));
+    routes.set(i64::try_from(s.routes_installed).unwrap_or(i64::MAX));
     reg.register("datapath_routes", "Routes the datapath holds", routes);
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {

@@ -113,6 +113,9 @@ pub struct StatusReport {
     pub local: LocalStatus,
     /// Remote clusters by name.
     pub remotes: BTreeMap<String, RemoteStatus>,
+    /// Number of routes the datapath holds (as last applied).
+    #[serde(default)]
+    pub routes_installed: usize,
     /// Routes the datapath holds (as last applied).
     pub routes: Vec<RouteStatus>,
     /// Last datapath error, if any.
@@ -133,6 +136,10 @@ impl StatusReport {
 #[derive(Clone, Debug, Default)]
 pub struct Status {
     inner: Arc<Mutex<StatusReport>>,
+    /// Every remote record's outcome, as last computed (sorted by cluster, key).
+    records: Arc<Mutex<Arc<Vec<RecordOutcome>>>>,
+    /// The routes as last applied.
+    routes: Arc<Mutex<Arc<BTreeMap<ipnet::IpNet, RemoteRoute>>>>,
 }
 
 impl Status {
@@ -167,10 +174,34 @@ impl Status {
         })
     }
 
-    /// A copy of the status with `ready` computed.
-    pub fn snapshot(&self) -> StatusReport {
+    /// Replaces the record outcomes (cheap: no copy).
+    pub fn set_records(&self, records: Arc<Vec<RecordOutcome>>) {
+        *self.records.lock().expect("status records lock") = records;
+    }
+
+    /// Replaces the applied routes (cheap: no copy).
+    pub fn set_routes(&self, routes: Arc<BTreeMap<ipnet::IpNet, RemoteRoute>>) {
+        *self.routes.lock().expect("status routes lock") = routes;
+    }
+
+    /// A copy of the status with `ready` computed, without the per-record and route lists.
+    pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
+        s
+    }
+
+    /// A copy of the status with `ready` computed and each remote's records filled in.
+    pub fn snapshot(&self) -> StatusReport {
+        let mut s = self.summary();
+        let routes = self.routes.lock().expect("status routes lock").clone();
+        s.routes = routes.values().map(Into::into).collect();
+        let records = self.records.lock().expect("status records lock").clone();
+        for r in records.iter() {
+            if let Some(rs) = s.remotes.get_mut(&r.cluster) {
+                rs.records.push(r.clone());
+            }
+        }
         s
     }
 

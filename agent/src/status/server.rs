@@ -53,7 +53,7 @@ pub async fn bind(
 }
 
 async fn readyz(State(s): State<Status>) -> impl IntoResponse {
-    let snap = s.snapshot();
+    let snap = s.summary();
     if snap.ready {
         (StatusCode::OK, "ready\n".to_string())
     } else {
@@ -86,7 +86,7 @@ async fn metrics_handler(State(s): State<Status>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics::render(&s.snapshot()),
+        metrics::render(&s.summary()),
     )
 }
 
