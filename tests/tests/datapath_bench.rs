@@ -4,6 +4,7 @@
 mod datapath_support;
 
 use std::{
+    collections::BTreeSet,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
     process::{Child, Stdio},
@@ -55,16 +56,22 @@ fn config(mode: DatapathMode, ns: &NetNs, bpffs: &Bpffs) -> KernelConfig {
     cfg
 }
 
+/// Time to install `routes`, then time to withdraw them all with `prune`.
+///
+/// The namespace is emptied before it is dropped: the kernel removes the
+/// nexthop objects of a dying namespace one by one with a whole-FIB flush
+/// each while routes still use them (nexthop_net_exit_rtnl), which is
+/// quadratic and stalls every netns creation on the machine for minutes.
 async fn time_upsert(
     mode: DatapathMode,
     routes: &[RemoteRoute],
     bpffs: &Bpffs,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, Duration)> {
     let ns = scratch()?;
     let mut dp = from_config(&config(mode, &ns, bpffs))?;
     let t = Instant::now();
     dp.upsert(routes).await?;
-    let d = t.elapsed();
+    let install = t.elapsed();
     let n = ns
         .ip(&["route", "show", "proto", &ROUTE_PROTOCOL.to_string()])?
         .lines()
@@ -72,7 +79,10 @@ async fn time_upsert(
     if n != routes.len() {
         bail!("{mode:?}: {n} routes installed, expected {}", routes.len());
     }
-    Ok(d)
+    let t = Instant::now();
+    dp.prune(&BTreeSet::new()).await?;
+    let withdraw = t.elapsed();
+    Ok((install, withdraw))
 }
 
 /// Only the LPM map: the same inserts the ebpf datapath makes, on the pinned map.
@@ -122,7 +132,11 @@ fn time_ip_batch(routes: &[RemoteRoute]) -> anyhow::Result<Duration> {
     std::fs::write(file.path(), batch)?;
     let t = Instant::now();
     ns.ip(&["-batch", &file.path().to_string_lossy()])?;
-    Ok(t.elapsed())
+    let d = t.elapsed();
+    // Routes first, then the nexthops (see time_upsert).
+    ns.ip(&["route", "flush", "proto", "80"])?;
+    ns.ip(&["nexthop", "flush"])?;
+    Ok(d)
 }
 
 fn secs(d: Duration) -> String {
@@ -142,24 +156,27 @@ async fn bench_install() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let bpffs = Bpffs::new()?;
     let mut table = String::from(
-        "| remote nodes | ebpf map only | ebpf map+routes | direct (nexthops) | vxlan (nh+neigh+fdb) | ip -batch (nexthops) | direct / ip -batch |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| remote nodes | ebpf map only | ebpf map+routes | direct (nexthops) | vxlan (nh+neigh+fdb) | ip -batch (nexthops) | direct / ip -batch | withdraw all: ebpf / direct / vxlan |\n|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for n in sizes {
         let routes: Vec<RemoteRoute> = (0..n).map(remote).collect();
         let map = time_map(&routes, &bpffs).await?;
-        let ebpf = time_upsert(DatapathMode::Ebpf, &routes, &bpffs).await?;
-        let direct = time_upsert(DatapathMode::Direct, &routes, &bpffs).await?;
-        let vxlan = time_upsert(DatapathMode::Vxlan, &routes, &bpffs).await?;
+        let (ebpf, ebpf_rm) = time_upsert(DatapathMode::Ebpf, &routes, &bpffs).await?;
+        let (direct, direct_rm) = time_upsert(DatapathMode::Direct, &routes, &bpffs).await?;
+        let (vxlan, vxlan_rm) = time_upsert(DatapathMode::Vxlan, &routes, &bpffs).await?;
         let batch = time_ip_batch(&routes)?;
         writeln!(
             table,
-            "| {n} | {} | {} | {} | {} | {} | {:.2} |",
+            "| {n} | {} | {} | {} | {} | {} | {:.2} | {} / {} / {} |",
             secs(map),
             secs(ebpf),
             secs(direct),
             secs(vxlan),
             secs(batch),
-            direct.as_secs_f64() / batch.as_secs_f64()
+            direct.as_secs_f64() / batch.as_secs_f64(),
+            secs(ebpf_rm),
+            secs(direct_rm),
+            secs(vxlan_rm)
         )?;
         eprintln!("{n} done");
     }
