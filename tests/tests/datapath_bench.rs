@@ -178,7 +178,7 @@ async fn bench_install() -> anyhow::Result<()> {
             secs(direct_rm),
             secs(vxlan_rm)
         )?;
-        eprintln!("{n} done");
+        eprintln!("{}", table.lines().last().unwrap_or_default());
     }
     println!("\n{table}");
     Ok(())

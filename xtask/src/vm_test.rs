@@ -1,4 +1,4 @@
-//! `cargo xtask vm-test`: the `ipip` datapath on a Debian kernel that has IPIP, in qemu.
+//! `cargo xtask vm-test`: the `ipip` and `ebpf` datapaths on Debian's kernel, in qemu.
 //!
 //! The host kernel has no IPIP, so the ipip connectivity test (ignored on the
 //! host) runs in a VM: Debian's `linux-image-amd64` kernel (extracted, not
@@ -18,13 +18,28 @@ use anyhow::{Context, bail};
 
 use crate::util::{cargo, output, sh};
 
-/// The test the VM runs (tests/tests/datapath_modes.rs).
+/// The tests the VM runs (tests/tests/datapath_modes.rs): ipip, which the
+/// host cannot run, and ebpf, which there attaches through cls_bpf instead
+/// of TCX (Linux < 6.6, as on Debian 12's stock kernel).
 const TEST_TARGET: &str = "datapath_modes";
-const TEST_NAME: &str = "ipip_mode_connects_every_pod_pair_across_clusters";
+const TEST_NAMES: &[&str] = &[
+    "ipip_mode_connects_every_pod_pair_across_clusters",
+    "ebpf_mode_connects_every_pod_pair_across_clusters",
+];
 /// Modules the guest loads, dependencies first (resolved from the modules'
 /// own `depends=`): 9p over virtio for the host filesystem, then what the
 /// test topology and the ipip datapath use.
-const ROOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "bridge", "ipip"];
+const ROOT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "veth",
+    "bridge",
+    "ipip",
+    "vxlan",
+    "sch_ingress",
+    "cls_bpf",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
@@ -220,11 +235,12 @@ $B mount -t devtmpfs dev /host/dev
 $B mount -t tmpfs tmp /host/run
 $B mount -t tmpfs tmp /host/tmp
 echo "PODMESH-VM-KERNEL $($B uname -r)"
-$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 {bin} --ignored --exact {TEST_NAME} --test-threads=1 --nocapture
+$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 {bin} --include-ignored --exact {tests} --test-threads=1 --nocapture
 echo "PODMESH-VM-EXIT $?"
 $B poweroff -f
 "#,
-        bin = test_bin.display()
+        bin = test_bin.display(),
+        tests = TEST_NAMES.join(" ")
     )
 }
 
@@ -345,12 +361,13 @@ fn boot(args: &VmTestArgs, vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<(
     match exit.as_deref() {
         Some("0") => {
             eprintln!(
-                "vm-test: {TEST_NAME} passed on Linux {}",
+                "vm-test: {} passed on Linux {}",
+                TEST_NAMES.join(", "),
                 kernel.as_deref().unwrap_or("?")
             );
             Ok(())
         }
-        Some(code) => bail!("vm-test: {TEST_NAME} failed in the VM (exit {code}); see vm| lines"),
+        Some(code) => bail!("vm-test: the tests failed in the VM (exit {code}); see vm| lines"),
         None => bail!("vm-test: the VM stopped before the test reported; see vm| lines"),
     }
 }

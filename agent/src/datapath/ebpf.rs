@@ -18,8 +18,9 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
+    util::KernelVersion,
 };
 use ipnet::IpNet;
 use podmesh_common::{
@@ -321,11 +322,76 @@ pub(super) fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), Dat
     Ok(())
 }
 
-/// Attaches `prog` to the egress of `podmesh0` through TCX: when the pinned
-/// link is still attached there, its program is replaced atomically (no
-/// packet sees an empty hook); otherwise a new link is created and pinned.
-/// Runs in the target namespace (interface names resolve there).
+/// Priority of podmesh's cls_bpf filter on kernels without TCX (< 6.6): first.
+pub const NETLINK_FILTER_PRIORITY: u16 = 1;
+/// Handle of podmesh's cls_bpf filter on kernels without TCX.
+pub const NETLINK_FILTER_HANDLE: u16 = 0x50;
+
+/// Whether the kernel has TCX (Linux 6.6): then the program is attached
+/// through a pinned bpf link, else as a cls_bpf filter on a clsact qdisc.
+pub fn has_tcx() -> bool {
+    KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Attaches `prog` to the egress of `podmesh0`, adopting what a previous
+/// agent left there. Runs in the target namespace (interface names resolve
+/// there).
 fn attach_or_adopt(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), DatapathError> {
+    if has_tcx() {
+        attach_tcx(prog, link_pin)
+    } else {
+        attach_cls_bpf(prog)
+    }
+}
+
+/// Kernels before 6.6: a direct-action cls_bpf filter at podmesh's fixed
+/// priority and handle. An existing one (a previous agent's) is replaced in
+/// place, which the kernel does atomically; the filter outlives the agent.
+fn attach_cls_bpf(prog: &mut SchedClassifier) -> Result<(), DatapathError> {
+    // EEXIST when a previous agent (or someone else) added it already.
+    let _ = tc::qdisc_add_clsact(TUNNEL_DEVICE);
+    let handle = TcHandle::new(0, NETLINK_FILTER_HANDLE);
+    let replaced = SchedClassifierLink::attached(
+        TUNNEL_DEVICE,
+        TcAttachType::Egress,
+        NETLINK_FILTER_PRIORITY,
+        handle,
+        None,
+    )
+    .ok()
+    .and_then(|old| prog.attach_to_link(old).ok());
+    let id = match replaced {
+        Some(id) => id,
+        None => prog
+            .attach_with_options(
+                TUNNEL_DEVICE,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NETLINK_FILTER_PRIORITY,
+                    handle,
+                    classid: None,
+                }),
+            )
+            .map_err(|e| {
+                unavailable(
+                    "attaching to podmesh0 egress (cls_bpf)",
+                    &e,
+                    "needs the clsact qdisc and cls_bpf (modules sch_ingress, cls_bpf)",
+                )
+            })?,
+    };
+    let link = prog
+        .take_link(id)
+        .map_err(|e| unavailable("taking the link", &e, ""))?;
+    // Dropping the handle would delete the filter: stop is not remove.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Linux 6.6+: TCX. When the pinned link is still attached, its program is
+/// replaced atomically (no packet sees an empty hook); otherwise a new link
+/// is created and pinned.
+fn attach_tcx(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), DatapathError> {
     let attached = ours_attached()?;
     let pinned = PinnedLink::from_pin(link_pin).ok();
     if let (true, Some(old)) = (attached, pinned) {
