@@ -449,7 +449,7 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
     east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
     let mut secret = SecretDir::new()?;
     secret.set_valid(&east)?;
-    let mut home = start_home(secret.path(), &["--empty-grace", "4"]).await?;
+    let mut home = start_home(secret.path(), &["--empty-grace", "8"]).await?;
     let both = [("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")];
     wait_routes(&home.dp, &both).await?;
 

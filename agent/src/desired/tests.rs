@@ -282,3 +282,78 @@ fn unsynced_cluster_keeps_programmed_routes_and_removed_cluster_loses_them() {
     let d = desired(&local(), &BTreeMap::new(), &programmed);
     assert!(d.routes.is_empty());
 }
+
+mod properties {
+    //! The record decoder and the desired state on arbitrary input (the
+    //! `record_decode` fuzz target runs the same checks under libFuzzer).
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn check(data: &[u8]) {
+        let mut m = Mesh::default();
+        m.cluster("east", 1, &["10.1.0.0/16", "fd00:1::/56"]);
+        for (i, part) in data.split(|b| *b == 0).take(4).enumerate() {
+            let (key, value) = match part.iter().position(|b| *b == b'\n') {
+                Some(p) => (&part[..p], &part[p + 1..]),
+                None => (part, &[][..]),
+            };
+            let key = String::from_utf8_lossy(key).into_owned();
+            let e = decode::decode("east", &key, value, 2 + i as i64, 2 + i as i64);
+            if let Decoded::Invalid(r) = &e.decoded {
+                assert!(!r.code.is_empty() && !r.message.is_empty());
+            }
+            m.0.get_mut("east").unwrap().entries.insert(key, e);
+        }
+        let l = local();
+        let d = desired(&l, &m.0, &BTreeMap::new());
+        for r in &d.records {
+            if let RecordState::Rejected(_) = r.state {
+                for c in &r.pod_cidrs {
+                    assert!(
+                        d.routes
+                            .get(c)
+                            .is_none_or(|x| Some(&x.node) != r.name.as_ref()),
+                        "rejected {} programmed",
+                        r.key
+                    );
+                }
+            }
+        }
+        for (cidr, route) in &d.routes {
+            assert!(cidr.prefix_len() > 0, "default route programmed");
+            assert_eq!(route.cidr, *cidr);
+            assert!(!l.pod.iter().any(|p| overlaps(p, cidr)));
+        }
+    }
+
+    fn node_like() -> impl Strategy<Value = Vec<u8>> {
+        (
+            "[a-z0-9]{1,4}",
+            0u8..=255,
+            0u8..=255,
+            0u8..=32,
+            prop::option::of("[0-9a-f:]{0,20}"),
+        )
+            .prop_map(|(n, a, b, len, mac)| {
+                let mut v = serde_json::json!({"name": n, "cluster": "east", "clusterID": 1,
+                    "addresses": ["192.168.1.1"], "podCIDRs": [format!("10.{a}.{b}.0/{len}")]});
+                if let Some(m) = mac {
+                    v["vtepMAC"] = m.into();
+                }
+                format!("podmesh/v1/nodes/east/{n}\n{v}").into_bytes()
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            check(&data);
+        }
+
+        #[test]
+        fn plausible_nodes_never_program_a_rejected_record(nodes in prop::collection::vec(node_like(), 1..4)) {
+            check(&nodes.join(&0u8));
+        }
+    }
+}

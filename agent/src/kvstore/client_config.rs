@@ -274,3 +274,60 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The parser on arbitrary input (the `etcd_client_config` fuzz target runs
+    //! the same checks under libFuzzer).
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn check(data: &[u8]) {
+        match EtcdClientConfig::parse(data, Path::new("/etc/podmesh/clustermesh/east")) {
+            Ok(c) => {
+                assert!(!c.endpoints.is_empty());
+                for e in &c.endpoints {
+                    assert!(e.starts_with("https://") || e.starts_with("http://"), "{e}");
+                }
+                assert_eq!(c.cert_file.is_some(), c.key_file.is_some());
+                if c.endpoints.iter().any(|e| e.starts_with("https://")) {
+                    assert!(c.trusted_ca_file.is_some());
+                }
+                for f in [&c.trusted_ca_file, &c.cert_file, &c.key_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(f.is_absolute(), "{}", f.display());
+                }
+            }
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&data);
+        }
+
+        #[test]
+        fn yaml_shaped(
+            eps in prop::collection::vec("(https?://)?[a-z0-9.:]{0,12}", 0..3),
+            ca in prop::option::of("[a-z./]{0,8}"),
+            cert in prop::option::of("[a-z./]{0,8}"),
+            key in prop::option::of("[a-z./]{0,8}"),
+        ) {
+            let mut y = String::from("endpoints:\n");
+            for e in &eps {
+                y.push_str(&format!("- \"{e}\"\n"));
+            }
+            for (k, v) in [("trusted-ca-file", &ca), ("cert-file", &cert), ("key-file", &key)] {
+                if let Some(v) = v {
+                    y.push_str(&format!("{k}: \"{v}\"\n"));
+                }
+            }
+            check(y.as_bytes());
+        }
+    }
+}
