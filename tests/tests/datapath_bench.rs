@@ -134,7 +134,12 @@ fn time_ip_batch(routes: &[RemoteRoute]) -> anyhow::Result<Duration> {
     ns.ip(&["-batch", &file.path().to_string_lossy()])?;
     let d = t.elapsed();
     // Routes first, then the nexthops (see time_upsert).
-    ns.ip(&["route", "flush", "proto", "80"])?;
+    let mut undo = String::new();
+    for r in routes {
+        writeln!(undo, "route del {} proto 80", r.cidr)?;
+    }
+    std::fs::write(file.path(), undo)?;
+    ns.ip(&["-batch", &file.path().to_string_lossy()])?;
     ns.ip(&["nexthop", "flush"])?;
     Ok(d)
 }
