@@ -666,8 +666,11 @@ impl Demo {
                 return (ok, total, Some(since.elapsed()));
             }
             if Instant::now() > deadline {
-                for (ns, addr) in &pending {
+                for (ns, addr) in pending.iter().take(10) {
                     eprintln!("  unreachable: {} -> {addr}", ns.trim_start_matches(PREFIX));
+                }
+                if pending.len() > 10 {
+                    eprintln!("  … and {} more unreachable pairs", pending.len() - 10);
                 }
                 return (ok, total, None);
             }
