@@ -125,23 +125,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         crate::setup::run(&crate::setup::SetupArgs { check: false })?;
     }
     let mut build = cargo();
-    // `cargo run` gives xtask the variables of its own package; build
-    // scripts that watch them (ring's watches CARGO_MANIFEST_DIR) would
-    // rebuild on every alternation between a plain `cargo build` and this one.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || [
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-            ]
-            .contains(&k.as_ref())
-        {
-            build.env_remove(k.as_ref());
-        }
-    }
     sh(build.args(["build", "-p", "podmesh-agent", "-p", "podmesh-etcd-proxy"]))?;
     let bins = Bins::locate()?;
 

@@ -47,9 +47,26 @@ pub fn show(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// `cargo`, as the one running xtask.
+/// `cargo`, as the one running xtask, without the variables `cargo run`
+/// gives xtask's own package: build scripts that watch them (ring's watches
+/// `CARGO_MANIFEST_DIR`) would otherwise rebuild on every alternation between
+/// a plain `cargo build` and one started from xtask.
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&k.as_ref())
+        {
+            c.env_remove(k.as_ref());
+        }
+    }
     c
 }
