@@ -114,7 +114,9 @@ fn grpc_proxy(etcd: &Etcd) -> anyhow::Result<GrpcProxy> {
         .arg(format!("--cert-file={}", server.cert.display()))
         .arg(format!("--key-file={}", server.key.display()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(
+            std::env::temp_dir().join("podmesh-bench-grpc-proxy.log"),
+        )?)
         .spawn()?;
     Ok(GrpcProxy {
         child,
@@ -147,7 +149,6 @@ async fn run_target(
     seconds: u64,
     rate: u64,
 ) -> anyhow::Result<Row> {
-    let baseline = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
     let conns = watchers.div_ceil(PER_STREAM * STREAMS_PER_CONN);
     let base = Instant::now();
     let puts = (seconds * rate) as usize;
@@ -209,7 +210,8 @@ async fn run_target(
     }
     // Let the proxies settle their upstream watches.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")? - baseline;
+    // A fresh etcd per measurement: every watch it holds belongs to this target.
+    let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
     let mut writer = etcd.connect().await?;
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     let mut rss = 0;
