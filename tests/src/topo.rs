@@ -238,6 +238,44 @@ impl Topology {
         })
     }
 
+    /// Adds one more node (with the plan's pods per node) to `cluster` at run
+    /// time, taking the cluster's next per-node block, and installs the
+    /// same-cluster pod routes between it and the cluster's other nodes.
+    pub fn add_cluster_node(&mut self, cluster: &str) -> anyhow::Result<&Node> {
+        let ci = self
+            .clusters
+            .iter()
+            .position(|p| p.name == cluster)
+            .with_context(|| format!("no cluster {cluster} in this topology"))?;
+        let plan = self.clusters[ci].clone();
+        let ni = self.cluster_nodes(cluster).count();
+        let block = plan
+            .pod_cidr
+            .subnets(plan.node_prefix_len)
+            .context("node prefix length longer than the cluster's")?
+            .nth(ni)
+            .with_context(|| format!("cluster {cluster} has no Pod CIDR block left"))?;
+        let node = self.add_node(ci, &plan, ni, block)?;
+        for other in self.cluster_nodes(cluster) {
+            node.ns.ip(&[
+                "route",
+                "add",
+                &other.pod_cidr.to_string(),
+                "via",
+                &other.addr.to_string(),
+            ])?;
+            other.ns.ip(&[
+                "route",
+                "add",
+                &node.pod_cidr.to_string(),
+                "via",
+                &node.addr.to_string(),
+            ])?;
+        }
+        self.nodes.push(node);
+        Ok(self.nodes.last().expect("just pushed"))
+    }
+
     /// Same-cluster pod routes between nodes (what the cluster's CNI does).
     fn install_cluster_routes(&self) -> anyhow::Result<()> {
         for a in &self.nodes {
