@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod mesh;
 pub mod netns;
 pub mod pki;
 pub mod proxy;
