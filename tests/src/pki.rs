@@ -130,6 +130,8 @@ impl Pki {
                 Err(_) => rcgen::SanType::DnsName(s.as_str().try_into().context("DNS SAN")?),
             });
         }
+        // rcgen's default subject carries a CN; "" must really mean none.
+        params.distinguished_name = rcgen::DistinguishedName::new();
         if !spec.name.is_empty() {
             params
                 .distinguished_name
