@@ -55,6 +55,18 @@ impl Plan {
             if message.contains("EOF while parsing") || text.trim().is_empty() {
                 message = "the plan is empty; it needs a `clusters:` list".to_string();
             }
+            // Keys and values are quoted back from the file and may hold line
+            // breaks; the error stays one line.
+            let message: String = message
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().collect()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
             PlanError::Syntax {
                 path: path.to_path_buf(),
                 line,
@@ -144,6 +156,14 @@ clusters:
         assert!(msg.contains("extra"), "{msg}");
         let (_, msg) = syntax("clusters:\n- name: a\n  id: 1\n  nodeMaskSize: {ipv5: 3}\n");
         assert!(msg.contains("ipv5"), "{msg}");
+    }
+
+    #[test]
+    fn errors_stay_one_line_when_the_file_quotes_line_breaks() {
+        let (line, msg) = syntax("clusters:\n- name: a\n  id: 1\n  \"pod\\nCIDRs\": []\n");
+        assert_eq!(line, 4);
+        assert!(!msg.contains('\n'), "{msg:?}");
+        assert!(msg.contains("pod\\nCIDRs"), "{msg}");
     }
 
     #[test]
