@@ -21,6 +21,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     if !args.skip_setup {
         crate::setup::run(&crate::setup::SetupArgs { check: false })?;
     }
+    warn_if_disk_is_short();
     if !args.skip_lint {
         sh(cargo().args(["fmt", "--all", "--check"]))?;
         sh(Command::new("cargo")
@@ -50,4 +51,45 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     sh(&mut it)?;
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// The debug build of the workspace and its test binaries takes about 4 GiB;
+/// a linker that runs out of disk dies with SIGBUS and a misleading message,
+/// so say it up front.
+fn warn_if_disk_is_short() {
+    const NEEDED: u64 = 6 << 30;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let dir = if target.exists() { target } else { root() };
+    let Ok(out) = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&dir)
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(avail) = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    if avail < NEEDED {
+        eprintln!(
+            "xtask test: warning: only {:.1} GiB free under {}; the build needs about {} GiB \
+             (a linker killed by SIGBUS means the disk filled up): free space or set CARGO_TARGET_DIR",
+            avail as f64 / f64::from(1u32 << 30),
+            dir.display(),
+            NEEDED >> 30
+        );
+    } else {
+        eprintln!(
+            "xtask test: {:.1} GiB free under {}",
+            avail as f64 / f64::from(1u32 << 30),
+            dir.display()
+        );
+    }
 }
