@@ -31,30 +31,14 @@ pub fn run(a: &ConvergeArgs) -> anyhow::Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let mut cmd = std::process::Command::new("nice");
-    cmd.current_dir(root())
-        .args(["-n", "10"])
-        .arg(cargo().get_program())
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "podmesh-tests",
-            "--test",
-            "agent_bench",
-            "--",
-            "--ignored",
-            "--nocapture",
-            "--exact",
-            "bench_converge",
-        ])
-        .env(
-            "PODMESH_AGENT_BIN",
-            target.join("release").join("podmesh-agent"),
-        )
-        .env("PODMESH_BENCH_CLUSTERS", a.clusters.to_string())
-        .env("PODMESH_BENCH_NODES", a.nodes.to_string())
-        .env("PODMESH_BENCH_RATE", a.rate.to_string())
-        .env("PODMESH_BENCH_CHURN_SECS", a.churn_secs.to_string());
+    let mut cmd = super::bench_test("agent_bench", "bench_converge");
+    cmd.env(
+        "PODMESH_AGENT_BIN",
+        target.join("release").join("podmesh-agent"),
+    )
+    .env("PODMESH_BENCH_CLUSTERS", a.clusters.to_string())
+    .env("PODMESH_BENCH_NODES", a.nodes.to_string())
+    .env("PODMESH_BENCH_RATE", a.rate.to_string())
+    .env("PODMESH_BENCH_CHURN_SECS", a.churn_secs.to_string());
     sh(&mut cmd)
 }

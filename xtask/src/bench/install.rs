@@ -10,5 +10,8 @@ pub struct InstallArgs {
 }
 
 pub fn run(args: &InstallArgs) -> anyhow::Result<()> {
-    sh(super::datapath::bench_test("bench_install").env("PODMESH_BENCH_SIZES", &args.sizes))
+    sh(
+        super::bench_test("datapath_bench", "bench_install")
+            .env("PODMESH_BENCH_SIZES", &args.sizes),
+    )
 }

@@ -1,8 +1,6 @@
 //! `cargo xtask bench proxy`: watch fan-out through podmesh-etcd-proxy vs `etcd grpc-proxy` vs
 //! direct etcd, same load in one run: latency p50/p99, proxy RSS, upstream watch count.
-use std::process::Command;
-
-use crate::util::{cargo, sh};
+use crate::util::sh;
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
@@ -18,30 +16,8 @@ pub struct ProxyArgs {
 }
 
 pub fn run(args: &ProxyArgs) -> anyhow::Result<()> {
-    let base = cargo();
-    let mut c = Command::new("nice");
-    c.current_dir(
-        base.get_current_dir()
-            .expect("cargo() sets the workspace root"),
-    )
-    .args(["-n", "10"])
-    .arg(base.get_program())
-    .args([
-        "test",
-        "--release",
-        "-p",
-        "podmesh-tests",
-        "--test",
-        "proxy_bench",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-        "--exact",
-        "proxy_bench",
-    ])
-    .env("PODMESH_BENCH_WATCHERS", &args.watchers)
-    .env("PODMESH_BENCH_RATE", args.rate.to_string())
-    .env("PODMESH_BENCH_SECONDS", args.seconds.to_string());
-    sh(&mut c)
+    sh(super::bench_test("proxy_bench", "proxy_bench")
+        .env("PODMESH_BENCH_WATCHERS", &args.watchers)
+        .env("PODMESH_BENCH_RATE", args.rate.to_string())
+        .env("PODMESH_BENCH_SECONDS", args.seconds.to_string()))
 }
