@@ -3,14 +3,11 @@
 //! Debian packages (etcd, protoc, iproute2, Debian's rustc-web with the
 //! prebuilt BPF `core`, the LLVM that rustc-web is built on), then bpf-linker
 //! built against that LLVM into `.tools/` (cached in `~/.cache/podmesh`).
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::util::{output, root, sh};
+use crate::util::{answers_version, output, root, sh};
 
 /// The bpf-linker release podmesh builds with.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -107,29 +104,20 @@ pub fn rustc_llvm_major() -> anyhow::Result<u32> {
         .with_context(|| format!("cannot read the LLVM major of {line:?}"))
 }
 
-fn linker_ok(p: &Path) -> bool {
-    p.is_file()
-        && Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-}
-
 /// `.tools/bpf-linker-V/bin/bpf-linker`, built once per machine into
 /// `~/.cache/podmesh` and copied from there.
 fn ensure_bpf_linker(llvm: u32, check: bool) -> anyhow::Result<PathBuf> {
     let local = root().join(format!(
         ".tools/bpf-linker-{BPF_LINKER_VERSION}/bin/bpf-linker"
     ));
-    if linker_ok(&local) {
+    if answers_version(&local) {
         return Ok(local);
     }
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let cache_root =
         PathBuf::from(home).join(format!(".cache/podmesh/bpf-linker-{BPF_LINKER_VERSION}"));
     let cached = cache_root.join("bin/bpf-linker");
-    if !linker_ok(&cached) {
+    if !answers_version(&cached) {
         if check {
             bail!("bpf-linker {BPF_LINKER_VERSION} is not built; run `cargo xtask setup`");
         }

@@ -5,14 +5,11 @@
 //! that kubernetes-validate ships. The validator lives in its own virtualenv
 //! under `~/.cache/podmesh` (never in the system Python) and is linked into
 //! `.tools/bin/`, where the test looks first.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::util::{output, root, sh};
+use crate::util::{answers_version, output, root, sh};
 
 /// The kubernetes-validate release whose bundled schemas the tests use.
 pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -32,20 +29,11 @@ pub fn run(check: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn works(p: &Path) -> bool {
-    p.is_file()
-        && Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-}
-
 /// `.tools/bin/kubernetes-validate`, a link into a virtualenv kept in
 /// `~/.cache/podmesh` across work trees.
 fn ensure_kubernetes_validate(check: bool) -> anyhow::Result<PathBuf> {
     let local = root().join(".tools/bin/kubernetes-validate");
-    if works(&local) {
+    if answers_version(&local) {
         return Ok(local);
     }
     let home = std::env::var_os("HOME").context("HOME is not set")?;
@@ -53,7 +41,7 @@ fn ensure_kubernetes_validate(check: bool) -> anyhow::Result<PathBuf> {
         ".cache/podmesh/kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"
     ));
     let cached = venv.join("bin/kubernetes-validate");
-    if !works(&cached) {
+    if !answers_version(&cached) {
         if check {
             bail!(
                 "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} is not installed; \

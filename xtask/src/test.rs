@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the project's whole check, as CI runs it.
 use std::process::Command;
 
-use crate::util::{cargo, root, sh};
+use crate::util::{cargo, root, sh, target_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -58,9 +58,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
 /// so say it up front.
 fn warn_if_disk_is_short() {
     const NEEDED: u64 = 6 << 30;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let dir = if target.exists() { target } else { root() };
     let Ok(out) = Command::new("df")
         .args(["--output=avail", "-B1"])

@@ -70,3 +70,20 @@ pub fn cargo() -> Command {
     }
     c
 }
+
+/// Where cargo puts build output: `$CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// An executable file at `p` that answers `--version` successfully.
+pub fn answers_version(p: &std::path::Path) -> bool {
+    p.is_file()
+        && Command::new(p)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}

@@ -1,6 +1,6 @@
 //! `cargo xtask bench converge`: 20 clusters x 5,000 nodes in real etcd; cold
 //! start, propagation latency under churn and RSS of the agent, against the goals.
-use crate::util::{cargo, root, sh};
+use crate::util::{cargo, sh, target_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct ConvergeArgs {
@@ -28,9 +28,7 @@ pub fn run(a: &ConvergeArgs) -> anyhow::Result<()> {
         "--bin",
         "podmesh-agent",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let mut cmd = super::bench_test("agent_bench", "bench_converge");
     cmd.env(
         "PODMESH_AGENT_BIN",

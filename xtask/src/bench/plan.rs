@@ -4,11 +4,11 @@
 //! The measuring code is the `plan_bench` example of the agent crate, so that
 //! xtask itself never links the agent (whose build needs what `xtask setup`
 //! installs); this builds it and the `podmesh` binary in release mode and runs it.
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use clap::Args;
 
-use crate::util::{cargo, root, sh};
+use crate::util::{cargo, sh, target_dir};
 
 /// Arguments of `cargo xtask bench plan`.
 #[derive(Debug, Args)]
@@ -29,9 +29,7 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<()> {
         "--example",
         "plan_bench",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let mut bench = Command::new(target.join("release/examples/plan_bench"));
     bench.args(a.sizes.iter().map(ToString::to_string));
     sh(&mut bench)
