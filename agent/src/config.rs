@@ -71,6 +71,9 @@ pub struct AgentArgs {
     /// VXLAN network identifier (0-16777215).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
+    /// Directory on a bpffs where the ebpf datapath pins its maps and tc link. It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts them; when its parent is not a bpffs, one is mounted there.
+    #[arg(long, value_name = "DIR", default_value = podmesh_common::PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
     /// Address of the status server (/healthz /readyz /metrics /status).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub status_addr: SocketAddr,
@@ -135,6 +138,8 @@ pub struct AgentConfig {
     pub tunnel_port: u16,
     /// VXLAN network identifier.
     pub vni: u32,
+    /// Pin directory of the ebpf datapath's maps and link.
+    pub bpf_pin_dir: PathBuf,
     /// Status server address.
     pub status_addr: SocketAddr,
     /// Lease TTL of the node record.
@@ -422,6 +427,12 @@ impl AgentArgs {
                 format!("{} does not fit in 24 bits", self.vni),
             ));
         }
+        if !self.bpf_pin_dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "bpf-pin-dir",
+                format!("{} is not an absolute path", self.bpf_pin_dir.display()),
+            ));
+        }
         if self.tunnel_port == 0 {
             return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
         }
@@ -453,6 +464,7 @@ impl AgentArgs {
             datapath_dry_run: self.datapath_dry_run,
             tunnel_port: self.tunnel_port,
             vni: self.vni,
+            bpf_pin_dir: self.bpf_pin_dir,
             status_addr: self.status_addr,
             lease_ttl: Duration::from_secs(self.lease_ttl),
             empty_grace: Duration::from_secs(self.empty_grace),
@@ -540,6 +552,23 @@ mod tests {
             .to_string();
         assert!(e.contains("--vni"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn bpf_pin_dir_defaults_to_sys_fs_bpf_and_must_be_absolute() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        let c = load_from(a.clone()).unwrap();
+        assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/podmesh"));
+        let mut b = a.clone();
+        b.extend(["--bpf-pin-dir", "/run/podmesh/bpf/podmesh"]);
+        assert_eq!(
+            load_from(b).unwrap().bpf_pin_dir,
+            PathBuf::from("/run/podmesh/bpf/podmesh")
+        );
+        a.extend(["--bpf-pin-dir", "bpf/podmesh"]);
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.starts_with("--bpf-pin-dir:"), "{e}");
     }
 
     #[test]
