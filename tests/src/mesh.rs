@@ -9,6 +9,13 @@
 //! with static node information and its status server on the node's
 //! loopback. Only addresses inside namespaces this fixture creates are
 //! used. Everything is stopped and removed on drop, also after a panic.
+//!
+//! Each node has its own bpffs, mounted by the fixture on a directory it
+//! owns and handed to the agent with `--bpf-pin-dir`, like the host's
+//! `/sys/fs/bpf` a DaemonSet mounts: it outlives the agent process, so a
+//! killed agent's pins (and the forwarding they keep alive) stay for the next
+//! one. (`ip netns exec` gives each process a private `/sys`; a bpffs mounted
+//! there would die with the agent.)
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -210,6 +217,8 @@ pub struct Mesh {
     /// Nodes and pods of every cluster.
     pub topo: Topology,
     datapath: String,
+    /// Nodes whose bpffs is mounted (under `dir/bpf/<node>`).
+    bpffs: BTreeSet<String>,
     agent_bin: PathBuf,
     proxy_bin: PathBuf,
     dir: tempfile::TempDir,
@@ -239,6 +248,7 @@ impl Mesh {
             clusters: Vec::new(),
             topo: Topology::build(&plans)?,
             datapath: datapath.to_string(),
+            bpffs: BTreeSet::new(),
             agent_bin,
             proxy_bin,
             dir,
@@ -457,7 +467,37 @@ impl Mesh {
         Ok(())
     }
 
+    /// The node's bpffs mount point (mounted when its first agent starts).
+    fn bpffs_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("bpf").join(node)
+    }
+
+    /// Where the agent on `node` pins its maps and tc link (`--bpf-pin-dir`).
+    pub fn bpf_pin_dir(&self, node: &str) -> PathBuf {
+        self.bpffs_dir(node).join("podmesh")
+    }
+
+    fn mount_bpffs(&mut self, node: &str) -> anyhow::Result<()> {
+        if self.bpffs.contains(node) {
+            return Ok(());
+        }
+        let dir = self.bpffs_dir(node);
+        std::fs::create_dir_all(&dir)?;
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpffs on {}", dir.display()))?;
+        self.bpffs.insert(node.to_string());
+        Ok(())
+    }
+
     fn spawn_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.mount_bpffs(node)?;
+        let pin_dir = self.bpf_pin_dir(node);
         let n = self.node(node)?;
         let c = self.cluster(&n.cluster)?;
         let args: Vec<String> = vec![
@@ -485,6 +525,8 @@ impl Mesh {
             "200".into(),
             "--max-backoff".into(),
             "2".into(),
+            "--bpf-pin-dir".into(),
+            pin_dir.display().to_string(),
         ];
         let ns = n.ns.name().to_string();
         let child = self.spawn_in(&ns, node, &self.agent_bin, &args)?;
@@ -551,30 +593,63 @@ impl Mesh {
         Ok(())
     }
 
+    /// Kills the agent on `node` with SIGKILL (no chance to clean up) and
+    /// reaps it; its datapath and pins stay.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .with_context(|| format!("no agent running on {node}"))?;
+        let mut a = self.agents.remove(i);
+        a.child.kill()?;
+        a.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the agent on `node` again (same flags, same bpffs) after
+    /// [`Mesh::kill_agent`]; wait for it with [`Mesh::wait_agent_ready`].
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        if self.agents.iter().any(|a| a.node == node) {
+            bail!("an agent already runs on {node}");
+        }
+        self.spawn_agent(node)
+    }
+
     /// Waits until every agent answers `/readyz` with 200 (every remote
     /// cluster connected and synced); fails early if an agent exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let nodes: Vec<String> = self.agents.iter().map(|a| a.node.clone()).collect();
         for node in nodes {
-            loop {
-                self.check_running(&node)?;
-                let r = self.agent_get(&node, "/readyz");
-                if r.is_ok() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "agent on {node} not ready after {timeout:?} ({}); status: {}\nlog:\n{}",
-                        r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-                        self.status(&node).unwrap_or_default(),
-                        self.log_tail(&node, 30)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            self.ready_by(&node, deadline, timeout)?;
         }
         Ok(())
+    }
+
+    /// Waits until the agent on `node` answers `/readyz` with 200; fails
+    /// early if it exits.
+    pub fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.ready_by(node, Instant::now() + timeout, timeout)
+    }
+
+    fn ready_by(&mut self, node: &str, deadline: Instant, timeout: Duration) -> anyhow::Result<()> {
+        loop {
+            self.check_running(node)?;
+            let r = self.agent_get(node, "/readyz");
+            if r.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {node} not ready after {timeout:?} ({}); status: {}\nlog:\n{}",
+                    r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+                    self.status(node).unwrap_or_default(),
+                    self.log_tail(node, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Pings `to` once from the pod named `from` (e.g. `east-n0-p1`).
@@ -688,6 +763,10 @@ impl Drop for Mesh {
         for a in &mut self.agents {
             let _ = a.child.kill();
             let _ = a.child.wait();
+        }
+        // Releases the pins; what they kept attached goes with the namespaces.
+        for node in std::mem::take(&mut self.bpffs) {
+            let _ = nix::mount::umount2(&self.bpffs_dir(&node), nix::mount::MntFlags::MNT_DETACH);
         }
         for c in &mut self.clusters {
             if let Some(mut p) = c.proxy.take() {
