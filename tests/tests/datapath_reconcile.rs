@@ -16,7 +16,7 @@ use datapath_support::{Mesh, podmesh_routes};
 use ipnet::IpNet;
 use podmesh_agent::{
     config::DatapathMode,
-    datapath::{Datapath, ebpf::ours_attached},
+    datapath::{Datapath, RemoteRoute, ebpf::ours_attached},
 };
 use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
 use podmesh_tests::require_root;
@@ -343,5 +343,97 @@ async fn ebpf_node_without_vtep_mac_does_not_block_the_others() -> anyhow::Resul
     assert_eq!(podmesh_routes(&mesh, e0)?.len(), 1);
     assert!(!reaches(&mesh, "east-n0", "west-n0"));
     assert!(reaches(&mesh, "east-n0", "west-n1"));
+    Ok(())
+}
+
+/// A new datapath (a restarted agent) reads back exactly what the previous
+/// one installed, cluster and node names included (the pinned owners map):
+/// the agent keeps a cluster's routes by name while that cluster reconnects.
+async fn new_datapath_reads_back_names(mode: DatapathMode) -> anyhow::Result<()> {
+    let mut mesh = Mesh::build(mode)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    let mut want = mesh.desired(e0);
+    want.sort();
+    drop(mesh.dps.remove(e0));
+    let dp = mesh.datapath(e0)?;
+    mesh.dps.insert(e0, dp);
+    let mut got = mesh.dps[e0].installed().await?;
+    got.sort();
+    assert_eq!(got, want);
+    // Withdrawn entries leave no names behind.
+    mesh.dps[e0].prune(&BTreeSet::new()).await?;
+    drop(mesh.dps.remove(e0));
+    let dp = mesh.datapath(e0)?;
+    mesh.dps.insert(e0, dp);
+    assert_eq!(mesh.dps[e0].installed().await?, Vec::new());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebpf_new_datapath_reads_back_names() -> anyhow::Result<()> {
+    if !require_root("ebpf_new_datapath_reads_back_names") {
+        return Ok(());
+    }
+    new_datapath_reads_back_names(DatapathMode::Ebpf).await
+}
+
+#[tokio::test]
+async fn vxlan_new_datapath_reads_back_names() -> anyhow::Result<()> {
+    if !require_root("vxlan_new_datapath_reads_back_names") {
+        return Ok(());
+    }
+    new_datapath_reads_back_names(DatapathMode::Vxlan).await
+}
+
+/// Installing many routes does not stall the async runtime: with a single
+/// worker thread, another task keeps running while the datapath works
+/// (the kernel calls run off the workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn large_install_does_not_stall_the_runtime() -> anyhow::Result<()> {
+    if !require_root("large_install_does_not_stall_the_runtime") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Direct)?;
+    let e0 = mesh.index("east-n0");
+    let via = mesh.desired(e0)[0].clone();
+    let routes: Vec<RemoteRoute> = (0..30_000u32)
+        .map(|i| RemoteRoute {
+            cidr: IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a80_0000 + (i << 8))), 24)
+                .expect("valid"),
+            node: format!("bulk-{i}"),
+            ..via.clone()
+        })
+        .collect();
+    let mut dp = mesh.dps.remove(e0);
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = {
+        let (busy, ticks) = (busy.clone(), ticks.clone());
+        tokio::spawn(async move {
+            while busy.load(std::sync::atomic::Ordering::SeqCst) {
+                ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    // Let the ticker start, then install on the same (only) worker.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let install = tokio::spawn(async move {
+        let before = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        let r = dp.upsert(&routes).await;
+        let during = ticks.load(std::sync::atomic::Ordering::SeqCst) - before;
+        busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        (dp, r, during)
+    });
+    let (mut dp, r, during) = install.await?;
+    ticker.await?;
+    r?;
+    // Withdraw in bulk before the namespace goes (see datapath_bench).
+    dp.prune(&BTreeSet::new()).await?;
+    assert!(
+        during > 0,
+        "no other task ran while 30k routes were installed: the runtime was blocked"
+    );
     Ok(())
 }

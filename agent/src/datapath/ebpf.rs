@@ -7,7 +7,7 @@
 //! forwarding in place and a new one adopts them: it reuses the pinned maps
 //! and atomically swaps its program into the pinned link.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
@@ -24,15 +24,16 @@ use aya::{
 };
 use ipnet::IpNet;
 use podmesh_common::{
-    COUNTERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN,
+    COUNTERS_MAP, OWNERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN,
     TUNNEL_EGRESS_PROG, counter,
 };
 
 use super::{
-    Datapath, DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
     device::{self, VXLAN_OVERHEAD, VxlanSpec},
     kernel::{Counters, KernelConfig},
     nl::{Netlink, NlError, in_netns},
+    owners::Owners,
     rtnl::{self, RouteTarget},
 };
 
@@ -46,9 +47,9 @@ pub struct EbpfDatapath {
     pin_dir: PathBuf,
     remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
     counters: PerCpuArray<MapData, u64>,
-    /// Names of what this process installed, for `installed()` (the map
-    /// holds only addresses).
-    names: BTreeMap<IpNet, RemoteRoute>,
+    /// Cluster and node names of what is installed, for `installed()` (the
+    /// LPM map holds only addresses); pinned, so they survive a restart.
+    owners: Owners,
     /// Keeps the loaded program (and so the maps) referenced while we run.
     _ebpf: Ebpf,
 }
@@ -120,6 +121,10 @@ impl EbpfDatapath {
                 .ok_or_else(|| DatapathError::Other(format!("{COUNTERS_MAP} not in object")))?,
         )
         .map_err(|e| unavailable("opening the counters map", &e, "rebuild podmesh"))?;
+        let owners = Owners::new(
+            ebpf.take_map(OWNERS_MAP)
+                .ok_or_else(|| DatapathError::Other(format!("{OWNERS_MAP} not in object")))?,
+        )?;
         tracing::info!(
             device = TUNNEL_DEVICE,
             ifindex = link.index,
@@ -136,7 +141,7 @@ impl EbpfDatapath {
             pin_dir: cfg.pin_dir.clone(),
             remotes,
             counters,
-            names: BTreeMap::new(),
+            owners,
             _ebpf: ebpf,
         })
     }
@@ -181,10 +186,12 @@ impl EbpfDatapath {
     }
 }
 
-impl Datapath for EbpfDatapath {
+/// The [`super::Datapath`] operations, synchronous: [`super::KernelDatapath`]
+/// runs them off the async runtime's workers.
+impl EbpfDatapath {
     /// Installs every route that can be installed; one bad remote record
     /// (IPv6, no vtepMAC) never blocks the others. Returns the first failure.
-    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+    pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
         let mut msgs = Vec::with_capacity(routes.len());
         let mut cidrs = Vec::with_capacity(routes.len());
@@ -220,6 +227,9 @@ impl Datapath for EbpfDatapath {
                 first_err.get_or_insert(op_err("upsert map entry", r.cidr, &e.to_string()));
                 continue;
             }
+            if let Err(e) = self.owners.set(r) {
+                first_err.get_or_insert(e);
+            }
             msgs.push(rtnl::route_replace(
                 r.cidr,
                 RouteTarget::Dev(self.ifindex),
@@ -227,7 +237,6 @@ impl Datapath for EbpfDatapath {
                 Some(self.route_mtu),
             ));
             cidrs.push(r.cidr);
-            self.names.insert(r.cidr, r.clone());
         }
         let failures = self.nl.batch(msgs).map_err(other)?;
         if let Some((i, errno)) = failures.first() {
@@ -245,19 +254,19 @@ impl Datapath for EbpfDatapath {
         first_err.map_or(Ok(()), Err)
     }
 
-    async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+    pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
         for c in cidrs {
             if let IpNet::V4(net) = c {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 // Absent is fine (idempotent).
                 let _ = self.remotes.remove(&key);
             }
-            self.names.remove(c);
+            self.owners.remove(c);
         }
         delete_routes(&mut self.nl, cidrs)
     }
 
-    async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+    pub fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
         let mut removed = BTreeSet::new();
         for c in self.map_keys()? {
             if !keep.contains(&c) {
@@ -270,11 +279,12 @@ impl Datapath for EbpfDatapath {
             }
         }
         let removed: Vec<IpNet> = removed.into_iter().collect();
-        self.delete(&removed).await?;
+        self.delete(&removed)?;
+        self.owners.retain(|c| keep.contains(c));
         Ok(PruneReport { removed })
     }
 
-    async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
+    pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let routed: BTreeSet<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(other)?
             .into_iter()
@@ -292,11 +302,11 @@ impl Datapath for EbpfDatapath {
             if !routed.contains(&cidr) {
                 continue;
             }
-            let known = self.names.get(&cidr);
+            let (cluster, node) = self.owners.get(&cidr).cloned().unwrap_or_default();
             out.push(RemoteRoute {
                 cidr,
-                cluster: known.map(|r| r.cluster.clone()).unwrap_or_default(),
-                node: known.map(|r| r.node.clone()).unwrap_or_default(),
+                cluster,
+                node,
                 node_addr: IpAddr::V4(Ipv4Addr::from(v.addr_v4)),
                 vtep_mac: Some(v.vtep_mac),
             });
@@ -446,7 +456,7 @@ pub fn ours_attached() -> Result<bool, DatapathError> {
 
 /// Makes sure `dir` exists on a bpffs; mounts one on its parent when the
 /// parent is not bpffs yet (the usual `/sys/fs/bpf` on a fresh host).
-fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
+pub(super) fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)

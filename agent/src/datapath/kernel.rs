@@ -48,11 +48,12 @@ impl KernelConfig {
     }
 
     /// The configuration the agent's flags ask for (`--datapath`,
-    /// `--tunnel-port`, `--vni`, `--node-ip`).
+    /// `--tunnel-port`, `--vni`, `--node-ip`, `--bpf-pin-dir`).
     pub fn from_args(args: &crate::config::AgentArgs) -> Self {
         Self {
             tunnel_port: args.tunnel_port,
             vni: args.vni,
+            pin_dir: args.bpf_pin_dir.clone(),
             node_ip: args.node_ip,
             ..Self::new(args.datapath)
         }
@@ -84,7 +85,7 @@ pub enum KernelDatapath {
     /// `ebpf`.
     Ebpf(Box<EbpfDatapath>),
     /// `vxlan`, `direct` or `ipip`.
-    Routes(RouteDatapath),
+    Routes(Box<RouteDatapath>),
 }
 
 /// Builds (creating or adopting devices, maps, programs) the datapath of
@@ -93,9 +94,9 @@ pub enum KernelDatapath {
 pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> {
     Ok(match cfg.mode {
         DatapathMode::Ebpf => KernelDatapath::Ebpf(Box::new(EbpfDatapath::new(cfg)?)),
-        DatapathMode::Vxlan => KernelDatapath::Routes(RouteDatapath::vxlan(cfg)?),
-        DatapathMode::Direct => KernelDatapath::Routes(RouteDatapath::direct(cfg)?),
-        DatapathMode::Ipip => KernelDatapath::Routes(RouteDatapath::ipip(cfg)?),
+        DatapathMode::Vxlan => KernelDatapath::Routes(Box::new(RouteDatapath::vxlan(cfg)?)),
+        DatapathMode::Direct => KernelDatapath::Routes(Box::new(RouteDatapath::direct(cfg)?)),
+        DatapathMode::Ipip => KernelDatapath::Routes(Box::new(RouteDatapath::ipip(cfg)?)),
     })
 }
 
@@ -118,32 +119,47 @@ impl KernelDatapath {
     }
 }
 
+/// Runs a kernel call off the async runtime's workers. Installing 100k
+/// routes takes seconds of netlink and map syscalls; on a worker thread that
+/// would stall the status server, the etcd watches and the lease keepalive.
+/// `block_in_place` hands this worker's other tasks to a new thread first
+/// (the datapath and the borrowed routes stay where they are, which
+/// `spawn_blocking` would not allow without copying 100k routes). On a
+/// current-thread runtime (tests) there is no other worker: it runs inline.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl Datapath for KernelDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
-        match self {
-            Self::Ebpf(d) => d.upsert(routes).await,
-            Self::Routes(d) => d.upsert(routes).await,
-        }
+        off_runtime(|| match self {
+            Self::Ebpf(d) => d.upsert(routes),
+            Self::Routes(d) => d.upsert(routes),
+        })
     }
 
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-        match self {
-            Self::Ebpf(d) => d.delete(cidrs).await,
-            Self::Routes(d) => d.delete(cidrs).await,
-        }
+        off_runtime(|| match self {
+            Self::Ebpf(d) => d.delete(cidrs),
+            Self::Routes(d) => d.delete(cidrs),
+        })
     }
 
     async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
-        match self {
-            Self::Ebpf(d) => d.prune(keep).await,
-            Self::Routes(d) => d.prune(keep).await,
-        }
+        off_runtime(|| match self {
+            Self::Ebpf(d) => d.prune(keep),
+            Self::Routes(d) => d.prune(keep),
+        })
     }
 
     async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
-        match self {
-            Self::Ebpf(d) => d.installed().await,
-            Self::Routes(d) => d.installed().await,
-        }
+        off_runtime(|| match self {
+            Self::Ebpf(d) => d.installed(),
+            Self::Routes(d) => d.installed(),
+        })
     }
 }

@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod kernel;
 pub mod memory;
 pub mod nl;
+pub mod owners;
 pub mod routes;
 pub mod rtnl;
 

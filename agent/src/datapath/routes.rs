@@ -14,12 +14,12 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    Datapath, DatapathError, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport, ROUTE_PROTOCOL,
-    RemoteRoute,
+    DatapathError, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
     device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
     ebpf::{delete_routes, op_err, other},
     kernel::KernelConfig,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
+    owners::Owners,
     rtnl::{self, RouteTarget},
 };
 
@@ -52,6 +52,9 @@ pub struct RouteDatapath {
     next_id: u32,
     /// What this process installed, by CIDR.
     routes: BTreeMap<IpNet, RemoteRoute>,
+    /// Cluster and node names of what is installed, pinned so that they
+    /// survive a restart; `None` when no bpffs could hold them.
+    owners: Option<Owners>,
 }
 
 impl RouteDatapath {
@@ -73,13 +76,13 @@ impl RouteDatapath {
             ifindex: link.index,
             mac: device::mac_of(&link)?,
         };
-        Self::with(nl, mode, Some(mtu))
+        Self::with(nl, mode, Some(mtu), cfg)
     }
 
     /// `direct`: plain routes via the node addresses.
     pub fn direct(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
-        Self::with(nl, RouteMode::Direct, None)
+        Self::with(nl, RouteMode::Direct, None, cfg)
     }
 
     /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
@@ -111,6 +114,7 @@ impl RouteDatapath {
                 ifindex: tunl.index,
             },
             Some(mtu),
+            cfg,
         )
     }
 
@@ -118,6 +122,7 @@ impl RouteDatapath {
         mut nl: Netlink,
         mode: RouteMode,
         route_mtu: Option<u32>,
+        cfg: &KernelConfig,
     ) -> Result<Self, DatapathError> {
         let nexthops = rtnl::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
             .map_err(|e| {
@@ -140,6 +145,7 @@ impl RouteDatapath {
             used_ids,
             next_id,
             routes: BTreeMap::new(),
+            owners: open_owners(cfg),
         })
     }
 
@@ -231,10 +237,12 @@ impl RouteDatapath {
     }
 }
 
-impl Datapath for RouteDatapath {
+/// The [`super::Datapath`] operations, synchronous: [`super::KernelDatapath`]
+/// runs them off the async runtime's workers.
+impl RouteDatapath {
     /// Installs every route that can be installed (a node without vtepMAC
     /// or off the underlay never blocks the others); returns the first failure.
-    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+    pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
         let (usable, oifs) = self.usable(routes, &mut first_err)?;
         let onlink = !matches!(self.mode, RouteMode::Direct);
@@ -292,20 +300,28 @@ impl Datapath for RouteDatapath {
             ));
         }
         for r in usable {
+            if let Some(o) = &mut self.owners
+                && let Err(e) = o.set(r)
+            {
+                first_err.get_or_insert(e);
+            }
             self.routes.insert(r.cidr, r.clone());
         }
         first_err.map_or(Ok(()), Err)
     }
 
-    async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+    pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
         delete_routes(&mut self.nl, cidrs)?;
         for c in cidrs {
             self.routes.remove(c);
+            if let Some(o) = &mut self.owners {
+                o.remove(c);
+            }
         }
         self.collect_nexthops()
     }
 
-    async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
+    pub fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
         let removed: Vec<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(other)?
             .into_iter()
@@ -314,11 +330,14 @@ impl Datapath for RouteDatapath {
             .collect();
         delete_routes(&mut self.nl, &removed)?;
         self.routes.retain(|c, _| keep.contains(c));
+        if let Some(o) = &mut self.owners {
+            o.retain(|c| keep.contains(c));
+        }
         self.collect_nexthops()?;
         Ok(PruneReport { removed })
     }
 
-    async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
+    pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let by_id: BTreeMap<u32, IpAddr> =
             rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
                 .map_err(other)?
@@ -342,16 +361,39 @@ impl Datapath for RouteDatapath {
             let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
                 continue;
             };
-            let known = self.routes.get(&r.dst);
+            let (cluster, node) = match (self.routes.get(&r.dst), &self.owners) {
+                (Some(k), _) => (k.cluster.clone(), k.node.clone()),
+                (None, Some(o)) => o.get(&r.dst).cloned().unwrap_or_default(),
+                (None, None) => Default::default(),
+            };
             out.push(RemoteRoute {
                 cidr: r.dst,
-                cluster: known.map(|k| k.cluster.clone()).unwrap_or_default(),
-                node: known.map(|k| k.node.clone()).unwrap_or_default(),
+                cluster,
+                node,
                 node_addr: *addr,
                 vtep_mac: macs.get(addr).copied(),
             });
         }
         Ok(out)
+    }
+}
+
+/// The owners map under the pin directory. Without it the datapath still
+/// works, but a restarted agent no longer knows whose routes it finds, and
+/// its first resync withdraws them until the remote clusters have synced.
+fn open_owners(cfg: &KernelConfig) -> Option<Owners> {
+    match Owners::open(&cfg.pin_dir) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                pin_dir = %cfg.pin_dir.display(),
+                "cannot keep route owners in a pinned map; after a restart, routes are withdrawn \
+                 until the remote clusters have synced (hint: mount a bpffs that outlives the \
+                 agent, e.g. hostPath /sys/fs/bpf, or set --bpf-pin-dir)"
+            );
+            None
+        }
     }
 }
 

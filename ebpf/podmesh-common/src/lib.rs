@@ -10,6 +10,9 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/podmesh";
 pub const REMOTES_V4_MAP: &str = "PODMESH_REMOTES_V4";
 /// Name of the per-CPU counters map.
 pub const COUNTERS_MAP: &str = "PODMESH_COUNTERS";
+/// Name of the map recording which remote cluster and node each installed
+/// Pod CIDR belongs to (user space only; every kernel datapath mode).
+pub const OWNERS_MAP: &str = "PODMESH_OWNERS";
 /// Name of the tc egress program in the object (its ELF symbol).
 pub const TUNNEL_EGRESS_PROG: &str = "podmesh_tunnel_egress";
 /// File name, under the pin directory, of the pinned TCX link that keeps the
@@ -53,8 +56,49 @@ pub struct RemoteNode {
     pub _pad: [u8; 2],
 }
 
+/// Key of the owners map: one installed remote Pod CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerKey {
+    /// 4 (IPv4) or 6 (IPv6).
+    pub family: u8,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 2],
+    /// Network address; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+
+/// Longest cluster name the owners map holds (the wire contract's limit).
+pub const OWNER_CLUSTER_MAX: usize = 32;
+/// Longest node name the owners map holds (a Kubernetes node name's limit).
+pub const OWNER_NODE_MAX: usize = 253;
+
+/// Value of the owners map: the remote cluster and node of a Pod CIDR, so an
+/// agent that restarts reads back exactly what it installed (names included)
+/// and keeps it while it reconnects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Bytes used in `cluster`.
+    pub cluster_len: u8,
+    /// Bytes used in `node`.
+    pub node_len: u8,
+    /// Cluster name (UTF-8).
+    pub cluster: [u8; OWNER_CLUSTER_MAX],
+    /// Node name (UTF-8).
+    pub node: [u8; OWNER_NODE_MAX],
+    /// Reserved, zero.
+    pub _pad: [u8; 1],
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: repr(C), Copy, explicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::OwnerKey {}
+    // SAFETY: repr(C), Copy, only byte fields, every bit pattern valid.
+    unsafe impl aya::Pod for super::Owner {}
     // SAFETY: RemoteNode is repr(C), Copy, has no padding holes (explicit
     // `_pad`) and every bit pattern is valid.
     unsafe impl aya::Pod for super::RemoteNode {}

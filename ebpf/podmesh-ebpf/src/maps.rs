@@ -1,9 +1,9 @@
 //! The maps shared by the programs; names and sizes come from podmesh-common.
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray},
 };
-use podmesh_common::{REMOTES_MAX_ENTRIES, RemoteNode, counter};
+use podmesh_common::{Owner, OwnerKey, REMOTES_MAX_ENTRIES, RemoteNode, counter};
 
 /// Remote node Pod CIDR (IPv4) -> the node to tunnel to.
 ///
@@ -17,6 +17,13 @@ pub static PODMESH_REMOTES_V4: LpmTrie<[u8; 4], RemoteNode> =
 /// counts survive an agent restart.
 #[map(name = "PODMESH_COUNTERS")]
 pub static PODMESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+
+/// Installed remote Pod CIDR -> its cluster and node names. No program
+/// reads it: it lives here so that it is created and pinned with the others,
+/// and a restarted agent reads back what it installed, names included.
+#[map(name = "PODMESH_OWNERS")]
+pub static PODMESH_OWNERS: HashMap<OwnerKey, Owner> =
+    HashMap::pinned(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// Adds one to counter `index`.
 #[inline(always)]

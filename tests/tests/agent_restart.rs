@@ -1,0 +1,301 @@
+//! A real `podmesh-agent` killed with SIGKILL and restarted under a 20 pps
+//! ping stream to a pod of another cluster: not one packet is lost, and in
+//! ebpf mode the restarted agent adopts the pinned maps and TCX link (same
+//! ids; the program is swapped inside the link) instead of recreating them.
+use std::{
+    collections::BTreeSet,
+    io::Read,
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Stdio},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
+};
+use podmesh_common::{COUNTERS_MAP, REMOTES_V4_MAP, TUNNEL_EGRESS_LINK_PIN, counter};
+use podmesh_tests::{eventually, mesh::Mesh, require_root};
+
+const READY: Duration = Duration::from_secs(90);
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Where the agent is killed and restarted.
+const NODE: &str = "east-n0";
+
+/// A `ping -i 0.05` stream whose output is collected on a thread (a long
+/// stream would fill the pipe).
+struct PingStream {
+    child: Child,
+    out: Option<JoinHandle<String>>,
+}
+
+impl PingStream {
+    fn start(m: &Mesh, from: &str, to: Ipv4Addr) -> anyhow::Result<Self> {
+        let (_, pod) = m
+            .topo
+            .pods()
+            .find(|(_, p)| p.name == from)
+            .with_context(|| format!("no pod {from}"))?;
+        // -O: say so when a reply is missing before the next request goes.
+        let mut child = pod
+            .ns
+            .command("ping")
+            .args(["-n", "-O", "-i", "0.05", "-W", "1", &to.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut stdout = child.stdout.take().context("ping stdout")?;
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        Ok(Self {
+            child,
+            out: Some(out),
+        })
+    }
+
+    fn running(&mut self) -> anyhow::Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            anyhow::bail!("ping exited early with {st}");
+        }
+        Ok(())
+    }
+
+    /// Stops the stream (SIGINT: ping prints its summary) and returns its output.
+    fn stop(mut self) -> anyhow::Result<String> {
+        // `ip netns exec` execs ping: the child is ping itself.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        self.child.wait()?;
+        self.out
+            .take()
+            .context("output taken")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("ping reader panicked"))
+    }
+}
+
+impl Drop for PingStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the stream saw: requests sent and the sequence numbers answered.
+#[derive(Debug)]
+struct PingResult {
+    transmitted: u32,
+    answered: BTreeSet<u32>,
+}
+
+impl PingResult {
+    fn parse(out: &str) -> anyhow::Result<Self> {
+        let mut answered = BTreeSet::new();
+        for line in out.lines().filter(|l| l.contains(" bytes from ")) {
+            if let Some(seq) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+            {
+                answered.insert(seq.parse()?);
+            }
+        }
+        let summary = out
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("no summary in ping's output:\n{out}"))?;
+        let transmitted = summary
+            .split_whitespace()
+            .next()
+            .context("empty summary")?
+            .parse()
+            .with_context(|| format!("summary: {summary}"))?;
+        Ok(Self {
+            transmitted,
+            answered,
+        })
+    }
+
+    /// Requests without a reply. The last one may still have been in flight
+    /// when the stream was stopped: it does not count.
+    fn lost(&self) -> Vec<u32> {
+        (1..self.transmitted)
+            .filter(|s| !self.answered.contains(s))
+            .collect()
+    }
+}
+
+/// Ids of what the ebpf datapath pinned, and the program the link runs.
+#[derive(Debug, PartialEq, Eq)]
+struct Pinned {
+    remotes_map: u32,
+    counters_map: u32,
+    link: u32,
+    program: u32,
+}
+
+fn pinned(pin_dir: &Path) -> anyhow::Result<Pinned> {
+    let map_id = |name: &str| -> anyhow::Result<u32> {
+        Ok(MapData::from_pin(pin_dir.join(name))
+            .with_context(|| format!("opening pin {name}"))?
+            .info()?
+            .id())
+    };
+    let link = FdLink::from(PinnedLink::from_pin(pin_dir.join(TUNNEL_EGRESS_LINK_PIN))?).info()?;
+    Ok(Pinned {
+        remotes_map: map_id(REMOTES_V4_MAP)?,
+        counters_map: map_id(COUNTERS_MAP)?,
+        link: link.id(),
+        program: link.program_id(),
+    })
+}
+
+/// Ids of the maps program `id` uses.
+fn program_maps(id: u32) -> anyhow::Result<BTreeSet<u32>> {
+    for p in loaded_programs() {
+        let p = p?;
+        if p.id() == id {
+            return Ok(p.map_ids()?.unwrap_or_default().into_iter().collect());
+        }
+    }
+    anyhow::bail!("program {id} is not loaded")
+}
+
+/// Packets the tc program sent into the tunnel (from the pinned counters).
+fn forwarded(pin_dir: &Path) -> anyhow::Result<u64> {
+    let map = PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(MapData::from_pin(
+        pin_dir.join(COUNTERS_MAP),
+    )?))?;
+    Ok(map.get(&counter::FORWARDED, 0)?.iter().sum())
+}
+
+/// podmesh's routes (protocol 80) on `node`, as `ip route` prints them.
+fn podmesh_routes(m: &Mesh, node: &str) -> anyhow::Result<BTreeSet<String>> {
+    Ok(m.routes(node)?
+        .lines()
+        .filter(|l| l.contains("proto 80"))
+        .map(str::to_string)
+        .collect())
+}
+
+fn killed_agent_loses_no_packet(mode: &str) -> anyhow::Result<()> {
+    let ebpf = mode == "ebpf";
+    let mut m = Mesh::start(&["east", "west"], 1, 1, mode)?;
+    m.wait_ready(READY)?;
+    let from = m
+        .pods_of("east")
+        .next()
+        .context("no east pod")?
+        .name
+        .clone();
+    let to = m.pods_of("west").next().context("no west pod")?.addr;
+    eventually(CONVERGE, || {
+        if m.ping(&from, to) {
+            Ok(())
+        } else {
+            Err(format!("{from} does not reach {to}"))
+        }
+    })?;
+    let routes_before = podmesh_routes(&m, NODE)?;
+    ensure!(!routes_before.is_empty(), "no podmesh route on {NODE}");
+    let pin_dir = m.bpf_pin_dir(NODE);
+    let (ids_before, forwarded_before) = if ebpf {
+        (Some(pinned(&pin_dir)?), forwarded(&pin_dir)?)
+    } else {
+        (None, 0)
+    };
+
+    let mut ping = PingStream::start(&m, &from, to)?;
+    std::thread::sleep(Duration::from_secs(1));
+    ping.running()?;
+    m.kill_agent(NODE)?;
+    // No agent at all for a while: forwarding is the kernel's alone.
+    std::thread::sleep(Duration::from_secs(2));
+    ping.running()?;
+    m.start_agent(NODE)?;
+    m.wait_agent_ready(NODE, READY)?;
+    // Past the restarted agent's first full resync.
+    std::thread::sleep(Duration::from_secs(2));
+    ping.running()?;
+    let out = ping.stop()?;
+    let r = PingResult::parse(&out)?;
+    eprintln!(
+        "{mode}: {} requests, {} answered",
+        r.transmitted,
+        r.answered.len()
+    );
+    assert!(
+        r.transmitted >= 40,
+        "the stream did not run across the restart: {out}"
+    );
+    assert_eq!(
+        r.lost(),
+        Vec::<u32>::new(),
+        "requests lost across the agent's SIGKILL and restart ({mode}):\n{out}\nagent log:\n{}",
+        m.log_tail(NODE, 30)
+    );
+    // Adopted, not withdrawn and put back: the restarted agent knew whose
+    // routes it found (the owners map) and kept them while it reconnected.
+    assert_eq!(
+        podmesh_routes(&m, NODE)?,
+        routes_before,
+        "routes changed across the restart"
+    );
+    let log = m.log_tail(NODE, 10_000);
+    assert!(
+        !log.contains("pruned"),
+        "the restarted agent withdrew routes:\n{log}"
+    );
+
+    if let Some(before) = ids_before {
+        let after = pinned(&pin_dir)?;
+        assert_eq!(
+            (after.remotes_map, after.counters_map, after.link),
+            (before.remotes_map, before.counters_map, before.link),
+            "maps or link recreated instead of adopted: before {before:?}, after {after:?}"
+        );
+        // The new agent swapped its own program into the link, and that
+        // program uses the adopted maps.
+        let maps = program_maps(after.program)?;
+        assert!(
+            maps.contains(&before.remotes_map) && maps.contains(&before.counters_map),
+            "program {} uses maps {maps:?}, not the pinned {before:?}",
+            after.program
+        );
+        // Every request went through the tc program, whose counters
+        // carried on in the same map.
+        let sent = forwarded(&pin_dir)? - forwarded_before;
+        assert!(
+            sent >= u64::from(r.transmitted) - 1,
+            "the tc program forwarded {sent} packets for {} requests",
+            r.transmitted
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ebpf_agent_sigkill_and_restart_lose_no_packet() -> anyhow::Result<()> {
+    if !require_root("ebpf_agent_sigkill_and_restart_lose_no_packet") {
+        return Ok(());
+    }
+    killed_agent_loses_no_packet("ebpf")
+}
+
+#[test]
+fn vxlan_agent_sigkill_and_restart_lose_no_packet() -> anyhow::Result<()> {
+    if !require_root("vxlan_agent_sigkill_and_restart_lose_no_packet") {
+        return Ok(());
+    }
+    killed_agent_loses_no_packet("vxlan")
+}
