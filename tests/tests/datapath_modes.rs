@@ -139,3 +139,130 @@ async fn ipip_mode_refuses_clearly_without_kernel_support() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// IPv6 Pod CIDRs in ebpf mode: a second LPM map, tunnelled over the same
+/// IPv4 underlay. Every node gets `fd00:<cluster>:<node>::/64` on its pod
+/// bridge next to its IPv4 block, its pods an address in it.
+#[tokio::test]
+async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
+    use std::net::IpAddr;
+
+    use podmesh_agent::datapath::{Datapath, RemoteRoute};
+
+    if !require_root("ebpf_mode_forwards_ipv6_pod_cidrs") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let v6_cidr = |i: usize| -> ipnet::IpNet {
+        let n = &mesh.topo.nodes[i];
+        format!("fd00:{}:{i}::/64", n.cluster_index + 1)
+            .parse()
+            .expect("valid")
+    };
+    let mut pod_v6 = Vec::new();
+    for (i, node) in mesh.topo.nodes.iter().enumerate() {
+        let net = v6_cidr(i);
+        let gw = format!("{}1", net.network());
+        node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        node.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw}/64"),
+            "dev",
+            "cni0",
+            "nodad",
+        ])?;
+        for (pi, pod) in node.pods.iter().enumerate() {
+            let addr = format!("{}{:x}", net.network(), 0x10 + pi);
+            pod.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            pod.ns.ip(&["-6", "route", "add", "default", "via", &gw])?;
+            pod_v6.push((i, addr));
+        }
+    }
+    let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];
+    let (_, to) = pod_v6
+        .iter()
+        .find(|(i, _)| mesh.topo.nodes[*i].cluster == "west")
+        .expect("a west pod")
+        .clone();
+    assert!(
+        !from.ns.ping(&to, 1, None),
+        "reached {to} before any IPv6 entry existed"
+    );
+
+    let before = mesh.dps[0].counters().expect("ebpf counters")?;
+    for i in 0..mesh.dps.len() {
+        let me = mesh.topo.nodes[i].cluster.clone();
+        let mut routes = mesh.desired(i);
+        for (j, n) in mesh.topo.nodes.iter().enumerate() {
+            if n.cluster != me {
+                routes.push(RemoteRoute {
+                    cidr: v6_cidr(j),
+                    cluster: n.cluster.clone(),
+                    node: n.name.clone(),
+                    node_addr: IpAddr::V4(n.addr),
+                    vtep_mac: mesh.dps[j].vtep_mac(),
+                });
+            }
+        }
+        mesh.dps[i].upsert(&routes).await?;
+        let mut installed = mesh.dps[i].installed().await?;
+        installed.sort();
+        routes.sort();
+        assert_eq!(installed, routes, "node {i} reads back what it installed");
+    }
+    let route = mesh.ip(0, &["-6", "route", "show", "proto", "80"])?;
+    assert!(
+        route.contains("dev podmesh0") && route.contains("mtu 1450"),
+        "IPv6 routes: {route}"
+    );
+    let mut failed = Vec::new();
+    for (from_node, from) in mesh.topo.pods() {
+        for (j, to) in &pod_v6 {
+            if mesh.topo.nodes[*j].cluster != from_node.cluster && !from.ns.ping(to, 2, None) {
+                failed.push(format!("{} -> {to}", from.name));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "IPv6 unreachable: {failed:#?}");
+    let after = mesh.dps[0].counters().expect("ebpf counters")?;
+    assert!(
+        after.forwarded > before.forwarded,
+        "IPv6 did not go through the tc program: {before:?} -> {after:?}"
+    );
+    assert_eq!(after.tunnel_key_failed, 0, "{after:?}");
+
+    // An IPv6 tunnel endpoint is refused with a reason; the rest is installed.
+    let bad = RemoteRoute {
+        cidr: "fd00:9::/64".parse()?,
+        cluster: "north".into(),
+        node: "n6".into(),
+        node_addr: "fd99::1".parse()?,
+        vtep_mac: Some([2, 0, 0, 0, 0, 9]),
+    };
+    let e = mesh.dps[0]
+        .upsert(std::slice::from_ref(&bad))
+        .await
+        .expect_err("IPv6 underlay refused");
+    assert!(
+        e.to_string().contains("IPv4 underlay"),
+        "unclear refusal: {e}"
+    );
+    assert!(
+        !mesh
+            .ip(0, &["-6", "route", "show", "proto", "80"])?
+            .contains("fd00:9::"),
+        "refused entry routed anyway"
+    );
+    Ok(())
+}

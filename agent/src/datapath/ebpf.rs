@@ -1,7 +1,8 @@
-//! The `ebpf` datapath: `podmesh0` (VXLAN, collect_md), a TCX egress program and a pinned LPM map.
+//! The `ebpf` datapath: `podmesh0` (VXLAN, collect_md), a TCX egress program and pinned LPM maps.
 //!
 //! Remote Pod CIDRs are routed into `podmesh0` (protocol [`ROUTE_PROTOCOL`],
-//! MTU = underlay − 50); the program looks the destination up in the map,
+//! MTU = underlay − 50); the program looks the destination up in the map of
+//! its family (IPv4 or IPv6 Pod CIDRs; the underlay is IPv4 for both),
 //! sets the tunnel key and rewrites the inner destination MAC. Maps and the
 //! TCX link are pinned under the pin directory, so a stopped agent leaves
 //! forwarding in place and a new one adopts them: it reuses the pinned maps
@@ -24,8 +25,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use podmesh_common::{
-    COUNTERS_MAP, OWNERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN,
-    TUNNEL_EGRESS_PROG, counter,
+    COUNTERS_MAP, OWNERS_MAP, REMOTES_V4_MAP, REMOTES_V6_MAP, RemoteNode, TUNNEL_DEVICE,
+    TUNNEL_EGRESS_LINK_PIN, TUNNEL_EGRESS_PROG, counter,
 };
 
 use super::{
@@ -46,6 +47,7 @@ pub struct EbpfDatapath {
     vni: u32,
     pin_dir: PathBuf,
     remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    remotes_v6: LpmTrie<MapData, [u8; 16], RemoteNode>,
     counters: PerCpuArray<MapData, u64>,
     /// Cluster and node names of what is installed, for `installed()` (the
     /// LPM map holds only addresses); pinned, so they survive a restart.
@@ -116,6 +118,11 @@ impl EbpfDatapath {
                 .ok_or_else(|| DatapathError::Other(format!("{REMOTES_V4_MAP} not in object")))?,
         )
         .map_err(|e| unavailable("opening the LPM map", &e, "rebuild podmesh"))?;
+        let remotes_v6 = LpmTrie::try_from(
+            ebpf.take_map(REMOTES_V6_MAP)
+                .ok_or_else(|| DatapathError::Other(format!("{REMOTES_V6_MAP} not in object")))?,
+        )
+        .map_err(|e| unavailable("opening the IPv6 LPM map", &e, "rebuild podmesh"))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS_MAP)
                 .ok_or_else(|| DatapathError::Other(format!("{COUNTERS_MAP} not in object")))?,
@@ -140,6 +147,7 @@ impl EbpfDatapath {
             vni: cfg.vni,
             pin_dir: cfg.pin_dir.clone(),
             remotes,
+            remotes_v6,
             counters,
             owners,
             _ebpf: ebpf,
@@ -174,15 +182,23 @@ impl EbpfDatapath {
         })
     }
 
-    fn map_keys(&self) -> Result<Vec<IpNet>, DatapathError> {
-        self.remotes
-            .keys()
-            .map(|k| {
-                let k = k.map_err(|e| DatapathError::Other(format!("iterating the map: {e}")))?;
-                IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8)
-                    .map_err(|e| DatapathError::Other(format!("bad key in map: {e}")))
-            })
-            .collect()
+    /// Every entry of both LPM maps.
+    fn map_entries(&self) -> Result<Vec<(IpNet, RemoteNode)>, DatapathError> {
+        let read = |e: aya::maps::MapError| DatapathError::Other(format!("reading the map: {e}"));
+        let mut out = Vec::new();
+        for item in self.remotes.iter() {
+            let (k, v) = item.map_err(read)?;
+            if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
+                out.push((c, v));
+            }
+        }
+        for item in self.remotes_v6.iter() {
+            let (k, v) = item.map_err(read)?;
+            if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
+                out.push((c, v));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -190,17 +206,24 @@ impl EbpfDatapath {
 /// runs them off the async runtime's workers.
 impl EbpfDatapath {
     /// Installs every route that can be installed; one bad remote record
-    /// (IPv6, no vtepMAC) never blocks the others. Returns the first failure.
+    /// (no vtepMAC, IPv6 node address) never blocks the others. Returns the
+    /// first failure. IPv4 and IPv6 Pod CIDRs each have their LPM map; the
+    /// tunnel runs over the IPv4 underlay for both.
     pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
         let mut msgs = Vec::with_capacity(routes.len());
         let mut cidrs = Vec::with_capacity(routes.len());
         for r in routes {
-            let (IpNet::V4(net), IpAddr::V4(addr)) = (r.cidr, r.node_addr) else {
+            let IpAddr::V4(addr) = r.node_addr else {
                 first_err.get_or_insert(op_err(
                     "upsert",
                     r.cidr,
-                    "the ebpf datapath forwards IPv4 only; use --datapath vxlan or direct for IPv6",
+                    &format!(
+                        "node {}/{} has the IPv6 address {} as tunnel endpoint; the ebpf datapath \
+                         tunnels over an IPv4 underlay (hint: publish an IPv4 node address first, \
+                         or use --datapath vxlan or direct)",
+                        r.cluster, r.node, r.node_addr
+                    ),
                 ));
                 continue;
             };
@@ -222,8 +245,19 @@ impl EbpfDatapath {
                 vtep_mac,
                 _pad: [0; 2],
             };
-            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            if let Err(e) = self.remotes.insert(&key, value, 0) {
+            let inserted = match r.cidr {
+                IpNet::V4(net) => self.remotes.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                    value,
+                    0,
+                ),
+                IpNet::V6(net) => self.remotes_v6.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                    value,
+                    0,
+                ),
+            };
+            if let Err(e) = inserted {
                 first_err.get_or_insert(op_err("upsert map entry", r.cidr, &e.to_string()));
                 continue;
             }
@@ -256,11 +290,17 @@ impl EbpfDatapath {
 
     pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
         for c in cidrs {
-            if let IpNet::V4(net) = c {
-                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                // Absent is fine (idempotent).
-                let _ = self.remotes.remove(&key);
-            }
+            // Absent is fine (idempotent).
+            let _ = match c {
+                IpNet::V4(net) => self.remotes.remove(&Key::new(
+                    u32::from(net.prefix_len()),
+                    net.network().octets(),
+                )),
+                IpNet::V6(net) => self.remotes_v6.remove(&Key::new(
+                    u32::from(net.prefix_len()),
+                    net.network().octets(),
+                )),
+            };
             self.owners.remove(c);
         }
         delete_routes(&mut self.nl, cidrs)
@@ -268,7 +308,7 @@ impl EbpfDatapath {
 
     pub fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
         let mut removed = BTreeSet::new();
-        for c in self.map_keys()? {
+        for (c, _) in self.map_entries()? {
             if !keep.contains(&c) {
                 removed.insert(c);
             }
@@ -292,11 +332,7 @@ impl EbpfDatapath {
             .map(|r| r.dst)
             .collect();
         let mut out = Vec::new();
-        for item in self.remotes.iter() {
-            let (k, v) = item.map_err(|e| DatapathError::Other(format!("reading the map: {e}")))?;
-            let Ok(cidr) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) else {
-                continue;
-            };
+        for (cidr, v) in self.map_entries()? {
             // Both halves are needed to forward: the route steers into
             // podmesh0, the map entry says where to.
             if !routed.contains(&cidr) {
@@ -454,15 +490,17 @@ pub fn ours_attached() -> Result<bool, DatapathError> {
     }))
 }
 
+/// Whether `p` is (on) a bpffs.
+pub(super) fn is_bpffs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
 /// Makes sure `dir` exists on a bpffs; mounts one on its parent when the
 /// parent is not bpffs yet (the usual `/sys/fs/bpf` on a fresh host).
 pub(super) fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
-    let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-            .unwrap_or(false)
-    };
     if !is_bpffs(parent) {
         std::fs::create_dir_all(parent)
             .map_err(|e| DatapathError::Other(format!("creating {}: {e}", parent.display())))?;

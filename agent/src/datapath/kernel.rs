@@ -73,7 +73,7 @@ pub struct Counters {
     pub forwarded: u64,
     /// Destination in no remote Pod CIDR: dropped.
     pub miss: u64,
-    /// Not IPv4: passed on unchanged.
+    /// Neither IPv4 nor IPv6 unicast (e.g. the device's own IPv6 multicast): passed on unchanged.
     pub not_ipv4: u64,
     /// The kernel refused the tunnel key: dropped.
     pub tunnel_key_failed: u64,

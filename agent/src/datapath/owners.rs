@@ -52,9 +52,19 @@ impl Owners {
     }
 
     /// For the route-only modes, which load no program: creates (or opens)
-    /// only the object's pinned maps under `pin_dir` and keeps the owners map.
+    /// only the object's pinned maps under `pin_dir` and keeps the owners
+    /// map. Unlike the ebpf mode, mounts nothing: the parent of `pin_dir`
+    /// must already be a bpffs.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        super::ebpf::ensure_pin_dir(pin_dir)?;
+        let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+        if !super::ebpf::is_bpffs(parent) {
+            return Err(DatapathError::Unavailable(format!(
+                "{} is not a bpffs",
+                parent.display()
+            )));
+        }
+        std::fs::create_dir_all(pin_dir)
+            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", pin_dir.display())))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(crate::EBPF_OBJECT)

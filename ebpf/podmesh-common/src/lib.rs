@@ -8,6 +8,8 @@
 pub const PIN_DIR: &str = "/sys/fs/bpf/podmesh";
 /// Name of the LPM map of remote IPv4 Pod CIDRs (also its pin file name).
 pub const REMOTES_V4_MAP: &str = "PODMESH_REMOTES_V4";
+/// Name of the LPM map of remote IPv6 Pod CIDRs (also its pin file name).
+pub const REMOTES_V6_MAP: &str = "PODMESH_REMOTES_V6";
 /// Name of the per-CPU counters map.
 pub const COUNTERS_MAP: &str = "PODMESH_COUNTERS";
 /// Name of the map recording which remote cluster and node each installed
@@ -29,7 +31,7 @@ pub mod counter {
     pub const FORWARDED: u32 = 0;
     /// Packets whose destination matched no remote Pod CIDR (dropped).
     pub const MISS: u32 = 1;
-    /// Packets that were not IPv4 or were too short to parse (passed on).
+    /// Packets that were neither IPv4 nor IPv6, or too short to parse (passed on).
     pub const NOT_IPV4: u32 = 2;
     /// Packets for which setting the tunnel key failed (dropped).
     pub const TUNNEL_KEY_FAILED: u32 = 3;
@@ -39,8 +41,9 @@ pub mod counter {
 
 /// Value of the remote-CIDR LPM map: where to send packets for that CIDR.
 ///
-/// The key is `aya::maps::lpm_trie::Key<[u8; 4]>` (prefix length, address
-/// in network byte order).
+/// The key is `aya::maps::lpm_trie::Key<[u8; 4]>` (IPv4) or `Key<[u8; 16]>`
+/// (IPv6): prefix length, address in network byte order. The underlay is
+/// IPv4 in both cases.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteNode {

@@ -13,6 +13,12 @@ use podmesh_common::{Owner, OwnerKey, REMOTES_MAX_ENTRIES, RemoteNode, counter};
 pub static PODMESH_REMOTES_V4: LpmTrie<[u8; 4], RemoteNode> =
     LpmTrie::pinned(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// Remote node Pod CIDR (IPv6) -> the node to tunnel to (over the IPv4
+/// underlay, like IPv4 Pod CIDRs). Pinned like the IPv4 map.
+#[map(name = "PODMESH_REMOTES_V6")]
+pub static PODMESH_REMOTES_V6: LpmTrie<[u8; 16], RemoteNode> =
+    LpmTrie::pinned(REMOTES_MAX_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
 /// Per-CPU packet counters, indexed by `podmesh_common::counter`; pinned so
 /// counts survive an agent restart.
 #[map(name = "PODMESH_COUNTERS")]

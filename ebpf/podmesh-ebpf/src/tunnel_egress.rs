@@ -1,7 +1,7 @@
 //! tc egress program of `podmesh0` (VXLAN, external/collect_md mode).
 //!
-//! For each IPv4 packet routed into the tunnel device it looks the inner
-//! destination up in the remote-CIDR LPM map, sets the tunnel key (remote
+//! For each IPv4 or IPv6 packet routed into the tunnel device it looks the
+//! inner destination up in the remote-CIDR LPM map of its family, sets the tunnel key (remote
 //! node address + VNI) that the VXLAN driver reads in collect_md mode
 //! (drivers/net/vxlan/vxlan_core.c, `vxlan_xmit`: `skb_tunnel_info`), and
 //! rewrites the inner destination MAC to the remote tunnel device's MAC,
@@ -16,12 +16,15 @@ use aya_ebpf::{
 };
 use podmesh_common::counter;
 
-use crate::maps::{PODMESH_REMOTES_V4, count};
+use crate::maps::{PODMESH_REMOTES_V4, PODMESH_REMOTES_V6, count};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
 /// Offset of the destination address in an IPv4 header.
 const IPV4_DADDR: usize = 16;
+/// Offset of the destination address in an IPv6 header.
+const IPV6_DADDR: usize = 24;
 
 #[classifier]
 pub fn podmesh_tunnel_egress(ctx: TcContext) -> i32 {
@@ -32,12 +35,28 @@ pub fn podmesh_tunnel_egress(ctx: TcContext) -> i32 {
 
 fn try_tunnel_egress(ctx: &TcContext) -> Result<i32, i32> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| TC_ACT_OK)?);
-    if ethertype != ETH_P_IP {
-        count(counter::NOT_IPV4);
-        return Ok(TC_ACT_OK);
-    }
-    let daddr: [u8; 4] = ctx.load(ETH_HLEN + IPV4_DADDR).map_err(|_| TC_ACT_OK)?;
-    let Some(remote) = PODMESH_REMOTES_V4.get(&Key::new(32, daddr)) else {
+    let found = match ethertype {
+        ETH_P_IP => {
+            let daddr: [u8; 4] = ctx.load(ETH_HLEN + IPV4_DADDR).map_err(|_| TC_ACT_OK)?;
+            PODMESH_REMOTES_V4.get(&Key::new(32, daddr))
+        }
+        ETH_P_IPV6 => {
+            let daddr: [u8; 16] = ctx.load(ETH_HLEN + IPV6_DADDR).map_err(|_| TC_ACT_OK)?;
+            if daddr[0] == 0xff {
+                // The device's own multicast (router solicitations, MLD):
+                // not pod traffic, passed on like before IPv6 support (the
+                // driver drops it: no tunnel key). Not a miss.
+                count(counter::NOT_IPV4);
+                return Ok(TC_ACT_OK);
+            }
+            PODMESH_REMOTES_V6.get(&Key::new(128, daddr))
+        }
+        _ => {
+            count(counter::NOT_IPV4);
+            return Ok(TC_ACT_OK);
+        }
+    };
+    let Some(remote) = found else {
         count(counter::MISS);
         return Err(TC_ACT_SHOT);
     };
