@@ -17,9 +17,9 @@ use datapath_support::{Bpffs, Mesh};
 use ipnet::{IpNet, Ipv4Net};
 use podmesh_agent::{
     config::DatapathMode,
-    datapath::{Datapath, KernelConfig, ROUTE_PROTOCOL, RemoteRoute, from_config},
+    datapath::{Datapath, KernelConfig, ROUTE_PROTOCOL, RemoteRoute, from_config, owners::Owners},
 };
-use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
+use podmesh_common::{OWNERS_MAP, REMOTES_V4_MAP, RemoteNode};
 use podmesh_tests::{eventually, netns::NetNs, require_root};
 
 /// Remote node `i` of the install benchmark: a /26 Pod CIDR in 10.0.0.0/8
@@ -85,8 +85,10 @@ async fn time_upsert(
     Ok((install, withdraw))
 }
 
-/// Only the LPM map: the same inserts the ebpf datapath makes, on the pinned map.
-async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<Duration> {
+/// Only the maps: the same inserts the ebpf datapath makes, on the pinned
+/// maps: the LPM map (what forwarding needs), then the owners map (what a
+/// restarted agent reads back). Returns both times.
+async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<(Duration, Duration)> {
     let ns = scratch()?;
     let cfg = config(DatapathMode::Ebpf, &ns, bpffs);
     let _dp = from_config(&cfg)?;
@@ -110,7 +112,15 @@ async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<Durat
             0,
         )?;
     }
-    Ok(t.elapsed())
+    let lpm = t.elapsed();
+    let mut owners = Owners::new(aya::maps::Map::HashMap(MapData::from_pin(
+        cfg.pin_dir.join(OWNERS_MAP),
+    )?))?;
+    let t = Instant::now();
+    for r in routes {
+        owners.set(r)?;
+    }
+    Ok((lpm, t.elapsed()))
 }
 
 /// The peer: `ip -batch` with nexthop objects, the same entries as `direct`.
@@ -161,19 +171,20 @@ async fn bench_install() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let bpffs = Bpffs::new()?;
     let mut table = String::from(
-        "| remote nodes | ebpf map only | ebpf map+routes | direct (nexthops) | vxlan (nh+neigh+fdb) | ip -batch (nexthops) | direct / ip -batch | withdraw all: ebpf / direct / vxlan |\n|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| remote nodes | ebpf LPM map only | ebpf LPM + owners maps | ebpf maps+routes | direct (nexthops) | vxlan (nh+neigh+fdb) | ip -batch (nexthops) | direct / ip -batch | withdraw all: ebpf / direct / vxlan |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for n in sizes {
         let routes: Vec<RemoteRoute> = (0..n).map(remote).collect();
-        let map = time_map(&routes, &bpffs).await?;
+        let (lpm, owners) = time_map(&routes, &bpffs).await?;
         let (ebpf, ebpf_rm) = time_upsert(DatapathMode::Ebpf, &routes, &bpffs).await?;
         let (direct, direct_rm) = time_upsert(DatapathMode::Direct, &routes, &bpffs).await?;
         let (vxlan, vxlan_rm) = time_upsert(DatapathMode::Vxlan, &routes, &bpffs).await?;
         let batch = time_ip_batch(&routes)?;
         writeln!(
             table,
-            "| {n} | {} | {} | {} | {} | {} | {:.2} | {} / {} / {} |",
-            secs(map),
+            "| {n} | {} | {} | {} | {} | {} | {} | {:.2} | {} / {} / {} |",
+            secs(lpm),
+            secs(lpm + owners),
             secs(ebpf),
             secs(direct),
             secs(vxlan),
