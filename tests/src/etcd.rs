@@ -38,7 +38,7 @@ impl Etcd {
 
     /// Starts an etcd named `name` whose certificates come from `pki`.
     pub fn start_with(pki: Arc<Pki>, name: &str) -> anyhow::Result<Self> {
-        Self::start_in(pki, name, None)
+        Self::start_in(pki, name, None, None)
     }
 
     /// Like [`Etcd::start_with`], and also serves clients on `ip` (same
@@ -46,13 +46,34 @@ impl Etcd {
     /// namespaces reach it. Call it from a thread inside the namespace that
     /// owns `ip` ([`crate::netns::NetNs::enter`]): etcd inherits it.
     pub fn start_listening(pki: Arc<Pki>, name: &str, ip: IpAddr) -> anyhow::Result<Self> {
-        Self::start_in(pki, name, Some(ip))
+        Self::start_in(pki, name, Some(ip), None)
     }
 
-    fn start_in(pki: Arc<Pki>, name: &str, extra_ip: Option<IpAddr>) -> anyhow::Result<Self> {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("podmesh-etcd-{name}-"))
-            .tempdir()?;
+    /// Like [`Etcd::start_listening`], with its data and log in a new
+    /// directory inside `parent` rather than in the system's temp dir, so
+    /// that whoever owns `parent` (a long-lived mesh) owns them too.
+    pub fn start_listening_in(
+        pki: Arc<Pki>,
+        name: &str,
+        ip: IpAddr,
+        parent: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_in(pki, name, Some(ip), Some(parent))
+    }
+
+    fn start_in(
+        pki: Arc<Pki>,
+        name: &str,
+        extra_ip: Option<IpAddr>,
+        parent: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let prefix = format!("podmesh-etcd-{name}-");
+        let mut b = tempfile::Builder::new();
+        b.prefix(&prefix);
+        let tmp = match parent {
+            Some(p) => b.tempdir_in(p)?,
+            None => b.tempdir()?,
+        };
         let server = pki.issue(&crate::pki::CertSpec {
             name: &format!("{name}-server"),
             file: None,

@@ -1,8 +1,8 @@
 //! podmesh-etcd-proxy run as a real process in front of a harness etcd, killed on drop.
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -32,41 +32,7 @@ pub struct Proxy {
 /// The proxy binary of this workspace, built once per test process with the
 /// profile the tests run in.
 pub fn binary() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        // <target>/<profile>/deps/<test binary>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .ok_or("test binary has no target dir")?
-            .to_path_buf();
-        let target = profile_dir.parent().ok_or("no target dir")?;
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev".to_string(),
-            Some(p) => p.to_string(),
-            None => "dev".to_string(),
-        };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "podmesh-etcd-proxy",
-                "--profile",
-                &profile,
-            ])
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !st.success() {
-            return Err(format!("cargo build -p podmesh-etcd-proxy failed: {st}"));
-        }
-        Ok(profile_dir.join("podmesh-etcd-proxy"))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    crate::mesh::workspace_binary("podmesh-etcd-proxy", "podmesh-etcd-proxy")
 }
 
 impl Proxy {

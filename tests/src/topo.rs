@@ -114,6 +114,12 @@ impl Topology {
         names
     }
 
+    /// Creates one more namespace named like this topology's (`<prefix><tag>`,
+    /// or a per-process test name), e.g. for a control plane on the underlay.
+    pub fn namespace(&self, tag: &str) -> anyhow::Result<NetNs> {
+        Self::netns(self.prefix.as_deref(), tag)
+    }
+
     fn netns(prefix: Option<&str>, tag: &str) -> anyhow::Result<NetNs> {
         match prefix {
             Some(p) => NetNs::named(&format!("{p}{tag}")),
@@ -145,6 +151,34 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Plugs namespace `ns` into the underlay bridge: a veth pair whose
+    /// bridge end is `port` and whose other end is `eth0` in `ns`, with
+    /// `addr` on it.
+    pub fn attach(&self, ns: &NetNs, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        self.underlay.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.underlay
+            .ip(&["link", "set", port, "master", "br0", "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"]).map(drop)
+    }
+
     fn add_node(
         &self,
         ci: usize,
@@ -155,29 +189,7 @@ impl Topology {
         let name = format!("{}-n{ni}", plan.name);
         let ns = Self::netns(self.prefix.as_deref(), &name)?;
         let addr = Ipv4Addr::new(172, 31, ci as u8 + 1, ni as u8 + 1);
-        let ul_port = format!("u{ci}n{ni}");
-        self.underlay.ip(&[
-            "link",
-            "add",
-            &ul_port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
-        self.underlay
-            .ip(&["link", "set", &ul_port, "master", "br0", "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
+        self.attach(&ns, &format!("u{ci}n{ni}"), addr)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         // Pods behind a bridge, gateway = first address of the node's block.
         let gw = pod_cidr.hosts().next().context("pod CIDR too small")?;
