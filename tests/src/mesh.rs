@@ -1,4 +1,4 @@
-//! A whole mesh for end-to-end tests: clusters of nodes and pods, a mesh etcd and proxy per cluster, agents.
+//! A whole mesh: clusters of nodes and pods, a mesh etcd and proxy per cluster, agents.
 //!
 //! Per cluster: a control-plane namespace on the underlay (`172.31.<c+1>.250`)
 //! running the cluster's mesh etcd (mTLS) and a `podmesh-etcd-proxy` in
@@ -8,7 +8,7 @@
 //! and one `podmesh-agent` per node, running inside the node's namespace
 //! with static node information and its status server on the node's
 //! loopback. Only addresses inside namespaces this fixture creates are
-//! used. Everything is stopped and removed on drop, also after a panic.
+//! used.
 //!
 //! Each node has its own bpffs, mounted by the fixture on a directory it
 //! owns and handed to the agent with `--bpf-pin-dir`, like the host's
@@ -16,23 +16,30 @@
 //! killed agent's pins (and the forwarding they keep alive) stay for the next
 //! one. (`ip netns exec` gives each process a private `/sys`; a bpffs mounted
 //! there would die with the agent.)
+//!
+//! The end-to-end tests and `cargo xtask demo` both run it. Everything is
+//! stopped and removed on drop, also after a panic, unless
+//! [`Mesh::into_kept`] hands it over: then it keeps running and the
+//! returned [`Kept`] names every namespace, process, mount and directory it made,
+//! so that [`Kept::remove`] (the demo's `down`) removes exactly those.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     etcd::{Etcd, http_get, write_client_config},
     netns::{self, NetNs},
     pki::Pki,
-    topo::{ClusterPlan, Node, Pod, Topology, UNDERLAY_PREFIX_LEN},
+    topo::{ClusterPlan, Node, Pod, Topology},
 };
 
 /// Port of every agent's status server (on its node's loopback).
@@ -185,6 +192,168 @@ impl SecretDir {
     }
 }
 
+/// The programs a mesh runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `podmesh-agent`.
+    pub agent: PathBuf,
+    /// `podmesh-etcd-proxy`.
+    pub proxy: PathBuf,
+    /// The `podmesh` CLI; built on first use when not given.
+    pub cli: Option<PathBuf>,
+}
+
+impl Binaries {
+    /// The workspace's agent and proxy, built for the profile the calling
+    /// test runs in ([`workspace_binary`]).
+    pub fn workspace() -> anyhow::Result<Self> {
+        Ok(Self {
+            agent: workspace_binary("podmesh-agent", "podmesh-agent")?,
+            proxy: workspace_binary("podmesh-etcd-proxy", "podmesh-etcd-proxy")?,
+            cli: None,
+        })
+    }
+}
+
+/// How to build a [`Mesh`]: clusters, pods per node, datapath, names and
+/// places. Start from [`Mesh::builder`].
+#[derive(Clone, Debug)]
+pub struct MeshBuilder {
+    clusters: Vec<(String, usize)>,
+    pods: usize,
+    datapath: String,
+    prefix: Option<String>,
+    parent: Option<PathBuf>,
+    bins: Option<Binaries>,
+    quick_retries: bool,
+}
+
+impl MeshBuilder {
+    /// Adds cluster `name` with `nodes` nodes. Cluster `i` (0-based, in the
+    /// order added) gets ID `i+1` and Pod CIDR `10.<i+1>.0.0/16`. A cluster
+    /// without nodes runs only its control plane: its mesh etcd is what a
+    /// test writes into.
+    pub fn cluster(mut self, name: &str, nodes: usize) -> Self {
+        self.clusters.push((name.to_string(), nodes));
+        self
+    }
+
+    /// Pods per node (default 2).
+    pub fn pods(mut self, pods: usize) -> Self {
+        self.pods = pods;
+        self
+    }
+
+    /// The agents' `--datapath` (default `ebpf`).
+    pub fn datapath(mut self, datapath: &str) -> Self {
+        self.datapath = datapath.to_string();
+        self
+    }
+
+    /// Names every namespace `<prefix><tag>` (`<prefix>east-n0`,
+    /// `<prefix>east-cp`) instead of per-process test names, so that a
+    /// long-lived mesh is recognisable.
+    pub fn namespace_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Some(prefix.to_string());
+        self
+    }
+
+    /// Keeps certificates, configs, logs and etcd data in `<parent>/mesh`
+    /// (which must not exist yet) instead of a new temp dir.
+    pub fn dir_in(mut self, parent: &Path) -> Self {
+        self.parent = Some(parent.to_path_buf());
+        self
+    }
+
+    /// Runs these programs (default: [`Binaries::workspace`]).
+    pub fn binaries(mut self, bins: Binaries) -> Self {
+        self.bins = Some(bins);
+        self
+    }
+
+    /// Whether agents scan the Secret every 200 ms and agents and proxies
+    /// back off at most 2 s (default `true`: tests see changes quickly).
+    /// With `false` they run with the defaults a user gets.
+    pub fn quick_retries(mut self, quick: bool) -> Self {
+        self.quick_retries = quick;
+        self
+    }
+
+    /// The address plan of the clusters (per-node /24 blocks).
+    pub fn plans(&self) -> Vec<ClusterPlan> {
+        self.clusters
+            .iter()
+            .enumerate()
+            .map(|(i, (n, nodes))| {
+                ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), *nodes, self.pods)
+            })
+            .collect()
+    }
+
+    /// Creates the namespaces (underlay, nodes, pods, control planes) and
+    /// the directory; nothing runs yet. Continue with
+    /// [`Mesh::start_kvstores`], [`Mesh::start_proxies`], [`Mesh::start_agents`].
+    pub fn create(self) -> anyhow::Result<Mesh> {
+        let bins = match self.bins.clone() {
+            Some(b) => b,
+            None => Binaries::workspace()?,
+        };
+        let plans = self.plans();
+        let dir = match &self.parent {
+            Some(p) => {
+                std::fs::create_dir_all(p)?;
+                tempfile::Builder::new()
+                    .prefix("mesh")
+                    .rand_bytes(0)
+                    .tempdir_in(p)
+                    .with_context(|| format!("creating {}/mesh", p.display()))?
+            }
+            None => tempfile::Builder::new().prefix("podmesh-mesh-").tempdir()?,
+        };
+        std::fs::create_dir_all(dir.path().join("logs"))?;
+        let topo = match &self.prefix {
+            Some(p) => Topology::build_named(p, &plans)?,
+            None => Topology::build(&plans)?,
+        };
+        let mut mesh = Mesh {
+            agents: Vec::new(),
+            bpffs: BTreeMap::new(),
+            clusters: Vec::new(),
+            topo,
+            datapath: self.datapath,
+            bins,
+            quick_retries: self.quick_retries,
+            dir,
+        };
+        for (ci, plan) in plans.iter().enumerate() {
+            let c = mesh.add_control_plane(ci, plan)?;
+            mesh.clusters.push(c);
+        }
+        Ok(mesh)
+    }
+
+    /// [`MeshBuilder::create`], then every mesh etcd, proxy and agent.
+    pub fn start(self) -> anyhow::Result<Mesh> {
+        let mut mesh = self.create()?;
+        mesh.start_kvstores()?;
+        mesh.start_proxies()?;
+        mesh.start_agents()?;
+        Ok(mesh)
+    }
+}
+
+/// A cluster's mesh etcd and what is derived from it.
+#[derive(Debug)]
+struct Kvstore {
+    /// The agents' client YAML (read-write).
+    agents: PathBuf,
+    /// The proxy's upstream client YAML.
+    upstream: PathBuf,
+    /// The proxy's CA: signs its server certificate and the remote clusters' client certificates.
+    proxy_pki: Arc<Pki>,
+    etcd: Etcd,
+}
+
 /// One cluster's control plane.
 #[derive(Debug)]
 struct ClusterCp {
@@ -192,152 +361,350 @@ struct ClusterCp {
     id: u8,
     pod_cidr: Ipv4Net,
     cp_ip: Ipv4Addr,
-    kvstore: PathBuf,
-    upstream: PathBuf,
-    proxy_pki: Arc<Pki>,
-    proxy: Option<Child>,
+    dir: PathBuf,
     secret: SecretDir,
-    // Dropped in this order: etcd is killed before its namespace goes.
-    etcd: Etcd,
+    // Dropped in this order: the proxy, etcd, the namespace.
+    proxy: Option<Owned>,
+    kv: Option<Kvstore>,
     cp: NetNs,
+}
+
+impl ClusterCp {
+    fn kv(&self) -> anyhow::Result<&Kvstore> {
+        self.kv
+            .as_ref()
+            .with_context(|| format!("the mesh etcd of {} is not started", self.name))
+    }
 }
 
 /// A running agent.
 #[derive(Debug)]
 struct AgentProc {
     node: String,
-    child: Child,
+    child: Owned,
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped unless released.
+#[derive(Debug)]
+struct Owned(Option<Child>);
+
+impl Owned {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("released only when consumed")
+    }
+
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Lets the process outlive this value; returns its ID.
+    fn release(mut self) -> u32 {
+        self.0.take().map_or(0, |c| c.id())
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A bpffs mount, detached when dropped unless released.
+#[derive(Debug)]
+struct Mount(Option<PathBuf>);
+
+impl Mount {
+    /// Mounts a new bpffs on `dir` (created if needed).
+    fn bpffs(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        nix::mount::mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpffs on {}", dir.display()))?;
+        Ok(Self(Some(dir.to_path_buf())))
+    }
+
+    /// Leaves it mounted; returns the mount point.
+    fn release(mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // Releases the pins; what they kept attached goes with the namespaces.
+        if let Some(d) = self.0.take() {
+            let _ = nix::mount::umount2(&d, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// One cluster's control plane, as the demo shows it.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    /// Cluster name.
+    pub cluster: String,
+    /// Cluster ID.
+    pub id: u8,
+    /// The cluster's Pod CIDR.
+    pub pod_cidr: Ipv4Net,
+    /// The namespace holding its mesh etcd and proxy.
+    pub namespace: String,
+    /// Its underlay address.
+    pub address: Ipv4Addr,
+    /// `https://<address>:<port>` of the mesh etcd, once started.
+    pub etcd_endpoint: Option<String>,
+    /// `https://<address>:2379`, where the other clusters reach its proxy.
+    pub proxy_endpoint: String,
+    /// Its clustermesh Secret directory (what the agents of this cluster read).
+    pub secret_dir: PathBuf,
+}
+
+/// A process a kept mesh left running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptProcess {
+    /// Its process ID.
+    pub pid: u32,
+    /// The program it runs (its file name identifies it again, since a PID may be reused).
+    pub program: PathBuf,
+}
+
+/// Everything a kept mesh consists of ([`Mesh::into_kept`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// Network namespaces, in creation order.
+    pub namespaces: Vec<String>,
+    /// Agents, proxies and mesh etcds.
+    pub processes: Vec<KeptProcess>,
+    /// The nodes' bpffs mounts (inside `dir`).
+    pub mounts: Vec<PathBuf>,
+    /// The directory with certificates, configs, logs and etcd data.
+    pub dir: Option<PathBuf>,
+}
+
+impl Kept {
+    /// Stops the processes (only those still running their recorded
+    /// program), deletes the namespaces with whatever still runs inside
+    /// them, detaches the mounts and removes the directory. Keeps going after a failure and
+    /// returns them all.
+    pub fn remove(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut killed = Vec::new();
+        for p in &self.processes {
+            let exe = std::fs::read_link(format!("/proc/{}/exe", p.pid)).unwrap_or_default();
+            if exe.file_name().is_some() && exe.file_name() == p.program.file_name() {
+                let _ = Command::new("kill")
+                    .args(["-9", &p.pid.to_string()])
+                    .status();
+                killed.push(p);
+            }
+        }
+        // SIGKILL is asynchronous: say so if one outlives a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while killed.iter().any(|p| !process_ended(p.pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in killed.iter().filter(|p| !process_ended(p.pid)) {
+            errors.push(format!(
+                "process {} ({}) still runs after SIGKILL",
+                p.pid,
+                p.program.display()
+            ));
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = remove_namespace(ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        for m in &self.mounts {
+            if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH)
+                && e != nix::errno::Errno::EINVAL
+                && e != nix::errno::Errno::ENOENT
+            {
+                errors.push(format!("unmounting {}: {e}", m.display()));
+            }
+        }
+        if let Some(d) = self.dir.as_ref().filter(|d| d.exists())
+            && let Err(e) = std::fs::remove_dir_all(d)
+        {
+            errors.push(format!("removing {}: {e}", d.display()));
+        }
+        errors
+    }
+}
+
+/// Whether process `pid` is gone or a zombie (ended, not yet reaped by its parent).
+pub fn process_ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Detaches every mount point at or below `dir`, deepest first (the bpffs
+/// mounts of a mesh whose owner died before it could say what it made).
+pub fn unmount_below(dir: &Path) -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    let mut errors = Vec::new();
+    for p in points {
+        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            errors.push(format!("unmounting {}: {e}", p.display()));
+        }
+    }
+    errors
+}
+
+/// Kills every process inside namespace `name` and deletes it (nothing if it is gone).
+pub fn remove_namespace(name: &str) -> anyhow::Result<()> {
+    if !netns::exists(name) {
+        return Ok(());
+    }
+    if let Ok(pids) = netns::ip(&["netns", "pids", name]) {
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    netns::ip(&["netns", "del", name]).map(drop)
 }
 
 /// The mesh. See the module documentation.
 #[derive(Debug)]
 pub struct Mesh {
+    // Dropped in this order: agents, their bpffs, control planes, the
+    // topology's namespaces, the directory.
     agents: Vec<AgentProc>,
+    /// The bpffs of each node that had an agent (under `dir/bpf/<node>`).
+    bpffs: BTreeMap<String, Mount>,
     clusters: Vec<ClusterCp>,
     /// Nodes and pods of every cluster.
     pub topo: Topology,
     datapath: String,
-    /// Nodes whose bpffs is mounted (under `dir/bpf/<node>`).
-    bpffs: BTreeSet<String>,
-    agent_bin: PathBuf,
-    proxy_bin: PathBuf,
+    bins: Binaries,
+    quick_retries: bool,
     dir: tempfile::TempDir,
 }
 
 impl Mesh {
-    /// Builds `clusters.len()` clusters named `clusters[i]` with Pod CIDR
-    /// `10.<i+1>.0.0/16`, `nodes` nodes of `pods` pods each, and starts
-    /// everything with agents on `datapath` (`ebpf`, `vxlan`, `direct`, …).
+    /// A builder without clusters yet (2 pods per node, `ebpf`, test names,
+    /// a temp dir, the workspace's binaries, quick retries).
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder {
+            clusters: Vec::new(),
+            pods: 2,
+            datapath: "ebpf".to_string(),
+            prefix: None,
+            parent: None,
+            bins: None,
+            quick_retries: true,
+        }
+    }
+
+    /// Starts clusters named `clusters[i]`, `nodes` nodes of `pods` pods
+    /// each, agents on `datapath` (`ebpf`, `vxlan`, `direct`, …).
     pub fn start(
         clusters: &[&str],
         nodes: usize,
         pods: usize,
         datapath: &str,
     ) -> anyhow::Result<Self> {
-        let agent_bin = workspace_binary("podmesh-agent", "podmesh-agent")?;
-        let proxy_bin = workspace_binary("podmesh-etcd-proxy", "podmesh-etcd-proxy")?;
-        let plans: Vec<ClusterPlan> = clusters
+        clusters
             .iter()
-            .enumerate()
-            .map(|(i, n)| ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), nodes, pods))
-            .collect();
-        let dir = tempfile::Builder::new().prefix("podmesh-mesh-").tempdir()?;
-        std::fs::create_dir_all(dir.path().join("logs"))?;
-        let mut mesh = Mesh {
-            agents: Vec::new(),
-            clusters: Vec::new(),
-            topo: Topology::build(&plans)?,
-            datapath: datapath.to_string(),
-            bpffs: BTreeSet::new(),
-            agent_bin,
-            proxy_bin,
-            dir,
-        };
-        for (ci, plan) in plans.iter().enumerate() {
-            let c = mesh.start_control_plane(ci, plan)?;
-            mesh.clusters.push(c);
-        }
-        mesh.write_secrets()?;
-        for ci in 0..mesh.clusters.len() {
-            mesh.spawn_proxy(ci)?;
-        }
-        let nodes: Vec<String> = mesh.topo.nodes.iter().map(|n| n.name.clone()).collect();
-        for n in nodes {
-            mesh.spawn_agent(&n)?;
-        }
-        Ok(mesh)
+            .fold(Self::builder(), |b, c| b.cluster(c, nodes))
+            .pods(pods)
+            .datapath(datapath)
+            .start()
     }
 
-    fn start_control_plane(&self, ci: usize, plan: &ClusterPlan) -> anyhow::Result<ClusterCp> {
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds cluster `ci`'s control-plane namespace to the underlay.
+    fn add_control_plane(&self, ci: usize, plan: &ClusterPlan) -> anyhow::Result<ClusterCp> {
         let cp_ip = Ipv4Addr::new(172, 31, ci as u8 + 1, 250);
-        let cp = NetNs::new(&format!("{}-cp", plan.name))?;
-        let port = format!("u{ci}cp");
-        self.topo.underlay.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            cp.name(),
-        ])?;
-        self.topo
-            .underlay
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
-        cp.ip(&[
-            "addr",
-            "add",
-            &format!("{cp_ip}/{UNDERLAY_PREFIX_LEN}"),
-            "dev",
-            "eth0",
-        ])?;
-        cp.ip(&["link", "set", "eth0", "up"])?;
-        let cdir = self.dir.path().join(&plan.name);
-        let pki = Arc::new(Pki::in_dir(
-            &cdir.join("etcd-pki"),
-            &format!("{} etcd", plan.name),
-        )?);
-        let etcd = in_netns(cp.name(), || {
-            Etcd::start_listening(
-                pki.clone(),
-                &format!("{}-mesh", plan.name),
-                IpAddr::V4(cp_ip),
-            )
-        })?;
-        let endpoint = format!("https://{cp_ip}:{}", etcd.port());
-        let agent_cert = pki.client(&format!("{}-agent", plan.name))?;
-        let kvstore = write_client_config(
-            &cdir.join("kvstore.yaml"),
-            &[endpoint],
-            pki.ca(),
-            &agent_cert,
-        )?;
-        // The proxy runs next to etcd and reaches it on loopback.
-        let upstream = etcd.client_config(&cdir.join("upstream.yaml"))?;
-        let proxy_pki = Arc::new(Pki::in_dir(
-            &cdir.join("proxy-pki"),
-            &format!("{} proxy", plan.name),
-        )?);
+        let topo = &self.topo;
+        let cp = topo.namespace(&format!("{}-cp", plan.name))?;
+        topo.attach(&cp, &format!("u{ci}cp"), cp_ip)?;
+        let dir = self.dir().join(&plan.name);
         Ok(ClusterCp {
             name: plan.name.clone(),
             id: ci as u8 + 1,
             pod_cidr: plan.pod_cidr,
             cp_ip,
-            kvstore,
-            upstream,
-            proxy_pki,
-            proxy: None,
             secret: SecretDir {
-                root: cdir.join("clustermesh"),
+                root: dir.join("clustermesh"),
                 generation: 0,
                 files: BTreeMap::new(),
                 removed: BTreeSet::new(),
             },
-            etcd,
+            dir,
+            proxy: None,
+            kv: None,
             cp,
+        })
+    }
+
+    /// Starts every cluster's mesh etcd (mTLS, its own CA, on the
+    /// control-plane address), issues the certificates and fills every
+    /// cluster's Secret directory.
+    pub fn start_kvstores(&mut self) -> anyhow::Result<()> {
+        for ci in 0..self.clusters.len() {
+            if self.clusters[ci].kv.is_none() {
+                let kv = self.start_kvstore(ci)?;
+                self.clusters[ci].kv = Some(kv);
+            }
+        }
+        self.write_secrets()
+    }
+
+    fn start_kvstore(&self, ci: usize) -> anyhow::Result<Kvstore> {
+        let c = &self.clusters[ci];
+        let pki = Arc::new(Pki::in_dir(
+            &c.dir.join("etcd-pki"),
+            &format!("{} etcd", c.name),
+        )?);
+        let etcd = in_netns(c.cp.name(), || {
+            Etcd::start_listening_in(
+                pki.clone(),
+                &format!("{}-mesh", c.name),
+                IpAddr::V4(c.cp_ip),
+                &c.dir,
+            )
+        })?;
+        let endpoint = format!("https://{}:{}", c.cp_ip, etcd.port());
+        let agent_cert = pki.client(&format!("{}-agent", c.name))?;
+        let agents = write_client_config(
+            &c.dir.join("kvstore.yaml"),
+            &[endpoint],
+            pki.ca(),
+            &agent_cert,
+        )?;
+        // The proxy runs next to etcd and reaches it on loopback.
+        let upstream = etcd.client_config(&c.dir.join("upstream.yaml"))?;
+        let proxy_pki = Arc::new(Pki::in_dir(
+            &c.dir.join("proxy-pki"),
+            &format!("{} proxy", c.name),
+        )?);
+        Ok(Kvstore {
+            agents,
+            upstream,
+            proxy_pki,
+            etcd,
         })
     }
 
@@ -345,11 +712,10 @@ impl Mesh {
     /// client certificate that CA issued for this cluster, and the client
     /// YAML (relative paths, resolved against the mounted directory).
     fn write_secrets(&mut self) -> anyhow::Result<()> {
-        let remotes: Vec<(String, Ipv4Addr, Arc<Pki>)> = self
-            .clusters
-            .iter()
-            .map(|c| (c.name.clone(), c.cp_ip, c.proxy_pki.clone()))
-            .collect();
+        let mut remotes = Vec::new();
+        for c in &self.clusters {
+            remotes.push((c.name.clone(), c.cp_ip, c.kv()?.proxy_pki.clone()));
+        }
         for local in &mut self.clusters {
             for (r, ip, pki) in remotes.iter().filter(|(r, ..)| *r != local.name) {
                 let cert = pki.client(&format!("{}-agents", local.name))?;
@@ -371,8 +737,55 @@ impl Mesh {
         Ok(())
     }
 
+    /// Starts every cluster's proxy and waits until each is ready.
+    pub fn start_proxies(&mut self) -> anyhow::Result<()> {
+        for ci in 0..self.clusters.len() {
+            if self.clusters[ci].proxy.is_none() {
+                self.spawn_proxy(ci)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an agent on every node that has none (it does not wait: see
+    /// [`Mesh::wait_ready`]).
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        let nodes: Vec<String> = self.topo.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in nodes {
+            if !self.agents.iter().any(|a| a.node == n) {
+                self.spawn_agent(&n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every cluster's control plane.
+    pub fn control_planes(&self) -> Vec<ControlPlane> {
+        self.clusters
+            .iter()
+            .map(|c| ControlPlane {
+                cluster: c.name.clone(),
+                id: c.id,
+                pod_cidr: c.pod_cidr,
+                namespace: c.cp.name().to_string(),
+                address: c.cp_ip,
+                etcd_endpoint: c
+                    .kv
+                    .as_ref()
+                    .map(|kv| format!("https://{}:{}", c.cp_ip, kv.etcd.port())),
+                proxy_endpoint: format!("https://{}:{PROXY_PORT}", c.cp_ip),
+                secret_dir: c.secret.root.clone(),
+            })
+            .collect()
+    }
+
+    /// Where the agents' and proxies' logs are (`<node>.log`, `<cluster>-proxy.log`).
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir().join("logs")
+    }
+
     fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join("logs").join(format!("{name}.log"))
+        self.log_dir().join(format!("{name}.log"))
     }
 
     /// The last `n` lines of a process's log (`<node>` for agents, `<cluster>-proxy`).
@@ -424,28 +837,30 @@ impl Mesh {
 
     fn spawn_proxy(&mut self, ci: usize) -> anyhow::Result<()> {
         let c = &self.clusters[ci];
-        let server = c
+        let kv = c.kv()?;
+        let server = kv
             .proxy_pki
             .server(&format!("{}-proxy", c.name), &[&c.cp_ip.to_string()])?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--listen".into(),
             format!("{}:{PROXY_PORT}", c.cp_ip),
             "--upstream-config".into(),
-            c.upstream.display().to_string(),
+            kv.upstream.display().to_string(),
             "--tls-cert".into(),
             server.cert.display().to_string(),
             "--tls-key".into(),
             server.key.display().to_string(),
             "--client-ca".into(),
-            c.proxy_pki.ca().display().to_string(),
+            kv.proxy_pki.ca().display().to_string(),
             "--metrics-addr".into(),
             format!("127.0.0.1:{PROXY_METRICS_PORT}"),
-            "--max-backoff".into(),
-            "2s".into(),
         ];
+        if self.quick_retries {
+            args.extend(["--max-backoff".into(), "2s".into()]);
+        }
         let name = format!("{}-proxy", c.name);
         let ns = c.cp.name().to_string();
-        let mut child = self.spawn_in(&ns, &name, &self.proxy_bin, &args)?;
+        let mut child = self.spawn_in(&ns, &name, &self.bins.proxy, &args)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = child.try_wait()? {
@@ -463,13 +878,13 @@ impl Mesh {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.clusters[ci].proxy = Some(child);
+        self.clusters[ci].proxy = Some(Owned(Some(child)));
         Ok(())
     }
 
     /// The node's bpffs mount point (mounted when its first agent starts).
     fn bpffs_dir(&self, node: &str) -> PathBuf {
-        self.dir.path().join("bpf").join(node)
+        self.dir().join("bpf").join(node)
     }
 
     /// Where the agent on `node` pins its maps and tc link (`--bpf-pin-dir`).
@@ -477,30 +892,15 @@ impl Mesh {
         self.bpffs_dir(node).join("podmesh")
     }
 
-    fn mount_bpffs(&mut self, node: &str) -> anyhow::Result<()> {
-        if self.bpffs.contains(node) {
-            return Ok(());
-        }
-        let dir = self.bpffs_dir(node);
-        std::fs::create_dir_all(&dir)?;
-        nix::mount::mount(
-            Some("bpf"),
-            &dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting a bpffs on {}", dir.display()))?;
-        self.bpffs.insert(node.to_string());
-        Ok(())
-    }
-
     fn spawn_agent(&mut self, node: &str) -> anyhow::Result<()> {
-        self.mount_bpffs(node)?;
+        if !self.bpffs.contains_key(node) {
+            let m = Mount::bpffs(&self.bpffs_dir(node))?;
+            self.bpffs.insert(node.to_string(), m);
+        }
         let pin_dir = self.bpf_pin_dir(node);
         let n = self.node(node)?;
         let c = self.cluster(&n.cluster)?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--cluster-name".into(),
             c.name.clone(),
             "--cluster-id".into(),
@@ -514,25 +914,24 @@ impl Mesh {
             "--cluster-pod-cidr".into(),
             c.pod_cidr.to_string(),
             "--kvstore-config".into(),
-            c.kvstore.display().to_string(),
+            c.kv()?.agents.display().to_string(),
             "--clustermesh-config".into(),
             c.secret.root.display().to_string(),
             "--datapath".into(),
             self.datapath.clone(),
             "--status-addr".into(),
             format!("127.0.0.1:{STATUS_PORT}"),
-            "--secret-poll-ms".into(),
-            "200".into(),
-            "--max-backoff".into(),
-            "2".into(),
             "--bpf-pin-dir".into(),
             pin_dir.display().to_string(),
         ];
+        if self.quick_retries {
+            args.extend(["--secret-poll-ms", "200", "--max-backoff", "2"].map(String::from));
+        }
         let ns = n.ns.name().to_string();
-        let child = self.spawn_in(&ns, node, &self.agent_bin, &args)?;
+        let child = self.spawn_in(&ns, node, &self.bins.agent, &args)?;
         self.agents.push(AgentProc {
             node: node.to_string(),
-            child,
+            child: Owned(Some(child)),
         });
         Ok(())
     }
@@ -577,6 +976,29 @@ impl Mesh {
         self.agent_get(node, "/status")
     }
 
+    /// The process ID of the agent on `node`.
+    pub fn agent_pid(&self, node: &str) -> anyhow::Result<u32> {
+        self.agents
+            .iter()
+            .find(|a| a.node == node)
+            .map(|a| a.child.id())
+            .with_context(|| format!("no agent on {node}"))
+    }
+
+    /// Runs the `podmesh` CLI with `args` inside `node`'s namespace (where
+    /// `podmesh status` finds the agent's status server by default).
+    pub fn podmesh(&self, node: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let cli = match &self.bins.cli {
+            Some(c) => c.clone(),
+            None => workspace_binary("podmesh-agent", "podmesh")?,
+        };
+        let ns = &self.node(node)?.ns;
+        ns.command(&cli.to_string_lossy())
+            .args(args)
+            .output()
+            .with_context(|| format!("running podmesh {} on {node}", args.join(" ")))
+    }
+
     /// Whether the agent on `node` still runs; fails with its log if it exited.
     fn check_running(&mut self, node: &str) -> anyhow::Result<()> {
         let a = self
@@ -584,7 +1006,7 @@ impl Mesh {
             .iter_mut()
             .find(|a| a.node == node)
             .with_context(|| format!("no agent on {node}"))?;
-        if let Some(st) = a.child.try_wait()? {
+        if let Some(st) = a.child.child().try_wait()? {
             bail!(
                 "agent on {node} exited with {st}:\n{}",
                 self.log_tail(node, 30)
@@ -602,8 +1024,8 @@ impl Mesh {
             .position(|a| a.node == node)
             .with_context(|| format!("no agent running on {node}"))?;
         let mut a = self.agents.remove(i);
-        a.child.kill()?;
-        a.child.wait()?;
+        a.child.child().kill()?;
+        a.child.child().wait()?;
         Ok(())
     }
 
@@ -628,7 +1050,7 @@ impl Mesh {
     }
 
     /// Waits until the agent on `node` answers `/readyz` with 200; fails
-    /// early if it exits.
+    /// early, with its log, if it exits.
     pub fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> anyhow::Result<()> {
         self.ready_by(node, Instant::now() + timeout, timeout)
     }
@@ -671,6 +1093,18 @@ impl Mesh {
         v
     }
 
+    /// Every pair from a pod of one cluster to a pod of another cluster.
+    pub fn cross_cluster_pairs(&self) -> Vec<(String, Ipv4Addr)> {
+        let names: Vec<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+        let mut v = Vec::new();
+        for a in &names {
+            for b in names.iter().filter(|b| *b != a) {
+                v.extend(self.pairs(a, b));
+            }
+        }
+        v
+    }
+
     /// The pairs of `pairs` that do not answer one ping.
     pub fn unreachable(&self, pairs: &[(String, Ipv4Addr)]) -> Vec<(String, Ipv4Addr)> {
         pairs
@@ -683,12 +1117,12 @@ impl Mesh {
     /// Kills cluster `cluster`'s proxy (SIGKILL).
     pub fn kill_proxy(&mut self, cluster: &str) -> anyhow::Result<()> {
         let ci = self.cluster_index(cluster)?;
-        let mut child = self.clusters[ci]
+        let mut proxy = self.clusters[ci]
             .proxy
             .take()
             .with_context(|| format!("the proxy of {cluster} is not running"))?;
-        child.kill()?;
-        child.wait()?;
+        proxy.child().kill()?;
+        proxy.child().wait()?;
         Ok(())
     }
 
@@ -730,7 +1164,8 @@ impl Mesh {
     /// Runs `etcdctl args` against `cluster`'s mesh etcd (root certificate).
     pub fn etcdctl(&self, cluster: &str, args: &[&str]) -> anyhow::Result<String> {
         let c = self.cluster(cluster)?;
-        let out = in_netns(c.cp.name(), || c.etcd.etcdctl(args))?;
+        let kv = c.kv()?;
+        let out = in_netns(c.cp.name(), || kv.etcd.etcdctl(args))?;
         if !out.status.success() {
             bail!(
                 "etcdctl {} in {cluster}'s etcd: {}{}",
@@ -756,25 +1191,51 @@ impl Mesh {
     pub fn routes(&self, node: &str) -> anyhow::Result<String> {
         netns::ip(&["-n", self.node(node)?.ns.name(), "route", "show"])
     }
-}
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.child.kill();
-            let _ = a.child.wait();
+    /// Leaves everything running and in place, and returns what that is,
+    /// for [`Kept::remove`] to remove later (from another process too).
+    pub fn into_kept(self) -> Kept {
+        let Mesh {
+            agents,
+            bpffs,
+            clusters,
+            topo,
+            bins,
+            dir,
+            ..
+        } = self;
+        let mut kept = Kept::default();
+        for a in agents {
+            kept.processes.push(KeptProcess {
+                pid: a.child.release(),
+                program: bins.agent.clone(),
+            });
         }
-        // Releases the pins; what they kept attached goes with the namespaces.
-        for node in std::mem::take(&mut self.bpffs) {
-            let _ = nix::mount::umount2(&self.bpffs_dir(&node), nix::mount::MntFlags::MNT_DETACH);
-        }
-        for c in &mut self.clusters {
-            if let Some(mut p) = c.proxy.take() {
-                let _ = p.kill();
-                let _ = p.wait();
+        kept.mounts = bpffs.into_values().filter_map(Mount::release).collect();
+        let mut cps = Vec::new();
+        for c in clusters {
+            let ClusterCp { proxy, kv, cp, .. } = c;
+            if let Some(p) = proxy {
+                kept.processes.push(KeptProcess {
+                    pid: p.release(),
+                    program: bins.proxy.clone(),
+                });
             }
+            if let Some(kv) = kv
+                && let (Some(pid), _) = kv.etcd.detach()
+            {
+                kept.processes.push(KeptProcess {
+                    pid,
+                    program: PathBuf::from("etcd"),
+                });
+            }
+            cps.push(cp.name().to_string());
+            // The namespace outlives this value.
+            std::mem::forget(cp);
         }
-        // Then the fields: etcds and control-plane namespaces, the
-        // topology's namespaces, the directory.
+        kept.namespaces = topo.detach();
+        kept.namespaces.extend(cps);
+        kept.dir = Some(dir.keep());
+        kept
     }
 }

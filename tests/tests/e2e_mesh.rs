@@ -1,14 +1,27 @@
 //! End to end: two clusters × two nodes × two pods in network namespaces, a
 //! mesh etcd with mTLS and a podmesh-etcd-proxy per cluster, real
-//! `podmesh-agent` processes on the ebpf datapath; pings and `/status`.
-use std::{net::Ipv4Addr, time::Duration};
+//! `podmesh-agent` processes on the ebpf datapath; pings, `/status`,
+//! `podmesh status`, kernel routes and the pinned eBPF map.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use anyhow::{Context, ensure};
+use aya::maps::{LpmTrie, MapData};
+use ipnet::IpNet;
 use podmesh_agent::{
-    desired::RecordState,
+    desired::{RecordState, Rejection},
     status::{RemoteStatus, StatusReport},
 };
-use podmesh_tests::{eventually, mesh::Mesh, require_root};
+use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
+use podmesh_tests::{
+    eventually,
+    mesh::{Kept, Mesh, process_ended},
+    netns::{self, NetNs},
+    require_root,
+};
 
 const READY: Duration = Duration::from_secs(90);
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -99,7 +112,7 @@ fn remote_programmed(
 }
 
 fn cross_pairs(m: &Mesh) -> Vec<(String, Ipv4Addr)> {
-    [m.pairs("east", "west"), m.pairs("west", "east")].concat()
+    m.cross_cluster_pairs()
 }
 
 #[test]
@@ -239,78 +252,321 @@ fn proxy_killed_keeps_routes_and_recovers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rejection of the record at `key` of `remote_name` in `s`; an error
+/// while it is missing or programmed.
+fn rejection<'a>(
+    s: &'a StatusReport,
+    remote_name: &str,
+    key: &str,
+) -> Result<&'a Rejection, String> {
+    let r = remote(s, remote_name)?;
+    let rec = r
+        .records
+        .iter()
+        .find(|o| o.key == key)
+        .ok_or_else(|| format!("{}: {key} not in status yet", s.local.node))?;
+    match &rec.state {
+        RecordState::Rejected(j) => Ok(j),
+        RecordState::Programmed => Err(format!("{}: {key} was programmed", s.local.node)),
+    }
+}
+
+/// The entries of the agent's pinned LPM map on `node` (CIDR -> tunnel endpoint).
+fn map_entries(m: &Mesh, node: &str) -> anyhow::Result<BTreeMap<IpNet, Ipv4Addr>> {
+    let pin = m.bpf_pin_dir(node).join(REMOTES_V4_MAP);
+    let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+    let map: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let mut out = BTreeMap::new();
+    for e in map.iter() {
+        let (k, v) = e?;
+        let cidr = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8)?;
+        out.insert(cidr, Ipv4Addr::from(v.addr_v4));
+    }
+    Ok(out)
+}
+
+/// `podmesh status -o json` on `node`, as the CLI prints it.
+fn cli_status(m: &Mesh, node: &str) -> anyhow::Result<StatusReport> {
+    let out = m.podmesh(node, &["status", "-o", "json"])?;
+    ensure!(
+        out.status.success(),
+        "podmesh status -o json on {node}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("podmesh status -o json is not a status")
+}
+
+/// A remote cluster whose cluster record declares a Pod CIDR inside the
+/// local cluster's range, with a node record inside that declaration:
+/// the observing cluster rejects the cluster record with the overlap code
+/// (and so its node), programs nothing for it, and keeps the legitimate
+/// owner's traffic; a third cluster rejects the node with the overlap code
+/// as well, because the range belongs to a cluster it already routes.
 #[test]
-fn remote_record_claiming_a_local_range_is_rejected() -> anyhow::Result<()> {
-    if !require_root("remote_record_claiming_a_local_range_is_rejected") {
+fn remote_cluster_claiming_a_local_range_is_rejected_and_reported() -> anyhow::Result<()> {
+    if !require_root("remote_cluster_claiming_a_local_range_is_rejected_and_reported") {
         return Ok(());
     }
-    let m = start()?;
+    // `rogue` runs only its control plane: the test writes its records.
+    let mut m = Mesh::builder()
+        .cluster("east", 2)
+        .cluster("west", 2)
+        .cluster("rogue", 0)
+        .start()?;
+    m.wait_ready(READY)?;
     let pairs = cross_pairs(&m);
+    assert_eq!(pairs.len(), 32);
     all_answer(&m, &pairs, CONVERGE)?;
 
-    // A node record in west whose Pod CIDR is east-n1's own block.
+    // east-n1's own block, inside east's declared 10.1.0.0/16.
     let victim = m.node("east-n1")?;
-    let stolen = victim.pod_cidr.to_string();
-    let victim_addr = victim.addr.to_string();
-    let key = "podmesh/v1/nodes/west/rogue";
-    let value = serde_json::json!({
-        "name": "rogue", "cluster": "west", "clusterID": 2,
-        "addresses": ["172.31.2.99"], "podCIDRs": [stolen],
-        "vtepMAC": "02:00:ac:1f:02:63"
-    });
-    m.put_raw("west", key, &value.to_string())?;
+    let (stolen, owner) = (victim.pod_cidr, victim.addr);
+    let stolen_net = IpNet::V4(stolen);
+    let cluster_key = "podmesh/v1/clusters/rogue";
+    let node_key = "podmesh/v1/nodes/rogue/rogue-n0";
+    let rogue_addr = Ipv4Addr::new(172, 31, 3, 1);
+    m.put_raw(
+        "rogue",
+        cluster_key,
+        &serde_json::json!({
+            "name": "rogue", "id": 3, "podCIDRs": [stolen], "serviceCIDRs": []
+        })
+        .to_string(),
+    )?;
+    m.put_raw(
+        "rogue",
+        node_key,
+        &serde_json::json!({
+            "name": "rogue-n0", "cluster": "rogue", "clusterID": 3,
+            "addresses": [rogue_addr], "podCIDRs": [stolen],
+            "vtepMAC": "02:00:ac:1f:03:01"
+        })
+        .to_string(),
+    )?;
 
     for node in m.nodes_of("east") {
-        let (code, message) = eventually(CONVERGE, || {
+        let s = eventually(CONVERGE, || {
             let s = status(&m, &node)?;
-            let r = remote(&s, "west")?;
-            let rec = r
-                .records
-                .iter()
-                .find(|o| o.key == key)
-                .ok_or_else(|| format!("{node}: {key} not in status yet"))?;
-            match &rec.state {
-                RecordState::Rejected(j) => Ok((j.code.clone(), j.message.clone())),
-                RecordState::Programmed => Err(format!("{node}: {key} was programmed")),
-            }
+            rejection(&s, "rogue", cluster_key)?;
+            rejection(&s, "rogue", node_key)?;
+            Ok(s)
         })?;
+        let c = rejection(&s, "rogue", cluster_key).map_err(anyhow::Error::msg)?;
+        assert_eq!(c.code, "pod-cidr-overlap", "{node}: {c:?}");
         assert!(
-            !code.is_empty(),
-            "{node}: rejection of {key} without a code"
+            c.message.contains(&stolen.to_string()) && c.message.contains("local cluster east"),
+            "{node}: the reason names neither {stolen} nor the local cluster: {}",
+            c.message
+        );
+        let n = rejection(&s, "rogue", node_key).map_err(anyhow::Error::msg)?;
+        assert_eq!(n.code, "cluster-rejected", "{node}: {n:?}");
+        assert!(
+            n.message.contains("pod-cidr-overlap"),
+            "{node}: the node's reason does not name its cluster's: {}",
+            n.message
+        );
+        let r = &s.remotes["rogue"];
+        assert!(r.connected && r.synced, "{node}: rogue {r:?}");
+        assert_eq!(r.nodes_programmed, 0, "{node}: {r:?}");
+        assert!(
+            r.rejected_by_reason.get("pod-cidr-overlap").copied() >= Some(1),
+            "{node}: not counted by reason: {:?}",
+            r.rejected_by_reason
         );
         assert!(
-            message.contains(&stolen),
-            "{node}: the reason does not name the range {stolen}: {message}"
-        );
-        let s = status(&m, &node).map_err(anyhow::Error::msg)?;
-        assert!(
-            !s.routes.iter().any(|rt| rt.node == "rogue"),
-            "{node} programmed the rogue record: {:?}",
+            !s.routes
+                .iter()
+                .any(|rt| rt.cluster == "rogue" || rt.cidr == stolen_net),
+            "{node} programmed the claim: {:?}",
             s.routes
         );
+
+        // The CLI shows the same, as JSON and in its table.
+        let cli = cli_status(&m, &node)?;
+        let c = rejection(&cli, "rogue", cluster_key).map_err(anyhow::Error::msg)?;
+        assert_eq!(c.code, "pod-cidr-overlap", "{node}: podmesh status -o json");
+        let table = m.podmesh(&node, &["status"])?;
+        let table = String::from_utf8_lossy(&table.stdout);
         assert!(
-            s.remotes["west"].rejected_by_reason.get(&code).copied() >= Some(1),
-            "{node}: rejection not counted by reason: {:?}",
-            s.remotes["west"].rejected_by_reason
+            table
+                .lines()
+                .any(|l| l.contains(cluster_key) && l.contains("[pod-cidr-overlap]")),
+            "{node}: podmesh status does not list the rejection:\n{table}"
         );
-        eprintln!("{node}: {key} rejected: {code}: {message}");
+
+        // Nothing in the kernel: no podmesh route, no map entry for the claim.
+        let routes = netns::ip(&[
+            "-n",
+            m.node(&node)?.ns.name(),
+            "route",
+            "show",
+            "proto",
+            "80",
+        ])?;
+        assert!(
+            !routes.lines().any(|l| l.starts_with(&stolen.to_string())),
+            "{node} routes the claimed range into the tunnel:\n{routes}"
+        );
+        let map = map_entries(&m, &node)?;
+        assert!(!map.contains_key(&stolen_net), "{node}: map {map:?}");
+        for w in m.nodes_of("west") {
+            let cidr = IpNet::V4(m.node(&w)?.pod_cidr);
+            assert!(
+                map.contains_key(&cidr),
+                "{node}: no map entry for {w}: {map:?}"
+            );
+        }
+        eprintln!("{node}: {cluster_key} rejected: {}: {}", c.code, c.message);
     }
     // east-n0 still reaches east-n1's pods through the cluster's own route.
     let routes = m.routes("east-n0")?;
     assert!(
         routes
             .lines()
-            .any(|l| l.starts_with(&format!("{stolen} via {victim_addr}"))),
+            .any(|l| l.starts_with(&format!("{stolen} via {owner}"))),
         "east-n0 lost its route to {stolen}:\n{routes}"
     );
-    let east_pairs = m.pairs("east", "east");
-    all_answer_now(&m, &east_pairs).context("east's own traffic")?;
-    all_answer_now(&m, &pairs).context("cross-cluster traffic")?;
-    // The legitimate west nodes are still programmed next to the rejected record.
-    let expect = m.nodes_of("west");
-    for node in m.nodes_of("east") {
-        eventually(CONVERGE, || remote_programmed(&m, &node, "west", &expect))?;
+
+    // west routes the range to its legitimate owner and rejects the newcomer.
+    for node in m.nodes_of("west") {
+        let s = eventually(CONVERGE, || {
+            let s = status(&m, &node)?;
+            rejection(&s, "rogue", node_key)?;
+            Ok(s)
+        })?;
+        let n = rejection(&s, "rogue", node_key).map_err(anyhow::Error::msg)?;
+        assert_eq!(n.code, "pod-cidr-overlap", "{node}: {n:?}");
+        let route = s.routes.iter().find(|rt| rt.cidr == stolen_net);
+        assert!(
+            route.is_some_and(|rt| rt.cluster == "east" && rt.node == "east-n1"),
+            "{node}: {stolen} is not routed to east-n1: {route:?}"
+        );
+        let map = map_entries(&m, &node)?;
+        assert_eq!(map.get(&stolen_net), Some(&owner), "{node}: map {map:?}");
     }
-    m.delete_raw("west", key)?;
+
+    all_answer_now(&m, &m.pairs("east", "east")).context("east's own traffic")?;
+    all_answer_now(&m, &pairs).context("cross-cluster traffic")?;
+    // The legitimate nodes are still programmed next to the rejected records.
+    for (node, remote_name) in [("east-n0", "west"), ("west-n0", "east")] {
+        let expect = m.nodes_of(remote_name);
+        eventually(CONVERGE, || {
+            remote_programmed(&m, node, remote_name, &expect)
+        })?;
+    }
     Ok(())
+}
+
+/// What `cargo xtask demo --keep` and `demo down` rely on: a kept mesh
+/// outlives its value and keeps forwarding; its manifest survives a JSON
+/// round trip (the demo's state file) and removes exactly what it lists.
+#[test]
+fn kept_mesh_keeps_running_and_is_removed_exactly() -> anyhow::Result<()> {
+    if !require_root("kept_mesh_keeps_running_and_is_removed_exactly") {
+        return Ok(());
+    }
+    let prefix = format!("pmt{}-kept-", std::process::id());
+    // Same prefix, not the mesh's: must survive the removal.
+    let bystander = NetNs::named(&format!("{prefix}bystander"))?;
+    let parent = tempfile::tempdir()?;
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .namespace_prefix(&prefix)
+        .dir_in(parent.path())
+        .start()?;
+    m.wait_ready(READY)?;
+    let pairs = cross_pairs(&m);
+    all_answer(&m, &pairs, CONVERGE)?;
+    let east_pod = m.pods_of("east").next().context("east pod")?;
+    let (from, to) = (
+        east_pod.ns.name().to_string(),
+        m.pods_of("west").next().context("west pod")?.addr,
+    );
+
+    let kept = m.into_kept();
+    // Removed also when an assertion fails before the removal under test.
+    let mut guard = RemoveOnDrop(Some(kept.clone()));
+    // underlay, 2 nodes, 2 pods, 2 control planes; 2 agents, 2 proxies, 2 etcds.
+    assert_eq!(kept.namespaces.len(), 7, "{kept:?}");
+    assert!(
+        kept.namespaces.iter().all(|n| n.starts_with(&prefix)),
+        "{kept:?}"
+    );
+    assert!(kept.namespaces.iter().all(|n| netns::exists(n)), "{kept:?}");
+    assert_eq!(kept.processes.len(), 6, "{kept:?}");
+    // A bpffs per node, still holding the agents' pins.
+    assert_eq!(kept.mounts.len(), 2, "{kept:?}");
+    for mnt in &kept.mounts {
+        assert!(mounted(mnt), "{} is not mounted", mnt.display());
+        assert!(mnt.join("podmesh").join(REMOTES_V4_MAP).exists(), "{mnt:?}");
+    }
+    for p in &kept.processes {
+        assert!(!process_ended(p.pid), "{p:?} is not running");
+    }
+    let dir = kept.dir.clone().context("no directory")?;
+    assert!(
+        dir.starts_with(parent.path()) && dir.join("logs").is_dir(),
+        "{dir:?}"
+    );
+    assert!(
+        ping_kept(&from, to),
+        "{from} -> {to} stopped answering once the mesh was kept"
+    );
+
+    let back: Kept = serde_json::from_str(&serde_json::to_string(&kept)?)?;
+    assert_eq!(back, kept);
+    guard.0 = None;
+    let errors = back.remove();
+    assert!(errors.is_empty(), "{errors:?}");
+    for n in &kept.namespaces {
+        assert!(!netns::exists(n), "{n} was not removed");
+    }
+    for p in &kept.processes {
+        assert!(process_ended(p.pid), "{p:?} still runs");
+    }
+    for mnt in &kept.mounts {
+        assert!(!mounted(mnt), "{} is still mounted", mnt.display());
+    }
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+    assert!(
+        netns::exists(bystander.name()),
+        "the bystander namespace was removed"
+    );
+    Ok(())
+}
+
+/// Whether `path` is a mount point of this process's mount namespace.
+fn mounted(path: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*path.to_string_lossy()))
+}
+
+/// Removes a kept mesh when dropped.
+struct RemoveOnDrop(Option<Kept>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(k) = self.0.take() {
+            for e in k.remove() {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+}
+
+/// One ping from namespace `ns` without taking ownership of it.
+fn ping_kept(ns: &str, to: Ipv4Addr) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-q", "-c", "3", "-W", "1", "-i", "0.2",
+        ])
+        .arg(to.to_string())
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
