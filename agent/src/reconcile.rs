@@ -1,20 +1,25 @@
 //! The reconciler: on every change of the remote entries (and periodically),
-//! computes the desired state, diffs it against what was applied, drives the
-//! [`Datapath`], and reports records and rejections in the status.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+//! steps the incremental desired state, hands its delta to the [`Datapath`],
+//! and reports records and rejections in the status.
+//!
+//! Bursts coalesce without a timer: changes that arrive while a step or the
+//! datapath is busy are collected as a set of changed keys and taken by the
+//! next step as one batch, so a single update at a low rate is applied at
+//! once and 100 updates/s cost a few steps, not 100 full recomputations.
+use std::{collections::BTreeSet, time::Duration};
 
 use ipnet::IpNet;
 
 use crate::{
     datapath::{Datapath, DatapathError, RemoteRoute},
-    desired::{self, LocalRanges, RecordState},
+    desired::{LocalRanges, live::Live},
     remote::MeshCache,
     status::Status,
 };
+
+/// Routes per datapath call in a full resync, so that a resync of 100k routes
+/// never holds them all in memory at once.
+const RESYNC_CHUNK: usize = 4096;
 
 /// What the reconciler should do next, kube-rs style.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,120 +37,114 @@ pub struct Reconciler<D> {
     local: LocalRanges,
     cache: MeshCache,
     status: Status,
-    /// What was last applied successfully (the datapath's state as far as we know).
-    applied: Arc<BTreeMap<IpNet, RemoteRoute>>,
-    /// Rejections already logged, so each is logged once.
-    logged: BTreeSet<(String, String)>,
+    installed: Option<Vec<RemoteRoute>>,
 }
 
 impl<D: Datapath> Reconciler<D> {
     /// A reconciler over `datapath`.
     pub fn new(datapath: D, local: LocalRanges, cache: MeshCache, status: Status) -> Self {
+        status.set_mesh(cache.clone());
         Self {
             datapath,
             local,
             cache,
             status,
-            applied: Arc::default(),
-            logged: BTreeSet::new(),
+            installed: None,
         }
     }
 
     /// Reads back what the datapath holds, so that a restart continues from
     /// the kernel's state (forwarding survived the restart) rather than from nothing.
     pub async fn adopt_installed(&mut self) -> Result<(), DatapathError> {
-        let installed = self.datapath.installed().await?;
-        self.applied = Arc::new(installed.into_iter().map(|r| (r.cidr, r)).collect());
+        self.installed = Some(self.datapath.installed().await?);
         Ok(())
     }
 
-    /// One pass: desired state, diff, apply; `full` also re-applies everything and prunes.
-    pub async fn reconcile(&mut self, full: bool) -> Action {
-        let mut d = self
+    async fn resync(&mut self) -> Result<(), DatapathError> {
+        let keep: BTreeSet<IpNet> = self
             .cache
-            .with(|remotes| desired::desired(&self.local, remotes, &self.applied));
-        let ops = desired::diff(&self.applied, &d.routes);
+            .with_live(|l, r| l.routes(r).into_keys().collect())
+            .unwrap_or_default();
+        let cidrs: Vec<IpNet> = keep.iter().copied().collect();
+        for chunk in cidrs.chunks(RESYNC_CHUNK) {
+            let routes: Vec<RemoteRoute> = self
+                .cache
+                .with_live(|l, r| chunk.iter().filter_map(|c| l.route_at(r, c)).collect())
+                .unwrap_or_default();
+            self.datapath.upsert(&routes).await?;
+        }
+        let pruned = self.datapath.prune(&keep).await?;
+        if !pruned.removed.is_empty() {
+            tracing::info!(
+                removed = pruned.removed.len(),
+                "resync pruned routes podmesh no longer wants"
+            );
+        }
+        Ok(())
+    }
+
+    /// One pass: step the desired state, apply its delta; `full` also
+    /// re-applies everything and prunes.
+    pub async fn reconcile(&mut self, full: bool) -> Action {
+        if let Some(installed) = self.installed.take() {
+            self.cache.install(Live::new(self.local.clone(), installed));
+        } else if self.cache.with_live(|_, _| ()).is_none() {
+            self.cache
+                .install(Live::new(self.local.clone(), Vec::new()));
+        }
+        let step = self.cache.step().unwrap_or_default();
         let result = async {
-            if !ops.delete.is_empty() {
-                self.datapath.delete(&ops.delete).await?;
+            if !step.ops.delete.is_empty() {
+                self.datapath.delete(&step.ops.delete).await?;
             }
             if full {
-                let all: Vec<RemoteRoute> = d.routes.values().cloned().collect();
-                self.datapath.upsert(&all).await?;
-                let keep: BTreeSet<IpNet> = d.routes.keys().copied().collect();
-                let pruned = self.datapath.prune(&keep).await?;
-                if !pruned.removed.is_empty() {
-                    tracing::info!(
-                        removed = pruned.removed.len(),
-                        "resync pruned routes podmesh no longer wants"
-                    );
-                }
-            } else if !ops.upsert.is_empty() {
-                self.datapath.upsert(&ops.upsert).await?;
+                self.resync().await?;
+            } else if !step.ops.upsert.is_empty() {
+                self.datapath.upsert(&step.ops.upsert).await?;
             }
             Ok::<(), DatapathError>(())
         }
         .await;
         let action = match &result {
-            Ok(()) => {
-                self.applied = Arc::new(std::mem::take(&mut d.routes));
-                Action::AwaitChange
-            }
+            Ok(()) => Action::AwaitChange,
             Err(e) => {
                 tracing::error!(error = %e, "programming the datapath failed; retrying with a full resync");
                 Action::RequeueAfter(Duration::from_secs(1))
             }
         };
         // Log each rejection once, with its hint.
-        let mut now_rejected = BTreeSet::new();
-        let mut newly: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        for (rec, why) in d.rejected() {
-            let id = (rec.key.clone(), why.code.clone());
-            if !self.logged.contains(&id) {
-                tracing::warn!(cluster = %rec.cluster, key = %rec.key, reason = %why.code, "remote record rejected: {}", why.message);
-                *newly
-                    .entry(rec.cluster.clone())
+        for (cluster, key, why) in &step.newly_rejected {
+            tracing::warn!(cluster = %cluster, key = %key, reason = %why.code, "remote record rejected: {}", why.message);
+        }
+        let per = self
+            .cache
+            .with_live(|l, remotes| {
+                remotes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (v.entries.len(), l.counts(k))))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        let routes = self
+            .cache
+            .with_live(|l, _| l.route_count())
+            .unwrap_or_default();
+        let error = result.err().map(|e| e.to_string());
+        self.status.update(|s| {
+            for (name, rs) in s.remotes.iter_mut() {
+                let (entries, counts) = per.get(name.as_str()).cloned().unwrap_or_default();
+                rs.entries = entries;
+                rs.nodes_programmed = counts.nodes_programmed;
+                rs.rejected_by_reason = counts.rejected_by_reason;
+            }
+            for (cluster, _, why) in &step.newly_rejected {
+                *s.rejections_total
+                    .entry(cluster.clone())
                     .or_default()
                     .entry(why.code.clone())
                     .or_default() += 1;
             }
-            now_rejected.insert(id);
-        }
-        self.logged = now_rejected;
-        // Report.
-        let mut per: BTreeMap<String, (usize, BTreeMap<String, usize>)> = BTreeMap::new();
-        for r in &d.records {
-            let e = per.entry(r.cluster.clone()).or_default();
-            match &r.state {
-                RecordState::Programmed if r.kind == "node" => e.0 += 1,
-                RecordState::Programmed => {}
-                RecordState::Rejected(j) => *e.1.entry(j.code.clone()).or_default() += 1,
-            }
-        }
-        let entries: BTreeMap<String, usize> = self.cache.with(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.entries.len()))
-                .collect()
-        });
-        self.status.set_routes(self.applied.clone());
-        let error = result.err().map(|e| e.to_string());
-        // The full record list is handed over without copying; `/status` splits it per remote.
-        self.status.set_records(std::sync::Arc::new(d.records));
-        self.status.update(|s| {
-            for (name, rs) in s.remotes.iter_mut() {
-                let (programmed, rejected) = per.remove(name.as_str()).unwrap_or_default();
-                rs.entries = entries.get(name).copied().unwrap_or(0);
-                rs.nodes_programmed = programmed;
-                rs.rejected_by_reason = rejected;
-                rs.records.clear();
-            }
-            for (cluster, by) in newly {
-                let t = s.rejections_total.entry(cluster).or_default();
-                for (reason, n) in by {
-                    *t.entry(reason).or_default() += n;
-                }
-            }
-            s.routes_installed = self.applied.len();
+            s.routes_installed = routes;
             s.datapath_error = error;
         });
         action
@@ -164,7 +163,10 @@ impl<D: Datapath> Reconciler<D> {
                 Action::AwaitChange => {
                     full = false;
                     tokio::select! {
-                        () = self.cache.changed() => {}
+                        () = self.cache.changed() => {
+                            // Let connections that are ready too add their changes to this batch.
+                            tokio::task::yield_now().await;
+                        }
                         _ = tick.tick() => full = true,
                     }
                 }

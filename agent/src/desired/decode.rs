@@ -3,7 +3,14 @@
 //! This is the first thing that touches bytes from another cluster, so it is
 //! total: every input, however hostile, becomes either a record or a
 //! [`Rejection`] naming the problem.
-use crate::model::{ClusterRecord, Key, MAX_VALUE_LEN, NodeRecord};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::{
+    model::{ClusterRecord, Key, MAX_VALUE_LEN, NodeRecord, parse_mac},
+    validate::{Finding, Severity, record::check_node_record},
+};
 
 /// Stable reason codes of rejections decided here (the validation core's
 /// `validate::code` covers the rest).
@@ -51,27 +58,43 @@ impl Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decoded {
     /// A cluster record (not yet validated).
-    Cluster(ClusterRecord),
-    /// A node record (not yet validated), with the node name from its key.
-    Node {
-        /// Node name from the key.
-        node: String,
-        /// The record.
-        record: NodeRecord,
-    },
+    Cluster(Box<ClusterRecord>),
+    /// A node record (not yet validated against its cluster), the node name being the key's.
+    Node(NodeData),
     /// Rejected while decoding.
     Invalid(Rejection),
 }
 
-/// One remote entry, decoded once when it arrives.
+/// What the agent keeps of a node record: only the fields that decide its
+/// routes and its validation, so that 100k remote nodes stay small in memory
+/// (names come from the key, `bootID` and unknown fields are dropped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeData {
+    /// `clusterID` as published.
+    pub cluster_id: u32,
+    /// Underlay addresses; `addresses[0]` is the tunnel endpoint.
+    pub addresses: Box<[IpAddr]>,
+    /// The node's Pod CIDRs.
+    pub pod_cidrs: Box<[IpNet]>,
+    /// The parsed `vtepMAC`, when it published a valid one.
+    pub vtep_mac: Option<[u8; 6]>,
+    /// The first problem of the record on its own that comes before the checks
+    /// against its cluster record (key vs value, IDs, CIDRs, no address).
+    pub early: Option<Box<Rejection>>,
+    /// The first problem of the record on its own that comes after them
+    /// (unusable tunnel endpoint, malformed `vtepMAC`).
+    pub late: Option<Box<Rejection>>,
+}
+
+/// One remote entry, decoded once when it arrives. Its key is the map key it is stored under.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The etcd key.
-    pub key: String,
     /// etcd create revision (the newcomer rule within a cluster).
     pub create_revision: i64,
     /// etcd mod revision.
     pub mod_revision: i64,
+    /// List generation of the connection that last saw it (pruning after a re-list).
+    pub generation: u64,
     /// The decoded content.
     pub decoded: Decoded,
 }
@@ -85,10 +108,53 @@ pub fn decode(
     mod_revision: i64,
 ) -> Entry {
     Entry {
-        key: key.to_string(),
         create_revision,
         mod_revision,
+        generation: 0,
         decoded: decode_value(remote, key, value),
+    }
+}
+
+fn first_error(findings: Vec<Finding>) -> Option<Box<Rejection>> {
+    findings
+        .into_iter()
+        .find(|f| f.severity == Severity::Error)
+        .map(|f| Box::new(Rejection::new(f.code, f.message)))
+}
+
+/// The compact form of `r`, stored under `podmesh/v1/nodes/<cluster>/<node>`.
+fn node_data(cluster: &str, node: &str, r: NodeRecord) -> NodeData {
+    let early = first_error(check_node_record(cluster, node, &r, None));
+    let mut late = None;
+    if let Some(a) = r.addresses.first()
+        && (a.is_unspecified() || a.is_loopback() || a.is_multicast())
+    {
+        late = Some(Box::new(Rejection::new(
+            code::NODE_ADDRESS_INVALID,
+            format!(
+                "node {node} of cluster {cluster} publishes tunnel endpoint {a}, which cannot be reached; its agent must publish the node's underlay address"
+            ),
+        )));
+    }
+    let vtep_mac = r.vtep_mac.as_deref().and_then(parse_mac);
+    if late.is_none()
+        && let Some(m) = &r.vtep_mac
+        && vtep_mac.is_none()
+    {
+        late = Some(Box::new(Rejection::new(
+            code::NODE_VTEP_MAC_INVALID,
+            format!(
+                "node {node} of cluster {cluster} publishes vtepMAC {m:?}, not six colon-separated hex octets"
+            ),
+        )));
+    }
+    NodeData {
+        cluster_id: r.cluster_id,
+        addresses: r.addresses.into_boxed_slice(),
+        pod_cidrs: r.pod_cidrs.into_boxed_slice(),
+        vtep_mac,
+        early,
+        late,
     }
 }
 
@@ -134,11 +200,11 @@ fn decode_value(remote: &str, key: &str, value: &[u8]) -> Decoded {
     };
     match parsed {
         Key::Cluster { .. } => match serde_json::from_slice::<ClusterRecord>(value) {
-            Ok(r) => Decoded::Cluster(r),
+            Ok(r) => Decoded::Cluster(Box::new(r)),
             Err(e) => json_err("cluster", e),
         },
         Key::Node { node, .. } => match serde_json::from_slice::<NodeRecord>(value) {
-            Ok(record) => Decoded::Node { node, record },
+            Ok(record) => Decoded::Node(node_data(remote, &node, record)),
             Err(e) => json_err("node", e),
         },
     }
@@ -178,7 +244,11 @@ mod tests {
         let v = br#"{"name":"n1","cluster":"east","clusterID":1,"addresses":["192.168.1.10"],"podCIDRs":["10.1.1.0/24"]}"#;
         assert!(matches!(
             decode("east", "podmesh/v1/nodes/east/n1", v, 1, 1).decoded,
-            Decoded::Node { node, .. } if node == "n1"
+            Decoded::Node(NodeData {
+                early: None,
+                late: None,
+                ..
+            })
         ));
     }
 }

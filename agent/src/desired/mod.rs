@@ -16,17 +16,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::RemoteRoute,
-    model::{ClusterRecord, NodeRecord, cluster_key, parse_mac},
+    model::{ClusterRecord, cluster_key},
     validate::{
         Finding, Severity, code as vcode,
         overlap::{CidrIndex, overlaps},
-        record::{check_cluster_record, check_node_record},
+        record::{check_cluster_record, check_node_in_cluster},
     },
 };
 
 pub mod decode;
+pub mod live;
 
-pub use decode::{Decoded, Entry, Rejection, code};
+pub use decode::{Decoded, Entry, NodeData, Rejection, code};
 
 /// This cluster's ranges, which no remote may take.
 #[derive(Clone, Debug, Default)]
@@ -49,6 +50,8 @@ pub struct RemoteEntries {
     /// Whether a complete list has been received at least once; before that
     /// the cluster is not considered (a partial list must not decide newcomers).
     pub synced_once: bool,
+    /// List generation of its connection (entries not seen in a complete list are pruned).
+    pub generation: u64,
     /// Entries by key.
     pub entries: BTreeMap<String, Entry>,
 }
@@ -132,25 +135,20 @@ fn local_overlap(local: &LocalRanges, who: &str, cidr: &IpNet) -> Option<Rejecti
     ))
 }
 
-struct ValidCluster<'a> {
-    record: &'a ClusterRecord,
+/// The node name of a node key (`podmesh/v1/nodes/<cluster>/<node>`).
+pub(crate) fn node_of(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(_, n)| n)
 }
 
-/// Computes the desired routes and every record's outcome. Pure.
-///
-/// `programmed` is what the datapath holds now (the previous desired state):
-/// it decides who is the existing owner in a conflict.
-pub fn desired(
+/// The validity of each synced remote's cluster record, duplicate IDs resolved:
+/// a cluster that already has routes (`has_routes`) keeps its ID, the others
+/// sharing it are rejected. Shared by [`desired`] and [`live::Live`].
+pub(crate) fn cluster_states<'a>(
     local: &LocalRanges,
-    remotes: &BTreeMap<String, RemoteEntries>,
-    programmed: &BTreeMap<IpNet, RemoteRoute>,
-) -> Desired {
-    let mut out = Desired::default();
-    let programmed_clusters: BTreeSet<&str> =
-        programmed.values().map(|r| r.cluster.as_str()).collect();
-
-    // 1. Cluster records.
-    let mut cluster_state: BTreeMap<&str, Result<ValidCluster<'_>, Rejection>> = BTreeMap::new();
+    remotes: &'a BTreeMap<String, RemoteEntries>,
+    has_routes: impl Fn(&str) -> bool,
+) -> BTreeMap<&'a str, Result<&'a ClusterRecord, Rejection>> {
+    let mut cluster_state: BTreeMap<&str, Result<&ClusterRecord, Rejection>> = BTreeMap::new();
     for (name, rem) in remotes.iter().filter(|(_, r)| r.synced_once) {
         let key = cluster_key(name);
         let state = match rem.entries.get(&key).map(|e| &e.decoded) {
@@ -161,7 +159,7 @@ pub fn desired(
                 ),
             )),
             Some(Decoded::Invalid(r)) => Err(r.clone()),
-            Some(Decoded::Node { .. }) => Err(Rejection::new(
+            Some(Decoded::Node(_)) => Err(Rejection::new(
                 code::RECORD_KEY_UNKNOWN,
                 format!("{key} does not hold a cluster record"),
             )),
@@ -173,15 +171,11 @@ pub fn desired(
     let mut by_id: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
     for (name, st) in &cluster_state {
         if let Ok(v) = st {
-            by_id.entry(v.record.id).or_default().push(name);
+            by_id.entry(v.id).or_default().push(name);
         }
     }
     for (id, names) in by_id.into_iter().filter(|(_, n)| n.len() > 1) {
-        let owners: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| programmed_clusters.contains(n))
-            .collect();
+        let owners: Vec<&str> = names.iter().copied().filter(|n| has_routes(n)).collect();
         for n in &names {
             if owners.contains(n) {
                 continue;
@@ -199,31 +193,208 @@ pub fn desired(
             );
         }
     }
-    for (name, st) in &cluster_state {
-        let rem = &remotes[*name];
-        let key = cluster_key(name);
-        if let Some(e) = rem.entries.get(&key)
-            && let Decoded::Cluster(c) = &e.decoded
-        {
-            out.records.push(RecordOutcome {
-                cluster: name.to_string(),
-                key,
-                kind: "cluster".into(),
-                name: Some(c.name.clone()),
-                addresses: vec![],
-                pod_cidrs: c.pod_cidrs.clone(),
-                state: match st {
-                    Ok(_) => RecordState::Programmed,
-                    Err(r) => RecordState::Rejected(r.clone()),
-                },
-            });
+    cluster_state
+}
+
+/// What one entry is on its own, given its cluster's state: `Ok(Some(node))`
+/// may be programmed (subject to conflicts), `Ok(None)` is the cluster record
+/// (reported with the cluster's state), `Err` is rejected.
+pub(crate) fn entry_static<'e>(
+    local: &LocalRanges,
+    cluster: &str,
+    key: &str,
+    entry: &'e Entry,
+    cstate: &Result<&ClusterRecord, Rejection>,
+) -> Result<Option<&'e NodeData>, Rejection> {
+    let n = match &entry.decoded {
+        Decoded::Cluster(_) => return Ok(None),
+        Decoded::Invalid(r) => return Err(r.clone()),
+        Decoded::Node(n) => n,
+    };
+    let node = node_of(key);
+    let c = match cstate {
+        Ok(c) => *c,
+        Err(r) if r.code == code::CLUSTER_RECORD_MISSING => return Err(r.clone()),
+        Err(r) => {
+            return Err(Rejection::new(
+                code::CLUSTER_REJECTED,
+                format!("cluster {cluster} is rejected ({}): {}", r.code, r.message),
+            ));
+        }
+    };
+    if let Some(r) = &n.early {
+        return Err((**r).clone());
+    }
+    if let Some(r) = first_error(check_node_in_cluster(
+        cluster,
+        node,
+        n.cluster_id,
+        &n.pod_cidrs,
+        c,
+    )) {
+        return Err(r);
+    }
+    if let Some(r) = &n.late {
+        return Err((**r).clone());
+    }
+    for p in n.pod_cidrs.iter() {
+        if let Some(j) = local_overlap(local, &format!("node {node} of cluster {cluster}"), p) {
+            return Err(j);
         }
     }
-    // Declared Pod CIDRs of valid clusters, for the cold-start rule.
+    Ok(Some(n))
+}
+
+/// The row `/status` shows for `key` of `cluster`.
+pub(crate) fn outcome_row(
+    cluster: &str,
+    key: &str,
+    entry: &Entry,
+    state: RecordState,
+) -> RecordOutcome {
+    let (kind, name, addresses, pod_cidrs) = match &entry.decoded {
+        Decoded::Cluster(c) => ("cluster", Some(c.name.clone()), vec![], c.pod_cidrs.clone()),
+        Decoded::Node(n) => (
+            "node",
+            Some(node_of(key).to_string()),
+            n.addresses.to_vec(),
+            n.pod_cidrs.to_vec(),
+        ),
+        Decoded::Invalid(_) if key == cluster_key(cluster) => ("cluster", None, vec![], vec![]),
+        Decoded::Invalid(_) => ("unknown", None, vec![], vec![]),
+    };
+    RecordOutcome {
+        cluster: cluster.to_string(),
+        key: key.to_string(),
+        kind: kind.into(),
+        name,
+        addresses,
+        pod_cidrs,
+        state,
+    }
+}
+
+/// The first CIDR of another cluster's declared Pod CIDRs that overlaps
+/// `cidr` (outermost first; of equal CIDRs, the smallest cluster name).
+pub(crate) fn foreign_declared<'i, S: AsRef<str>>(
+    declared: &'i CidrIndex<S>,
+    cidr: &IpNet,
+    cluster: &str,
+) -> Option<(IpNet, &'i str)> {
+    let mut best: Option<(IpNet, &str)> = None;
+    for (d, o) in declared.overlapping(cidr) {
+        let o = o.as_ref();
+        if o == cluster {
+            continue;
+        }
+        match best {
+            None => best = Some((d, o)),
+            Some((bd, bo)) if bd == d && o < bo => best = Some((d, o)),
+            Some((bd, _)) if bd != d => break,
+            Some(_) => {}
+        }
+    }
+    best
+}
+
+/// Why node `node` of `cluster` with `cidrs` conflicts with the mesh: another
+/// cluster's declared range (only for a record not programmed yet), a range
+/// of an owner (`first_owner` gives the first overlapping owner's CIDR,
+/// cluster and node), or its own overlapping CIDRs. `None`: no conflict.
+pub(crate) fn conflict<'o, S: AsRef<str>>(
+    cluster: &str,
+    node: &str,
+    cidrs: &[IpNet],
+    programmed: bool,
+    declared: &CidrIndex<S>,
+    mut first_owner: impl FnMut(&IpNet) -> Option<(IpNet, &'o str, &'o str)>,
+) -> Option<Rejection> {
+    for (i, cidr) in cidrs.iter().enumerate() {
+        if !programmed && let Some((d, other)) = foreign_declared(declared, cidr, cluster) {
+            return Some(Rejection::new(
+                vcode::POD_CIDR_OVERLAP,
+                format!(
+                    "node {node} of cluster {cluster}: Pod CIDR {cidr} is also inside cluster {other}'s declared Pod CIDR {d}; a range two clusters declare is programmed for neither (fix the address plan: `podmesh plan check`)"
+                ),
+            ));
+        }
+        if let Some((o, oc, on)) = first_owner(cidr) {
+            let (code, why) = if oc == cluster {
+                (
+                    vcode::POD_CIDR_OVERLAP_SAME_CLUSTER,
+                    "the record created later in the same cluster loses",
+                )
+            } else {
+                (
+                    vcode::POD_CIDR_OVERLAP,
+                    "the cluster that joined later loses; the existing owner keeps its traffic",
+                )
+            };
+            return Some(Rejection::new(
+                code,
+                format!(
+                    "node {node} of cluster {cluster}: Pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}; {why} (give the node a free Pod CIDR)"
+                ),
+            ));
+        }
+        if let Some(o) = cidrs[..i].iter().find(|m| overlaps(m, cidr)) {
+            return Some(Rejection::new(
+                vcode::POD_CIDR_OVERLAP_SAME_CLUSTER,
+                format!(
+                    "node {node} of cluster {cluster} lists overlapping Pod CIDRs {o} and {cidr}"
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// The route of an accepted node.
+pub(crate) fn route_of(cluster: &str, node: &str, cidr: IpNet, n: &NodeData) -> RemoteRoute {
+    RemoteRoute {
+        cidr,
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        node_addr: n.addresses[0],
+        vtep_mac: n.vtep_mac,
+    }
+}
+
+/// Computes the desired routes and every record's outcome from scratch. Pure.
+///
+/// `programmed` is what the datapath holds now (the previous desired state):
+/// it decides who is the existing owner in a conflict. The agent runs the
+/// incremental [`live::Live`], which must always agree with this function.
+///
+/// Acceptance is decided greedily in newcomer order (programmed records
+/// first, then by create revision); a rejected record's reason is then told
+/// against the final owners, so that it does not depend on the order in
+/// which the records were looked at.
+pub fn desired(
+    local: &LocalRanges,
+    remotes: &BTreeMap<String, RemoteEntries>,
+    programmed: &BTreeMap<IpNet, RemoteRoute>,
+) -> Desired {
+    let mut out = Desired::default();
+    let programmed_clusters: BTreeSet<&str> =
+        programmed.values().map(|r| r.cluster.as_str()).collect();
+    let cluster_state = cluster_states(local, remotes, |n| programmed_clusters.contains(n));
+
+    // 1. Cluster records, and the declared Pod CIDRs of valid clusters (cold-start rule).
     let mut declared: CidrIndex<&str> = CidrIndex::new();
     for (name, st) in &cluster_state {
+        let key = cluster_key(name);
+        if let Some(e) = remotes[*name].entries.get(&key)
+            && let Decoded::Cluster(_) = &e.decoded
+        {
+            let state = match st {
+                Ok(_) => RecordState::Programmed,
+                Err(r) => RecordState::Rejected(r.clone()),
+            };
+            out.records.push(outcome_row(name, &key, e, state));
+        }
         if let Ok(v) = st {
-            for c in &v.record.pod_cidrs {
+            for c in &v.pod_cidrs {
                 declared.insert(*c, *name);
             }
         }
@@ -233,97 +404,48 @@ pub fn desired(
     struct Candidate<'a> {
         cluster: &'a str,
         node: &'a str,
+        key: &'a str,
         entry: &'a Entry,
-        record: &'a NodeRecord,
-        mac: Option<[u8; 6]>,
+        data: &'a NodeData,
         programmed: bool,
     }
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
     for (name, rem) in remotes.iter().filter(|(_, r)| r.synced_once) {
         let cstate = &cluster_state[name.as_str()];
-        for entry in rem.entries.values() {
-            let reject = |out: &mut Desired, rec: Option<(&str, &NodeRecord)>, r: Rejection| {
-                out.records.push(RecordOutcome {
-                    cluster: name.clone(),
-                    key: entry.key.clone(),
-                    kind: if rec.is_some() { "node" } else { "unknown" }.into(),
-                    name: rec.map(|(n, _)| n.to_string()),
-                    addresses: rec.map(|(_, r)| r.addresses.clone()).unwrap_or_default(),
-                    pod_cidrs: rec.map(|(_, r)| r.pod_cidrs.clone()).unwrap_or_default(),
-                    state: RecordState::Rejected(r),
-                });
-            };
-            let (node, record) = match &entry.decoded {
-                Decoded::Cluster(_) => continue,
-                Decoded::Invalid(r) => {
-                    if entry.key != cluster_key(name) {
-                        reject(&mut out, None, r.clone());
-                    } else {
-                        // Reported once, as the cluster record.
-                        out.records.push(RecordOutcome {
-                            cluster: name.clone(),
-                            key: entry.key.clone(),
-                            kind: "cluster".into(),
-                            name: None,
-                            addresses: vec![],
-                            pod_cidrs: vec![],
-                            state: RecordState::Rejected(r.clone()),
-                        });
-                    }
-                    continue;
+        for (key, entry) in &rem.entries {
+            match entry_static(local, name, key, entry, cstate) {
+                Ok(None) => {}
+                Err(r) => out
+                    .records
+                    .push(outcome_row(name, key, entry, RecordState::Rejected(r))),
+                Ok(Some(data)) => {
+                    let node = node_of(key);
+                    let is_programmed = data.pod_cidrs.iter().any(|c| {
+                        programmed
+                            .get(c)
+                            .is_some_and(|r| r.cluster == *name && r.node == node)
+                    });
+                    candidates.push(Candidate {
+                        cluster: name,
+                        node,
+                        key,
+                        entry,
+                        data,
+                        programmed: is_programmed,
+                    });
                 }
-                Decoded::Node { node, record } => (node.as_str(), record),
-            };
-            let cluster_rec = match cstate {
-                Ok(v) => v.record,
-                Err(r) => {
-                    let r = if r.code == code::CLUSTER_RECORD_MISSING {
-                        r.clone()
-                    } else {
-                        Rejection::new(
-                            code::CLUSTER_REJECTED,
-                            format!("cluster {name} is rejected ({}): {}", r.code, r.message),
-                        )
-                    };
-                    reject(&mut out, Some((node, record)), r);
-                    continue;
-                }
-            };
-            if let Some(r) = check_node(local, name, node, record, cluster_rec) {
-                reject(&mut out, Some((node, record)), r);
-                continue;
             }
-            let mac = record.vtep_mac.as_deref().and_then(parse_mac);
-            let is_programmed = record.pod_cidrs.iter().any(|c| {
-                programmed
-                    .get(c)
-                    .is_some_and(|r| r.cluster == *name && r.node == node)
-            });
-            candidates.push(Candidate {
-                cluster: name,
-                node,
-                entry,
-                record,
-                mac,
-                programmed: is_programmed,
-            });
         }
     }
 
     // 3. Conflicts: existing owners first, then newcomers by create revision.
     candidates.sort_by(|a, b| {
-        (
-            !a.programmed,
-            a.entry.create_revision,
-            a.cluster,
-            &a.entry.key,
-        )
-            .cmp(&(
-                !b.programmed,
-                b.entry.create_revision,
-                b.cluster,
-                &b.entry.key,
-            ))
+        (!a.programmed, a.entry.create_revision, a.cluster, a.key).cmp(&(
+            !b.programmed,
+            b.entry.create_revision,
+            b.cluster,
+            b.key,
+        ))
     });
     let mut owners: CidrIndex<(&str, &str)> = CidrIndex::new();
     // A configured cluster that has not completed a list yet (agent restart,
@@ -334,86 +456,59 @@ pub fn desired(
             out.routes.insert(r.cidr, r.clone());
         }
     }
-    for c in candidates {
-        let mut problem = None;
-        let mut mine: Vec<IpNet> = Vec::new();
-        for cidr in &c.record.pod_cidrs {
-            if !c.programmed
-                && let Some((d, other)) = declared
-                    .overlapping(cidr)
-                    .into_iter()
-                    .find(|(_, o)| **o != c.cluster)
-            {
-                problem = Some(Rejection::new(
-                    vcode::POD_CIDR_OVERLAP,
-                    format!(
-                        "node {} of cluster {}: Pod CIDR {cidr} is also inside cluster {other}'s declared Pod CIDR {d}; a range two clusters declare is programmed for neither (fix the address plan: `podmesh plan check`)",
-                        c.node, c.cluster
-                    ),
-                ));
-                break;
-            }
-            if let Some((o, (oc, on))) = owners.overlapping(cidr).into_iter().next() {
-                let (code, why) = if *oc == c.cluster {
-                    (
-                        vcode::POD_CIDR_OVERLAP_SAME_CLUSTER,
-                        "the record created later in the same cluster loses",
-                    )
-                } else {
-                    (
-                        vcode::POD_CIDR_OVERLAP,
-                        "the cluster that joined later loses; the existing owner keeps its traffic",
-                    )
-                };
-                problem = Some(Rejection::new(
-                    code,
-                    format!(
-                        "node {} of cluster {}: Pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}; {why} (give the node a free Pod CIDR)",
-                        c.node, c.cluster
-                    ),
-                ));
-                break;
-            }
-            if let Some(o) = mine.iter().find(|m| overlaps(m, cidr)) {
-                problem = Some(Rejection::new(
-                    vcode::POD_CIDR_OVERLAP_SAME_CLUSTER,
-                    format!(
-                        "node {} of cluster {} lists overlapping Pod CIDRs {o} and {cidr}",
-                        c.node, c.cluster
-                    ),
-                ));
-                break;
-            }
-            mine.push(*cidr);
-        }
-        let state = match problem {
-            Some(r) => RecordState::Rejected(r),
+    fn first<'a>(
+        owners: &CidrIndex<(&'a str, &'a str)>,
+        cidr: &IpNet,
+    ) -> Option<(IpNet, &'a str, &'a str)> {
+        owners
+            .overlapping(cidr)
+            .first()
+            .map(|(o, (oc, on))| (*o, *oc, *on))
+    }
+    let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        match conflict(
+            c.cluster,
+            c.node,
+            &c.data.pod_cidrs,
+            c.programmed,
+            &declared,
+            |cidr| first(&owners, cidr),
+        ) {
+            Some(r) => rejected.push((i, r)),
             None => {
-                for cidr in &c.record.pod_cidrs {
+                for cidr in c.data.pod_cidrs.iter() {
                     owners.insert(*cidr, (c.cluster, c.node));
-                    out.routes.insert(
-                        *cidr,
-                        RemoteRoute {
-                            cidr: *cidr,
-                            cluster: c.cluster.to_string(),
-                            node: c.node.to_string(),
-                            node_addr: c.record.addresses[0],
-                            vtep_mac: c.mac,
-                        },
-                    );
+                    out.routes
+                        .insert(*cidr, route_of(c.cluster, c.node, *cidr, c.data));
                 }
-                RecordState::Programmed
+                out.records.push(outcome_row(
+                    c.cluster,
+                    c.key,
+                    c.entry,
+                    RecordState::Programmed,
+                ));
             }
-        };
-        out.records.push(RecordOutcome {
-            cluster: c.cluster.to_string(),
-            key: c.entry.key.clone(),
-            kind: "node".into(),
-            name: Some(c.node.to_string()),
-            addresses: c.record.addresses.clone(),
-            pod_cidrs: c.record.pod_cidrs.clone(),
-            state,
-        });
+        }
+    }
+    // 4. Each rejected record's reason, told against the final owners.
+    for (i, first_reason) in rejected {
+        let c = &candidates[i];
+        let r = conflict(
+            c.cluster,
+            c.node,
+            &c.data.pod_cidrs,
+            c.programmed,
+            &declared,
+            |cidr| first(&owners, cidr),
+        )
+        .unwrap_or(first_reason);
+        out.records.push(outcome_row(
+            c.cluster,
+            c.key,
+            c.entry,
+            RecordState::Rejected(r),
+        ));
     }
     out.records
         .sort_by(|a, b| (&a.cluster, &a.key).cmp(&(&b.cluster, &b.key)));
@@ -424,7 +519,7 @@ fn check_cluster<'a>(
     local: &LocalRanges,
     name: &str,
     c: &'a ClusterRecord,
-) -> Result<ValidCluster<'a>, Rejection> {
+) -> Result<&'a ClusterRecord, Rejection> {
     if let Some(r) = first_error(check_cluster_record(name, c)) {
         return Err(r);
     }
@@ -442,44 +537,7 @@ fn check_cluster<'a>(
             return Err(r);
         }
     }
-    Ok(ValidCluster { record: c })
-}
-
-fn check_node(
-    local: &LocalRanges,
-    cluster: &str,
-    node: &str,
-    r: &NodeRecord,
-    c: &ClusterRecord,
-) -> Option<Rejection> {
-    if let Some(j) = first_error(check_node_record(cluster, node, r, Some(c))) {
-        return Some(j);
-    }
-    let a = r.addresses[0];
-    if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
-        return Some(Rejection::new(
-            code::NODE_ADDRESS_INVALID,
-            format!(
-                "node {node} of cluster {cluster} publishes tunnel endpoint {a}, which cannot be reached; its agent must publish the node's underlay address"
-            ),
-        ));
-    }
-    if let Some(m) = &r.vtep_mac
-        && parse_mac(m).is_none()
-    {
-        return Some(Rejection::new(
-            code::NODE_VTEP_MAC_INVALID,
-            format!(
-                "node {node} of cluster {cluster} publishes vtepMAC {m:?}, not six colon-separated hex octets"
-            ),
-        ));
-    }
-    for p in &r.pod_cidrs {
-        if let Some(j) = local_overlap(local, &format!("node {node} of cluster {cluster}"), p) {
-            return Some(j);
-        }
-    }
-    None
+    Ok(c)
 }
 
 /// Operations that turn `installed` into `desired`.

@@ -177,7 +177,7 @@ impl<C: Connector> RemoteCluster<C> {
                         kv.create_revision,
                         kv.mod_revision,
                     );
-                    self.cache.put(&self.name, generation, entry);
+                    self.cache.put(&self.name, generation, kv.key, entry);
                     if synced {
                         self.cache.notify();
                     }

@@ -5,7 +5,7 @@
 //! Lifecycle ("connect, back off, report") is split from what is done with a
 //! connection (list + watch into the cache), as in Cilium's clustermesh.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -15,7 +15,10 @@ use std::{
 use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
-    desired::{Entry, RemoteEntries},
+    desired::{
+        Entry, RemoteEntries,
+        live::{Dirty, Live, Step},
+    },
     kvstore::{KvError, KvStore, client_config::EtcdClientConfig, etcd::EtcdStore},
     model::ClusterName,
     status::Status,
@@ -54,21 +57,30 @@ impl Connector for EtcdConnector {
     }
 }
 
-/// Bookkeeping of one remote's entries across (re)lists.
-#[derive(Debug, Default)]
-struct Seen {
-    generation: u64,
-    by_key: HashMap<String, u64>,
-}
-
 #[derive(Debug, Default)]
 struct Inner {
     remotes: BTreeMap<String, RemoteEntries>,
-    seen: BTreeMap<String, Seen>,
+    /// Keys of synced remotes changed since the engine last stepped (a set:
+    /// a burst of changes to one key costs one re-validation).
+    dirty: Dirty,
+    /// The incremental desired state, once the reconciler installed it.
+    live: Option<Live>,
+}
+
+impl Inner {
+    fn mark(&mut self, cluster: &str, key: &str) {
+        if self.live.is_some() && self.remotes.get(cluster).is_some_and(|r| r.synced_once) {
+            let d = self.dirty.entry(cluster.to_string()).or_default();
+            if !d.contains(key) {
+                d.insert(key.to_string());
+            }
+        }
+    }
 }
 
 /// Every remote cluster's decoded entries, shared by the connections (writers)
-/// and the reconciler (reader), with a notification on every change.
+/// and the reconciler (which steps the incremental desired state over them),
+/// with a notification on every change.
 #[derive(Clone, Debug, Default)]
 pub struct MeshCache {
     inner: Arc<Mutex<Inner>>,
@@ -100,6 +112,34 @@ impl MeshCache {
         f(&self.lock().remotes)
     }
 
+    /// Installs the incremental desired state the reconciler steps.
+    pub fn install(&self, live: Live) {
+        let mut g = self.lock();
+        g.dirty.clear();
+        g.live = Some(live);
+    }
+
+    /// Steps the desired state over everything changed since the last step.
+    pub fn step(&self) -> Option<Step> {
+        let mut g = self.lock();
+        let Inner {
+            remotes,
+            dirty,
+            live,
+        } = &mut *g;
+        let dirty = std::mem::take(dirty);
+        live.as_mut().map(|l| l.step(remotes, dirty))
+    }
+
+    /// Runs `f` on the desired state and the entries (status, resync).
+    pub fn with_live<T>(
+        &self,
+        f: impl FnOnce(&Live, &BTreeMap<String, RemoteEntries>) -> T,
+    ) -> Option<T> {
+        let g = self.lock();
+        g.live.as_ref().map(|l| f(l, &g.remotes))
+    }
+
     /// Makes `cluster` known (not yet synced): what is programmed for it is kept until it syncs.
     pub fn register(&self, cluster: &str) {
         self.lock().remotes.entry(cluster.to_string()).or_default();
@@ -108,65 +148,67 @@ impl MeshCache {
     /// Starts a new list of `cluster`; returns its generation.
     pub fn begin_list(&self, cluster: &str) -> u64 {
         let mut g = self.lock();
-        g.remotes.entry(cluster.to_string()).or_default();
-        let s = g.seen.entry(cluster.to_string()).or_default();
-        s.generation += 1;
-        s.generation
+        let r = g.remotes.entry(cluster.to_string()).or_default();
+        r.generation += 1;
+        r.generation
     }
 
-    /// Stores `entry` of `cluster`, seen in list generation `generation`.
-    pub fn put(&self, cluster: &str, generation: u64, entry: Entry) {
+    /// Stores `entry` under `key` of `cluster`, seen in list generation `generation`.
+    pub fn put(&self, cluster: &str, generation: u64, key: String, mut entry: Entry) {
+        entry.generation = generation;
         let mut g = self.lock();
-        g.seen
-            .entry(cluster.to_string())
-            .or_default()
-            .by_key
-            .insert(entry.key.clone(), generation);
+        g.mark(cluster, &key);
         g.remotes
             .entry(cluster.to_string())
             .or_default()
             .entries
-            .insert(entry.key.clone(), entry);
+            .insert(key, entry);
     }
 
     /// Removes `key` of `cluster`.
     pub fn delete(&self, cluster: &str, key: &str) {
         let mut g = self.lock();
-        if let Some(s) = g.seen.get_mut(cluster) {
-            s.by_key.remove(key);
-        }
-        if let Some(r) = g.remotes.get_mut(cluster) {
-            r.entries.remove(key);
+        let removed = g
+            .remotes
+            .get_mut(cluster)
+            .is_some_and(|r| r.entries.remove(key).is_some());
+        if removed {
+            g.mark(cluster, key);
         }
     }
 
     /// (entries seen in `generation`, entries held) of `cluster`.
     pub fn counts(&self, cluster: &str, generation: u64) -> (usize, usize) {
         let g = self.lock();
-        let held = g.remotes.get(cluster).map_or(0, |r| r.entries.len());
-        let seen = g.seen.get(cluster).map_or(0, |s| {
-            s.by_key.values().filter(|v| **v >= generation).count()
-        });
-        (seen, held)
+        g.remotes.get(cluster).map_or((0, 0), |r| {
+            (
+                r.entries
+                    .values()
+                    .filter(|e| e.generation >= generation)
+                    .count(),
+                r.entries.len(),
+            )
+        })
     }
 
     /// Marks `cluster` complete and removes its entries not seen since `generation` began.
     pub fn prune_stale(&self, cluster: &str, generation: u64) -> usize {
         let mut g = self.lock();
-        let Inner { remotes, seen } = &mut *g;
-        let (Some(r), Some(s)) = (remotes.get_mut(cluster), seen.get_mut(cluster)) else {
+        let Some(r) = g.remotes.get_mut(cluster) else {
             return 0;
         };
         r.synced_once = true;
-        let stale: Vec<String> = s
-            .by_key
+        let stale: Vec<String> = r
+            .entries
             .iter()
-            .filter(|(_, v)| **v < generation)
+            .filter(|(_, e)| e.generation < generation)
             .map(|(k, _)| k.clone())
             .collect();
         for k in &stale {
-            s.by_key.remove(k);
             r.entries.remove(k);
+        }
+        for k in &stale {
+            g.mark(cluster, k);
         }
         stale.len()
     }
@@ -182,7 +224,7 @@ impl MeshCache {
     pub fn remove(&self, cluster: &str) {
         let mut g = self.lock();
         g.remotes.remove(cluster);
-        g.seen.remove(cluster);
+        g.dirty.remove(cluster);
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::RemoteRoute, desired::RecordOutcome, model::format_mac};
+use crate::{datapath::RemoteRoute, desired::RecordOutcome, model::format_mac, remote::MeshCache};
 
 pub mod metrics;
 pub mod server;
@@ -136,10 +136,9 @@ impl StatusReport {
 #[derive(Clone, Debug, Default)]
 pub struct Status {
     inner: Arc<Mutex<StatusReport>>,
-    /// Every remote record's outcome, as last computed (sorted by cluster, key).
-    records: Arc<Mutex<Arc<Vec<RecordOutcome>>>>,
-    /// The routes as last applied.
-    routes: Arc<Mutex<Arc<BTreeMap<ipnet::IpNet, RemoteRoute>>>>,
+    /// The remote entries and desired state, from which `/status` lists
+    /// every record and route on request (never copied per change).
+    mesh: Arc<Mutex<Option<MeshCache>>>,
 }
 
 impl Status {
@@ -174,14 +173,9 @@ impl Status {
         })
     }
 
-    /// Replaces the record outcomes (cheap: no copy).
-    pub fn set_records(&self, records: Arc<Vec<RecordOutcome>>) {
-        *self.records.lock().expect("status records lock") = records;
-    }
-
-    /// Replaces the applied routes (cheap: no copy).
-    pub fn set_routes(&self, routes: Arc<BTreeMap<ipnet::IpNet, RemoteRoute>>) {
-        *self.routes.lock().expect("status routes lock") = routes;
+    /// Where the record outcomes and routes are read from.
+    pub fn set_mesh(&self, mesh: MeshCache) {
+        *self.mesh.lock().expect("status mesh lock") = Some(mesh);
     }
 
     /// A copy of the status with `ready` computed, without the per-record and route lists.
@@ -194,12 +188,16 @@ impl Status {
     /// A copy of the status with `ready` computed and each remote's records filled in.
     pub fn snapshot(&self) -> StatusReport {
         let mut s = self.summary();
-        let routes = self.routes.lock().expect("status routes lock").clone();
+        let mesh = self.mesh.lock().expect("status mesh lock").clone();
+        let Some((records, routes)) =
+            mesh.and_then(|m| m.with_live(|l, remotes| (l.records(remotes), l.routes(remotes))))
+        else {
+            return s;
+        };
         s.routes = routes.values().map(Into::into).collect();
-        let records = self.records.lock().expect("status records lock").clone();
-        for r in records.iter() {
+        for r in records {
             if let Some(rs) = s.remotes.get_mut(&r.cluster) {
-                rs.records.push(r.clone());
+                rs.records.push(r);
             }
         }
         s

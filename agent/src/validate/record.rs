@@ -83,31 +83,52 @@ pub fn check_node_record(
         }
     }
     if let Some(c) = cluster {
-        if c.id != r.cluster_id {
-            out.push(mismatch(
-                key_cluster,
-                &key,
-                "clusterID",
-                &r.cluster_id.to_string(),
-            ));
-        }
-        for n in outside(&r.pod_cidrs, &c.pod_cidrs) {
-            let declared = c
-                .pod_cidrs
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut cidrs = vec![n];
-            cidrs.extend(&c.pod_cidrs);
-            out.push(Finding::new(
-                Severity::Error,
-                code::NODE_POD_CIDR_OUTSIDE_CLUSTER,
-                vec![key_cluster.to_string()],
-                cidrs,
-                format!("node {key_node} of cluster {key_cluster} has Pod CIDR {n} outside the cluster's declared Pod CIDRs [{declared}]; fix the node's Pod CIDR or declare the range in the cluster record (--cluster-pod-cidr)"),
-            ));
-        }
+        out.extend(check_node_in_cluster(
+            key_cluster,
+            key_node,
+            r.cluster_id,
+            &r.pod_cidrs,
+            c,
+        ));
+    }
+    out
+}
+
+/// The checks of a node record against its cluster's record: a `clusterID`
+/// that disagrees with it, Pod CIDRs outside the cluster's declared ones.
+pub fn check_node_in_cluster(
+    key_cluster: &str,
+    key_node: &str,
+    cluster_id: u32,
+    pod_cidrs: &[IpNet],
+    c: &ClusterRecord,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if c.id != cluster_id {
+        let key = crate::model::node_key(key_cluster, key_node);
+        out.push(mismatch(
+            key_cluster,
+            &key,
+            "clusterID",
+            &cluster_id.to_string(),
+        ));
+    }
+    for n in outside(pod_cidrs, &c.pod_cidrs) {
+        let declared = c
+            .pod_cidrs
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut cidrs = vec![n];
+        cidrs.extend(&c.pod_cidrs);
+        out.push(Finding::new(
+            Severity::Error,
+            code::NODE_POD_CIDR_OUTSIDE_CLUSTER,
+            vec![key_cluster.to_string()],
+            cidrs,
+            format!("node {key_node} of cluster {key_cluster} has Pod CIDR {n} outside the cluster's declared Pod CIDRs [{declared}]; fix the node's Pod CIDR or declare the range in the cluster record (--cluster-pod-cidr)"),
+        ));
     }
     out
 }
