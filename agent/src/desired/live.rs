@@ -116,6 +116,10 @@ pub struct Live {
     declared: CidrIndex<Name>,
     /// Routes installed when the agent started, not yet claimed by a cluster.
     orphans: Option<Vec<RemoteRoute>>,
+    /// Routes of clusters the cache forgot since the last step, by cluster:
+    /// kept if the cluster is configured again before the step (as the full
+    /// computation would keep them, as the programmed routes of an unsynced cluster).
+    detached: BTreeMap<String, BTreeMap<IpNet, RemoteRoute>>,
     /// Candidates whose acceptance differs from their `p`: re-keyed next step.
     flipped: Vec<Id>,
     routes: usize,
@@ -130,6 +134,7 @@ impl Live {
             index: CidrIndex::new(),
             declared: CidrIndex::new(),
             orphans: Some(installed),
+            detached: BTreeMap::new(),
             flipped: Vec::new(),
             routes: 0,
         }
@@ -361,6 +366,30 @@ impl Live {
         )
     }
 
+    /// Called before the cache forgets `cluster` (with its entries still in
+    /// `remotes`): remembers its routes until the next step.
+    pub fn detach(&mut self, cluster: &str, remotes: &BTreeMap<String, RemoteEntries>) {
+        let Some(cl) = self.clusters.get(cluster) else {
+            return;
+        };
+        if self.detached.contains_key(cluster) {
+            return;
+        }
+        let mut routes = cl.seed.clone();
+        for rec in cl.recs.values() {
+            if let Rec::Cand(c) = rec
+                && c.accepted
+            {
+                for cidr in c.cidrs.iter() {
+                    if let Some(r) = self.route_at(remotes, cidr) {
+                        routes.insert(*cidr, r);
+                    }
+                }
+            }
+        }
+        self.detached.insert(cluster.to_string(), routes);
+    }
+
     /// Applies the changes of `dirty` (and of the remotes' lifecycle, found by
     /// comparing with `remotes`) and returns the delta for the datapath.
     pub fn step(&mut self, remotes: &BTreeMap<String, RemoteEntries>, dirty: Dirty) -> Step {
@@ -400,6 +429,12 @@ impl Live {
                 } else {
                     w.touched.insert(r.cidr);
                 }
+            }
+        }
+        for (name, routes) in std::mem::take(&mut self.detached) {
+            self.remove_cluster(&mut w, &name);
+            if remotes.contains_key(&name) {
+                orphans_by.entry(name).or_default().extend(routes);
             }
         }
         let states = {

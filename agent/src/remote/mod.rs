@@ -223,6 +223,10 @@ impl MeshCache {
     /// Forgets `cluster` entirely (removed from the Secret: drain).
     pub fn remove(&self, cluster: &str) {
         let mut g = self.lock();
+        let Inner { remotes, live, .. } = &mut *g;
+        if let Some(l) = live {
+            l.detach(cluster, remotes);
+        }
         g.remotes.remove(cluster);
         g.dirty.remove(cluster);
     }

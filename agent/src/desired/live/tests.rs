@@ -247,6 +247,17 @@ fn restart_keeps_routes_of_unsynced_clusters() {
     run(installed, &batches);
 }
 
+#[test]
+fn cluster_removed_and_configured_again_before_a_step_keeps_its_routes() {
+    let batches = vec![
+        vec![Ev::Cluster(1, 0, false)],
+        vec![Ev::Sync(1), Ev::Node(1, 0, vec![0], 1)],
+        vec![Ev::Remove(1), Ev::Node(1, 0, vec![0], 1)],
+        vec![Ev::Cluster(1, 0, false), Ev::Sync(1)],
+    ];
+    run(vec![], &batches);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
