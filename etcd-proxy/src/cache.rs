@@ -2,7 +2,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
-use etcd_client::proto::{PbEvent, PbKeyValue, PbRangeRequest};
+use etcd_client::proto::{PbCompare, PbEvent, PbKeyValue, PbRangeRequest, PbTargetUnion};
 
 /// `mvccpb.Event.EventType.PUT`.
 pub const PUT: i32 = 0;
@@ -204,6 +204,17 @@ impl Cache {
         Ok(RangeResult { kvs, count, more })
     }
 
+    /// etcd's Txn compare (`applyCompare` in etcd 3.4): a range holds when
+    /// every key in it holds; a missing key compares as the zero key-value,
+    /// except that comparing its value always fails.
+    pub fn compare(&self, c: &PbCompare) -> bool {
+        let mut kvs = self.select(&c.key, &c.range_end).peekable();
+        if kvs.peek().is_none() {
+            return c.target != COMPARE_VALUE && compare_kv(c, &PbKeyValue::default());
+        }
+        kvs.all(|kv| compare_kv(c, kv))
+    }
+
     fn select<'a>(
         &'a self,
         key: &'a [u8],
@@ -227,6 +238,37 @@ impl Cache {
                 .range::<[u8], _>((Bound::Included(key), Bound::Excluded(range_end)))
                 .map(|(_, v)| v),
         )
+    }
+}
+
+/// `Compare.CompareTarget.VALUE`.
+const COMPARE_VALUE: i32 = 3;
+
+/// etcd's `compareKV`: targets VERSION=0 CREATE=1 MOD=2 VALUE=3 LEASE=4,
+/// results EQUAL=0 GREATER=1 LESS=2 NOT_EQUAL=3; a missing target value is
+/// the zero value.
+fn compare_kv(c: &PbCompare, kv: &PbKeyValue) -> bool {
+    use PbTargetUnion as U;
+    // etcd reads the union variant that matches the target; any other is 0.
+    let ord = match (c.target, &c.target_union) {
+        (0, Some(U::Version(v))) => kv.version.cmp(v),
+        (0, _) => kv.version.cmp(&0),
+        (1, Some(U::CreateRevision(v))) => kv.create_revision.cmp(v),
+        (1, _) => kv.create_revision.cmp(&0),
+        (2, Some(U::ModRevision(v))) => kv.mod_revision.cmp(v),
+        (2, _) => kv.mod_revision.cmp(&0),
+        (COMPARE_VALUE, Some(U::Value(v))) => kv.value.as_slice().cmp(v.as_slice()),
+        (COMPARE_VALUE, _) => kv.value.as_slice().cmp(&[]),
+        (4, Some(U::Lease(v))) => kv.lease.cmp(v),
+        (4, _) => kv.lease.cmp(&0),
+        _ => std::cmp::Ordering::Equal,
+    };
+    match c.result {
+        0 => ord.is_eq(),
+        1 => ord.is_gt(),
+        2 => ord.is_lt(),
+        3 => ord.is_ne(),
+        _ => true,
     }
 }
 

@@ -1,4 +1,4 @@
-//! etcd KV: Range served from the cache, confined to the prefix; every write refused.
+//! etcd KV: Range and read-only Txn served from the cache, confined to the prefix; every write refused.
 use std::sync::Arc;
 
 use etcd_client::proto::{
@@ -44,14 +44,47 @@ pub fn range(hub: &Hub, req: &PbRangeRequest) -> Result<PbRangeResponse, Status>
             more: r.more,
             count: r.count,
         }),
-        Err(e @ (RangeError::Compacted { .. } | RangeError::Future { .. })) => {
-            Err(Status::out_of_range(e.to_string()))
+        Err(e) => Err(range_status(hub, e)),
+    }
+}
+
+/// The status etcd answers for a Range it cannot serve at that revision.
+fn range_status(hub: &Hub, e: RangeError) -> Status {
+    match e {
+        RangeError::Compacted { .. } | RangeError::Future { .. } => {
+            Status::out_of_range(e.to_string())
         }
-        Err(e @ RangeError::Past { .. }) => {
+        RangeError::Past { .. } => {
             hub.metrics.refuse("past_revision");
-            Err(Status::failed_precondition(e.to_string()))
+            Status::failed_precondition(e.to_string())
         }
     }
+}
+
+/// Serves a Txn that only reads inside the prefix from the cache (compares
+/// and ranges at one revision, like etcd's serializable read Txn); any write
+/// or key outside the prefix refuses the whole Txn and says which part.
+pub fn txn(hub: &Hub, req: &PbTxnRequest) -> Result<PbTxnResponse, Status> {
+    if let Err(e) = crate::txn::check(&hub.prefix, req) {
+        return Err(match e {
+            crate::txn::TxnRefusal::Write { .. } => read_only(hub, &e.to_string()),
+            crate::txn::TxnRefusal::Escape { .. } => {
+                hub.metrics.refuse(e.reason());
+                Status::permission_denied(format!("permission denied: {e}"))
+            }
+        });
+    }
+    let (synced, result) = hub.with_cache(|c| {
+        let header = hub.header(c.revision());
+        (c.synced(), crate::txn::evaluate(c, req, &header))
+    });
+    if !synced {
+        hub.metrics.refuse("not_synced");
+        return Err(Status::unavailable(
+            "the proxy has not listed its upstream etcd yet; retry shortly",
+        ));
+    }
+    result.map_err(|e| range_status(hub, e))
 }
 
 #[tonic::async_trait]
@@ -89,11 +122,8 @@ impl PbKvService for KvService {
         Err(read_only(&self.hub, "DeleteRange"))
     }
 
-    async fn txn(
-        &self,
-        _request: Request<PbTxnRequest>,
-    ) -> Result<Response<PbTxnResponse>, Status> {
-        Err(read_only(&self.hub, "Txn"))
+    async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
+        txn(&self.hub, request.get_ref()).map(Response::new)
     }
 
     async fn compact(

@@ -13,7 +13,7 @@ use crate::hub::Hub;
 pub fn read_only(hub: &Hub, rpc: &str) -> Status {
     hub.metrics.refuse("read_only");
     Status::permission_denied(format!(
-        "podmesh-etcd-proxy is read-only: {rpc} is refused; it serves Range, Watch, Status and MemberList under {:?}; write to the cluster's own mesh etcd instead",
+        "podmesh-etcd-proxy is read-only: {rpc} is refused; it serves Range, read-only Txn, Watch, Status and MemberList under {:?}; write to the cluster's own mesh etcd instead",
         hub.prefix.display()
     ))
 }
