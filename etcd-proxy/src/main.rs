@@ -1,93 +1,27 @@
 //! podmesh-etcd-proxy: serves one cluster's mesh state, read-only and confined to one prefix, to the other clusters.
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer, PbWatchServer};
 use tokio_stream::wrappers::ReceiverStream;
 
 mod cache;
+mod config;
 mod hub;
 mod metrics;
 mod prefix;
 mod service;
 mod tls;
+mod txn;
 mod upstream;
 
+use config::Args;
 use hub::Hub;
 use prefix::Prefix;
 use service::refuse::{Auth, Lease, RefuseService};
 use tls::{Reloading, TlsFiles};
 use upstream::UpstreamConfig;
-
-/// mTLS, read-only, prefix-confined etcd v3 proxy: one upstream watch of the
-/// mesh prefix fanned out to many remote watchers.
-#[derive(Debug, Parser)]
-#[command(name = "podmesh-etcd-proxy", version, about, long_about = None)]
-struct Args {
-    /// Address to serve the etcd v3 gRPC API on (TLS only).
-    #[arg(long)]
-    listen: SocketAddr,
-    /// URL reported by Cluster.MemberList, so that clients which sync their
-    /// endpoints keep talking to the proxy [default: https://<listen>].
-    #[arg(long, value_name = "URL")]
-    advertise_url: Option<String>,
-    /// etcd client YAML of the upstream (this cluster's mesh etcd): endpoints,
-    /// trusted-ca-file, cert-file, key-file.
-    #[arg(long, value_name = "FILE")]
-    upstream_config: PathBuf,
-    /// Server certificate (PEM); re-read when it changes.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
-    /// Server private key (PEM); re-read when it changes.
-    #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
-    /// CA that client certificates must chain to (PEM); re-read when it changes.
-    #[arg(long, value_name = "FILE")]
-    client_ca: PathBuf,
-    /// Only keys under this prefix are served; every other key or range is refused.
-    #[arg(long, default_value = "podmesh/v1/")]
-    allow_prefix: String,
-    /// Address of /metrics, /healthz and /readyz (plain HTTP).
-    #[arg(long)]
-    metrics_addr: Option<SocketAddr>,
-    /// Events kept for replaying watches that start in the past; older start
-    /// revisions get the `compacted` answer and re-list.
-    #[arg(long, default_value_t = 10_000)]
-    history_events: usize,
-    /// Updates a watch stream may fall behind before its watchers are
-    /// cancelled (they re-list); one slow client never holds up the others.
-    #[arg(long, default_value_t = 4096)]
-    watch_buffer: usize,
-    /// Interval of progress notifications to watchers that ask for them.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    progress_notify_interval: Duration,
-    /// Interval at which the TLS files are checked for changes.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    tls_reload_interval: Duration,
-    /// Longest delay between upstream reconnect attempts.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    max_backoff: Duration,
-}
-
-/// "500ms", "5s", "10m", "1h".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} has no unit (ms, s, m, h)")),
-    }
-}
 
 /// Exit status for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -98,21 +32,9 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match config::load() {
         Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return config_error(format!("{line} (see --help)"));
-        }
+        Err(e) => return config_error(e),
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -259,17 +181,4 @@ async fn run(
     }
     tasks.abort_all();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("x").is_err());
-    }
 }

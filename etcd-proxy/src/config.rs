@@ -1,0 +1,358 @@
+//! Command-line flags of podmesh-etcd-proxy and the `--config` YAML file that may hold them, parsed once at start.
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+
+/// mTLS, read-only, prefix-confined etcd v3 proxy: one upstream watch of the
+/// mesh prefix fanned out to many remote watchers.
+#[derive(Debug, Parser)]
+#[command(name = "podmesh-etcd-proxy", version, about, long_about = None)]
+pub struct Args {
+    /// YAML file of flags: keys are the long flag names (`listen`,
+    /// `upstream-config`, …); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve the etcd v3 gRPC API on (TLS only).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// URL reported by Cluster.MemberList, so that clients which sync their
+    /// endpoints keep talking to the proxy [default: https://<listen>].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    /// etcd client YAML of the upstream (this cluster's mesh etcd): endpoints,
+    /// trusted-ca-file, cert-file, key-file.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_config: PathBuf,
+    /// Server certificate (PEM); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: PathBuf,
+    /// Server private key (PEM); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: PathBuf,
+    /// CA that client certificates must chain to (PEM); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: PathBuf,
+    /// Only keys under this prefix are served; every other key or range is refused.
+    #[arg(long, default_value = "podmesh/v1/")]
+    pub allow_prefix: String,
+    /// Address of /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Events kept for replaying watches that start in the past; older start
+    /// revisions get the `compacted` answer and re-list.
+    #[arg(long, default_value_t = 10_000)]
+    pub history_events: usize,
+    /// Updates a watch stream may fall behind before its watchers are
+    /// cancelled (they re-list); one slow client never holds up the others.
+    #[arg(long, default_value_t = 4096)]
+    pub watch_buffer: usize,
+    /// Interval of progress notifications to watchers that ask for them.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub progress_notify_interval: Duration,
+    /// Interval at which the TLS files are checked for changes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// Longest delay between upstream reconnect attempts.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+}
+
+/// "500ms", "5s", "10m", "1h".
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} has no unit (ms, s, m, h)")),
+    }
+}
+
+/// Flags whose value is a file: a relative path in the `--config` file is
+/// taken relative to that file's directory (like the etcd client YAML).
+const PATH_FLAGS: [&str; 4] = ["upstream-config", "tls-cert", "tls-key", "client-ca"];
+
+/// A configuration problem; the proxy exits 64 with this one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The command line does not parse (clap's first line).
+    #[error("{0} (see --help)")]
+    Cli(String),
+    #[error("--config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not YAML, not a mapping, or names an unknown field.
+    #[error("--config {path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// A field of the file holds a value its flag does not accept.
+    #[error("--config {path}: field {field:?}: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// Parses the process arguments and the `--config` file they name.
+/// `--help`/`--version` print and exit here, like clap does.
+pub fn load() -> Result<Args, ConfigError> {
+    load_from(std::env::args_os())
+}
+
+/// Parses these arguments (the first is the program name) and the
+/// `--config` file they name; command-line flags override the file.
+pub fn load_from<I, T>(args: I) -> Result<Args, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = Args::command();
+    // First pass without required flags: they may come from the file.
+    let relaxed = cmd.clone().mut_args(|a| a.required(false));
+    let matches = relaxed
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(clap_error)?;
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        let matches = cmd.try_get_matches_from(&argv).map_err(clap_error)?;
+        return Args::from_arg_matches(&matches).map_err(clap_error);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file_args = file_to_args(&path, &text, &relaxed, |id| {
+        matches.value_source(id) == Some(ValueSource::CommandLine)
+    })?;
+    let program = argv
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "podmesh-etcd-proxy".into());
+    let mut merged = vec![program];
+    merged.extend(file_args);
+    merged.extend(argv.into_iter().skip(1));
+    let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
+    Args::from_arg_matches(&matches).map_err(clap_error)
+}
+
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    ConfigError::Cli(first_line(&e))
+}
+
+/// clap's message in one line (a missing-flags error lists the flags on
+/// the lines that follow its first).
+fn first_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = line.trim_start_matches("error: ");
+    if line.is_empty() {
+        "invalid arguments".to_owned()
+    } else {
+        line.to_owned()
+    }
+}
+
+/// Turns the YAML mapping into `--flag value` arguments, skipping flags
+/// `already_set` on the command line; every value is checked against its
+/// flag on its own, so that an error names the field of the file.
+fn file_to_args(
+    path: &Path,
+    text: &str,
+    relaxed: &clap::Command,
+    already_set: impl Fn(&str) -> bool,
+) -> Result<Vec<OsString>, ConfigError> {
+    let file = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message,
+    };
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        file(match e.location() {
+            Some(l) => format!("not valid YAML at line {}: {e}", l.line()),
+            None => format!("not valid YAML: {e}"),
+        })
+    })?;
+    let map = match value {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err(file("expected a mapping of flag names to values".into())),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let Some(name) = k.as_str() else {
+            return Err(file(format!("field {k:?} is not a flag name")));
+        };
+        let Some(arg) = relaxed
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name) && name != "config")
+        else {
+            return Err(file(format!(
+                "unknown field {name:?} (fields are the long flag names of --help, without dashes)"
+            )));
+        };
+        let field = |message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field: name.to_owned(),
+            message,
+        };
+        let value = match &v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => return Err(field("expected a single value (string or number)".into())),
+        };
+        let value = if PATH_FLAGS.contains(&name) && Path::new(&value).is_relative() {
+            dir.join(&value).into_os_string()
+        } else {
+            OsString::from(value)
+        };
+        // `--flag=value`, so that a value starting with '-' stays a value.
+        let mut flag = OsString::from(format!("--{name}="));
+        flag.push(&value);
+        relaxed
+            .clone()
+            .try_get_matches_from([OsString::from("podmesh-etcd-proxy"), flag.clone()])
+            .map_err(|e| field(first_line(&e)))?;
+        if already_set(arg.get_id().as_str()) {
+            continue;
+        }
+        out.push(flag);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("podmesh-proxy-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    const FLAGS: [&str; 9] = [
+        "podmesh-etcd-proxy",
+        "--listen",
+        "127.0.0.1:2379",
+        "--upstream-config",
+        "/u.yaml",
+        "--tls-cert",
+        "/t.crt",
+        "--tls-key",
+        "/t.key",
+    ];
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn flags_alone_and_missing_required_flags() {
+        let a = load_from(FLAGS.iter().copied().chain(["--client-ca", "/ca.crt"])).unwrap();
+        assert_eq!(a.listen, "127.0.0.1:2379".parse().unwrap());
+        assert_eq!(a.allow_prefix, "podmesh/v1/");
+        let e = load_from(FLAGS).unwrap_err().to_string();
+        assert!(e.contains("--client-ca"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn file_fields_with_flags_overriding_and_paths_relative_to_the_file() {
+        let d = dir("cfg-ok");
+        let f = d.0.join("proxy.yaml");
+        std::fs::write(
+            &f,
+            "listen: 127.0.0.1:1\nupstream-config: up.yaml\ntls-cert: /abs/t.crt\ntls-key: t.key\nclient-ca: ca.crt\nallow-prefix: mesh/\nhistory-events: 500\nwatch-buffer: 64\nprogress-notify-interval: 30s\n",
+        )
+        .unwrap();
+        let cfg = f.to_str().unwrap();
+        let a = load_from(["podmesh-etcd-proxy", "--config", cfg]).unwrap();
+        assert_eq!(a.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(a.upstream_config, d.0.join("up.yaml"));
+        assert_eq!(a.tls_cert, PathBuf::from("/abs/t.crt"));
+        assert_eq!(a.client_ca, d.0.join("ca.crt"));
+        assert_eq!(a.allow_prefix, "mesh/");
+        assert_eq!((a.history_events, a.watch_buffer), (500, 64));
+        assert_eq!(a.progress_notify_interval, Duration::from_secs(30));
+        // The command line wins, before or after --config.
+        let a = load_from([
+            "podmesh-etcd-proxy",
+            "--listen",
+            "127.0.0.1:2",
+            "--config",
+            cfg,
+            "--watch-buffer",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(a.listen, "127.0.0.1:2".parse().unwrap());
+        assert_eq!((a.history_events, a.watch_buffer), (500, 7));
+    }
+
+    #[test]
+    fn file_errors_name_the_field_in_one_line() {
+        let d = dir("cfg-bad");
+        let f = d.0.join("proxy.yaml");
+        let cfg = f.to_str().unwrap().to_owned();
+        let cases = [
+            ("listen: 127.0.0.1:1\nlisten-addr: x\n", "\"listen-addr\""),
+            ("listen: not-an-address\n", "\"listen\""),
+            ("history-events: -3\n", "\"history-events\""),
+            (
+                "progress-notify-interval: 10\n",
+                "\"progress-notify-interval\"",
+            ),
+            ("allow-prefix: [a, b]\n", "\"allow-prefix\""),
+            ("config: other.yaml\n", "\"config\""),
+            ("- listen\n", "mapping"),
+            ("listen: [\n", "line"),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&f, text).unwrap();
+            let e = load_from(["podmesh-etcd-proxy", "--config", &cfg])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(e.contains(&cfg), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{text:?}: {e}");
+        }
+        let e = load_from(["podmesh-etcd-proxy", "--config", "/nonexistent/p.yaml"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+}
