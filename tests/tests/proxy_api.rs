@@ -327,7 +327,7 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
         let o = proxy.etcdctl(c, &args).unwrap();
         denied(&o, ro);
     }
-    // Txn (even one that only compares) and snapshot.
+    // A Txn with writes, and snapshot.
     let mut txn = proxy.etcdctl_command(c, &["txn"]).unwrap();
     txn.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -413,6 +413,204 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
             .unwrap()
             >= 1.0
     );
+}
+
+/// Runs `etcdctl txn` with `script` (compares, blank line, success ops,
+/// blank line, failure ops) on stdin.
+fn etcdctl_txn(proxy: &Proxy, script: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = proxy
+        .etcdctl_command(Some(proxy.client()), &["txn"])
+        .unwrap();
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn proxy_serves_read_only_txn_from_the_cache_and_refuses_txn_writes() {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let keys = |r: &TxnOpResponse| match r {
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .iter()
+            .map(|kv| format!("{}={}", kv.key_str().unwrap(), kv.value_str().unwrap()))
+            .collect::<Vec<_>>(),
+        other => panic!("not a get: {other:?}"),
+    };
+    rt().block_on(async {
+        let mut up = etcd.connect().await.unwrap();
+        let mut c = proxy.connect().await.unwrap();
+        // A write made upstream after the proxy listed: the Txn sees it like Range does.
+        up.put("podmesh/v1/nodes/east/n1", r#"{"name":"n1","v":2}"#, None)
+            .await
+            .unwrap();
+        let range = podmesh_tests::eventually_async(Duration::from_secs(10), || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .get("podmesh/v1/", Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.kvs()
+                    .iter()
+                    .any(|kv| kv.value_str().unwrap().contains("\"v\":2"))
+                {
+                    Ok(r)
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let n1 = &range.kvs()[1];
+        let txn = |compare: Compare| {
+            Txn::new()
+                .when(vec![compare])
+                .and_then(vec![
+                    TxnOp::get("podmesh/v1/", Some(GetOptions::new().with_prefix())),
+                    TxnOp::txn(
+                        Txn::new().and_then(vec![TxnOp::get("podmesh/v1/clusters/east", None)]),
+                    ),
+                ])
+                .or_else(vec![TxnOp::get("podmesh/v1/nodes/east/n2", None)])
+        };
+        let ok = c
+            .txn(txn(Compare::mod_revision(
+                "podmesh/v1/nodes/east/n1",
+                CompareOp::Equal,
+                n1.mod_revision(),
+            )))
+            .await
+            .unwrap();
+        assert!(ok.succeeded());
+        assert_eq!(
+            ok.header().unwrap().revision(),
+            range.header().unwrap().revision()
+        );
+        let ops = ok.op_responses();
+        let listed: Vec<String> = range
+            .kvs()
+            .iter()
+            .map(|kv| format!("{}={}", kv.key_str().unwrap(), kv.value_str().unwrap()))
+            .collect();
+        assert_eq!(keys(&ops[0]), listed, "Txn range must equal Range");
+        match &ops[1] {
+            TxnOpResponse::Txn(t) => {
+                assert!(t.succeeded());
+                assert_eq!(
+                    keys(&t.op_responses()[0]),
+                    [r#"podmesh/v1/clusters/east={"name":"east","id":1}"#]
+                );
+            }
+            other => panic!("not a nested txn: {other:?}"),
+        }
+        // A compare that does not hold picks the failure branch.
+        let not = c
+            .txn(txn(Compare::value(
+                "podmesh/v1/nodes/east/n1",
+                CompareOp::Equal,
+                r#"{"name":"n1"}"#,
+            )))
+            .await
+            .unwrap();
+        assert!(!not.succeeded());
+        assert_eq!(
+            keys(&not.op_responses()[0]),
+            [r#"podmesh/v1/nodes/east/n2={"name":"n2"}"#]
+        );
+
+        // Writes anywhere (even in the branch that would not run, even nested) are refused.
+        let refused = [
+            (
+                Txn::new().and_then(vec![TxnOp::put("podmesh/v1/x", "y", None)]),
+                "Put (success[0])",
+            ),
+            (
+                Txn::new()
+                    .when(vec![Compare::version(
+                        "podmesh/v1/x",
+                        CompareOp::Greater,
+                        99,
+                    )])
+                    .and_then(vec![TxnOp::get("podmesh/v1/x", None)])
+                    .or_else(vec![TxnOp::delete("podmesh/v1/nodes/east/n1", None)]),
+                "DeleteRange (failure[0])",
+            ),
+            (
+                Txn::new().and_then(vec![TxnOp::txn(Txn::new().and_then(vec![TxnOp::put(
+                    "podmesh/v1/x",
+                    "y",
+                    None,
+                )]))]),
+                "Put (success[0].txn.success[0])",
+            ),
+            (
+                Txn::new().when(vec![Compare::version(
+                    "secret/admin",
+                    CompareOp::Greater,
+                    0,
+                )]),
+                "compare[0]",
+            ),
+            (
+                Txn::new().and_then(vec![TxnOp::get("secret/admin", None)]),
+                "success[0]",
+            ),
+            (
+                Txn::new().and_then(vec![TxnOp::get(
+                    "podmesh/v1/",
+                    Some(GetOptions::new().with_from_key()),
+                )]),
+                "success[0]",
+            ),
+        ];
+        for (t, why) in refused {
+            let e = c.txn(t).await.unwrap_err();
+            let s = e.to_string();
+            // tonic's text for PermissionDenied, or the proxy's own words.
+            assert!(
+                s.contains("does not have permission") || s.contains("permission denied"),
+                "{s}"
+            );
+            assert!(s.contains(why), "message must name {why:?}: {s}");
+        }
+    });
+
+    // etcdctl txn: a read-only one is answered, one with a put is refused.
+    let o = etcdctl_txn(
+        &proxy,
+        "version(\"podmesh/v1/clusters/east\") > \"0\"\n\nget podmesh/v1/clusters/east\n\nget podmesh/v1/nodes/east/n2\n\n",
+    );
+    let s = out(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{s}");
+    assert!(
+        stdout.starts_with("SUCCESS")
+            && stdout.contains(r#"{"name":"east","id":1}"#)
+            && !stdout.contains("n2"),
+        "{s}"
+    );
+    let o = etcdctl_txn(
+        &proxy,
+        "value(\"podmesh/v1/clusters/east\") = \"x\"\n\nget podmesh/v1/clusters/east\n\nput podmesh/v1/x y\n\n",
+    );
+    denied(&o, "Put (failure[0])");
+    // Nothing was written upstream.
+    let o = etcd.etcdctl(&["get", "podmesh/v1/x"]).unwrap();
+    assert!(o.stdout.is_empty(), "{}", out(&o));
 }
 
 #[test]
@@ -540,5 +738,85 @@ fn proxy_config_errors_exit_64_with_one_line() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(64), "{flag} {value:?}: {}", out(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
+
+/// Kills the child on drop (also when an assertion fails).
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn proxy_config_file_gives_the_flags_and_the_command_line_overrides_it() {
+    let etcd = Etcd::start().unwrap();
+    seed(&etcd);
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    etcd.client_config(&dir.path().join("upstream.yaml"))
+        .unwrap();
+    let (port, metrics) = (podmesh_tests::free_port(), podmesh_tests::free_port());
+    let cfg = dir.path().join("proxy.yaml");
+    // Relative paths are taken relative to the file; allow-prefix is overridden below.
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:{port}\nmetrics-addr: 127.0.0.1:{metrics}\nupstream-config: upstream.yaml\ntls-cert: {}\ntls-key: {}\nclient-ca: {}\nallow-prefix: podmesh/v1/nodes/\nhistory-events: 100\n",
+            proxy.server_cert().cert.display(),
+            proxy.server_cert().key.display(),
+            proxy.pki().ca().display()
+        ),
+    )
+    .unwrap();
+    let bin = podmesh_tests::proxy::binary().unwrap();
+    let child = std::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--allow-prefix", "podmesh/v1/"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    eventually(Duration::from_secs(30), || {
+        let b = podmesh_tests::etcd::http_get(metrics, "/readyz").map_err(|e| e.to_string())?;
+        if b.contains(" 200 ") { Ok(()) } else { Err(b) }
+    })
+    .unwrap();
+    rt().block_on(async {
+        let mut c = podmesh_tests::etcd::connect(
+            &[format!("https://127.0.0.1:{port}")],
+            proxy.pki().ca(),
+            Some(proxy.client()),
+        )
+        .await
+        .unwrap();
+        // Outside the file's prefix, inside the command line's: served.
+        let r = c.get("podmesh/v1/clusters/east", None).await.unwrap();
+        assert_eq!(r.kvs().len(), 1, "{r:?}");
+    });
+
+    // Unknown field, bad value: exit 64 with one line naming the field.
+    for (text, field) in [
+        (
+            "listen: 127.0.0.1:1\nlisten-port: 2379\n",
+            "\"listen-port\"",
+        ),
+        ("watch-buffer: lots\n", "\"watch-buffer\""),
+        ("listen: nowhere\n", "\"listen\""),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let o = std::process::Command::new(&bin)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(64), "{text:?}: {}", out(&o));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(field), "{text:?} must name {field}: {err}");
     }
 }
