@@ -8,6 +8,7 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::Cache;
 use crate::metrics::{Metrics, UpstreamState};
 use crate::prefix::Prefix;
+use crate::service::watch_wire::EncodedEvent;
 
 /// One change of the cache as seen by watch streams, in upstream order.
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub enum Update {
     Events {
         revision: i64,
         events: Arc<Vec<PbEvent>>,
+        /// `events`, each encoded once for every watcher that selects it.
+        encoded: Arc<[EncodedEvent]>,
     },
     /// Every event up to `revision` has been published.
     Progress(i64),
@@ -114,9 +117,11 @@ impl Hub {
         self.metrics.cache_keys.set(c.key_count() as i64);
         self.metrics.cache_revision.set(c.revision());
         if !out.is_empty() {
+            let encoded = out.iter().map(EncodedEvent::new).collect();
             let _ = self.tx.send(Update::Events {
                 revision: c.revision(),
                 events: Arc::new(out),
+                encoded,
             });
         }
     }

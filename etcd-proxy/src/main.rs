@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer, PbWatchServer};
+use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer};
 use tokio_stream::wrappers::ReceiverStream;
 
 mod cache;
@@ -129,7 +129,7 @@ async fn run(
 
     let incoming = ReceiverStream::new(tls::accept_loop(listener, tls, hub.clone()));
     let watch_cfg = service::watch::WatchConfig {
-        out_buffer: 1024,
+        out_buffer: 256,
         progress_interval: args.progress_notify_interval,
     };
     let mut shutdown_server = shutdown_rx.clone();
@@ -137,10 +137,9 @@ async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(PbKvServer::new(service::kv::KvService::new(hub.clone())))
-        .add_service(PbWatchServer::new(service::watch::WatchService::new(
-            hub.clone(),
-            watch_cfg,
-        )))
+        .add_service(service::watch_wire::WatchServer::new(
+            service::watch::WatchService::new(hub.clone(), watch_cfg),
+        ))
         .add_service(PbMaintenanceServer::new(
             service::maintenance::MaintenanceService::new(hub.clone()),
         ))

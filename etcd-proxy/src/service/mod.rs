@@ -3,6 +3,7 @@ pub mod kv;
 pub mod maintenance;
 pub mod refuse;
 pub mod watch;
+pub mod watch_wire;
 
 use tonic::Status;
 

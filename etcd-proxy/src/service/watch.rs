@@ -3,16 +3,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::proto::{
-    PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService,
-};
+use etcd_client::proto::{PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse};
 use futures::StreamExt;
+use prost::bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
+use super::watch_wire::{EncodedEvent, Out};
 use crate::cache::{DELETE, PUT, in_range};
 use crate::hub::{Hub, Update};
+
+/// Updates a stream takes from the broadcast at once when it is behind: one
+/// response per watcher then carries all their events, so a stream that
+/// falls behind catches up with fewer, larger responses.
+const MAX_BATCH: usize = 64;
 
 /// `WatchCreateRequest.FilterType`.
 const FILTER_NOPUT: i32 = 0;
@@ -40,14 +45,10 @@ impl WatchService {
     }
 }
 
-#[tonic::async_trait]
-impl PbWatchService for WatchService {
-    type WatchStream = ReceiverStream<Result<PbWatchResponse, Status>>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<PbWatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+impl WatchService {
+    /// Serves one Watch stream: a task per stream reads its requests and the
+    /// cache's updates and writes the responses into the returned stream.
+    pub fn open(&self, requests: Streaming<PbWatchRequest>) -> ReceiverStream<Result<Out, Status>> {
         let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(1));
         let (updates, revision) = self.hub.subscribe();
         let task = StreamTask {
@@ -58,8 +59,8 @@ impl PbWatchService for WatchService {
             delivered: revision,
         };
         self.hub.metrics.watch_streams.inc();
-        tokio::spawn(task.run(request.into_inner(), updates, self.cfg.progress_interval));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tokio::spawn(task.run(requests, updates, self.cfg.progress_interval));
+        ReceiverStream::new(rx)
     }
 }
 
@@ -87,6 +88,19 @@ impl Watcher {
             && !(self.no_delete && e.r#type == DELETE)
     }
 
+    /// Appends the shared encodings of the events this watcher selects.
+    fn pick(&self, events: &[PbEvent], encoded: &[EncodedEvent], out: &mut Vec<Bytes>) {
+        for (e, x) in events.iter().zip(encoded) {
+            if self.wants(e) {
+                out.push(if self.prev_kv {
+                    x.with_prev.clone()
+                } else {
+                    x.without_prev.clone()
+                });
+            }
+        }
+    }
+
     fn select(&self, events: &[PbEvent]) -> Vec<PbEvent> {
         events
             .iter()
@@ -108,7 +122,7 @@ struct Gone;
 #[derive(Debug)]
 struct StreamTask {
     hub: Arc<Hub>,
-    tx: mpsc::Sender<Result<PbWatchResponse, Status>>,
+    tx: mpsc::Sender<Result<Out, Status>>,
     watchers: HashMap<i64, Watcher>,
     next_id: i64,
     /// Every update up to this revision has been handled by this stream.
@@ -134,7 +148,7 @@ impl StreamTask {
                     Some(Err(_)) | None => break,
                 },
                 upd = updates.recv() => match upd {
-                    Ok(u) => self.update(u).await,
+                    Ok(u) => self.updates(u, &mut updates).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n).await,
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -149,7 +163,10 @@ impl StreamTask {
     }
 
     async fn send(&self, resp: PbWatchResponse) -> Result<(), Gone> {
-        self.tx.send(Ok(resp)).await.map_err(|_| Gone)
+        self.tx
+            .send(Ok(Out::Msg(Box::new(resp))))
+            .await
+            .map_err(|_| Gone)
     }
 
     fn response(&self, watch_id: i64, revision: i64) -> PbWatchResponse {
@@ -296,40 +313,81 @@ impl StreamTask {
         Ok(())
     }
 
-    async fn update(&mut self, u: Update) -> Result<(), Gone> {
-        match u {
-            Update::Events { revision, events } => {
-                let mut out = Vec::new();
-                for (id, w) in self.watchers.iter_mut() {
-                    let selected = w.select(&events);
-                    w.next_rev = w.next_rev.max(revision + 1);
-                    if !selected.is_empty() {
-                        w.sent_since_tick = true;
-                        out.push((*id, selected));
-                    }
+    /// Handles `first` and whatever else is already queued (up to
+    /// [`MAX_BATCH`]): every watcher gets one response for the lot.
+    async fn updates(
+        &mut self,
+        first: Update,
+        updates: &mut broadcast::Receiver<Update>,
+    ) -> Result<(), Gone> {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match updates.try_recv() {
+                Ok(u) => batch.push(u),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    self.events(&batch).await?;
+                    return self.lagged(n).await;
                 }
-                self.delivered = self.delivered.max(revision);
-                let mut n = 0;
-                for (id, events) in out {
-                    n += events.len() as u64;
-                    let mut r = self.response(id, revision);
-                    r.events = events;
-                    self.send(r).await?;
-                }
-                self.hub.metrics.events_out.inc_by(n);
-                Ok(())
-            }
-            Update::Progress(revision) => {
-                self.delivered = self.delivered.max(revision);
-                Ok(())
-            }
-            Update::Reset { compact_revision } => {
-                let reason = format!(
-                    "the upstream etcd was compacted past the proxy's last revision (compact revision {compact_revision}); list again and watch from the list's revision + 1"
-                );
-                self.cancel_all("compacted", compact_revision, reason).await
+                Err(_) => break,
             }
         }
+        // A reset cancels everyone: what came before it is sent first.
+        if let Some(i) = batch.iter().position(|u| matches!(u, Update::Reset { .. })) {
+            self.events(&batch[..i]).await?;
+            let Update::Reset { compact_revision } = batch[i] else {
+                unreachable!("position found a reset")
+            };
+            let reason = format!(
+                "the upstream etcd was compacted past the proxy's last revision (compact revision {compact_revision}); list again and watch from the list's revision + 1"
+            );
+            self.cancel_all("compacted", compact_revision, reason)
+                .await?;
+            // Nothing after a reset is for the cancelled watchers; new ones
+            // created later start from the cache.
+            return self.events(&batch[i + 1..]).await;
+        }
+        self.events(&batch).await
+    }
+
+    /// Sends each watcher the events it selects from `batch` in one response.
+    async fn events(&mut self, batch: &[Update]) -> Result<(), Gone> {
+        let mut revision = self.delivered;
+        for u in batch {
+            if let Update::Events { revision: r, .. } | Update::Progress(r) = u {
+                revision = revision.max(*r);
+            }
+        }
+        let header = self.hub.header(revision);
+        let mut out = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            let mut picked = Vec::new();
+            for u in batch {
+                if let Update::Events {
+                    events, encoded, ..
+                } = u
+                {
+                    w.pick(events, encoded, &mut picked);
+                }
+            }
+            w.next_rev = w.next_rev.max(revision + 1);
+            if !picked.is_empty() {
+                w.sent_since_tick = true;
+                out.push((*id, picked));
+            }
+        }
+        self.delivered = revision;
+        let mut n = 0;
+        for (watch_id, events) in out {
+            n += events.len() as u64;
+            let frame = Out::Events {
+                header,
+                watch_id,
+                events,
+            };
+            self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
+        }
+        self.hub.metrics.events_out.inc_by(n);
+        Ok(())
     }
 
     async fn lagged(&mut self, n: u64) -> Result<(), Gone> {

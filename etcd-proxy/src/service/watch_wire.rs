@@ -1,0 +1,249 @@
+//! The Watch RPC on the wire: events encoded once per upstream event and shared by every watcher's response.
+//!
+//! etcd sends every watcher its own WatchResponse (its watch ID, the events it
+//! selected). With thousands of watchers on one prefix, encoding (and first
+//! cloning) the same events once per watcher is most of the proxy's work and
+//! memory; here each event is encoded once (with and without `prev_kv`) and a
+//! watcher's response is its small head followed by those shared bytes.
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::task::{Context, Poll};
+
+use etcd_client::proto::{PbEvent, PbResponseHeader, PbWatchRequest, PbWatchResponse};
+use prost::Message;
+use prost::bytes::{BufMut, Bytes, BytesMut};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
+
+use super::watch::WatchService;
+
+/// `WatchResponse.events` is field 11.
+const EVENTS_FIELD: u32 = 11;
+
+/// One event as a complete `events` field of a WatchResponse, with and
+/// without its previous key-value.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub with_prev: Bytes,
+    pub without_prev: Bytes,
+}
+
+impl EncodedEvent {
+    pub fn new(e: &PbEvent) -> EncodedEvent {
+        let field = |e: &PbEvent| {
+            let mut b = BytesMut::with_capacity(e.encoded_len() + 4);
+            prost::encoding::message::encode(EVENTS_FIELD, e, &mut b);
+            b.freeze()
+        };
+        let with_prev = field(e);
+        let without_prev = if e.prev_kv.is_some() {
+            field(&PbEvent {
+                prev_kv: None,
+                ..e.clone()
+            })
+        } else {
+            with_prev.clone()
+        };
+        EncodedEvent {
+            with_prev,
+            without_prev,
+        }
+    }
+}
+
+/// One message towards a watch client.
+#[derive(Debug)]
+pub enum Out {
+    /// A message built in full: created, cancelled, progress, replay.
+    Msg(Box<PbWatchResponse>),
+    /// Live events of one watcher: the head is encoded per watcher, the
+    /// events were encoded once for all.
+    Events {
+        header: PbResponseHeader,
+        watch_id: i64,
+        events: Vec<Bytes>,
+    },
+}
+
+/// Encodes [`Out`], decodes WatchRequest with prost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchCodec;
+
+#[derive(Debug)]
+pub struct OutEncoder;
+
+#[derive(Debug)]
+pub struct RequestDecoder;
+
+impl Codec for WatchCodec {
+    type Encode = Out;
+    type Decode = PbWatchRequest;
+    type Encoder = OutEncoder;
+    type Decoder = RequestDecoder;
+
+    fn encoder(&mut self) -> OutEncoder {
+        OutEncoder
+    }
+
+    fn decoder(&mut self) -> RequestDecoder {
+        RequestDecoder
+    }
+}
+
+impl Encoder for OutEncoder {
+    type Item = Out;
+    type Error = Status;
+
+    fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let head = match item {
+            Out::Msg(m) => return encode(&m, dst),
+            Out::Events {
+                header,
+                watch_id,
+                events,
+            } => {
+                let head = PbWatchResponse {
+                    header: Some(header),
+                    watch_id,
+                    ..Default::default()
+                };
+                encode(&head, dst)?;
+                events
+            }
+        };
+        // Fields may come in any order; repeated `events` entries append.
+        for e in head {
+            dst.put_slice(&e);
+        }
+        Ok(())
+    }
+}
+
+fn encode(m: &PbWatchResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    m.encode(dst)
+        .map_err(|e| Status::internal(format!("encoding a watch response: {e}")))
+}
+
+impl Decoder for RequestDecoder {
+    type Item = PbWatchRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<PbWatchRequest>, Status> {
+        PbWatchRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed WatchRequest: {e}")))
+    }
+}
+
+/// `etcdserverpb.Watch` served with [`WatchCodec`].
+#[derive(Debug, Clone)]
+pub struct WatchServer {
+    svc: WatchService,
+}
+
+impl WatchServer {
+    pub fn new(svc: WatchService) -> WatchServer {
+        WatchServer { svc }
+    }
+}
+
+impl NamedService for WatchServer {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+/// The one method, as tonic's streaming handler wants it.
+struct Call(WatchService);
+
+impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
+    type Response = tonic::Response<ReceiverStream<Result<Out, Status>>>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<PbWatchRequest>>) -> Self::Future {
+        ready(Ok(tonic::Response::new(self.0.open(req.into_inner()))))
+    }
+}
+
+impl Service<http::Request<Body>> for WatchServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+                return Ok(Status::unimplemented("unknown Watch method").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(WatchCodec);
+            Ok(grpc.streaming(Call(svc), req).await)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::proto::PbKeyValue;
+
+    #[test]
+    fn head_plus_shared_events_decodes_as_one_watch_response() {
+        let kv = |k: &str, v: &str| PbKeyValue {
+            key: k.into(),
+            value: v.into(),
+            mod_revision: 9,
+            ..Default::default()
+        };
+        let e1 = PbEvent {
+            r#type: 0,
+            kv: Some(kv("p/a", "new")),
+            prev_kv: Some(kv("p/a", "old")),
+        };
+        let e2 = PbEvent {
+            r#type: 1,
+            kv: Some(kv("p/b", "")),
+            prev_kv: None,
+        };
+        let (x1, x2) = (EncodedEvent::new(&e1), EncodedEvent::new(&e2));
+        let header = PbResponseHeader {
+            cluster_id: 1,
+            member_id: 2,
+            revision: 9,
+            raft_term: 3,
+        };
+        let mut buf = BytesMut::new();
+        let head = PbWatchResponse {
+            header: Some(header),
+            watch_id: 7,
+            ..Default::default()
+        };
+        head.encode(&mut buf).unwrap();
+        buf.put_slice(&x1.without_prev);
+        buf.put_slice(&x2.without_prev);
+        let got = PbWatchResponse::decode(buf.freeze()).unwrap();
+        assert_eq!(got.watch_id, 7);
+        assert_eq!(got.header, Some(header));
+        let stripped = PbEvent {
+            prev_kv: None,
+            ..e1.clone()
+        };
+        assert_eq!(got.events, vec![stripped, e2.clone()]);
+        let mut buf = BytesMut::new();
+        head.encode(&mut buf).unwrap();
+        buf.put_slice(&x1.with_prev);
+        let got = PbWatchResponse::decode(buf.freeze()).unwrap();
+        assert_eq!(got.events, vec![e1]);
+    }
+}
