@@ -20,10 +20,6 @@ pub enum RangeError {
         "mvcc: required revision is a future revision (revision {revision}, current {current})"
     )]
     Future { revision: i64, current: i64 },
-    #[error(
-        "range at past revision {revision} is not served by the proxy (current {current}); read at the current revision"
-    )]
-    Past { revision: i64, current: i64 },
 }
 
 /// Result of a Range served from the cache.
@@ -155,16 +151,17 @@ impl Cache {
             if req.revision < self.floor - 1 {
                 return Err(RangeError::Compacted {
                     revision: req.revision,
-                    floor: self.floor,
+                    floor: self.floor - 1,
                 });
             }
-            return Err(RangeError::Past {
-                revision: req.revision,
-                current: self.revision,
-            });
         }
-        let selected: Vec<&PbKeyValue> = self
-            .select(&req.key, &req.range_end)
+        let selected: Vec<&PbKeyValue> = if req.revision > 0 && req.revision < self.revision {
+            self.select_at(&req.key, &req.range_end, req.revision)
+        } else {
+            self.select(&req.key, &req.range_end).collect()
+        };
+        let selected: Vec<&PbKeyValue> = selected
+            .into_iter()
             .filter(|kv| {
                 (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
                     && (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
@@ -213,6 +210,37 @@ impl Cache {
             return c.target != COMPARE_VALUE && compare_kv(c, &PbKeyValue::default());
         }
         kvs.all(|kv| compare_kv(c, kv))
+    }
+
+    /// The key-values of a range as they were at `revision` (>= floor - 1):
+    /// the current ones with every later event in the range undone, newest
+    /// first (each event carries the key-value it replaced, if any).
+    fn select_at<'a>(
+        &'a self,
+        key: &'a [u8],
+        range_end: &'a [u8],
+        revision: i64,
+    ) -> Vec<&'a PbKeyValue> {
+        let mut at: BTreeMap<&[u8], &PbKeyValue> = self
+            .select(key, range_end)
+            .map(|kv| (kv.key.as_slice(), kv))
+            .collect();
+        let from = self.history.partition_point(|e| event_rev(e) <= revision);
+        for e in self.history.range(from..).rev() {
+            let Some(kv) = e.kv.as_ref() else { continue };
+            if !in_range(key, range_end, &kv.key) {
+                continue;
+            }
+            match &e.prev_kv {
+                Some(prev) => {
+                    at.insert(prev.key.as_slice(), prev);
+                }
+                None => {
+                    at.remove(kv.key.as_slice());
+                }
+            }
+        }
+        at.into_values().collect()
     }
 
     fn select<'a>(
@@ -413,8 +441,33 @@ mod tests {
         r.revision = 5;
         assert!(matches!(c.range(&r), Err(RangeError::Compacted { .. })));
         c.apply(vec![put(kv("p/d", "4", 11, 11, 1))]);
+        c.apply(vec![put(kv("p/a", "1b", 2, 12, 2)), del("p/b", 13)]);
+        // Past revisions still in the history are served as they were.
+        let at = |c: &Cache, rev: i64| {
+            let mut r = req("p/", "p0");
+            r.revision = rev;
+            c.range(&r)
+                .unwrap()
+                .kvs
+                .iter()
+                .map(|kv| format!("{}={}@{}", show(&kv.key), show(&kv.value), kv.mod_revision))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(&c, 10), ["p/a=1@2", "p/b=2@3", "p/c=3@5"]);
+        assert_eq!(at(&c, 11), ["p/a=1@2", "p/b=2@3", "p/c=3@5", "p/d=4@11"]);
+        assert_eq!(at(&c, 12), ["p/a=1b@12", "p/b=2@3", "p/c=3@5", "p/d=4@11"]);
+        assert_eq!(at(&c, 13), ["p/a=1b@12", "p/c=3@5", "p/d=4@11"]);
+        let mut one = req("p/b", "");
+        one.revision = 12;
+        assert_eq!(keys(&c.range(&one).unwrap()), ["p/b"]);
+        // Capacity 4: two more events push revision 11 out; 10 is compacted.
+        c.apply(vec![
+            put(kv("p/e", "5", 14, 14, 1)),
+            put(kv("p/f", "6", 15, 15, 1)),
+        ]);
         r.revision = 10;
-        assert!(matches!(c.range(&r), Err(RangeError::Past { .. })));
+        assert!(matches!(c.range(&r), Err(RangeError::Compacted { .. })));
+        assert_eq!(at(&c, 11).len(), 4);
     }
 
     #[test]

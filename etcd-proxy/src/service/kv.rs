@@ -51,14 +51,10 @@ pub fn range(hub: &Hub, req: &PbRangeRequest) -> Result<PbRangeResponse, Status>
 /// The status etcd answers for a Range it cannot serve at that revision.
 fn range_status(hub: &Hub, e: RangeError) -> Status {
     match e {
-        RangeError::Compacted { .. } | RangeError::Future { .. } => {
-            Status::out_of_range(e.to_string())
-        }
-        RangeError::Past { .. } => {
-            hub.metrics.refuse("past_revision");
-            Status::failed_precondition(e.to_string())
-        }
+        RangeError::Compacted { .. } => hub.metrics.refuse("compacted_revision"),
+        RangeError::Future { .. } => hub.metrics.refuse("future_revision"),
     }
+    Status::out_of_range(e.to_string())
 }
 
 /// Serves a Txn that only reads inside the prefix from the cache (compares
