@@ -553,3 +553,270 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
     drop(home);
     Ok(())
 }
+
+/// A real etcd without TLS on a loopback port (the "plaintext endpoint").
+struct PlainEtcd {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PlainEtcd {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = podmesh_tests::free_port();
+        let peer = podmesh_tests::free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "plain", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("plain={peer_url}")])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a plaintext etcd")?;
+        Ok(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PlainEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn last_error(s: &StatusReport, name: &str) -> String {
+    s.remotes
+        .get(name)
+        .and_then(|r| r.last_error.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_bad_tls_per_remote_and_keeps_serving_the_others() -> anyhow::Result<()> {
+    // east is fine; west's client certificate expired; north's comes from
+    // another CA; south points its https:// endpoint at a plaintext etcd.
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    let mut west = Remote::start("west", 2).await?;
+    west.cluster(&["10.2.0.0/16"]).await?;
+    west.node("w1", "192.168.2.1", &["10.2.1.0/24"]).await?;
+    let mut north = Remote::start("north", 3).await?;
+    north.cluster(&["10.3.0.0/16"]).await?;
+    north.node("n1", "192.168.3.1", &["10.3.1.0/24"]).await?;
+    let plain = PlainEtcd::start()?;
+
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let expired = west.etcd.pki().issue(&podmesh_tests::pki::CertSpec {
+        name: "west-expired",
+        file: None,
+        sans: vec![],
+        server: false,
+        client: true,
+        expired: true,
+    })?;
+    secret.set(&west, west.etcd.pki().ca(), &expired.cert, &expired.key)?;
+    let stranger = Pki::new("stranger")?;
+    let foreign = stranger.client("north-foreign")?;
+    secret.set(&north, north.etcd.pki().ca(), &foreign.cert, &foreign.key)?;
+    // south: TLS settings of a real CA, endpoint of the plaintext etcd.
+    let ca = east.etcd.pki().ca().to_path_buf();
+    let good = east.etcd.root_client().clone();
+    secret
+        .files
+        .insert("south.ca.crt".into(), std::fs::read(&ca)?);
+    secret
+        .files
+        .insert("south.client.crt".into(), std::fs::read(&good.cert)?);
+    secret
+        .files
+        .insert("south.client.key".into(), std::fs::read(&good.key)?);
+    secret.files.insert(
+        "south".into(),
+        format!(
+            "endpoints:\n- https://127.0.0.1:{}\ntrusted-ca-file: south.ca.crt\ncert-file: south.client.crt\nkey-file: south.client.key\n",
+            plain.port
+        )
+        .into_bytes(),
+    );
+    secret.publish()?;
+
+    let home = start_home(secret.path(), &[]).await?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1")]).await?;
+    let s = wait_status(&home, "three refusals", |s| {
+        ["west", "north", "south"].iter().all(|n| {
+            s.remotes
+                .get(*n)
+                .is_some_and(|r| !r.connected && r.failures > 0 && r.last_error.is_some())
+        })
+    })
+    .await?;
+    for n in ["west", "north", "south"] {
+        eprintln!("{n}: {}", last_error(&s, n));
+    }
+    let w = last_error(&s, "west");
+    assert!(
+        w.contains("expired") && w.contains("renewed client certificate"),
+        "west: {w}"
+    );
+    let n = last_error(&s, "north");
+    assert!(
+        n.contains("refused this agent's client certificate")
+            && n.contains("not by the CA of trusted-ca-file"),
+        "north: {n}"
+    );
+    let so = last_error(&s, "south");
+    assert!(so.contains("does not speak TLS"), "south: {so}");
+    assert!(s.remotes["east"].connected && s.remotes["east"].synced);
+    assert!(!s.ready, "not ready while remotes are refused");
+
+    // Still serving the good remote.
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
+    assert!(http_get(home.agent.status_addr.port(), "/healthz")?.contains("ok"));
+
+    // Good certificates (and a plaintext endpoint named as such) in the
+    // Secret: every remote connects without a restart.
+    secret.set_valid(&west)?;
+    let fresh = north.etcd.pki().client("north-fresh")?;
+    secret.set(&north, north.etcd.pki().ca(), &fresh.cert, &fresh.key)?;
+    secret.files.retain(|k, _| !k.starts_with("south."));
+    secret.files.insert(
+        "south".into(),
+        format!("endpoints:\n- {}\n", plain.url()).into_bytes(),
+    );
+    secret.publish()?;
+    let mut south = etcd_client::Client::connect([plain.url()], None).await?;
+    south
+        .put(
+            cluster_key("south"),
+            serde_json::json!({"name":"south","id":4,"podCIDRs":["10.4.0.0/16"],"serviceCIDRs":[]})
+                .to_string(),
+            None,
+        )
+        .await?;
+    south
+        .put(
+            node_key("south", "s1"),
+            serde_json::json!({"name":"s1","cluster":"south","clusterID":4,"addresses":["192.168.4.1"],"podCIDRs":["10.4.1.0/24"]})
+                .to_string(),
+            None,
+        )
+        .await?;
+    wait_routes(
+        &home.dp,
+        &[
+            ("10.1.1.0/24", "e1"),
+            ("10.1.2.0/24", "e2"),
+            ("10.2.1.0/24", "w1"),
+            ("10.3.1.0/24", "n1"),
+            ("10.4.1.0/24", "s1"),
+        ],
+    )
+    .await?;
+    let s = wait_status(&home, "all ready", |s| s.ready).await?;
+    for n in ["west", "north", "south"] {
+        assert!(
+            s.remotes[n].last_error.is_none(),
+            "{n}: {:?}",
+            s.remotes[n].last_error
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_relists_after_the_remote_compacted_while_it_was_disconnected() -> anyhow::Result<()>
+{
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let home = start_home(secret.path(), &[]).await?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
+
+    // Disconnected: the Secret now holds a certificate the remote refuses.
+    let stranger = Pki::new("stranger")?;
+    let bad = stranger.client("intruder")?;
+    secret.set(&east, east.etcd.pki().ca(), &bad.cert, &bad.key)?;
+    let s = wait_status(&home, "disconnected", |s| !s.remotes["east"].connected).await?;
+    let failures_before = s.remotes["east"].failures;
+    let t0 = std::time::Instant::now();
+
+    // Meanwhile the remote moves on and compacts its history past all of it.
+    for i in 0..50 {
+        east.node("e1", &format!("192.168.1.{}", 100 + i), &["10.1.1.0/24"])
+            .await?;
+    }
+    east.delete(&node_key("east", "e2")).await?;
+    east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
+    let rev = east
+        .client
+        .get("x", None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .context("revision")?;
+    east.client.compact(rev, None).await?;
+    // Routes are kept as last known while disconnected.
+    assert_eq!(routes(&home.dp).len(), 2);
+
+    // Reconnected: a fresh list at the compacted revision, the deleted node
+    // pruned, the new node and the last address programmed.
+    secret.set_valid(&east)?;
+    wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.3.0/24", "e3")]).await?;
+    eventually_async(WAIT, || async {
+        match routes(&home.dp).get("10.1.1.0/24") {
+            Some(r) if r.node_addr.to_string() == "192.168.1.149" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    let s = wait_status(&home, "ready", |s| s.ready).await?;
+    // No hot loop: reconnect attempts are bounded by the backoff (at most one
+    // per 200 ms even before it grows), not by how fast the remote refuses.
+    let attempts = s.remotes["east"].failures - failures_before;
+    let bound = 2 + 5 * t0.elapsed().as_secs();
+    assert!(
+        attempts <= bound,
+        "{attempts} failures in {:?}",
+        t0.elapsed()
+    );
+    // Writes after the reconnection keep flowing through the new watch.
+    east.node("e4", "192.168.1.4", &["10.1.4.0/24"]).await?;
+    wait_routes(
+        &home.dp,
+        &[
+            ("10.1.1.0/24", "e1"),
+            ("10.1.3.0/24", "e3"),
+            ("10.1.4.0/24", "e4"),
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    EventStream, KeyValue, KvError, KvEvent, KvStore, LeaseId, client_config::EtcdClientConfig,
+    EventStream, KeyValue, KvError, KvEvent, KvStore, LeaseId,
+    client_config::{ClientConfigError, EtcdClientConfig},
 };
 
 /// Keys per page of a list; keeps each Range response well under gRPC's message limit.
@@ -50,6 +51,9 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         let super::client_config::TlsFiles { ca, identity } = cfg.read_tls_files(path)?;
+        if let (Some((cert, _)), Some(file)) = (&identity, &cfg.cert_file) {
+            check_validity(cert, file, path)?;
+        }
         if ca.is_some() || identity.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = ca {
@@ -110,6 +114,47 @@ impl EtcdStore {
             .await
             .map_err(|e| map_list_error(&self.endpoints, e))
     }
+}
+
+/// Refuses a client certificate that is expired or not yet valid, before the
+/// server does: the server's refusal (a bare "bad certificate" alert) does not
+/// say why, this does.
+fn check_validity(pem: &[u8], file: &Path, config: &Path) -> Result<(), KvError> {
+    let invalid = |message: String| {
+        KvError::Config(ClientConfigError::Invalid {
+            path: config.to_path_buf(),
+            message,
+        })
+    };
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem) else {
+        return Err(invalid(format!(
+            "cert-file {} holds no PEM certificate; put the client certificate (PEM) into this cluster's entry of the clustermesh Secret",
+            file.display()
+        )));
+    };
+    let Ok(cert) = block.parse_x509() else {
+        return Err(invalid(format!(
+            "cert-file {} is not a valid X.509 certificate; put the client certificate (PEM) into this cluster's entry of the clustermesh Secret",
+            file.display()
+        )));
+    };
+    let v = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if v.not_after < now {
+        return Err(invalid(format!(
+            "client certificate cert-file {} expired on {}; the remote will refuse it: put a renewed client certificate into this cluster's entry of the clustermesh Secret (picked up without a restart)",
+            file.display(),
+            v.not_after
+        )));
+    }
+    if v.not_before > now {
+        return Err(invalid(format!(
+            "client certificate cert-file {} is not valid before {}; check this node's clock or issue a certificate valid now",
+            file.display(),
+            v.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// The end of the range that `prefix` covers (etcd's `with_prefix` rule).

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, secret::RemoteFile};
 use crate::{
     desired::decode::decode,
-    kvstore::{KvError, KvEvent, KvStore},
+    kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
     model::PREFIX,
     status::{Status, unix_now},
 };
@@ -41,11 +41,34 @@ enum End {
 
 fn hint(e: &KvError) -> &'static str {
     let t = e.to_string().to_ascii_lowercase();
-    if t.contains("certificate")
-        || t.contains("tls")
-        || t.contains("handshake")
-        || t.contains("unknownissuer")
+    if matches!(e, KvError::Config(_)) {
+        "fix this cluster's entry in the clustermesh Secret"
+    } else if t.contains("tls handshake eof")
+        || t.contains("invalidcontenttype")
+        || t.contains("corrupt message")
+        || t.contains("wrong version number")
+        || t.contains("invalidmessage")
+        || (t.contains("tls") && t.contains("unexpected eof"))
+        || t.contains("http/1.1")
     {
+        "the endpoint closed the TLS handshake: it does not speak TLS (a plaintext etcd or another service): point the https:// endpoint at the remote's TLS etcd proxy, or use http:// without TLS files for a plaintext etcd"
+    } else if t.contains("unknownissuer")
+        || t.contains("unknown issuer")
+        || t.contains("notvalidforname")
+        || t.contains("not valid for name")
+    {
+        "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate"
+    } else if t.contains("badcertificate")
+        || t.contains("bad certificate")
+        || t.contains("unknownca")
+        || t.contains("unknown ca")
+        || t.contains("certificaterequired")
+        || t.contains("certificate required")
+        || t.contains("certificateexpired")
+        || (t.contains("connection closed") && t.contains("https://"))
+    {
+        "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)"
+    } else if t.contains("certificate") || t.contains("tls") || t.contains("handshake") {
         "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
     } else if t.contains("refused")
         || t.contains("unreachable")
@@ -53,23 +76,51 @@ fn hint(e: &KvError) -> &'static str {
         || t.contains("dns")
     {
         "check that the remote cluster's etcd proxy is up and reachable at the configured endpoints"
-    } else if matches!(e, KvError::Config(_)) {
-        "fix this cluster's entry in the clustermesh Secret"
     } else {
         "routes of this cluster stay as last known; retrying"
     }
 }
 
+/// What the local files say about a refused client certificate: whether
+/// `cert-file` is signed by the CA in `trusted-ca-file` (in a mesh both are
+/// normally the remote's CA).
+fn diagnose_client_cert(cfg: &EtcdClientConfig) -> Option<String> {
+    let read = |p: &std::path::Path| std::fs::read(p).ok();
+    let cert = read(cfg.cert_file.as_deref()?)?;
+    let ca = read(cfg.trusted_ca_file.as_deref()?)?;
+    let (_, cert) = x509_parser::pem::parse_x509_pem(&cert).ok()?;
+    let (_, ca) = x509_parser::pem::parse_x509_pem(&ca).ok()?;
+    let cert = cert.parse_x509().ok()?;
+    let ca = ca.parse_x509().ok()?;
+    (cert.issuer().as_raw() != ca.subject().as_raw()).then(|| {
+        format!(
+            "; cert-file is issued by \"{}\", not by the CA of trusted-ca-file (\"{}\")",
+            cert.issuer(),
+            ca.subject()
+        )
+    })
+}
+
 impl<C: Connector> RemoteCluster<C> {
     fn fail(&self, e: &KvError) {
         let h = hint(e);
-        tracing::warn!(cluster = %self.name, error = %e, hint = h, "remote cluster connection failed; keeping its last known routes and retrying");
+        let diagnosis = if h.contains("refused this agent's client certificate") {
+            self.file
+                .config
+                .as_ref()
+                .ok()
+                .and_then(diagnose_client_cert)
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        tracing::warn!(cluster = %self.name, error = %e, hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
         self.status.remote(&self.name, |r| {
             r.connected = false;
             r.synced = false;
             r.failures += 1;
             r.last_failure = Some(unix_now());
-            r.last_error = Some(format!("{e} (hint: {h})"));
+            r.last_error = Some(format!("{e} (hint: {h}{diagnosis})"));
         });
     }
 
