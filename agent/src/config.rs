@@ -71,7 +71,7 @@ pub struct AgentArgs {
     /// VXLAN network identifier (0-16777215).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
-    /// Directory on a bpffs where the ebpf datapath pins its maps and tc link. It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts them; when its parent is not a bpffs, one is mounted there.
+    /// Directory on a bpffs where the ebpf datapath pins its maps and tc link (the route modes: only the map of which cluster and node each route belongs to). It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts what it finds; in ebpf mode a bpffs is mounted on its parent when there is none.
     #[arg(long, value_name = "DIR", default_value = podmesh_common::PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
     /// Address of the status server (/healthz /readyz /metrics /status).
