@@ -8,9 +8,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use crate::pki::{CertFiles, Pki};
+use crate::{
+    daemon,
+    pki::{CertFiles, Pki},
+};
 
 /// A running etcd server with client-certificate authentication.
 #[derive(Debug)]
@@ -119,13 +122,8 @@ impl Etcd {
             .append(true)
             .open(&self.log)?;
         let mut cmd = Command::new("etcd");
-        // etcd reads every ETCD_* variable as a flag.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("--name")
+        daemon::without_etcd_env(&mut cmd)
+            .arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -167,38 +165,20 @@ impl Etcd {
     }
 
     fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("etcd exited with {status}; log:\n{}", self.log_tail());
-            }
-            if http_get(self.metrics_port, "/health").is_ok_and(|b| b.contains("\"true\"")) {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "etcd not healthy after {timeout:?}; log:\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let port = self.metrics_port;
+        daemon::wait_until("etcd", &mut self.child, &self.log, timeout, || {
+            http_get(port, "/health").is_ok_and(|b| b.contains("\"true\""))
+        })
     }
 
     /// The last lines of etcd's log.
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        daemon::log_tail(&self.log, 30)
     }
 
     /// `https://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("https://127.0.0.1:{}", self.client_port)
+        daemon::loopback_endpoint(self.client_port)
     }
 
     /// The client port.
@@ -239,23 +219,9 @@ impl Etcd {
 
     /// Runs `etcdctl` (v3 API) against this etcd with the root client certificate.
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut cmd = Command::new("etcdctl");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(self.endpoint())
-            .arg("--cacert")
-            .arg(self.pki.ca())
-            .arg("--cert")
-            .arg(&self.root_client.cert)
-            .arg("--key")
-            .arg(&self.root_client.key)
-            .args(args);
-        cmd.output()
+        daemon::etcdctl_command(&self.endpoint(), self.pki.ca(), Some(&self.root_client))
+            .args(args)
+            .output()
             .context("running etcdctl (install etcd-client)")
     }
 
@@ -288,10 +254,7 @@ impl Etcd {
 
     /// Kills etcd (SIGKILL) and waits for it; the data dir stays.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        daemon::kill(&mut self.child);
     }
 
     /// Starts etcd again on the same ports with the same data dir.

@@ -6,9 +6,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::{
+    daemon,
     etcd::{Etcd, http_get},
     pki::{CertFiles, Pki},
 };
@@ -101,40 +102,21 @@ impl Proxy {
 
     /// Waits until /readyz answers 200 (the upstream prefix is listed).
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("proxy exited with {status}; log:\n{}", self.log_tail());
-            }
-            if http_get(self.metrics_port, "/readyz")
+        let port = self.metrics_port;
+        daemon::wait_until("proxy", &mut self.child, &self.log, timeout, || {
+            http_get(port, "/readyz")
                 .is_ok_and(|b| b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200"))
-            {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "proxy not ready after {timeout:?}; log:\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// The last lines of the proxy's log.
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        daemon::log_tail(&self.log, 40)
     }
 
     /// `https://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        daemon::loopback_endpoint(self.port)
     }
 
     /// The metrics port (/metrics, /healthz, /readyz).
@@ -188,22 +170,9 @@ impl Proxy {
         client: Option<&CertFiles>,
         args: &[&str],
     ) -> anyhow::Result<Command> {
-        let mut cmd = Command::new("etcdctl");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(self.endpoint())
-            .arg("--cacert")
-            .arg(self.pki.ca())
-            .args(["--dial-timeout", "5s", "--command-timeout", "10s"]);
-        if let Some(c) = client {
-            cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
-        }
-        cmd.args(args);
+        let mut cmd = daemon::etcdctl_command(&self.endpoint(), self.pki.ca(), client);
+        cmd.args(["--dial-timeout", "5s", "--command-timeout", "10s"])
+            .args(args);
         Ok(cmd)
     }
 
@@ -226,9 +195,6 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        daemon::kill(&mut self.child);
     }
 }

@@ -3,7 +3,7 @@
 use std::{process::Output, time::Duration};
 
 use etcd_client::{GetOptions, WatchOptions};
-use podmesh_tests::{etcd::Etcd, eventually, pki::Pki, proxy::Proxy};
+use podmesh_tests::{daemon, etcd::Etcd, eventually, pki::Pki, proxy::Proxy};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -682,12 +682,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     );
     // Plaintext gRPC against the TLS port.
     let mut cmd = std::process::Command::new("etcdctl");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCD") {
-            cmd.env_remove(k);
-        }
-    }
-    let o = cmd
+    let o = daemon::without_etcd_env(&mut cmd)
         .env("ETCDCTL_API", "3")
         .args([
             "--endpoints",
@@ -721,34 +716,9 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     let pid = proxy.pid();
     std::fs::copy(&new_server.key, &proxy.server_cert().key).unwrap();
     std::fs::copy(&new_server.cert, &proxy.server_cert().cert).unwrap();
-    let mut cmd = std::process::Command::new("etcdctl");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCD") {
-            cmd.env_remove(k);
-        }
-    }
     let mk = || {
-        let mut cmd = std::process::Command::new("etcdctl");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .args([
-                "--endpoints",
-                &proxy.endpoint(),
-                "--dial-timeout",
-                "3s",
-                "--command-timeout",
-                "5s",
-            ])
-            .arg("--cacert")
-            .arg(fresh.ca())
-            .arg("--cert")
-            .arg(&proxy.client().cert)
-            .arg("--key")
-            .arg(&proxy.client().key)
+        let mut cmd = daemon::etcdctl_command(&proxy.endpoint(), fresh.ca(), Some(proxy.client()));
+        cmd.args(["--dial-timeout", "3s", "--command-timeout", "5s"])
             .args(get);
         cmd
     };

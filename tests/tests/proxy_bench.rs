@@ -98,12 +98,7 @@ fn grpc_proxy(etcd: &Etcd) -> anyhow::Result<GrpcProxy> {
     })?;
     let port = free_port();
     let mut cmd = Command::new("etcd");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCD") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
+    let child = podmesh_tests::daemon::without_etcd_env(&mut cmd)
         .args(["grpc-proxy", "start"])
         .arg(format!("--endpoints={}", etcd.endpoint()))
         .arg(format!("--listen-addr=127.0.0.1:{port}"))
