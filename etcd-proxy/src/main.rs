@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer};
-use tokio_stream::wrappers::ReceiverStream;
 
 mod cache;
 mod config;
 mod hub;
 mod metrics;
 mod prefix;
+mod serve;
 mod service;
 mod tls;
 mod txn;
@@ -127,30 +127,25 @@ async fn run(
         });
     }
 
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls, hub.clone()));
+    let incoming = tls::accept_loop(listener, tls, hub.clone());
     let watch_cfg = service::watch::WatchConfig {
         out_buffer: 256,
         progress_interval: args.progress_notify_interval,
     };
-    let mut shutdown_server = shutdown_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(PbKvServer::new(service::kv::KvService::new(hub.clone())))
-        .add_service(service::watch_wire::WatchServer::new(
-            service::watch::WatchService::new(hub.clone(), watch_cfg),
-        ))
-        .add_service(PbMaintenanceServer::new(
-            service::maintenance::MaintenanceService::new(hub.clone()),
-        ))
-        .add_service(PbClusterServer::new(
-            service::maintenance::ClusterService::new(hub.clone()),
-        ))
-        .add_service(RefuseService::<Lease>::new(hub.clone()))
-        .add_service(RefuseService::<Auth>::new(hub.clone()))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown_server.wait_for(|s| *s).await;
-        });
+    let routes =
+        tonic::service::Routes::new(PbKvServer::new(service::kv::KvService::new(hub.clone())))
+            .add_service(service::watch_wire::WatchServer::new(
+                service::watch::WatchService::new(hub.clone(), watch_cfg),
+            ))
+            .add_service(PbMaintenanceServer::new(
+                service::maintenance::MaintenanceService::new(hub.clone()),
+            ))
+            .add_service(PbClusterServer::new(
+                service::maintenance::ClusterService::new(hub.clone()),
+            ))
+            .add_service(RefuseService::<Lease>::new(hub.clone()))
+            .add_service(RefuseService::<Auth>::new(hub.clone()));
+    let server = serve::serve(incoming, routes, shutdown_rx.clone());
     tracing::info!(listen = %args.listen, advertise = %advertise, prefix = %prefix.display(), "serving");
 
     let signal = async {
@@ -163,10 +158,7 @@ async fn run(
     };
     tokio::pin!(server);
     tokio::select! {
-        r = &mut server => {
-            r.context("gRPC server failed")?;
-            return Ok(());
-        }
+        () = &mut server => return Ok(()),
         r = signal => r.context("cannot wait for signals")?,
     }
     tracing::info!("shutting down: closing watch streams and connections");

@@ -1,0 +1,66 @@
+//! HTTP/2 serving of the gRPC routes on accepted TLS connections, with a small per-stream send buffer.
+//!
+//! tonic's own server leaves hyper's per-stream send buffer at its default
+//! (400 KiB): with thousands of watchers on a few hundred streams, a client
+//! that reads a little slowly makes every stream hold that much encoded
+//! responses. Capped here, a stream that is behind stops taking responses
+//! early; the backlog stays in the shared update ring, and the stream then
+//! catches up with one response per watcher for many updates.
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
+use tonic::service::Routes;
+
+use crate::hub::stopped;
+
+/// Encoded responses hyper may hold per stream beyond what the client's
+/// flow-control window lets through.
+const SEND_BUFFER: usize = 32 * 1024;
+
+/// Serves every connection from `incoming` until shutdown, then closes them
+/// gracefully (watch streams end on the same signal).
+pub async fn serve(
+    mut incoming: mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>,
+    routes: Routes,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            next = incoming.recv() => match next {
+                Some(Ok(io)) => {
+                    conns.spawn(connection(io, routes.clone(), shutdown.clone()));
+                }
+                Some(Err(_)) => {}
+                None => break,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watch::Receiver<bool>) {
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_send_buf_size(SEND_BUFFER)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(routes));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            return;
+        }
+        _ = stopped(&mut shutdown) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
