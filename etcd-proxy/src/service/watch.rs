@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use etcd_client::proto::{PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse};
 use futures::StreamExt;
-use prost::bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::watch_wire::{EncodedEvent, Out};
+use super::watch_wire::{EncodedEvent, Out, Pick};
 use crate::cache::{DELETE, PUT, in_range};
 use crate::hub::{Hub, Update};
 
@@ -86,19 +85,6 @@ impl Watcher {
             && in_range(&self.key, &self.range_end, &kv.key)
             && !(self.no_put && e.r#type == PUT)
             && !(self.no_delete && e.r#type == DELETE)
-    }
-
-    /// Appends the shared encodings of the events this watcher selects.
-    fn pick(&self, events: &[PbEvent], encoded: &[EncodedEvent], out: &mut Vec<Bytes>) {
-        for (e, x) in events.iter().zip(encoded) {
-            if self.wants(e) {
-                out.push(if self.prev_kv {
-                    x.with_prev.clone()
-                } else {
-                    x.without_prev.clone()
-                });
-            }
-        }
     }
 
     fn select(&self, events: &[PbEvent]) -> Vec<PbEvent> {
@@ -358,31 +344,60 @@ impl StreamTask {
             }
         }
         let header = self.hub.header(revision);
-        let mut out = Vec::new();
-        for (id, w) in self.watchers.iter_mut() {
-            let mut picked = Vec::new();
-            for u in batch {
-                if let Update::Events {
-                    events, encoded, ..
-                } = u
-                {
-                    w.pick(events, encoded, &mut picked);
-                }
-            }
-            w.next_rev = w.next_rev.max(revision + 1);
-            if !picked.is_empty() {
-                w.sent_since_tick = true;
-                out.push((*id, picked));
+        let mut events: Vec<&PbEvent> = Vec::new();
+        let mut shared: Option<Arc<[EncodedEvent]>> = None;
+        for u in batch {
+            if let Update::Events {
+                events: e, encoded, ..
+            } = u
+            {
+                events.extend(e.iter());
+                // One update (the usual case): its encodings as they are.
+                shared = match shared {
+                    None => Some(encoded.clone()),
+                    Some(prev) => Some(prev.iter().chain(encoded.iter()).cloned().collect()),
+                };
             }
         }
         self.delivered = revision;
+        let Some(shared) = shared else {
+            for w in self.watchers.values_mut() {
+                w.next_rev = w.next_rev.max(revision + 1);
+            }
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        let mut idx = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            idx.clear();
+            idx.extend(
+                events
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| w.wants(e))
+                    .map(|(i, _)| i as u32),
+            );
+            w.next_rev = w.next_rev.max(revision + 1);
+            if idx.is_empty() {
+                continue;
+            }
+            w.sent_since_tick = true;
+            let pick = if idx.len() == events.len() {
+                Pick::All
+            } else {
+                Pick::Some(idx.clone())
+            };
+            out.push((*id, w.prev_kv, idx.len(), pick));
+        }
         let mut n = 0;
-        for (watch_id, events) in out {
-            n += events.len() as u64;
+        for (watch_id, prev_kv, count, pick) in out {
+            n += count as u64;
             let frame = Out::Events {
                 header,
                 watch_id,
-                events,
+                prev_kv,
+                batch: shared.clone(),
+                pick,
             };
             self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
         }

@@ -7,6 +7,7 @@
 //! watcher's response is its small head followed by those shared bytes.
 use std::convert::Infallible;
 use std::future::{Ready, ready};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use etcd_client::proto::{PbEvent, PbResponseHeader, PbWatchRequest, PbWatchResponse};
@@ -61,12 +62,22 @@ pub enum Out {
     /// A message built in full: created, cancelled, progress, replay.
     Msg(Box<PbWatchResponse>),
     /// Live events of one watcher: the head is encoded per watcher, the
-    /// events were encoded once for all.
+    /// events were encoded once for all; `pick` says which of the batch's.
     Events {
         header: PbResponseHeader,
         watch_id: i64,
-        events: Vec<Bytes>,
+        prev_kv: bool,
+        batch: Arc<[EncodedEvent]>,
+        pick: Pick,
     },
+}
+
+/// Which events of a batch one watcher gets: usually all of them, which
+/// costs nothing per watcher.
+#[derive(Debug)]
+pub enum Pick {
+    All,
+    Some(Vec<u32>),
 }
 
 /// Encodes [`Out`], decodes WatchRequest with prost.
@@ -99,25 +110,36 @@ impl Encoder for OutEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let head = match item {
+        let (header, watch_id, prev_kv, batch, pick) = match item {
             Out::Msg(m) => return encode(&m, dst),
             Out::Events {
                 header,
                 watch_id,
-                events,
-            } => {
-                let head = PbWatchResponse {
-                    header: Some(header),
-                    watch_id,
-                    ..Default::default()
-                };
-                encode(&head, dst)?;
-                events
-            }
+                prev_kv,
+                batch,
+                pick,
+            } => (header, watch_id, prev_kv, batch, pick),
         };
+        let head = PbWatchResponse {
+            header: Some(header),
+            watch_id,
+            ..Default::default()
+        };
+        encode(&head, dst)?;
         // Fields may come in any order; repeated `events` entries append.
-        for e in head {
-            dst.put_slice(&e);
+        let mut put = |x: &EncodedEvent| {
+            dst.put_slice(if prev_kv {
+                &x.with_prev
+            } else {
+                &x.without_prev
+            });
+        };
+        match pick {
+            Pick::All => batch.iter().for_each(&mut put),
+            Pick::Some(idx) => idx
+                .iter()
+                .filter_map(|&i| batch.get(i as usize))
+                .for_each(&mut put),
         }
         Ok(())
     }
