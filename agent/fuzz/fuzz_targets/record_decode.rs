@@ -1,12 +1,13 @@
 //! Arbitrary remote entries (key line + value) through the decoder and the
-//! desired state: never panic; a rejected record never becomes a route.
+//! desired state: never panic; a rejected record never becomes a route; the
+//! incremental engine agrees with the full computation.
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use podmesh_agent::{
-    desired::{self, Decoded, LocalRanges, RecordState, RemoteEntries, decode::decode},
+    desired::{self, Decoded, LocalRanges, RecordState, RemoteEntries, decode::decode, live::Live},
     model::cluster_key,
 };
 
@@ -52,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
         if let RecordState::Rejected(_) = r.state {
             for c in &r.pod_cidrs {
                 assert!(
-                    d.routes.get(c).is_none_or(|x| x.node != r.name.clone().unwrap_or_default()),
+                    d.routes
+                        .get(c)
+                        .is_none_or(|x| x.node != r.name.clone().unwrap_or_default()),
                     "rejected {} programmed",
                     r.key
                 );
@@ -62,8 +65,19 @@ fuzz_target!(|data: &[u8]| {
     for (cidr, route) in &d.routes {
         assert!(cidr.prefix_len() > 0, "default route programmed");
         assert_eq!(route.cidr, *cidr);
-        assert!(!local.pod.iter().any(|l| l.contains(cidr) || cidr.contains(l)));
+        assert!(
+            !local
+                .pod
+                .iter()
+                .any(|l| l.contains(cidr) || cidr.contains(l))
+        );
     }
     let ops = desired::diff(&BTreeMap::new(), &d.routes);
     assert_eq!(ops.upsert.len(), d.routes.len());
+    // The incremental engine the agent runs agrees with the full computation.
+    let mut live = Live::new(local.clone(), Vec::new());
+    let step = live.step(&remotes, Default::default());
+    assert_eq!(step.ops.upsert.len(), d.routes.len());
+    assert_eq!(live.routes(&remotes), d.routes);
+    assert_eq!(live.records(&remotes), d.records);
 });
