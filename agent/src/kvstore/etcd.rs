@@ -14,8 +14,11 @@ use super::{
     client_config::{ClientConfigError, EtcdClientConfig},
 };
 
-/// Keys per page of a list; keeps each Range response well under gRPC's message limit.
-const PAGE: i64 = 1000;
+/// Keys per page of a list; keeps each Range response well under gRPC's
+/// message limit, and what 20 remotes listing at once hold in memory small.
+const PAGE: i64 = 500;
+/// Events buffered between a store's list/watch task and its consumer.
+const EVENTS: usize = 256;
 
 /// An etcd client. Clones share the connection.
 #[derive(Clone)]
@@ -209,7 +212,7 @@ impl KvStore for EtcdStore {
         // The first page fixes the revision; later pages read at that revision.
         let first = self.list_page(prefix.as_bytes(), &end, 0).await?;
         let revision = first.header().map(|h| h.revision()).unwrap_or(0);
-        let (tx, rx) = mpsc::channel::<Result<KvEvent, KvError>>(1024);
+        let (tx, rx) = mpsc::channel::<Result<KvEvent, KvError>>(EVENTS);
         let this = self.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {
