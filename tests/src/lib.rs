@@ -82,10 +82,38 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released; good enough for tests).
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range and
+/// never handed out twice by this process.
+///
+/// A port from `bind(0)` comes from the ephemeral range, where the kernel
+/// also picks the source ports of outgoing connections: between the probe
+/// and the daemon's own bind, any etcd client, proxy or agent connecting out
+/// may take it ("bind: address already in use"). Below the range only
+/// another explicit bind can collide, and the probe checks for that.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let below = ephemeral_low().max(LOWEST + 1_000);
+    let span = below - LOWEST;
+    // Each test process starts at its own offset, so that a daemon left by
+    // an earlier process (still dying) is unlikely to sit on the first pick.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let _ = NEXT.compare_exchange(0, start + 1, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(LOWEST + n % span).expect("below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 in {LOWEST}..{below}")
+}
+
+/// The low end of `net.ipv4.ip_local_port_range` (32768 when unreadable).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }

@@ -17,6 +17,9 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // google/protobuf/*.proto, which etcd-client's protos import: protoc
+    // alone does not ship them.
+    "libprotobuf-dev",
     "iproute2",
     "iputils-ping",
     "iperf3",
@@ -26,6 +29,8 @@ const PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "zlib1g-dev",
     "libzstd-dev",
+    // The venv that setup_deploy installs kubernetes-validate into.
+    "python3-venv",
 ];
 
 #[derive(Debug, clap::Args)]
