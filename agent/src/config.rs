@@ -71,6 +71,9 @@ pub struct AgentArgs {
     /// VXLAN network identifier (0-16777215).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
+    /// MTU of the underlay network; routes into the tunnel get this minus the encapsulation overhead (VXLAN 50, IPIP 20). Default: the MTU of the device holding --node-ip or, when the Node comes from Kubernetes, of the device the default route leaves by; else 1500.
+    #[arg(long, value_name = "BYTES")]
+    pub underlay_mtu: Option<u32>,
     /// Directory on a bpffs where the ebpf datapath pins its maps and tc link (the route modes: only the map of which cluster and node each route belongs to). It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts what it finds; in ebpf mode a bpffs is mounted on its parent when there is none.
     #[arg(long, value_name = "DIR", default_value = podmesh_common::PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -138,6 +141,8 @@ pub struct AgentConfig {
     pub tunnel_port: u16,
     /// VXLAN network identifier.
     pub vni: u32,
+    /// Underlay MTU; `None`: found from the node's device.
+    pub underlay_mtu: Option<u32>,
     /// Pin directory of the ebpf datapath's maps and link.
     pub bpf_pin_dir: PathBuf,
     /// Status server address.
@@ -433,6 +438,14 @@ impl AgentArgs {
                 format!("{} is not an absolute path", self.bpf_pin_dir.display()),
             ));
         }
+        if let Some(m) = self.underlay_mtu
+            && !(576..=65535).contains(&m)
+        {
+            return Err(ConfigError::invalid(
+                "underlay-mtu",
+                format!("{m} is not an MTU between 576 and 65535"),
+            ));
+        }
         if self.tunnel_port == 0 {
             return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
         }
@@ -464,6 +477,7 @@ impl AgentArgs {
             datapath_dry_run: self.datapath_dry_run,
             tunnel_port: self.tunnel_port,
             vni: self.vni,
+            underlay_mtu: self.underlay_mtu,
             bpf_pin_dir: self.bpf_pin_dir,
             status_addr: self.status_addr,
             lease_ttl: Duration::from_secs(self.lease_ttl),
@@ -569,6 +583,19 @@ mod tests {
         a.extend(["--bpf-pin-dir", "bpf/podmesh"]);
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.starts_with("--bpf-pin-dir:"), "{e}");
+    }
+
+    #[test]
+    fn underlay_mtu_is_optional_and_bounded() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        assert_eq!(load_from(a.clone()).unwrap().underlay_mtu, None);
+        let mut b = a.clone();
+        b.extend(["--underlay-mtu", "1460"]);
+        assert_eq!(load_from(b).unwrap().underlay_mtu, Some(1460));
+        a.extend(["--underlay-mtu", "60"]);
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.starts_with("--underlay-mtu:"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,11 @@ impl Hub {
         }
     }
 
+    /// The upstream etcd cluster's ID as last seen (0 before the first connection).
+    pub fn upstream_cluster_id(&self) -> u64 {
+        self.identity.cluster_id.load(Ordering::Relaxed)
+    }
+
     pub fn set_upstream_identity(&self, cluster_id: u64, raft_term: u64, version: &str) {
         self.identity
             .cluster_id

@@ -173,6 +173,10 @@ pub enum SessionError {
         "upstream revision {upstream} is behind the proxy's {ours} (etcd restored or replaced); re-listing"
     )]
     Rewound { upstream: i64, ours: i64 },
+    #[error(
+        "upstream etcd cluster ID changed from {was:x} to {now:x} (etcd replaced or restored); re-listing"
+    )]
+    Replaced { was: u64, now: u64 },
 }
 
 /// Interval of progress requests on the upstream watch: they move the cache
@@ -212,7 +216,9 @@ pub async fn run(
         if let Err(e) = result {
             hub.set_upstream_error(e.to_string());
             match e {
-                SessionError::Compacted(_) | SessionError::Rewound { .. } => {
+                SessionError::Compacted(_)
+                | SessionError::Rewound { .. }
+                | SessionError::Replaced { .. } => {
                     tracing::warn!(error = %e, "upstream history lost; downstream watchers will be cancelled to re-list")
                 }
                 _ => tracing::warn!(
@@ -253,9 +259,22 @@ impl Session<'_> {
             .header()
             .map(|h| (h.cluster_id(), h.raft_term(), h.revision()));
         let (cluster_id, raft_term, upstream_rev) = hdr.unwrap_or((0, 0, 0));
+        let known = self.hub.upstream_cluster_id();
         self.hub
             .set_upstream_identity(cluster_id, raft_term, status.version());
         let ours = self.hub.with_cache(|c| c.revision());
+        // Another etcd cluster behind the same endpoints (replaced, or
+        // restored from a snapshot): its revisions do not continue ours even
+        // when they are higher, so watching from ours+1 would keep keys it
+        // never had. Re-list, and let downstream watchers re-list too.
+        if !*need_list && known != 0 && cluster_id != 0 && cluster_id != known {
+            *need_list = true;
+            *compact_revision = upstream_rev;
+            return Err(SessionError::Replaced {
+                was: known,
+                now: cluster_id,
+            });
+        }
         if !*need_list && upstream_rev < ours {
             *need_list = true;
             *compact_revision = upstream_rev;

@@ -31,6 +31,8 @@ pub struct Etcd {
     log: PathBuf,
     /// Clients are also served on this address (same port), besides loopback.
     extra_ip: Option<IpAddr>,
+    /// Part of `--initial-cluster-token`: a new one makes a new cluster ID.
+    generation: u32,
 }
 
 impl Etcd {
@@ -102,6 +104,7 @@ impl Etcd {
             metrics_port: crate::free_port(),
             child: None,
             extra_ip,
+            generation: 0,
         };
         etcd.spawn()?;
         Ok(etcd)
@@ -137,6 +140,8 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("{}={peer}", self.name))
+            .arg("--initial-cluster-token")
+            .arg(format!("podmesh-{}-{}", self.name, self.generation))
             .arg("--listen-metrics-urls")
             .arg(format!("http://127.0.0.1:{}", self.metrics_port))
             .arg("--cert-file")
@@ -270,6 +275,17 @@ impl Etcd {
             std::fs::remove_dir_all(&self.data_dir)?;
         }
         self.spawn()
+    }
+}
+
+impl Etcd {
+    /// Kills etcd and starts another etcd cluster (new data, new cluster ID,
+    /// revisions from 1) on the same ports: an etcd replaced or restored
+    /// behind the same endpoints. (`restart_empty` keeps the cluster ID:
+    /// etcd derives it from the name, peer URLs and cluster token.)
+    pub fn replace_with_new_cluster(&mut self) -> anyhow::Result<()> {
+        self.generation += 1;
+        self.restart_empty()
     }
 }
 

@@ -226,6 +226,7 @@ pub struct MeshBuilder {
     parent: Option<PathBuf>,
     bins: Option<Binaries>,
     quick_retries: bool,
+    agent_args: Vec<String>,
 }
 
 impl MeshBuilder {
@@ -279,6 +280,13 @@ impl MeshBuilder {
         self
     }
 
+    /// Extra flags for every agent, after the ones the mesh gives (e.g.
+    /// `--resync-interval 1`).
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// The address plan of the clusters (per-node /24 blocks).
     pub fn plans(&self) -> Vec<ClusterPlan> {
         self.clusters
@@ -323,6 +331,7 @@ impl MeshBuilder {
             datapath: self.datapath,
             bins,
             quick_retries: self.quick_retries,
+            agent_args: self.agent_args.clone(),
             dir,
         };
         for (ci, plan) in plans.iter().enumerate() {
@@ -596,6 +605,7 @@ pub struct Mesh {
     datapath: String,
     bins: Binaries,
     quick_retries: bool,
+    agent_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -611,6 +621,7 @@ impl Mesh {
             parent: None,
             bins: None,
             quick_retries: true,
+            agent_args: Vec::new(),
         }
     }
 
@@ -927,6 +938,7 @@ impl Mesh {
         if self.quick_retries {
             args.extend(["--secret-poll-ms", "200", "--max-backoff", "2"].map(String::from));
         }
+        args.extend(self.agent_args.iter().cloned());
         let ns = n.ns.name().to_string();
         let child = self.spawn_in(&ns, node, &self.bins.agent, &args)?;
         self.agents.push(AgentProc {
@@ -1027,6 +1039,38 @@ impl Mesh {
         a.child.child().kill()?;
         a.child.child().wait()?;
         Ok(())
+    }
+
+    /// Stops the agent on `node` with SIGTERM, as the kubelet does, waits
+    /// for it (at most `timeout`) and returns its exit status.
+    pub fn stop_agent(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .with_context(|| format!("no agent running on {node}"))?;
+        let mut a = self.agents.remove(i);
+        let child = a.child.child();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("the agent on {node} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts the agent on `node` again (same flags, same bpffs) after

@@ -2,6 +2,8 @@
 //! ping stream to a pod of another cluster: not one packet is lost, and in
 //! ebpf mode the restarted agent adopts the pinned maps and TCX link (same
 //! ids; the program is swapped inside the link) instead of recreating them.
+//! The running agent's own periodic resync puts back a route and a map entry
+//! deleted by hand, and SIGTERM stops it without removing anything.
 use std::{
     collections::BTreeSet,
     io::Read,
@@ -14,13 +16,13 @@ use std::{
 
 use anyhow::{Context, ensure};
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         links::{FdLink, PinnedLink},
         loaded_programs,
     },
 };
-use podmesh_common::{COUNTERS_MAP, REMOTES_V4_MAP, TUNNEL_EGRESS_LINK_PIN, counter};
+use podmesh_common::{COUNTERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_EGRESS_LINK_PIN, counter};
 use podmesh_tests::{eventually, mesh::Mesh, require_root};
 
 const READY: Duration = Duration::from_secs(90);
@@ -298,4 +300,103 @@ fn vxlan_agent_sigkill_and_restart_lose_no_packet() -> anyhow::Result<()> {
         return Ok(());
     }
     killed_agent_loses_no_packet("vxlan")
+}
+
+/// The node's pinned IPv4 LPM map.
+fn remotes_map(pin_dir: &Path) -> anyhow::Result<LpmTrie<MapData, [u8; 4], RemoteNode>> {
+    let data = MapData::from_pin(pin_dir.join(REMOTES_V4_MAP))?;
+    Ok(LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?)
+}
+
+fn map_has(pin_dir: &Path, cidr: ipnet::Ipv4Net) -> anyhow::Result<bool> {
+    let key = Key::new(u32::from(cidr.prefix_len()), cidr.network().octets());
+    Ok(remotes_map(pin_dir)?.get(&key, 0).is_ok())
+}
+
+#[test]
+fn ebpf_agent_resync_repairs_manual_deletions_and_sigterm_leaves_forwarding() -> anyhow::Result<()>
+{
+    if !require_root("ebpf_agent_resync_repairs_manual_deletions_and_sigterm_leaves_forwarding") {
+        return Ok(());
+    }
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .agent_args(&["--resync-interval", "1"])
+        .start()?;
+    m.wait_ready(READY)?;
+    let from = m
+        .pods_of("east")
+        .next()
+        .context("no east pod")?
+        .name
+        .clone();
+    let to = m.pods_of("west").next().context("no west pod")?.addr;
+    let west = m.node("west-n0")?.pod_cidr;
+    let pin_dir = m.bpf_pin_dir(NODE);
+    eventually(CONVERGE, || {
+        if m.ping(&from, to) {
+            Ok(())
+        } else {
+            Err(format!("{from} does not reach {to}"))
+        }
+    })?;
+    let routes_before = podmesh_routes(&m, NODE)?;
+    ensure!(
+        routes_before
+            .iter()
+            .any(|r| r.starts_with(&west.to_string())),
+        "no route to {west} on {NODE}: {routes_before:?}"
+    );
+    ensure!(map_has(&pin_dir, west)?, "no map entry for {west}");
+
+    // Deleted by hand: traffic stops, and the agent's timer (not a restart,
+    // not a remote change) puts both back.
+    m.node(NODE)?
+        .ns
+        .ip(&["route", "del", &west.to_string(), "proto", "80"])?;
+    let key = Key::new(u32::from(west.prefix_len()), west.network().octets());
+    remotes_map(&pin_dir)?.remove(&key)?;
+    ensure!(!map_has(&pin_dir, west)?, "the map entry is still there");
+    eventually(Duration::from_secs(20), || {
+        let routes = podmesh_routes(&m, NODE).map_err(|e| e.to_string())?;
+        let entry = map_has(&pin_dir, west).map_err(|e| e.to_string())?;
+        if routes == routes_before && entry {
+            Ok(())
+        } else {
+            Err(format!(
+                "routes {routes:?} (want {routes_before:?}), map entry {entry}"
+            ))
+        }
+    })
+    .with_context(|| format!("agent log:\n{}", m.log_tail(NODE, 30)))?;
+    ensure!(
+        m.ping(&from, to),
+        "{from} does not reach {to} after the resync"
+    );
+    let log = m.log_tail(NODE, 10_000);
+    ensure!(
+        !log.contains("pruned"),
+        "the resync withdrew routes:\n{log}"
+    );
+
+    // SIGTERM, as the kubelet stops a pod: a clean exit that leaves the
+    // datapath, and forwarding goes on without any agent.
+    let st = m.stop_agent(NODE, Duration::from_secs(20))?;
+    ensure!(st.success(), "the agent exited with {st} on SIGTERM");
+    ensure!(
+        podmesh_routes(&m, NODE)? == routes_before,
+        "routes changed on SIGTERM"
+    );
+    ensure!(map_has(&pin_dir, west)?, "SIGTERM removed the map entry");
+    ensure!(
+        pinned(&pin_dir).is_ok(),
+        "SIGTERM removed the pinned maps or link"
+    );
+    ensure!(
+        m.ping(&from, to),
+        "{from} does not reach {to} after SIGTERM"
+    );
+    Ok(())
 }

@@ -226,10 +226,21 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
         route.contains("dev podmesh0") && route.contains("mtu 1450"),
         "IPv6 routes: {route}"
     );
+    // First contact resolves IPv6 neighbours on four hops: a pair gets a
+    // few seconds to answer, not just its first two requests.
     let mut failed = Vec::new();
     for (from_node, from) in mesh.topo.pods() {
         for (j, to) in &pod_v6 {
-            if mesh.topo.nodes[*j].cluster != from_node.cluster && !from.ns.ping(to, 2, None) {
+            if mesh.topo.nodes[*j].cluster != from_node.cluster
+                && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
+                    if from.ns.ping(to, 2, None) {
+                        Ok(())
+                    } else {
+                        Err(String::new())
+                    }
+                })
+                .is_err()
+            {
                 failed.push(format!("{} -> {to}", from.name));
             }
         }
@@ -264,5 +275,67 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
             .contains("fd00:9::"),
         "refused entry routed anyway"
     );
+    Ok(())
+}
+
+/// Route MTU = underlay MTU − VXLAN overhead: the underlay is the default
+/// route's device when the node address is not known yet (the Node comes
+/// from Kubernetes), and `--underlay-mtu` wins over what the kernel says.
+#[tokio::test]
+async fn route_mtu_follows_the_underlay_device_or_the_flag() -> anyhow::Result<()> {
+    use std::net::IpAddr;
+
+    use podmesh_agent::datapath::{Datapath, KernelConfig, RemoteRoute, from_config};
+
+    if !require_root("route_mtu_follows_the_underlay_device_or_the_flag") {
+        return Ok(());
+    }
+    let bpffs = datapath_support::Bpffs::new()?;
+    let route = RemoteRoute {
+        cidr: "10.9.0.0/24".parse()?,
+        cluster: "west".into(),
+        node: "west-n0".into(),
+        node_addr: IpAddr::from([172, 30, 0, 9]),
+        vtep_mac: Some([0x02, 0, 0xac, 0x1e, 0, 9]),
+    };
+    // (node_ip known?, --underlay-mtu, expected route MTU) on a 9000-byte underlay.
+    let cases = [
+        (false, None, "mtu 8950"),
+        (true, None, "mtu 8950"),
+        (true, Some(1400), "mtu 1350"),
+    ];
+    for (i, (with_ip, flag, want)) in cases.into_iter().enumerate() {
+        let ns = NetNs::new("mtu")?;
+        ns.ip(&[
+            "link", "add", "eth0", "mtu", "9000", "type", "veth", "peer", "name", "eth1", "mtu",
+            "9000",
+        ])?;
+        ns.ip(&["addr", "add", "172.30.0.2/24", "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["link", "set", "eth1", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "172.30.0.1",
+            "dev",
+            "eth0",
+        ])?;
+        // The node's loopback has the default 65536: a wrong pick shows.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        let mut cfg =
+            KernelConfig::new(DatapathMode::Vxlan).in_netns(format!("/run/netns/{}", ns.name()));
+        cfg.pin_dir = bpffs.path().join(format!("case{i}"));
+        cfg.node_ip = with_ip.then_some(IpAddr::from([172, 30, 0, 2]));
+        cfg.underlay_mtu = flag;
+        let mut dp = from_config(&cfg)?;
+        dp.upsert(std::slice::from_ref(&route)).await?;
+        let shown = ns.ip(&["route", "show", "10.9.0.0/24"])?;
+        assert!(
+            shown.contains(want),
+            "case {i} (node ip known: {with_ip}, flag {flag:?}): want {want}, got {shown}"
+        );
+    }
     Ok(())
 }

@@ -213,3 +213,62 @@ async fn converge(up: &mut Client, agents: &[Arc<Mutex<Seen>>], proxy: &Proxy) {
     .unwrap();
     let _ = list(&mut pc).await;
 }
+
+/// The upstream etcd is replaced by another etcd cluster (new cluster ID)
+/// whose revision has passed the proxy's before the proxy sees it: resuming
+/// at the proxy's revision would keep keys the new etcd never had. The proxy
+/// notices the new cluster ID, re-lists, and makes its watchers re-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_relists_when_the_upstream_is_another_etcd_cluster() {
+    let mut etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let mut up = etcd.connect().await.unwrap();
+    let id_before = up.status().await.unwrap().header().unwrap().cluster_id();
+    writes(&mut up, 0, 20).await;
+    up.put(format!("{PREFIX}east/only-in-the-old-etcd"), "x", None)
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let task = tokio::spawn(agent(proxy.connect().await.unwrap(), seen.clone()));
+    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
+    let proxy_rev = list(&mut proxy.connect().await.unwrap()).await.unwrap().1;
+
+    // While the proxy is stopped, the new cluster takes more writes than the
+    // old one ever had, so its revision is past the proxy's.
+    let pid = nix::unistd::Pid::from_raw(proxy.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let replaced = etcd.replace_with_new_cluster();
+    let mut up = match replaced {
+        Ok(()) => etcd.connect().await.unwrap(),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            panic!("{e}");
+        }
+    };
+    let id_after = up.status().await.unwrap().header().unwrap().cluster_id();
+    assert_ne!(
+        id_before, id_after,
+        "the replacement must be another cluster"
+    );
+    let mut i = 1000;
+    while list(&mut up).await.unwrap().1 <= proxy_rev + 5 {
+        writes(&mut up, i, 10).await;
+        i += 10;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
+    let s = seen.lock().unwrap();
+    assert!(
+        !s.state
+            .contains_key(&format!("{PREFIX}east/only-in-the-old-etcd")),
+        "a key of the old etcd survived"
+    );
+    assert!(s.relists >= 2, "the watcher was not told to re-list");
+    drop(s);
+    assert!(
+        proxy.log_tail().contains("cluster ID changed"),
+        "the proxy did not say why it re-listed:\n{}",
+        proxy.log_tail()
+    );
+    task.abort();
+}

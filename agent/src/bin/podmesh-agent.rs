@@ -53,6 +53,7 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         let kc = KernelConfig {
             tunnel_port: cfg.tunnel_port,
             vni: cfg.vni,
+            underlay_mtu: cfg.underlay_mtu,
             pin_dir: cfg.bpf_pin_dir.clone(),
             node_ip: match &cfg.node_source {
                 NodeSource::Static { ip, .. } => Some(*ip),

@@ -79,7 +79,9 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
 }
 
 /// The MTU of the underlay: the configured value, else the MTU of the device
-/// that holds `node_ip`, else 1500.
+/// that holds `node_ip`, else (no node address yet: the Node comes from
+/// Kubernetes after the datapath is up) the MTU of the device the default
+/// route leaves by, else 1500.
 pub fn underlay_mtu(
     nl: &mut Netlink,
     configured: Option<u32>,
@@ -88,13 +90,19 @@ pub fn underlay_mtu(
     if let Some(m) = configured {
         return Ok(m);
     }
-    let Some(ip) = node_ip else { return Ok(1500) };
-    let err = |e| DatapathError::Other(format!("finding the device of {ip}: {e}"));
-    let Some(index) = rtnl::link_with_address(nl, ip).map_err(err)? else {
-        return Ok(1500);
+    let index = match node_ip {
+        Some(ip) => rtnl::link_with_address(nl, ip)
+            .map_err(|e| DatapathError::Other(format!("finding the device of {ip}: {e}")))?,
+        // A FIB lookup only (nothing is sent): a documentation address
+        // (RFC 5737) is routed by the default route. No default route: 1500.
+        None => rtnl::route_get(nl, IpAddr::from([192, 0, 2, 1]))
+            .ok()
+            .map(|(oif, _)| oif)
+            .filter(|&oif| oif != 0),
     };
+    let Some(index) = index else { return Ok(1500) };
     Ok(rtnl::links(nl)
-        .map_err(err)?
+        .map_err(|e| DatapathError::Other(format!("reading the underlay device's MTU: {e}")))?
         .into_iter()
         .find(|l| l.index == index)
         .map_or(1500, |l| l.mtu))

@@ -21,7 +21,8 @@ pub struct KernelConfig {
     pub tunnel_port: u16,
     /// VXLAN network identifier (ebpf, vxlan).
     pub vni: u32,
-    /// Underlay MTU; default: the MTU of the device holding `node_ip`, else 1500.
+    /// Underlay MTU; default: the MTU of the device holding `node_ip` (without
+    /// one: of the default route's device), else 1500.
     pub underlay_mtu: Option<u32>,
     /// This node's underlay address.
     pub node_ip: Option<IpAddr>,
@@ -48,11 +49,12 @@ impl KernelConfig {
     }
 
     /// The configuration the agent's flags ask for (`--datapath`,
-    /// `--tunnel-port`, `--vni`, `--node-ip`, `--bpf-pin-dir`).
+    /// `--tunnel-port`, `--vni`, `--underlay-mtu`, `--node-ip`, `--bpf-pin-dir`).
     pub fn from_args(args: &crate::config::AgentArgs) -> Self {
         Self {
             tunnel_port: args.tunnel_port,
             vni: args.vni,
+            underlay_mtu: args.underlay_mtu,
             pin_dir: args.bpf_pin_dir.clone(),
             node_ip: args.node_ip,
             ..Self::new(args.datapath)
