@@ -134,6 +134,56 @@ fn every_pod_reaches_every_pod_of_the_other_cluster() -> anyhow::Result<()> {
         assert!(s.local.published, "{node} did not publish its node record");
         assert_eq!(s.datapath_error, None);
     }
+    packets_are_counted_and_misses_dropped(&m)
+}
+
+/// The tc program's counters in `/status` and `/metrics`: the pings were
+/// forwarded; a route whose map entry is gone (deleted here by hand; the
+/// agent's resync is a minute away) counts a miss and drops the packet.
+fn packets_are_counted_and_misses_dropped(m: &Mesh) -> anyhow::Result<()> {
+    let node = "east-n0";
+    let metric = |result: &str| -> anyhow::Result<u64> {
+        let body = m.agent_get(node, "/metrics")?;
+        let name = format!("podmesh_datapath_packets_total{{result=\"{result}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .with_context(|| format!("no {name}in /metrics of {node}:\n{body}"))?
+            .trim()
+            .parse()
+            .context("not a number")
+    };
+    let s = status(m, node).map_err(anyhow::Error::msg)?;
+    let c = s
+        .datapath_packets
+        .context("no datapath_packets in /status")?;
+    ensure!(c.forwarded > 0, "/status counts no forwarded packet: {c:?}");
+    ensure!(
+        metric("forwarded")? >= c.forwarded,
+        "/metrics behind /status"
+    );
+    let misses = metric("miss")?;
+
+    let west = m.node("west-n1")?;
+    let to = west.pods[0].addr;
+    // A pod behind `node`, whose map loses the entry.
+    let from = m.node(node)?.pods[0].name.clone();
+    let data = MapData::from_pin(m.bpf_pin_dir(node).join(REMOTES_V4_MAP))?;
+    let mut map: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let cidr = west.pod_cidr;
+    map.remove(&aya::maps::lpm_trie::Key::new(
+        u32::from(cidr.prefix_len()),
+        cidr.network().octets(),
+    ))?;
+    ensure!(
+        !m.ping(&from, to),
+        "{from} reached {to} without a map entry"
+    );
+    let after = metric("miss")?;
+    ensure!(
+        after > misses,
+        "a packet to {to} without a map entry was not counted as a miss ({misses} -> {after})"
+    );
     Ok(())
 }
 

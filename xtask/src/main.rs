@@ -1,8 +1,9 @@
-//! `cargo xtask`: project automation (setup, test, demo, bench, vm-test).
+//! `cargo xtask`: project automation (setup, test, demo, bench, vm-test, fuzz).
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod setup_deploy;
 mod test;
@@ -29,6 +30,8 @@ enum Command {
     Bench(bench::Bench),
     /// The ipip datapath on a Debian kernel with IPIP, in a qemu VM (software emulation).
     VmTest(vm_test::VmTestArgs),
+    /// The agent's cargo-fuzz targets, a fixed time each (nightly; installs cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(b) => bench::run(b),
         Command::Demo(a) => demo::run(&a),
         Command::VmTest(a) => vm_test::run(&a),
+        Command::Fuzz(a) => fuzz::run(&a),
     }
 }

@@ -63,7 +63,19 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         };
         let dp = from_config(&kc)?;
         let mac = dp.vtep_mac();
-        runtime::start(&cfg, dp, mac).await?
+        let packets = dp.counter_reader();
+        let agent = runtime::start(&cfg, dp, mac).await?;
+        match packets {
+            Some(Ok(r)) => agent
+                .status
+                .set_packet_source(move || r.read().map_err(|e| e.to_string())),
+            Some(Err(e)) => tracing::warn!(
+                error = %e,
+                "the eBPF program's packet counters cannot be read; /metrics and /status will not show them"
+            ),
+            None => {}
+        }
+        agent
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -56,6 +56,52 @@ pub struct EbpfDatapath {
     _ebpf: Ebpf,
 }
 
+/// The tc program's packet counters, read from their pinned map.
+pub struct CounterReader {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for CounterReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CounterReader").finish_non_exhaustive()
+    }
+}
+
+impl CounterReader {
+    /// Opens the counters map pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let path = pin_dir.join(COUNTERS_MAP);
+        let data = MapData::from_pin(&path).map_err(|e| {
+            DatapathError::Other(format!("opening the pinned {}: {e}", path.display()))
+        })?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| {
+            DatapathError::Other(format!("{} is not a per-CPU array: {e}", path.display()))
+        })?;
+        Ok(Self { map })
+    }
+
+    /// The counters now, summed over CPUs.
+    pub fn read(&self) -> Result<Counters, DatapathError> {
+        read_counters(&self.map)
+    }
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, DatapathError> {
+    let read = |i: u32| -> Result<u64, DatapathError> {
+        Ok(map
+            .get(&i, 0)
+            .map_err(|e| DatapathError::Other(format!("reading counter {i}: {e}")))?
+            .iter()
+            .sum())
+    };
+    Ok(Counters {
+        forwarded: read(counter::FORWARDED)?,
+        miss: read(counter::MISS)?,
+        not_ipv4: read(counter::NOT_IPV4)?,
+        tunnel_key_failed: read(counter::TUNNEL_KEY_FAILED)?,
+    })
+}
+
 impl std::fmt::Debug for EbpfDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EbpfDatapath")
@@ -166,20 +212,13 @@ impl EbpfDatapath {
 
     /// Packet counters of the tc program, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let read = |i: u32| -> Result<u64, DatapathError> {
-            Ok(self
-                .counters
-                .get(&i, 0)
-                .map_err(|e| DatapathError::Other(format!("reading counter {i}: {e}")))?
-                .iter()
-                .sum())
-        };
-        Ok(Counters {
-            forwarded: read(counter::FORWARDED)?,
-            miss: read(counter::MISS)?,
-            not_ipv4: read(counter::NOT_IPV4)?,
-            tunnel_key_failed: read(counter::TUNNEL_KEY_FAILED)?,
-        })
+        read_counters(&self.counters)
+    }
+
+    /// A reader of the same counters with a map handle of its own, for the
+    /// status server to read at scrape time while the datapath is busy.
+    pub fn counter_reader(&self) -> Result<CounterReader, DatapathError> {
+        CounterReader::open(&self.pin_dir)
     }
 
     /// Every entry of both LPM maps.

@@ -69,7 +69,7 @@ impl KernelConfig {
 }
 
 /// Packet counters of the eBPF program (summed over CPUs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Sent into the tunnel.
     pub forwarded: u64,
@@ -116,6 +116,14 @@ impl KernelDatapath {
     pub fn counters(&self) -> Option<Result<Counters, DatapathError>> {
         match self {
             Self::Ebpf(d) => Some(d.counters()),
+            Self::Routes(_) => None,
+        }
+    }
+
+    /// A reader of the eBPF program's counters for the status server (ebpf mode only).
+    pub fn counter_reader(&self) -> Option<Result<super::ebpf::CounterReader, DatapathError>> {
+        match self {
+            Self::Ebpf(d) => Some(d.counter_reader()),
             Self::Routes(_) => None,
         }
     }

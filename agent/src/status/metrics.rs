@@ -14,6 +14,11 @@ struct ClusterLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     cluster: String,
     reason: String,
@@ -131,9 +136,52 @@ pub fn render(s: &StatusReport) -> String {
     let routes = Gauge::<i64>::default();
     routes.set(i64::try_from(s.routes_installed).unwrap_or(i64::MAX));
     reg.register("datapath_routes", "Routes the datapath holds", routes);
+    if let Some(c) = &s.datapath_packets {
+        let packets = Family::<ResultLabel, Counter>::default();
+        for (result, n) in [
+            ("forwarded", c.forwarded),
+            ("miss", c.miss),
+            ("not_ip_unicast", c.not_ipv4),
+            ("tunnel_key_failed", c.tunnel_key_failed),
+        ] {
+            packets.get_or_create(&ResultLabel { result }).inc_by(n);
+        }
+        reg.register(
+            "datapath_packets",
+            "Packets the eBPF program handled: forwarded into the tunnel, dropped for a miss (no remote Pod CIDR holds the destination) or a refused tunnel key, passed on as not IP unicast",
+            packets,
+        );
+    }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::kernel::Counters;
+
+    #[test]
+    fn packet_counters_are_shown_only_when_the_datapath_has_them() {
+        let mut s = StatusReport::default();
+        assert!(!render(&s).contains("podmesh_datapath_packets"));
+        s.datapath_packets = Some(Counters {
+            forwarded: 7,
+            miss: 3,
+            not_ipv4: 1,
+            tunnel_key_failed: 0,
+        });
+        let out = render(&s);
+        for line in [
+            "podmesh_datapath_packets_total{result=\"forwarded\"} 7",
+            "podmesh_datapath_packets_total{result=\"miss\"} 3",
+            "podmesh_datapath_packets_total{result=\"not_ip_unicast\"} 1",
+            "podmesh_datapath_packets_total{result=\"tunnel_key_failed\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
+        }
+    }
 }

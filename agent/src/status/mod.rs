@@ -8,7 +8,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::RemoteRoute, desired::RecordOutcome, model::format_mac, remote::MeshCache};
+use crate::{
+    datapath::{RemoteRoute, kernel::Counters},
+    desired::RecordOutcome,
+    model::format_mac,
+    remote::MeshCache,
+};
 
 pub mod metrics;
 pub mod server;
@@ -123,6 +128,10 @@ pub struct StatusReport {
     /// Rejections counted since start, by (cluster, reason).
     #[serde(default)]
     pub rejections_total: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Packets the eBPF program handled since it was first loaded (ebpf mode;
+    /// the counters are pinned, so they carry on across agent restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath_packets: Option<Counters>,
 }
 
 impl StatusReport {
@@ -139,6 +148,17 @@ pub struct Status {
     /// The remote entries and desired state, from which `/status` lists
     /// every record and route on request (never copied per change).
     mesh: Arc<Mutex<Option<MeshCache>>>,
+    /// Where the datapath's packet counters are read at request time.
+    packets: Arc<Mutex<Option<PacketSource>>>,
+}
+
+/// Reads the datapath's packet counters.
+struct PacketSource(Box<dyn Fn() -> Result<Counters, String> + Send>);
+
+impl std::fmt::Debug for PacketSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PacketSource")
+    }
 }
 
 impl Status {
@@ -178,10 +198,22 @@ impl Status {
         *self.mesh.lock().expect("status mesh lock") = Some(mesh);
     }
 
+    /// Reads the datapath's packet counters with `read` whenever the status
+    /// is asked for (ebpf mode).
+    pub fn set_packet_source(&self, read: impl Fn() -> Result<Counters, String> + Send + 'static) {
+        *self.packets.lock().expect("status packets lock") = Some(PacketSource(Box::new(read)));
+    }
+
     /// A copy of the status with `ready` computed, without the per-record and route lists.
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
+        if let Some(read) = &*self.packets.lock().expect("status packets lock") {
+            match (read.0)() {
+                Ok(c) => s.datapath_packets = Some(c),
+                Err(e) => tracing::debug!(error = %e, "reading the datapath's packet counters"),
+            }
+        }
         s
     }
 
