@@ -252,6 +252,7 @@ impl EbpfDatapath {
         let mut first_err = None;
         let mut msgs = Vec::with_capacity(routes.len());
         let mut cidrs = Vec::with_capacity(routes.len());
+        let mut named = Vec::with_capacity(routes.len());
         for r in routes {
             let IpAddr::V4(addr) = r.node_addr else {
                 first_err.get_or_insert(op_err(
@@ -300,9 +301,7 @@ impl EbpfDatapath {
                 first_err.get_or_insert(op_err("upsert map entry", r.cidr, &e.to_string()));
                 continue;
             }
-            if let Err(e) = self.owners.set(r) {
-                first_err.get_or_insert(e);
-            }
+            named.push(r);
             msgs.push(rtnl::route_replace(
                 r.cidr,
                 RouteTarget::Dev(self.ifindex),
@@ -310,6 +309,9 @@ impl EbpfDatapath {
                 Some(self.route_mtu),
             ));
             cidrs.push(r.cidr);
+        }
+        if let Some(e) = self.owners.set_all(named) {
+            first_err.get_or_insert(e);
         }
         let failures = self.nl.batch(msgs).map_err(other)?;
         if let Some((i, errno)) = failures.first() {

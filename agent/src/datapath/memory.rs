@@ -29,9 +29,7 @@ impl MemoryDatapath {
 impl Datapath for MemoryDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut m = self.routes.lock().expect("memory datapath lock");
-        for r in routes {
-            m.insert(r.cidr, r.clone());
-        }
+        crate::compact::extend(&mut m, routes.iter().map(|r| (r.cidr, r.clone())).collect());
         Ok(())
     }
 

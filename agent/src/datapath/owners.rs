@@ -85,25 +85,38 @@ impl Owners {
         self.names.get(cidr)
     }
 
-    /// Records the names of `r` (nothing to do when they did not change).
-    pub fn set(&mut self, r: &RemoteRoute) -> Result<(), DatapathError> {
-        if self
-            .names
-            .get(&r.cidr)
-            .is_some_and(|(c, n)| *c == r.cluster && *n == r.node)
-        {
-            return Ok(());
+    /// Records the names of every route (unchanged ones are skipped); the
+    /// first error, if any, after trying them all.
+    pub fn set_all<'a>(
+        &mut self,
+        routes: impl IntoIterator<Item = &'a RemoteRoute>,
+    ) -> Option<DatapathError> {
+        let mut first_err = None;
+        let mut changed = Vec::new();
+        for r in routes {
+            if self
+                .names
+                .get(&r.cidr)
+                .is_some_and(|(c, n)| *c == r.cluster && *n == r.node)
+            {
+                continue;
+            }
+            match self
+                .map
+                .insert(key_of(&r.cidr), encode(&r.cluster, &r.node), 0)
+            {
+                Ok(()) => changed.push((r.cidr, (r.cluster.clone(), r.node.clone()))),
+                Err(e) => {
+                    first_err.get_or_insert(DatapathError::Op {
+                        op: "record owner",
+                        cidr: r.cidr,
+                        message: e.to_string(),
+                    });
+                }
+            }
         }
-        self.map
-            .insert(key_of(&r.cidr), encode(&r.cluster, &r.node), 0)
-            .map_err(|e| DatapathError::Op {
-                op: "record owner",
-                cidr: r.cidr,
-                message: e.to_string(),
-            })?;
-        self.names
-            .insert(r.cidr, (r.cluster.clone(), r.node.clone()));
-        Ok(())
+        crate::compact::extend(&mut self.names, changed);
+        first_err
     }
 
     /// Forgets `cidr` (absent is fine).

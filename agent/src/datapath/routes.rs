@@ -299,14 +299,15 @@ impl RouteDatapath {
                 &std::io::Error::from_raw_os_error(*errno).to_string(),
             ));
         }
-        for r in usable {
-            if let Some(o) = &mut self.owners
-                && let Err(e) = o.set(r)
-            {
-                first_err.get_or_insert(e);
-            }
-            self.routes.insert(r.cidr, r.clone());
+        if let Some(o) = &mut self.owners
+            && let Some(e) = o.set_all(usable.iter().copied())
+        {
+            first_err.get_or_insert(e);
         }
+        crate::compact::extend(
+            &mut self.routes,
+            usable.iter().map(|r| (r.cidr, (*r).clone())).collect(),
+        );
         first_err.map_or(Ok(()), Err)
     }
 

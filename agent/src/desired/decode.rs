@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::{
+    compact::Few,
     model::{ClusterRecord, Key, MAX_VALUE_LEN, NodeRecord, parse_mac},
     validate::{Finding, Severity, record::check_node_record},
 };
@@ -73,9 +74,9 @@ pub struct NodeData {
     /// `clusterID` as published.
     pub cluster_id: u32,
     /// Underlay addresses; `addresses[0]` is the tunnel endpoint.
-    pub addresses: Box<[IpAddr]>,
+    pub addresses: Few<IpAddr>,
     /// The node's Pod CIDRs.
-    pub pod_cidrs: Box<[IpNet]>,
+    pub pod_cidrs: Few<IpNet>,
     /// The parsed `vtepMAC`, when it published a valid one.
     pub vtep_mac: Option<[u8; 6]>,
     /// The first problem of the record on its own that comes before the checks
@@ -150,8 +151,8 @@ fn node_data(cluster: &str, node: &str, r: NodeRecord) -> NodeData {
     }
     NodeData {
         cluster_id: r.cluster_id,
-        addresses: r.addresses.into_boxed_slice(),
-        pod_cidrs: r.pod_cidrs.into_boxed_slice(),
+        addresses: r.addresses.into(),
+        pod_cidrs: r.pod_cidrs.into(),
         vtep_mac,
         early,
         late,

@@ -23,7 +23,9 @@ use super::{
     Decoded, LocalRanges, Ops, RecordOutcome, RecordState, Rejection, RemoteEntries,
     cluster_states, conflict, entry_static, node_of, outcome_row, route_of,
 };
-use crate::{datapath::RemoteRoute, model::ClusterRecord, validate::overlap::CidrIndex};
+use crate::{
+    compact::Few, datapath::RemoteRoute, model::ClusterRecord, validate::overlap::CidrIndex,
+};
 
 type Name = Arc<str>;
 type Id = (Name, Name);
@@ -42,7 +44,7 @@ struct Cand {
     p: bool,
     accepted: bool,
     create_revision: i64,
-    cidrs: Box<[IpNet]>,
+    cidrs: Few<IpNet>,
     reason: Option<Box<Rejection>>,
 }
 
@@ -267,7 +269,7 @@ impl Live {
             .clusters
             .get_mut(cluster)
             .and_then(|cl| cl.recs.remove(key));
-        let mut old_accepted: Option<Box<[IpNet]>> = None;
+        let mut old_accepted: Option<Few<IpNet>> = None;
         if let Some(Rec::Cand(c)) = old {
             let owner = Owner::Node(cname.clone(), kname.clone());
             for cidr in c.cidrs.iter() {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, secret::RemoteFile};
 use crate::{
-    desired::decode::decode,
+    desired::decode::{Entry, decode},
     kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
     model::PREFIX,
     status::{Status, unix_now},
@@ -203,6 +203,11 @@ impl<C: Connector> RemoteCluster<C> {
         });
         let generation = self.cache.begin_list(&self.name);
         let mut synced = false;
+        // The list's entries go into the cache in batches: a batch that is
+        // large next to what the cache holds is merged with full B-tree nodes
+        // (`crate::compact`); nothing reads a list before its end anyway.
+        let mut listing: Vec<(String, Entry)> = Vec::new();
+        let mut listed = 0usize;
         loop {
             let grace_at = grace.map(|(t, _)| t);
             let ev = tokio::select! {
@@ -219,6 +224,13 @@ impl<C: Connector> RemoteCluster<C> {
                     continue;
                 }
             };
+            if !matches!(ev, Some(Ok(KvEvent::Put(_))))
+                || listing.len() >= LIST_BATCH.max(listed / 4)
+            {
+                listed += listing.len();
+                self.cache
+                    .put_batch(&self.name, generation, std::mem::take(&mut listing));
+            }
             match ev {
                 Some(Ok(KvEvent::Put(kv))) => {
                     let entry = decode(
@@ -228,9 +240,11 @@ impl<C: Connector> RemoteCluster<C> {
                         kv.create_revision,
                         kv.mod_revision,
                     );
-                    self.cache.put(&self.name, generation, kv.key, entry);
                     if synced {
+                        self.cache.put(&self.name, generation, kv.key, entry);
                         self.cache.notify();
+                    } else {
+                        listing.push((kv.key, entry));
                     }
                 }
                 Some(Ok(KvEvent::Delete { key, .. })) => {
@@ -285,6 +299,10 @@ impl<C: Connector> RemoteCluster<C> {
         }
     }
 }
+
+/// Entries of a list put into the cache at once (at least; more once the
+/// list is long, see `crate::compact`): the etcd store's page size.
+const LIST_BATCH: usize = 500;
 
 /// The default first reconnect delay.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);

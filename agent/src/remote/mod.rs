@@ -165,6 +165,22 @@ impl MeshCache {
             .insert(key, entry);
     }
 
+    /// Stores a batch of entries of `cluster` seen in list generation
+    /// `generation` (a page of its list): a large batch is merged with full
+    /// B-tree nodes ([`crate::compact`]).
+    pub fn put_batch(&self, cluster: &str, generation: u64, mut batch: Vec<(String, Entry)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        for (key, entry) in &mut batch {
+            entry.generation = generation;
+            g.mark(cluster, key);
+        }
+        let entries = &mut g.remotes.entry(cluster.to_string()).or_default().entries;
+        crate::compact::extend(entries, batch);
+    }
+
     /// Removes `key` of `cluster`.
     pub fn delete(&self, cluster: &str, key: &str) {
         let mut g = self.lock();
