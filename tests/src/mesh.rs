@@ -1027,15 +1027,20 @@ impl Mesh {
         Ok(())
     }
 
-    /// Kills the agent on `node` with SIGKILL (no chance to clean up) and
-    /// reaps it; its datapath and pins stay.
-    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+    /// The running agent of `node`, no longer tracked by the mesh.
+    fn take_agent(&mut self, node: &str) -> anyhow::Result<AgentProc> {
         let i = self
             .agents
             .iter()
             .position(|a| a.node == node)
             .with_context(|| format!("no agent running on {node}"))?;
-        let mut a = self.agents.remove(i);
+        Ok(self.agents.remove(i))
+    }
+
+    /// Kills the agent on `node` with SIGKILL (no chance to clean up) and
+    /// reaps it; its datapath and pins stay.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let mut a = self.take_agent(node)?;
         a.child.child().kill()?;
         a.child.child().wait()?;
         Ok(())
@@ -1048,12 +1053,7 @@ impl Mesh {
         node: &str,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        let i = self
-            .agents
-            .iter()
-            .position(|a| a.node == node)
-            .with_context(|| format!("no agent running on {node}"))?;
-        let mut a = self.agents.remove(i);
+        let mut a = self.take_agent(node)?;
         let child = a.child.child();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),

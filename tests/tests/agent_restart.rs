@@ -190,9 +190,9 @@ fn podmesh_routes(m: &Mesh, node: &str) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
-fn killed_agent_loses_no_packet(mode: &str) -> anyhow::Result<()> {
-    let ebpf = mode == "ebpf";
-    let mut m = Mesh::start(&["east", "west"], 1, 1, mode)?;
+/// Waits for the mesh, then for the first east pod to reach the first west
+/// pod; returns (that pod's name, the west pod's address).
+fn first_pair_answering(m: &mut Mesh) -> anyhow::Result<(String, Ipv4Addr)> {
     m.wait_ready(READY)?;
     let from = m
         .pods_of("east")
@@ -208,6 +208,13 @@ fn killed_agent_loses_no_packet(mode: &str) -> anyhow::Result<()> {
             Err(format!("{from} does not reach {to}"))
         }
     })?;
+    Ok((from, to))
+}
+
+fn killed_agent_loses_no_packet(mode: &str) -> anyhow::Result<()> {
+    let ebpf = mode == "ebpf";
+    let mut m = Mesh::start(&["east", "west"], 1, 1, mode)?;
+    let (from, to) = first_pair_answering(&mut m)?;
     let routes_before = podmesh_routes(&m, NODE)?;
     ensure!(!routes_before.is_empty(), "no podmesh route on {NODE}");
     let pin_dir = m.bpf_pin_dir(NODE);
@@ -325,23 +332,9 @@ fn ebpf_agent_resync_repairs_manual_deletions_and_sigterm_leaves_forwarding() ->
         .pods(1)
         .agent_args(&["--resync-interval", "1"])
         .start()?;
-    m.wait_ready(READY)?;
-    let from = m
-        .pods_of("east")
-        .next()
-        .context("no east pod")?
-        .name
-        .clone();
-    let to = m.pods_of("west").next().context("no west pod")?.addr;
+    let (from, to) = first_pair_answering(&mut m)?;
     let west = m.node("west-n0")?.pod_cidr;
     let pin_dir = m.bpf_pin_dir(NODE);
-    eventually(CONVERGE, || {
-        if m.ping(&from, to) {
-            Ok(())
-        } else {
-            Err(format!("{from} does not reach {to}"))
-        }
-    })?;
     let routes_before = podmesh_routes(&m, NODE)?;
     ensure!(
         routes_before

@@ -117,8 +117,8 @@ async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<(Dura
         cfg.pin_dir.join(OWNERS_MAP),
     )?))?;
     let t = Instant::now();
-    for r in routes {
-        owners.set(r)?;
+    if let Some(e) = owners.set_all(routes) {
+        return Err(e.into());
     }
     Ok((lpm, t.elapsed()))
 }

@@ -232,10 +232,14 @@ $B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288 host /host || ec
 $B mount -t proc proc /host/proc
 $B mount -t sysfs sys /host/sys
 $B mount -t devtmpfs dev /host/dev
+# The test binary may live under the host's /tmp or /run (CARGO_TARGET_DIR),
+# which the guest's own tmpfs mounts hide: it runs from a copy.
+$B cp /host{bin} /podmesh-vm-test || echo 'copying the test binary failed'
 $B mount -t tmpfs tmp /host/run
 $B mount -t tmpfs tmp /host/tmp
+$B mv /podmesh-vm-test /host/tmp/podmesh-vm-test
 echo "PODMESH-VM-KERNEL $($B uname -r)"
-$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 {bin} --include-ignored --exact {tests} --test-threads=1 --nocapture
+$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 /tmp/podmesh-vm-test --include-ignored --exact {tests} --test-threads=1 --nocapture
 echo "PODMESH-VM-EXIT $?"
 $B poweroff -f
 "#,
