@@ -585,6 +585,23 @@ mod tests {
         assert!(e.starts_with("--bpf-pin-dir:"), "{e}");
     }
 
+    /// clap's consistency checks, and a description for every flag in `--help`.
+    #[test]
+    fn every_flag_is_consistent_and_documented() {
+        let cmd = AgentArgs::command();
+        cmd.clone().debug_assert();
+        for arg in cmd.get_arguments() {
+            if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help().is_some(),
+                "--{} has no description in --help",
+                arg.get_id()
+            );
+        }
+    }
+
     #[test]
     fn underlay_mtu_is_optional_and_bounded() {
         let mut a = base();

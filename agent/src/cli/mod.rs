@@ -52,3 +52,29 @@ pub fn main() -> ExitCode {
         Command::Secret(SecretCommand::Render(a)) => ExitCode::from(secret::run(&a)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks of every subcommand and flag, and a
+    /// help text that documents each subcommand.
+    #[test]
+    fn command_line_is_consistent_and_documented() {
+        let mut cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let help = cmd.render_long_help().to_string();
+        for sub in ["version", "plan", "status", "secret"] {
+            assert!(help.contains(sub), "--help does not list {sub}:\n{help}");
+        }
+        for sub in cmd.get_subcommands() {
+            assert!(
+                sub.get_about().is_some(),
+                "subcommand {} has no description",
+                sub.get_name()
+            );
+        }
+    }
+}
