@@ -218,6 +218,9 @@ impl<C: Connector> RemoteCluster<C> {
                         None => pending().await,
                     }
                 } => {
+                    // What this list has brought back must be in the cache
+                    // before the grace period prunes what did not come back.
+                    self.flush_list(generation, &mut listing, &mut listed);
                     if let Some((_, g)) = grace.take() {
                         self.end_grace(g);
                     }
@@ -227,9 +230,7 @@ impl<C: Connector> RemoteCluster<C> {
             if !matches!(ev, Some(Ok(KvEvent::Put(_))))
                 || listing.len() >= LIST_BATCH.max(listed / 4)
             {
-                listed += listing.len();
-                self.cache
-                    .put_batch(&self.name, generation, std::mem::take(&mut listing));
+                self.flush_list(generation, &mut listing, &mut listed);
             }
             match ev {
                 Some(Ok(KvEvent::Put(kv))) => {
@@ -297,6 +298,15 @@ impl<C: Connector> RemoteCluster<C> {
                 }
             }
         }
+    }
+}
+
+impl<C: Connector> RemoteCluster<C> {
+    /// Puts the list entries gathered so far into the cache.
+    fn flush_list(&self, generation: u64, listing: &mut Vec<(String, Entry)>, listed: &mut usize) {
+        *listed += listing.len();
+        self.cache
+            .put_batch(&self.name, generation, std::mem::take(listing));
     }
 }
 
