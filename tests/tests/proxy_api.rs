@@ -372,6 +372,23 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
                 .unwrap_err();
             assert!(e.to_string().contains(ro), "{action:?}: {e}");
         }
+        // What etcdctl 3.4 has no command for.
+        let e = cl.member_promote(1234).await.unwrap_err();
+        assert!(e.to_string().contains(ro), "MemberPromote: {e}");
+        let e = cl.hash().await.unwrap_err();
+        assert!(e.to_string().contains(ro), "Hash: {e}");
+        // LeaseKeepAlive is a stream: refused when it opens or on its first answer.
+        let refused = match cl.lease_keep_alive(1234).await {
+            Err(e) => e.to_string(),
+            Ok((mut keeper, mut stream)) => {
+                let _ = keeper.keep_alive().await;
+                match stream.message().await {
+                    Err(e) => e.to_string(),
+                    Ok(m) => panic!("LeaseKeepAlive answered: {m:?}"),
+                }
+            }
+        };
+        assert!(refused.contains(ro), "LeaseKeepAlive: {refused}");
     });
     // A Txn with writes, and snapshot.
     let mut txn = proxy.etcdctl_command(c, &["txn"]).unwrap();
