@@ -853,3 +853,67 @@ fn proxy_config_file_gives_the_flags_and_the_command_line_overrides_it() {
         assert!(err.contains(field), "{text:?} must name {field}: {err}");
     }
 }
+
+/// Watch filters and cancel through etcd-client: a NOPUT watch sees only
+/// deletes, a NODELETE watch only puts, both on one stream; a cancelled
+/// watch is confirmed and gets nothing more while the other one goes on.
+#[test]
+fn proxy_watch_filters_and_cancel_through_etcd_client() {
+    use etcd_client::{EventType, WatchFilterType, WatchResponse, WatchStream};
+
+    async fn next(s: &mut WatchStream) -> WatchResponse {
+        tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("no watch response within 10 s")
+            .unwrap()
+            .expect("watch stream ended")
+    }
+
+    let etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    rt().block_on(async {
+        let mut up = etcd.connect().await.unwrap();
+        let cl = proxy.connect().await.unwrap();
+        let prefix = "podmesh/v1/nodes/";
+        let opts = |f| Some(WatchOptions::new().with_prefix().with_filters([f]));
+        let mut s = cl
+            .watch_client()
+            .watch(prefix, opts(WatchFilterType::NoPut))
+            .await
+            .unwrap();
+        s.watch(prefix, opts(WatchFilterType::NoDelete))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            let r = next(&mut s).await;
+            assert!(r.created(), "expected created, got {r:?}");
+            ids.push(r.watch_id());
+        }
+        let (no_put, no_delete) = (ids[0], ids[1]);
+        up.put(format!("{prefix}east/a"), "1", None).await.unwrap();
+        up.delete(format!("{prefix}east/a"), None).await.unwrap();
+        let mut seen: Vec<(i64, EventType)> = Vec::new();
+        while seen.len() < 2 {
+            let r = next(&mut s).await;
+            seen.extend(r.events().iter().map(|e| (r.watch_id(), e.event_type())));
+        }
+        assert!(
+            seen.contains(&(no_put, EventType::Delete))
+                && seen.contains(&(no_delete, EventType::Put))
+                && seen.len() == 2,
+            "filters not applied: {seen:?}"
+        );
+
+        s.cancel(no_delete).await.unwrap();
+        let r = next(&mut s).await;
+        assert!(r.canceled() && r.watch_id() == no_delete, "{r:?}");
+        // After the cancel only the other watch answers.
+        up.put(format!("{prefix}east/b"), "1", None).await.unwrap();
+        up.delete(format!("{prefix}east/b"), None).await.unwrap();
+        let r = next(&mut s).await;
+        assert_eq!(r.watch_id(), no_put, "a cancelled watch got {r:?}");
+        assert_eq!(r.events().len(), 1);
+        assert_eq!(r.events()[0].event_type(), EventType::Delete);
+    });
+}
