@@ -177,3 +177,44 @@ fn suggest_prints_free_blocks() {
     assert_eq!(r.code, 1, "10.1.0.0/16 is taken: {}", r.stdout);
     assert!(r.stderr.contains("only 0 free /18"), "{}", r.stderr);
 }
+
+/// On a terminal (a pty from util-linux `script`) the table has ANSI colour;
+/// with `NO_COLOR` set, or piped (every other test here), it has none.
+#[test]
+fn table_is_coloured_on_a_terminal_unless_no_color() {
+    let tty = |no_color: bool| -> String {
+        let cmd = format!(
+            "{} plan check {DIR}/overlaps.yaml",
+            env!("CARGO_BIN_EXE_podmesh")
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c
+            .output()
+            .expect("run `script` (util-linux) to give podmesh a terminal");
+        assert_eq!(out.status.code(), Some(1), "overlaps.yaml has errors");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let coloured = tty(false);
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal:\n{coloured}"
+    );
+    assert!(coloured.contains("overlap"), "not the table:\n{coloured}");
+    let plain = tty(true);
+    assert!(
+        !plain.contains("\x1b["),
+        "colour despite NO_COLOR:\n{plain}"
+    );
+    assert!(plain.contains("overlap"), "not the table:\n{plain}");
+    assert!(
+        !podmesh(&["plan", "check", &format!("{DIR}/overlaps.yaml")])
+            .stdout
+            .contains("\x1b[")
+    );
+}
