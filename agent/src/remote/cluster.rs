@@ -41,6 +41,15 @@ enum End {
 
 fn hint(e: &KvError) -> &'static str {
     let t = e.to_string().to_ascii_lowercase();
+    // The first request on a new connection (a broken watch of a proxy that
+    // went away is an outage, not a refusal).
+    let first_request = matches!(
+        e,
+        KvError::Unavailable {
+            op: "connect" | "list",
+            ..
+        }
+    );
     if matches!(e, KvError::Config(_)) {
         "fix this cluster's entry in the clustermesh Secret"
     } else if t.contains("tls handshake eof")
@@ -65,7 +74,14 @@ fn hint(e: &KvError) -> &'static str {
         || t.contains("certificaterequired")
         || t.contains("certificate required")
         || t.contains("certificateexpired")
+        // Under TLS 1.3 the server checks the client certificate after the
+        // client has finished its handshake: the refusal reaches the client
+        // as a closed connection, or as a broken pipe or reset on its first
+        // write, depending on timing.
         || (t.contains("connection closed") && t.contains("https://"))
+        || (first_request
+            && (t.contains("broken pipe") || t.contains("connection reset"))
+            && t.contains("https://"))
     {
         "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)"
     } else if t.contains("certificate") || t.contains("tls") || t.contains("handshake") {

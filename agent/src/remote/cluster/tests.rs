@@ -207,3 +207,31 @@ async fn compaction_relists_without_hot_loop() {
     assert!(conn.attempts.lock().unwrap().len() <= 3);
     h.abort();
 }
+
+/// The three ways a refused client certificate reaches the client under
+/// TLS 1.3 all get the client-certificate hint; a plain outage does not.
+#[test]
+fn refused_client_certificate_hint_whatever_the_timing() {
+    let err = |message: &str| KvError::Unavailable {
+        op: "list",
+        endpoints: "https://127.0.0.1:2379".to_string(),
+        message: message.to_string(),
+    };
+    for m in [
+        "transport error: connection closed before message completed",
+        "transport error: stream closed because of a broken pipe",
+        "transport error: Connection reset by peer (os error 104)",
+    ] {
+        assert!(
+            super::hint(&err(m)).contains("refused this agent's client certificate"),
+            "{m}"
+        );
+    }
+    assert!(super::hint(&err("Connection refused (os error 111)")).contains("reachable"));
+    let broken_watch = KvError::Unavailable {
+        op: "watch",
+        endpoints: "https://127.0.0.1:2379".to_string(),
+        message: "transport error: stream closed because of a broken pipe".to_string(),
+    };
+    assert!(!super::hint(&broken_watch).contains("client certificate"));
+}
