@@ -266,22 +266,24 @@ impl Session<'_> {
         // Another etcd cluster behind the same endpoints (replaced, or
         // restored from a snapshot): its revisions do not continue ours even
         // when they are higher, so watching from ours+1 would keep keys it
-        // never had. Re-list, and let downstream watchers re-list too.
-        if !*need_list && known != 0 && cluster_id != 0 && cluster_id != known {
-            *need_list = true;
-            *compact_revision = upstream_rev;
-            return Err(SessionError::Replaced {
+        // never had. Either way: re-list, and let downstream watchers re-list too.
+        let lost = if known != 0 && cluster_id != 0 && cluster_id != known {
+            Some(SessionError::Replaced {
                 was: known,
                 now: cluster_id,
-            });
-        }
-        if !*need_list && upstream_rev < ours {
-            *need_list = true;
-            *compact_revision = upstream_rev;
-            return Err(SessionError::Rewound {
+            })
+        } else if upstream_rev < ours {
+            Some(SessionError::Rewound {
                 upstream: upstream_rev,
                 ours,
-            });
+            })
+        } else {
+            None
+        };
+        if !*need_list && let Some(e) = lost {
+            *need_list = true;
+            *compact_revision = upstream_rev;
+            return Err(e);
         }
         if *need_list {
             let resp = client

@@ -1,4 +1,4 @@
-//! What the harness's child processes (etcd, podmesh-etcd-proxy) share: readiness waits, log tails, loopback endpoints, etcdctl.
+//! What the harness's child processes (etcd, podmesh-etcd-proxy, podmesh-agent) share: readiness waits, SIGTERM, log tails, loopback endpoints, etcdctl.
 use std::{
     path::Path,
     process::{Child, Command},
@@ -53,6 +53,31 @@ pub fn wait_until(
             bail!(
                 "{what} not ready after {timeout:?}; log:\n{}",
                 log_tail(log, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops `child` with SIGTERM, as the kubelet stops a pod, and returns its
+/// exit status; one that has not exited after `timeout` is killed and is an
+/// error.
+pub fn terminate(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "process {} did not exit within {timeout:?} of SIGTERM",
+                child.id()
             );
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -276,9 +276,7 @@ impl Etcd {
         }
         self.spawn()
     }
-}
 
-impl Etcd {
     /// Kills etcd and starts another etcd cluster (new data, new cluster ID,
     /// revisions from 1) on the same ports: an etcd replaced or restored
     /// behind the same endpoints. (`restart_empty` keeps the cluster ID:

@@ -331,7 +331,7 @@ impl MeshBuilder {
             datapath: self.datapath,
             bins,
             quick_retries: self.quick_retries,
-            agent_args: self.agent_args.clone(),
+            agent_args: self.agent_args,
             dir,
         };
         for (ci, plan) in plans.iter().enumerate() {
@@ -1054,23 +1054,8 @@ impl Mesh {
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
         let mut a = self.take_agent(node)?;
-        let child = a.child.child();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(st);
-            }
-            if Instant::now() >= deadline {
-                child.kill()?;
-                child.wait()?;
-                bail!("the agent on {node} did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::daemon::terminate(a.child.child(), timeout)
+            .with_context(|| format!("stopping the agent on {node}"))
     }
 
     /// Starts the agent on `node` again (same flags, same bpffs) after

@@ -185,11 +185,7 @@ impl Proxy {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("proxy not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        Ok(c.wait()?)
+        daemon::terminate(&mut c, Duration::from_secs(30))
     }
 }
 

@@ -118,6 +118,13 @@ fn diagnose_client_cert(cfg: &EtcdClientConfig) -> Option<String> {
 }
 
 impl<C: Connector> RemoteCluster<C> {
+    /// Puts the list entries gathered so far into the cache.
+    fn flush_list(&self, generation: u64, listing: &mut Vec<(String, Entry)>, listed: &mut usize) {
+        *listed += listing.len();
+        self.cache
+            .put_batch(&self.name, generation, std::mem::take(listing));
+    }
+
     fn fail(&self, e: &KvError) {
         let h = hint(e);
         let diagnosis = if h.contains("refused this agent's client certificate") {
@@ -314,15 +321,6 @@ impl<C: Connector> RemoteCluster<C> {
                 }
             }
         }
-    }
-}
-
-impl<C: Connector> RemoteCluster<C> {
-    /// Puts the list entries gathered so far into the cache.
-    fn flush_list(&self, generation: u64, listing: &mut Vec<(String, Entry)>, listed: &mut usize) {
-        *listed += listing.len();
-        self.cache
-            .put_batch(&self.name, generation, std::mem::take(listing));
     }
 }
 

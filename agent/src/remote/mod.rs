@@ -154,15 +154,8 @@ impl MeshCache {
     }
 
     /// Stores `entry` under `key` of `cluster`, seen in list generation `generation`.
-    pub fn put(&self, cluster: &str, generation: u64, key: String, mut entry: Entry) {
-        entry.generation = generation;
-        let mut g = self.lock();
-        g.mark(cluster, &key);
-        g.remotes
-            .entry(cluster.to_string())
-            .or_default()
-            .entries
-            .insert(key, entry);
+    pub fn put(&self, cluster: &str, generation: u64, key: String, entry: Entry) {
+        self.put_batch(cluster, generation, vec![(key, entry)]);
     }
 
     /// Stores a batch of entries of `cluster` seen in list generation
