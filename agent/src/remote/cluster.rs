@@ -8,7 +8,7 @@ use std::{future::pending, time::Duration};
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, secret::RemoteFile};
+use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, probe, secret::RemoteFile};
 use crate::{
     desired::decode::{Entry, decode},
     kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
@@ -39,6 +39,27 @@ enum End {
     Compacted,
 }
 
+const NOT_TLS: &str = "the endpoint closed the TLS handshake: it does not speak TLS (a plaintext etcd or another service): point the https:// endpoint at the remote's TLS etcd proxy, or use http:// without TLS files for a plaintext etcd";
+
+const CLIENT_CERT_REFUSED: &str = "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)";
+
+/// Whether the error names the TLS alert the remote sent (a refusal that
+/// cannot be anything else).
+fn names_an_alert(e: &KvError) -> bool {
+    let t = e.to_string().to_ascii_lowercase();
+    [
+        "badcertificate",
+        "bad certificate",
+        "unknownca",
+        "unknown ca",
+        "certificaterequired",
+        "certificate required",
+        "certificateexpired",
+    ]
+    .iter()
+    .any(|a| t.contains(a))
+}
+
 fn hint(e: &KvError) -> &'static str {
     let t = e.to_string().to_ascii_lowercase();
     // The first request on a new connection (a broken watch of a proxy that
@@ -60,20 +81,14 @@ fn hint(e: &KvError) -> &'static str {
         || (t.contains("tls") && t.contains("unexpected eof"))
         || t.contains("http/1.1")
     {
-        "the endpoint closed the TLS handshake: it does not speak TLS (a plaintext etcd or another service): point the https:// endpoint at the remote's TLS etcd proxy, or use http:// without TLS files for a plaintext etcd"
+        NOT_TLS
     } else if t.contains("unknownissuer")
         || t.contains("unknown issuer")
         || t.contains("notvalidforname")
         || t.contains("not valid for name")
     {
         "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate"
-    } else if t.contains("badcertificate")
-        || t.contains("bad certificate")
-        || t.contains("unknownca")
-        || t.contains("unknown ca")
-        || t.contains("certificaterequired")
-        || t.contains("certificate required")
-        || t.contains("certificateexpired")
+    } else if names_an_alert(e)
         // Under TLS 1.3 the server checks the client certificate after the
         // client has finished its handshake: the refusal reaches the client
         // as a closed connection, or as a broken pipe or reset on its first
@@ -83,7 +98,7 @@ fn hint(e: &KvError) -> &'static str {
             && (t.contains("broken pipe") || t.contains("connection reset"))
             && t.contains("https://"))
     {
-        "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)"
+        CLIENT_CERT_REFUSED
     } else if t.contains("certificate") || t.contains("tls") || t.contains("handshake") {
         "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
     } else if t.contains("refused")
@@ -125,9 +140,19 @@ impl<C: Connector> RemoteCluster<C> {
             .put_batch(&self.name, generation, std::mem::take(listing));
     }
 
-    fn fail(&self, e: &KvError) {
-        let h = hint(e);
-        let diagnosis = if h.contains("refused this agent's client certificate") {
+    async fn fail(&self, e: &KvError) {
+        let mut h = hint(e);
+        // A closed or reset connection looks the same whether a TLS 1.3
+        // server refused the client certificate or a plaintext server
+        // dropped the ClientHello: ask the endpoints in plaintext HTTP/2.
+        if h == CLIENT_CERT_REFUSED
+            && !names_an_alert(e)
+            && let Ok(cfg) = &self.file.config
+            && probe::any_speaks_plaintext(&cfg.endpoints).await
+        {
+            h = NOT_TLS;
+        }
+        let diagnosis = if h == CLIENT_CERT_REFUSED {
             self.file
                 .config
                 .as_ref()
@@ -181,7 +206,7 @@ impl<C: Connector> RemoteCluster<C> {
                 }
             };
             match end {
-                End::Failed(e) => self.fail(&e),
+                End::Failed(e) => self.fail(&e).await,
                 End::Compacted => {
                     tracing::info!(cluster = %self.name, "remote watch compacted; re-listing");
                     self.status.remote(&self.name, |r| r.synced = false);

@@ -26,6 +26,7 @@ use crate::{
 
 pub mod backoff;
 pub mod cluster;
+mod probe;
 pub mod secret;
 
 /// Opens a store for a remote cluster's client config.
