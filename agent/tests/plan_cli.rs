@@ -3,7 +3,18 @@
 //! Set `UPDATE_GOLDEN=1` to rewrite the expected files after an intended change.
 use std::{path::Path, process::Command};
 
+use podmesh_agent::validate::code;
+
 const DIR: &str = "tests/testdata/plan";
+
+/// Findings about a cluster's identity (its name or ID) involve no CIDR;
+/// every other finding of `plan check` is about CIDRs and lists them.
+const IDENTITY_CODES: &[&str] = &[
+    code::CLUSTER_NAME_INVALID,
+    code::CLUSTER_NAME_DUPLICATE,
+    code::CLUSTER_ID_INVALID,
+    code::CLUSTER_ID_DUPLICATE,
+];
 
 struct Run {
     code: i32,
@@ -40,7 +51,9 @@ fn golden(name: &str, got: &str) {
     assert_eq!(got, want, "output differs from {}", path.display());
 }
 
-fn check_golden(plan: &str, want_code: i32) {
+/// Runs `plan check` on `plan`.yaml in both formats against the golden files
+/// and returns the JSON report.
+fn check_golden(plan: &str, want_code: i32) -> serde_json::Value {
     let file = format!("{DIR}/{plan}.yaml");
     let table = podmesh(&["plan", "check", &file]);
     assert_eq!(
@@ -58,8 +71,15 @@ fn check_golden(plan: &str, want_code: i32) {
         assert!(!f["code"].as_str().unwrap().is_empty());
         assert!(!f["clusters"].as_array().unwrap().is_empty(), "{f}");
         assert!(!f["message"].as_str().unwrap().is_empty());
+        if !IDENTITY_CODES.contains(&f["code"].as_str().unwrap()) {
+            assert!(
+                !f["cidrs"].as_array().unwrap().is_empty(),
+                "{plan}: a finding about CIDRs lists none: {f}"
+            );
+        }
     }
     golden(&format!("{plan}.json"), &json.stdout);
+    v
 }
 
 #[test]
@@ -84,7 +104,23 @@ fn identities_and_unusable_cidrs_exit_1() {
 
 #[test]
 fn capacity_exit_1() {
-    check_golden("capacity", 1);
+    let v = check_golden("capacity", 1);
+    // Every capacity rule is exercised, so the CIDR check above covers them.
+    let codes: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    for c in [
+        code::CAPACITY_INSUFFICIENT,
+        code::CAPACITY_HEADROOM_LOW,
+        code::NODE_MASK_SIZE_INVALID,
+        code::NODE_MASK_SIZE_UNUSED,
+        code::CAPACITY_NOT_CHECKED,
+    ] {
+        assert!(codes.contains(&c), "capacity.yaml yields no {c}: {codes:?}");
+    }
 }
 
 fn unreadable(plan: &str, line: usize, needle: &str) {

@@ -41,6 +41,29 @@ pub fn check(clusters: &[ClusterSpec]) -> Vec<Finding> {
     clusters.iter().flat_map(check_cluster).collect()
 }
 
+/// `cidrs` as a comma-separated list, the way messages name them.
+fn list(cidrs: &[IpNet]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// " (10.1.0.0/16, fd00:1::/56)" naming `cidrs` in a message, or nothing when
+/// there are none.
+fn named(cidrs: &[IpNet]) -> String {
+    if cidrs.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", list(cidrs))
+    }
+}
+
+/// Every finding here is about how a cluster's Pod CIDRs split into per-node
+/// blocks, so each names the Pod CIDRs it concerns: those of the family in
+/// question, or all of the cluster's when it has none of that family. Only a
+/// cluster without any Pod CIDR gets findings without CIDRs.
 fn check_cluster(c: &ClusterSpec) -> Vec<Finding> {
     let name = &c.name;
     let mut out = Vec::new();
@@ -51,8 +74,8 @@ fn check_cluster(c: &ClusterSpec) -> Vec<Finding> {
             out.push(one(
                 Severity::Info,
                 code::CAPACITY_NOT_CHECKED,
-                vec![],
-                format!("cluster {name} expects {n} nodes but sets no nodeMaskSize; add nodeMaskSize (e.g. {{ipv4: 24, ipv6: 64}}) to check that its Pod CIDRs can hold them"),
+                c.pod_cidrs.clone(),
+                format!("cluster {name} expects {n} nodes but sets no nodeMaskSize; add nodeMaskSize (e.g. {{ipv4: 24, ipv6: 64}}) to check that its Pod CIDRs{} can hold them", named(&c.pod_cidrs)),
             ));
             return out;
         }
@@ -69,12 +92,18 @@ fn check_cluster(c: &ClusterSpec) -> Vec<Finding> {
             .filter(|n| matches!(n, IpNet::V6(_)) == v6 && n.prefix_len() > 0)
             .copied()
             .collect();
+        // The Pod CIDRs this family's mask splits, else all of them.
+        let involved = if family.is_empty() {
+            c.pod_cidrs.clone()
+        } else {
+            family.clone()
+        };
         if mask == 0 || mask > bits {
             out.push(one(
                 Severity::Error,
                 code::NODE_MASK_SIZE_INVALID,
-                vec![],
-                format!("cluster {name} has nodeMaskSize.{fam} {mask}, which is no per-node prefix length; use 1-{bits} (typically {})", if v6 { 64 } else { 24 }),
+                involved.clone(),
+                format!("cluster {name} has nodeMaskSize.{fam} {mask}, which is no per-node prefix length for its Pod CIDRs{}; use 1-{bits} (typically {})", named(&involved), if v6 { 64 } else { 24 }),
             ));
             continue;
         }
@@ -82,8 +111,8 @@ fn check_cluster(c: &ClusterSpec) -> Vec<Finding> {
             out.push(one(
                 Severity::Warning,
                 code::NODE_MASK_SIZE_UNUSED,
-                vec![],
-                format!("cluster {name} sets nodeMaskSize.{fam} but has no {fam} Pod CIDR; add one or remove nodeMaskSize.{fam}"),
+                involved.clone(),
+                format!("cluster {name} sets nodeMaskSize.{fam} but none of its Pod CIDRs{} is {fam}; add an {fam} Pod CIDR or remove nodeMaskSize.{fam}", named(&involved)),
             ));
             continue;
         }
@@ -99,18 +128,14 @@ fn check_cluster(c: &ClusterSpec) -> Vec<Finding> {
             out.push(one(
                 Severity::Info,
                 code::CAPACITY_NOT_CHECKED,
-                vec![],
-                format!("cluster {name} sets nodeMaskSize.{fam} but not nodes; add the expected node count to check capacity"),
+                family.clone(),
+                format!("cluster {name} sets nodeMaskSize.{fam} but not nodes; add the expected node count to check that its {fam} Pod CIDRs{} can hold them", named(&family)),
             ));
             continue;
         };
         let have = blocks(&family, v6, mask);
         let need = u128::from(nodes);
-        let cidrs_list = family
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cidrs_list = list(&family);
         if have < need {
             out.push(one(
                 Severity::Error,
@@ -251,5 +276,62 @@ mod tests {
         let mut c = spec(&["10.1.0.0/16"], None, None, Some(5));
         c.node_mask_size = None;
         assert_eq!(codes(&c), [code::CAPACITY_NOT_CHECKED]);
+    }
+
+    /// Every capacity finding names the Pod CIDRs it is about, in `cidrs` and
+    /// in its message: the family's, or all of them when the family has none.
+    #[test]
+    fn findings_name_the_pod_cidrs_involved() {
+        let cases: [(ClusterSpec, &str, &[&str]); 5] = [
+            (
+                spec(&["10.1.0.0/16", "fd00:1::/56"], Some(33), None, Some(1)),
+                code::NODE_MASK_SIZE_INVALID,
+                &["10.1.0.0/16"],
+            ),
+            (
+                spec(&["10.1.0.0/16"], None, Some(0), Some(1)),
+                code::NODE_MASK_SIZE_INVALID,
+                &["10.1.0.0/16"],
+            ),
+            (
+                spec(&["10.1.0.0/16", "10.9.0.0/16"], Some(24), Some(64), None),
+                code::NODE_MASK_SIZE_UNUSED,
+                &["10.1.0.0/16", "10.9.0.0/16"],
+            ),
+            (
+                spec(&["fd00:1::/56"], None, Some(64), None),
+                code::CAPACITY_NOT_CHECKED,
+                &["fd00:1::/56"],
+            ),
+            (
+                ClusterSpec {
+                    node_mask_size: None,
+                    ..spec(&["10.1.0.0/16", "fd00:1::/56"], None, None, Some(5))
+                },
+                code::CAPACITY_NOT_CHECKED,
+                &["10.1.0.0/16", "fd00:1::/56"],
+            ),
+        ];
+        for (c, want_code, want) in cases {
+            let found = check(std::slice::from_ref(&c));
+            let f = found
+                .iter()
+                .find(|f| f.code == want_code)
+                .unwrap_or_else(|| panic!("no {want_code} in {found:?}"));
+            let want: Vec<IpNet> = want.iter().map(|s| n(s)).collect();
+            assert_eq!(f.cidrs, want, "{want_code}: {}", f.message);
+            for w in &want {
+                assert!(
+                    f.message.contains(&w.to_string()),
+                    "{want_code}: {}",
+                    f.message
+                );
+            }
+        }
+        // Only a cluster without any Pod CIDR has none to name.
+        let f = check(&[spec(&[], Some(24), None, Some(3))]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].code, code::NODE_MASK_SIZE_UNUSED);
+        assert!(f[0].cidrs.is_empty());
     }
 }
