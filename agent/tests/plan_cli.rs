@@ -214,6 +214,56 @@ fn suggest_prints_free_blocks() {
     assert!(r.stderr.contains("only 0 free /18"), "{}", r.stderr);
 }
 
+/// A `--within` range with host bits set is refused (exit 64, one line naming
+/// the value and its canonical form), not silently truncated to a range the
+/// user did not write.
+#[test]
+fn suggest_refuses_within_with_host_bits() {
+    let file = format!("{DIR}/overlaps.yaml");
+    for (within, canonical, prefix) in [
+        ("10.1.2.3/16", "10.1.0.0/16", "24"),
+        ("172.16.0.1/12", "172.16.0.0/12", "16"),
+        ("fd00:1::5/48", "fd00:1::/48", "64"),
+    ] {
+        for out in ["table", "json"] {
+            let r = podmesh(&[
+                "plan",
+                "suggest",
+                &file,
+                "--prefix-len",
+                prefix,
+                "--within",
+                within,
+                "-o",
+                out,
+            ]);
+            assert_eq!(r.code, 64, "--within {within}: {}{}", r.stdout, r.stderr);
+            assert!(r.stdout.is_empty(), "nothing suggested: {}", r.stdout);
+            assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+            assert!(
+                r.stderr.starts_with("podmesh: --within ")
+                    && r.stderr.contains(within)
+                    && r.stderr.contains("host bits")
+                    && r.stderr.contains(&format!("write {canonical}")),
+                "{}",
+                r.stderr
+            );
+        }
+    }
+    // The canonical form of the same range is accepted.
+    let r = podmesh(&[
+        "plan",
+        "suggest",
+        &file,
+        "--prefix-len",
+        "24",
+        "--within",
+        "172.16.0.0/12",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "172.16.0.0/24\n");
+}
+
 /// On a terminal (a pty from util-linux `script`) the table has ANSI colour;
 /// with `NO_COLOR` set, or piped (every other test here), it has none.
 #[test]

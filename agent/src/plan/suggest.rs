@@ -37,6 +37,16 @@ pub enum SuggestError {
         /// Address bits of the family.
         bits: u8,
     },
+    /// A `--within` range with host bits set: which block was meant is a guess.
+    #[error(
+        "--within {within} has host bits set; write {canonical} (or a longer prefix if only part of it is meant)"
+    )]
+    WithinNotCanonical {
+        /// The range as given.
+        within: IpNet,
+        /// The range it lies in, without host bits.
+        canonical: IpNet,
+    },
     /// A `--within` range of the other family.
     #[error("--within {within} is not an IPv{family} range; pass --family or ranges of one family")]
     FamilyMismatch {
@@ -91,6 +101,12 @@ pub fn suggest(
         within.to_vec()
     };
     for w in &within {
+        if w.addr() != w.network() {
+            return Err(SuggestError::WithinNotCanonical {
+                within: *w,
+                canonical: w.trunc(),
+            });
+        }
         if matches!(w, IpNet::V6(_)) != v6 {
             return Err(SuggestError::FamilyMismatch {
                 within: *w,
@@ -300,6 +316,24 @@ mod tests {
             suggest(&p, 8, &[], 1, Some(5)),
             Err(SuggestError::BadFamily(5))
         );
+        // Host bits are refused, not truncated to some block the user did not name.
+        let e = suggest(&p, 24, &[n("10.0.0.0/16"), n("10.1.2.3/16")], 1, None).unwrap_err();
+        assert_eq!(
+            e,
+            SuggestError::WithinNotCanonical {
+                within: n("10.1.2.3/16"),
+                canonical: n("10.1.0.0/16")
+            }
+        );
+        assert!(
+            e.to_string()
+                .starts_with("--within 10.1.2.3/16 has host bits set; write 10.1.0.0/16"),
+            "{e}"
+        );
+        assert!(matches!(
+            suggest(&p, 64, &[n("fd00::1/48")], 1, None),
+            Err(SuggestError::WithinNotCanonical { .. })
+        ));
     }
 
     #[test]
