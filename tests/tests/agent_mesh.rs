@@ -154,8 +154,17 @@ struct Home {
     _dir: tempfile::TempDir,
 }
 
+/// The home cluster's own mesh etcd, not yet used by an agent.
+fn home_etcd() -> anyhow::Result<Etcd> {
+    Etcd::start_with(Arc::new(Pki::new("home")?), "home")
+}
+
 async fn start_home(secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
-    let etcd = Etcd::start_with(Arc::new(Pki::new("home")?), "home")?;
+    start_home_on(home_etcd()?, secret, extra).await
+}
+
+/// Starts the agent under test on `etcd` (prepared by the caller).
+async fn start_home_on(etcd: Etcd, secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
     let dir = tempfile::tempdir()?;
     let kv = etcd.client_config(&dir.path().join("local.yaml"))?;
     let mut args: Vec<String> = [
@@ -818,5 +827,82 @@ async fn agent_relists_after_the_remote_compacted_while_it_was_disconnected() ->
         ],
     )
     .await?;
+    Ok(())
+}
+
+/// The node record's lease and value as the local mesh etcd holds them (lease 0: none).
+async fn local_node_record(
+    local: &mut etcd_client::Client,
+) -> Result<Option<(i64, serde_json::Value)>, String> {
+    let r = local
+        .get(node_key("home", "h1"), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    r.kvs()
+        .first()
+        .map(|kv| {
+            serde_json::from_slice(kv.value())
+                .map(|v| (kv.lease(), v))
+                .map_err(|e| e.to_string())
+        })
+        .transpose()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_republishes_under_a_new_lease_after_its_lease_is_revoked() -> anyhow::Result<()> {
+    let secret = SecretDir::new()?;
+    let home = start_home(secret.path(), &[]).await?;
+    let mut local = home.etcd.connect().await?;
+    let s = wait_status(&home, "published", |s| s.local.published).await?;
+    let (lease, rec) = local_node_record(&mut local)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("node record published")?;
+    assert_ne!(lease, 0, "node record bound to a lease");
+    assert_eq!(s.local.lease, Some(lease));
+    assert_eq!(rec["podCIDRs"][0], "10.9.1.0/24");
+    let publications = s.local.publications;
+
+    // The local etcd stays up; only the lease goes (as when the agent
+    // stalled past its TTL, or an operator revoked it): the record goes with it.
+    local.lease_revoke(lease).await?;
+    assert!(
+        local_node_record(&mut local)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .is_none(),
+        "revoking the lease deletes the record"
+    );
+
+    // Re-created under a new, live lease with a TTL.
+    let (lease2, rec2) = eventually_async(WAIT, || {
+        let mut local = local.clone();
+        async move {
+            match local_node_record(&mut local).await? {
+                Some((l, v)) if l != 0 && l != lease => Ok((l, v)),
+                other => Err(format!("node record {other:?}")),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(rec2, rec, "the same record, republished");
+    let ttl = local.lease_time_to_live(lease2, None).await?;
+    assert_eq!(ttl.granted_ttl(), 5, "--lease-ttl");
+    assert!(ttl.ttl() > 0, "lease {lease2} is live: {ttl:?}");
+    let old = local.lease_time_to_live(lease, None).await?;
+    assert!(old.ttl() <= 0, "the revoked lease stays gone: {old:?}");
+
+    // The status says so, and the metric.
+    let s = wait_status(&home, "published again", |s| {
+        s.local.published && s.local.lease == Some(lease2)
+    })
+    .await?;
+    assert!(s.local.publications > publications, "{:?}", s.local);
+    assert!(s.local.last_error.is_none(), "{:?}", s.local);
+    let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    assert!(
+        m.lines().any(|l| l == "podmesh_local_node_published 1"),
+        "{m}"
+    );
     Ok(())
 }
