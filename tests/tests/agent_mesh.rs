@@ -906,3 +906,86 @@ async fn agent_republishes_under_a_new_lease_after_its_lease_is_revoked() -> any
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_leaves_a_conflicting_cluster_record_and_reports_it() -> anyhow::Result<()> {
+    // Another agent of this cluster (or an operator) wrote another ID and Pod CIDR.
+    let etcd = home_etcd()?;
+    let mut local = etcd.connect().await?;
+    let theirs =
+        serde_json::json!({"name":"home","id":7,"podCIDRs":["10.7.0.0/16"],"serviceCIDRs":[]})
+            .to_string();
+    local.put(cluster_key("home"), theirs.clone(), None).await?;
+    let written = local.get(cluster_key("home"), None).await?;
+    let written_rev = written.kvs()[0].mod_revision();
+
+    let secret = SecretDir::new()?;
+    let home = start_home_on(etcd, secret.path(), &[]).await?;
+    let s = wait_status(&home, "conflict reported", |s| {
+        s.local.cluster_record_conflict.is_some() && s.local.published
+    })
+    .await?;
+    let conflict = s.local.cluster_record_conflict.clone().unwrap_or_default();
+    for part in [
+        "podmesh/v1/clusters/home",
+        "ID 7",
+        "10.7.0.0/16",
+        "ID 9",
+        "not overwritten",
+    ] {
+        assert!(conflict.contains(part), "{part:?} not in {conflict}");
+    }
+    // The publisher checks the record on every keep-alive (every TTL/3,
+    // 1.7 s here): after a few of them it is still what the other writer wrote.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let now = local.get(cluster_key("home"), None).await?;
+    let kv = now.kvs().first().context("cluster record")?;
+    assert_eq!(kv.value_str()?, theirs, "not overwritten");
+    assert_eq!(kv.mod_revision(), written_rev, "not written at all");
+
+    let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    assert!(
+        m.lines().any(|l| l == "podmesh_cluster_record_conflict 1"),
+        "{m}"
+    );
+    // `podmesh status -o json` (the CLI binary) carries it, and the table.
+    let bin = podmesh_tests::mesh::workspace_binary("podmesh-agent", "podmesh")?;
+    let addr = home.agent.status_addr.to_string();
+    let o = std::process::Command::new(&bin)
+        .args(["status", "--addr", &addr, "-o", "json"])
+        .output()?;
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(
+        json["local"]["cluster_record_conflict"].as_str(),
+        Some(conflict.as_str()),
+        "{json}"
+    );
+    let o = std::process::Command::new(&bin)
+        .args(["status", "--addr", &addr])
+        .output()?;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("cluster record conflict: podmesh/v1/clusters/home"),
+        "{table}"
+    );
+
+    // The operator's fix (delete the key): the agent writes its own record
+    // and the conflict clears.
+    local.delete(cluster_key("home"), None).await?;
+    wait_status(&home, "conflict cleared", |s| {
+        s.local.cluster_record_conflict.is_none()
+    })
+    .await?;
+    let now = local.get(cluster_key("home"), None).await?;
+    let mine: serde_json::Value =
+        serde_json::from_slice(now.kvs().first().context("recreated")?.value())?;
+    assert_eq!(mine["id"], 9);
+    assert_eq!(mine["podCIDRs"][0], "10.9.0.0/16");
+    let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    assert!(
+        m.lines().any(|l| l == "podmesh_cluster_record_conflict 0"),
+        "{m}"
+    );
+    Ok(())
+}

@@ -133,6 +133,13 @@ pub fn render(s: &StatusReport) -> String {
         "1 when this node's record is published under a live lease",
         published,
     );
+    let conflict = Gauge::<i64>::default();
+    conflict.set(i64::from(s.local.cluster_record_conflict.is_some()));
+    reg.register(
+        "cluster_record_conflict",
+        "1 when this cluster's record in the local mesh etcd differs from this agent's configuration (left as it is; the reason is in /status)",
+        conflict,
+    );
     let routes = Gauge::<i64>::default();
     routes.set(i64::try_from(s.routes_installed).unwrap_or(i64::MAX));
     reg.register("datapath_routes", "Routes the datapath holds", routes);
@@ -163,6 +170,22 @@ pub fn render(s: &StatusReport) -> String {
 mod tests {
     use super::*;
     use crate::datapath::kernel::Counters;
+
+    #[test]
+    fn cluster_record_conflict_is_a_zero_or_one_gauge() {
+        let mut s = StatusReport::default();
+        assert!(
+            render(&s)
+                .lines()
+                .any(|l| l == "podmesh_cluster_record_conflict 0")
+        );
+        s.local.cluster_record_conflict = Some("podmesh/v1/clusters/east holds …".into());
+        assert!(
+            render(&s)
+                .lines()
+                .any(|l| l == "podmesh_cluster_record_conflict 1")
+        );
+    }
 
     #[test]
     fn packet_counters_are_shown_only_when_the_datapath_has_them() {
