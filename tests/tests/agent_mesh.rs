@@ -385,6 +385,11 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
         .await?;
     east.put_raw(&node_key("east", "huge"), vec![b' '; 70 * 1024])
         .await?;
+    // Nodes claiming this cluster's service CIDR (10.96.0.0/12) and this
+    // node's own address (192.168.9.1).
+    east.node("svc", "192.168.1.9", &["10.96.4.0/24"]).await?;
+    east.node("nodeaddr", "192.168.1.10", &["192.168.9.0/24"])
+        .await?;
     east.put_raw(&node_key("west", "foreign"), "{}").await?;
     // dup: a cluster with west's ID.
     let mut dup = Remote::start("dup", 2).await?;
@@ -408,6 +413,8 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
         (node_key("east", "default"), "cidr-default-route"),
         (node_key("east", "reserved"), "cidr-reserved"),
         (node_key("east", "huge"), "record-too-large"),
+        (node_key("east", "svc"), "pod-cidr-overlaps-service"),
+        (node_key("east", "nodeaddr"), "pod-cidr-overlaps-node"),
         (node_key("west", "foreign"), "record-foreign-cluster"),
         (cluster_key("dup"), "cluster-id-duplicate"),
         (node_key("dup", "d1"), "cluster-rejected"),
@@ -421,9 +428,37 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
     }
     wait_routes(&home.dp, &[("10.2.1.0/24", "w1"), ("10.1.1.0/24", "good")]).await?;
     let m = http_get(home.agent.status_addr.port(), "/metrics")?;
+    for line in [
+        "podmesh_remote_rejected_records{cluster=\"east\",reason=\"cidr-reserved\"} 1",
+        "podmesh_remote_rejected_records{cluster=\"east\",reason=\"pod-cidr-overlaps-service\"} 1",
+        "podmesh_remote_rejected_records{cluster=\"east\",reason=\"pod-cidr-overlaps-node\"} 1",
+        "podmesh_remote_rejections_total{cluster=\"east\",reason=\"pod-cidr-overlaps-service\"} 1",
+        "podmesh_remote_rejections_total{cluster=\"east\",reason=\"pod-cidr-overlaps-node\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line} in:\n{m}");
+    }
+    // The messages name the local range each one would take.
+    let message = |key: &str| {
+        s.remotes["east"]
+            .records
+            .iter()
+            .find(|r| r.key == key)
+            .and_then(|r| match &r.state {
+                RecordState::Rejected(j) => Some(j.message.clone()),
+                RecordState::Programmed => None,
+            })
+            .unwrap_or_default()
+    };
+    let svc = message(&node_key("east", "svc"));
+    assert!(svc.contains("service CIDR 10.96.0.0/12"), "{svc}");
+    let addr = message(&node_key("east", "nodeaddr"));
+    assert!(addr.contains("node address 192.168.9.1/32"), "{addr}");
     assert!(
-        m.contains("podmesh_remote_rejected_records{cluster=\"east\",reason=\"cidr-reserved\"} 1"),
-        "{m}"
+        !s.routes
+            .iter()
+            .any(|r| r.node == "svc" || r.node == "nodeaddr"),
+        "{:?}",
+        s.routes
     );
     // The table view lists the rejected keys with their reasons.
     let table = podmesh_agent::cli::status::table(&s);

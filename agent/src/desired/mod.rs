@@ -225,6 +225,14 @@ pub(crate) fn entry_static<'e>(
     if let Some(r) = &n.early {
         return Err((**r).clone());
     }
+    // Local ranges before the containment in its own cluster: a node claiming
+    // this cluster's pods, services or nodes is the finding that matters here
+    // (it would take local traffic), whatever its own cluster declares.
+    for p in n.pod_cidrs.iter() {
+        if let Some(j) = local_overlap(local, &format!("node {node} of cluster {cluster}"), p) {
+            return Err(j);
+        }
+    }
     if let Some(r) = first_error(check_node_in_cluster(
         cluster,
         node,
@@ -236,11 +244,6 @@ pub(crate) fn entry_static<'e>(
     }
     if let Some(r) = &n.late {
         return Err((**r).clone());
-    }
-    for p in n.pod_cidrs.iter() {
-        if let Some(j) = local_overlap(local, &format!("node {node} of cluster {cluster}"), p) {
-            return Err(j);
-        }
     }
     Ok(Some(n))
 }

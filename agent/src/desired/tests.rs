@@ -157,6 +157,32 @@ fn overlap_with_local_rejects_cluster_and_node() {
 }
 
 #[test]
+fn node_claiming_local_services_or_this_node_is_told_so_before_containment() {
+    // The cluster record is fine; its nodes claim ranges outside it, into
+    // this cluster's service CIDR and onto this node's address.
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"])
+        .node("east", 1, "svc", &["10.96.4.0/24"], 2)
+        .node("east", 1, "addr", &["192.168.9.0/24"], 2)
+        .node("east", 1, "pods", &["10.9.1.0/24"], 2)
+        .node("east", 1, "outside", &["10.5.0.0/24"], 2)
+        .node("east", 1, "good", &["10.1.1.0/24"], 2);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    let k = |n: &str| format!("podmesh/v1/nodes/east/{n}");
+    assert_eq!(code_of(&d, &k("svc")), vcode::POD_CIDR_OVERLAPS_SERVICE);
+    assert_eq!(code_of(&d, &k("addr")), vcode::POD_CIDR_OVERLAPS_NODE);
+    assert_eq!(code_of(&d, &k("pods")), vcode::POD_CIDR_OVERLAP);
+    assert_eq!(
+        code_of(&d, &k("outside")),
+        vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER
+    );
+    assert_eq!(
+        d.routes.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.1.1.0/24"]
+    );
+}
+
+#[test]
 fn duplicate_id_and_local_id() {
     let mut m = Mesh::default();
     m.cluster("east", 1, &["10.1.0.0/16"])
