@@ -578,3 +578,154 @@ fn deploy_example_plan_passes_plan_check() {
         "an overlap of east's and west's Pod CIDRs is not an error: {findings:#?}"
     );
 }
+
+/// A Secret volume's files belong to root (to the pod's `fsGroup`, when it
+/// has one, which the kubelet also makes group-readable). A container that
+/// runs as another user reads them only through the "other" read bit, or
+/// through fsGroup. Returns one line per secret mount that user cannot read.
+fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in docs {
+        let pod = match s(&w["kind"]) {
+            "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                &w["spec"]["template"]["spec"]
+            }
+            "CronJob" => &w["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            "Pod" => &w["spec"],
+            _ => continue,
+        };
+        let workload = format!("{}/{}", s(&w["kind"]), s(&w["metadata"]["name"]));
+        let psc = &pod["securityContext"];
+        let has_fs_group = psc["fsGroup"].as_u64().is_some();
+        let containers = seq(&pod["containers"])
+            .iter()
+            .chain(pod["initContainers"].as_sequence().into_iter().flatten());
+        for c in containers {
+            let csc = &c["securityContext"];
+            let pick = |k: &str| {
+                if csc[k].is_null() { &psc[k] } else { &csc[k] }
+            };
+            let non_root = match pick("runAsUser").as_u64() {
+                Some(uid) => uid != 0,
+                // The image's user, which runAsNonRoot guarantees is not root.
+                None => pick("runAsNonRoot").as_bool() == Some(true),
+            };
+            let gid0 = pick("runAsGroup").as_u64() == Some(0);
+            if !non_root || has_fs_group {
+                continue;
+            }
+            for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+                let vol = volume(pod, s(&m["name"]));
+                // (secret name, file mode) of every file the volume holds.
+                let mut files: Vec<(String, u64)> = Vec::new();
+                let mut secret = |src: &Value, default: u64| {
+                    let mode = src["defaultMode"].as_u64().unwrap_or(default);
+                    let name = src["secretName"]
+                        .as_str()
+                        .or(src["name"].as_str())
+                        .unwrap_or("?")
+                        .to_string();
+                    match src["items"].as_sequence() {
+                        // Only the listed keys, each with its own mode or the default.
+                        Some(items) => files.extend(
+                            items
+                                .iter()
+                                .map(|i| (name.clone(), i["mode"].as_u64().unwrap_or(mode))),
+                        ),
+                        None => files.push((name, mode)),
+                    }
+                };
+                if !vol["secret"].is_null() {
+                    secret(&vol["secret"], 0o644);
+                }
+                // A projected volume's secret sources take its defaultMode.
+                let projected_mode = vol["projected"]["defaultMode"].as_u64().unwrap_or(0o644);
+                for src in vol["projected"]["sources"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                {
+                    if !src["secret"].is_null() {
+                        secret(&src["secret"], projected_mode);
+                    }
+                }
+                for (name, mode) in files {
+                    let readable = mode & 0o004 != 0 || (gid0 && mode & 0o040 != 0);
+                    if !readable {
+                        out.push(format!(
+                            "{workload}: container {} runs as non-root but Secret {name} is mounted \
+                             at {} with mode {mode:#o} and the pod has no fsGroup",
+                            s(&c["name"]),
+                            s(&m["mountPath"])
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every container that runs as a non-root user can read the Secrets it
+/// mounts (the etcd proxy and the mesh etcd run as 65532 with 0440 keys).
+#[test]
+fn deploy_non_root_containers_can_read_their_secrets() {
+    for dir in ["base", "overlays/east", "overlays/west"] {
+        let d = docs(&render(dir));
+        let bad = unreadable_secret_mounts(&d);
+        assert!(bad.is_empty(), "{dir}:\n{}", bad.join("\n"));
+    }
+
+    // The check finds the bug it is for: the proxy without its fsGroup.
+    let mut d = docs(&render("base"));
+    let proxy = d
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
+        .unwrap();
+    let sc = proxy["spec"]["template"]["spec"]["securityContext"]
+        .as_mapping_mut()
+        .expect("the proxy has a pod securityContext");
+    assert!(sc.remove("fsGroup").is_some(), "the proxy sets fsGroup");
+    let bad = unreadable_secret_mounts(&d);
+    for sec in ["podmesh-etcd-proxy-tls", "podmesh-etcd-proxy-upstream"] {
+        assert!(
+            bad.iter()
+                .any(|b| b.starts_with("Deployment/podmesh-etcd-proxy:") && b.contains(sec)),
+            "{sec} not reported: {bad:?}"
+        );
+    }
+    assert_eq!(bad.len(), 2, "{bad:?}");
+
+    // World-readable files need no fsGroup; a projected volume is checked too.
+    let proxy = d
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
+        .unwrap();
+    let volumes = proxy["spec"]["template"]["spec"]["volumes"]
+        .as_sequence_mut()
+        .unwrap();
+    for v in volumes.iter_mut() {
+        if let Some(sec) = v["secret"].as_mapping_mut() {
+            sec.insert("defaultMode".into(), 0o444.into());
+        }
+    }
+    assert_eq!(unreadable_secret_mounts(&d), Vec::<String>::new());
+    let projected: Value = serde_yaml::from_str(
+        "name: tls\nprojected:\n  defaultMode: 0o400\n  sources:\n  - secret:\n      name: podmesh-etcd-proxy-tls\n",
+    )
+    .unwrap();
+    let proxy = d
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
+        .unwrap();
+    let volumes = proxy["spec"]["template"]["spec"]["volumes"]
+        .as_sequence_mut()
+        .unwrap();
+    let tls = volumes.iter_mut().find(|v| v["name"] == "tls").unwrap();
+    *tls = projected;
+    let bad = unreadable_secret_mounts(&d);
+    assert!(
+        bad.len() == 1 && bad[0].contains("podmesh-etcd-proxy-tls") && bad[0].contains("0o400"),
+        "{bad:?}"
+    );
+}
