@@ -14,15 +14,21 @@ use clap::CommandFactory;
 use podmesh_agent::config::AgentArgs;
 use serde_yaml::Value;
 
-/// Secrets the operator creates (certificates); every other referenced
-/// object must be part of the rendered manifests.
+/// Secrets the operator creates (the certificates, and the remote clusters
+/// with `podmesh secret render`), as docs/walkthrough.md says. The manifests
+/// never contain them: `kubectl apply -k` would replace (or, through its
+/// last-applied bookkeeping, empty) what the operator created.
 const OPERATOR_SECRETS: &[&str] = &[
     "podmesh-kvstore-client",
     "podmesh-mesh-etcd-server",
     "podmesh-mesh-etcd-peer",
     "podmesh-etcd-proxy-tls",
     "podmesh-etcd-proxy-upstream",
+    "podmesh-clustermesh",
 ];
+
+/// The overlays that `kubectl apply -k` applies, and the base under them.
+const KUSTOMIZATIONS: &[&str] = &["base", "overlays/east", "overlays/west"];
 
 /// The flags of podmesh-etcd-proxy the base sets (DESIGN.md, "Commands").
 const PROXY_FLAGS: &[&str] = &[
@@ -163,6 +169,15 @@ fn volume<'a>(pod_spec: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no volume {name}"))
 }
 
+/// The example clustermesh Secret of an overlay (not part of what it renders).
+fn example_secret(cluster: &str) -> Value {
+    let path = root().join(format!(
+        "deploy/overlays/{cluster}/clustermesh-secret.example.yaml"
+    ));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn agent_config(docs: &[Value]) -> Value {
     let cm = find(docs, "ConfigMap", "podmesh-agent-config");
     serde_yaml::from_str(s(&cm["data"]["config.yaml"])).expect("config.yaml parses")
@@ -170,7 +185,7 @@ fn agent_config(docs: &[Value]) -> Value {
 
 #[test]
 fn deploy_base_and_overlays_pass_strict_schema_validation() {
-    for dir in ["base", "overlays/east", "overlays/west"] {
+    for dir in KUSTOMIZATIONS {
         let yaml = render(dir);
         let n = docs(&yaml).len();
         assert!(n >= 15, "{dir}: only {n} objects rendered");
@@ -178,6 +193,11 @@ fn deploy_base_and_overlays_pass_strict_schema_validation() {
         assert!(ok, "{dir} fails strict schema validation:\n{out}");
         let passed = out.lines().filter(|l| l.contains(" passed for ")).count();
         assert_eq!(passed, n, "{dir}: {n} objects, {passed} validated:\n{out}");
+    }
+    for cluster in ["east", "west"] {
+        let example = serde_yaml::to_string(&example_secret(cluster)).unwrap();
+        let (ok, out) = validate(&example);
+        assert!(ok, "{cluster}'s example Secret fails validation:\n{out}");
     }
 }
 
@@ -323,7 +343,7 @@ fn deploy_agent_config_keys_are_agent_flags() {
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_string))
         .collect();
-    for dir in ["base", "overlays/east", "overlays/west"] {
+    for dir in KUSTOMIZATIONS {
         let cfg = agent_config(&docs(&render(dir)));
         let map = cfg.as_mapping().expect("config.yaml is a mapping");
         assert!(map.len() >= 8, "{dir}: config.yaml has {} keys", map.len());
@@ -363,8 +383,10 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
         assert_eq!(planned["podCIDRs"], cfg["cluster-pod-cidr"], "{name}");
         assert_eq!(planned["serviceCIDRs"], cfg["service-cidr"], "{name}");
 
-        // The Secret lists exactly the other cluster, in the wire format.
-        let secret = find(&d, "Secret", "podmesh-clustermesh");
+        // The example Secret lists exactly the other cluster, in the wire format.
+        let secret = example_secret(name);
+        assert_eq!(secret["metadata"]["name"], "podmesh-clustermesh");
+        assert_eq!(secret["metadata"]["namespace"], "podmesh");
         let data = secret["stringData"].as_mapping().expect("stringData");
         let keys: BTreeSet<&str> = data.keys().map(s).collect();
         let want: BTreeSet<String> = ["", ".ca.crt", ".client.crt", ".client.key"]
@@ -402,8 +424,7 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
             flag(&pargs, "advertise-url"),
             format!("https://{name}-mesh.example.com:2379")
         );
-        let other = docs(&render(&format!("overlays/{remote}")));
-        let other_secret = find(&other, "Secret", "podmesh-clustermesh");
+        let other_secret = example_secret(remote);
         let theirs: Value = serde_yaml::from_str(s(&other_secret["stringData"][name])).unwrap();
         assert_eq!(
             seq(&theirs["endpoints"])[0].as_str(),
@@ -517,14 +538,13 @@ fn deploy_mesh_etcd_and_proxy_use_mutual_tls() {
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
 }
 
-/// Every ConfigMap, Secret and ServiceAccount a workload names is rendered,
-/// or is one of the certificate Secrets the walkthrough tells the operator to
-/// create.
+/// Every ConfigMap and ServiceAccount a workload names is rendered; every
+/// Secret it names is one the walkthrough tells the operator to create.
 #[test]
 fn deploy_every_referenced_object_exists_or_is_documented() {
     let walkthrough = std::fs::read_to_string(root().join("docs/walkthrough.md"))
         .expect("docs/walkthrough.md exists");
-    for dir in ["base", "overlays/east", "overlays/west"] {
+    for dir in KUSTOMIZATIONS {
         let d = docs(&render(dir));
         let rendered = |kind: &str, name: &str| {
             d.iter()
@@ -543,13 +563,11 @@ fn deploy_every_referenced_object_exists_or_is_documented() {
                     checked += 1;
                 }
                 if let Some(sec) = v["secret"]["secretName"].as_str() {
-                    if !rendered("Secret", sec) {
-                        assert!(OPERATOR_SECRETS.contains(&sec), "{dir}: Secret {sec}");
-                        assert!(
-                            walkthrough.contains(sec),
-                            "docs/walkthrough.md does not say how to create {sec}"
-                        );
-                    }
+                    assert!(OPERATOR_SECRETS.contains(&sec), "{dir}: Secret {sec}");
+                    assert!(
+                        walkthrough.contains(sec),
+                        "docs/walkthrough.md does not say how to create {sec}"
+                    );
                     checked += 1;
                 }
             }
@@ -576,6 +594,39 @@ fn deploy_example_plan_passes_plan_check() {
             .iter()
             .any(|f| f.severity == Severity::Error && f.clusters.len() == 2),
         "an overlap of east's and west's Pod CIDRs is not an error: {findings:#?}"
+    );
+}
+
+/// docs/walkthrough.md has the operator create the Secrets (step 2 the
+/// certificates, step 3 `podmesh secret render` for the remote clusters)
+/// before `kubectl apply -k` (step 4). A Secret of the same name in the
+/// manifests would undo that: apply replaces its data, and even an empty one
+/// removes the keys the operator's own `kubectl apply -f` recorded.
+#[test]
+fn deploy_manifests_leave_the_operators_secrets_alone() {
+    for dir in KUSTOMIZATIONS {
+        let d = docs(&render(dir));
+        for o in d.iter().filter(|o| o["kind"] == "Secret") {
+            let name = s(&o["metadata"]["name"]);
+            assert!(
+                !OPERATOR_SECRETS.contains(&name),
+                "{dir} renders Secret {name}: `kubectl apply -k deploy/{dir}` would overwrite \
+                 the one the operator created"
+            );
+        }
+    }
+    // The walkthrough renders the clustermesh Secret before it applies the
+    // overlay, and does not send the operator to put its keys into the overlay.
+    let walkthrough = std::fs::read_to_string(root().join("docs/walkthrough.md")).unwrap();
+    let render_at = walkthrough
+        .find("podmesh secret render --cluster")
+        .expect("the walkthrough renders the clustermesh Secret");
+    let apply_at = walkthrough
+        .find("apply -k deploy/overlays/")
+        .expect("the walkthrough applies an overlay");
+    assert!(
+        render_at < apply_at,
+        "the Secret is rendered after apply -k"
     );
 }
 
@@ -670,7 +721,7 @@ fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
 /// mounts (the etcd proxy and the mesh etcd run as 65532 with 0440 keys).
 #[test]
 fn deploy_non_root_containers_can_read_their_secrets() {
-    for dir in ["base", "overlays/east", "overlays/west"] {
+    for dir in KUSTOMIZATIONS {
         let d = docs(&render(dir));
         let bad = unreadable_secret_mounts(&d);
         assert!(bad.is_empty(), "{dir}:\n{}", bad.join("\n"));
