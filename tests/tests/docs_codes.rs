@@ -50,3 +50,61 @@ fn every_code_is_explained_in_troubleshooting() {
         "docs/troubleshooting.md does not explain {missing:?}"
     );
 }
+
+/// Relative links of `text` (Markdown): the targets of `](target)` outside
+/// code blocks and code spans that are not URLs or in-page anchors, without
+/// their `#anchor`.
+fn relative_links(text: &str) -> Vec<String> {
+    let mut prose = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            // Even pieces between backticks are outside code spans.
+            prose.extend(line.split('`').step_by(2));
+            prose.push('\n');
+        }
+    }
+    prose
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(')').map(|(t, _)| t))
+        .filter(|t| !t.contains("://") && !t.starts_with('#') && !t.starts_with("mailto:"))
+        .map(|t| t.split('#').next().unwrap_or(t).to_string())
+        .collect()
+}
+
+/// A reader of the repository finds what README.md and docs/ point to: every
+/// relative link resolves to a file of the repository, and the README points
+/// to the design contracts in docs/design.md rather than to notes outside it.
+#[test]
+fn readme_and_docs_link_to_files_that_exist() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    assert!(
+        relative_links(&readme)
+            .iter()
+            .any(|l| l == "docs/design.md"),
+        "README.md does not link docs/design.md"
+    );
+    let mut files = vec![(root(), readme)];
+    for e in std::fs::read_dir(root().join("docs")).expect("docs/") {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "md") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            files.push((root().join("docs"), text));
+        }
+    }
+    assert!(files.len() >= 5, "README.md and docs/*.md: {}", files.len());
+    for (dir, text) in &files {
+        for link in relative_links(text) {
+            assert!(
+                dir.join(&link).exists(),
+                "{}: link to {link}, which does not exist",
+                dir.display()
+            );
+        }
+    }
+}
