@@ -1,7 +1,9 @@
 //! The agent's control plane against real etcd with mTLS: several simulated
 //! remote clusters (each a real etcd), the bad-record corpus, etcd restarts
-//! (also empty), compaction, and Secret changes including certificate rotation.
-//! The agent runs in-process with the in-memory datapath.
+//! (also empty), compaction (also of a live watch), lease loss, a conflicting
+//! cluster record, and Secret changes including certificate rotation. The agent
+//! runs in-process with the in-memory datapath, or as the `podmesh-agent`
+//! binary with its dry-run datapath where a test stops and continues it.
 use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -1021,6 +1023,276 @@ async fn agent_leaves_a_conflicting_cluster_record_and_reports_it() -> anyhow::R
     assert!(
         m.lines().any(|l| l == "podmesh_cluster_record_conflict 0"),
         "{m}"
+    );
+    Ok(())
+}
+
+/// The `podmesh-agent` binary (cluster "home", dry-run datapath) following
+/// the Secret directory `secret`, as a process of its own that a test can
+/// stop and continue; killed on drop.
+struct AgentProcess {
+    child: std::process::Child,
+    addr: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl AgentProcess {
+    fn start(secret: &Path) -> anyhow::Result<Self> {
+        let bin = podmesh_tests::mesh::workspace_binary("podmesh-agent", "podmesh-agent")?;
+        let addr = format!("127.0.0.1:{}", podmesh_tests::free_port());
+        let log = tempfile::NamedTempFile::new()?;
+        let child = std::process::Command::new(bin)
+            .args([
+                "--cluster-name",
+                "home",
+                "--cluster-id",
+                "9",
+                "--node-name",
+                "h1",
+                "--node-ip",
+                "192.168.9.1",
+                "--pod-cidr",
+                "10.9.1.0/24",
+                "--cluster-pod-cidr",
+                "10.9.0.0/16",
+                "--service-cidr",
+                "10.96.0.0/12",
+                "--datapath-dry-run",
+                "--secret-poll-ms",
+                "100",
+                "--max-backoff",
+                "1",
+                "--status-addr",
+                &addr,
+                "--clustermesh-config",
+            ])
+            .arg(secret)
+            .env_remove("NODE_NAME")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
+            .spawn()?;
+        Ok(Self { child, addr, log })
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, sig)?;
+        Ok(())
+    }
+
+    fn status(&self) -> Result<StatusReport, String> {
+        podmesh_agent::cli::status::fetch(&self.addr).map_err(|e| e.to_string())
+    }
+
+    async fn wait(
+        &self,
+        what: &str,
+        f: impl Fn(&StatusReport) -> bool,
+    ) -> anyhow::Result<StatusReport> {
+        eventually_async(WAIT, || async {
+            let s = self.status()?;
+            if f(&s) {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "{what}: {}",
+                    serde_json::to_string(&s.remotes).unwrap_or_default()
+                ))
+            }
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "agent log:\n{}",
+                podmesh_tests::daemon::log_tail(self.log.path(), 30)
+            )
+        })
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CIDR -> (node, tunnel endpoint) of the routes the status shows.
+fn status_routes(s: &StatusReport) -> BTreeMap<String, (String, String)> {
+    s.routes
+        .iter()
+        .map(|r| {
+            (
+                r.cidr.to_string(),
+                (r.node.clone(), r.node_addr.to_string()),
+            )
+        })
+        .collect()
+}
+
+fn want_routes(want: &[(&str, &str, &str)]) -> BTreeMap<String, (String, String)> {
+    want.iter()
+        .map(|(c, n, a)| (c.to_string(), (n.to_string(), a.to_string())))
+        .collect()
+}
+
+/// Every key under `podmesh/v1/` in `client`'s etcd.
+async fn etcd_keys(client: &mut etcd_client::Client) -> anyhow::Result<Vec<String>> {
+    let r = client
+        .get(
+            "podmesh/v1/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    Ok(r.kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_relists_when_its_live_watch_falls_behind_a_compaction() -> anyhow::Result<()> {
+    use nix::sys::signal::Signal;
+
+    const SLOW_WATCHERS: &str = "etcd_debugging_mvcc_slow_watcher_total";
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let agent = AgentProcess::start(secret.path())?;
+    let s = agent
+        .wait("synced", |s| {
+            s.ready
+                && status_routes(s)
+                    == want_routes(&[
+                        ("10.1.1.0/24", "e1", "192.168.1.1"),
+                        ("10.1.2.0/24", "e2", "192.168.1.2"),
+                    ])
+        })
+        .await?;
+    let before = s.remotes["east"].clone();
+    assert_eq!(before.lists, 1, "{before:?}");
+    assert_eq!(before.compactions, 0, "{before:?}");
+    // The agent's watch is etcd's only watcher, and in step.
+    eventually_async(WAIT, || async {
+        match east.etcd.metric(SLOW_WATCHERS) {
+            Ok(0.0) => Ok(()),
+            other => Err(format!("{SLOW_WATCHERS} {other:?}")),
+        }
+    })
+    .await?;
+
+    // The agent stops reading while connected. Writes under the watched
+    // prefix fill the connection's flow-control window and socket buffers,
+    // then etcd's per-stream queue, until etcd parks the watcher as slow
+    // (a "victim", its further events undelivered).
+    agent.signal(Signal::SIGSTOP)?;
+    let stopped = std::time::Instant::now();
+    let filler = node_key("east", "filler");
+    let chunk = "x".repeat(48 * 1024);
+    let mut written = 0usize;
+    while east.etcd.metric(SLOW_WATCHERS).unwrap_or(0.0) < 1.0 {
+        anyhow::ensure!(
+            written < 4000,
+            "etcd did not park the stopped agent's watcher after {written} writes of 48 KiB"
+        );
+        let puts = (0..16).map(|_| {
+            let mut c = east.client.clone();
+            let (k, v) = (filler.clone(), chunk.clone());
+            async move { c.put(k, v, None).await }
+        });
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+        written += 16;
+    }
+    // What the agent misses: a changed, a deleted and a new node; the filler
+    // goes again. Then the history it would need is compacted away.
+    east.node("e1", "192.168.1.11", &["10.1.1.0/24"]).await?;
+    east.delete(&node_key("east", "e2")).await?;
+    east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
+    east.delete(&filler).await?;
+    let rev = east
+        .client
+        .get("x", None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .context("revision")?;
+    east.client.compact(rev, None).await?;
+    agent.signal(Signal::SIGCONT)?;
+    eprintln!(
+        "agent stopped for {:?}; {written} writes of 48 KiB until etcd parked its watcher",
+        stopped.elapsed()
+    );
+
+    // The parked watcher resumes below the compaction: etcd answers it with
+    // a compacted response, and the agent re-lists on the same connection.
+    let want = want_routes(&[
+        ("10.1.1.0/24", "e1", "192.168.1.11"),
+        ("10.1.3.0/24", "e3", "192.168.1.3"),
+    ]);
+    let s = agent
+        .wait("re-listed after the compaction", |s| {
+            s.ready && s.remotes["east"].compactions > 0 && status_routes(s) == want
+        })
+        .await?;
+    let after = s.remotes["east"].clone();
+    assert_eq!(
+        after.compactions, 1,
+        "one compaction, one re-list: {after:?}"
+    );
+    assert_eq!(
+        after.failures, before.failures,
+        "the connection stayed up: {after:?}"
+    );
+    assert_eq!(after.lists, 2, "{after:?}");
+    // Exactly etcd's state: the deleted node and the filler pruned.
+    let mut in_etcd = etcd_keys(&mut east.client).await?;
+    let mut held: Vec<String> = after.records.iter().map(|r| r.key.clone()).collect();
+    in_etcd.sort();
+    held.sort();
+    assert_eq!(held, in_etcd);
+    assert_eq!(after.entries, in_etcd.len());
+    let port: u16 = agent.addr.rsplit(':').next().unwrap_or("0").parse()?;
+    let metrics = http_get(port, "/metrics")?;
+    for line in [
+        "podmesh_remote_watch_compactions_total{cluster=\"east\"} 1",
+        "podmesh_remote_lists_total{cluster=\"east\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
+
+    // No hot loop: nothing more is listed while nothing happens, and the
+    // new watch delivers what comes next.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = agent.status().map_err(anyhow::Error::msg)?;
+    assert_eq!(s.remotes["east"].lists, 2, "{:?}", s.remotes["east"]);
+    east.node("e4", "192.168.1.4", &["10.1.4.0/24"]).await?;
+    agent
+        .wait("live again", |s| {
+            status_routes(s)
+                == want_routes(&[
+                    ("10.1.1.0/24", "e1", "192.168.1.11"),
+                    ("10.1.3.0/24", "e3", "192.168.1.3"),
+                    ("10.1.4.0/24", "e4", "192.168.1.4"),
+                ])
+        })
+        .await?;
+    assert_eq!(
+        agent.status().map_err(anyhow::Error::msg)?.remotes["east"].lists,
+        2
     );
     Ok(())
 }

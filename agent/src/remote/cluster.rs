@@ -209,7 +209,10 @@ impl<C: Connector> RemoteCluster<C> {
                 End::Failed(e) => self.fail(&e).await,
                 End::Compacted => {
                     tracing::info!(cluster = %self.name, "remote watch compacted; re-listing");
-                    self.status.remote(&self.name, |r| r.synced = false);
+                    self.status.remote(&self.name, |r| {
+                        r.synced = false;
+                        r.compactions += 1;
+                    });
                 }
             }
             let delay = backoff.next_delay();
@@ -248,6 +251,7 @@ impl<C: Connector> RemoteCluster<C> {
         self.status.remote(&self.name, |r| {
             r.connected = true;
             r.synced = false;
+            r.lists += 1;
         });
         let generation = self.cache.begin_list(&self.name);
         let mut synced = false;

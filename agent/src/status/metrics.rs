@@ -32,6 +32,8 @@ pub fn render(s: &StatusReport) -> String {
     let nodes = Family::<ClusterLabel, Gauge>::default();
     let entries = Family::<ClusterLabel, Gauge>::default();
     let failures = Family::<ClusterLabel, Counter>::default();
+    let lists = Family::<ClusterLabel, Counter>::default();
+    let compactions = Family::<ClusterLabel, Counter>::default();
     let last_failure = Family::<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let sync_seconds = Family::<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let grace = Family::<ClusterLabel, Gauge>::default();
@@ -52,6 +54,8 @@ pub fn render(s: &StatusReport) -> String {
             .get_or_create(&l)
             .set(i64::try_from(r.entries).unwrap_or(i64::MAX));
         failures.get_or_create(&l).inc_by(r.failures);
+        lists.get_or_create(&l).inc_by(r.lists);
+        compactions.get_or_create(&l).inc_by(r.compactions);
         last_failure
             .get_or_create(&l)
             .set(r.last_failure.unwrap_or(0.0));
@@ -101,6 +105,16 @@ pub fn render(s: &StatusReport) -> String {
         entries,
     );
     reg.register("remote_failures", "Connection and watch failures", failures);
+    reg.register(
+        "remote_lists",
+        "Complete lists started: one per connection, and one per compaction the watch fell behind",
+        lists,
+    );
+    reg.register(
+        "remote_watch_compactions",
+        "Times the watch fell behind a compaction of the remote's history and the agent re-listed",
+        compactions,
+    );
     reg.register(
         "remote_last_failure_timestamp_seconds",
         "Unix time of the last failure (0: none)",

@@ -72,6 +72,14 @@ pub struct RemoteStatus {
     pub sync_seconds: Option<f64>,
     /// Connection or watch failures since start.
     pub failures: u64,
+    /// Lists of the remote's records started since start: one per connection,
+    /// and one more each time the watch fell behind a compaction.
+    #[serde(default)]
+    pub lists: u64,
+    /// Times the watch (or a list) fell behind a compaction of the remote's
+    /// history and the agent re-listed.
+    #[serde(default)]
+    pub compactions: u64,
     /// Unix time of the last failure.
     pub last_failure: Option<f64>,
     /// The last error, with a hint.

@@ -193,7 +193,7 @@ async fn compaction_relists_without_hot_loop() {
     s.put(&cluster_key("east"), b"{}".to_vec(), None)
         .await
         .unwrap();
-    let (conn, cache, _status, h) = setup(&s);
+    let (conn, cache, status, h) = setup(&s);
     settle().await;
     // Overflow the watch channel: the memory store reports it as a compaction.
     for i in 0..6000 {
@@ -205,6 +205,11 @@ async fn compaction_relists_without_hot_loop() {
     settle().await;
     assert_eq!(keys(&cache).len(), 6001);
     assert!(conn.attempts.lock().unwrap().len() <= 3);
+    let st = status.snapshot().remotes["east"].clone();
+    assert!(st.compactions >= 1, "{st:?}");
+    assert_eq!(st.lists, 1 + st.compactions, "{st:?}");
+    assert_eq!(st.failures, 0, "a compaction is not a failure: {st:?}");
+    assert!(st.synced);
     h.abort();
 }
 
