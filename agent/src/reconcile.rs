@@ -9,6 +9,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use ipnet::IpNet;
+use tokio::sync::watch;
 
 use crate::{
     datapath::{Datapath, DatapathError, RemoteRoute},
@@ -38,6 +39,21 @@ pub struct Reconciler<D> {
     cache: MeshCache,
     status: Status,
     installed: Option<Vec<RemoteRoute>>,
+    /// New local ranges as this node changes (a Node from Kubernetes gets or
+    /// changes its Pod CIDRs and addresses while the agent runs).
+    local_updates: Option<watch::Receiver<LocalRanges>>,
+}
+
+/// The next local ranges `updates` reports; pending forever without a
+/// source, or once it ended (the last ranges stay).
+async fn next_local(updates: &mut Option<watch::Receiver<LocalRanges>>) -> LocalRanges {
+    if let Some(rx) = updates
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    *updates = None;
+    std::future::pending().await
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -50,7 +66,32 @@ impl<D: Datapath> Reconciler<D> {
             cache,
             status,
             installed: None,
+            local_updates: None,
         }
+    }
+
+    /// Validates remote records against the local ranges `updates` holds,
+    /// now and whenever they change.
+    pub fn follow_local(mut self, mut updates: watch::Receiver<LocalRanges>) -> Self {
+        let now = updates.borrow_and_update().clone();
+        self.set_local(now);
+        self.local_updates = Some(updates);
+        self
+    }
+
+    /// Validates remote records against `local` from the next pass on: a
+    /// remote range that now overlaps a local one is withdrawn and reported.
+    pub fn set_local(&mut self, local: LocalRanges) {
+        if local == self.local {
+            return;
+        }
+        tracing::info!(
+            pod_cidrs = ?local.pod,
+            addresses = ?local.node,
+            "this node's Pod CIDRs or addresses changed; validating every remote record against them"
+        );
+        self.cache.set_local(local.clone());
+        self.local = local;
     }
 
     /// Reads back what the datapath holds, so that a restart continues from
@@ -168,6 +209,7 @@ impl<D: Datapath> Reconciler<D> {
                             tokio::task::yield_now().await;
                         }
                         _ = tick.tick() => full = true,
+                        local = next_local(&mut self.local_updates) => self.set_local(local),
                     }
                 }
                 Action::RequeueAfter(d) => {

@@ -1,7 +1,10 @@
 //! Wires the agent together: status server, publisher, remote clusters,
 //! reconciler over any [`Datapath`]. Used by the `podmesh-agent` binary and
 //! by tests (with the in-memory datapath).
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use tokio::{sync::watch, task::JoinHandle};
@@ -64,20 +67,51 @@ impl Drop for Agent {
     }
 }
 
-/// The local ranges no remote may take.
-pub fn local_ranges(cfg: &AgentConfig) -> LocalRanges {
+/// The local ranges no remote may take: this cluster's declared Pod and
+/// service CIDRs, and this node's own Pod CIDRs and addresses as `node` last
+/// reported them (from the flags, or the Kubernetes Node, which can change
+/// while the agent runs); without `node`, those of the flags, if any.
+pub fn local_ranges(cfg: &AgentConfig, node: Option<&LocalNode>) -> LocalRanges {
+    let (own_pods, addrs): (&[IpNet], Vec<IpAddr>) = match (node, &cfg.node_source) {
+        (Some(n), _) => (&n.pod_cidrs, n.addresses.clone()),
+        (None, NodeSource::Static { ip, pod_cidrs }) => (pod_cidrs, vec![*ip]),
+        (None, NodeSource::Kubernetes) => (&[], Vec::new()),
+    };
     let mut pod = cfg.cluster_pod_cidrs.clone();
-    let mut node = Vec::new();
-    if let NodeSource::Static { ip, pod_cidrs } = &cfg.node_source {
-        pod.extend(pod_cidrs.iter().copied());
-        node.push(IpNet::from(*ip));
+    for c in own_pods {
+        if !pod.contains(c) {
+            pod.push(*c);
+        }
+    }
+    let mut host = Vec::new();
+    for a in addrs.into_iter().map(IpNet::from) {
+        if !host.contains(&a) {
+            host.push(a);
+        }
     }
     LocalRanges {
         cluster: cfg.cluster_name.to_string(),
         cluster_id: cfg.cluster_id,
         pod,
         service: cfg.service_cidrs.clone(),
-        node,
+        node: host,
+    }
+}
+
+/// Keeps `tx` at the local ranges of this node as `node` reports it, so that
+/// the reconciler validates remote records against the current Node.
+async fn follow_local_ranges(
+    cfg: AgentConfig,
+    mut node: watch::Receiver<Option<LocalNode>>,
+    tx: watch::Sender<LocalRanges>,
+) {
+    while node.changed().await.is_ok() {
+        let l = local_ranges(&cfg, node.borrow_and_update().as_ref());
+        tx.send_if_modified(|cur| {
+            let changed = *cur != l;
+            *cur = l;
+            changed
+        });
     }
 }
 
@@ -147,11 +181,12 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
             pod_cidrs: cfg.cluster_pod_cidrs.clone(),
             service_cidrs: cfg.service_cidrs.clone(),
         };
-        let (path, node_name, ttl, st) = (
+        let (path, node_name, ttl, st, node_rx) = (
             path.clone(),
             cfg.node_name.clone(),
             cfg.lease_ttl,
             status.clone(),
+            node_rx.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut backoff = Backoff::new(MIN_BACKOFF, Duration::from_secs(10));
@@ -205,7 +240,15 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
         }));
     }
 
-    let reconciler = Reconciler::new(datapath, local_ranges(cfg), cache.clone(), status.clone());
+    let (local_tx, local_rx) = watch::channel(local_ranges(cfg, node_rx.borrow().as_ref()));
+    tasks.push(tokio::spawn(follow_local_ranges(
+        cfg.clone(),
+        node_rx.clone(),
+        local_tx,
+    )));
+    let initial = local_rx.borrow().clone();
+    let reconciler =
+        Reconciler::new(datapath, initial, cache.clone(), status.clone()).follow_local(local_rx);
     tasks.push(tokio::spawn(reconciler.run(cfg.resync_interval)));
     tracing::info!(cluster = %cfg.cluster_name, node = %cfg.node_name, status = %status_addr, "podmesh-agent started");
     Ok(Agent {
@@ -215,3 +258,6 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
         tasks,
     })
 }
+
+#[cfg(test)]
+mod tests;

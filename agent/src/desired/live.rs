@@ -124,6 +124,8 @@ pub struct Live {
     detached: BTreeMap<String, BTreeMap<IpNet, RemoteRoute>>,
     /// Candidates whose acceptance differs from their `p`: re-keyed next step.
     flipped: Vec<Id>,
+    /// The local ranges changed: the next step re-validates every record.
+    revalidate: bool,
     routes: usize,
 }
 
@@ -138,8 +140,23 @@ impl Live {
             orphans: Some(installed),
             detached: BTreeMap::new(),
             flipped: Vec::new(),
+            revalidate: false,
             routes: 0,
         }
+    }
+
+    /// Replaces the local ranges (this node's Pod CIDRs or address changed,
+    /// as a Node from Kubernetes can): the next step re-validates every
+    /// record against them. Programmed records stay the existing owners
+    /// among remotes, but one that now overlaps a local range is withdrawn:
+    /// a remote never takes local traffic. Returns whether anything changed.
+    pub fn set_local(&mut self, local: LocalRanges) -> bool {
+        if self.local == local {
+            return false;
+        }
+        self.local = local;
+        self.revalidate = true;
+        true
     }
 
     /// Number of desired routes.
@@ -448,6 +465,7 @@ impl Live {
                     || orphans_by.contains_key(n)
             })
         };
+        let revalidate = std::mem::take(&mut self.revalidate);
         let gone: Vec<String> = self
             .clusters
             .keys()
@@ -481,7 +499,7 @@ impl Live {
                     },
                 );
             }
-            let mut all = false;
+            let mut all = revalidate;
             let mut seed = None;
             if rem.synced_once && !self.clusters[name].synced {
                 seed = Some(self.drop_seed(&mut w, name));

@@ -30,7 +30,7 @@ pub mod live;
 pub use decode::{Decoded, Entry, NodeData, Rejection, code};
 
 /// This cluster's ranges, which no remote may take.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalRanges {
     /// This cluster's name.
     pub cluster: String,

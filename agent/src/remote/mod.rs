@@ -16,7 +16,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
     desired::{
-        Entry, RemoteEntries,
+        Entry, LocalRanges, RemoteEntries,
         live::{Dirty, Live, Step},
     },
     kvstore::{KvError, KvStore, client_config::EtcdClientConfig, etcd::EtcdStore},
@@ -118,6 +118,22 @@ impl MeshCache {
         let mut g = self.lock();
         g.dirty.clear();
         g.live = Some(live);
+    }
+
+    /// Replaces the local ranges the desired state validates against (this
+    /// node changed) and wakes the reconciler; the next step re-validates
+    /// every record. Returns whether they changed (false also before the
+    /// reconciler installed the desired state, which then starts from its own).
+    pub fn set_local(&self, local: LocalRanges) -> bool {
+        let changed = self
+            .lock()
+            .live
+            .as_mut()
+            .is_some_and(|l| l.set_local(local));
+        if changed {
+            self.notify();
+        }
+        changed
     }
 
     /// Steps the desired state over everything changed since the last step.

@@ -32,12 +32,31 @@ const NODE_CIDRS: [&str; 9] = [
 ];
 
 fn local() -> LocalRanges {
+    locals(0)
+}
+
+/// The local ranges as this node changes: 0 as configured; then with a Pod
+/// CIDR (1, 2) or a node address (3) from the Node that remotes also claim.
+fn locals(i: usize) -> LocalRanges {
+    let cidrs = |l: &[&str]| l.iter().map(|c| c.parse().unwrap()).collect::<Vec<IpNet>>();
+    let (pod, node) = match i {
+        0 => (cidrs(&["10.9.0.0/16"]), cidrs(&["192.168.9.1/32"])),
+        1 => (
+            cidrs(&["10.9.0.0/16", "10.1.0.0/25"]),
+            cidrs(&["192.168.9.1/32"]),
+        ),
+        2 => (
+            cidrs(&["10.9.0.0/16", "10.2.0.0/24"]),
+            cidrs(&["192.168.9.2/32"]),
+        ),
+        _ => (cidrs(&["10.9.0.0/16"]), cidrs(&["10.3.5.7/32"])),
+    };
     LocalRanges {
         cluster: "home".into(),
         cluster_id: 9,
-        pod: vec!["10.9.0.0/16".parse().unwrap()],
-        service: vec!["10.96.0.0/12".parse().unwrap()],
-        node: vec!["192.168.9.1/32".parse().unwrap()],
+        pod,
+        service: cidrs(&["10.96.0.0/12"]),
+        node,
     }
 }
 
@@ -51,6 +70,8 @@ enum Ev {
     Invalid(usize, usize),
     DeleteNode(usize, usize),
     DeleteCluster(usize),
+    /// This node changed: the local ranges become `locals(i)`.
+    Local(usize),
 }
 
 fn ev() -> impl Strategy<Value = Ev> {
@@ -65,6 +86,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         1 => (c.clone(), 0..5usize).prop_map(|(c, n)| Ev::Invalid(c, n)),
         3 => (c.clone(), 0..5usize).prop_map(|(c, n)| Ev::DeleteNode(c, n)),
         1 => c.prop_map(Ev::DeleteCluster),
+        1 => (0..4usize).prop_map(Ev::Local),
     ]
 }
 
@@ -73,6 +95,7 @@ struct Sim {
     cache: MeshCache,
     rev: i64,
     created: BTreeMap<(String, String), i64>,
+    local: usize,
 }
 
 impl Sim {
@@ -130,6 +153,10 @@ impl Sim {
                 let name = CLUSTERS[*c].0;
                 self.delete(name, &cluster_key(name));
             }
+            Ev::Local(i) => {
+                self.local = *i;
+                self.cache.set_local(locals(*i));
+            }
         }
     }
 }
@@ -157,6 +184,7 @@ fn run(installed: Vec<RemoteRoute>, batches: &[Vec<Ev>]) {
         cache: MeshCache::new(),
         rev: 0,
         created: BTreeMap::new(),
+        local: 0,
     };
     sim.cache.install(Live::new(local(), installed.clone()));
     let mut applied: BTreeMap<IpNet, RemoteRoute> =
@@ -166,7 +194,7 @@ fn run(installed: Vec<RemoteRoute>, batches: &[Vec<Ev>]) {
             sim.apply(e);
         }
         let step = sim.cache.step().expect("installed");
-        let want = sim.cache.with(|r| desired(&local(), r, &applied));
+        let want = sim.cache.with(|r| desired(&locals(sim.local), r, &applied));
         for c in &step.ops.delete {
             applied.remove(c);
         }
@@ -256,6 +284,106 @@ fn cluster_removed_and_configured_again_before_a_step_keeps_its_routes() {
         vec![Ev::Cluster(1, 0, false), Ev::Sync(1)],
     ];
     run(vec![], &batches);
+}
+
+#[test]
+fn this_node_taking_a_remote_range_withdraws_it_and_giving_it_back_restores_it() {
+    // a's n0 holds 10.1.0.0/24 and n1 10.1.1.0/24; then this node gets
+    // 10.1.0.0/25 (Kubernetes re-allocated), then an address inside 10.1.1.0/24.
+    let batches = vec![
+        vec![
+            Ev::Register(0),
+            Ev::Cluster(0, 0, false),
+            Ev::Node(0, 0, vec![0], 1),
+            Ev::Node(0, 1, vec![1], 1),
+            Ev::Sync(0),
+        ],
+        vec![Ev::Local(1)],
+        vec![Ev::Local(1)],
+        vec![Ev::Local(0)],
+        vec![Ev::Local(3), Ev::Node(0, 2, vec![6], 1)],
+        vec![Ev::Local(0)],
+    ];
+    run(vec![], &batches);
+}
+
+#[test]
+fn local_ranges_change_rejects_and_restores_with_the_right_reasons() {
+    use crate::{desired::code, validate::code as vcode};
+    let cache = MeshCache::new();
+    cache.install(Live::new(local(), vec![]));
+    let mut sim = Sim {
+        cache,
+        rev: 0,
+        created: BTreeMap::new(),
+        local: 0,
+    };
+    // a declares 10.1.0.0/16; n0 holds 10.1.0.0/24, n1 claims 10.3.5.0/24 outside it.
+    for e in [
+        Ev::Register(0),
+        Ev::Cluster(0, 0, false),
+        Ev::Node(0, 0, vec![0], 1),
+        Ev::Node(0, 1, vec![6], 1),
+        Ev::Sync(0),
+    ] {
+        sim.apply(&e);
+    }
+    let step = sim.cache.step().unwrap();
+    assert_eq!(step.ops.upsert.len(), 1);
+    let reasons = |step: &Step| -> Vec<(String, String)> {
+        step.newly_rejected
+            .iter()
+            .map(|(_, k, r)| (k.clone(), r.code.clone()))
+            .collect()
+    };
+    let (ck, n0, n1) = (cluster_key("a"), node_key("a", "n0"), node_key("a", "n1"));
+    assert_eq!(
+        reasons(&step),
+        [(n1.clone(), vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER.to_string())]
+    );
+
+    // This node gets 10.1.0.0/25 (inside a's declaration): a is rejected
+    // and n0's route withdrawn.
+    sim.apply(&Ev::Local(1));
+    let step = sim.cache.step().unwrap();
+    assert_eq!(step.ops.delete, ["10.1.0.0/24".parse::<IpNet>().unwrap()]);
+    assert!(step.ops.upsert.is_empty());
+    assert_eq!(
+        reasons(&step),
+        [
+            (ck.clone(), vcode::POD_CIDR_OVERLAP.to_string()),
+            (n0.clone(), code::CLUSTER_REJECTED.to_string()),
+            (n1.clone(), code::CLUSTER_REJECTED.to_string()),
+        ]
+    );
+    // The same ranges again: nothing to do, nothing reported twice.
+    assert!(!sim.cache.set_local(locals(1)));
+    let step = sim.cache.step().unwrap();
+    assert!(step.ops.is_empty() && step.newly_rejected.is_empty());
+
+    // Given back: n0 programmed again, n1 back to its own reason.
+    sim.apply(&Ev::Local(0));
+    let step = sim.cache.step().unwrap();
+    assert_eq!(step.ops.upsert.len(), 1);
+    assert_eq!(
+        reasons(&step),
+        [(n1.clone(), vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER.to_string())]
+    );
+
+    // This node's address moves into n1's claim: n1 is told so, n0 stays.
+    // (Re-validated records are handed to the datapath again: upserts are idempotent.)
+    sim.apply(&Ev::Local(3));
+    let step = sim.cache.step().unwrap();
+    assert!(step.ops.delete.is_empty(), "{:?}", step.ops);
+    assert!(
+        step.ops.upsert.iter().all(|r| r.node == "n0"),
+        "{:?}",
+        step.ops
+    );
+    assert_eq!(
+        reasons(&step),
+        [(n1, vcode::POD_CIDR_OVERLAPS_NODE.to_string())]
+    );
 }
 
 proptest! {
