@@ -22,6 +22,18 @@ pub enum RangeError {
     Future { revision: i64, current: i64 },
 }
 
+/// An upstream event at or below a revision the upstream had already reported
+/// progress to: the progress report overtook the event (etcd before 3.4.25
+/// and 3.5.8 answers a progress request at once with its current revision,
+/// also while a watch is still catching up, etcd-io/etcd#15220), so the cache
+/// claimed a revision it was not complete up to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("upstream sent an event at revision {event} after reporting progress up to {progress}")]
+pub struct Overtaken {
+    pub event: i64,
+    pub progress: i64,
+}
+
 /// Result of a Range served from the cache.
 #[derive(Debug, Default, PartialEq)]
 pub struct RangeResult {
@@ -37,6 +49,10 @@ pub struct RangeResult {
 pub struct Cache {
     kvs: BTreeMap<Vec<u8>, PbKeyValue>,
     revision: i64,
+    /// Revision of the last event applied (or of the list): an event at or
+    /// below it is a repeat; one above it but at or below `revision` came
+    /// after a progress report that had claimed it ([`Overtaken`]).
+    applied: i64,
     /// Every event with a revision >= floor is in `history`.
     floor: i64,
     history: VecDeque<PbEvent>,
@@ -53,6 +69,7 @@ impl Cache {
         Cache {
             kvs: BTreeMap::new(),
             revision: 0,
+            applied: 0,
             floor: 1,
             history: VecDeque::new(),
             history_cap: history_cap.max(1),
@@ -65,14 +82,27 @@ impl Cache {
     pub fn reset(&mut self, kvs: Vec<PbKeyValue>, revision: i64) {
         self.kvs = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
         self.revision = revision;
+        self.applied = revision;
         self.floor = revision + 1;
         self.history.clear();
         self.synced = true;
     }
 
     /// Applies upstream events in order and returns them with `prev_kv` taken
-    /// from the cache (so the upstream watch need not ask for it).
-    pub fn apply(&mut self, events: Vec<PbEvent>) -> Vec<PbEvent> {
+    /// from the cache (so the upstream watch need not ask for it). An event
+    /// that a progress report overtook changes nothing: the cache must be
+    /// listed again.
+    pub fn apply(&mut self, events: Vec<PbEvent>) -> Result<Vec<PbEvent>, Overtaken> {
+        if let Some(event) = events
+            .iter()
+            .map(event_rev)
+            .find(|&r| r > self.applied && r <= self.revision)
+        {
+            return Err(Overtaken {
+                event,
+                progress: self.revision,
+            });
+        }
         let mut out = Vec::with_capacity(events.len());
         for mut e in events {
             let Some(kv) = e.kv.as_ref() else { continue };
@@ -89,6 +119,7 @@ impl Cache {
         }
         if let Some(last) = out.last() {
             self.revision = self.revision.max(event_rev(last));
+            self.applied = self.revision;
         }
         for e in &out {
             self.history.push_back(e.clone());
@@ -98,7 +129,7 @@ impl Cache {
                 self.floor = self.floor.max(event_rev(&old) + 1);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Records that the upstream has delivered every event up to `revision`
@@ -440,8 +471,9 @@ mod tests {
         assert!(matches!(c.range(&r), Err(RangeError::Future { .. })));
         r.revision = 5;
         assert!(matches!(c.range(&r), Err(RangeError::Compacted { .. })));
-        c.apply(vec![put(kv("p/d", "4", 11, 11, 1))]);
-        c.apply(vec![put(kv("p/a", "1b", 2, 12, 2)), del("p/b", 13)]);
+        c.apply(vec![put(kv("p/d", "4", 11, 11, 1))]).unwrap();
+        c.apply(vec![put(kv("p/a", "1b", 2, 12, 2)), del("p/b", 13)])
+            .unwrap();
         // Past revisions still in the history are served as they were.
         let at = |c: &Cache, rev: i64| {
             let mut r = req("p/", "p0");
@@ -464,7 +496,8 @@ mod tests {
         c.apply(vec![
             put(kv("p/e", "5", 14, 14, 1)),
             put(kv("p/f", "6", 15, 15, 1)),
-        ]);
+        ])
+        .unwrap();
         r.revision = 10;
         assert!(matches!(c.range(&r), Err(RangeError::Compacted { .. })));
         assert_eq!(at(&c, 11).len(), 4);
@@ -473,11 +506,13 @@ mod tests {
     #[test]
     fn apply_fills_prev_kv_and_skips_repeats() {
         let mut c = seeded();
-        let out = c.apply(vec![
-            put(kv("p/a", "9", 2, 11, 2)),
-            del("p/b", 12),
-            put(kv("p/z", "0", 13, 13, 1)),
-        ]);
+        let out = c
+            .apply(vec![
+                put(kv("p/a", "9", 2, 11, 2)),
+                del("p/b", 12),
+                put(kv("p/z", "0", 13, 13, 1)),
+            ])
+            .unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].prev_kv.as_ref().unwrap().value, b"1");
         assert_eq!(out[1].prev_kv.as_ref().unwrap().value, b"2");
@@ -488,7 +523,43 @@ mod tests {
             vec!["p/a", "p/c", "p/z"]
         );
         // A resumed upstream watch may repeat revision 13: applied once only.
-        assert!(c.apply(vec![put(kv("p/z", "0", 13, 13, 1))]).is_empty());
+        assert!(
+            c.apply(vec![put(kv("p/z", "0", 13, 13, 1))])
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_event_after_a_progress_report_that_claimed_it_is_overtaken() {
+        let mut c = seeded();
+        c.apply(vec![put(kv("p/a", "9", 2, 11, 2))]).unwrap();
+        // Progress to 14 arrives before the events of 12..=14.
+        assert!(c.advance(14));
+        let e = c.apply(vec![put(kv("p/x", "1", 12, 12, 1))]).unwrap_err();
+        assert_eq!(
+            e,
+            Overtaken {
+                event: 12,
+                progress: 14
+            }
+        );
+        assert_eq!(
+            keys(&c.range(&req("p/x", "")).unwrap()),
+            Vec::<String>::new()
+        );
+        // A repeat of the last applied event is still only a repeat, and
+        // events past the progress apply.
+        assert!(
+            c.apply(vec![put(kv("p/a", "9", 2, 11, 2))])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            c.apply(vec![put(kv("p/y", "1", 15, 15, 1))]).unwrap().len(),
+            1
+        );
+        assert_eq!(c.revision(), 15);
     }
 
     #[test]
@@ -497,7 +568,7 @@ mod tests {
         assert_eq!(c.replay(11), Ok(vec![]));
         assert_eq!(c.replay(10), Err(10));
         for r in 11..=16 {
-            c.apply(vec![put(kv("p/a", "x", 2, r, r - 9))]);
+            c.apply(vec![put(kv("p/a", "x", 2, r, r - 9))]).unwrap();
         }
         // Capacity 4: revisions 13..=16 held, floor 13.
         assert_eq!(c.floor(), 13);

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader};
 use tokio::sync::{broadcast, watch};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Overtaken};
 use crate::metrics::{Metrics, UpstreamState};
 use crate::prefix::Prefix;
 use crate::service::watch_wire::EncodedEvent;
@@ -108,12 +108,13 @@ impl Hub {
         self.shutdown.clone()
     }
 
-    /// Applies upstream events and publishes what changed.
-    pub fn apply(&self, events: Vec<PbEvent>) {
+    /// Applies upstream events and publishes what changed; an event that a
+    /// progress report overtook changes nothing (the caller re-lists).
+    pub fn apply(&self, events: Vec<PbEvent>) -> Result<(), Overtaken> {
         let n = events.len() as u64;
         let mut c = self.lock();
-        let out = c.apply(events);
         self.metrics.events_in.inc_by(n);
+        let out = c.apply(events)?;
         self.metrics.cache_keys.set(c.key_count() as i64);
         self.metrics.cache_revision.set(c.revision());
         if !out.is_empty() {
@@ -124,6 +125,7 @@ impl Hub {
                 encoded,
             });
         }
+        Ok(())
     }
 
     pub fn progress(&self, revision: i64) {

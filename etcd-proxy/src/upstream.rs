@@ -173,6 +173,8 @@ pub enum SessionError {
         "upstream revision {upstream} is behind the proxy's {ours} (etcd restored or replaced); re-listing"
     )]
     Rewound { upstream: i64, ours: i64 },
+    #[error("{0} (an etcd that answers progress requests early, etcd-io/etcd#15220); re-listing")]
+    Overtaken(#[from] crate::cache::Overtaken),
     #[error(
         "upstream etcd cluster ID changed from {was:x} to {now:x} (etcd replaced or restored); re-listing"
     )]
@@ -218,7 +220,8 @@ pub async fn run(
             match e {
                 SessionError::Compacted(_)
                 | SessionError::Rewound { .. }
-                | SessionError::Replaced { .. } => {
+                | SessionError::Replaced { .. }
+                | SessionError::Overtaken(_) => {
                     tracing::warn!(error = %e, "upstream history lost; downstream watchers will be cancelled to re-list")
                 }
                 _ => tracing::warn!(
@@ -310,7 +313,12 @@ impl Session<'_> {
             )
             .await
             .map_err(etcd("watch"))?;
-        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        // Not at once: a watch that starts in the past replays older events
+        // first, and an etcd without the fix of etcd-io/etcd#15220 answers a
+        // progress request with its current revision ahead of them
+        // (`cache::Overtaken` catches what this delay does not prevent).
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -334,7 +342,10 @@ impl Session<'_> {
                         continue;
                     }
                     if !resp.events.is_empty() {
-                        self.hub.apply(resp.events);
+                        if let Err(e) = self.hub.apply(resp.events) {
+                            *need_list = true;
+                            return Err(e.into());
+                        }
                     } else if let Some(h) = resp.header {
                         self.hub.progress(h.revision);
                     }
