@@ -19,7 +19,7 @@ mod upstream;
 use config::Args;
 use hub::Hub;
 use prefix::Prefix;
-use service::refuse::{Auth, Lease, RefuseService};
+use service::refuse::{Auth, Election, Lease, Lock, RefuseService};
 use tls::{Reloading, TlsFiles};
 use upstream::UpstreamConfig;
 
@@ -144,7 +144,9 @@ async fn run(
                 service::maintenance::ClusterService::new(hub.clone()),
             ))
             .add_service(RefuseService::<Lease>::new(hub.clone()))
-            .add_service(RefuseService::<Auth>::new(hub.clone()));
+            .add_service(RefuseService::<Auth>::new(hub.clone()))
+            .add_service(RefuseService::<Lock>::new(hub.clone()))
+            .add_service(RefuseService::<Election>::new(hub.clone()));
     let server = serve::serve(incoming, routes, shutdown_rx.clone());
     tracing::info!(listen = %args.listen, advertise = %advertise, prefix = %prefix.display(), "serving");
 

@@ -1,4 +1,4 @@
-//! Whole services refused without decoding (Lease, Auth): PermissionDenied for every method.
+//! Whole services refused without decoding (Lease, Auth, Lock, Election): PermissionDenied for every method.
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::marker::PhantomData;
@@ -30,6 +30,28 @@ impl Refused for Auth {
     const NAME: &'static str = "etcdserverpb.Auth";
     const WHY: &'static str =
         "clients authenticate with their TLS certificate; etcd users and roles are not exposed";
+}
+
+/// etcd's gRPC lock service (etcd-client's `lock`; etcdctl's `lock` takes a
+/// lease first, which is refused too): a lock is a write. Without this route
+/// clients would get Unimplemented, which reads like a version mismatch.
+#[derive(Debug, Clone, Copy)]
+pub struct Lock;
+impl Refused for Lock {
+    const NAME: &'static str = "v3lockpb.Lock";
+    const WHY: &'static str =
+        "a lock writes a key with a lease; take locks on the cluster's own mesh etcd";
+}
+
+/// etcd's gRPC election service: Campaign, Proclaim and Resign write; Leader
+/// and Observe are refused with them, since an election is nothing a remote
+/// reader of the mesh records takes part in.
+#[derive(Debug, Clone, Copy)]
+pub struct Election;
+impl Refused for Election {
+    const NAME: &'static str = "v3electionpb.Election";
+    const WHY: &'static str =
+        "elections write keys with a lease; run them on the cluster's own mesh etcd";
 }
 
 /// Answers every method of `R` with PermissionDenied (a trailers-only gRPC
