@@ -26,6 +26,12 @@ use upstream::UpstreamConfig;
 /// Exit status for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
+/// How long connections may take to close after SIGTERM. Watch streams end
+/// at once on shutdown, so only a client that stops reading holds a
+/// connection this long; it stays below Kubernetes' default grace period
+/// (30 s), so the proxy exits by itself rather than being killed.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
 fn config_error(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("podmesh-etcd-proxy: {msg}");
     ExitCode::from(EXIT_CONFIG)
@@ -166,11 +172,11 @@ async fn run(
     tracing::info!("shutting down: closing watch streams and connections");
     let _ = shutdown_tx.send(true);
     // Watch streams end when they see the shutdown; bound the wait anyway.
-    if tokio::time::timeout(Duration::from_secs(10), &mut server)
+    if tokio::time::timeout(DRAIN_DEADLINE, &mut server)
         .await
         .is_err()
     {
-        tracing::warn!("connections still open after 10s; exiting anyway");
+        tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline; exiting anyway");
     }
     tasks.abort_all();
     Ok(())

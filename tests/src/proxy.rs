@@ -40,6 +40,14 @@ impl Proxy {
     /// Starts a proxy in front of `etcd` (with etcd's root client
     /// certificate upstream), allowing `podmesh/v1/`, plus `extra` flags.
     pub fn start(etcd: &Etcd, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut p = Self::start_unready(etcd, extra)?;
+        p.wait_ready(Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    /// Like [`Proxy::start`], but waits only until the process answers
+    /// /healthz, not until it has listed its upstream (which may be down).
+    pub fn start_unready(etcd: &Etcd, extra: &[&str]) -> anyhow::Result<Self> {
         let pki = Arc::new(Pki::new("proxy")?);
         let tmp = tempfile::Builder::new()
             .prefix("podmesh-proxy-")
@@ -97,15 +105,21 @@ impl Proxy {
             .spawn()
             .context("starting podmesh-etcd-proxy")?;
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30))
+        let port = self.metrics_port;
+        daemon::wait_until(
+            "proxy",
+            &mut self.child,
+            &self.log,
+            Duration::from_secs(30),
+            || http_get(port, "/healthz").is_ok_and(|b| http_status(&b) == Some(200)),
+        )
     }
 
     /// Waits until /readyz answers 200 (the upstream prefix is listed).
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let port = self.metrics_port;
         daemon::wait_until("proxy", &mut self.child, &self.log, timeout, || {
-            http_get(port, "/readyz")
-                .is_ok_and(|b| b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200"))
+            http_get(port, "/readyz").is_ok_and(|b| http_status(&b) == Some(200))
         })
     }
 
@@ -187,6 +201,11 @@ impl Proxy {
         let mut c = self.child.take().context("proxy not running")?;
         daemon::terminate(&mut c, Duration::from_secs(30))
     }
+}
+
+/// The status code of an HTTP response as [`http_get`] returns it.
+pub fn http_status(response: &str) -> Option<u16> {
+    response.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Drop for Proxy {
