@@ -153,6 +153,11 @@ impl Proxy {
         &self.server
     }
 
+    /// The `--upstream-config` file (tests rewrite it to check reloads).
+    pub fn upstream_config(&self) -> &std::path::Path {
+        &self.upstream_config
+    }
+
     /// The process ID.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -794,22 +794,99 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     assert!(st.success(), "{st}");
 }
 
+/// Bad configuration exits 64 with one line that names what is wrong. An
+/// address that cannot be bound (in use, or not an address of this host) is
+/// not bad configuration (the same flags work once the port is free, and the
+/// agent treats its status address the same way): exit 1, also one line.
 #[test]
-fn proxy_config_errors_exit_64_with_one_line() {
+fn proxy_config_errors_exit_64_and_bind_failures_exit_1_with_one_line() {
     let etcd = Etcd::start().unwrap();
     let proxy = Proxy::start(&etcd, &[]).unwrap();
-    for (flag, value) in [
-        ("--upstream-config", "/nonexistent/upstream.yaml"),
-        ("--tls-cert", "/nonexistent/tls.crt"),
-        ("--allow-prefix", ""),
-        ("--listen", "not-an-address"),
+    let empty_ca = tempfile::NamedTempFile::new().unwrap();
+    let bad_upstream = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad_upstream.path(),
+        format!(
+            "endpoints:\n- {}\ntrusted-ca-file: /nonexistent/upstream-ca.crt\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    // Each flag once (clap refuses a repeated flag, which would hide the
+    // error under test), with free addresses unless the case says otherwise.
+    let run = |flag: &str, value: &str| {
+        let mut flags = vec![
+            (
+                "--listen",
+                format!("127.0.0.1:{}", podmesh_tests::free_port()),
+            ),
+            (
+                "--metrics-addr",
+                format!("127.0.0.1:{}", podmesh_tests::free_port()),
+            ),
+            ("--upstream-config", path(proxy.upstream_config())),
+            ("--tls-cert", path(&proxy.server_cert().cert)),
+            ("--tls-key", path(&proxy.server_cert().key)),
+            ("--client-ca", path(proxy.pki().ca())),
+        ];
+        flags.retain(|(f, _)| *f != flag);
+        flags.push((flag, value.to_owned()));
+        let bin = podmesh_tests::proxy::binary().unwrap();
+        let mut cmd = std::process::Command::new(bin);
+        for (f, v) in &flags {
+            cmd.arg(f).arg(v);
+        }
+        let o = cmd.env("RUST_LOG", "info").output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o, err)
+    };
+    let in_use = proxy.endpoint().replace("https://", "");
+    let metrics_in_use = format!("127.0.0.1:{}", proxy.metrics_port());
+    let bad_upstream = path(bad_upstream.path());
+    let empty_ca = path(empty_ca.path());
+    for (flag, value, code, says) in [
+        (
+            "--upstream-config",
+            "/nonexistent/upstream.yaml",
+            64,
+            "/nonexistent/upstream.yaml",
+        ),
+        (
+            "--upstream-config",
+            bad_upstream.as_str(),
+            64,
+            "/nonexistent/upstream-ca.crt",
+        ),
+        (
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            64,
+            "/nonexistent/tls.crt",
+        ),
+        ("--client-ca", empty_ca.as_str(), 64, "holds no PEM"),
+        ("--allow-prefix", "", 64, "--allow-prefix"),
+        ("--listen", "not-an-address", 64, "--listen"),
+        ("--listen", in_use.as_str(), 1, "cannot listen on"),
+        (
+            "--metrics-addr",
+            metrics_in_use.as_str(),
+            1,
+            "--metrics-addr",
+        ),
+        ("--metrics-addr", "192.0.2.1:9091", 1, "--metrics-addr"),
     ] {
-        let mut cmd = proxy.command().unwrap();
-        let o = cmd.arg(flag).arg(value).output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(64), "{flag} {value:?}: {}", out(&o));
+        let (o, err) = run(flag, value);
+        assert_eq!(o.status.code(), Some(code), "{flag} {value:?}: {}", out(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.starts_with("podmesh-etcd-proxy: ") && err.contains(says),
+            "{flag} {value:?} must say {says:?}: {err}"
+        );
     }
+}
+
+fn path(p: &std::path::Path) -> String {
+    p.to_str().unwrap().to_owned()
 }
 
 /// Kills the child on drop (also when an assertion fails).
