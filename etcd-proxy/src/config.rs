@@ -52,7 +52,9 @@ pub struct Args {
     /// Interval of progress notifications to watchers that ask for them.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub progress_notify_interval: Duration,
-    /// Interval at which the TLS files are checked for changes.
+    /// Interval at which the TLS files, the upstream config and the files it
+    /// names are checked for changes (new upstream settings make the proxy
+    /// reconnect upstream with them).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
     /// Longest delay between upstream reconnect attempts.

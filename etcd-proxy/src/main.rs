@@ -21,7 +21,7 @@ use hub::Hub;
 use prefix::Prefix;
 use service::refuse::{Auth, Election, Lease, Lock, RefuseService};
 use tls::{Reloading, TlsFiles};
-use upstream::UpstreamConfig;
+use upstream::Settings;
 
 /// Exit status for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             "--allow-prefix must not be empty (an empty prefix would confine nothing)",
         );
     };
-    let upstream = match UpstreamConfig::load(&args.upstream_config) {
+    let upstream = match Settings::load(&args.upstream_config) {
         Ok(u) => u,
         Err(e) => return config_error(e),
     };
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 async fn run(
     args: Args,
     prefix: Prefix,
-    upstream: UpstreamConfig,
+    upstream: Settings,
     tls: Arc<Reloading>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -113,8 +113,15 @@ async fn run(
     ));
 
     let mut tasks = tokio::task::JoinSet::new();
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(Arc::new(upstream));
+    tasks.spawn(upstream::settings::watch_files(
+        args.upstream_config.clone(),
+        settings_tx,
+        hub.clone(),
+        args.tls_reload_interval,
+    ));
     tasks.spawn(upstream::run(
-        upstream,
+        settings_rx,
         prefix.as_bytes().to_vec(),
         hub.clone(),
         Duration::from_millis(200),

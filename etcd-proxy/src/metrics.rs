@@ -47,6 +47,7 @@ pub struct Metrics {
     pub refused: Family<Reason, Counter>,
     pub watchers_cancelled: Family<Reason, Counter>,
     pub tls_reloads: Counter,
+    pub upstream_config_reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +73,7 @@ impl Metrics {
             refused: Family::default(),
             watchers_cancelled: Family::default(),
             tls_reloads: Counter::default(),
+            upstream_config_reloads: Counter::default(),
         };
         registry.register("watchers", "Active downstream watchers", m.watchers.clone());
         registry.register(
@@ -124,6 +126,11 @@ impl Metrics {
             "tls_reloads",
             "Server certificate reloads",
             m.tls_reloads.clone(),
+        );
+        registry.register(
+            "upstream_config_reloads",
+            "Changes of the upstream config or of the credentials it names, each followed by a reconnect",
+            m.upstream_config_reloads.clone(),
         );
         Metrics { registry, ..m }
     }

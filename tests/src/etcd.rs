@@ -79,18 +79,7 @@ impl Etcd {
             Some(p) => b.tempdir_in(p)?,
             None => b.tempdir()?,
         };
-        let server = pki.issue(&crate::pki::CertSpec {
-            name: &format!("{name}-server"),
-            file: None,
-            sans: ["127.0.0.1".to_string(), "localhost".to_string()]
-                .into_iter()
-                .chain(extra_ip.map(|ip| ip.to_string()))
-                .collect(),
-            server: true,
-            client: true,
-            expired: false,
-        })?;
-        let root_client = pki.client(&format!("{name}-root"))?;
+        let (server, root_client) = certificates(&pki, name, extra_ip)?;
         let mut etcd = Self {
             name: name.to_string(),
             pki,
@@ -268,6 +257,17 @@ impl Etcd {
         self.spawn()
     }
 
+    /// Kills etcd and starts it again (same ports, same data) with a server
+    /// certificate, trusted client CA and root client certificate from
+    /// `pki`: a CA rotation, after which clients with the old CA's
+    /// certificates are refused.
+    pub fn restart_with_pki(&mut self, pki: Arc<Pki>) -> anyhow::Result<()> {
+        self.kill();
+        (self.server, self.root_client) = certificates(&pki, &self.name, self.extra_ip)?;
+        self.pki = pki;
+        self.spawn()
+    }
+
     /// Kills etcd, deletes its data and starts it empty on the same ports.
     pub fn restart_empty(&mut self) -> anyhow::Result<()> {
         self.kill();
@@ -291,6 +291,27 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The server certificate (for loopback and `extra_ip`) and the root client
+/// certificate of an etcd named `name`, issued by `pki`.
+fn certificates(
+    pki: &Pki,
+    name: &str,
+    extra_ip: Option<IpAddr>,
+) -> anyhow::Result<(CertFiles, CertFiles)> {
+    let server = pki.issue(&crate::pki::CertSpec {
+        name: &format!("{name}-server"),
+        file: None,
+        sans: ["127.0.0.1".to_string(), "localhost".to_string()]
+            .into_iter()
+            .chain(extra_ip.map(|ip| ip.to_string()))
+            .collect(),
+        server: true,
+        client: true,
+        expired: false,
+    })?;
+    Ok((server, pki.client(&format!("{name}-root"))?))
 }
 
 /// Writes an etcd client YAML (`endpoints`, `trusted-ca-file`, `cert-file`, `key-file`).

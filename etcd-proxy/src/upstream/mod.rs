@@ -1,124 +1,17 @@
 //! The one upstream list+watch of the prefix: connection lifecycle, backoff, resume and re-list on compaction.
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions,
-};
+use etcd_client::{Client, GetOptions, WatchOptions};
 use rand::Rng;
-use serde::Deserialize;
+use tokio::sync::watch;
 
 use crate::hub::Hub;
 use crate::metrics::UpstreamState;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read upstream config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("upstream config {path} is not a valid etcd client YAML: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_yaml::Error,
-    },
-    #[error("upstream config {path}: {why}")]
-    Invalid { path: PathBuf, why: String },
-}
+pub mod settings;
 
-/// The etcd client YAML (the format Cilium and etcd use).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct File {
-    endpoints: Vec<String>,
-    trusted_ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-}
-
-/// Parsed upstream configuration; relative file paths are resolved against
-/// the YAML's directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    pub endpoints: Vec<String>,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-impl UpstreamConfig {
-    pub fn load(path: &Path) -> Result<UpstreamConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    pub fn parse(text: &str, path: &Path) -> Result<UpstreamConfig, ConfigError> {
-        let f: File = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        let invalid = |why: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            why,
-        };
-        if f.endpoints.is_empty() {
-            return Err(invalid("endpoints is empty".into()));
-        }
-        for e in &f.endpoints {
-            if !(e.starts_with("https://") || e.starts_with("http://")) {
-                return Err(invalid(format!(
-                    "endpoint {e:?} must start with https:// or http://"
-                )));
-            }
-        }
-        if f.cert_file.is_some() != f.key_file.is_some() {
-            return Err(invalid(
-                "cert-file and key-file must be given together".into(),
-            ));
-        }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let abs = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { dir.join(p) } else { p });
-        let cfg = UpstreamConfig {
-            endpoints: f.endpoints,
-            ca: abs(f.trusted_ca_file),
-            cert: abs(f.cert_file),
-            key: abs(f.key_file),
-        };
-        for p in [&cfg.ca, &cfg.cert, &cfg.key].into_iter().flatten() {
-            if !p.is_file() {
-                return Err(invalid(format!("file {} does not exist", p.display())));
-            }
-        }
-        Ok(cfg)
-    }
-
-    /// Connect options; the files are read at every connect so rotated
-    /// upstream credentials are used from the next reconnect on.
-    fn options(&self) -> Result<ConnectOptions, std::io::Error> {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if self.endpoints.iter().any(|e| e.starts_with("https://")) {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &self.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&self.cert, &self.key) {
-                tls = tls.identity(Identity::from_pem(std::fs::read(c)?, std::fs::read(k)?));
-            }
-            opts = opts.with_tls(tls);
-        }
-        Ok(opts)
-    }
-}
+pub use settings::Settings;
 
 /// Capped exponential backoff with jitter (each delay drawn from the upper
 /// half of the current step, so many proxies do not retry in lockstep).
@@ -155,8 +48,6 @@ impl Backoff {
 /// Why one upstream session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot read upstream credentials: {0}")]
-    Credentials(#[source] std::io::Error),
     #[error("{op}: {source}")]
     Etcd {
         op: &'static str,
@@ -186,9 +77,13 @@ pub enum SessionError {
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs until shutdown: connect, list if needed, watch, and on any failure
-/// back off and resume from the last revision.
+/// back off and resume from the last revision. New settings on `settings`
+/// (rotated credentials, another endpoint) end the session at once and
+/// reconnect with them, also resuming from the last revision: downstream
+/// watchers keep their streams and miss nothing. Should the new endpoint be
+/// another etcd cluster, the session notices and re-lists as always.
 pub async fn run(
-    cfg: UpstreamConfig,
+    mut settings: watch::Receiver<Arc<Settings>>,
     prefix: Vec<u8>,
     hub: Arc<Hub>,
     base: Duration,
@@ -205,16 +100,24 @@ pub async fn run(
         }
         first = false;
         hub.set_upstream_state(UpstreamState::Connecting);
+        let current = settings.borrow_and_update().clone();
         let session = Session {
-            cfg: &cfg,
+            settings: &current,
             prefix: &prefix,
             hub: &hub,
         };
         let result = tokio::select! {
             _ = crate::hub::stopped(&mut shutdown) => return,
-            r = session.run(&mut need_list, &mut compact_revision, &mut backoff) => r,
+            r = session.run(&mut need_list, &mut compact_revision, &mut backoff) => Some(r),
+            () = changed(&mut settings) => None,
         };
         hub.set_upstream_state(UpstreamState::Disconnected);
+        let Some(result) = result else {
+            // The settings poller has logged the change; no backoff, since
+            // nothing failed.
+            backoff.reset();
+            continue;
+        };
         if let Err(e) = result {
             hub.set_upstream_error(e.to_string());
             match e {
@@ -226,7 +129,7 @@ pub async fn run(
                 }
                 _ => tracing::warn!(
                     error = %e,
-                    endpoints = ?cfg.endpoints,
+                    endpoints = ?current.config.endpoints,
                     "upstream etcd unavailable; serving the last known state and retrying; hint: check the upstream endpoints and credentials in --upstream-config"
                 ),
             }
@@ -235,12 +138,21 @@ pub async fn run(
         tokio::select! {
             _ = crate::hub::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(delay) => {}
+            // Fixed credentials need not wait out a long backoff.
+            () = changed(&mut settings) => backoff.reset(),
         }
     }
 }
 
+/// Resolves when new settings arrive; never once their poller is gone.
+async fn changed(rx: &mut watch::Receiver<Arc<Settings>>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 struct Session<'a> {
-    cfg: &'a UpstreamConfig,
+    settings: &'a Settings,
     prefix: &'a [u8],
     hub: &'a Hub,
 }
@@ -253,8 +165,8 @@ impl Session<'_> {
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         let etcd = |op| move |source| SessionError::Etcd { op, source };
-        let opts = self.cfg.options().map_err(SessionError::Credentials)?;
-        let mut client = Client::connect(&self.cfg.endpoints, Some(opts))
+        let opts = self.settings.options();
+        let mut client = Client::connect(&self.settings.config.endpoints, Some(opts))
             .await
             .map_err(etcd("connect"))?;
         let status = client.status().await.map_err(etcd("status"))?;
@@ -374,33 +286,5 @@ mod tests {
         assert!(d[7] >= Duration::from_secs(1));
         b.reset();
         assert!(b.next(&mut rng) <= Duration::from_millis(100));
-    }
-
-    #[test]
-    fn parses_the_etcd_client_yaml() {
-        let dir = std::env::temp_dir().join(format!("podmesh-proxy-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in ["ca.crt", "c.crt", "c.key"] {
-            std::fs::write(dir.join(f), "x").unwrap();
-        }
-        let path = dir.join("up.yaml");
-        let ok = "endpoints:\n- https://127.0.0.1:2379\ntrusted-ca-file: ca.crt\ncert-file: c.crt\nkey-file: c.key\n";
-        let cfg = UpstreamConfig::parse(ok, &path).unwrap();
-        assert_eq!(cfg.endpoints, vec!["https://127.0.0.1:2379"]);
-        assert_eq!(cfg.ca, Some(dir.join("ca.crt")));
-        assert!(UpstreamConfig::parse("endpoints: []\n", &path).is_err());
-        assert!(UpstreamConfig::parse("endpoints:\n- 127.0.0.1:2379\n", &path).is_err());
-        assert!(
-            UpstreamConfig::parse("endpoints:\n- https://a:1\ncert-file: c.crt\n", &path).is_err()
-        );
-        assert!(
-            UpstreamConfig::parse(
-                "endpoints:\n- https://a:1\ntrusted-ca-file: nope.crt\n",
-                &path
-            )
-            .is_err()
-        );
-        assert!(UpstreamConfig::parse(": :", &path).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,309 @@
+//! The upstream etcd client YAML and the credentials it names, read as one set and re-read when any of them changes.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::hub::Hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read upstream config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream config {path} is not a valid etcd client YAML: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("upstream config {path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+    #[error("upstream config {path}: cannot read {field} {file}: {source}")]
+    File {
+        path: PathBuf,
+        field: &'static str,
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream config {path}: {field} {file} holds no PEM {expected}")]
+    Pem {
+        path: PathBuf,
+        field: &'static str,
+        file: PathBuf,
+        expected: &'static str,
+    },
+    #[error(
+        "upstream config {path}: cert-file {cert} and key-file {key} do not form a pair: {source}"
+    )]
+    Pair {
+        path: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        /// Boxed: rustls' error is large and this one is rare.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+}
+
+/// The etcd client YAML (the format Cilium and etcd use).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct File {
+    endpoints: Vec<String>,
+    trusted_ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// Parsed upstream configuration; relative file paths are resolved against
+/// the YAML's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<UpstreamConfig, ConfigError> {
+        let f: File = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |why: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            why,
+        };
+        if f.endpoints.is_empty() {
+            return Err(invalid("endpoints is empty".into()));
+        }
+        for e in &f.endpoints {
+            if !(e.starts_with("https://") || e.starts_with("http://")) {
+                return Err(invalid(format!(
+                    "endpoint {e:?} must start with https:// or http://"
+                )));
+            }
+        }
+        if f.cert_file.is_some() != f.key_file.is_some() {
+            return Err(invalid(
+                "cert-file and key-file must be given together".into(),
+            ));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { dir.join(p) } else { p });
+        Ok(UpstreamConfig {
+            endpoints: f.endpoints,
+            ca: abs(f.trusted_ca_file),
+            cert: abs(f.cert_file),
+            key: abs(f.key_file),
+        })
+    }
+}
+
+/// The upstream YAML as parsed and the contents of the files it names, read
+/// together: a connection is made from exactly what was checked, and a change
+/// of any of them (a rotated certificate, a YAML naming new files or
+/// endpoints) is one new value to reconnect with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub config: UpstreamConfig,
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Settings {
+    /// Reads the YAML and every file it names, and checks that the CA holds
+    /// a certificate and that the client certificate and key form a pair, so
+    /// that a half-written rotation is told apart from a usable one.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = UpstreamConfig::parse(&text, path)?;
+        let read = |field: &'static str, file: &Path| {
+            std::fs::read(file).map_err(|source| ConfigError::File {
+                path: path.to_owned(),
+                field,
+                file: file.to_owned(),
+                source,
+            })
+        };
+        let no_pem = |field: &'static str, file: &Path, expected: &'static str| ConfigError::Pem {
+            path: path.to_owned(),
+            field,
+            file: file.to_owned(),
+            expected,
+        };
+        let ca = match &config.ca {
+            Some(file) => {
+                let pem = read("trusted-ca-file", file)?;
+                if certs(&pem).is_empty() {
+                    return Err(no_pem("trusted-ca-file", file, "CERTIFICATE"));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        let identity = match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => {
+                let (cert_pem, key_pem) = (read("cert-file", cert)?, read("key-file", key)?);
+                let chain = certs(&cert_pem);
+                if chain.is_empty() {
+                    return Err(no_pem("cert-file", cert, "CERTIFICATE"));
+                }
+                let der: PrivateKeyDer<'static> =
+                    rustls_pemfile::private_key(&mut key_pem.as_slice())
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| no_pem("key-file", key, "PRIVATE KEY"))?;
+                let provider = rustls::crypto::ring::default_provider();
+                rustls::sign::CertifiedKey::from_der(chain, der, &provider).map_err(|source| {
+                    ConfigError::Pair {
+                        path: path.to_owned(),
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+                Some((cert_pem, key_pem))
+            }
+            _ => None,
+        };
+        Ok(Settings {
+            config,
+            ca,
+            identity,
+        })
+    }
+
+    /// Connect options made of the contents read by [`Settings::load`].
+    pub fn options(&self) -> ConnectOptions {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if self
+            .config
+            .endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"))
+        {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        opts
+    }
+}
+
+fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// Polls the upstream YAML and the files it names, like the server's TLS
+/// files (Kubernetes swaps Secret volumes by symlink, so content comparison
+/// is what catches every kind of update), and publishes a new complete,
+/// consistent set on `tx`; the upstream loop reconnects with it. An
+/// unreadable or inconsistent set keeps the previous one.
+pub async fn watch_files(
+    path: PathBuf,
+    tx: watch::Sender<Arc<Settings>>,
+    hub: Arc<Hub>,
+    every: Duration,
+) {
+    let mut shutdown = hub.shutdown();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = crate::hub::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match Settings::load(&path) {
+            Ok(new) => {
+                failing = false;
+                if **tx.borrow() != new {
+                    hub.metrics.upstream_config_reloads.inc();
+                    tracing::info!(config = %path.display(), endpoints = ?new.config.endpoints, "upstream config or credentials changed; reconnecting with them");
+                    tx.send_replace(Arc::new(new));
+                }
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "upstream config or credentials unreadable or invalid; keeping the previous ones; hint: write the YAML, CA, certificate and key as one consistent set");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_etcd_client_yaml() {
+        let dir = std::env::temp_dir().join(format!("podmesh-proxy-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("up.yaml");
+        let ok = "endpoints:\n- https://127.0.0.1:2379\ntrusted-ca-file: ca.crt\ncert-file: /abs/c.crt\nkey-file: c.key\n";
+        let cfg = UpstreamConfig::parse(ok, &path).unwrap();
+        assert_eq!(cfg.endpoints, vec!["https://127.0.0.1:2379"]);
+        assert_eq!(cfg.ca, Some(dir.join("ca.crt")));
+        assert_eq!(cfg.cert, Some(PathBuf::from("/abs/c.crt")));
+        assert!(UpstreamConfig::parse("endpoints: []\n", &path).is_err());
+        assert!(UpstreamConfig::parse("endpoints:\n- 127.0.0.1:2379\n", &path).is_err());
+        assert!(
+            UpstreamConfig::parse("endpoints:\n- https://a:1\ncert-file: c.crt\n", &path).is_err()
+        );
+        assert!(UpstreamConfig::parse(": :", &path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_names_the_file_that_is_missing_or_not_pem() {
+        let dir = std::env::temp_dir().join(format!("podmesh-proxy-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("up.yaml");
+        std::fs::write(
+            &path,
+            "endpoints:\n- https://a:1\ntrusted-ca-file: nope.crt\n",
+        )
+        .unwrap();
+        let e = Settings::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("trusted-ca-file") && e.contains("nope.crt"),
+            "{e}"
+        );
+        std::fs::write(dir.join("ca.crt"), "not a certificate\n").unwrap();
+        std::fs::write(
+            &path,
+            "endpoints:\n- https://a:1\ntrusted-ca-file: ca.crt\n",
+        )
+        .unwrap();
+        let e = Settings::load(&path).unwrap_err().to_string();
+        assert!(e.contains("holds no PEM CERTIFICATE"), "{e}");
+        // Without TLS files: plaintext endpoints load as they are.
+        std::fs::write(&path, "endpoints:\n- http://a:1\n").unwrap();
+        let s = Settings::load(&path).unwrap();
+        assert_eq!(s.config.endpoints, vec!["http://a:1"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
