@@ -1,9 +1,15 @@
-//! Upstream credentials rotated while podmesh-etcd-proxy runs (a YAML naming new files, a
-//! certificate renewed in place): the proxy reconnects with them, without a restart.
+//! Certificate rotation while podmesh-etcd-proxy runs: a new client CA, and new upstream
+//! credentials (a YAML naming new files, a certificate renewed in place), all without a restart.
 use std::{path::Path, process::Output, sync::Arc, time::Duration};
 
 use etcd_client::{WatchOptions, WatchStream};
-use podmesh_tests::{etcd::Etcd, eventually, eventually_async, pki::Pki, proxy::Proxy};
+use podmesh_tests::{
+    daemon,
+    etcd::Etcd,
+    eventually, eventually_async,
+    pki::{CertFiles, Pki},
+    proxy::Proxy,
+};
 
 const PREFIX: &str = "podmesh/v1/nodes/";
 
@@ -58,6 +64,66 @@ async fn watch(proxy: &Proxy) -> (etcd_client::Client, WatchStream) {
     let r = w.message().await.unwrap().unwrap();
     assert!(r.created(), "{r:?}");
     (c, w)
+}
+
+/// `--client-ca` is rewritten with another CA while the proxy runs: a client
+/// certificate of the new CA is then accepted and one of the old CA refused,
+/// by the same process, and the reload is counted.
+#[test]
+fn proxy_client_ca_rotation_accepts_the_new_ca_and_refuses_the_old_without_restart() {
+    let etcd = Etcd::start().unwrap();
+    let o = etcd
+        .etcdctl(&["put", "podmesh/v1/clusters/east", "e"])
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    // The proxy's server certificate stays; clients keep trusting its CA,
+    // which the rotation overwrites in the proxy's directory.
+    let keep = tempfile::TempDir::new().unwrap();
+    let server_ca = keep.path().join("server-ca.crt");
+    std::fs::copy(proxy.pki().ca(), &server_ca).unwrap();
+    let get = |client: &CertFiles| {
+        daemon::etcdctl_command(&proxy.endpoint(), &server_ca, Some(client))
+            .args(["--dial-timeout", "3s", "--command-timeout", "5s"])
+            .args(["get", "podmesh/v1/clusters/east", "--print-value-only"])
+            .output()
+            .unwrap()
+    };
+    let accepted = |o: &Output| o.status.success() && o.stdout.starts_with(b"e\n");
+    let new_ca = Pki::new("client-ca-2").unwrap();
+    let new_client = new_ca.client("remote-agent-2").unwrap();
+    let old_client = proxy.client().clone();
+    let o = get(&new_client);
+    assert!(
+        !accepted(&o),
+        "new CA accepted before the rotation: {}",
+        out(&o)
+    );
+    let o = get(&old_client);
+    assert!(accepted(&o), "{}", out(&o));
+    let (pid, reloads) = (
+        proxy.pid(),
+        metric(&proxy, "podmesh_proxy_tls_reloads_total", ""),
+    );
+
+    replace(new_ca.ca(), proxy.pki().ca());
+    eventually(Duration::from_secs(20), || {
+        let o = get(&new_client);
+        if accepted(&o) { Ok(()) } else { Err(out(&o)) }
+    })
+    .unwrap();
+    let o = get(&old_client);
+    assert!(
+        !accepted(&o) && o.stdout.is_empty(),
+        "old CA still accepted: {}",
+        out(&o)
+    );
+    assert_eq!(proxy.pid(), pid, "the proxy restarted");
+    assert!(
+        metric(&proxy, "podmesh_proxy_tls_reloads_total", "") > reloads,
+        "{}",
+        proxy.log_tail()
+    );
 }
 
 /// The upstream etcd's CA is rotated: etcd restarts trusting only a new CA
