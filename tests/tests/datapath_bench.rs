@@ -233,7 +233,7 @@ struct Figures {
     rtt_ms: f64,
 }
 
-fn measure(from: &NetNs, to: &NetNs, addr: &str) -> anyhow::Result<Figures> {
+fn measure(from: &NetNs, to: &NetNs, addr: &str, seconds: u32) -> anyhow::Result<Figures> {
     let mut server: Child = to
         .command("iperf3")
         .args(["-s", "-1", "-p", "5201"])
@@ -250,7 +250,8 @@ fn measure(from: &NetNs, to: &NetNs, addr: &str) -> anyhow::Result<Figures> {
             Err("iperf3 not listening".into())
         }
     })?;
-    let out = from.run("iperf3", &["-c", addr, "-p", "5201", "-t", "5", "-J"])?;
+    let t = seconds.to_string();
+    let out = from.run("iperf3", &["-c", addr, "-p", "5201", "-t", &t, "-J"])?;
     let _ = server.wait();
     let json: serde_json::Value = serde_json::from_str(&out)?;
     let bps = json["end"]["sum_received"]["bits_per_second"]
@@ -270,16 +271,40 @@ fn measure(from: &NetNs, to: &NetNs, addr: &str) -> anyhow::Result<Figures> {
     })
 }
 
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Every round's figures of one path.
+struct Samples {
+    name: String,
+    gbps: Vec<f64>,
+    rtt_ms: Vec<f64>,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 #[tokio::test]
 #[ignore = "benchmark: cargo xtask bench datapath"]
 async fn bench_datapath() -> anyhow::Result<()> {
     if !require_root("bench_datapath") {
         return Ok(());
     }
-    let rounds: usize = std::env::var("PODMESH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds: usize = env_or("PODMESH_BENCH_ROUNDS", 5).max(1);
+    let seconds: u32 = env_or("PODMESH_BENCH_SECONDS", 10).max(1);
     let modes = [
         DatapathMode::Ebpf,
         DatapathMode::Vxlan,
@@ -296,41 +321,74 @@ async fn bench_datapath() -> anyhow::Result<()> {
         meshes.push(mesh);
     }
     let base = baseline()?;
-    // Best of `rounds`, modes interleaved so that load from other work on the
-    // machine spreads over all of them.
-    let mut best: Vec<(String, f64, f64)> = modes
+    // The pod pair of each path; the last is the plain veth pair.
+    let mut paths: Vec<(&NetNs, &NetNs, String)> = meshes
         .iter()
-        .map(|m| (format!("{m:?}").to_lowercase(), 0.0, f64::MAX))
-        .chain(std::iter::once(("plain veth".to_string(), 0.0, f64::MAX)))
-        .collect();
-    for round in 0..rounds {
-        for (k, mesh) in meshes.iter().enumerate() {
+        .map(|mesh| {
             let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];
             let to = &mesh.topo.nodes[mesh.index("west-n0")].pods[0];
-            let f = measure(&from.ns, &to.ns, &to.addr.to_string())?;
-            best[k].1 = best[k].1.max(f.gbps);
-            best[k].2 = best[k].2.min(f.rtt_ms);
+            (&from.ns, &to.ns, to.addr.to_string())
+        })
+        .collect();
+    paths.push((&base.a, &base.b, "10.99.0.2".to_string()));
+    let mut samples: Vec<Samples> = modes
+        .iter()
+        .map(|m| format!("{m:?}").to_lowercase())
+        .chain(std::iter::once("plain veth".to_string()))
+        .map(|name| Samples {
+            name,
+            gbps: Vec::new(),
+            rtt_ms: Vec::new(),
+        })
+        .collect();
+    // Paths interleaved, and the order rotated every round, so that neither
+    // load from other work on the machine nor a position in the round (first
+    // after a pause, last after three runs) favours one path.
+    for round in 0..rounds {
+        for k in 0..paths.len() {
+            let k = (k + round) % paths.len();
+            let (from, to, addr) = &paths[k];
+            let f = measure(from, to, addr, seconds)?;
+            samples[k].gbps.push(f.gbps);
+            samples[k].rtt_ms.push(f.rtt_ms);
         }
-        let f = measure(&base.a, &base.b, "10.99.0.2")?;
-        let k = best.len() - 1;
-        best[k].1 = best[k].1.max(f.gbps);
-        best[k].2 = best[k].2.min(f.rtt_ms);
-        eprintln!("round {} of {rounds} done", round + 1);
+        let line: Vec<String> = samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {:.2}",
+                    s.name,
+                    s.gbps.last().copied().unwrap_or_default()
+                )
+            })
+            .collect();
+        eprintln!(
+            "round {} of {rounds}: {} Gbit/s",
+            round + 1,
+            line.join(", ")
+        );
     }
-    let vxlan = best[1].clone();
-    let veth = best[3].clone();
+    let vxlan = (median(&samples[1].gbps), median(&samples[1].rtt_ms));
+    let veth = median(&samples[3].gbps);
     let mut table = String::from(
-        "| path (pod east-n0 -> pod west-n0) | TCP Gbit/s | ping avg RTT ms | throughput vs vxlan | throughput vs veth | RTT vs vxlan |\n|---|---:|---:|---:|---:|---:|\n",
+        "| path (pod east-n0 -> pod west-n0) | TCP Gbit/s median | best | worst | ping avg RTT ms median | throughput vs vxlan | throughput vs veth | RTT vs vxlan |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (name, gbps, rtt) in &best {
+    for s in &samples {
+        let gbps = median(&s.gbps);
+        let rtt = median(&s.rtt_ms);
+        let best = s.gbps.iter().copied().fold(f64::MIN, f64::max);
+        let worst = s.gbps.iter().copied().fold(f64::MAX, f64::min);
         writeln!(
             table,
-            "| {name} | {gbps:.2} | {rtt:.3} | {:.2} | {:.2} | {:.2} |",
-            gbps / vxlan.1,
-            gbps / veth.1,
-            rtt / vxlan.2
+            "| {} | {gbps:.2} | {best:.2} | {worst:.2} | {rtt:.3} | {:.2} | {:.2} | {:.2} |",
+            s.name,
+            gbps / vxlan.0,
+            gbps / veth,
+            rtt / vxlan.1
         )?;
     }
-    println!("\nbest of {rounds} rounds, iperf3 -t 5, 200 pings at 5 ms\n{table}");
+    println!(
+        "\n{rounds} rounds (paths interleaved, order rotated), iperf3 -t {seconds}, 200 pings at 5 ms; ratios of medians\n{table}"
+    );
     Ok(())
 }
