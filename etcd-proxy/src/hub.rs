@@ -227,3 +227,32 @@ impl Hub {
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+/// Runs `check` every `every` until shutdown: the polling loop of the files
+/// the proxy re-reads (Kubernetes swaps Secret volumes by symlink, so reading
+/// the contents again is what catches every kind of update). `check` acts on a
+/// change itself; a failure is passed to `failed` once, until a check
+/// succeeds again, so that a file left broken does not flood the log.
+pub async fn poll<E>(
+    hub: &Hub,
+    every: std::time::Duration,
+    mut check: impl FnMut() -> Result<(), E>,
+    failed: impl Fn(E),
+) {
+    let mut shutdown = hub.shutdown();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match check() {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                failed(e);
+            }
+            Err(_) => {}
+        }
+    }
+}

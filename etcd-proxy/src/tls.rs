@@ -176,30 +176,19 @@ impl Reloading {
         Ok(true)
     }
 
-    /// Polls the files (Kubernetes swaps Secret volumes by symlink, so
-    /// content comparison is what catches every kind of update).
+    /// Polls the files until shutdown (`hub::poll`).
     pub async fn watch_files(self: Arc<Self>, hub: Arc<Hub>, every: Duration) {
-        let mut shutdown = hub.shutdown();
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = crate::hub::stopped(&mut shutdown) => return,
-                _ = tokio::time::sleep(every) => {}
+        let check = || {
+            if self.reload()? {
+                hub.metrics.tls_reloads.inc();
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; new connections use them");
             }
-            match self.reload() {
-                Ok(true) => {
-                    failing = false;
-                    hub.metrics.tls_reloads.inc();
-                    tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; new connections use them");
-                }
-                Ok(false) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, "TLS files unreadable or invalid; keeping the previous certificates; hint: write the certificate, key and CA as one consistent set");
-                }
-                Err(_) => {}
-            }
-        }
+            Ok(())
+        };
+        crate::hub::poll(&hub, every, check, |e: TlsError| {
+            tracing::warn!(error = %e, "TLS files unreadable or invalid; keeping the previous certificates; hint: write the certificate, key and CA as one consistent set");
+        })
+        .await;
     }
 }
 

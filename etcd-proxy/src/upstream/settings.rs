@@ -219,39 +219,28 @@ fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
 }
 
 /// Polls the upstream YAML and the files it names, like the server's TLS
-/// files (Kubernetes swaps Secret volumes by symlink, so content comparison
-/// is what catches every kind of update), and publishes a new complete,
-/// consistent set on `tx`; the upstream loop reconnects with it. An
-/// unreadable or inconsistent set keeps the previous one.
+/// files (`hub::poll`), and publishes a new complete, consistent set on
+/// `tx`; the upstream loop reconnects with it. An unreadable or inconsistent
+/// set keeps the previous one.
 pub async fn watch_files(
     path: PathBuf,
     tx: watch::Sender<Arc<Settings>>,
     hub: Arc<Hub>,
     every: Duration,
 ) {
-    let mut shutdown = hub.shutdown();
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = crate::hub::stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(every) => {}
+    let check = || {
+        let new = Settings::load(&path)?;
+        if **tx.borrow() != new {
+            hub.metrics.upstream_config_reloads.inc();
+            tracing::info!(config = %path.display(), endpoints = ?new.config.endpoints, "upstream config or credentials changed; reconnecting with them");
+            tx.send_replace(Arc::new(new));
         }
-        match Settings::load(&path) {
-            Ok(new) => {
-                failing = false;
-                if **tx.borrow() != new {
-                    hub.metrics.upstream_config_reloads.inc();
-                    tracing::info!(config = %path.display(), endpoints = ?new.config.endpoints, "upstream config or credentials changed; reconnecting with them");
-                    tx.send_replace(Arc::new(new));
-                }
-            }
-            Err(e) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "upstream config or credentials unreadable or invalid; keeping the previous ones; hint: write the YAML, CA, certificate and key as one consistent set");
-            }
-            Err(_) => {}
-        }
-    }
+        Ok(())
+    };
+    crate::hub::poll(&hub, every, check, |e: ConfigError| {
+        tracing::warn!(error = %e, "upstream config or credentials unreadable or invalid; keeping the previous ones; hint: write the YAML, CA, certificate and key as one consistent set");
+    })
+    .await;
 }
 
 #[cfg(test)]
