@@ -201,6 +201,25 @@ impl Proxy {
         crate::etcd::connect(&[self.endpoint()], self.pki.ca(), Some(&self.client)).await
     }
 
+    /// A watch of every key under `prefix` through the proxy, on a
+    /// connection of its own, once the proxy has confirmed its creation.
+    #[cfg(feature = "etcd-client")]
+    pub async fn watch_prefix(
+        &self,
+        prefix: &str,
+    ) -> anyhow::Result<(etcd_client::Client, etcd_client::WatchStream)> {
+        let mut c = self.connect().await?;
+        let mut w = c
+            .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await?;
+        let r = w
+            .message()
+            .await?
+            .context("watch stream ended before created")?;
+        anyhow::ensure!(r.created(), "expected a created response, got {r:?}");
+        Ok((c, w))
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("proxy not running")?;

@@ -1,7 +1,7 @@
 //! Operating podmesh-etcd-proxy: SIGTERM with open watch streams, the metrics an operator reads, /healthz and /readyz.
 use std::time::{Duration, Instant};
 
-use etcd_client::{GetOptions, WatchOptions, WatchStream};
+use etcd_client::{GetOptions, WatchStream};
 use podmesh_tests::{
     etcd::{Etcd, http_get},
     eventually, eventually_async,
@@ -20,14 +20,7 @@ fn metric(proxy: &Proxy, name: &str, labels: &str) -> f64 {
 
 /// A created watch of `PREFIX` through the proxy, on its own connection.
 async fn watch(proxy: &Proxy) -> (etcd_client::Client, WatchStream) {
-    let mut c = proxy.connect().await.unwrap();
-    let mut w = c
-        .watch(PREFIX, Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    let r = w.message().await.unwrap().unwrap();
-    assert!(r.created(), "{r:?}");
-    (c, w)
+    proxy.watch_prefix(PREFIX).await.unwrap()
 }
 
 /// Events of the next responses of `w` until `n` have arrived.

@@ -2,7 +2,7 @@
 //! credentials (a YAML naming new files, a certificate renewed in place), all without a restart.
 use std::{path::Path, process::Output, sync::Arc, time::Duration};
 
-use etcd_client::{WatchOptions, WatchStream};
+use etcd_client::WatchStream;
 use podmesh_tests::{
     daemon,
     etcd::Etcd,
@@ -56,14 +56,7 @@ async fn events(w: &mut WatchStream, n: usize) -> Vec<(String, i64)> {
 
 /// A created watch of `PREFIX` through the proxy.
 async fn watch(proxy: &Proxy) -> (etcd_client::Client, WatchStream) {
-    let mut c = proxy.connect().await.unwrap();
-    let mut w = c
-        .watch(PREFIX, Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    let r = w.message().await.unwrap().unwrap();
-    assert!(r.created(), "{r:?}");
-    (c, w)
+    proxy.watch_prefix(PREFIX).await.unwrap()
 }
 
 /// `--client-ca` is rewritten with another CA while the proxy runs: a client
