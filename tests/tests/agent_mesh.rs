@@ -165,39 +165,40 @@ async fn start_home(secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
     start_home_on(home_etcd()?, secret, extra).await
 }
 
+/// The agent under test: cluster "home" (ID 9, 10.9.0.0/16), node h1 at
+/// 192.168.9.1 with 10.9.1.0/24, the dry-run datapath, quick Secret polling
+/// and a short backoff cap.
+const HOME_FLAGS: &[&str] = &[
+    "--cluster-name",
+    "home",
+    "--cluster-id",
+    "9",
+    "--node-name",
+    "h1",
+    "--node-ip",
+    "192.168.9.1",
+    "--pod-cidr",
+    "10.9.1.0/24",
+    "--cluster-pod-cidr",
+    "10.9.0.0/16",
+    "--service-cidr",
+    "10.96.0.0/12",
+    "--datapath-dry-run",
+    "--secret-poll-ms",
+    "100",
+    "--max-backoff",
+    "1",
+];
+
 /// Starts the agent under test on `etcd` (prepared by the caller).
 async fn start_home_on(etcd: Etcd, secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
     let dir = tempfile::tempdir()?;
     let kv = etcd.client_config(&dir.path().join("local.yaml"))?;
-    let mut args: Vec<String> = [
-        "podmesh-agent",
-        "--cluster-name",
-        "home",
-        "--cluster-id",
-        "9",
-        "--node-name",
-        "h1",
-        "--node-ip",
-        "192.168.9.1",
-        "--pod-cidr",
-        "10.9.1.0/24",
-        "--cluster-pod-cidr",
-        "10.9.0.0/16",
-        "--service-cidr",
-        "10.96.0.0/12",
-        "--status-addr",
-        "127.0.0.1:0",
-        "--datapath-dry-run",
-        "--secret-poll-ms",
-        "100",
-        "--max-backoff",
-        "1",
-        "--lease-ttl",
-        "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = std::iter::once("podmesh-agent")
+        .chain(HOME_FLAGS.iter().copied())
+        .chain(["--status-addr", "127.0.0.1:0", "--lease-ttl", "5"])
+        .map(str::to_string)
+        .collect();
     args.push("--kvstore-config".into());
     args.push(kv.display().to_string());
     args.push("--clustermesh-config".into());
@@ -1042,30 +1043,8 @@ impl AgentProcess {
         let addr = format!("127.0.0.1:{}", podmesh_tests::free_port());
         let log = tempfile::NamedTempFile::new()?;
         let child = std::process::Command::new(bin)
-            .args([
-                "--cluster-name",
-                "home",
-                "--cluster-id",
-                "9",
-                "--node-name",
-                "h1",
-                "--node-ip",
-                "192.168.9.1",
-                "--pod-cidr",
-                "10.9.1.0/24",
-                "--cluster-pod-cidr",
-                "10.9.0.0/16",
-                "--service-cidr",
-                "10.96.0.0/12",
-                "--datapath-dry-run",
-                "--secret-poll-ms",
-                "100",
-                "--max-backoff",
-                "1",
-                "--status-addr",
-                &addr,
-                "--clustermesh-config",
-            ])
+            .args(HOME_FLAGS)
+            .args(["--status-addr", &addr, "--clustermesh-config"])
             .arg(secret)
             .env_remove("NODE_NAME")
             .env("RUST_LOG", "info")
