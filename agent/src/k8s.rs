@@ -309,4 +309,130 @@ mod tests {
         follower.abort();
         let _handle = server.await.unwrap();
     }
+
+    /// One line of a watch response body.
+    fn watch_line(ev: &serde_json::Value) -> Body {
+        let mut body = serde_json::to_vec(ev).unwrap();
+        body.push(b'\n');
+        Body::from(body)
+    }
+
+    /// The node of `node_json` at `rv`, with InternalIP `ip`.
+    fn node_at(pod: &str, ip: &str, rv: &str) -> serde_json::Value {
+        let mut n = node_json(pod);
+        n["metadata"]["resourceVersion"] = rv.into();
+        n["status"]["addresses"][2]["address"] = ip.into();
+        n
+    }
+
+    fn is_watch(req: &Request<Body>) -> bool {
+        req.uri().query().unwrap_or("").contains("watch=true")
+    }
+
+    /// The Node watch breaks three ways (its stream ends, the API answers it
+    /// with 500, then with a 410 Gone event); the follower re-watches, backs
+    /// off, re-lists, and still delivers the InternalIP of the new list and
+    /// the Pod CIDR of a later MODIFIED event.
+    #[tokio::test(start_paused = true)]
+    async fn node_watch_recovers_after_it_ends_and_fails() {
+        let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let api = KubeNodes::new(Client::new(svc, "default"));
+        let (tx, mut rx) = watch::channel(None);
+        let follower = tokio::spawn(follow_node(api, "n1".into(), None, tx));
+        // Every request must come, also after a backoff (paused time jumps
+        // over it; a follower that stops asking fails here, not by hanging).
+        let mut next = async move || {
+            tokio::time::timeout(Duration::from_secs(600), handle.next_request())
+                .await
+                .expect("the follower sent no further request")
+                .expect("the client is gone")
+        };
+        let list = |n: serde_json::Value, rv: &str| {
+            let l = serde_json::json!({
+                "apiVersion": "v1", "kind": "NodeList",
+                "metadata": {"resourceVersion": rv}, "items": [n]
+            });
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&l).unwrap()))
+                .unwrap()
+        };
+        let pods = |c: &str| vec![c.parse::<IpNet>().unwrap()];
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+
+        let (req, send) = next().await;
+        assert!(!is_watch(&req), "a list first: {}", req.uri());
+        send.send_response(list(node_at("10.1.1.0/24", "192.168.1.10", "7"), "7"));
+        rx.wait_for(|n| {
+            n.as_ref()
+                .is_some_and(|n| n.pod_cidrs == pods("10.1.1.0/24"))
+        })
+        .await
+        .unwrap();
+
+        // 1. The watch's stream ends without an event: watched again from
+        //    the same resource version.
+        let (req, send) = next().await;
+        assert!(is_watch(&req), "{}", req.uri());
+        assert!(req.uri().query().unwrap().contains("resourceVersion=7"));
+        send.send_response(Response::builder().body(Body::empty()).unwrap());
+
+        // 2. The API refuses the watch: retried after a backoff.
+        let (req, send) = next().await;
+        assert!(is_watch(&req), "{}", req.uri());
+        let refused_at = tokio::time::Instant::now();
+        let status = serde_json::json!({
+            "apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "etcdserver: leader changed", "reason": "InternalError", "code": 500
+        });
+        send.send_response(
+            Response::builder()
+                .status(500)
+                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                .unwrap(),
+        );
+
+        // 3. The watch starts, then reports its resource version expired.
+        let (req, send) = next().await;
+        assert!(is_watch(&req), "{}", req.uri());
+        assert!(
+            refused_at.elapsed() >= Duration::from_millis(100),
+            "a refused watch is retried after a backoff, not at once ({:?})",
+            refused_at.elapsed()
+        );
+        let gone = serde_json::json!({"type": "ERROR", "object": {
+            "apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "too old resource version: 7 (12)", "reason": "Expired", "code": 410
+        }});
+        send.send_response(Response::builder().body(watch_line(&gone)).unwrap());
+
+        // Listed again: the node's InternalIP changed in the meantime.
+        let (req, send) = next().await;
+        assert!(!is_watch(&req), "410 Gone: a new list: {}", req.uri());
+        send.send_response(list(node_at("10.1.1.0/24", "192.168.1.20", "12"), "12"));
+        rx.wait_for(|n| {
+            n.as_ref()
+                .is_some_and(|n| n.addresses.first() == Some(&ip("192.168.1.20")))
+        })
+        .await
+        .unwrap();
+
+        // The new watch delivers a later change of the Pod CIDRs.
+        let (req, send) = next().await;
+        assert!(is_watch(&req), "{}", req.uri());
+        assert!(req.uri().query().unwrap().contains("resourceVersion=12"));
+        let ev = serde_json::json!({"type": "MODIFIED",
+            "object": node_at("10.1.2.0/24", "192.168.1.20", "13")});
+        send.send_response(Response::builder().body(watch_line(&ev)).unwrap());
+        let got = rx
+            .wait_for(|n| {
+                n.as_ref()
+                    .is_some_and(|n| n.pod_cidrs == pods("10.1.2.0/24"))
+            })
+            .await
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert_eq!(got.addresses[0], ip("192.168.1.20"));
+        follower.abort();
+    }
 }
