@@ -1,9 +1,10 @@
 //! The agent's control plane against real etcd with mTLS: several simulated
 //! remote clusters (each a real etcd), the bad-record corpus, etcd restarts
 //! (also empty), compaction (also of a live watch), lease loss, a conflicting
-//! cluster record, and Secret changes including certificate rotation. The agent
-//! runs in-process with the in-memory datapath, or as the `podmesh-agent`
-//! binary with its dry-run datapath where a test stops and continues it.
+//! cluster record, Secret changes including certificate rotation, and SIGTERM,
+//! which leaves the node record to its lease. The agent runs in-process with
+//! the in-memory datapath, or as the `podmesh-agent` binary with its dry-run
+//! datapath where a test stops, continues or terminates it.
 use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -1039,6 +1040,11 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(secret: &Path) -> anyhow::Result<Self> {
+        Self::start_with(secret, &[])
+    }
+
+    /// Like [`AgentProcess::start`], with `extra` flags after the others.
+    fn start_with(secret: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let bin = podmesh_tests::mesh::workspace_binary("podmesh-agent", "podmesh-agent")?;
         let addr = format!("127.0.0.1:{}", podmesh_tests::free_port());
         let log = tempfile::NamedTempFile::new()?;
@@ -1046,6 +1052,7 @@ impl AgentProcess {
             .args(HOME_FLAGS)
             .args(["--status-addr", &addr, "--clustermesh-config"])
             .arg(secret)
+            .args(extra)
             .env_remove("NODE_NAME")
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
@@ -1065,6 +1072,16 @@ impl AgentProcess {
         podmesh_agent::cli::status::fetch(&self.addr).map_err(|e| e.to_string())
     }
 
+    /// SIGTERM, as the kubelet stops a pod; the exit status once it has exited.
+    fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let child = &mut self.child;
+        tokio::task::block_in_place(|| podmesh_tests::daemon::terminate(child, timeout))
+    }
+
+    fn log_tail(&self) -> String {
+        podmesh_tests::daemon::log_tail(self.log.path(), 30)
+    }
+
     async fn wait(
         &self,
         what: &str,
@@ -1082,12 +1099,7 @@ impl AgentProcess {
             }
         })
         .await
-        .with_context(|| {
-            format!(
-                "agent log:\n{}",
-                podmesh_tests::daemon::log_tail(self.log.path(), 30)
-            )
-        })
+        .with_context(|| format!("agent log:\n{}", self.log_tail()))
     }
 }
 
@@ -1272,6 +1284,94 @@ async fn agent_relists_when_its_live_watch_falls_behind_a_compaction() -> anyhow
     assert_eq!(
         agent.status().map_err(anyhow::Error::msg)?.remotes["east"].lists,
         2
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigterm_leaves_the_node_record_to_its_lease() -> anyhow::Result<()> {
+    const TTL: i64 = 5;
+    let etcd = home_etcd()?;
+    let dir = tempfile::tempdir()?;
+    let kv = etcd.client_config(&dir.path().join("local.yaml"))?;
+    let kv = kv.to_str().context("kvstore config path")?;
+    let ttl_flag = TTL.to_string();
+    let secret = SecretDir::new()?;
+    let mut agent = AgentProcess::start_with(
+        secret.path(),
+        &["--kvstore-config", kv, "--lease-ttl", &ttl_flag],
+    )?;
+    let s = agent.wait("published", |s| s.local.published).await?;
+    let mut local = etcd.connect().await?;
+    let (lease, rec) = local_node_record(&mut local)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("node record published")?;
+    assert_ne!(lease, 0, "node record bound to a lease");
+    assert_eq!(s.local.lease, Some(lease));
+    // Kept alive while the agent runs (every TTL/3): past one TTL, the same lease.
+    tokio::time::sleep(Duration::from_secs(TTL as u64 + 1)).await;
+    let (kept, _) = local_node_record(&mut local)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("node record of the running agent")?;
+    assert_eq!(kept, lease, "{}", agent.log_tail());
+
+    // SIGTERM: a clean exit that leaves the record and its lease alone.
+    let st = agent.terminate(Duration::from_secs(10))?;
+    let log = agent.log_tail();
+    assert_eq!(st.code(), Some(0), "exit status {st}; log:\n{log}");
+    let (after, rec_after) = local_node_record(&mut local)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .with_context(|| format!("the node record went with SIGTERM; log:\n{log}"))?;
+    assert_eq!(after, lease, "same lease");
+    assert_eq!(rec_after, rec, "same record");
+    let asked = tokio::time::Instant::now();
+    let live = local
+        .lease_time_to_live(
+            lease,
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await?;
+    assert_eq!(live.granted_ttl(), TTL, "--lease-ttl");
+    assert!(
+        live.ttl() > 0,
+        "the lease was revoked on SIGTERM: {live:?}; log:\n{log}"
+    );
+    let key = node_key("home", "h1");
+    assert!(
+        live.keys().iter().any(|k| k.as_slice() == key.as_bytes()),
+        "{key} bound to lease {lease}: {live:?}"
+    );
+    assert!(
+        !local.get(cluster_key("home"), None).await?.kvs().is_empty(),
+        "the cluster record stays"
+    );
+
+    // Nobody keeps the lease alive any more: the record goes when it expires,
+    // not before (etcd rounds the remaining TTL to whole seconds), and no
+    // later than a few seconds after.
+    let remaining = Duration::from_secs(u64::try_from(live.ttl())?);
+    let gone_after = eventually_async(remaining + Duration::from_secs(5), || {
+        let mut local = local.clone();
+        async move {
+            match local_node_record(&mut local).await? {
+                None => Ok(asked.elapsed()),
+                Some((l, _)) => Err(format!("node record still there under lease {l}")),
+            }
+        }
+    })
+    .await?;
+    assert!(
+        gone_after + Duration::from_secs(1) >= remaining,
+        "the record went {gone_after:?} after the lease had {remaining:?} left"
+    );
+    let expired = local.lease_time_to_live(lease, None).await?;
+    assert!(expired.ttl() <= 0, "the lease expired: {expired:?}");
+    assert!(
+        !local.get(cluster_key("home"), None).await?.kvs().is_empty(),
+        "the cluster record has no lease and stays"
     );
     Ok(())
 }
