@@ -251,8 +251,18 @@ async fn wait_status(
     what: &str,
     f: impl Fn(&StatusReport) -> bool,
 ) -> anyhow::Result<StatusReport> {
+    wait_for(what, || status(home).map_err(|e| e.to_string()), f).await
+}
+
+/// Waits until the status that `fetch` reads satisfies `f`; the error names
+/// `what` and shows the remotes as last seen.
+async fn wait_for(
+    what: &str,
+    fetch: impl Fn() -> Result<StatusReport, String>,
+    f: impl Fn(&StatusReport) -> bool,
+) -> anyhow::Result<StatusReport> {
     eventually_async(WAIT, || async {
-        let s = status(home).map_err(|e| e.to_string())?;
+        let s = fetch()?;
         if f(&s) {
             Ok(s)
         } else {
@@ -1087,19 +1097,9 @@ impl AgentProcess {
         what: &str,
         f: impl Fn(&StatusReport) -> bool,
     ) -> anyhow::Result<StatusReport> {
-        eventually_async(WAIT, || async {
-            let s = self.status()?;
-            if f(&s) {
-                Ok(s)
-            } else {
-                Err(format!(
-                    "{what}: {}",
-                    serde_json::to_string(&s.remotes).unwrap_or_default()
-                ))
-            }
-        })
-        .await
-        .with_context(|| format!("agent log:\n{}", self.log_tail()))
+        wait_for(what, || self.status(), f)
+            .await
+            .with_context(|| format!("agent log:\n{}", self.log_tail()))
     }
 }
 

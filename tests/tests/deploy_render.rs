@@ -630,6 +630,17 @@ fn deploy_manifests_leave_the_operators_secrets_alone() {
     );
 }
 
+/// The volumes of the rendered podmesh-etcd-proxy Deployment, to edit.
+fn proxy_volumes(d: &mut [Value]) -> &mut Vec<Value> {
+    let proxy = d
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
+        .unwrap();
+    proxy["spec"]["template"]["spec"]["volumes"]
+        .as_sequence_mut()
+        .unwrap()
+}
+
 /// A Secret volume's files belong to root (to the pod's `fsGroup`, when it
 /// has one, which the kubelet also makes group-readable). A container that
 /// runs as another user reads them only through the "other" read bit, or
@@ -748,13 +759,7 @@ fn deploy_non_root_containers_can_read_their_secrets() {
     assert_eq!(bad.len(), 2, "{bad:?}");
 
     // World-readable files need no fsGroup; a projected volume is checked too.
-    let proxy = d
-        .iter_mut()
-        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
-        .unwrap();
-    let volumes = proxy["spec"]["template"]["spec"]["volumes"]
-        .as_sequence_mut()
-        .unwrap();
+    let volumes = proxy_volumes(&mut d);
     for v in volumes.iter_mut() {
         if let Some(sec) = v["secret"].as_mapping_mut() {
             sec.insert("defaultMode".into(), 0o444.into());
@@ -765,13 +770,7 @@ fn deploy_non_root_containers_can_read_their_secrets() {
         "name: tls\nprojected:\n  defaultMode: 0o400\n  sources:\n  - secret:\n      name: podmesh-etcd-proxy-tls\n",
     )
     .unwrap();
-    let proxy = d
-        .iter_mut()
-        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
-        .unwrap();
-    let volumes = proxy["spec"]["template"]["spec"]["volumes"]
-        .as_sequence_mut()
-        .unwrap();
+    let volumes = proxy_volumes(&mut d);
     let tls = volumes.iter_mut().find(|v| v["name"] == "tls").unwrap();
     *tls = projected;
     let bad = unreadable_secret_mounts(&d);
