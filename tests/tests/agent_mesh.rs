@@ -70,6 +70,19 @@ impl Remote {
         self.client.delete(key, None).await?;
         Ok(())
     }
+
+    /// Compacts the remote's history up to its current revision.
+    async fn compact_history(&mut self) -> anyhow::Result<()> {
+        let rev = self
+            .client
+            .get("x", None)
+            .await?
+            .header()
+            .map(|h| h.revision())
+            .context("revision")?;
+        self.client.compact(rev, None).await?;
+        Ok(())
+    }
 }
 
 /// The clustermesh Secret as a directory that is updated like the kubelet does it.
@@ -531,14 +544,7 @@ async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> a
         east.node("e1", &format!("192.168.1.{}", 20 + i), &["10.1.1.0/24"])
             .await?;
     }
-    let rev = east
-        .client
-        .get("x", None)
-        .await?
-        .header()
-        .map(|h| h.revision())
-        .unwrap_or(1);
-    east.client.compact(rev, None).await?;
+    east.compact_history().await?;
     east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
     wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.3.0/24", "e3")]).await?;
 
@@ -833,14 +839,7 @@ async fn agent_relists_after_the_remote_compacted_while_it_was_disconnected() ->
     }
     east.delete(&node_key("east", "e2")).await?;
     east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
-    let rev = east
-        .client
-        .get("x", None)
-        .await?
-        .header()
-        .map(|h| h.revision())
-        .context("revision")?;
-    east.client.compact(rev, None).await?;
+    east.compact_history().await?;
     // Routes are kept as last known while disconnected.
     assert_eq!(routes(&home.dp).len(), 2);
 
@@ -1211,14 +1210,7 @@ async fn agent_relists_when_its_live_watch_falls_behind_a_compaction() -> anyhow
     east.delete(&node_key("east", "e2")).await?;
     east.node("e3", "192.168.1.3", &["10.1.3.0/24"]).await?;
     east.delete(&filler).await?;
-    let rev = east
-        .client
-        .get("x", None)
-        .await?
-        .header()
-        .map(|h| h.revision())
-        .context("revision")?;
-    east.client.compact(rev, None).await?;
+    east.compact_history().await?;
     agent.signal(Signal::SIGCONT)?;
     eprintln!(
         "agent stopped for {:?}; {written} writes of 48 KiB until etcd parked its watcher",
