@@ -46,6 +46,16 @@ pub fn require_root(test: &str) -> bool {
     }
 }
 
+/// A finished command's status and output, for assertion messages.
+pub fn describe_output(o: &std::process::Output) -> String {
+    format!(
+        "status {} stdout {:?} stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// Polls `f` every 50 ms until it returns `Ok`, or until `timeout` passes,
 /// then fails with the last error.
 pub fn eventually<T>(

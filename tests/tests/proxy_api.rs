@@ -3,22 +3,13 @@
 use std::{process::Output, time::Duration};
 
 use etcd_client::{GetOptions, WatchOptions};
-use podmesh_tests::{daemon, etcd::Etcd, eventually, pki::Pki, proxy::Proxy};
+use podmesh_tests::{daemon, describe_output, etcd::Etcd, eventually, pki::Pki, proxy::Proxy};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "status {} stdout {:?} stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn seed(etcd: &Etcd) {
@@ -30,7 +21,7 @@ fn seed(etcd: &Etcd) {
         ("secret/admin", "must never leak"),
     ] {
         let o = etcd.etcdctl(&["put", k, v]).unwrap();
-        assert!(o.status.success(), "{}", out(&o));
+        assert!(o.status.success(), "{}", describe_output(&o));
     }
 }
 
@@ -44,7 +35,7 @@ fn proxy_etcdctl_reads_watches_and_reports_itself() {
     let o = proxy
         .etcdctl(c, &["get", "--prefix", "podmesh/v1/"])
         .unwrap();
-    assert!(o.status.success(), "{}", out(&o));
+    assert!(o.status.success(), "{}", describe_output(&o));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
         s.contains("podmesh/v1/clusters/east") && s.contains("podmesh/v1/nodes/east/n2"),
@@ -62,7 +53,7 @@ fn proxy_etcdctl_reads_watches_and_reports_itself() {
         String::from_utf8_lossy(&o.stdout).trim(),
         r#"{"name":"n1"}"#,
         "{}",
-        out(&o)
+        describe_output(&o)
     );
 
     let o = proxy
@@ -82,18 +73,18 @@ fn proxy_etcdctl_reads_watches_and_reports_itself() {
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("\"count\":2"),
         "{}",
-        out(&o)
+        describe_output(&o)
     );
 
     // endpoint status and member list name the proxy, never the etcd behind it.
     let o = proxy
         .etcdctl(c, &["endpoint", "status", "-w", "json"])
         .unwrap();
-    assert!(o.status.success(), "{}", out(&o));
+    assert!(o.status.success(), "{}", describe_output(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains(&proxy.endpoint()),
         "{}",
-        out(&o)
+        describe_output(&o)
     );
     let o = proxy
         .etcdctl(c, &["member", "list", "-w", "simple"])
@@ -102,7 +93,7 @@ fn proxy_etcdctl_reads_watches_and_reports_itself() {
     assert!(
         s.contains(&proxy.endpoint()) && !s.contains(&etcd.endpoint()),
         "{}",
-        out(&o)
+        describe_output(&o)
     );
 
     // etcdctl watch --prefix sees a write made directly to the upstream etcd.
@@ -309,7 +300,7 @@ fn proxy_etcd_client_reads_and_watches_with_replay() {
 }
 
 fn denied(o: &Output, why: &str) {
-    let s = out(o);
+    let s = describe_output(o);
     assert!(!o.status.success(), "must be refused: {s}");
     assert!(
         s.contains("permission denied") || s.contains("PermissionDenied"),
@@ -374,7 +365,11 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
     // disarm); raising or clearing an alarm is refused.
     for args in [["alarm", "list"], ["alarm", "disarm"]] {
         let o = proxy.etcdctl(c, &args).unwrap();
-        assert!(o.status.success() && o.stdout.is_empty(), "{}", out(&o));
+        assert!(
+            o.status.success() && o.stdout.is_empty(),
+            "{}",
+            describe_output(&o)
+        );
     }
     rt().block_on(async {
         use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
@@ -448,7 +443,11 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
     let o = proxy
         .etcdctl(c, &["snapshot", "save", db.to_str().unwrap()])
         .unwrap();
-    assert!(!o.status.success() && !db.exists(), "{}", out(&o));
+    assert!(
+        !o.status.success() && !db.exists(),
+        "{}",
+        describe_output(&o)
+    );
 
     // Prefix escapes: other keys, the whole keyspace, from-key, range ends past the prefix.
     for args in [
@@ -466,7 +465,7 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
         assert!(
             !String::from_utf8_lossy(&o.stdout).contains("leak"),
             "{}",
-            out(&o)
+            describe_output(&o)
         );
     }
     rt().block_on(async {
@@ -501,7 +500,7 @@ fn proxy_refuses_writes_admin_and_prefix_escapes() {
     });
     // Nothing was written upstream through the proxy.
     let o = etcd.etcdctl(&["get", "podmesh/v1/x"]).unwrap();
-    assert!(o.stdout.is_empty(), "{}", out(&o));
+    assert!(o.stdout.is_empty(), "{}", describe_output(&o));
     assert!(
         proxy
             .metric("podmesh_proxy_refused_requests_total", "read_only")
@@ -695,7 +694,7 @@ fn proxy_serves_read_only_txn_from_the_cache_and_refuses_txn_writes() {
         &proxy,
         "version(\"podmesh/v1/clusters/east\") > \"0\"\n\nget podmesh/v1/clusters/east\n\nget podmesh/v1/nodes/east/n2\n\n",
     );
-    let s = out(&o);
+    let s = describe_output(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{s}");
     assert!(
@@ -711,7 +710,7 @@ fn proxy_serves_read_only_txn_from_the_cache_and_refuses_txn_writes() {
     denied(&o, "Put (failure[0])");
     // Nothing was written upstream.
     let o = etcd.etcdctl(&["get", "podmesh/v1/x"]).unwrap();
-    assert!(o.stdout.is_empty(), "{}", out(&o));
+    assert!(o.stdout.is_empty(), "{}", describe_output(&o));
 }
 
 #[test]
@@ -725,7 +724,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     assert!(
         !o.status.success() && o.stdout.is_empty(),
         "no client cert must be refused: {}",
-        out(&o)
+        describe_output(&o)
     );
     let other = Pki::new("other").unwrap();
     let stranger = other.client("stranger").unwrap();
@@ -733,7 +732,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     assert!(
         !o.status.success() && o.stdout.is_empty(),
         "foreign CA must be refused: {}",
-        out(&o)
+        describe_output(&o)
     );
     // Plaintext gRPC against the TLS port.
     let mut cmd = std::process::Command::new("etcdctl");
@@ -753,7 +752,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
     assert!(
         !o.status.success() && o.stdout.is_empty(),
         "plaintext must be refused: {}",
-        out(&o)
+        describe_output(&o)
     );
     assert!(
         proxy
@@ -762,7 +761,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
             >= 2.0
     );
     let o = proxy.etcdctl(Some(proxy.client()), &get).unwrap();
-    assert!(o.status.success(), "{}", out(&o));
+    assert!(o.status.success(), "{}", describe_output(&o));
 
     // Rotate the server certificate onto a new CA: the proxy serves the new
     // one without a restart (a client trusting only the new CA gets through).
@@ -782,7 +781,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
         if o.status.success() {
             Ok(())
         } else {
-            Err(out(&o))
+            Err(describe_output(&o))
         }
     })
     .unwrap();
@@ -876,7 +875,12 @@ fn proxy_config_errors_exit_64_and_bind_failures_exit_1_with_one_line() {
         ("--metrics-addr", "192.0.2.1:9091", 1, "--metrics-addr"),
     ] {
         let (o, err) = run(flag, value);
-        assert_eq!(o.status.code(), Some(code), "{flag} {value:?}: {}", out(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{flag} {value:?}: {}",
+            describe_output(&o)
+        );
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
         assert!(
             err.starts_with("podmesh-etcd-proxy: ") && err.contains(says),
@@ -963,7 +967,12 @@ fn proxy_config_file_gives_the_flags_and_the_command_line_overrides_it() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(64), "{text:?}: {}", out(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(64),
+            "{text:?}: {}",
+            describe_output(&o)
+        );
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
         assert!(err.contains(field), "{text:?} must name {field}: {err}");
     }

@@ -4,7 +4,7 @@ use std::{path::Path, process::Output, sync::Arc, time::Duration};
 
 use etcd_client::WatchStream;
 use podmesh_tests::{
-    daemon,
+    daemon, describe_output,
     etcd::Etcd,
     eventually, eventually_async,
     pki::{CertFiles, Pki},
@@ -12,15 +12,6 @@ use podmesh_tests::{
 };
 
 const PREFIX: &str = "podmesh/v1/nodes/";
-
-fn out(o: &Output) -> String {
-    format!(
-        "status {} stdout {:?} stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Replaces `dst` with the contents of `src` in one rename, as Kubernetes
 /// swaps a Secret volume: a reader sees the old or the new file, never half.
@@ -68,7 +59,7 @@ fn proxy_client_ca_rotation_accepts_the_new_ca_and_refuses_the_old_without_resta
     let o = etcd
         .etcdctl(&["put", "podmesh/v1/clusters/east", "e"])
         .unwrap();
-    assert!(o.status.success(), "{}", out(&o));
+    assert!(o.status.success(), "{}", describe_output(&o));
     let proxy = Proxy::start(&etcd, &[]).unwrap();
     // The proxy's server certificate stays; clients keep trusting its CA,
     // which the rotation overwrites in the proxy's directory.
@@ -90,10 +81,10 @@ fn proxy_client_ca_rotation_accepts_the_new_ca_and_refuses_the_old_without_resta
     assert!(
         !accepted(&o),
         "new CA accepted before the rotation: {}",
-        out(&o)
+        describe_output(&o)
     );
     let o = get(&old_client);
-    assert!(accepted(&o), "{}", out(&o));
+    assert!(accepted(&o), "{}", describe_output(&o));
     let (pid, reloads) = (
         proxy.pid(),
         metric(&proxy, "podmesh_proxy_tls_reloads_total", ""),
@@ -102,14 +93,18 @@ fn proxy_client_ca_rotation_accepts_the_new_ca_and_refuses_the_old_without_resta
     replace(new_ca.ca(), proxy.pki().ca());
     eventually(Duration::from_secs(20), || {
         let o = get(&new_client);
-        if accepted(&o) { Ok(()) } else { Err(out(&o)) }
+        if accepted(&o) {
+            Ok(())
+        } else {
+            Err(describe_output(&o))
+        }
     })
     .unwrap();
     let o = get(&old_client);
     assert!(
         !accepted(&o) && o.stdout.is_empty(),
         "old CA still accepted: {}",
-        out(&o)
+        describe_output(&o)
     );
     assert_eq!(proxy.pid(), pid, "the proxy restarted");
     assert!(
@@ -137,7 +132,7 @@ async fn proxy_upstream_config_naming_new_ca_files_reconnects_and_watchers_miss_
         let o = etcd
             .etcdctl(&["put", &format!("{PREFIX}{k}"), "v"])
             .unwrap();
-        assert!(o.status.success(), "{}", out(&o));
+        assert!(o.status.success(), "{}", describe_output(&o));
     };
     put(&etcd, "east/k0");
     let first = events(&mut w, 1).await;
