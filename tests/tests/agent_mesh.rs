@@ -896,16 +896,25 @@ async fn local_node_record(
         .transpose()
 }
 
+/// The node record of h1 that must be in the local etcd, with its lease;
+/// `missing` says what its absence means.
+async fn present_node_record(
+    local: &mut etcd_client::Client,
+    missing: &str,
+) -> anyhow::Result<(i64, serde_json::Value)> {
+    local_node_record(local)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .with_context(|| missing.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_republishes_under_a_new_lease_after_its_lease_is_revoked() -> anyhow::Result<()> {
     let secret = SecretDir::new()?;
     let home = start_home(secret.path(), &[]).await?;
     let mut local = home.etcd.connect().await?;
     let s = wait_status(&home, "published", |s| s.local.published).await?;
-    let (lease, rec) = local_node_record(&mut local)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .context("node record published")?;
+    let (lease, rec) = present_node_record(&mut local, "node record published").await?;
     assert_ne!(lease, 0, "node record bound to a lease");
     assert_eq!(s.local.lease, Some(lease));
     assert_eq!(rec["podCIDRs"][0], "10.9.1.0/24");
@@ -1308,28 +1317,23 @@ async fn agent_sigterm_leaves_the_node_record_to_its_lease() -> anyhow::Result<(
     )?;
     let s = agent.wait("published", |s| s.local.published).await?;
     let mut local = etcd.connect().await?;
-    let (lease, rec) = local_node_record(&mut local)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .context("node record published")?;
+    let (lease, rec) = present_node_record(&mut local, "node record published").await?;
     assert_ne!(lease, 0, "node record bound to a lease");
     assert_eq!(s.local.lease, Some(lease));
     // Kept alive while the agent runs (every TTL/3): past one TTL, the same lease.
     tokio::time::sleep(Duration::from_secs(TTL as u64 + 1)).await;
-    let (kept, _) = local_node_record(&mut local)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .context("node record of the running agent")?;
+    let (kept, _) = present_node_record(&mut local, "node record of the running agent").await?;
     assert_eq!(kept, lease, "{}", agent.log_tail());
 
     // SIGTERM: a clean exit that leaves the record and its lease alone.
     let st = agent.terminate(Duration::from_secs(10))?;
     let log = agent.log_tail();
     assert_eq!(st.code(), Some(0), "exit status {st}; log:\n{log}");
-    let (after, rec_after) = local_node_record(&mut local)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .with_context(|| format!("the node record went with SIGTERM; log:\n{log}"))?;
+    let (after, rec_after) = present_node_record(
+        &mut local,
+        &format!("the node record went with SIGTERM; log:\n{log}"),
+    )
+    .await?;
     assert_eq!(after, lease, "same lease");
     assert_eq!(rec_after, rec, "same record");
     let asked = tokio::time::Instant::now();
