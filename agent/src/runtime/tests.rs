@@ -20,36 +20,26 @@ fn net(s: &str) -> IpNet {
 }
 
 /// Cluster "home" without --node-ip/--pod-cidr: the Node comes from Kubernetes.
+const KUBERNETES_FLAGS: &[&str] = &[
+    "podmesh-agent",
+    "--cluster-name",
+    "home",
+    "--cluster-id",
+    "9",
+    "--node-name",
+    "n1",
+    "--service-cidr",
+    "10.96.0.0/12",
+];
+
 fn kubernetes_config() -> AgentConfig {
-    config::load_from([
-        "podmesh-agent",
-        "--cluster-name",
-        "home",
-        "--cluster-id",
-        "9",
-        "--node-name",
-        "n1",
-        "--service-cidr",
-        "10.96.0.0/12",
-    ])
-    .unwrap()
+    config::load_from(KUBERNETES_FLAGS.iter().copied()).unwrap()
 }
 
 #[test]
 fn the_node_from_kubernetes_is_local_once_known() {
-    let mut args = vec![
-        "podmesh-agent",
-        "--cluster-name",
-        "home",
-        "--cluster-id",
-        "9",
-        "--node-name",
-        "n1",
-        "--cluster-pod-cidr",
-        "10.9.0.0/16",
-        "--service-cidr",
-        "10.96.0.0/12",
-    ];
+    let mut args = KUBERNETES_FLAGS.to_vec();
+    args.extend(["--cluster-pod-cidr", "10.9.0.0/16"]);
     let cfg = config::load_from(args.clone()).unwrap();
     assert_eq!(cfg.node_source, NodeSource::Kubernetes);
     let before = local_ranges(&cfg, None);
