@@ -13,6 +13,18 @@ use tokio_rustls::server::TlsStream;
 
 use crate::hub::Hub;
 
+/// The certificates of a PEM file (other blocks and unreadable ones skipped).
+pub fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// The first private key of a PEM file, if it holds one.
+pub fn pem_key(pem: &[u8]) -> Option<PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut &pem[..]).ok().flatten()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
@@ -79,9 +91,7 @@ impl TlsFiles {
     pub fn load(&self) -> Result<(Arc<ServerConfig>, [Vec<u8>; 3]), TlsError> {
         let contents = self.contents()?;
         let [cert_pem, key_pem, ca_pem] = &contents;
-        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .filter_map(Result::ok)
-            .collect();
+        let certs = pem_certs(cert_pem);
         if certs.is_empty() {
             return Err(TlsError::Empty {
                 what: "TLS certificate",
@@ -89,17 +99,14 @@ impl TlsFiles {
                 expected: "CERTIFICATE",
             });
         }
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .ok()
-            .flatten()
-            .ok_or_else(|| TlsError::Empty {
-                what: "TLS key",
-                path: self.key.clone(),
-                expected: "PRIVATE KEY",
-            })?;
+        let key = pem_key(key_pem).ok_or_else(|| TlsError::Empty {
+            what: "TLS key",
+            path: self.key.clone(),
+            expected: "PRIVATE KEY",
+        })?;
         let mut roots = RootCertStore::empty();
         let mut n = 0;
-        for ca in rustls_pemfile::certs(&mut ca_pem.as_slice()).filter_map(Result::ok) {
+        for ca in pem_certs(ca_pem) {
             roots.add(ca).map_err(|source| TlsError::Ca {
                 path: self.client_ca.clone(),
                 source,

@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::hub::Hub;
+use crate::tls::{pem_certs, pem_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -148,7 +148,7 @@ impl Settings {
         let ca = match &config.ca {
             Some(file) => {
                 let pem = read("trusted-ca-file", file)?;
-                if certs(&pem).is_empty() {
+                if pem_certs(&pem).is_empty() {
                     return Err(no_pem("trusted-ca-file", file, "CERTIFICATE"));
                 }
                 Some(pem)
@@ -158,15 +158,12 @@ impl Settings {
         let identity = match (&config.cert, &config.key) {
             (Some(cert), Some(key)) => {
                 let (cert_pem, key_pem) = (read("cert-file", cert)?, read("key-file", key)?);
-                let chain = certs(&cert_pem);
+                let chain = pem_certs(&cert_pem);
                 if chain.is_empty() {
                     return Err(no_pem("cert-file", cert, "CERTIFICATE"));
                 }
-                let der: PrivateKeyDer<'static> =
-                    rustls_pemfile::private_key(&mut key_pem.as_slice())
-                        .ok()
-                        .flatten()
-                        .ok_or_else(|| no_pem("key-file", key, "PRIVATE KEY"))?;
+                let der =
+                    pem_key(&key_pem).ok_or_else(|| no_pem("key-file", key, "PRIVATE KEY"))?;
                 let provider = rustls::crypto::ring::default_provider();
                 rustls::sign::CertifiedKey::from_der(chain, der, &provider).map_err(|source| {
                     ConfigError::Pair {
@@ -210,12 +207,6 @@ impl Settings {
         }
         opts
     }
-}
-
-fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut &pem[..])
-        .filter_map(Result::ok)
-        .collect()
 }
 
 /// Polls the upstream YAML and the files it names, like the server's TLS
