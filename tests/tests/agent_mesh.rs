@@ -175,6 +175,18 @@ fn home_etcd() -> anyhow::Result<Etcd> {
     Etcd::start_with(Arc::new(Pki::new("home")?), "home")
 }
 
+/// Remote cluster east (10.1.0.0/16) with nodes e1 (10.1.1.0/24) and e2
+/// (10.1.2.0/24), and a Secret directory that names it.
+async fn east_with_two_nodes() -> anyhow::Result<(Remote, SecretDir)> {
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
+    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    Ok((east, secret))
+}
+
 async fn start_home(secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
     start_home_on(home_etcd()?, secret, extra).await
 }
@@ -301,13 +313,8 @@ fn rejected_code(s: &StatusReport, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_mesh_two_and_three_clusters_propagate_and_drain() -> anyhow::Result<()> {
-    let mut east = Remote::start("east", 1).await?;
+    let (mut east, mut secret) = east_with_two_nodes().await?;
     let mut west = Remote::start("west", 2).await?;
-    east.cluster(&["10.1.0.0/16"]).await?;
-    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
-    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
-    let mut secret = SecretDir::new()?;
-    secret.set_valid(&east)?;
     let home = start_home(secret.path(), &[]).await?;
 
     wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
@@ -514,12 +521,7 @@ async fn agent_bad_record_corpus_is_rejected_and_reported() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_survives_etcd_restarts_compaction_and_certificate_rotation() -> anyhow::Result<()> {
-    let mut east = Remote::start("east", 1).await?;
-    east.cluster(&["10.1.0.0/16"]).await?;
-    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
-    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
-    let mut secret = SecretDir::new()?;
-    secret.set_valid(&east)?;
+    let (mut east, mut secret) = east_with_two_nodes().await?;
     let mut home = start_home(secret.path(), &["--empty-grace", "8"]).await?;
     let both = [("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")];
     wait_routes(&home.dp, &both).await?;
@@ -815,12 +817,7 @@ async fn agent_refuses_bad_tls_per_remote_and_keeps_serving_the_others() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_relists_after_the_remote_compacted_while_it_was_disconnected() -> anyhow::Result<()>
 {
-    let mut east = Remote::start("east", 1).await?;
-    east.cluster(&["10.1.0.0/16"]).await?;
-    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
-    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
-    let mut secret = SecretDir::new()?;
-    secret.set_valid(&east)?;
+    let (mut east, mut secret) = east_with_two_nodes().await?;
     let home = start_home(secret.path(), &[]).await?;
     wait_routes(&home.dp, &[("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")]).await?;
 
@@ -1160,12 +1157,7 @@ async fn agent_relists_when_its_live_watch_falls_behind_a_compaction() -> anyhow
     use nix::sys::signal::Signal;
 
     const SLOW_WATCHERS: &str = "etcd_debugging_mvcc_slow_watcher_total";
-    let mut east = Remote::start("east", 1).await?;
-    east.cluster(&["10.1.0.0/16"]).await?;
-    east.node("e1", "192.168.1.1", &["10.1.1.0/24"]).await?;
-    east.node("e2", "192.168.1.2", &["10.1.2.0/24"]).await?;
-    let mut secret = SecretDir::new()?;
-    secret.set_valid(&east)?;
+    let (mut east, secret) = east_with_two_nodes().await?;
     let agent = AgentProcess::start(secret.path())?;
     let s = agent
         .wait("synced", |s| {
