@@ -207,7 +207,7 @@ pub async fn follow_node<A: NodeApi>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use http::{Request, Response};
     use kube::client::Body;
     use tower_test::mock;
@@ -310,15 +310,15 @@ mod tests {
         let _handle = server.await.unwrap();
     }
 
-    /// One line of a watch response body.
-    fn watch_line(ev: &serde_json::Value) -> Body {
+    /// One line of a watch response body (a list's whole body, too).
+    pub(crate) fn watch_line(ev: &serde_json::Value) -> Body {
         let mut body = serde_json::to_vec(ev).unwrap();
         body.push(b'\n');
         Body::from(body)
     }
 
     /// The node of `node_json` at `rv`, with InternalIP `ip`.
-    fn node_at(pod: &str, ip: &str, rv: &str) -> serde_json::Value {
+    pub(crate) fn node_at(pod: &str, ip: &str, rv: &str) -> serde_json::Value {
         let mut n = node_json(pod);
         n["metadata"]["resourceVersion"] = rv.into();
         n["status"]["addresses"][2]["address"] = ip.into();

@@ -11,6 +11,7 @@ use crate::{
     config,
     datapath::memory::MemoryDatapath,
     desired::{RecordState, decode::decode},
+    k8s::tests::{node_at, watch_line},
     model::{cluster_key, node_key},
     validate::code as vcode,
 };
@@ -78,19 +79,8 @@ fn the_node_from_kubernetes_is_local_once_known() {
     );
 }
 
-fn node_object(pod: &str, ip: &str, version: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "n1", "resourceVersion": version},
-        "spec": {"podCIDR": pod, "podCIDRs": [pod]},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
-    })
-}
-
-fn json_response(v: &serde_json::Value) -> Response<Body> {
-    let mut body = serde_json::to_vec(v).unwrap();
-    body.push(b'\n');
-    Response::builder().body(Body::from(body)).unwrap()
+fn respond(v: &serde_json::Value) -> Response<Body> {
+    Response::builder().body(watch_line(v)).unwrap()
 }
 
 /// Two synced remotes: east (10.1.0.0/16: e1, e2) and west (10.2.0.0/16:
@@ -179,17 +169,17 @@ async fn remote_records_are_validated_against_the_node_as_kubernetes_reports_it(
     let server = tokio::spawn(async move {
         // The watcher's LIST: this node has 10.9.1.0/24 and 192.168.9.1.
         let (_, send) = handle.next_request().await.unwrap();
-        send.send_response(json_response(&serde_json::json!({
+        send.send_response(respond(&serde_json::json!({
             "apiVersion": "v1", "kind": "NodeList",
             "metadata": {"resourceVersion": "7"},
-            "items": [node_object("10.9.1.0/24", "192.168.9.1", "7")]
+            "items": [node_at("10.9.1.0/24", "192.168.9.1", "7")]
         })));
         // Its WATCH: the node's Pod CIDR becomes 10.1.2.0/24.
         let (_, send) = handle.next_request().await.unwrap();
         change.await.unwrap();
-        send.send_response(json_response(&serde_json::json!({
+        send.send_response(respond(&serde_json::json!({
             "type": "MODIFIED",
-            "object": node_object("10.1.2.0/24", "192.168.9.1", "8")
+            "object": node_at("10.1.2.0/24", "192.168.9.1", "8")
         })));
         done.await.unwrap();
         handle
