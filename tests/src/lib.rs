@@ -92,6 +92,15 @@ where
     }
 }
 
+/// A benchmark setting from the environment variable `name` (set by
+/// `cargo xtask bench …`), or `default` when it is unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A free TCP port on 127.0.0.1, below the kernel's ephemeral range and
 /// never handed out twice by this process.
 ///

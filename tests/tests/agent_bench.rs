@@ -24,14 +24,7 @@ use podmesh_agent::{
     model::{cluster_key, node_key},
     runtime,
 };
-use podmesh_tests::{etcd::Etcd, pki::Pki};
-
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
+use podmesh_tests::{env_or, etcd::Etcd, pki::Pki};
 
 /// A datapath that remembers when each (CIDR, next hop) was installed.
 #[derive(Clone, Default)]
@@ -233,10 +226,10 @@ fn binary_cold_start(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: cargo xtask bench converge"]
 async fn bench_converge() -> anyhow::Result<()> {
-    let clusters = env_usize("PODMESH_BENCH_CLUSTERS", 20);
-    let nodes = env_usize("PODMESH_BENCH_NODES", 5000);
-    let rate = env_usize("PODMESH_BENCH_RATE", 100);
-    let churn_secs = env_usize("PODMESH_BENCH_CHURN_SECS", 20);
+    let clusters = env_or::<usize>("PODMESH_BENCH_CLUSTERS", 20);
+    let nodes = env_or::<usize>("PODMESH_BENCH_NODES", 5000);
+    let rate = env_or::<usize>("PODMESH_BENCH_RATE", 100);
+    let churn_secs = env_or::<usize>("PODMESH_BENCH_CHURN_SECS", 20);
     let total = clusters * nodes;
     eprintln!(
         "converge: {clusters} clusters x {nodes} nodes = {total} records, churn {rate}/s for {churn_secs} s"

@@ -20,7 +20,7 @@ use podmesh_agent::{
     datapath::{Datapath, KernelConfig, ROUTE_PROTOCOL, RemoteRoute, from_config, owners::Owners},
 };
 use podmesh_common::{OWNERS_MAP, REMOTES_V4_MAP, RemoteNode};
-use podmesh_tests::{eventually, netns::NetNs, require_root};
+use podmesh_tests::{env_or, eventually, netns::NetNs, require_root};
 
 /// Remote node `i` of the install benchmark: a /26 Pod CIDR in 10.0.0.0/8
 /// and an underlay address in 100.64.0.0/10 (on the scratch veth).
@@ -288,13 +288,6 @@ struct Samples {
     name: String,
     gbps: Vec<f64>,
     rtt_ms: Vec<f64>,
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use std::{
 
 use etcd_client::{Client, WatchOptions};
 use podmesh_tests::{
+    env_or,
     etcd::{Etcd, connect},
     free_port,
     pki::{CertFiles, CertSpec, Pki},
@@ -248,14 +249,8 @@ async fn run_target(
 #[ignore = "benchmark: run by `cargo xtask bench proxy`"]
 async fn proxy_bench() {
     let counts = env_list("PODMESH_BENCH_WATCHERS", "1000");
-    let seconds: u64 = std::env::var("PODMESH_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let rate: u64 = std::env::var("PODMESH_BENCH_RATE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+    let seconds: u64 = env_or("PODMESH_BENCH_SECONDS", 10);
+    let rate: u64 = env_or("PODMESH_BENCH_RATE", 100);
     let mut rows = Vec::new();
     for &w in &counts {
         for which in ["podmesh-etcd-proxy", "etcd grpc-proxy", "etcd (direct)"] {
