@@ -220,6 +220,29 @@ impl Proxy {
         Ok((c, w))
     }
 
+    /// The next events of `w` until at least `n` have arrived, as (key, mod
+    /// revision); fails on a cancellation, an ended stream or 15 s without a
+    /// response.
+    #[cfg(feature = "etcd-client")]
+    pub async fn next_events(
+        w: &mut etcd_client::WatchStream,
+        n: usize,
+    ) -> anyhow::Result<Vec<(String, i64)>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let r = tokio::time::timeout(Duration::from_secs(15), w.message())
+                .await
+                .map_err(|_| anyhow::anyhow!("no watch response within 15 s; got {got:?}"))??
+                .context("watch stream ended")?;
+            anyhow::ensure!(!r.canceled(), "watch cancelled: {r:?}");
+            for e in r.events() {
+                let kv = e.kv().context("event without kv")?;
+                got.push((kv.key_str()?.to_owned(), kv.mod_revision()));
+            }
+        }
+        Ok(got)
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("proxy not running")?;

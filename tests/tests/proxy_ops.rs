@@ -23,19 +23,9 @@ async fn watch(proxy: &Proxy) -> (etcd_client::Client, WatchStream) {
     proxy.watch_prefix(PREFIX).await.unwrap()
 }
 
-/// Events of the next responses of `w` until `n` have arrived.
+/// How many events `w` delivers until at least `n` have arrived.
 async fn events(w: &mut WatchStream, n: usize) -> usize {
-    let mut got = 0;
-    while got < n {
-        let r = tokio::time::timeout(Duration::from_secs(15), w.message())
-            .await
-            .expect("no watch response within 15 s")
-            .unwrap()
-            .expect("watch stream ended");
-        assert!(!r.canceled(), "{r:?}");
-        got += r.events().len();
-    }
-    got
+    Proxy::next_events(w, n).await.unwrap().len()
 }
 
 /// SIGTERM while etcd-client watch streams are open: each stream ends (an

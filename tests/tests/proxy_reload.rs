@@ -26,23 +26,9 @@ fn metric(proxy: &Proxy, name: &str, labels: &str) -> f64 {
     proxy.metric(name, labels).unwrap()
 }
 
-/// The next events of `w` until `n` have arrived, as (key, mod revision);
-/// fails on a cancellation, an ended stream or 15 s without a response.
+/// The next events of `w` until `n` have arrived, as (key, mod revision).
 async fn events(w: &mut WatchStream, n: usize) -> Vec<(String, i64)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let r = tokio::time::timeout(Duration::from_secs(15), w.message())
-            .await
-            .unwrap_or_else(|_| panic!("no watch response within 15 s; got {got:?}"))
-            .unwrap()
-            .expect("watch stream ended");
-        assert!(!r.canceled(), "watch cancelled: {r:?}");
-        got.extend(r.events().iter().map(|e| {
-            let kv = e.kv().unwrap();
-            (kv.key_str().unwrap().to_owned(), kv.mod_revision())
-        }));
-    }
-    got
+    Proxy::next_events(w, n).await.unwrap()
 }
 
 /// A created watch of `PREFIX` through the proxy.
