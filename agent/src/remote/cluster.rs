@@ -43,6 +43,8 @@ const NOT_TLS: &str = "the endpoint closed the TLS handshake: it does not speak 
 
 const CLIENT_CERT_REFUSED: &str = "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)";
 
+const WATCH_BROKE: &str = "the connection broke during the watch: the remote's etcd proxy restarted or stopped answering HTTP/2 keepalives, or the network between the clusters dropped; routes of this cluster stay as last known; reconnecting with backoff";
+
 /// Whether the error names the TLS alert the remote sent (a refusal that
 /// cannot be anything else).
 fn names_an_alert(e: &KvError) -> bool {
@@ -88,6 +90,17 @@ fn hint(e: &KvError) -> &'static str {
         || t.contains("not valid for name")
     {
         "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate"
+    } else if matches!(e, KvError::Unavailable { op: "watch", .. })
+        // The list on the same connection succeeded, so the certificates
+        // were accepted: a closed watch stream is an outage.
+        && !names_an_alert(e)
+        && (t.contains("broken pipe")
+            || t.contains("connection reset")
+            || t.contains("connection closed")
+            || t.contains("h2 protocol error")
+            || t.contains("keep-alive timed out"))
+    {
+        WATCH_BROKE
     } else if names_an_alert(e)
         // Under TLS 1.3 the server checks the client certificate after the
         // client has finished its handshake: the refusal reaches the client
@@ -101,6 +114,8 @@ fn hint(e: &KvError) -> &'static str {
         CLIENT_CERT_REFUSED
     } else if t.contains("certificate") || t.contains("tls") || t.contains("handshake") {
         "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
+    } else if matches!(e, KvError::WatchClosed { .. }) {
+        "the remote's etcd proxy ended the watch (it is restarting or shutting down): routes of this cluster stay as last known; reconnecting"
     } else if t.contains("refused")
         || t.contains("unreachable")
         || t.contains("timed out")

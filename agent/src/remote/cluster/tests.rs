@@ -239,4 +239,28 @@ fn refused_client_certificate_hint_whatever_the_timing() {
         message: "transport error: stream closed because of a broken pipe".to_string(),
     };
     assert!(!super::hint(&broken_watch).contains("client certificate"));
+    assert_eq!(super::hint(&broken_watch), super::WATCH_BROKE);
+}
+
+/// A watch that breaks after it was established (a stopped or restarted
+/// proxy, a lost network) says so, whatever the transport called it.
+#[test]
+fn broken_watch_hint_names_the_outage() {
+    for m in [
+        "grpc request error: code: 'Unknown error', message: \"h2 protocol error: error reading a body from connection\"",
+        "transport error: connection closed before message completed",
+        "transport error: Connection reset by peer (os error 104)",
+        "keep-alive timed out",
+    ] {
+        let e = KvError::Unavailable {
+            op: "watch",
+            endpoints: "https://127.0.0.1:2379".to_string(),
+            message: m.to_string(),
+        };
+        assert_eq!(super::hint(&e), super::WATCH_BROKE, "{m}");
+    }
+    let closed = KvError::WatchClosed {
+        reason: "server shutting down".to_string(),
+    };
+    assert!(super::hint(&closed).contains("ended the watch"));
 }
