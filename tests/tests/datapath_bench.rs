@@ -315,10 +315,14 @@ fn median(v: &[f64]) -> f64 {
 /// Every round's figures of one path.
 struct Samples {
     name: String,
-    gbps: Vec<f64>,
-    rtt_ms: Vec<f64>,
-    retransmits: Vec<f64>,
-    rcu_per_s: Vec<f64>,
+    rounds: Vec<Figures>,
+}
+
+impl Samples {
+    /// One figure of every round.
+    fn each(&self, figure: impl Fn(&Figures) -> f64) -> Vec<f64> {
+        self.rounds.iter().map(figure).collect()
+    }
 }
 
 #[tokio::test]
@@ -361,10 +365,7 @@ async fn bench_datapath() -> anyhow::Result<()> {
         .chain(std::iter::once("plain veth".to_string()))
         .map(|name| Samples {
             name,
-            gbps: Vec::new(),
-            rtt_ms: Vec::new(),
-            retransmits: Vec::new(),
-            rcu_per_s: Vec::new(),
+            rounds: Vec::new(),
         })
         .collect();
     // Paths interleaved, and the order rotated every round, so that neither
@@ -374,11 +375,7 @@ async fn bench_datapath() -> anyhow::Result<()> {
         for k in 0..paths.len() {
             let k = (k + round) % paths.len();
             let (from, to, addr) = &paths[k];
-            let f = measure(from, to, addr, seconds)?;
-            samples[k].gbps.push(f.gbps);
-            samples[k].rtt_ms.push(f.rtt_ms);
-            samples[k].retransmits.push(f.retransmits);
-            samples[k].rcu_per_s.push(f.rcu_per_s);
+            samples[k].rounds.push(measure(from, to, addr, seconds)?);
         }
         let line: Vec<String> = samples
             .iter()
@@ -386,7 +383,7 @@ async fn bench_datapath() -> anyhow::Result<()> {
                 format!(
                     "{} {:.2}",
                     s.name,
-                    s.gbps.last().copied().unwrap_or_default()
+                    s.rounds.last().map(|f| f.gbps).unwrap_or_default()
                 )
             })
             .collect();
@@ -396,23 +393,24 @@ async fn bench_datapath() -> anyhow::Result<()> {
             line.join(", ")
         );
     }
-    let vxlan = (median(&samples[1].gbps), median(&samples[1].rtt_ms));
-    let veth = median(&samples[3].gbps);
+    let vxlan_gbps = samples[1].each(|f| f.gbps);
+    let vxlan = (median(&vxlan_gbps), median(&samples[1].each(|f| f.rtt_ms)));
+    let veth = median(&samples[3].each(|f| f.gbps));
     let mut table = String::from(
         "| path (pod east-n0 -> pod west-n0) | TCP Gbit/s median | best | worst | ping avg RTT ms median | throughput vs vxlan | throughput vs veth | RTT vs vxlan | throughput vs vxlan, median of rounds | retransmits median | RCU softirqs/s median |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for s in &samples {
-        let gbps = median(&s.gbps);
-        let rtt = median(&s.rtt_ms);
-        let best = s.gbps.iter().copied().fold(f64::MIN, f64::max);
-        let worst = s.gbps.iter().copied().fold(f64::MAX, f64::min);
+        let all_gbps = s.each(|f| f.gbps);
+        let gbps = median(&all_gbps);
+        let rtt = median(&s.each(|f| f.rtt_ms));
+        let best = all_gbps.iter().copied().fold(f64::MIN, f64::max);
+        let worst = all_gbps.iter().copied().fold(f64::MAX, f64::min);
         // Paired: each round's figure against vxlan's in the same round,
         // which a load that comes and goes over the run moves less than
         // the ratio of the medians.
-        let paired: Vec<f64> = s
-            .gbps
+        let paired: Vec<f64> = all_gbps
             .iter()
-            .zip(&samples[1].gbps)
+            .zip(&vxlan_gbps)
             .map(|(g, v)| g / v)
             .collect();
         writeln!(
@@ -423,8 +421,8 @@ async fn bench_datapath() -> anyhow::Result<()> {
             gbps / veth,
             rtt / vxlan.1,
             median(&paired),
-            median(&s.retransmits),
-            median(&s.rcu_per_s)
+            median(&s.each(|f| f.retransmits)),
+            median(&s.each(|f| f.rcu_per_s))
         )?;
     }
     println!(
