@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Install what this machine lacks (Debian packages, bpf-linker); idempotent.
     Setup(setup::SetupArgs),
-    /// Setup, then fmt check, clippy, unit tests and the privileged integration tests.
+    /// Setup, then fmt check, clippy, unit tests, the privileged integration tests and the VM run.
     Test(test::TestArgs),
     /// A multi-cluster mesh in network namespaces: `demo [--clusters N] [--keep]`, `demo down`.
     Demo(demo::DemoArgs),

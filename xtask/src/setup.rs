@@ -63,7 +63,7 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_packages(pkgs: &[&str], check: bool) -> anyhow::Result<()> {
+pub fn ensure_packages(pkgs: &[&str], check: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         eprintln!("setup: Debian packages present: {}", pkgs.join(" "));

@@ -11,9 +11,14 @@ pub struct TestArgs {
     /// Skip the formatting and clippy checks.
     #[arg(long)]
     pub skip_lint: bool,
-    /// Run only the privileged integration tests whose names contain this.
+    /// Run only the privileged integration tests whose names contain this
+    /// (and not the VM run).
     #[arg(long)]
     pub filter: Option<String>,
+    /// Skip the VM run (`cargo xtask vm-test`: the ipip and cls_bpf paths on
+    /// Debian's kernel in qemu, about 2 minutes of software emulation).
+    #[arg(long)]
+    pub skip_vm: bool,
 }
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
@@ -49,6 +54,11 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     }
     it.arg("--test-threads=1");
     sh(&mut it)?;
+    // This kernel has no IPIP and attaches through TCX: the ipip datapath
+    // and the cls_bpf attachment are proven on Debian's kernel in a VM.
+    if args.filter.is_none() && !args.skip_vm {
+        crate::vm_test::run(&crate::vm_test::VmTestArgs::default())?;
+    }
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
 }

@@ -41,14 +41,26 @@ const ROOT_MODULES: &[&str] = &[
     "cls_bpf",
 ];
 
+const DEFAULT_TIMEOUT_S: u64 = 1500;
+const DEFAULT_MEMORY_MIB: u32 = 2048;
+
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
     /// Give up after this many seconds (software emulation is slow).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_S)]
     pub timeout: u64,
     /// Memory of the VM in MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
     pub memory: u32,
+}
+
+impl Default for VmTestArgs {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT_S,
+            memory: DEFAULT_MEMORY_MIB,
+        }
+    }
 }
 
 pub fn run(args: &VmTestArgs) -> anyhow::Result<()> {
@@ -69,19 +81,10 @@ fn cache_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// qemu, installed the way `cargo xtask setup` installs packages (after an
+/// `apt-get update`, which `apt-get download` below needs as well).
 fn ensure_qemu() -> anyhow::Result<()> {
-    if Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return Ok(());
-    }
-    eprintln!("vm-test: installing qemu-system-x86");
-    sh(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "qemu-system-x86",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    crate::setup::ensure_packages(&["qemu-system-x86"], false)
 }
 
 /// `apt-get download` of `pkg` into `dir/pkg`, extracted (not installed: the
@@ -93,9 +96,19 @@ fn extract_package(dir: &Path, pkg: &str) -> anyhow::Result<PathBuf> {
     }
     let dl = dir.join("debs");
     fs::create_dir_all(&dl)?;
-    sh(Command::new("apt-get")
-        .current_dir(&dl)
-        .args(["download", pkg]))?;
+    let download = || {
+        sh(Command::new("apt-get")
+            .current_dir(&dl)
+            .args(["download", pkg]))
+    };
+    if download().is_err() {
+        // A package index older than the mirror names files it no longer has.
+        eprintln!(
+            "vm-test: apt-get download {pkg} failed; updating the package index and retrying"
+        );
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        download()?;
+    }
     let deb = fs::read_dir(&dl)?
         .filter_map(Result::ok)
         .map(|e| e.path())
