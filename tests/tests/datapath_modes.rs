@@ -339,3 +339,75 @@ async fn route_mtu_follows_the_underlay_device_or_the_flag() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// A tunnel port another VXLAN device already uses (flannel's `flannel.1`
+/// defaults to 8472 and VNI 1, as podmesh does): the refusal names the device
+/// and the flag to change, leaves no half-made device behind and never
+/// touches the other device; another VNI (vxlan mode) or port (ebpf) works
+/// beside it.
+#[tokio::test]
+async fn a_tunnel_port_taken_by_another_vxlan_device_is_named() -> anyhow::Result<()> {
+    use podmesh_agent::datapath::{KernelConfig, from_config};
+
+    if !require_root("a_tunnel_port_taken_by_another_vxlan_device_is_named") {
+        return Ok(());
+    }
+    let bpffs = datapath_support::Bpffs::new()?;
+    let ns = NetNs::new("port")?;
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
+    ns.ip(&["link", "set", "flannel.1", "up"])?;
+    let flannel_before = ns.ip(&["-d", "link", "show", "flannel.1"])?;
+    let config = |mode, port, vni| {
+        let mut cfg = KernelConfig::new(mode).in_netns(format!("/run/netns/{}", ns.name()));
+        cfg.pin_dir = bpffs.path().join(format!("{mode:?}-{port}-{vni}"));
+        cfg.tunnel_port = port;
+        cfg.vni = vni;
+        cfg.underlay_mtu = Some(1500);
+        cfg
+    };
+    let refusal = |mode, vni| match from_config(&config(mode, 8472, vni)) {
+        Err(DatapathError::Unavailable(msg)) => msg,
+        Err(e) => panic!("{mode:?}: unclear error: {e}"),
+        Ok(_) => panic!("{mode:?}: built a datapath on a port flannel.1 holds"),
+    };
+
+    // ebpf: an external device cannot share the socket of a device with a VNI.
+    let msg = refusal(DatapathMode::Ebpf, 1);
+    for want in ["flannel.1 (VNI 1)", "UDP port 8472", "--tunnel-port"] {
+        assert!(msg.contains(want), "ebpf refusal lacks {want:?}: {msg}");
+    }
+    assert!(
+        ns.ip(&["link", "show", "podmesh0"]).is_err(),
+        "a podmesh0 that could not come up was left behind"
+    );
+    // vxlan: the same port and VNI is taken.
+    let msg = refusal(DatapathMode::Vxlan, 1);
+    for want in ["flannel.1 (VNI 1)", "VNI 1", "--vni", "--tunnel-port"] {
+        assert!(msg.contains(want), "vxlan refusal lacks {want:?}: {msg}");
+    }
+    assert_eq!(
+        ns.ip(&["-d", "link", "show", "flannel.1"])?,
+        flannel_before,
+        "the other device was changed"
+    );
+
+    // Beside it: vxlan with another VNI shares the port; ebpf takes another port.
+    let _vx = from_config(&config(DatapathMode::Vxlan, 8472, 2))?;
+    let _ebpf = from_config(&config(DatapathMode::Ebpf, 8473, 1))?;
+    for dev in ["podmesh-vx", "podmesh0", "flannel.1"] {
+        let shown = ns.ip(&["link", "show", dev])?;
+        assert!(shown.contains(",UP"), "{dev} is not up: {shown}");
+    }
+    Ok(())
+}

@@ -39,6 +39,19 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
             spec.name
         ))
     };
+    // Creating fails with EEXIST when another device already receives this
+    // VNI (or, external, every VNI) on the port; bringing it up fails with
+    // EADDRINUSE when the port's socket is another kind of VXLAN device's or
+    // another program's. Both get named, with what to change.
+    let conflict = |nl: &mut Netlink, what: &str, e: super::nl::NlError| match e.errno() {
+        Some(errno @ (libc::EEXIST | libc::EADDRINUSE)) => {
+            match port_conflict(nl, &spec, errno == libc::EADDRINUSE) {
+                Some(why) => DatapathError::Unavailable(format!("{what} {}: {why}", spec.name)),
+                None => ctx(what, e),
+            }
+        }
+        _ => ctx(what, e),
+    };
     let existing = rtnl::link_by_name(nl, spec.name).map_err(|e| ctx("listing links for", e))?;
     let matches = |l: &Link| {
         l.kind.as_deref() == Some("vxlan")
@@ -50,8 +63,9 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
                     }
             })
     };
+    let mut created = true;
     match existing {
-        Some(l) if matches(&l) => {}
+        Some(l) if matches(&l) => created = false,
         Some(l) => {
             tracing::warn!(
                 device = spec.name,
@@ -60,22 +74,102 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
             );
             rtnl::delete_link(nl, l.index).map_err(|e| ctx("deleting", e))?;
             rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
-                .map_err(|e| ctx("creating", e))?;
+                .map_err(|e| conflict(nl, "creating", e))?;
         }
         None => rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
-            .map_err(|e| ctx("creating", e))?,
+            .map_err(|e| conflict(nl, "creating", e))?,
     }
     let link = rtnl::link_by_name(nl, spec.name)
         .map_err(|e| ctx("reading back", e))?
         .ok_or_else(|| DatapathError::Other(format!("{} vanished after creation", spec.name)))?;
     let want = IFF_UP | if spec.noarp { IFF_NOARP } else { 0 };
-    if link.flags & (IFF_UP | IFF_NOARP) != want || link.mtu != spec.mtu {
-        rtnl::set_link(nl, link.index, want, IFF_UP | IFF_NOARP, Some(spec.mtu))
-            .map_err(|e| ctx("setting up", e))?;
+    if (link.flags & (IFF_UP | IFF_NOARP) != want || link.mtu != spec.mtu)
+        && let Err(e) = rtnl::set_link(nl, link.index, want, IFF_UP | IFF_NOARP, Some(spec.mtu))
+    {
+        let err = conflict(nl, "setting up", e);
+        // A device made just now that cannot come up is not left behind.
+        if created {
+            let _ = rtnl::delete_link(nl, link.index);
+        }
+        return Err(err);
     }
     rtnl::link_by_name(nl, spec.name)
         .map_err(|e| ctx("reading back", e))?
         .ok_or_else(|| DatapathError::Other(format!("{} vanished after creation", spec.name)))
+}
+
+/// Why `spec`'s device cannot have its UDP port, naming the VXLAN devices
+/// that use the port (flannel's `flannel.1` and Cilium's `cilium_vxlan`
+/// default to 8472 too), or `None` when nothing explains it. `in_use`: the
+/// kernel said EADDRINUSE (the port's socket is another kind of device's or
+/// another program's), else EEXIST (a device of the same kind has the VNI).
+fn port_conflict(nl: &mut Netlink, spec: &VxlanSpec<'_>, in_use: bool) -> Option<String> {
+    // EADDRINUSE: the devices that are up hold a socket on the port. EEXIST:
+    // the devices of the same kind with the same VNI (external: any).
+    let holders: Vec<Link> = rtnl::links(nl)
+        .ok()?
+        .into_iter()
+        .filter(|l| {
+            l.name != spec.name
+                && l.vxlan.is_some_and(|v| {
+                    v.port == spec.port
+                        && if in_use {
+                            l.flags & IFF_UP != 0
+                        } else {
+                            v.external == spec.vni.is_none()
+                                && (v.external || Some(v.vni) == spec.vni)
+                        }
+                })
+        })
+        .collect();
+    let shape = |external: bool, vni: u32| {
+        if external {
+            "external".to_string()
+        } else {
+            format!("VNI {vni}")
+        }
+    };
+    let named = format!(
+        "the VXLAN device{} {}",
+        if holders.len() > 1 { "s" } else { "" },
+        holders
+            .iter()
+            .filter_map(|l| l
+                .vxlan
+                .map(|v| format!("{} ({})", l.name, shape(v.external, v.vni))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ours = shape(spec.vni.is_none(), spec.vni.unwrap_or(0));
+    let fix = format!(
+        "run every podmesh agent of the mesh with another --tunnel-port{} (all nodes of all \
+         clusters must use the same)",
+        if spec.vni.is_some() {
+            " or another --vni"
+        } else {
+            ""
+        }
+    );
+    let port = spec.port;
+    match (in_use, holders.is_empty()) {
+        (true, false) => Some(format!(
+            "UDP port {port} is taken by {named}, and the kernel cannot share one port between \
+             a device of that kind and podmesh's {ours} device; {fix}"
+        )),
+        (true, true) => Some(format!(
+            "UDP port {port} is held by another program (`ss -ulpn 'sport = :{port}'` names \
+             it); {fix}"
+        )),
+        (false, false) => Some(format!(
+            "{named} already receive{} {} on UDP port {port}; {fix}",
+            if holders.len() > 1 { "" } else { "s" },
+            match spec.vni {
+                Some(vni) => format!("VNI {vni}"),
+                None => "every VNI".to_string(),
+            }
+        )),
+        (false, true) => None,
+    }
 }
 
 /// The MTU of the underlay: the configured value, else the MTU of the device
