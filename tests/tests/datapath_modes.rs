@@ -402,12 +402,18 @@ async fn a_tunnel_port_taken_by_another_vxlan_device_is_named() -> anyhow::Resul
         "the other device was changed"
     );
 
-    // Beside it: vxlan with another VNI shares the port; ebpf takes another port.
-    let _vx = from_config(&config(DatapathMode::Vxlan, 8472, 2))?;
-    let _ebpf = from_config(&config(DatapathMode::Ebpf, 8473, 1))?;
-    for dev in ["podmesh-vx", "podmesh0", "flannel.1"] {
+    // Beside it: vxlan with another VNI shares the port; ebpf takes another
+    // port (and, as a mode switch does, removes podmesh-vx).
+    let up = |dev: &str| -> anyhow::Result<()> {
         let shown = ns.ip(&["link", "show", dev])?;
         assert!(shown.contains(",UP"), "{dev} is not up: {shown}");
-    }
+        Ok(())
+    };
+    let _vx = from_config(&config(DatapathMode::Vxlan, 8472, 2))?;
+    up("podmesh-vx")?;
+    up("flannel.1")?;
+    let _ebpf = from_config(&config(DatapathMode::Ebpf, 8473, 1))?;
+    up("podmesh0")?;
+    up("flannel.1")?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use podmesh_agent::{
     config::DatapathMode,
     datapath::{Datapath, RemoteRoute, ebpf::ours_attached},
 };
-use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
+use podmesh_common::{REMOTES_V4_MAP, RemoteNode, TUNNEL_EGRESS_LINK_PIN};
 use podmesh_tests::require_root;
 
 /// The LPM map of node `i`, opened from its pin.
@@ -435,5 +435,82 @@ async fn large_install_does_not_stall_the_runtime() -> anyhow::Result<()> {
         during > 0,
         "no other task ran while 30k routes were installed: the runtime was blocked"
     );
+    Ok(())
+}
+
+/// Switching a running mesh from one mode to another (`--datapath` changed,
+/// agents restarted): the new mode removes what the old one left (its
+/// device, which would hold the UDP port; the program's pins; nexthop
+/// objects nothing uses) and every pod pair answers again after a resync.
+#[tokio::test]
+async fn switching_modes_removes_what_the_old_mode_left() -> anyhow::Result<()> {
+    if !require_root("switching_modes_removes_what_the_old_mode_left") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    mesh.resync_all().await?;
+    let has = |mesh: &Mesh, i: usize, dev: &str| mesh.ip(i, &["link", "show", dev]).is_ok();
+    let pins = |mesh: &Mesh, i: usize| -> anyhow::Result<BTreeSet<String>> {
+        Ok(std::fs::read_dir(mesh.config(i).pin_dir)?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?)
+    };
+    assert!(pins(&mesh, 0)?.contains(TUNNEL_EGRESS_LINK_PIN));
+    assert_eq!(map_cidrs(&mesh, 0)?.len(), 2);
+    // A mode that cannot start here (no IPIP on this kernel) leaves the
+    // running one alone.
+    if mesh.ip(0, &["link", "show", "tunl0"]).is_err() {
+        let mut cfg = mesh.config(0);
+        cfg.mode = DatapathMode::Ipip;
+        assert!(podmesh_agent::datapath::from_config(&cfg).is_err());
+        assert!(has(&mesh, 0, "podmesh0"), "a refused ipip removed podmesh0");
+        assert!(reaches(&mesh, "east-n0", "west-n0"));
+    }
+    for (to, gone) in [
+        (DatapathMode::Vxlan, "podmesh0"),
+        (DatapathMode::Direct, "podmesh-vx"),
+        (DatapathMode::Ebpf, "podmesh-vx"),
+    ] {
+        mesh.dps.clear();
+        mesh.mode = to;
+        for i in 0..mesh.topo.nodes.len() {
+            let dp = mesh.datapath(i)?;
+            mesh.dps.push(dp);
+        }
+        mesh.resync_all().await?;
+        let failed = mesh.cross_cluster_failures(None);
+        assert!(failed.is_empty(), "after switching to {to:?}: {failed:#?}");
+        for i in 0..mesh.dps.len() {
+            assert!(!has(&mesh, i, gone), "{to:?}: {gone} left on node {i}");
+            // Away from ebpf the program's link and maps are unpinned.
+            let pinned = pins(&mesh, i)?;
+            assert_eq!(
+                pinned.contains(TUNNEL_EGRESS_LINK_PIN),
+                to == DatapathMode::Ebpf,
+                "{to:?}: pins of node {i}: {pinned:?}"
+            );
+            if to == DatapathMode::Ebpf {
+                assert_eq!(map_cidrs(&mesh, i)?.len(), 2, "{to:?}: node {i}");
+            } else {
+                assert!(
+                    !pinned.contains(REMOTES_V4_MAP),
+                    "{to:?}: the LPM map of node {i} is still pinned"
+                );
+            }
+        }
+    }
+    // Back on ebpf: the direct mode's nexthop objects went with the
+    // resync after the one whose upserts replaced their routes.
+    let before = mesh.ip(0, &["nexthop", "show", "proto", "80"])?;
+    assert!(
+        !before.trim().is_empty(),
+        "direct left no nexthops to test with"
+    );
+    mesh.resync_all().await?;
+    for i in 0..mesh.dps.len() {
+        let nh = mesh.ip(i, &["nexthop", "show", "proto", "80"])?;
+        assert!(nh.trim().is_empty(), "node {i} kept nexthops: {nh}");
+    }
+    assert!(mesh.cross_cluster_failures(None).is_empty());
     Ok(())
 }

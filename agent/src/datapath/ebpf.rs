@@ -33,7 +33,7 @@ use super::{
     DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
     device::{self, VXLAN_OVERHEAD, VxlanSpec},
     kernel::{Counters, KernelConfig},
-    nl::{Netlink, NlError, in_netns},
+    nl::{Msg, Netlink, NlError, in_netns},
     owners::Owners,
     rtnl::{self, RouteTarget},
 };
@@ -354,7 +354,8 @@ impl EbpfDatapath {
                 removed.insert(c);
             }
         }
-        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)? {
+        let routes = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)?;
+        for r in &routes {
             if !keep.contains(&r.dst) {
                 removed.insert(r.dst);
             }
@@ -362,6 +363,19 @@ impl EbpfDatapath {
         let removed: Vec<IpNet> = removed.into_iter().collect();
         self.delete(&removed)?;
         self.owners.retain(|c| keep.contains(c));
+        // This mode has no nexthop objects: podmesh's are a route mode's,
+        // left when the node switched to ebpf. Once no route uses them (the
+        // upserts replaced those routes) they go.
+        let used: BTreeSet<u32> = routes.iter().filter_map(|r| r.nhid).collect();
+        let unused: Vec<Msg> = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(other)?
+            .iter()
+            .filter(|nh| !used.contains(&nh.id))
+            .map(|nh| rtnl::nexthop_delete(nh.id))
+            .collect();
+        if !unused.is_empty() {
+            let _ = self.nl.batch(unused).map_err(other)?;
+        }
         Ok(PruneReport { removed })
     }
 

@@ -7,8 +7,16 @@ use std::{
 
 use ipnet::IpNet;
 
+use podmesh_common::{
+    COUNTERS_MAP, REMOTES_V4_MAP, REMOTES_V6_MAP, TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN,
+};
+
 use super::{
-    Datapath, DatapathError, PruneReport, RemoteRoute, ebpf::EbpfDatapath, routes::RouteDatapath,
+    Datapath, DatapathError, PruneReport, RemoteRoute,
+    ebpf::EbpfDatapath,
+    nl::Netlink,
+    routes::{RouteDatapath, VXLAN_DEVICE},
+    rtnl,
 };
 use crate::config::DatapathMode;
 
@@ -94,12 +102,80 @@ pub enum KernelDatapath {
 /// `cfg.mode`. Nothing already installed is removed: stale entries go with
 /// the first `prune`.
 pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> {
-    Ok(match cfg.mode {
+    remove_other_modes(cfg, true)?;
+    let dp = match cfg.mode {
         DatapathMode::Ebpf => KernelDatapath::Ebpf(Box::new(EbpfDatapath::new(cfg)?)),
         DatapathMode::Vxlan => KernelDatapath::Routes(Box::new(RouteDatapath::vxlan(cfg)?)),
         DatapathMode::Direct => KernelDatapath::Routes(Box::new(RouteDatapath::direct(cfg)?)),
         DatapathMode::Ipip => KernelDatapath::Routes(Box::new(RouteDatapath::ipip(cfg)?)),
-    })
+    };
+    remove_other_modes(cfg, false)?;
+    Ok(dp)
+}
+
+/// Removes what another mode left when the node ran it: its VXLAN device
+/// (which takes its routes with it) and, away from ebpf, the program's link
+/// and maps (the owners map stays: every mode keeps it). Before the new
+/// mode is built (`before`), only a device on the UDP port the new mode
+/// needs goes (ebpf's external `podmesh0` and vxlan's `podmesh-vx` cannot
+/// share one); the rest waits until the new mode is up, so a mode that
+/// cannot start (no IPIP) leaves the old forwarding in place. Routes and
+/// nexthop objects of the other mode go with this mode's upserts and prune.
+fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathError> {
+    let mut nl = Netlink::open(cfg.netns.as_deref())
+        .map_err(|e| DatapathError::Other(format!("netlink: {e}")))?;
+    let needs_port = matches!(cfg.mode, DatapathMode::Ebpf | DatapathMode::Vxlan);
+    for (name, owner) in [
+        (TUNNEL_DEVICE, DatapathMode::Ebpf),
+        (VXLAN_DEVICE, DatapathMode::Vxlan),
+    ] {
+        if cfg.mode == owner {
+            continue;
+        }
+        let link = rtnl::link_by_name(&mut nl, name)
+            .map_err(|e| DatapathError::Other(format!("listing links for {name}: {e}")))?;
+        let Some(l) = link.filter(|l| l.kind.as_deref() == Some("vxlan")) else {
+            continue;
+        };
+        let on_our_port = needs_port && l.vxlan.is_some_and(|v| v.port == cfg.tunnel_port);
+        if before != on_our_port {
+            continue;
+        }
+        tracing::warn!(
+            device = name,
+            "removing {name}, left by the {owner:?} datapath: this node now runs {:?}; \
+             its routes come back with the first sync",
+            cfg.mode
+        );
+        rtnl::delete_link(&mut nl, l.index)
+            .map_err(|e| DatapathError::Other(format!("removing {name}: {e}")))?;
+    }
+    if before {
+        return Ok(());
+    }
+    if cfg.mode != DatapathMode::Ebpf {
+        for pin in [
+            REMOTES_V4_MAP,
+            REMOTES_V6_MAP,
+            COUNTERS_MAP,
+            TUNNEL_EGRESS_LINK_PIN,
+        ] {
+            let path = cfg.pin_dir.join(pin);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(pin = %path.display(), "removed a pin of the ebpf datapath")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DatapathError::Other(format!(
+                        "removing {}, left by the ebpf datapath: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl KernelDatapath {
