@@ -31,12 +31,19 @@ pub enum StartError {
     /// The status server cannot bind.
     #[error(transparent)]
     Status(#[from] server::ServeError),
-    /// The local etcd client config is unusable.
+    /// The local etcd client config is unusable. Not a `source`: the
+    /// message already holds it, and a printed error chain would repeat it.
     #[error("--kvstore-config: {0}")]
-    Kvstore(#[from] crate::kvstore::client_config::ClientConfigError),
+    Kvstore(crate::kvstore::client_config::ClientConfigError),
     /// The Kubernetes client cannot be built.
     #[error(transparent)]
     Kubernetes(#[from] k8s::K8sError),
+}
+
+impl From<crate::kvstore::client_config::ClientConfigError> for StartError {
+    fn from(e: crate::kvstore::client_config::ClientConfigError) -> Self {
+        Self::Kvstore(e)
+    }
 }
 
 /// A running agent. Dropping it (or [`Agent::stop`]) ends its tasks and

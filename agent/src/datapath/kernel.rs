@@ -153,25 +153,28 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathEr
     if before {
         return Ok(());
     }
-    if cfg.mode != DatapathMode::Ebpf {
+    // The program's pinned link marks a node that ran ebpf. (The route
+    // modes pin the object's maps too, empty, to keep the owners map.)
+    if cfg.mode != DatapathMode::Ebpf && cfg.pin_dir.join(TUNNEL_EGRESS_LINK_PIN).exists() {
+        tracing::info!(
+            pin_dir = %cfg.pin_dir.display(),
+            "removing the ebpf datapath's pinned link and maps"
+        );
         for pin in [
+            TUNNEL_EGRESS_LINK_PIN,
             REMOTES_V4_MAP,
             REMOTES_V6_MAP,
             COUNTERS_MAP,
-            TUNNEL_EGRESS_LINK_PIN,
         ] {
             let path = cfg.pin_dir.join(pin);
             match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(pin = %path.display(), "removed a pin of the ebpf datapath")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(DatapathError::Other(format!(
                         "removing {}, left by the ebpf datapath: {e}",
                         path.display()
                     )));
                 }
+                _ => {}
             }
         }
     }
