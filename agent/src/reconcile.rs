@@ -102,6 +102,12 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     async fn resync(&mut self) -> Result<(), DatapathError> {
+        if let Some(what) = self.datapath.repair().await? {
+            tracing::warn!(
+                "{what} while podmesh ran; set it up again, re-installing every route \
+                 (is another tool managing podmesh's devices?)"
+            );
+        }
         let keep: BTreeSet<IpNet> = self
             .cache
             .with_live(|l, r| l.routes(r).into_keys().collect())

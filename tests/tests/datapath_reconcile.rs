@@ -518,3 +518,85 @@ async fn switching_modes_removes_what_the_old_mode_left() -> anyhow::Result<()> 
     assert!(mesh.cross_cluster_failures(None).is_empty());
     Ok(())
 }
+
+/// Someone removes podmesh's tunnel device, or sets it down, while the agent
+/// runs: the kernel drops every route (and neighbour, fdb entry, nexthop)
+/// that went through it. The next resync sets the device up again, with the
+/// MAC the node published (the remote nodes keep sending to it), and
+/// re-installs every entry: traffic flows both ways again.
+async fn resync_repairs_the_tunnel_device(
+    mode: DatapathMode,
+    device: &str,
+    break_it: &[&str],
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::build(mode)?;
+    mesh.resync_all().await?;
+    let e0 = mesh.index("east-n0");
+    assert!(reaches(&mesh, "east-n0", "west-n0"), "{mode:?}");
+    let mac = mesh.dps[e0].vtep_mac();
+    let routes = podmesh_routes(&mesh, e0)?;
+
+    mesh.ip(e0, break_it)?;
+    assert!(
+        !reaches(&mesh, "east-n0", "west-n0"),
+        "{mode:?}: `ip {}` did not break forwarding: the test proves nothing",
+        break_it.join(" ")
+    );
+    assert!(
+        mesh.dps[e0].repair().await?.is_some(),
+        "{mode:?}: the loss of {device} went unnoticed"
+    );
+    mesh.resync(e0).await?;
+    assert_eq!(
+        mesh.dps[e0].vtep_mac(),
+        mac,
+        "{mode:?}: {device} got a new MAC"
+    );
+    let shown = mesh.ip(e0, &["link", "show", device])?;
+    assert!(shown.contains(",UP"), "{mode:?}: {shown}");
+    assert_eq!(podmesh_routes(&mesh, e0)?, routes, "{mode:?}");
+    for (from, to) in [("east-n0", "west-n0"), ("west-n1", "east-n0")] {
+        assert!(
+            reaches(&mesh, from, to),
+            "{mode:?}: {from} -> {to} after repair"
+        );
+    }
+    // Nothing left to repair.
+    assert_eq!(mesh.dps[e0].repair().await?, None, "{mode:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ebpf_resync_recreates_a_removed_podmesh0() -> anyhow::Result<()> {
+    if !require_root("ebpf_resync_recreates_a_removed_podmesh0") {
+        return Ok(());
+    }
+    resync_repairs_the_tunnel_device(DatapathMode::Ebpf, "podmesh0", &["link", "del", "podmesh0"])
+        .await
+}
+
+#[tokio::test]
+async fn ebpf_resync_sets_a_downed_podmesh0_up() -> anyhow::Result<()> {
+    if !require_root("ebpf_resync_sets_a_downed_podmesh0_up") {
+        return Ok(());
+    }
+    resync_repairs_the_tunnel_device(
+        DatapathMode::Ebpf,
+        "podmesh0",
+        &["link", "set", "podmesh0", "down"],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn vxlan_resync_recreates_a_removed_device() -> anyhow::Result<()> {
+    if !require_root("vxlan_resync_recreates_a_removed_device") {
+        return Ok(());
+    }
+    resync_repairs_the_tunnel_device(
+        DatapathMode::Vxlan,
+        "podmesh-vx",
+        &["link", "del", "podmesh-vx"],
+    )
+    .await
+}

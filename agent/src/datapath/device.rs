@@ -26,6 +26,10 @@ pub struct VxlanSpec<'a> {
     /// Set IFF_NOARP: with an L3 route into the device the kernel then uses
     /// the device's own MAC as neighbour address and never resolves.
     pub noarp: bool,
+    /// The Ethernet address of a device this creates (`None`: random). A
+    /// device recreated while the agent runs keeps the address the node
+    /// published as `vtepMAC`, which the remote nodes send to.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Creates the device, or adopts an existing one of that name with the same
@@ -73,10 +77,10 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
                 spec.name
             );
             rtnl::delete_link(nl, l.index).map_err(|e| ctx("deleting", e))?;
-            rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
+            rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac)
                 .map_err(|e| conflict(nl, "creating", e))?;
         }
-        None => rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu)
+        None => rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac)
             .map_err(|e| conflict(nl, "creating", e))?,
     }
     let link = rtnl::link_by_name(nl, spec.name)
@@ -96,6 +100,19 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
     rtnl::link_by_name(nl, spec.name)
         .map_err(|e| ctx("reading back", e))?
         .ok_or_else(|| DatapathError::Other(format!("{} vanished after creation", spec.name)))
+}
+
+/// Whether the device `name` is still the one at `ifindex`, and up: `None`
+/// when it is, else what happened to it (removed, recreated, set down).
+pub fn lost(nl: &mut Netlink, name: &str, ifindex: u32) -> Result<Option<String>, DatapathError> {
+    let link = rtnl::link_by_name(nl, name)
+        .map_err(|e| DatapathError::Other(format!("looking up {name}: {e}")))?;
+    Ok(match link {
+        None => Some(format!("{name} was removed")),
+        Some(l) if l.index != ifindex => Some(format!("{name} was replaced by another device")),
+        Some(l) if l.flags & IFF_UP == 0 => Some(format!("{name} was set down")),
+        Some(_) => None,
+    })
 }
 
 /// Why `spec`'s device cannot have its UDP port, naming the VXLAN devices

@@ -130,6 +130,7 @@ impl EbpfDatapath {
                 port: cfg.tunnel_port,
                 mtu: route_mtu,
                 noarp: true,
+                mac: cfg.tunnel_mac,
             },
         )?;
         let mac = device::mac_of(&link)?;
@@ -198,6 +199,12 @@ impl EbpfDatapath {
             owners,
             _ebpf: ebpf,
         })
+    }
+
+    /// What happened to `podmesh0` since it was set up, if it is gone,
+    /// replaced or down; see [`device::lost`].
+    pub fn device_lost(&mut self) -> Result<Option<String>, DatapathError> {
+        device::lost(&mut self.nl, TUNNEL_DEVICE, self.ifindex)
     }
 
     /// MAC of `podmesh0`: what this node publishes as `vtepMAC`.

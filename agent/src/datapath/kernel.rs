@@ -40,6 +40,9 @@ pub struct KernelConfig {
     /// for the agent's own. Tests and benchmarks program many namespaces
     /// from one process.
     pub netns: Option<PathBuf>,
+    /// The Ethernet address of a tunnel device this creates (`None`:
+    /// random). Set when a running datapath recreates its device.
+    pub tunnel_mac: Option<[u8; 6]>,
 }
 
 impl KernelConfig {
@@ -53,6 +56,7 @@ impl KernelConfig {
             node_ip: None,
             pin_dir: PathBuf::from(podmesh_common::PIN_DIR),
             netns: None,
+            tunnel_mac: None,
         }
     }
 
@@ -91,11 +95,28 @@ pub struct Counters {
 
 /// The datapath of the configured mode.
 #[derive(Debug)]
-pub enum KernelDatapath {
+pub struct KernelDatapath {
+    cfg: KernelConfig,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
     /// `ebpf`.
     Ebpf(Box<EbpfDatapath>),
     /// `vxlan`, `direct` or `ipip`.
     Routes(Box<RouteDatapath>),
+}
+
+impl Inner {
+    fn build(cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        Ok(match cfg.mode {
+            DatapathMode::Ebpf => Self::Ebpf(Box::new(EbpfDatapath::new(cfg)?)),
+            DatapathMode::Vxlan => Self::Routes(Box::new(RouteDatapath::vxlan(cfg)?)),
+            DatapathMode::Direct => Self::Routes(Box::new(RouteDatapath::direct(cfg)?)),
+            DatapathMode::Ipip => Self::Routes(Box::new(RouteDatapath::ipip(cfg)?)),
+        })
+    }
 }
 
 /// Builds (creating or adopting devices, maps, programs) the datapath of
@@ -103,14 +124,12 @@ pub enum KernelDatapath {
 /// the first `prune`.
 pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> {
     remove_other_modes(cfg, true)?;
-    let dp = match cfg.mode {
-        DatapathMode::Ebpf => KernelDatapath::Ebpf(Box::new(EbpfDatapath::new(cfg)?)),
-        DatapathMode::Vxlan => KernelDatapath::Routes(Box::new(RouteDatapath::vxlan(cfg)?)),
-        DatapathMode::Direct => KernelDatapath::Routes(Box::new(RouteDatapath::direct(cfg)?)),
-        DatapathMode::Ipip => KernelDatapath::Routes(Box::new(RouteDatapath::ipip(cfg)?)),
-    };
+    let inner = Inner::build(cfg)?;
     remove_other_modes(cfg, false)?;
-    Ok(dp)
+    Ok(KernelDatapath {
+        cfg: cfg.clone(),
+        inner,
+    })
 }
 
 /// Removes what another mode left when the node ran it: its VXLAN device
@@ -185,25 +204,25 @@ impl KernelDatapath {
     /// The MAC this node publishes as `vtepMAC` (its tunnel device's), in the
     /// modes that need one.
     pub fn vtep_mac(&self) -> Option<[u8; 6]> {
-        match self {
-            Self::Ebpf(d) => Some(d.vtep_mac()),
-            Self::Routes(d) => d.vtep_mac(),
+        match &self.inner {
+            Inner::Ebpf(d) => Some(d.vtep_mac()),
+            Inner::Routes(d) => d.vtep_mac(),
         }
     }
 
     /// Counters of the eBPF program (ebpf mode only).
     pub fn counters(&self) -> Option<Result<Counters, DatapathError>> {
-        match self {
-            Self::Ebpf(d) => Some(d.counters()),
-            Self::Routes(_) => None,
+        match &self.inner {
+            Inner::Ebpf(d) => Some(d.counters()),
+            Inner::Routes(_) => None,
         }
     }
 
     /// A reader of the eBPF program's counters for the status server (ebpf mode only).
     pub fn counter_reader(&self) -> Option<Result<super::ebpf::CounterReader, DatapathError>> {
-        match self {
-            Self::Ebpf(d) => Some(d.counter_reader()),
-            Self::Routes(_) => None,
+        match &self.inner {
+            Inner::Ebpf(d) => Some(d.counter_reader()),
+            Inner::Routes(_) => None,
         }
     }
 }
@@ -225,30 +244,47 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 impl Datapath for KernelDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
-        off_runtime(|| match self {
-            Self::Ebpf(d) => d.upsert(routes),
-            Self::Routes(d) => d.upsert(routes),
+        off_runtime(|| match &mut self.inner {
+            Inner::Ebpf(d) => d.upsert(routes),
+            Inner::Routes(d) => d.upsert(routes),
         })
     }
 
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-        off_runtime(|| match self {
-            Self::Ebpf(d) => d.delete(cidrs),
-            Self::Routes(d) => d.delete(cidrs),
+        off_runtime(|| match &mut self.inner {
+            Inner::Ebpf(d) => d.delete(cidrs),
+            Inner::Routes(d) => d.delete(cidrs),
         })
     }
 
     async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
-        off_runtime(|| match self {
-            Self::Ebpf(d) => d.prune(keep),
-            Self::Routes(d) => d.prune(keep),
+        off_runtime(|| match &mut self.inner {
+            Inner::Ebpf(d) => d.prune(keep),
+            Inner::Routes(d) => d.prune(keep),
+        })
+    }
+
+    async fn repair(&mut self) -> Result<Option<String>, DatapathError> {
+        off_runtime(|| {
+            let lost = match &mut self.inner {
+                Inner::Ebpf(d) => d.device_lost()?,
+                Inner::Routes(d) => d.device_lost()?,
+            };
+            let Some(what) = lost else { return Ok(None) };
+            // Rebuilt as at start (device, program, maps adopted from their
+            // pins), the device with the MAC the node published: the remote
+            // nodes keep sending to it.
+            let mut cfg = self.cfg.clone();
+            cfg.tunnel_mac = self.vtep_mac();
+            self.inner = Inner::build(&cfg)?;
+            Ok(Some(what))
         })
     }
 
     async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
-        off_runtime(|| match self {
-            Self::Ebpf(d) => d.installed(),
-            Self::Routes(d) => d.installed(),
+        off_runtime(|| match &mut self.inner {
+            Inner::Ebpf(d) => d.installed(),
+            Inner::Routes(d) => d.installed(),
         })
     }
 }

@@ -90,4 +90,11 @@ pub trait Datapath: Send {
     /// The routes currently installed (as far as this datapath can read them back).
     fn installed(&mut self)
     -> impl Future<Output = Result<Vec<RemoteRoute>, DatapathError>> + Send;
+    /// Called first in every full resync: puts back what the datapath's
+    /// entries stand on (its device, its program) when someone removed it.
+    /// Returns what was repaired, if anything; the resync's upserts then
+    /// re-install the entries that went with it.
+    fn repair(&mut self) -> impl Future<Output = Result<Option<String>, DatapathError>> + Send {
+        async { Ok(None) }
+    }
 }

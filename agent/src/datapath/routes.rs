@@ -70,6 +70,7 @@ impl RouteDatapath {
                 port: cfg.tunnel_port,
                 mtu,
                 noarp: false,
+                mac: cfg.tunnel_mac,
             },
         )?;
         let mode = RouteMode::Vxlan {
@@ -147,6 +148,16 @@ impl RouteDatapath {
             routes: BTreeMap::new(),
             owners: open_owners(cfg),
         })
+    }
+
+    /// What happened to the tunnel device (vxlan, ipip) since it was set
+    /// up, if it is gone, replaced or down; see [`device::lost`].
+    pub fn device_lost(&mut self) -> Result<Option<String>, DatapathError> {
+        match self.mode {
+            RouteMode::Vxlan { ifindex, .. } => device::lost(&mut self.nl, VXLAN_DEVICE, ifindex),
+            RouteMode::Ipip { ifindex } => device::lost(&mut self.nl, IPIP_DEVICE, ifindex),
+            RouteMode::Direct => Ok(None),
+        }
     }
 
     /// MAC of the tunnel device (vxlan mode), what the node publishes as `vtepMAC`.

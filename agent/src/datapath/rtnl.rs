@@ -163,13 +163,15 @@ fn ifinfomsg(index: u32, flags: u32, change: u32) -> Vec<u8> {
 }
 
 /// Creates a VXLAN device: external (collect_md) when `vni` is `None`,
-/// learning off either way (podmesh programs every entry itself).
+/// learning off either way (podmesh programs every entry itself); with
+/// `mac`, that Ethernet address instead of a random one.
 pub fn create_vxlan(
     nl: &mut Netlink,
     name: &str,
     vni: Option<u32>,
     port: u16,
     mtu: u32,
+    mac: Option<[u8; 6]>,
 ) -> Result<(), NlError> {
     let mut data = Attrs::default();
     match vni {
@@ -189,6 +191,9 @@ pub fn create_vxlan(
     body.put(IFLA_IFNAME, &nul_terminated(name))
         .u32(IFLA_MTU, mtu)
         .nested(IFLA_LINKINFO, &info);
+    if let Some(mac) = mac {
+        body.put(IFLA_ADDRESS, &mac);
+    }
     nl.request(Msg {
         ty: RTM_NEWLINK,
         flags: NLM_F_CREATE | NLM_F_EXCL,

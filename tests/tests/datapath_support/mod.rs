@@ -112,8 +112,10 @@ impl Mesh {
         }
     }
 
-    /// The periodic resync: prune to the desired set, then upsert all of it.
+    /// The periodic resync: repair the device, prune to the desired set,
+    /// then upsert all of it.
     pub async fn resync(&mut self, i: usize) -> anyhow::Result<()> {
+        self.dps[i].repair().await?;
         let desired = self.desired(i);
         let keep: BTreeSet<IpNet> = desired.iter().map(|r| r.cidr).collect();
         self.dps[i].prune(&keep).await?;
