@@ -77,6 +77,12 @@ pub struct AgentArgs {
     /// Directory on a bpffs where the ebpf datapath pins its maps and tc link (the route modes: only the map of which cluster and node each route belongs to). It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts what it finds; in ebpf mode a bpffs is mounted on its parent when there is none.
     #[arg(long, value_name = "DIR", default_value = podmesh_common::PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
+    /// Directory of the node's CNI network configs (*.conf, *.conflist, *.json), read to tell which CNI runs beside podmesh (in a DaemonSet: hostPath /etc/cni/net.d, read-only).
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Cilium's state directory; its globals/node_config.h tells whether Cilium's BPF host routing bypasses podmesh's routes (in a DaemonSet: hostPath /var/run/cilium, read-only).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/cilium/state")]
+    pub cilium_state_dir: PathBuf,
     /// Address of the status server (/healthz /readyz /metrics /status).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub status_addr: SocketAddr,
@@ -145,6 +151,10 @@ pub struct AgentConfig {
     pub underlay_mtu: Option<u32>,
     /// Pin directory of the ebpf datapath's maps and link.
     pub bpf_pin_dir: PathBuf,
+    /// Where the node's CNI network configs are.
+    pub cni_conf_dir: PathBuf,
+    /// Cilium's state directory.
+    pub cilium_state_dir: PathBuf,
     /// Status server address.
     pub status_addr: SocketAddr,
     /// Lease TTL of the node record.
@@ -479,6 +489,8 @@ impl AgentArgs {
             vni: self.vni,
             underlay_mtu: self.underlay_mtu,
             bpf_pin_dir: self.bpf_pin_dir,
+            cni_conf_dir: self.cni_conf_dir,
+            cilium_state_dir: self.cilium_state_dir,
             status_addr: self.status_addr,
             lease_ttl: Duration::from_secs(self.lease_ttl),
             empty_grace: Duration::from_secs(self.empty_grace),

@@ -4,6 +4,7 @@
 //! `ebpf/podmesh-ebpf` are embedded as [`EBPF_OBJECT`].
 
 pub mod cli;
+pub mod cni;
 pub mod compact;
 pub mod config;
 pub mod datapath;

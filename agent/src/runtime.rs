@@ -257,6 +257,11 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
     let reconciler =
         Reconciler::new(datapath, initial, cache.clone(), status.clone()).follow_local(local_rx);
     tasks.push(tokio::spawn(reconciler.run(cfg.resync_interval)));
+    tasks.push(crate::cni::observe::spawn(
+        cfg,
+        cache.clone(),
+        status.clone(),
+    ));
     tracing::info!(cluster = %cfg.cluster_name, node = %cfg.node_name, status = %status_addr, "podmesh-agent started");
     Ok(Agent {
         status,

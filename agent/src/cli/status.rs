@@ -154,6 +154,7 @@ pub fn table(s: &StatusReport) -> String {
             );
         }
     }
+    cni_table(&mut o, &s.cni);
     let rejected: Vec<_> = s
         .remotes
         .values()
@@ -170,6 +171,33 @@ pub fn table(s: &StatusReport) -> String {
         }
     }
     o
+}
+
+/// The node's CNI findings: one line per CNI, then what podmesh did and
+/// what the operator must set.
+fn cni_table(o: &mut String, findings: &[crate::cni::CniFinding]) {
+    use std::fmt::Write as _;
+    if findings.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\n{:<10} {:<8} EVIDENCE", "CNI", "SEVERITY");
+    for f in findings {
+        let _ = writeln!(
+            o,
+            "{:<10} {:<8} {}",
+            f.cni,
+            f.severity,
+            f.evidence.join("; ")
+        );
+        let _ = writeln!(o, "{:<19} podmesh: {}", "", f.podmesh);
+        if !f.action.is_empty() {
+            let mut lines = f.action.lines();
+            let _ = writeln!(o, "{:<19} action: {}", "", lines.next().unwrap_or_default());
+            for l in lines {
+                let _ = writeln!(o, "{:<19}   {l}", "");
+            }
+        }
+    }
 }
 
 fn yes(b: bool) -> &'static str {
@@ -198,6 +226,34 @@ pub fn run(a: &StatusArgs) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_shows_each_cni_finding_with_its_action() {
+        use crate::cni::{CniFinding, Severity};
+        let s = StatusReport {
+            cni: vec![CniFinding {
+                cni: "calico".into(),
+                severity: Severity::Warning,
+                evidence: vec!["vxlan.calico (vxlan id 4096 dstport 4789)".into()],
+                podmesh: "…".into(),
+                action: "create:\nkind: IPPool".into(),
+            }],
+            ..StatusReport::default()
+        };
+        let t = table(&s);
+        assert!(t.contains("calico     warning  vxlan.calico"), "{t}");
+        assert!(t.contains("action: create:"), "{t}");
+        assert!(t.contains("  kind: IPPool"), "{t}");
+    }
+
+    #[test]
+    fn an_old_status_document_without_cni_still_parses() {
+        let s: StatusReport = serde_json::from_str(
+            r#"{"version":"0.1.0","ready":true,"local":{"cluster":"east","node":"n1","published":true,"lease":null,"publications":1,"cluster_record_conflict":null,"last_error":null},"remotes":{},"routes":[],"datapath_error":null}"#,
+        )
+        .unwrap();
+        assert!(s.cni.is_empty());
+    }
 
     #[test]
     fn dechunks() {

@@ -19,6 +19,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabel {
+    cni: String,
+    severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     cluster: String,
     reason: String,
@@ -173,6 +179,19 @@ pub fn render(s: &StatusReport) -> String {
             packets,
         );
     }
+    let cni = Family::<CniLabel, Gauge>::default();
+    for f in &s.cni {
+        cni.get_or_create(&CniLabel {
+            cni: f.cni.clone(),
+            severity: f.severity.as_str(),
+        })
+        .set(1);
+    }
+    reg.register(
+        "node_cni_info",
+        "1 for each CNI (or component) this node appears to run, by the severity of its finding (warning: the operator must set something; see podmesh status)",
+        cni,
+    );
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();
@@ -199,6 +218,28 @@ mod tests {
                 .lines()
                 .any(|l| l == "podmesh_cluster_record_conflict 1")
         );
+    }
+
+    #[test]
+    fn each_cni_finding_is_a_gauge_with_its_severity() {
+        use crate::cni::{CniFinding, Severity};
+        let mut s = StatusReport::default();
+        for (cni, severity) in [("flannel", Severity::Info), ("cilium", Severity::Warning)] {
+            s.cni.push(CniFinding {
+                cni: cni.into(),
+                severity,
+                evidence: vec![],
+                podmesh: String::new(),
+                action: String::new(),
+            });
+        }
+        let out = render(&s);
+        for line in [
+            "podmesh_node_cni_info{cni=\"flannel\",severity=\"info\"} 1",
+            "podmesh_node_cni_info{cni=\"cilium\",severity=\"warning\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
+        }
     }
 
     #[test]

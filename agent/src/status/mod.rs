@@ -140,6 +140,10 @@ pub struct StatusReport {
     /// the counters are pinned, so they carry on across agent restarts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datapath_packets: Option<Counters>,
+    /// What the node's own CNI appears to be, each with what podmesh did and
+    /// what the operator must set (empty until the first detection).
+    #[serde(default)]
+    pub cni: Vec<crate::cni::CniFinding>,
 }
 
 impl StatusReport {
