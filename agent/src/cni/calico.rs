@@ -119,3 +119,75 @@ pub fn pool_from_json(o: &serde_json::Value) -> Option<CalicoPool> {
         disabled: flag("disabled"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    use super::*;
+
+    /// Answers one request for the IPPool list with `status` and `body`.
+    async fn answered(status: StatusCode, body: serde_json::Value) -> CalicoPools {
+        let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let pools = KubePools::new(Client::new(svc, "default"));
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert_eq!(req.uri().path(), "/apis/crd.projectcalico.org/v1/ippools");
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response"),
+            );
+        });
+        let got = pools.pools().await;
+        server.await.expect("server");
+        got
+    }
+
+    fn api_status(code: u16, reason: &str) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": reason, "reason": reason, "code": code
+        })
+    }
+
+    #[tokio::test]
+    async fn pools_are_listed_as_dynamic_objects() {
+        let list = serde_json::json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPPoolList",
+            "metadata": {"resourceVersion": "5"},
+            "items": [{
+                "apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
+                "metadata": {"name": "default-ipv4-ippool"},
+                "spec": {"cidr": "10.1.0.0/16", "natOutgoing": true, "vxlanMode": "Always"}
+            }]
+        });
+        match answered(StatusCode::OK, list).await {
+            CalicoPools::Listed(p) => {
+                assert_eq!(p.len(), 1);
+                assert_eq!(p[0].name, "default-ipv4-ippool");
+                assert!(p[0].nat_outgoing && !p[0].disabled);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_crd_or_no_permission_is_cannot_tell() {
+        let CalicoPools::Unknown(why) =
+            answered(StatusCode::NOT_FOUND, api_status(404, "NotFound")).await
+        else {
+            panic!("404 must be unknown");
+        };
+        assert!(why.contains("calicoctl get ippools"), "{why}");
+        let CalicoPools::Unknown(why) =
+            answered(StatusCode::FORBIDDEN, api_status(403, "Forbidden")).await
+        else {
+            panic!("403 must be unknown");
+        };
+        assert!(why.contains("forbidden"), "{why}");
+    }
+}
