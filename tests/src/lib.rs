@@ -6,6 +6,7 @@
 //! `$CI` is set instead of passing silently ([`require_root`]).
 use std::time::{Duration, Instant};
 
+pub mod cni;
 pub mod daemon;
 pub mod etcd;
 pub mod mesh;

@@ -141,8 +141,8 @@ async fn ipip_mode_refuses_clearly_without_kernel_support() -> anyhow::Result<()
 }
 
 /// IPv6 Pod CIDRs in ebpf mode: a second LPM map, tunnelled over the same
-/// IPv4 underlay. Every node gets `fd00:<cluster>:<node>::/64` on its pod
-/// bridge next to its IPv4 block, its pods an address in it.
+/// IPv4 underlay. The pods are dual-stack: the CNI gives node `n` of cluster
+/// `c` the /64 `fd00:<c>:<n>::/64` next to its IPv4 block.
 #[tokio::test]
 async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
     use std::net::IpAddr;
@@ -152,41 +152,15 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
     if !require_root("ebpf_mode_forwards_ipv6_pod_cidrs") {
         return Ok(());
     }
-    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    let mut mesh = Mesh::build_dual_stack(DatapathMode::Ebpf)?;
     mesh.resync_all().await?;
     let v6_cidr = |i: usize| -> ipnet::IpNet {
-        let n = &mesh.topo.nodes[i];
-        format!("fd00:{}:{i}::/64", n.cluster_index + 1)
-            .parse()
-            .expect("valid")
+        ipnet::IpNet::V6(mesh.topo.nodes[i].pod_cidr_v6.expect("dual-stack node"))
     };
     let mut pod_v6 = Vec::new();
     for (i, node) in mesh.topo.nodes.iter().enumerate() {
-        let net = v6_cidr(i);
-        let gw = format!("{}1", net.network());
-        node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        node.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw}/64"),
-            "dev",
-            "cni0",
-            "nodad",
-        ])?;
-        for (pi, pod) in node.pods.iter().enumerate() {
-            let addr = format!("{}{:x}", net.network(), 0x10 + pi);
-            pod.ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            pod.ns.ip(&["-6", "route", "add", "default", "via", &gw])?;
-            pod_v6.push((i, addr));
+        for pod in &node.pods {
+            pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
         }
     }
     let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];

@@ -64,7 +64,9 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         let dp = from_config(&kc)?;
         let mac = dp.vtep_mac();
         let packets = dp.counter_reader();
+        let exemption = dp.exemption();
         let agent = runtime::start(&cfg, dp, mac).await?;
+        agent.status.set_exemption_source(exemption);
         match packets {
             Some(Ok(r)) => agent
                 .status

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 pub mod device;
 pub mod ebpf;
 pub mod kernel;
+pub mod masq;
 pub mod memory;
 pub mod nl;
 pub mod owners;

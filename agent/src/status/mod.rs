@@ -9,7 +9,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{RemoteRoute, kernel::Counters},
+    datapath::{
+        RemoteRoute,
+        kernel::Counters,
+        masq::{ExemptionHandle, ExemptionStatus},
+    },
     desired::RecordOutcome,
     model::format_mac,
     remote::MeshCache,
@@ -140,6 +144,14 @@ pub struct StatusReport {
     /// the counters are pinned, so they carry on across agent restarts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datapath_packets: Option<Counters>,
+    /// The masquerade exemption (nftables table `inet podmesh`) that keeps
+    /// pod source addresses towards remote clusters (kernel datapaths).
+    #[serde(
+        rename = "masqueradeExemption",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub masquerade_exemption: Option<ExemptionStatus>,
 }
 
 impl StatusReport {
@@ -158,6 +170,8 @@ pub struct Status {
     mesh: Arc<Mutex<Option<MeshCache>>>,
     /// Where the datapath's packet counters are read at request time.
     packets: Arc<Mutex<Option<PacketSource>>>,
+    /// The masquerade exemption's state, read at request time.
+    exemption: Arc<Mutex<Option<ExemptionHandle>>>,
 }
 
 /// Reads the datapath's packet counters.
@@ -212,10 +226,18 @@ impl Status {
         *self.packets.lock().expect("status packets lock") = Some(PacketSource(Box::new(read)));
     }
 
+    /// Shows the masquerade exemption's state from `handle`.
+    pub fn set_exemption_source(&self, handle: ExemptionHandle) {
+        *self.exemption.lock().expect("status exemption lock") = Some(handle);
+    }
+
     /// A copy of the status with `ready` computed, without the per-record and route lists.
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
+        if let Some(h) = &*self.exemption.lock().expect("status exemption lock") {
+            s.masquerade_exemption = Some(h.lock().expect("exemption status lock").clone());
+        }
         if let Some(read) = &*self.packets.lock().expect("status packets lock") {
             match (read.0)() {
                 Ok(c) => s.datapath_packets = Some(c),
