@@ -162,7 +162,11 @@ impl CniNetwork {
             }
         }
         if at.addr.is_unspecified() {
-            bail!("{} ADD gave {} no IPv4 address: {out}", self.cni, pod.name());
+            bail!(
+                "{} ADD gave {} no IPv4 address: {out}",
+                self.cni,
+                pod.name()
+            );
         }
         Ok(at)
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub mod cni;
 pub mod daemon;
 pub mod etcd;
+pub mod flow;
 pub mod mesh;
 pub mod netns;
 pub mod pki;

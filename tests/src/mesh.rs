@@ -957,6 +957,12 @@ impl Mesh {
             .with_context(|| format!("no node {name} in this mesh"))
     }
 
+    /// The `--datapath` of agents started from now on (a mode change:
+    /// stop the agents, set it, start them again).
+    pub fn set_datapath(&mut self, datapath: &str) {
+        self.datapath = datapath.to_string();
+    }
+
     /// Names of the nodes of `cluster`.
     pub fn nodes_of(&self, cluster: &str) -> Vec<String> {
         self.topo

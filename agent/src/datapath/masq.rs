@@ -286,7 +286,10 @@ impl MasqExemption {
     pub fn remove_table(&mut self) -> Result<bool, MasqError> {
         let there = self.list()?.is_some();
         if there {
-            self.run(&format!("delete table inet {TABLE}\n"), "delete table inet podmesh")?;
+            self.run(
+                &format!("delete table inet {TABLE}\n"),
+                "delete table inet podmesh",
+            )?;
         }
         self.present.clear();
         let mut s = self.state.lock().expect("exemption status lock");
@@ -443,11 +446,17 @@ impl Listing {
             .and_then(|v| v.as_array())
             .ok_or_else(|| MasqError::Listing("no `nftables` list".into()))?;
         let mut l = Listing::default();
-        let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let text =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
         for item in items {
             if let Some(set) = item.get("set") {
                 let name = text(set, "name").unwrap_or_default();
-                for e in set.get("elem").and_then(|e| e.as_array()).into_iter().flatten() {
+                for e in set
+                    .get("elem")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     l.elements.insert(element(e).ok_or_else(|| {
                         MasqError::Listing(format!("unexpected element {e} in set {name}"))
                     })?);
@@ -491,7 +500,9 @@ impl Listing {
         let snat = |set: &str| {
             self.rules
                 .iter()
-                .filter(|(c, e)| c == CHAIN && e.contains(&format!("@{set}")) && e.contains("\"snat\""))
+                .filter(|(c, e)| {
+                    c == CHAIN && e.contains(&format!("@{set}")) && e.contains("\"snat\"")
+                })
                 .count()
         };
         if self.rules.len() != 2 || snat(SET_V4) != 1 || snat(SET_V6) != 1 {
@@ -548,7 +559,10 @@ mod tests {
 
     #[test]
     fn element_scripts_split_the_families_and_skip_empty_sets() {
-        let s = element_script("add", &[net("10.2.0.0/24"), net("fd00:2::/64"), net("10.3.0.0/24")]);
+        let s = element_script(
+            "add",
+            &[net("10.2.0.0/24"), net("fd00:2::/64"), net("10.3.0.0/24")],
+        );
         assert_eq!(
             s,
             "add element inet podmesh remote-pods-v4 { 10.2.0.0/24, 10.3.0.0/24 }\n\
@@ -565,9 +579,18 @@ mod tests {
     fn elements_of_every_shape_nft_prints_are_read() {
         let cases = [
             (serde_json::json!("10.2.0.5"), "10.2.0.5/32"),
-            (serde_json::json!({"prefix": {"addr": "10.2.0.0", "len": 24}}), "10.2.0.0/24"),
-            (serde_json::json!({"range": ["10.2.0.0", "10.2.1.255"]}), "10.2.0.0/23"),
-            (serde_json::json!({"prefix": {"addr": "fd00:2::", "len": 64}}), "fd00:2::/64"),
+            (
+                serde_json::json!({"prefix": {"addr": "10.2.0.0", "len": 24}}),
+                "10.2.0.0/24",
+            ),
+            (
+                serde_json::json!({"range": ["10.2.0.0", "10.2.1.255"]}),
+                "10.2.0.0/23",
+            ),
+            (
+                serde_json::json!({"prefix": {"addr": "fd00:2::", "len": 64}}),
+                "fd00:2::/64",
+            ),
             (
                 serde_json::json!({"elem": {"val": {"prefix": {"addr": "10.9.0.0", "len": 16}}, "comment": "x"}}),
                 "10.9.0.0/16",
@@ -576,7 +599,10 @@ mod tests {
         for (json, want) in cases {
             assert_eq!(element(&json), Some(net(want)), "{json}");
         }
-        assert_eq!(element(&serde_json::json!({"range": ["10.2.0.1", "10.2.0.2"]})), None);
+        assert_eq!(
+            element(&serde_json::json!({"range": ["10.2.0.1", "10.2.0.2"]})),
+            None
+        );
     }
 
     /// The listing nft 1.0.6 prints for the table as podmesh creates it.
@@ -602,7 +628,9 @@ mod tests {
         assert_eq!(l.defect(), None);
         assert_eq!(
             l.elements,
-            [net("10.2.0.0/24"), net("10.3.0.7/32")].into_iter().collect()
+            [net("10.2.0.0/24"), net("10.3.0.7/32")]
+                .into_iter()
+                .collect()
         );
     }
 
