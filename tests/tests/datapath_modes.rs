@@ -391,3 +391,59 @@ async fn a_tunnel_port_taken_by_another_vxlan_device_is_named() -> anyhow::Resul
     up("flannel.1")?;
     Ok(())
 }
+
+/// Strict reverse-path filtering everywhere (`all=1`): podmesh sets loose
+/// mode on its own tunnel device only, reports the other strict devices,
+/// and every pod pair still connects (the CNI's devices route their pods
+/// back through themselves).
+#[tokio::test]
+async fn strict_rp_filter_is_reported_and_only_podmesh_device_made_loose() -> anyhow::Result<()> {
+    if !require_root("strict_rp_filter_is_reported_and_only_podmesh_device_made_loose") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    let conf = |mesh: &Mesh, i: usize, dev: &str| -> anyhow::Result<String> {
+        Ok(mesh.topo.nodes[i]
+            .ns
+            .run(
+                "cat",
+                &[&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter")],
+            )?
+            .trim()
+            .to_string())
+    };
+    for n in &mesh.topo.nodes {
+        n.ns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+        n.ns.sysctl("net.ipv4.conf.podmesh0.rp_filter", "1")?;
+    }
+    let eth0_before = conf(&mesh, 0, "eth0")?;
+    mesh.resync_all().await?;
+    for i in 0..mesh.dps.len() {
+        assert_eq!(
+            conf(&mesh, i, "podmesh0")?,
+            "2",
+            "podmesh0 of node {i} not loose"
+        );
+        assert_eq!(
+            conf(&mesh, i, "all")?,
+            "1",
+            "podmesh changed net.ipv4.conf.all"
+        );
+        let strict = mesh.dps[i].rp_filter_strict().lock().expect("lock").clone();
+        assert!(
+            strict.contains(&"eth0".to_string()) && !strict.contains(&"podmesh0".to_string()),
+            "node {i} reports {strict:?}"
+        );
+    }
+    assert_eq!(
+        conf(&mesh, 0, "eth0")?,
+        eth0_before,
+        "podmesh changed eth0's rp_filter"
+    );
+    let failed = mesh.cross_cluster_failures(None);
+    assert!(
+        failed.is_empty(),
+        "unreachable with strict rp_filter: {failed:#?}"
+    );
+    Ok(())
+}

@@ -103,7 +103,12 @@ pub struct KernelDatapath {
     masq: MasqExemption,
     /// The exemption's last failure, logged once until it changes.
     masq_failure: Option<String>,
+    /// Devices with strict reverse-path filtering, for `/status`.
+    rp_strict: RpStrictHandle,
 }
+
+/// Devices with strict reverse-path filtering, as last checked.
+pub type RpStrictHandle = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 #[derive(Debug)]
 enum Inner {
@@ -144,9 +149,11 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
         inner,
         masq,
         masq_failure: None,
+        rp_strict: RpStrictHandle::default(),
     };
     let r = dp.masq.ensure().map(drop);
     dp.note_masq(r);
+    dp.check_rp_filter();
     Ok(dp)
 }
 
@@ -223,6 +230,39 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
 }
 
 impl KernelDatapath {
+    /// podmesh's own tunnel device in this mode, if it has one.
+    fn own_device(&self) -> Option<&'static str> {
+        match self.cfg.mode {
+            DatapathMode::Ebpf => Some(TUNNEL_DEVICE),
+            DatapathMode::Vxlan => Some(VXLAN_DEVICE),
+            DatapathMode::Ipip => Some(super::routes::IPIP_DEVICE),
+            DatapathMode::Direct => None,
+        }
+    }
+
+    /// Loose reverse-path filtering on podmesh's device; strict devices
+    /// elsewhere are logged (when the list changes) and kept for `/status`.
+    fn check_rp_filter(&mut self) {
+        match super::rpfilter::check(self.cfg.netns.as_deref(), self.own_device()) {
+            Ok(r) => {
+                let mut held = self.rp_strict.lock().expect("rp_filter lock");
+                if *held != r.strict && !r.strict.is_empty() {
+                    tracing::warn!("{}", super::rpfilter::hint(&r.strict));
+                }
+                *held = r.strict;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read or set reverse-path filtering (net.ipv4.conf.*.rp_filter)"
+            ),
+        }
+    }
+
+    /// Devices with strict reverse-path filtering, for `/status`.
+    pub fn rp_filter_strict(&self) -> RpStrictHandle {
+        self.rp_strict.clone()
+    }
+
     /// The masquerade exemption's state, for `/status`.
     pub fn exemption(&self) -> ExemptionHandle {
         self.masq.handle()
@@ -356,6 +396,7 @@ impl Datapath for KernelDatapath {
                 Inner::Ebpf(d) => d.device_lost()?,
                 Inner::Routes(d) => d.device_lost()?,
             };
+            self.check_rp_filter();
             if let Some(what) = lost {
                 // Rebuilt as at start (device, program, maps adopted from their
                 // pins), the device with the MAC the node published: the remote
@@ -363,6 +404,7 @@ impl Datapath for KernelDatapath {
                 let mut cfg = self.cfg.clone();
                 cfg.tunnel_mac = self.vtep_mac();
                 self.inner = Inner::build(&cfg)?;
+                self.check_rp_filter();
                 return Ok(Some(match masq {
                     Some(m) => format!("{what}; {m}"),
                     None => what,

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod nl;
 pub mod owners;
 pub mod routes;
+pub mod rpfilter;
 pub mod rtnl;
 
 pub use kernel::{Counters, KernelConfig, KernelDatapath, from_config};

@@ -173,6 +173,13 @@ pub fn render(s: &StatusReport) -> String {
             packets,
         );
     }
+    let strict = Gauge::<i64>::default();
+    strict.set(i64::try_from(s.strict_rp_filter.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "strict_rp_filter_devices",
+        "Devices of this node with strict reverse-path filtering (named in /status)",
+        strict,
+    );
     if let Some(x) = &s.masquerade_exemption {
         let installed = Gauge::<i64>::default();
         installed.set(i64::from(x.installed && x.error.is_none()));

@@ -152,6 +152,14 @@ pub struct StatusReport {
         skip_serializing_if = "Option::is_none"
     )]
     pub masquerade_exemption: Option<ExemptionStatus>,
+    /// Devices of this node with strict reverse-path filtering (podmesh's own
+    /// tunnel device is set loose; these are left as they are and reported).
+    #[serde(
+        rename = "strictRpFilter",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub strict_rp_filter: Vec<String>,
 }
 
 impl StatusReport {
@@ -172,6 +180,8 @@ pub struct Status {
     packets: Arc<Mutex<Option<PacketSource>>>,
     /// The masquerade exemption's state, read at request time.
     exemption: Arc<Mutex<Option<ExemptionHandle>>>,
+    /// Devices with strict reverse-path filtering, read at request time.
+    rp_strict: Arc<Mutex<Option<Arc<Mutex<Vec<String>>>>>>,
 }
 
 /// Reads the datapath's packet counters.
@@ -231,12 +241,20 @@ impl Status {
         *self.exemption.lock().expect("status exemption lock") = Some(handle);
     }
 
+    /// Shows the devices with strict reverse-path filtering from `handle`.
+    pub fn set_rp_filter_source(&self, handle: Arc<Mutex<Vec<String>>>) {
+        *self.rp_strict.lock().expect("status rp_filter lock") = Some(handle);
+    }
+
     /// A copy of the status with `ready` computed, without the per-record and route lists.
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
         if let Some(h) = &*self.exemption.lock().expect("status exemption lock") {
             s.masquerade_exemption = Some(h.lock().expect("exemption status lock").clone());
+        }
+        if let Some(h) = &*self.rp_strict.lock().expect("status rp_filter lock") {
+            s.strict_rp_filter = h.lock().expect("rp_filter lock").clone();
         }
         if let Some(read) = &*self.packets.lock().expect("status packets lock") {
             match (read.0)() {
