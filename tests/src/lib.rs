@@ -6,8 +6,10 @@
 //! `$CI` is set instead of passing silently ([`require_root`]).
 use std::time::{Duration, Instant};
 
+pub mod cni;
 pub mod daemon;
 pub mod etcd;
+pub mod flow;
 pub mod mesh;
 pub mod netns;
 pub mod pki;

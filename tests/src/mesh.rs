@@ -227,6 +227,7 @@ pub struct MeshBuilder {
     bins: Option<Binaries>,
     quick_retries: bool,
     agent_args: Vec<String>,
+    cni: Option<Vec<crate::cni::Cni>>,
 }
 
 impl MeshBuilder {
@@ -242,6 +243,13 @@ impl MeshBuilder {
     /// Pods per node (default 2).
     pub fn pods(mut self, pods: usize) -> Self {
         self.pods = pods;
+        self
+    }
+
+    /// The CNI layouts of every cluster's nodes, cycled (default: node 0 on
+    /// `bridge`, node 1 on `ptp`, …).
+    pub fn cni(mut self, cni: &[crate::cni::Cni]) -> Self {
+        self.cni = Some(cni.to_vec());
         self
     }
 
@@ -293,7 +301,11 @@ impl MeshBuilder {
             .iter()
             .enumerate()
             .map(|(i, (n, nodes))| {
-                ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), *nodes, self.pods)
+                let plan = ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), *nodes, self.pods);
+                match &self.cni {
+                    Some(cni) => plan.with_cni(cni),
+                    None => plan,
+                }
             })
             .collect()
     }
@@ -622,6 +634,7 @@ impl Mesh {
             bins: None,
             quick_retries: true,
             agent_args: Vec::new(),
+            cni: None,
         }
     }
 
@@ -955,6 +968,12 @@ impl Mesh {
             .iter()
             .find(|n| n.name == name)
             .with_context(|| format!("no node {name} in this mesh"))
+    }
+
+    /// The `--datapath` of agents started from now on (a mode change:
+    /// stop the agents, set it, start them again).
+    pub fn set_datapath(&mut self, datapath: &str) {
+        self.datapath = datapath.to_string();
     }
 
     /// Names of the nodes of `cluster`.

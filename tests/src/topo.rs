@@ -1,17 +1,24 @@
-//! Topology builder: an underlay bridge, clusters of nodes, pods behind a per-node bridge.
+//! Topology builder: an underlay bridge, clusters of nodes, pods attached by the real CNI plugins.
 //!
 //! Addresses come from a small plan: cluster `c` (0-based) node `n` gets the
 //! underlay address `172.31.<c+1>.<n+1>/16`, the Pod CIDR block `n` of the
 //! cluster's Pod CIDR (a /24 by default), and its pods `.10`, `.11`, … of
-//! that block behind the node's bridge `cni0` (gateway `.1`). Same-cluster
-//! pod routes (the cluster CNI's job) are installed; cross-cluster ones are
-//! what podmesh is for.
-use std::net::Ipv4Addr;
+//! that block, attached by the standard CNI plugins (`bridge` or `ptp` with
+//! `host-local` and `ipMasq`, see [`crate::cni`]; the node's plan says which).
+//! Same-cluster pod routes between nodes (the cluster CNI's overlay) are
+//! installed; cross-cluster ones are what podmesh is for.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::netns::NetNs;
+use crate::{
+    cni::{Cni, CniNetwork},
+    netns::NetNs,
+};
 
 /// A cluster to build.
 #[derive(Clone, Debug)]
@@ -26,10 +33,16 @@ pub struct ClusterPlan {
     pub nodes: usize,
     /// Pods per node.
     pub pods_per_node: usize,
+    /// The CNI layout of each node, cycled: node `n` runs `cni[n % len]`.
+    pub cni: Vec<Cni>,
+    /// An IPv6 Pod CIDR (a /48 or shorter) for dual-stack pods: node `n`
+    /// gets its `n`-th /64.
+    pub pod_cidr_v6: Option<Ipv6Net>,
 }
 
 impl ClusterPlan {
-    /// `nodes` nodes with `pods` pods each, /24 per node.
+    /// `nodes` nodes with `pods` pods each, /24 per node; even nodes on the
+    /// `bridge` plugin, odd ones on `ptp`.
     pub fn new(name: &str, pod_cidr: &str, nodes: usize, pods: usize) -> Self {
         Self {
             name: name.to_string(),
@@ -37,7 +50,27 @@ impl ClusterPlan {
             node_prefix_len: 24,
             nodes,
             pods_per_node: pods,
+            cni: vec![Cni::Bridge, Cni::Ptp],
+            pod_cidr_v6: None,
         }
+    }
+
+    /// Every node of the cluster on these CNI layouts, cycled.
+    pub fn with_cni(mut self, cni: &[Cni]) -> Self {
+        assert!(!cni.is_empty(), "at least one CNI layout");
+        self.cni = cni.to_vec();
+        self
+    }
+
+    /// Dual-stack pods: node `n` gets the `n`-th /64 of `cidr`.
+    pub fn with_ipv6(mut self, cidr: &str) -> Self {
+        self.pod_cidr_v6 = Some(cidr.parse().expect("valid IPv6 CIDR"));
+        self
+    }
+
+    /// The CNI layout of node `n`.
+    pub fn cni_of(&self, n: usize) -> Cni {
+        self.cni[n % self.cni.len()]
     }
 }
 
@@ -48,6 +81,8 @@ pub struct Pod {
     pub name: String,
     /// The address on its `eth0`.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address (dual-stack plans).
+    pub addr6: Option<Ipv6Addr>,
     /// The pod's namespace.
     pub ns: NetNs,
 }
@@ -65,6 +100,12 @@ pub struct Node {
     pub addr: Ipv4Addr,
     /// The node's Pod CIDR.
     pub pod_cidr: Ipv4Net,
+    /// The node's IPv6 Pod CIDR (dual-stack plans).
+    pub pod_cidr_v6: Option<Ipv6Net>,
+    /// The node's pod network (CNI plugin, ranges).
+    pub cni: CniNetwork,
+    /// Pods attached so far, for the next pod's name.
+    pods_made: usize,
     /// The pods (dropped before the node: declared first).
     pub pods: Vec<Pod>,
     /// The node's namespace.
@@ -82,6 +123,10 @@ pub struct Topology {
     pub clusters: Vec<ClusterPlan>,
     /// Namespace name prefix (`None`: the per-process test names of [`NetNs::new`]).
     prefix: Option<String>,
+    /// host-local's lease directories, one per node below it.
+    cni_dir: PathBuf,
+    /// Removes `cni_dir` on drop (not after [`Topology::detach`]).
+    _cni_tmp: Option<tempfile::TempDir>,
 }
 
 /// Underlay prefix length: all clusters share one L2 segment.
@@ -128,6 +173,8 @@ impl Topology {
     }
 
     fn build_in(prefix: Option<&str>, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        crate::cni::require_plugins()?;
+        let cni_tmp = tempfile::Builder::new().prefix("podmesh-cni-").tempdir()?;
         let underlay = Self::netns(prefix, "ul")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -136,6 +183,8 @@ impl Topology {
             underlay,
             clusters: plans.to_vec(),
             prefix: prefix.map(str::to_string),
+            cni_dir: cni_tmp.path().to_path_buf(),
+            _cni_tmp: Some(cni_tmp),
         };
         for (ci, plan) in plans.iter().enumerate() {
             let blocks = plan
@@ -191,63 +240,86 @@ impl Topology {
         let addr = Ipv4Addr::new(172, 31, ci as u8 + 1, ni as u8 + 1);
         self.attach(&ns, &format!("u{ci}n{ni}"), addr)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        // Pods behind a bridge, gateway = first address of the node's block.
-        let gw = pod_cidr.hosts().next().context("pod CIDR too small")?;
-        ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{gw}/{}", pod_cidr.prefix_len()),
-            "dev",
-            "cni0",
-        ])?;
-        ns.ip(&["link", "set", "cni0", "up"])?;
-        let mut pods = Vec::new();
-        for pi in 0..plan.pods_per_node {
-            let pod_name = format!("{name}-p{pi}");
-            let pns = Self::netns(self.prefix.as_deref(), &pod_name)?;
-            let paddr = pod_cidr
-                .hosts()
-                .nth(9 + pi)
-                .context("pod CIDR too small for pods")?;
-            let port = format!("vp{pi}");
-            ns.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                pns.name(),
-            ])?;
-            ns.ip(&["link", "set", &port, "master", "cni0", "up"])?;
-            pns.ip(&[
-                "addr",
-                "add",
-                &format!("{paddr}/{}", pod_cidr.prefix_len()),
-                "dev",
-                "eth0",
-            ])?;
-            pns.ip(&["link", "set", "eth0", "up"])?;
-            pns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-            pods.push(Pod {
-                name: pod_name,
-                addr: paddr,
-                ns: pns,
-            });
+        let pod_cidr_v6 = match plan.pod_cidr_v6 {
+            Some(v6) => Some(
+                v6.subnets(64)
+                    .context("IPv6 Pod CIDR longer than /64")?
+                    .nth(ni)
+                    .context("IPv6 Pod CIDR too small for the nodes")?,
+            ),
+            None => None,
+        };
+        if pod_cidr_v6.is_some() {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
-        Ok(Node {
+        let mut node = Node {
             cluster: plan.name.clone(),
             cluster_index: ci,
+            cni: CniNetwork {
+                cni: plan.cni_of(ni),
+                subnet: pod_cidr,
+                subnet_v6: pod_cidr_v6,
+                data_dir: self.cni_dir.join(&name),
+            },
             name,
             addr,
             pod_cidr,
-            pods,
+            pod_cidr_v6,
+            pods_made: 0,
+            pods: Vec::new(),
             ns,
-        })
+        };
+        for _ in 0..plan.pods_per_node {
+            self.attach_pod(&mut node)?;
+        }
+        Ok(node)
+    }
+
+    /// Creates the next pod of `node` and attaches it with the node's CNI.
+    fn attach_pod(&self, node: &mut Node) -> anyhow::Result<()> {
+        let pod_name = format!("{}-p{}", node.name, node.pods_made);
+        let pns = Self::netns(self.prefix.as_deref(), &pod_name)?;
+        let at = node.cni.add(&node.ns, &pns)?;
+        node.pods_made += 1;
+        node.pods.push(Pod {
+            name: pod_name,
+            addr: at.addr,
+            addr6: at.addr6,
+            ns: pns,
+        });
+        Ok(())
+    }
+
+    /// Attaches one more pod to node `node` (CNI `ADD`), as a kubelet does
+    /// when a pod is scheduled there.
+    pub fn add_pod(&mut self, node: &str) -> anyhow::Result<&Pod> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .with_context(|| format!("no node {node} in this topology"))?;
+        let mut n = self.nodes.remove(i);
+        let r = self.attach_pod(&mut n);
+        self.nodes.insert(i, n);
+        r?;
+        Ok(self.nodes[i].pods.last().expect("just attached"))
+    }
+
+    /// Detaches pod `pod` (CNI `DEL`, which removes its veth, its nat chain
+    /// and its address lease) and removes its namespace.
+    pub fn remove_pod(&mut self, pod: &str) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.pods.iter().any(|p| p.name == pod))
+            .with_context(|| format!("no pod {pod} in this topology"))?;
+        let i = node
+            .pods
+            .iter()
+            .position(|p| p.name == pod)
+            .expect("found above");
+        let p = node.pods.remove(i);
+        node.cni.del(&node.ns, &p.ns)
     }
 
     /// Adds one more node (with the plan's pods per node) to `cluster` at run
@@ -316,8 +388,13 @@ impl Topology {
             names.push(n.ns.name().to_string());
             names.extend(n.pods.iter().map(|p| p.ns.name().to_string()));
         }
+        let mut this = self;
+        // host-local's leases stay with the namespaces that hold the addresses.
+        if let Some(t) = this._cni_tmp.take() {
+            let _ = t.keep();
+        }
         // Skips every NetNs drop; the namespaces outlive this process.
-        std::mem::forget(self);
+        std::mem::forget(this);
         names
     }
 

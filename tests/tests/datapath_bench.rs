@@ -123,6 +123,50 @@ async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<(Dura
     Ok((lpm, t.elapsed()))
 }
 
+/// The masquerade exemption alone: adding every CIDR to the nft set in
+/// batches, reading the set back (a resync's check), and emptying it; the
+/// peer is what a rule per CIDR would cost: the same CIDRs as `ACCEPT` rules
+/// of one iptables chain, loaded by one `iptables-restore`.
+fn time_exemption(routes: &[RemoteRoute]) -> anyhow::Result<[Duration; 4]> {
+    use podmesh_agent::datapath::masq::MasqExemption;
+    let ns = scratch()?;
+    let mut x = MasqExemption::new(Some(std::path::Path::new(&format!(
+        "/run/netns/{}",
+        ns.name()
+    ))));
+    x.ensure()?;
+    let cidrs: Vec<IpNet> = routes.iter().map(|r| r.cidr).collect();
+    let keep: BTreeSet<IpNet> = cidrs.iter().copied().collect();
+    let t = Instant::now();
+    x.add(cidrs.iter().copied())?;
+    let add = t.elapsed();
+    let t = Instant::now();
+    let (added, removed) = x.sync(&keep)?;
+    let check = t.elapsed();
+    if added + removed != 0 || x.cidrs().len() != routes.len() {
+        bail!("exemption: the set read back differs ({added} missing, {removed} extra)");
+    }
+    let t = Instant::now();
+    x.sync(&BTreeSet::new())?;
+    let withdraw = t.elapsed();
+    let mut rules = String::from("*nat\n:BENCH-EXEMPT - [0:0]\n");
+    for c in &cidrs {
+        writeln!(rules, "-A BENCH-EXEMPT -d {c} -j ACCEPT")?;
+    }
+    rules.push_str("COMMIT\n");
+    let t = Instant::now();
+    let mut child = ns
+        .command("iptables-restore")
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("iptables-restore failed");
+    }
+    Ok([add, check, withdraw, t.elapsed()])
+}
+
 /// The peer: `ip -batch` with nexthop objects, the same entries as `direct`.
 fn time_ip_batch(routes: &[RemoteRoute]) -> anyhow::Result<Duration> {
     let ns = scratch()?;
@@ -197,6 +241,28 @@ async fn bench_install() -> anyhow::Result<()> {
         eprintln!("{}", table.lines().last().unwrap_or_default());
     }
     println!("\n{table}");
+    let mut masq = String::from(
+        "| remote Pod CIDRs | exemption add (nft set) | read back (resync) | withdraw all | peer: iptables-restore, a rule per CIDR | add / peer |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for n in std::env::var("PODMESH_BENCH_SIZES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse::<u32>().ok())
+    {
+        let routes: Vec<RemoteRoute> = (0..n).map(remote).collect();
+        let [add, check, withdraw, peer] = time_exemption(&routes)?;
+        writeln!(
+            masq,
+            "| {n} | {} | {} | {} | {} | {:.2} |",
+            secs(add),
+            secs(check),
+            secs(withdraw),
+            secs(peer),
+            add.as_secs_f64() / peer.as_secs_f64()
+        )?;
+        eprintln!("{}", masq.lines().last().unwrap_or_default());
+    }
+    println!("\n{masq}");
     Ok(())
 }
 

@@ -141,8 +141,8 @@ async fn ipip_mode_refuses_clearly_without_kernel_support() -> anyhow::Result<()
 }
 
 /// IPv6 Pod CIDRs in ebpf mode: a second LPM map, tunnelled over the same
-/// IPv4 underlay. Every node gets `fd00:<cluster>:<node>::/64` on its pod
-/// bridge next to its IPv4 block, its pods an address in it.
+/// IPv4 underlay. The pods are dual-stack: the CNI gives node `n` of cluster
+/// `c` the /64 `fd00:<c>:<n>::/64` next to its IPv4 block.
 #[tokio::test]
 async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
     use std::net::IpAddr;
@@ -152,41 +152,15 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
     if !require_root("ebpf_mode_forwards_ipv6_pod_cidrs") {
         return Ok(());
     }
-    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    let mut mesh = Mesh::build_dual_stack(DatapathMode::Ebpf)?;
     mesh.resync_all().await?;
     let v6_cidr = |i: usize| -> ipnet::IpNet {
-        let n = &mesh.topo.nodes[i];
-        format!("fd00:{}:{i}::/64", n.cluster_index + 1)
-            .parse()
-            .expect("valid")
+        ipnet::IpNet::V6(mesh.topo.nodes[i].pod_cidr_v6.expect("dual-stack node"))
     };
     let mut pod_v6 = Vec::new();
     for (i, node) in mesh.topo.nodes.iter().enumerate() {
-        let net = v6_cidr(i);
-        let gw = format!("{}1", net.network());
-        node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        node.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw}/64"),
-            "dev",
-            "cni0",
-            "nodad",
-        ])?;
-        for (pi, pod) in node.pods.iter().enumerate() {
-            let addr = format!("{}{:x}", net.network(), 0x10 + pi);
-            pod.ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            pod.ns.ip(&["-6", "route", "add", "default", "via", &gw])?;
-            pod_v6.push((i, addr));
+        for pod in &node.pods {
+            pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
         }
     }
     let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];
@@ -415,5 +389,61 @@ async fn a_tunnel_port_taken_by_another_vxlan_device_is_named() -> anyhow::Resul
     let _ebpf = from_config(&config(DatapathMode::Ebpf, 8473, 1))?;
     up("podmesh0")?;
     up("flannel.1")?;
+    Ok(())
+}
+
+/// Strict reverse-path filtering everywhere (`all=1`): podmesh sets loose
+/// mode on its own tunnel device only, reports the other strict devices,
+/// and every pod pair still connects (the CNI's devices route their pods
+/// back through themselves).
+#[tokio::test]
+async fn strict_rp_filter_is_reported_and_only_podmesh_device_made_loose() -> anyhow::Result<()> {
+    if !require_root("strict_rp_filter_is_reported_and_only_podmesh_device_made_loose") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::build(DatapathMode::Ebpf)?;
+    let conf = |mesh: &Mesh, i: usize, dev: &str| -> anyhow::Result<String> {
+        Ok(mesh.topo.nodes[i]
+            .ns
+            .run(
+                "cat",
+                &[&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter")],
+            )?
+            .trim()
+            .to_string())
+    };
+    for n in &mesh.topo.nodes {
+        n.ns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+        n.ns.sysctl("net.ipv4.conf.podmesh0.rp_filter", "1")?;
+    }
+    let eth0_before = conf(&mesh, 0, "eth0")?;
+    mesh.resync_all().await?;
+    for i in 0..mesh.dps.len() {
+        assert_eq!(
+            conf(&mesh, i, "podmesh0")?,
+            "2",
+            "podmesh0 of node {i} not loose"
+        );
+        assert_eq!(
+            conf(&mesh, i, "all")?,
+            "1",
+            "podmesh changed net.ipv4.conf.all"
+        );
+        let strict = mesh.dps[i].rp_filter_strict().lock().expect("lock").clone();
+        assert!(
+            strict.contains(&"eth0".to_string()) && !strict.contains(&"podmesh0".to_string()),
+            "node {i} reports {strict:?}"
+        );
+    }
+    assert_eq!(
+        conf(&mesh, 0, "eth0")?,
+        eth0_before,
+        "podmesh changed eth0's rp_filter"
+    );
+    let failed = mesh.cross_cluster_failures(None);
+    assert!(
+        failed.is_empty(),
+        "unreachable with strict rp_filter: {failed:#?}"
+    );
     Ok(())
 }

@@ -61,6 +61,11 @@ pub struct DemoArgs {
     /// Datapath of the agents (ebpf, vxlan, ipip, direct).
     #[arg(long, default_value = "ebpf")]
     datapath: String,
+    /// How the standard CNI plugins attach the pods: `bridge` (a cni0
+    /// bridge, kubenet style) or `ptp` (a routed veth per pod, as Calico and
+    /// Cilium do); host-local addresses and ipMasq either way.
+    #[arg(long, default_value = "bridge")]
+    cni: podmesh_tests::cni::Cni,
     /// How long to wait for every pair of pods to reach each other.
     #[arg(long, default_value_t = 90)]
     timeout_secs: u64,
@@ -130,6 +135,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .iter()
         .fold(Mesh::builder(), |b, name| b.cluster(name, NODES))
         .pods(PODS)
+        .cni(&[args.cni])
         .datapath(&args.datapath)
         .namespace_prefix(PREFIX)
         .dir_in(Path::new(STATE_DIR))
@@ -330,13 +336,71 @@ fn bring_up(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<bool> {
     );
     print_matrix(mesh, &unreachable);
     eprintln!("  cross-cluster pod pairs reachable: {ok}/{total}");
+    let sources_kept = if unreachable.is_empty() {
+        check_sources(mesh)
+    } else {
+        false
+    };
     match converged {
         Some(t) => {
             eprintln!("  time to converge (agents started -> every pair answers): {t:.1?}")
         }
         None => eprintln!("  did not converge within {timeout:?}"),
     }
-    Ok(unreachable.is_empty())
+    Ok(unreachable.is_empty() && sources_kept)
+}
+
+/// One TCP connection from the first pod of every cluster to the first pod
+/// of every other: the receiver says which source address arrived. The CNI
+/// masquerades pod traffic leaving the node (ipMasq); podmesh's exemption
+/// keeps the pod's own address towards remote clusters.
+fn check_sources(mesh: &Mesh) -> bool {
+    use podmesh_tests::flow::{Sink, exchange};
+    let firsts: Vec<(String, &podmesh_tests::topo::Pod)> = mesh
+        .control_planes()
+        .into_iter()
+        .filter_map(|c| {
+            let (_, pod) = mesh.topo.pods().find(|(n, _)| n.cluster == c.cluster)?;
+            Some((c.cluster, pod))
+        })
+        .collect();
+    let sinks: Vec<_> = firsts.iter().map(|(_, p)| Sink::start(&p.ns)).collect();
+    if let Some(Err(e)) = sinks.iter().find(|s| s.is_err()) {
+        eprintln!("  cannot listen in the pods: {e:#}");
+        return false;
+    }
+    eprintln!("  pod source addresses across clusters (the CNI masquerades with ipMasq):");
+    let mut all = true;
+    for (a, from) in &firsts {
+        for (b, to) in &firsts {
+            if a == b {
+                continue;
+            }
+            match exchange(&from.ns, std::net::IpAddr::V4(to.addr), 1024) {
+                Ok(seen) => {
+                    let kept = seen.source == std::net::IpAddr::V4(from.addr);
+                    all &= kept;
+                    eprintln!(
+                        "    {a} {} ({}) -> {b} {}: arrived from {} ({})",
+                        from.name,
+                        from.addr,
+                        to.name,
+                        seen.source,
+                        if kept {
+                            "pod address kept"
+                        } else {
+                            "MASQUERADED"
+                        }
+                    );
+                }
+                Err(e) => {
+                    all = false;
+                    eprintln!("    {a} {} -> {b} {}: {e:#}", from.name, to.name);
+                }
+            }
+        }
+    }
+    all
 }
 
 /// Pings every pair (1 packet each), retrying the pairs that do not answer

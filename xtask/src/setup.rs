@@ -31,6 +31,12 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     // The venv that setup_deploy installs kubernetes-validate into.
     "python3-venv",
+    // The standard CNI plugins (bridge, ptp, host-local) that attach every
+    // pod of the tests and the demo, and the iptables (nf_tables variant)
+    // through which their ipMasq rules are installed.
+    "containernetworking-plugins",
+    "iptables",
+    "nftables",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -28,7 +28,11 @@ const TEST_NAMES: &[&str] = &[
 ];
 /// Modules the guest loads, dependencies first (resolved from the modules'
 /// own `depends=`): 9p over virtio for the host filesystem, then what the
-/// test topology and the ipip datapath use.
+/// test topology and the ipip datapath use: the CNI plugins' ipMasq rules
+/// (iptables-nft: nf_tables, its xtables compatibility and MASQUERADE) and
+/// podmesh's masquerade exemption (an nftables nat chain with SNAT). The
+/// guest has no modprobe: whatever the kernel would load on demand is
+/// loaded here.
 const ROOT_MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -39,6 +43,13 @@ const ROOT_MODULES: &[&str] = &[
     "vxlan",
     "sch_ingress",
     "cls_bpf",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "xt_MASQUERADE",
+    "xt_comment",
 ];
 
 const DEFAULT_TIMEOUT_S: u64 = 1500;

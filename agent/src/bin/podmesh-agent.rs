@@ -64,7 +64,11 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         let dp = from_config(&kc)?;
         let mac = dp.vtep_mac();
         let packets = dp.counter_reader();
+        let exemption = dp.exemption();
+        let rp_strict = dp.rp_filter_strict();
         let agent = runtime::start(&cfg, dp, mac).await?;
+        agent.status.set_exemption_source(exemption);
+        agent.status.set_rp_filter_source(rp_strict);
         match packets {
             Some(Ok(r)) => agent
                 .status

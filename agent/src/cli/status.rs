@@ -128,6 +128,32 @@ pub fn table(s: &StatusReport) -> String {
     if let Some(e) = &s.datapath_error {
         let _ = writeln!(o, "datapath error: {e}");
     }
+    if !s.strict_rp_filter.is_empty() {
+        let _ = writeln!(
+            o,
+            "strict rp_filter on: {} (packets from remote pods routed back through another device are dropped; see net.ipv4.conf.<device>.rp_filter)",
+            s.strict_rp_filter.join(", ")
+        );
+    }
+    if let Some(x) = &s.masquerade_exemption {
+        match &x.error {
+            None => {
+                let _ = writeln!(
+                    o,
+                    "pod sources kept: {} remote Pod CIDRs exempt from masquerade (nft table inet podmesh{})",
+                    x.cidrs,
+                    if x.repairs > 0 {
+                        format!(", repaired {} times", x.repairs)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Some(e) => {
+                let _ = writeln!(o, "masquerade exemption FAILED: {e}");
+            }
+        }
+    }
     let _ = writeln!(
         o,
         "\n{:<20} {:<9} {:<6} {:>7} {:>10} {:>8}  LAST ERROR",

@@ -14,6 +14,7 @@ use podmesh_common::{
 use super::{
     Datapath, DatapathError, PruneReport, RemoteRoute,
     ebpf::EbpfDatapath,
+    masq::{ExemptionHandle, MasqExemption},
     nl::Netlink,
     routes::{RouteDatapath, VXLAN_DEVICE},
     rtnl,
@@ -98,7 +99,16 @@ pub struct Counters {
 pub struct KernelDatapath {
     cfg: KernelConfig,
     inner: Inner,
+    /// The masquerade exemption of the remote Pod CIDRs (every mode).
+    masq: MasqExemption,
+    /// The exemption's last failure, logged once until it changes.
+    masq_failure: Option<String>,
+    /// Devices with strict reverse-path filtering, for `/status`.
+    rp_strict: RpStrictHandle,
 }
+
+/// Devices with strict reverse-path filtering, as last checked.
+pub type RpStrictHandle = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 #[derive(Debug)]
 enum Inner {
@@ -123,16 +133,32 @@ impl Inner {
 /// `cfg.mode`. Nothing already installed is removed: stale entries go with
 /// the first `prune`.
 pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> {
-    remove_other_modes(cfg, true)?;
+    let before = remove_other_modes(cfg, true)?;
     let inner = Inner::build(cfg)?;
-    remove_other_modes(cfg, false)?;
-    Ok(KernelDatapath {
+    let after = remove_other_modes(cfg, false)?;
+    let mut masq = MasqExemption::new(cfg.netns.as_deref());
+    if before || after {
+        // A takeover starts the exemption from a clean slate too; the first
+        // resync fills it with what this mode programs.
+        if let Err(e) = masq.remove_table() {
+            tracing::warn!(error = %e, "cannot remove the masquerade exemption the previous mode left");
+        }
+    }
+    let mut dp = KernelDatapath {
         cfg: cfg.clone(),
         inner,
-    })
+        masq,
+        masq_failure: None,
+        rp_strict: RpStrictHandle::default(),
+    };
+    let r = dp.masq.ensure().map(drop);
+    dp.note_masq(r);
+    dp.check_rp_filter();
+    Ok(dp)
 }
 
-/// Removes what another mode left when the node ran it: its VXLAN device
+/// Removes what another mode left when the node ran it; returns whether
+/// there was anything: its VXLAN device
 /// (which takes its routes with it) and, away from ebpf, the program's link
 /// and maps (the owners map stays: every mode keeps it). Before the new
 /// mode is built (`before`), only a device on the UDP port the new mode
@@ -140,7 +166,8 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
 /// share one); the rest waits until the new mode is up, so a mode that
 /// cannot start (no IPIP) leaves the old forwarding in place. Routes and
 /// nexthop objects of the other mode go with this mode's upserts and prune.
-fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathError> {
+fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, DatapathError> {
+    let mut removed = false;
     let mut nl = Netlink::open(cfg.netns.as_deref())
         .map_err(|e| DatapathError::Other(format!("netlink: {e}")))?;
     let needs_port = matches!(cfg.mode, DatapathMode::Ebpf | DatapathMode::Vxlan);
@@ -168,9 +195,10 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathEr
         );
         rtnl::delete_link(&mut nl, l.index)
             .map_err(|e| DatapathError::Other(format!("removing {name}: {e}")))?;
+        removed = true;
     }
     if before {
-        return Ok(());
+        return Ok(removed);
     }
     // The program's pinned link marks a node that ran ebpf. (The route
     // modes pin the object's maps too, empty, to keep the owners map.)
@@ -179,6 +207,7 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathEr
             pin_dir = %cfg.pin_dir.display(),
             "removing the ebpf datapath's pinned link and maps"
         );
+        removed = true;
         for pin in [
             TUNNEL_EGRESS_LINK_PIN,
             REMOTES_V4_MAP,
@@ -197,10 +226,73 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<(), DatapathEr
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 impl KernelDatapath {
+    /// podmesh's own tunnel device in this mode, if it has one.
+    fn own_device(&self) -> Option<&'static str> {
+        match self.cfg.mode {
+            DatapathMode::Ebpf => Some(TUNNEL_DEVICE),
+            DatapathMode::Vxlan => Some(VXLAN_DEVICE),
+            DatapathMode::Ipip => Some(super::routes::IPIP_DEVICE),
+            DatapathMode::Direct => None,
+        }
+    }
+
+    /// Loose reverse-path filtering on podmesh's device; strict devices
+    /// elsewhere are logged (when the list changes) and kept for `/status`.
+    fn check_rp_filter(&mut self) {
+        match super::rpfilter::check(self.cfg.netns.as_deref(), self.own_device()) {
+            Ok(r) => {
+                let mut held = self.rp_strict.lock().expect("rp_filter lock");
+                if *held != r.strict && !r.strict.is_empty() {
+                    tracing::warn!("{}", super::rpfilter::hint(&r.strict));
+                }
+                *held = r.strict;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read or set reverse-path filtering (net.ipv4.conf.*.rp_filter)"
+            ),
+        }
+    }
+
+    /// Devices with strict reverse-path filtering, for `/status`.
+    pub fn rp_filter_strict(&self) -> RpStrictHandle {
+        self.rp_strict.clone()
+    }
+
+    /// The masquerade exemption's state, for `/status`.
+    pub fn exemption(&self) -> ExemptionHandle {
+        self.masq.handle()
+    }
+
+    /// Logs a failure of the masquerade exemption once (until it changes or
+    /// clears). It never fails the routes: forwarding works without it, pods
+    /// are only masqueraded where the CNI does.
+    fn note_masq(&mut self, r: Result<(), super::masq::MasqError>) {
+        match r {
+            Ok(()) => {
+                if self.masq_failure.take().is_some() {
+                    tracing::info!("the masquerade exemption is in place again");
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.masq_failure.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(
+                        error = %msg,
+                        "the masquerade exemption (nftables table inet podmesh) failed: pod traffic \
+                         to remote clusters may leave with the node's address where the CNI \
+                         masquerades; retried at every resync"
+                    );
+                    self.masq_failure = Some(msg);
+                }
+            }
+        }
+    }
+
     /// The MAC this node publishes as `vtepMAC` (its tunnel device's), in the
     /// modes that need one.
     pub fn vtep_mac(&self) -> Option<[u8; 6]> {
@@ -244,40 +336,81 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 impl Datapath for KernelDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
-        off_runtime(|| match &mut self.inner {
-            Inner::Ebpf(d) => d.upsert(routes),
-            Inner::Routes(d) => d.upsert(routes),
+        off_runtime(|| {
+            match &mut self.inner {
+                Inner::Ebpf(d) => d.upsert(routes),
+                Inner::Routes(d) => d.upsert(routes),
+            }?;
+            let r = self.masq.add(routes.iter().map(|r| r.cidr));
+            self.note_masq(r);
+            Ok(())
         })
     }
 
     async fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-        off_runtime(|| match &mut self.inner {
-            Inner::Ebpf(d) => d.delete(cidrs),
-            Inner::Routes(d) => d.delete(cidrs),
+        off_runtime(|| {
+            // The exemption goes first: a CIDR without a route but still
+            // exempt is harmless, the other way round is not.
+            let r = self.masq.remove(cidrs);
+            self.note_masq(r);
+            match &mut self.inner {
+                Inner::Ebpf(d) => d.delete(cidrs),
+                Inner::Routes(d) => d.delete(cidrs),
+            }
         })
     }
 
     async fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
-        off_runtime(|| match &mut self.inner {
-            Inner::Ebpf(d) => d.prune(keep),
-            Inner::Routes(d) => d.prune(keep),
+        off_runtime(|| {
+            let report = match &mut self.inner {
+                Inner::Ebpf(d) => d.prune(keep),
+                Inner::Routes(d) => d.prune(keep),
+            }?;
+            let r = self.masq.sync(keep).map(|(added, removed)| {
+                if added + removed > 0 {
+                    tracing::info!(
+                        added,
+                        removed,
+                        "resync brought the masquerade exemption's sets back to the programmed remote Pod CIDRs"
+                    );
+                }
+            });
+            self.note_masq(r);
+            Ok(report)
         })
     }
 
     async fn repair(&mut self) -> Result<Option<String>, DatapathError> {
         off_runtime(|| {
+            let masq = match self.masq.ensure() {
+                Ok(wrong) => {
+                    self.note_masq(Ok(()));
+                    wrong
+                }
+                Err(e) => {
+                    self.note_masq(Err(e));
+                    None
+                }
+            };
             let lost = match &mut self.inner {
                 Inner::Ebpf(d) => d.device_lost()?,
                 Inner::Routes(d) => d.device_lost()?,
             };
-            let Some(what) = lost else { return Ok(None) };
-            // Rebuilt as at start (device, program, maps adopted from their
-            // pins), the device with the MAC the node published: the remote
-            // nodes keep sending to it.
-            let mut cfg = self.cfg.clone();
-            cfg.tunnel_mac = self.vtep_mac();
-            self.inner = Inner::build(&cfg)?;
-            Ok(Some(what))
+            self.check_rp_filter();
+            if let Some(what) = lost {
+                // Rebuilt as at start (device, program, maps adopted from their
+                // pins), the device with the MAC the node published: the remote
+                // nodes keep sending to it.
+                let mut cfg = self.cfg.clone();
+                cfg.tunnel_mac = self.vtep_mac();
+                self.inner = Inner::build(&cfg)?;
+                self.check_rp_filter();
+                return Ok(Some(match masq {
+                    Some(m) => format!("{what}; {m}"),
+                    None => what,
+                }));
+            }
+            Ok(masq)
         })
     }
 

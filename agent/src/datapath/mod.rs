@@ -12,10 +12,12 @@ use ipnet::IpNet;
 pub mod device;
 pub mod ebpf;
 pub mod kernel;
+pub mod masq;
 pub mod memory;
 pub mod nl;
 pub mod owners;
 pub mod routes;
+pub mod rpfilter;
 pub mod rtnl;
 
 pub use kernel::{Counters, KernelConfig, KernelDatapath, from_config};

@@ -192,6 +192,36 @@ pub fn render(s: &StatusReport) -> String {
         "1 for each CNI (or component) this node appears to run, by the severity of its finding (warning: the operator must set something; see podmesh status)",
         cni,
     );
+    let strict = Gauge::<i64>::default();
+    strict.set(i64::try_from(s.strict_rp_filter.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "strict_rp_filter_devices",
+        "Devices of this node with strict reverse-path filtering (named in /status)",
+        strict,
+    );
+    if let Some(x) = &s.masquerade_exemption {
+        let installed = Gauge::<i64>::default();
+        installed.set(i64::from(x.installed && x.error.is_none()));
+        reg.register(
+            "masquerade_exemption_ok",
+            "1 when the masquerade exemption (nftables table inet podmesh) is in place and its last change succeeded; 0: pod traffic to remote clusters may leave with the node's address (the reason is in /status)",
+            installed,
+        );
+        let cidrs = Gauge::<i64>::default();
+        cidrs.set(i64::try_from(x.cidrs).unwrap_or(i64::MAX));
+        reg.register(
+            "masquerade_exemption_cidrs",
+            "Remote Pod CIDRs exempt from the CNI's masquerade",
+            cidrs,
+        );
+        let repairs = Counter::<u64>::default();
+        repairs.inc_by(x.repairs);
+        reg.register(
+            "masquerade_exemption_repairs",
+            "Times the exemption's table was found removed or altered and set up again",
+            repairs,
+        );
+    }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();
@@ -237,6 +267,26 @@ mod tests {
         for line in [
             "podmesh_node_cni_info{cni=\"flannel\",severity=\"info\"} 1",
             "podmesh_node_cni_info{cni=\"cilium\",severity=\"warning\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
+        }
+    }
+
+    #[test]
+    fn the_masquerade_exemption_is_shown_with_its_failure() {
+        let mut s = StatusReport::default();
+        assert!(!render(&s).contains("masquerade_exemption"));
+        s.masquerade_exemption = Some(crate::datapath::masq::ExemptionStatus {
+            installed: true,
+            cidrs: 4,
+            repairs: 1,
+            error: Some("cannot run nft".into()),
+        });
+        let out = render(&s);
+        for line in [
+            "podmesh_masquerade_exemption_ok 0",
+            "podmesh_masquerade_exemption_cidrs 4",
+            "podmesh_masquerade_exemption_repairs_total 1",
         ] {
             assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
         }

@@ -9,7 +9,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{RemoteRoute, kernel::Counters},
+    datapath::{
+        RemoteRoute,
+        kernel::Counters,
+        masq::{ExemptionHandle, ExemptionStatus},
+    },
     desired::RecordOutcome,
     model::format_mac,
     remote::MeshCache,
@@ -144,6 +148,22 @@ pub struct StatusReport {
     /// what the operator must set (empty until the first detection).
     #[serde(default)]
     pub cni: Vec<crate::cni::CniFinding>,
+    /// The masquerade exemption (nftables table `inet podmesh`) that keeps
+    /// pod source addresses towards remote clusters (kernel datapaths).
+    #[serde(
+        rename = "masqueradeExemption",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub masquerade_exemption: Option<ExemptionStatus>,
+    /// Devices of this node with strict reverse-path filtering (podmesh's own
+    /// tunnel device is set loose; these are left as they are and reported).
+    #[serde(
+        rename = "strictRpFilter",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub strict_rp_filter: Vec<String>,
 }
 
 impl StatusReport {
@@ -162,6 +182,10 @@ pub struct Status {
     mesh: Arc<Mutex<Option<MeshCache>>>,
     /// Where the datapath's packet counters are read at request time.
     packets: Arc<Mutex<Option<PacketSource>>>,
+    /// The masquerade exemption's state, read at request time.
+    exemption: Arc<Mutex<Option<ExemptionHandle>>>,
+    /// Devices with strict reverse-path filtering, read at request time.
+    rp_strict: Arc<Mutex<Option<Arc<Mutex<Vec<String>>>>>>,
 }
 
 /// Reads the datapath's packet counters.
@@ -216,10 +240,26 @@ impl Status {
         *self.packets.lock().expect("status packets lock") = Some(PacketSource(Box::new(read)));
     }
 
+    /// Shows the masquerade exemption's state from `handle`.
+    pub fn set_exemption_source(&self, handle: ExemptionHandle) {
+        *self.exemption.lock().expect("status exemption lock") = Some(handle);
+    }
+
+    /// Shows the devices with strict reverse-path filtering from `handle`.
+    pub fn set_rp_filter_source(&self, handle: Arc<Mutex<Vec<String>>>) {
+        *self.rp_strict.lock().expect("status rp_filter lock") = Some(handle);
+    }
+
     /// A copy of the status with `ready` computed, without the per-record and route lists.
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
+        if let Some(h) = &*self.exemption.lock().expect("status exemption lock") {
+            s.masquerade_exemption = Some(h.lock().expect("exemption status lock").clone());
+        }
+        if let Some(h) = &*self.rp_strict.lock().expect("status rp_filter lock") {
+            s.strict_rp_filter = h.lock().expect("rp_filter lock").clone();
+        }
         if let Some(read) = &*self.packets.lock().expect("status packets lock") {
             match (read.0)() {
                 Ok(c) => s.datapath_packets = Some(c),

@@ -56,10 +56,28 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn build(mode: DatapathMode) -> anyhow::Result<Self> {
-        let topo = Topology::build(&[
-            ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
-            ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
-        ])?;
+        Self::with_plans(
+            mode,
+            &[
+                ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
+                ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
+            ],
+        )
+    }
+
+    /// Like [`Mesh::build`], with dual-stack pods (`fd00:1::/48`, `fd00:2::/48`).
+    pub fn build_dual_stack(mode: DatapathMode) -> anyhow::Result<Self> {
+        Self::with_plans(
+            mode,
+            &[
+                ClusterPlan::new("east", "10.1.0.0/16", 2, 2).with_ipv6("fd00:1::/48"),
+                ClusterPlan::new("west", "10.2.0.0/16", 2, 2).with_ipv6("fd00:2::/48"),
+            ],
+        )
+    }
+
+    pub fn with_plans(mode: DatapathMode, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        let topo = Topology::build(plans)?;
         let bpffs = Bpffs::new()?;
         let mut mesh = Self {
             dps: Vec::new(),

@@ -1,0 +1,652 @@
+//! The masquerade exemption: pod traffic to remote clusters' pods keeps the pod's source address.
+//!
+//! The node's CNI masquerades what its pods send outside the node's (or the
+//! cluster's) pod network: the `bridge` and `ptp` plugins with `ipMasq`,
+//! flannel, Calico's `natOutgoing`, ip-masq-agent. Left alone, every
+//! cross-cluster connection would arrive from the sending node's address.
+//! podmesh owns one object against that, never the CNI's chains:
+//!
+//! ```text
+//! table inet podmesh {
+//!     set remote-pods-v4 { type ipv4_addr; flags interval; }
+//!     set remote-pods-v6 { type ipv6_addr; flags interval; }
+//!     chain postrouting {
+//!         type nat hook postrouting priority srcnat - 10; policy accept;
+//!         ip daddr @remote-pods-v4 snat ip to ip saddr
+//!         ip6 daddr @remote-pods-v6 snat ip6 to ip6 saddr
+//!     }
+//! }
+//! ```
+//!
+//! Why a null SNAT binding and not `accept`: every nat chain on a hook (the
+//! iptables `nat` table, nft or legacy, and every nftables nat chain) is one
+//! entry of the same list that `nf_nat_inet_fn` walks in priority order, and
+//! an `accept` only ends its own chain; the CNI's MASQUERADE at priority
+//! `srcnat` still runs. Once a chain has set up a source NAT binding, the walk
+//! stops (`nf_nat_initialized`, net/netfilter/nf_nat_core.c). Translating the
+//! source to itself is such a binding, and it changes nothing in the packet.
+//! Only the first packet of a connection passes the nat hooks, so the cost
+//! is one set lookup per new connection; the replies follow conntrack.
+//!
+//! The sets hold exactly the remote Pod CIDRs that are programmed, updated
+//! incrementally with the routes (`add element`/`delete element` in one
+//! transaction per batch), and the periodic resync makes them equal to what
+//! is programmed and re-creates the table when someone removed or changed it.
+//! Changes go through `nft -f -` (the nftables package), as netavark does.
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The nftables table podmesh owns (family `inet`).
+pub const TABLE: &str = "podmesh";
+/// The set of remote IPv4 Pod CIDRs.
+pub const SET_V4: &str = "remote-pods-v4";
+/// The set of remote IPv6 Pod CIDRs.
+pub const SET_V6: &str = "remote-pods-v6";
+/// The nat chain on the postrouting hook.
+pub const CHAIN: &str = "postrouting";
+/// The chain's priority: before `srcnat` (100), where iptables' nat
+/// POSTROUTING and the CNI's masquerade sit.
+pub const PRIORITY: i32 = 90;
+/// Elements per `nft` transaction: one command line of 100k prefixes is
+/// fine for nft, but keeping batches bounded keeps its memory bounded too.
+const BATCH: usize = 20_000;
+
+/// The exemption failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MasqError {
+    /// `nft` is not installed.
+    #[error(
+        "cannot run {nft}: {source} (install the nftables package; without it, pod traffic to \
+         remote clusters leaves with the node's address wherever the CNI masquerades)"
+    )]
+    NftMissing {
+        /// The program looked for.
+        nft: String,
+        /// Why it could not run.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft` refused what podmesh asked.
+    #[error("nft refused to {op}: {stderr}")]
+    Refused {
+        /// What was attempted.
+        op: String,
+        /// nft's message.
+        stderr: String,
+    },
+    /// The network namespace could not be entered.
+    #[error("entering the network namespace {path}: {source}")]
+    Netns {
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft -j` printed something that is not its JSON.
+    #[error("cannot read nft's listing of table inet {TABLE}: {0}")]
+    Listing(String),
+}
+
+/// What `/status` says of the exemption.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExemptionStatus {
+    /// The table is in place, as podmesh wants it.
+    pub installed: bool,
+    /// Remote Pod CIDRs in its sets.
+    pub cidrs: usize,
+    /// Times the table was found removed or altered and set up again.
+    pub repairs: u64,
+    /// The last failure, with what to do.
+    pub error: Option<String>,
+}
+
+/// A shared view of the exemption's state for the status server.
+pub type ExemptionHandle = Arc<Mutex<ExemptionStatus>>;
+
+/// The exemption in one network namespace.
+#[derive(Debug)]
+pub struct MasqExemption {
+    netns: Option<PathBuf>,
+    nft: String,
+    /// What the sets hold, as far as this process knows (read back from the
+    /// kernel at start and whenever a change was refused).
+    present: BTreeSet<IpNet>,
+    /// The table was set up once by this process.
+    set_up: bool,
+    state: ExemptionHandle,
+}
+
+impl MasqExemption {
+    /// The exemption of the namespace at `netns` (`None`: this process's).
+    /// Nothing is touched before [`MasqExemption::ensure`].
+    pub fn new(netns: Option<&Path>) -> Self {
+        Self {
+            netns: netns.map(Path::to_path_buf),
+            nft: "nft".to_string(),
+            present: BTreeSet::new(),
+            set_up: false,
+            state: ExemptionHandle::default(),
+        }
+    }
+
+    /// The state for `/status`.
+    pub fn handle(&self) -> ExemptionHandle {
+        self.state.clone()
+    }
+
+    /// Records the outcome of an operation in the status and passes it on.
+    fn record<T>(&mut self, r: Result<T, MasqError>) -> Result<T, MasqError> {
+        let mut s = self.state.lock().expect("exemption status lock");
+        match &r {
+            Ok(_) => {
+                s.error = None;
+                s.installed = true;
+            }
+            Err(e) => s.error = Some(e.to_string()),
+        }
+        s.cidrs = self.present.len();
+        r
+    }
+
+    /// Creates the table when it is missing and re-creates it (empty) when it
+    /// is not as podmesh wants it. Returns what was wrong when it had to.
+    /// The first call sets the table up and returns `None`; later ones
+    /// return what they found wrong (a repair, counted in the status).
+    pub fn ensure(&mut self) -> Result<Option<String>, MasqError> {
+        let first = !self.set_up;
+        let r = self.ensure_inner().map(|wrong| wrong.filter(|_| !first));
+        if let Ok(w) = &r {
+            self.set_up = true;
+            if w.is_some() {
+                self.state.lock().expect("exemption status lock").repairs += 1;
+            }
+        }
+        self.record(r)
+    }
+
+    fn ensure_inner(&mut self) -> Result<Option<String>, MasqError> {
+        let listing = self.list()?;
+        let wrong = match &listing {
+            None => Some(format!("table inet {TABLE} is missing")),
+            Some(l) => l.defect(),
+        };
+        let Some(wrong) = wrong else {
+            self.present = listing.map(|l| l.elements).unwrap_or_default();
+            return Ok(None);
+        };
+        self.present.clear();
+        let mut script = String::new();
+        if listing.is_some() {
+            // Declaring the table first makes the delete valid either way,
+            // all in one transaction: no moment without the exemption's rules
+            // would be any better than this one.
+            let _ = writeln!(script, "table inet {TABLE}\ndelete table inet {TABLE}");
+        }
+        script.push_str(&table_definition());
+        self.run(&script, "create table inet podmesh")?;
+        Ok(Some(wrong))
+    }
+
+    /// Adds these CIDRs to the sets (those already there are skipped).
+    pub fn add(&mut self, cidrs: impl IntoIterator<Item = IpNet>) -> Result<(), MasqError> {
+        let new: Vec<IpNet> = cidrs
+            .into_iter()
+            .filter(|c| !self.present.contains(c))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let r = self.change("add", &new);
+        self.record(r)
+    }
+
+    /// Removes these CIDRs from the sets (absent ones are skipped).
+    pub fn remove(&mut self, cidrs: &[IpNet]) -> Result<(), MasqError> {
+        let gone: Vec<IpNet> = cidrs
+            .iter()
+            .filter(|c| self.present.contains(c))
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let r = self.change("delete", &gone);
+        self.record(r)
+    }
+
+    /// Makes the sets hold exactly `keep`, from what the kernel holds now.
+    /// Returns how many elements were added and removed.
+    pub fn sync(&mut self, keep: &BTreeSet<IpNet>) -> Result<(usize, usize), MasqError> {
+        let r = self.sync_inner(keep);
+        self.record(r)
+    }
+
+    fn sync_inner(&mut self, keep: &BTreeSet<IpNet>) -> Result<(usize, usize), MasqError> {
+        let Some(listing) = self.list()? else {
+            return Err(MasqError::Refused {
+                op: "sync the remote Pod CIDR sets".into(),
+                stderr: format!("table inet {TABLE} is missing"),
+            });
+        };
+        self.present = listing.elements;
+        let extra: Vec<IpNet> = self.present.difference(keep).copied().collect();
+        let missing: Vec<IpNet> = keep.difference(&self.present).copied().collect();
+        self.change("delete", &extra)?;
+        self.change("add", &missing)?;
+        Ok((missing.len(), extra.len()))
+    }
+
+    /// Adds or deletes elements in batches; on a refusal, reads the sets back
+    /// once (someone may have changed them) and retries what is still to do.
+    fn change(&mut self, verb: &'static str, cidrs: &[IpNet]) -> Result<(), MasqError> {
+        if cidrs.is_empty() {
+            return Ok(());
+        }
+        for chunk in cidrs.chunks(BATCH) {
+            let script = element_script(verb, chunk);
+            if let Err(first) = self.run(&script, &format!("{verb} {} elements", chunk.len())) {
+                let Some(listing) = self.list()? else {
+                    return Err(first);
+                };
+                self.present = listing.elements;
+                let todo: Vec<IpNet> = chunk
+                    .iter()
+                    .filter(|c| self.present.contains(c) == (verb == "delete"))
+                    .copied()
+                    .collect();
+                if !todo.is_empty() {
+                    self.run(
+                        &element_script(verb, &todo),
+                        &format!("{verb} {} elements", todo.len()),
+                    )?;
+                }
+            }
+            for c in chunk {
+                if verb == "add" {
+                    self.present.insert(*c);
+                } else {
+                    self.present.remove(c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the table, if there is one (uninstall, or a datapath takeover
+    /// that starts from a clean slate).
+    pub fn remove_table(&mut self) -> Result<bool, MasqError> {
+        let there = self.list()?.is_some();
+        if there {
+            self.run(
+                &format!("delete table inet {TABLE}\n"),
+                "delete table inet podmesh",
+            )?;
+        }
+        self.present.clear();
+        let mut s = self.state.lock().expect("exemption status lock");
+        s.installed = false;
+        s.cidrs = 0;
+        Ok(there)
+    }
+
+    /// The CIDRs the sets hold, as last read or written.
+    pub fn cidrs(&self) -> &BTreeSet<IpNet> {
+        &self.present
+    }
+
+    /// `nft -j list table inet podmesh`, or `None` when there is no such table.
+    fn list(&self) -> Result<Option<Listing>, MasqError> {
+        let out = self.nft(&["-j", "list", "table", "inet", TABLE], None)?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("No such file or directory") {
+                return Ok(None);
+            }
+            return Err(MasqError::Refused {
+                op: format!("list table inet {TABLE}"),
+                stderr: stderr.trim().to_string(),
+            });
+        }
+        Listing::parse(&out.stdout).map(Some)
+    }
+
+    fn run(&self, script: &str, op: &str) -> Result<(), MasqError> {
+        let out = self.nft(&["-f", "-"], Some(script))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(MasqError::Refused {
+            op: op.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" / "),
+        })
+    }
+
+    /// Runs nft, in the configured namespace: a child forked by a thread
+    /// that entered it lives there.
+    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, MasqError> {
+        let spawn = || -> Result<std::process::Output, MasqError> {
+            let missing = |source| MasqError::NftMissing {
+                nft: self.nft.clone(),
+                source,
+            };
+            let mut child = Command::new(&self.nft)
+                .args(args)
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(missing)?;
+            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                pipe.write_all(text.as_bytes()).map_err(missing)?;
+            }
+            child.wait_with_output().map_err(missing)
+        };
+        match &self.netns {
+            None => spawn(),
+            Some(path) => {
+                let file = std::fs::File::open(path).map_err(|source| MasqError::Netns {
+                    path: path.clone(),
+                    source,
+                })?;
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        use std::os::fd::AsFd;
+                        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| MasqError::Netns {
+                                path: path.clone(),
+                                source: e.into(),
+                            })?;
+                        spawn()
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(MasqError::Listing("the nft worker thread panicked".into()))
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// The whole table, empty sets.
+fn table_definition() -> String {
+    format!(
+        "table inet {TABLE} {{\n\
+         \tcomment \"podmesh: remote clusters' Pod CIDRs keep pod source addresses\"\n\
+         \tset {SET_V4} {{ type ipv4_addr; flags interval; }}\n\
+         \tset {SET_V6} {{ type ipv6_addr; flags interval; }}\n\
+         \tchain {CHAIN} {{\n\
+         \t\ttype nat hook postrouting priority srcnat - 10; policy accept;\n\
+         \t\tip daddr @{SET_V4} snat ip to ip saddr comment \"null binding: no CNI masquerade towards remote pods\"\n\
+         \t\tip6 daddr @{SET_V6} snat ip6 to ip6 saddr comment \"null binding: no CNI masquerade towards remote pods\"\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// `add element inet podmesh remote-pods-v4 { … }` (and v6) for `cidrs`.
+fn element_script(verb: &str, cidrs: &[IpNet]) -> String {
+    let mut s = String::new();
+    for (set, v4) in [(SET_V4, true), (SET_V6, false)] {
+        let mut elems = cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V4(_)) == v4)
+            .peekable();
+        if elems.peek().is_none() {
+            continue;
+        }
+        let _ = write!(s, "{verb} element inet {TABLE} {set} {{ ");
+        for (i, c) in elems.enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            let _ = write!(s, "{c}");
+        }
+        s.push_str(" }\n");
+    }
+    s
+}
+
+/// What `nft -j list table inet podmesh` shows.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Listing {
+    /// Elements of both sets.
+    elements: BTreeSet<IpNet>,
+    /// The sets present.
+    sets: BTreeSet<String>,
+    /// `(name, hook, type, priority)` of each chain.
+    chains: Vec<(String, Option<String>, Option<String>, Option<i64>)>,
+    /// The rules' expressions, as JSON text, by chain.
+    rules: Vec<(String, String)>,
+}
+
+impl Listing {
+    fn parse(json: &[u8]) -> Result<Self, MasqError> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| MasqError::Listing(e.to_string()))?;
+        let items = doc
+            .get("nftables")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| MasqError::Listing("no `nftables` list".into()))?;
+        let mut l = Listing::default();
+        let text =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        for item in items {
+            if let Some(set) = item.get("set") {
+                let name = text(set, "name").unwrap_or_default();
+                for e in set
+                    .get("elem")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    l.elements.insert(element(e).ok_or_else(|| {
+                        MasqError::Listing(format!("unexpected element {e} in set {name}"))
+                    })?);
+                }
+                l.sets.insert(name);
+            } else if let Some(c) = item.get("chain") {
+                l.chains.push((
+                    text(c, "name").unwrap_or_default(),
+                    text(c, "hook"),
+                    text(c, "type"),
+                    c.get("prio").and_then(|p| p.as_i64()),
+                ));
+            } else if let Some(r) = item.get("rule") {
+                l.rules.push((
+                    text(r, "chain").unwrap_or_default(),
+                    r.get("expr").map(|e| e.to_string()).unwrap_or_default(),
+                ));
+            }
+        }
+        Ok(l)
+    }
+
+    /// What differs from the table podmesh creates, if anything.
+    fn defect(&self) -> Option<String> {
+        for set in [SET_V4, SET_V6] {
+            if !self.sets.contains(set) {
+                return Some(format!("set {set} of table inet {TABLE} is missing"));
+            }
+        }
+        let want = (
+            CHAIN.to_string(),
+            Some("postrouting".to_string()),
+            Some("nat".to_string()),
+            Some(i64::from(PRIORITY)),
+        );
+        if self.chains != [want] {
+            return Some(format!(
+                "table inet {TABLE} does not hold exactly its nat chain {CHAIN} at priority srcnat - 10"
+            ));
+        }
+        let snat = |set: &str| {
+            self.rules
+                .iter()
+                .filter(|(c, e)| {
+                    c == CHAIN && e.contains(&format!("@{set}")) && e.contains("\"snat\"")
+                })
+                .count()
+        };
+        if self.rules.len() != 2 || snat(SET_V4) != 1 || snat(SET_V6) != 1 {
+            return Some(format!(
+                "the rules of chain {CHAIN} in table inet {TABLE} were changed"
+            ));
+        }
+        None
+    }
+}
+
+/// One set element of nft's JSON: an address (a /32 or /128), a prefix, or
+/// a range that is exactly a prefix.
+fn element(e: &serde_json::Value) -> Option<IpNet> {
+    let e = e.get("elem").and_then(|v| v.get("val")).unwrap_or(e);
+    if let Some(a) = e.as_str() {
+        let ip: IpAddr = a.parse().ok()?;
+        return IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).ok();
+    }
+    if let Some(p) = e.get("prefix") {
+        let ip: IpAddr = p.get("addr")?.as_str()?.parse().ok()?;
+        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+        return IpNet::new(ip, len).ok();
+    }
+    if let Some(r) = e.get("range").and_then(|r| r.as_array()) {
+        let lo: IpAddr = r.first()?.as_str()?.parse().ok()?;
+        let hi: IpAddr = r.get(1)?.as_str()?.parse().ok()?;
+        return IpNet::new(lo, prefix_of(lo, hi)?).ok();
+    }
+    None
+}
+
+/// The prefix length of the range `lo..=hi` when it is exactly one prefix.
+fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
+    let (lo, hi, bits) = match (lo, hi) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return None,
+    };
+    let span = hi.checked_sub(lo)?.checked_add(1)?;
+    if !span.is_power_of_two() || lo % span != 0 {
+        return None;
+    }
+    Some(bits - span.trailing_zeros() as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("cidr")
+    }
+
+    #[test]
+    fn element_scripts_split_the_families_and_skip_empty_sets() {
+        let s = element_script(
+            "add",
+            &[net("10.2.0.0/24"), net("fd00:2::/64"), net("10.3.0.0/24")],
+        );
+        assert_eq!(
+            s,
+            "add element inet podmesh remote-pods-v4 { 10.2.0.0/24, 10.3.0.0/24 }\n\
+             add element inet podmesh remote-pods-v6 { fd00:2::/64 }\n"
+        );
+        assert_eq!(
+            element_script("delete", &[net("10.2.0.5/32")]),
+            "delete element inet podmesh remote-pods-v4 { 10.2.0.5/32 }\n"
+        );
+        assert!(element_script("add", &[]).is_empty());
+    }
+
+    #[test]
+    fn elements_of_every_shape_nft_prints_are_read() {
+        let cases = [
+            (serde_json::json!("10.2.0.5"), "10.2.0.5/32"),
+            (
+                serde_json::json!({"prefix": {"addr": "10.2.0.0", "len": 24}}),
+                "10.2.0.0/24",
+            ),
+            (
+                serde_json::json!({"range": ["10.2.0.0", "10.2.1.255"]}),
+                "10.2.0.0/23",
+            ),
+            (
+                serde_json::json!({"prefix": {"addr": "fd00:2::", "len": 64}}),
+                "fd00:2::/64",
+            ),
+            (
+                serde_json::json!({"elem": {"val": {"prefix": {"addr": "10.9.0.0", "len": 16}}, "comment": "x"}}),
+                "10.9.0.0/16",
+            ),
+        ];
+        for (json, want) in cases {
+            assert_eq!(element(&json), Some(net(want)), "{json}");
+        }
+        assert_eq!(
+            element(&serde_json::json!({"range": ["10.2.0.1", "10.2.0.2"]})),
+            None
+        );
+    }
+
+    /// The listing nft 1.0.6 prints for the table as podmesh creates it.
+    fn listing_json(rules: &str, prio: i64) -> Vec<u8> {
+        format!(
+            r#"{{"nftables": [{{"metainfo": {{"version": "1.0.6"}}}},
+            {{"table": {{"family": "inet", "name": "podmesh", "handle": 2}}}},
+            {{"set": {{"family": "inet", "name": "remote-pods-v4", "table": "podmesh", "type": "ipv4_addr", "handle": 1, "flags": ["interval"], "elem": [{{"prefix": {{"addr": "10.2.0.0", "len": 24}}}}, "10.3.0.7"]}}}},
+            {{"set": {{"family": "inet", "name": "remote-pods-v6", "table": "podmesh", "type": "ipv6_addr", "handle": 2, "flags": ["interval"]}}}},
+            {{"chain": {{"family": "inet", "table": "podmesh", "name": "postrouting", "handle": 3, "type": "nat", "hook": "postrouting", "prio": {prio}, "policy": "accept"}}}}
+            {rules}]}}"#
+        )
+        .into_bytes()
+    }
+
+    const RULES: &str = r#",
+        {"rule": {"family": "inet", "table": "podmesh", "chain": "postrouting", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@remote-pods-v4"}}, {"snat": {"family": "ip", "addr": {"payload": {"protocol": "ip", "field": "saddr"}}}}]}},
+        {"rule": {"family": "inet", "table": "podmesh", "chain": "postrouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "@remote-pods-v6"}}, {"snat": {"family": "ip6", "addr": {"payload": {"protocol": "ip6", "field": "saddr"}}}}]}}"#;
+
+    #[test]
+    fn the_table_as_created_has_no_defect_and_its_elements_are_read() {
+        let l = Listing::parse(&listing_json(RULES, 90)).expect("parses");
+        assert_eq!(l.defect(), None);
+        assert_eq!(
+            l.elements,
+            [net("10.2.0.0/24"), net("10.3.0.7/32")]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    #[test]
+    fn a_changed_priority_or_missing_rule_is_a_defect() {
+        let moved = Listing::parse(&listing_json(RULES, 100)).expect("parses");
+        assert!(moved.defect().expect("defect").contains("priority"));
+        let bare = Listing::parse(&listing_json("", 90)).expect("parses");
+        assert!(bare.defect().expect("defect").contains("rules"));
+    }
+
+    #[test]
+    fn prefix_of_accepts_only_aligned_power_of_two_ranges() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(prefix_of(ip("10.0.0.0"), ip("10.0.255.255")), Some(16));
+        assert_eq!(prefix_of(ip("10.0.0.1"), ip("10.0.0.2")), None);
+        assert_eq!(prefix_of(ip("fd00::"), ip("fd00::ffff")), Some(112));
+    }
+}

@@ -1,0 +1,84 @@
+//! Reverse-path filtering: loose on podmesh's own tunnel device, strict elsewhere reported.
+//!
+//! With strict filtering (`rp_filter=1`) the kernel drops a packet whose
+//! source address is not routed back through the device it arrived on. The
+//! effective value of a device is the larger of `all` and its own
+//! (net/ipv4/fib_frontend.c, `IN_DEV_RPFILTER`), so podmesh sets loose mode
+//! (2) on the device it owns, which makes it loose whatever `all` says, and
+//! touches no other device: it reports the strict ones with what to set.
+use std::path::{Path, PathBuf};
+
+/// The sysctl tree of the calling thread's network namespace.
+const CONF: &str = "/proc/sys/net/ipv4/conf";
+
+/// The effective mode of every device, and the devices podmesh made loose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RpFilter {
+    /// Devices (other than podmesh's and `lo`) whose effective mode is strict.
+    pub strict: Vec<String>,
+    /// podmesh's device, set to loose.
+    pub loosened: Option<String>,
+}
+
+/// Sets loose mode on `own` (when given) and lists the devices with strict
+/// filtering, in the namespace at `netns` (`None`: this process's).
+pub fn check(netns: Option<&Path>, own: Option<&str>) -> std::io::Result<RpFilter> {
+    let run = || -> std::io::Result<RpFilter> {
+        let mut r = RpFilter::default();
+        if let Some(dev) = own {
+            let path = PathBuf::from(CONF).join(dev).join("rp_filter");
+            if path.exists() {
+                if read(&path)? != 2 {
+                    std::fs::write(&path, "2")?;
+                }
+                r.loosened = Some(dev.to_string());
+            }
+        }
+        let all = read(&PathBuf::from(CONF).join("all/rp_filter")).unwrap_or(0);
+        for e in std::fs::read_dir(CONF)? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if matches!(name.as_str(), "all" | "default" | "lo") || Some(name.as_str()) == own {
+                continue;
+            }
+            let dev = read(&PathBuf::from(CONF).join(&name).join("rp_filter")).unwrap_or(0);
+            if all.max(dev) == 1 {
+                r.strict.push(name);
+            }
+        }
+        r.strict.sort();
+        Ok(r)
+    };
+    match netns {
+        None => run(),
+        Some(path) => {
+            let file = std::fs::File::open(path)?;
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    use std::os::fd::AsFd;
+                    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    run()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("rp_filter worker panicked")))
+            })
+        }
+    }
+}
+
+fn read(path: &Path) -> std::io::Result<u8> {
+    std::fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(std::io::Error::other)
+}
+
+/// The operator's hint for `strict` devices.
+pub fn hint(strict: &[String]) -> String {
+    format!(
+        "strict reverse-path filtering on {}: a packet from a remote pod that arrives on one \
+         of them is dropped unless the route back to its source leaves through the same \
+         device (asymmetric underlays, several uplinks); podmesh leaves them as they are; \
+         set net.ipv4.conf.<device>.rp_filter=2 (loose) where that applies",
+        strict.join(", ")
+    )
+}
