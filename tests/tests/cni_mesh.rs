@@ -342,3 +342,107 @@ fn the_exemption_holds_exactly_the_clusters_of_the_secret() -> anyhow::Result<()
     wait_exempt(&m, "east-n0", &both)?;
     Ok(())
 }
+
+/// `podmesh cleanup` refuses while the agent runs; once it is stopped, it
+/// removes exactly podmesh's objects (routes, nexthops, device, pins, the
+/// exemption) and leaves the CNI's nat rules, bridge and pods as they were.
+#[test]
+fn cleanup_removes_exactly_podmesh_objects() -> anyhow::Result<()> {
+    if !require_root("cleanup_removes_exactly_podmesh_objects") {
+        return Ok(());
+    }
+    cleanup_in("ebpf", "podmesh0", &[])?;
+    cleanup_in("vxlan", "podmesh-vx", &["nexthop objects"])
+}
+
+fn cleanup_in(mode: &str, device: &str, also: &[&str]) -> anyhow::Result<()> {
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .datapath(mode)
+        .start()?;
+    m.wait_ready(READY)?;
+    let sinks = sinks(&m)?;
+    sources_kept(&m, mode)?;
+    drop(sinks);
+    let node = "east-n0";
+    let pins = m.bpf_pin_dir(node);
+    let pins_arg = pins.display().to_string();
+    let refused = m.podmesh(node, &["cleanup", "--bpf-pin-dir", &pins_arg])?;
+    ensure!(
+        refused.status.code() == Some(2)
+            && String::from_utf8_lossy(&refused.stderr).contains("Stop it first"),
+        "cleanup beside a running agent: {refused:?}"
+    );
+    m.stop_agent(node, Duration::from_secs(10))?;
+    let ns = &m.node(node)?.ns;
+    let cni_before = nat_rules(ns)?;
+    ensure!(
+        !ns.ip(&["route", "show", "proto", "80"])?.is_empty()
+            && pins.join("PODMESH_REMOTES_V4").exists(),
+        "nothing installed to clean up"
+    );
+    let out = m.podmesh(node, &["cleanup", "--bpf-pin-dir", &pins_arg])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "cleanup failed: {out:?}");
+    let device_line = format!("device {device}");
+    let expected = [
+        "table inet podmesh",
+        "routes (proto 80)",
+        &device_line,
+        "PODMESH_REMOTES_V4",
+    ];
+    for what in expected.iter().chain(also) {
+        ensure!(
+            stdout.contains(what),
+            "{mode}: cleanup did not report {what}:\n{stdout}"
+        );
+    }
+    let ns = &m.node(node)?.ns;
+    ensure!(
+        ns.ip(&["route", "show", "proto", "80"])?.trim().is_empty(),
+        "routes left"
+    );
+    ensure!(
+        ns.ip(&["-6", "route", "show", "proto", "80"])?
+            .trim()
+            .is_empty(),
+        "IPv6 routes left"
+    );
+    ensure!(
+        ns.ip(&["nexthop", "show", "proto", "80"])?
+            .trim()
+            .is_empty(),
+        "nexthops left"
+    );
+    ensure!(
+        ns.ip(&["link", "show", "podmesh0"]).is_err(),
+        "podmesh0 left"
+    );
+    ensure!(
+        ns.run("nft", &["list", "table", "inet", "podmesh"])
+            .is_err(),
+        "exemption left"
+    );
+    ensure!(
+        !pins.join("PODMESH_REMOTES_V4").exists(),
+        "pins left in {}",
+        pins.display()
+    );
+    ensure!(
+        nat_rules(ns)? == cni_before,
+        "cleanup changed the CNI's nat rules"
+    );
+    ensure!(
+        ns.ip(&["link", "show", "cni0"]).is_ok(),
+        "cleanup removed the CNI's bridge"
+    );
+    let again = m.podmesh(node, &["cleanup", "--bpf-pin-dir", &pins_arg])?;
+    ensure!(
+        again.status.success()
+            && String::from_utf8_lossy(&again.stdout).contains("nothing of podmesh's"),
+        "a second cleanup: {again:?}"
+    );
+    Ok(())
+}

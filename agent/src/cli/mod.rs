@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod cleanup;
 pub mod plan;
 pub mod secret;
 pub mod status;
@@ -27,6 +28,10 @@ enum Command {
     /// Render clustermesh Secret entries.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Remove everything podmesh installed on this node (routes, nexthops,
+    /// devices, pinned maps, the masquerade exemption): an uninstall, once
+    /// the agent is gone for good. Needs root.
+    Cleanup(cleanup::CleanupArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Plan(cmd) => plan::run(cmd),
         Command::Status(a) => ExitCode::from(status::run(&a)),
         Command::Secret(SecretCommand::Render(a)) => ExitCode::from(secret::run(&a)),
+        Command::Cleanup(a) => cleanup::run(&a),
     }
 }
 
@@ -66,7 +72,7 @@ mod tests {
         let mut cmd = Cli::command();
         cmd.clone().debug_assert();
         let help = cmd.render_long_help().to_string();
-        for sub in ["version", "plan", "status", "secret"] {
+        for sub in ["version", "plan", "status", "secret", "cleanup"] {
             assert!(help.contains(sub), "--help does not list {sub}:\n{help}");
         }
         for sub in cmd.get_subcommands() {

@@ -29,10 +29,12 @@
 //! is one set lookup per new connection; the replies follow conntrack.
 //!
 //! The sets hold exactly the remote Pod CIDRs that are programmed, updated
-//! incrementally with the routes (`add element`/`delete element` in one
-//! transaction per batch), and the periodic resync makes them equal to what
-//! is programmed and re-creates the table when someone removed or changed it.
-//! Changes go through `nft -f -` (the nftables package), as netavark does.
+//! incrementally with the routes, and the periodic resync makes them equal to
+//! what is programmed and re-creates the table when someone removed or
+//! changed it. The table itself is created and checked with `nft` (the
+//! nftables package), as netavark does; the elements go over nf_tables
+//! netlink ([`super::nftset`]), since nft's own element updates of interval
+//! sets read the whole set each time and delete in quadratic time.
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
@@ -46,6 +48,8 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::nftset::NftSets;
+
 /// The nftables table podmesh owns (family `inet`).
 pub const TABLE: &str = "podmesh";
 /// The set of remote IPv4 Pod CIDRs.
@@ -57,9 +61,6 @@ pub const CHAIN: &str = "postrouting";
 /// The chain's priority: before `srcnat` (100), where iptables' nat
 /// POSTROUTING and the CNI's masquerade sit.
 pub const PRIORITY: i32 = 90;
-/// Elements per `nft` transaction: one command line of 100k prefixes is
-/// fine for nft, but keeping batches bounded keeps its memory bounded too.
-const BATCH: usize = 20_000;
 
 /// The exemption failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,15 @@ pub enum MasqError {
     /// `nft -j` printed something that is not its JSON.
     #[error("cannot read nft's listing of table inet {TABLE}: {0}")]
     Listing(String),
+    /// nf_tables refused a change of the sets' elements, or could not list them.
+    #[error("{op} (table inet {TABLE}): {source}")]
+    Elements {
+        /// What was attempted.
+        op: String,
+        /// The netlink failure.
+        #[source]
+        source: super::nl::NlError,
+    },
 }
 
 /// What `/status` says of the exemption.
@@ -124,6 +134,8 @@ pub struct MasqExemption {
     present: BTreeSet<IpNet>,
     /// The table was set up once by this process.
     set_up: bool,
+    /// The nf_tables socket for the elements, opened on first use.
+    sets: Option<NftSets>,
     state: ExemptionHandle,
 }
 
@@ -136,6 +148,7 @@ impl MasqExemption {
             nft: "nft".to_string(),
             present: BTreeSet::new(),
             set_up: false,
+            sets: None,
             state: ExemptionHandle::default(),
         }
     }
@@ -182,7 +195,7 @@ impl MasqExemption {
             Some(l) => l.defect(),
         };
         let Some(wrong) = wrong else {
-            self.present = listing.map(|l| l.elements).unwrap_or_default();
+            self.present = self.read_elements()?;
             return Ok(None);
         };
         self.present.clear();
@@ -231,13 +244,7 @@ impl MasqExemption {
     }
 
     fn sync_inner(&mut self, keep: &BTreeSet<IpNet>) -> Result<(usize, usize), MasqError> {
-        let Some(listing) = self.list()? else {
-            return Err(MasqError::Refused {
-                op: "sync the remote Pod CIDR sets".into(),
-                stderr: format!("table inet {TABLE} is missing"),
-            });
-        };
-        self.present = listing.elements;
+        self.present = self.read_elements()?;
         let extra: Vec<IpNet> = self.present.difference(keep).copied().collect();
         let missing: Vec<IpNet> = keep.difference(&self.present).copied().collect();
         self.change("delete", &extra)?;
@@ -245,40 +252,102 @@ impl MasqExemption {
         Ok((missing.len(), extra.len()))
     }
 
-    /// Adds or deletes elements in batches; on a refusal, reads the sets back
-    /// once (someone may have changed them) and retries what is still to do.
+    /// Adds or deletes elements; on a refusal, reads the sets back once
+    /// (someone may have changed them) and retries what is still to do.
     fn change(&mut self, verb: &'static str, cidrs: &[IpNet]) -> Result<(), MasqError> {
         if cidrs.is_empty() {
             return Ok(());
         }
-        for chunk in cidrs.chunks(BATCH) {
-            let script = element_script(verb, chunk);
-            if let Err(first) = self.run(&script, &format!("{verb} {} elements", chunk.len())) {
-                let Some(listing) = self.list()? else {
-                    return Err(first);
-                };
-                self.present = listing.elements;
-                let todo: Vec<IpNet> = chunk
-                    .iter()
-                    .filter(|c| self.present.contains(c) == (verb == "delete"))
-                    .copied()
-                    .collect();
-                if !todo.is_empty() {
-                    self.run(
-                        &element_script(verb, &todo),
-                        &format!("{verb} {} elements", todo.len()),
-                    )?;
-                }
+        let add = verb == "add";
+        if let Err(first) = self.send(add, cidrs) {
+            self.present = self.read_elements()?;
+            let todo: Vec<IpNet> = cidrs
+                .iter()
+                .filter(|c| self.present.contains(c) != add)
+                .copied()
+                .collect();
+            if !todo.is_empty() {
+                self.send(add, &todo).map_err(|e| match e {
+                    MasqError::Elements { .. } => e,
+                    _ => first,
+                })?;
             }
-            for c in chunk {
-                if verb == "add" {
-                    self.present.insert(*c);
-                } else {
-                    self.present.remove(c);
-                }
+        }
+        for c in cidrs {
+            if add {
+                self.present.insert(*c);
+            } else {
+                self.present.remove(c);
             }
         }
         Ok(())
+    }
+
+    /// The nf_tables socket, opened on first use (and again after a failure).
+    fn sets(&mut self) -> Result<&mut NftSets, MasqError> {
+        if self.sets.is_none() {
+            self.sets = Some(NftSets::open(self.netns.as_deref()).map_err(|source| {
+                MasqError::Elements {
+                    op: "open an nf_tables netlink socket".into(),
+                    source,
+                }
+            })?);
+        }
+        Ok(self.sets.as_mut().expect("just opened"))
+    }
+
+    fn send(&mut self, add: bool, cidrs: &[IpNet]) -> Result<(), MasqError> {
+        for (set, v4) in [(SET_V4, true), (SET_V6, false)] {
+            let family: Vec<IpNet> = cidrs
+                .iter()
+                .filter(|c| matches!(c, IpNet::V4(_)) == v4)
+                .copied()
+                .collect();
+            if family.is_empty() {
+                continue;
+            }
+            let r = self.sets()?.change(TABLE, set, add, &family);
+            if let Err(source) = r {
+                self.sets = None;
+                return Err(MasqError::Elements {
+                    op: format!(
+                        "{} {} elements of set {set}",
+                        if add { "add" } else { "delete" },
+                        family.len()
+                    ),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The prefixes both sets hold, read from the kernel.
+    fn read_elements(&mut self) -> Result<BTreeSet<IpNet>, MasqError> {
+        let mut all = BTreeSet::new();
+        for set in [SET_V4, SET_V6] {
+            let r = self.sets()?.list(TABLE, set);
+            match r {
+                Ok((prefixes, other)) => {
+                    if other > 0 {
+                        tracing::warn!(
+                            set,
+                            other,
+                            "set {set} of table inet {TABLE} holds ranges podmesh did not write"
+                        );
+                    }
+                    all.extend(prefixes);
+                }
+                Err(source) => {
+                    self.sets = None;
+                    return Err(MasqError::Elements {
+                        op: format!("list set {set}"),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(all)
     }
 
     /// Removes the table, if there is one (uninstall, or a datapath takeover
@@ -305,7 +374,9 @@ impl MasqExemption {
 
     /// `nft -j list table inet podmesh`, or `None` when there is no such table.
     fn list(&self) -> Result<Option<Listing>, MasqError> {
-        let out = self.nft(&["-j", "list", "table", "inet", TABLE], None)?;
+        // Terse: the structure without the elements (100k of them take nft
+        // about 2 s to print).
+        let out = self.nft(&["-t", "-j", "list", "table", "inet", TABLE], None)?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             if stderr.contains("No such file or directory") {
@@ -401,38 +472,22 @@ fn table_definition() -> String {
     )
 }
 
-/// `add element inet podmesh remote-pods-v4 { … }` (and v6) for `cidrs`.
-fn element_script(verb: &str, cidrs: &[IpNet]) -> String {
-    let mut s = String::new();
-    for (set, v4) in [(SET_V4, true), (SET_V6, false)] {
-        let mut elems = cidrs
-            .iter()
-            .filter(|c| matches!(c, IpNet::V4(_)) == v4)
-            .peekable();
-        if elems.peek().is_none() {
-            continue;
-        }
-        let _ = write!(s, "{verb} element inet {TABLE} {set} {{ ");
-        for (i, c) in elems.enumerate() {
-            if i > 0 {
-                s.push_str(", ");
-            }
-            let _ = write!(s, "{c}");
-        }
-        s.push_str(" }\n");
-    }
-    s
+/// A chain as nft lists it: name, hook, type and priority.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ChainInfo {
+    name: String,
+    hook: Option<String>,
+    kind: Option<String>,
+    prio: Option<i64>,
 }
 
-/// What `nft -j list table inet podmesh` shows.
+/// What `nft -t -j list table inet podmesh` shows.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Listing {
-    /// Elements of both sets.
-    elements: BTreeSet<IpNet>,
     /// The sets present.
     sets: BTreeSet<String>,
-    /// `(name, hook, type, priority)` of each chain.
-    chains: Vec<(String, Option<String>, Option<String>, Option<i64>)>,
+    /// Each chain.
+    chains: Vec<ChainInfo>,
     /// The rules' expressions, as JSON text, by chain.
     rules: Vec<(String, String)>,
 }
@@ -450,25 +505,14 @@ impl Listing {
             |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
         for item in items {
             if let Some(set) = item.get("set") {
-                let name = text(set, "name").unwrap_or_default();
-                for e in set
-                    .get("elem")
-                    .and_then(|e| e.as_array())
-                    .into_iter()
-                    .flatten()
-                {
-                    l.elements.insert(element(e).ok_or_else(|| {
-                        MasqError::Listing(format!("unexpected element {e} in set {name}"))
-                    })?);
-                }
-                l.sets.insert(name);
+                l.sets.insert(text(set, "name").unwrap_or_default());
             } else if let Some(c) = item.get("chain") {
-                l.chains.push((
-                    text(c, "name").unwrap_or_default(),
-                    text(c, "hook"),
-                    text(c, "type"),
-                    c.get("prio").and_then(|p| p.as_i64()),
-                ));
+                l.chains.push(ChainInfo {
+                    name: text(c, "name").unwrap_or_default(),
+                    hook: text(c, "hook"),
+                    kind: text(c, "type"),
+                    prio: c.get("prio").and_then(|p| p.as_i64()),
+                });
             } else if let Some(r) = item.get("rule") {
                 l.rules.push((
                     text(r, "chain").unwrap_or_default(),
@@ -486,12 +530,12 @@ impl Listing {
                 return Some(format!("set {set} of table inet {TABLE} is missing"));
             }
         }
-        let want = (
-            CHAIN.to_string(),
-            Some("postrouting".to_string()),
-            Some("nat".to_string()),
-            Some(i64::from(PRIORITY)),
-        );
+        let want = ChainInfo {
+            name: CHAIN.to_string(),
+            hook: Some("postrouting".to_string()),
+            kind: Some("nat".to_string()),
+            prio: Some(i64::from(PRIORITY)),
+        };
         if self.chains != [want] {
             return Some(format!(
                 "table inet {TABLE} does not hold exactly its nat chain {CHAIN} at priority srcnat - 10"
@@ -514,29 +558,8 @@ impl Listing {
     }
 }
 
-/// One set element of nft's JSON: an address (a /32 or /128), a prefix, or
-/// a range that is exactly a prefix.
-fn element(e: &serde_json::Value) -> Option<IpNet> {
-    let e = e.get("elem").and_then(|v| v.get("val")).unwrap_or(e);
-    if let Some(a) = e.as_str() {
-        let ip: IpAddr = a.parse().ok()?;
-        return IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).ok();
-    }
-    if let Some(p) = e.get("prefix") {
-        let ip: IpAddr = p.get("addr")?.as_str()?.parse().ok()?;
-        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
-        return IpNet::new(ip, len).ok();
-    }
-    if let Some(r) = e.get("range").and_then(|r| r.as_array()) {
-        let lo: IpAddr = r.first()?.as_str()?.parse().ok()?;
-        let hi: IpAddr = r.get(1)?.as_str()?.parse().ok()?;
-        return IpNet::new(lo, prefix_of(lo, hi)?).ok();
-    }
-    None
-}
-
 /// The prefix length of the range `lo..=hi` when it is exactly one prefix.
-fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
+pub(super) fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
     let (lo, hi, bits) = match (lo, hi) {
         (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
         (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
@@ -552,58 +575,6 @@ fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("cidr")
-    }
-
-    #[test]
-    fn element_scripts_split_the_families_and_skip_empty_sets() {
-        let s = element_script(
-            "add",
-            &[net("10.2.0.0/24"), net("fd00:2::/64"), net("10.3.0.0/24")],
-        );
-        assert_eq!(
-            s,
-            "add element inet podmesh remote-pods-v4 { 10.2.0.0/24, 10.3.0.0/24 }\n\
-             add element inet podmesh remote-pods-v6 { fd00:2::/64 }\n"
-        );
-        assert_eq!(
-            element_script("delete", &[net("10.2.0.5/32")]),
-            "delete element inet podmesh remote-pods-v4 { 10.2.0.5/32 }\n"
-        );
-        assert!(element_script("add", &[]).is_empty());
-    }
-
-    #[test]
-    fn elements_of_every_shape_nft_prints_are_read() {
-        let cases = [
-            (serde_json::json!("10.2.0.5"), "10.2.0.5/32"),
-            (
-                serde_json::json!({"prefix": {"addr": "10.2.0.0", "len": 24}}),
-                "10.2.0.0/24",
-            ),
-            (
-                serde_json::json!({"range": ["10.2.0.0", "10.2.1.255"]}),
-                "10.2.0.0/23",
-            ),
-            (
-                serde_json::json!({"prefix": {"addr": "fd00:2::", "len": 64}}),
-                "fd00:2::/64",
-            ),
-            (
-                serde_json::json!({"elem": {"val": {"prefix": {"addr": "10.9.0.0", "len": 16}}, "comment": "x"}}),
-                "10.9.0.0/16",
-            ),
-        ];
-        for (json, want) in cases {
-            assert_eq!(element(&json), Some(net(want)), "{json}");
-        }
-        assert_eq!(
-            element(&serde_json::json!({"range": ["10.2.0.1", "10.2.0.2"]})),
-            None
-        );
-    }
 
     /// The listing nft 1.0.6 prints for the table as podmesh creates it.
     fn listing_json(rules: &str, prio: i64) -> Vec<u8> {
@@ -623,15 +594,9 @@ mod tests {
         {"rule": {"family": "inet", "table": "podmesh", "chain": "postrouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "@remote-pods-v6"}}, {"snat": {"family": "ip6", "addr": {"payload": {"protocol": "ip6", "field": "saddr"}}}}]}}"#;
 
     #[test]
-    fn the_table_as_created_has_no_defect_and_its_elements_are_read() {
+    fn the_table_as_created_has_no_defect() {
         let l = Listing::parse(&listing_json(RULES, 90)).expect("parses");
         assert_eq!(l.defect(), None);
-        assert_eq!(
-            l.elements,
-            [net("10.2.0.0/24"), net("10.3.0.7/32")]
-                .into_iter()
-                .collect()
-        );
     }
 
     #[test]

@@ -14,11 +14,13 @@ pub mod ebpf;
 pub mod kernel;
 pub mod masq;
 pub mod memory;
+pub mod nftset;
 pub mod nl;
 pub mod owners;
 pub mod routes;
 pub mod rpfilter;
 pub mod rtnl;
+pub mod uninstall;
 
 pub use kernel::{Counters, KernelConfig, KernelDatapath, from_config};
 

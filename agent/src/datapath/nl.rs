@@ -13,7 +13,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{
+    Socket, SocketAddr,
+    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
+};
 
 /// Netlink message types and flags used by podmesh.
 pub mod consts {
@@ -118,13 +121,21 @@ impl Netlink {
     /// entered only by a short-lived thread that creates it.
     pub fn open(netns: Option<&Path>) -> Result<Self, NlError> {
         match netns {
-            None => Self::open_here(),
-            Some(path) => in_netns(path, Self::open_here),
+            None => Self::open_here(NETLINK_ROUTE),
+            Some(path) => in_netns(path, || Self::open_here(NETLINK_ROUTE)),
         }
     }
 
-    fn open_here() -> Result<Self, NlError> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
+    /// Like [`Netlink::open`], a NETLINK_NETFILTER socket (nf_tables).
+    pub fn open_netfilter(netns: Option<&Path>) -> Result<Self, NlError> {
+        match netns {
+            None => Self::open_here(NETLINK_NETFILTER),
+            Some(path) => in_netns(path, || Self::open_here(NETLINK_NETFILTER)),
+        }
+    }
+
+    fn open_here(protocol: isize) -> Result<Self, NlError> {
+        let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
         // Failure acks then carry only the header, not the whole request.
@@ -228,6 +239,63 @@ impl Netlink {
                 });
             }
         }
+    }
+
+    /// Sends one nfnetlink transaction: `begin`, the messages (each acked),
+    /// `end`, all in one datagram, as nf_tables wants a batch. Returns the
+    /// failures as (index in `msgs`, errno); any failure aborts the whole
+    /// transaction in the kernel.
+    pub fn transaction(
+        &mut self,
+        begin: Msg,
+        msgs: &[Msg],
+        end: Msg,
+    ) -> Result<Vec<(usize, i32)>, NlError> {
+        let mut buf = Vec::new();
+        let begin_seq = self.next_seq();
+        put_header(
+            &mut buf,
+            begin.ty,
+            NLM_F_REQUEST,
+            begin_seq,
+            begin.body.len(),
+        );
+        buf.extend_from_slice(&begin.body);
+        pad(&mut buf);
+        let first_seq = self.seq;
+        for m in msgs {
+            self.push(&mut buf, m);
+        }
+        let seq = self.next_seq();
+        put_header(&mut buf, end.ty, NLM_F_REQUEST, seq, end.body.len());
+        buf.extend_from_slice(&end.body);
+        pad(&mut buf);
+        let mut failures = Vec::new();
+        self.sock.send(&buf, 0)?;
+        let mut acked = 0usize;
+        while acked < msgs.len() {
+            let (data, _) = self.sock.recv_from_full()?;
+            for m in split(&data)? {
+                if m.ty == NLMSG_ERROR && m.seq == begin_seq {
+                    // The batch itself was refused (no nf_tables, no
+                    // privilege): nothing else will be acked.
+                    let errno = error_code(m.body)?;
+                    if errno != 0 {
+                        return Err(NlError::Kernel { errno });
+                    }
+                }
+                let offset = m.seq.wrapping_sub(first_seq) as usize;
+                if m.ty != NLMSG_ERROR || offset >= msgs.len() {
+                    continue;
+                }
+                acked += 1;
+                let errno = error_code(m.body)?;
+                if errno != 0 {
+                    failures.push((offset, errno));
+                }
+            }
+        }
+        Ok(failures)
     }
 
     fn next_seq(&mut self) -> u32 {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     datapath::{
         RemoteRoute,
-        kernel::Counters,
+        kernel::{Counters, RpStrictHandle},
         masq::{ExemptionHandle, ExemptionStatus},
     },
     desired::RecordOutcome,
@@ -185,7 +185,7 @@ pub struct Status {
     /// The masquerade exemption's state, read at request time.
     exemption: Arc<Mutex<Option<ExemptionHandle>>>,
     /// Devices with strict reverse-path filtering, read at request time.
-    rp_strict: Arc<Mutex<Option<Arc<Mutex<Vec<String>>>>>>,
+    rp_strict: Arc<Mutex<Option<RpStrictHandle>>>,
 }
 
 /// Reads the datapath's packet counters.
@@ -246,7 +246,7 @@ impl Status {
     }
 
     /// Shows the devices with strict reverse-path filtering from `handle`.
-    pub fn set_rp_filter_source(&self, handle: Arc<Mutex<Vec<String>>>) {
+    pub fn set_rp_filter_source(&self, handle: RpStrictHandle) {
         *self.rp_strict.lock().expect("status rp_filter lock") = Some(handle);
     }
 
