@@ -220,6 +220,21 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
         }
     }
     assert!(failed.is_empty(), "IPv6 unreachable: {failed:#?}");
+    // The CNI masquerades IPv6 too (ip6tables); the exemption's IPv6 set
+    // keeps the pod's own address towards remote pods.
+    for (from_name, to_name) in [("east-n0", "west-n1"), ("west-n1", "east-n0")] {
+        let from = &mesh.topo.nodes[mesh.index(from_name)].pods[0];
+        let to = &mesh.topo.nodes[mesh.index(to_name)].pods[0];
+        let _sink = podmesh_tests::flow::Sink::start(&to.ns)?;
+        let to6 = to.addr6.expect("dual-stack pod");
+        let seen = podmesh_tests::flow::exchange(&from.ns, IpAddr::V6(to6), 1024)?;
+        assert_eq!(
+            seen.source,
+            IpAddr::V6(from.addr6.expect("dual-stack pod")),
+            "{} -> {to6} over IPv6 arrived from another source",
+            from.name
+        );
+    }
     let after = mesh.dps[0].counters().expect("ebpf counters")?;
     assert!(
         after.forwarded > before.forwarded,

@@ -306,7 +306,26 @@ impl MasqExemption {
             if family.is_empty() {
                 continue;
             }
-            let r = self.sets()?.change(TABLE, set, add, &family);
+            // Deleting most of a set: a flush and the few that stay, in one
+            // transaction, instead of an erase per element.
+            let keep: Vec<IpNet> = if add {
+                Vec::new()
+            } else {
+                let gone: BTreeSet<&IpNet> = family.iter().collect();
+                self.present
+                    .iter()
+                    .filter(|c| matches!(c, IpNet::V4(_)) == v4 && !gone.contains(c))
+                    .copied()
+                    .collect()
+            };
+            let r = if !add
+                && keep.len() < family.len()
+                && NftSets::fits_one_transaction(v4, keep.len())
+            {
+                self.sets()?.replace(TABLE, set, &keep)
+            } else {
+                self.sets()?.change(TABLE, set, add, &family)
+            };
             if let Err(source) = r {
                 self.sets = None;
                 return Err(MasqError::Elements {

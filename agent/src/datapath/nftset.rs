@@ -37,9 +37,12 @@ const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 
-/// Prefixes per transaction: two elements each, well inside one
-/// attribute's 64 KiB even for IPv6.
-const CHUNK: usize = 500;
+/// Prefixes per transaction: as many as one attribute's 64 KiB holds (40
+/// bytes per IPv4 prefix, 64 per IPv6 one), since every transaction's
+/// commit costs time that grows with the set.
+const fn chunk(v4: bool) -> usize {
+    if v4 { 1500 } else { 1000 }
+}
 
 /// One element of an interval set: a key and whether it ends an interval.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -150,6 +153,43 @@ fn strz(s: &str) -> Vec<u8> {
     v
 }
 
+/// A NEWSETELEM (`add`) or DELSETELEM of `cidrs`; a DELSETELEM without
+/// elements flushes the set.
+fn elements_msg(table: &str, set: &str, add: bool, cidrs: Option<&[IpNet]>) -> Msg {
+    let (ty, flags) = if add {
+        (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+    } else {
+        (NFT_MSG_DELSETELEM, 0)
+    };
+    let mut body = Attrs::with_header(&nfgenmsg(NFPROTO_INET, 0));
+    body.put(NFTA_SET_ELEM_LIST_TABLE, &strz(table))
+        .put(NFTA_SET_ELEM_LIST_SET, &strz(set));
+    if let Some(cidrs) = cidrs {
+        let mut list = Attrs::default();
+        for c in cidrs {
+            for e in elements_of(*c) {
+                let mut value = Attrs::default();
+                value.put(NFTA_DATA_VALUE, &e.key);
+                let mut elem = Attrs::default();
+                elem.nested(NFTA_SET_ELEM_KEY, &value);
+                if e.end {
+                    elem.put(
+                        NFTA_SET_ELEM_FLAGS,
+                        &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+                    );
+                }
+                list.nested(NFTA_LIST_ELEM, &elem);
+            }
+        }
+        body.nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list);
+    }
+    Msg {
+        ty: (NFNL_SUBSYS_NFTABLES << 8) | ty,
+        flags,
+        body: body.build(),
+    }
+}
+
 impl NftSets {
     /// Opens the socket in the namespace at `netns` (`None`: this process's).
     pub fn open(netns: Option<&Path>) -> Result<Self, NlError> {
@@ -158,9 +198,9 @@ impl NftSets {
         })
     }
 
-    /// Adds (`add`) or deletes the prefixes `cidrs` in set `set` of table
-    /// `inet table`. Adding a prefix that is there is fine; deleting one that
-    /// is not fails its transaction with ENOENT.
+    /// Adds (`add`) or deletes the prefixes `cidrs` (of one family) in set
+    /// `set` of table `inet table`. Adding a prefix that is there is fine;
+    /// deleting one that is not fails its transaction with ENOENT.
     pub fn change(
         &mut self,
         table: &str,
@@ -168,52 +208,42 @@ impl NftSets {
         add: bool,
         cidrs: &[IpNet],
     ) -> Result<(), NlError> {
-        let (ty, flags) = if add {
-            (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
-        } else {
-            (NFT_MSG_DELSETELEM, 0)
-        };
-        for chunk in cidrs.chunks(CHUNK) {
-            let mut list = Attrs::default();
-            for c in chunk {
-                for e in elements_of(*c) {
-                    let mut value = Attrs::default();
-                    value.put(NFTA_DATA_VALUE, &e.key);
-                    let mut elem = Attrs::default();
-                    elem.nested(NFTA_SET_ELEM_KEY, &value);
-                    if e.end {
-                        elem.put(
-                            NFTA_SET_ELEM_FLAGS,
-                            &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
-                        );
-                    }
-                    list.nested(NFTA_LIST_ELEM, &elem);
-                }
-            }
-            let mut body = Attrs::with_header(&nfgenmsg(NFPROTO_INET, 0));
-            body.put(NFTA_SET_ELEM_LIST_TABLE, &strz(table))
-                .put(NFTA_SET_ELEM_LIST_SET, &strz(set))
-                .nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list);
-            let msg = Msg {
-                ty: (NFNL_SUBSYS_NFTABLES << 8) | ty,
-                flags,
-                body: body.build(),
-            };
-            let batch = |ty| Msg {
-                ty,
-                flags: 0,
-                body: nfgenmsg(0, NFNL_SUBSYS_NFTABLES),
-            };
-            let failed = self.nl.transaction(
-                batch(NFNL_MSG_BATCH_BEGIN),
-                std::slice::from_ref(&msg),
-                batch(NFNL_MSG_BATCH_END),
-            )?;
-            if let Some((_, errno)) = failed.first() {
-                return Err(NlError::Kernel { errno: *errno });
-            }
+        let per = chunk(cidrs.first().is_none_or(|c| matches!(c, IpNet::V4(_))));
+        for chunk in cidrs.chunks(per) {
+            self.commit(&[elements_msg(table, set, add, Some(chunk))])?;
         }
         Ok(())
+    }
+
+    /// Empties the set and adds `keep` (at most one chunk) in one
+    /// transaction: no moment without the kept prefixes, and no per-element
+    /// delete (a flush is one walk of the set).
+    pub fn replace(&mut self, table: &str, set: &str, keep: &[IpNet]) -> Result<(), NlError> {
+        let mut msgs = vec![elements_msg(table, set, false, None)];
+        if !keep.is_empty() {
+            msgs.push(elements_msg(table, set, true, Some(keep)));
+        }
+        self.commit(&msgs)
+    }
+
+    /// Whether `n` prefixes of this family fit one [`NftSets::replace`].
+    pub fn fits_one_transaction(v4: bool, n: usize) -> bool {
+        n <= chunk(v4)
+    }
+
+    fn commit(&mut self, msgs: &[Msg]) -> Result<(), NlError> {
+        let batch = |ty| Msg {
+            ty,
+            flags: 0,
+            body: nfgenmsg(0, NFNL_SUBSYS_NFTABLES),
+        };
+        let failed =
+            self.nl
+                .transaction(batch(NFNL_MSG_BATCH_BEGIN), msgs, batch(NFNL_MSG_BATCH_END))?;
+        match failed.first() {
+            Some((_, errno)) => Err(NlError::Kernel { errno: *errno }),
+            None => Ok(()),
+        }
     }
 
     /// The prefixes of set `set` of table `inet table`, and how many of its
@@ -301,6 +331,21 @@ mod tests {
         back.sort();
         assert_eq!(back, want);
         assert_eq!(other, 0);
+    }
+
+    #[test]
+    fn a_full_chunk_fits_one_attribute() {
+        for (cidr, v4) in [("10.0.0.0/26", true), ("fd00::/64", false)] {
+            let c: IpNet = net(cidr);
+            let per_prefix: usize = elements_of(c)
+                .iter()
+                .map(|e| 4 + 4 + 4 + e.key.len() + if e.end { 8 } else { 0 })
+                .sum();
+            assert!(
+                4 + per_prefix * chunk(v4) <= usize::from(u16::MAX),
+                "{cidr}"
+            );
+        }
     }
 
     #[test]
