@@ -188,7 +188,7 @@ impl Netlink {
         self.sock.send(&buf, 0)?;
         let mut out = Vec::new();
         loop {
-            let (data, _) = self.sock.recv_from_full()?;
+            let data = self.recv_full()?;
             for m in split(&data)? {
                 if m.seq != seq {
                     continue;
@@ -220,7 +220,7 @@ impl Netlink {
         self.sock.send(&buf, 0)?;
         let mut out = Vec::new();
         loop {
-            let (data, _) = self.sock.recv_from_full()?;
+            let data = self.recv_full()?;
             for m in split(&data)? {
                 if m.seq != seq {
                     continue;
@@ -274,7 +274,7 @@ impl Netlink {
         self.sock.send(&buf, 0)?;
         let mut acked = 0usize;
         while acked < msgs.len() {
-            let (data, _) = self.sock.recv_from_full()?;
+            let data = self.recv_full()?;
             for m in split(&data)? {
                 if m.ty == NLMSG_ERROR && m.seq == begin_seq {
                     // The batch itself was refused (no nf_tables, no
@@ -296,6 +296,25 @@ impl Netlink {
             }
         }
         Ok(failures)
+    }
+
+    /// Receives one datagram whole. The peek offers a 64 KiB buffer: the
+    /// kernel sizes the skbs of a dump by the largest buffer the reader
+    /// offered (up to 32 KiB), and dumps whose continuation re-walks the
+    /// table (nf_tables sets) get four times fewer continuations than with
+    /// the default 8 KiB ones.
+    fn recv_full(&self) -> Result<Vec<u8>, NlError> {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let len = self
+            .sock
+            .recv(&mut buf, libc::MSG_PEEK | libc::MSG_TRUNC)?;
+        buf.clear();
+        buf.reserve(len);
+        let got = self.sock.recv(&mut buf, 0)?;
+        if got != len {
+            return Err(NlError::Malformed("datagram changed between peek and read"));
+        }
+        Ok(buf)
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -329,7 +348,7 @@ impl Netlink {
         buf.clear();
         let mut acked = 0usize;
         while acked < count {
-            let (data, _) = self.sock.recv_from_full()?;
+            let data = self.recv_full()?;
             for m in split(&data)? {
                 let offset = m.seq.wrapping_sub(first_seq) as usize;
                 if m.ty != NLMSG_ERROR || offset >= count {
