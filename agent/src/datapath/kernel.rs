@@ -337,13 +337,15 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 impl Datapath for KernelDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         off_runtime(|| {
-            match &mut self.inner {
+            let programmed = match &mut self.inner {
                 Inner::Ebpf(d) => d.upsert(routes),
                 Inner::Routes(d) => d.upsert(routes),
-            }?;
+            };
+            // Also when one entry was refused: the others are installed,
+            // and an exempt CIDR without a route is harmless.
             let r = self.masq.add(routes.iter().map(|r| r.cidr));
             self.note_masq(r);
-            Ok(())
+            programmed
         })
     }
 
