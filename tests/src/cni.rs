@@ -144,6 +144,16 @@ impl CniNetwork {
         c
     }
 
+    /// The same network as a `*.conflist` file in a node's CNI config dir,
+    /// as the kubelet (and podmesh's CNI detection) reads it.
+    pub fn conflist(&self) -> serde_json::Value {
+        let mut plugin = self.config();
+        let obj = plugin.as_object_mut().expect("an object");
+        let version = obj.remove("cniVersion");
+        let name = obj.remove("name");
+        serde_json::json!({"cniVersion": version, "name": name, "plugins": [plugin]})
+    }
+
     /// `CNI_COMMAND=ADD`: attaches `pod` (its `eth0`) from inside `node`.
     pub fn add(&self, node: &NetNs, pod: &NetNs) -> anyhow::Result<Attachment> {
         let out = self.invoke("ADD", node, pod)?;

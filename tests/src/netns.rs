@@ -109,6 +109,27 @@ impl NetNs {
             .unwrap_or(false)
     }
 
+    /// The elements of nftables set `set` of table `inet <table>` as `nft list
+    /// set` prints them (`10.2.0.0/24`, `10.9.0.7`); an error when there is no such set.
+    pub fn nft_set(
+        &self,
+        table: &str,
+        set: &str,
+    ) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let out = self.run("nft", &["list", "set", "inet", table, set])?;
+        Ok(match out.split_once("elements = {") {
+            Some((_, rest)) => rest
+                .split('}')
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            None => Default::default(),
+        })
+    }
+
     /// Moves the calling thread into this namespace until the guard drops.
     ///
     /// Use it on a thread of its own (or a current-thread runtime) to open

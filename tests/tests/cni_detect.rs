@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use podmesh_agent::{
     cni::{
         CniFinding, Severity, detect,
@@ -25,6 +25,7 @@ use podmesh_agent::{
     status::StatusReport,
 };
 use podmesh_tests::{
+    cni::{Cni, CniNetwork, require_plugins},
     daemon::{kill, log_tail},
     etcd::http_get,
     eventually,
@@ -41,18 +42,6 @@ const BRIDGE_CONFLIST: &str = r#"{
      "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.1.0/25"}]], "dataDir": "DATA"}}
   ]
 }"#;
-
-const PTP_CONFLIST: &str = r#"{
-  "cniVersion": "0.4.0",
-  "name": "ptpnet",
-  "plugins": [
-    {"type": "ptp", "ipMasq": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.1.128/25"}]], "dataDir": "DATA"}}
-  ]
-}"#;
-
-/// The plugin directory of Debian's containernetworking-plugins.
-const CNI_PATH: &str = "/usr/lib/cni";
 
 fn finding<'a>(f: &'a [CniFinding], cni: &str) -> anyhow::Result<&'a CniFinding> {
     f.iter()
@@ -338,74 +327,40 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Runs a standard CNI plugin (`ADD`) from the node's namespace for the pod
-/// namespace `pod`, as a kubelet would.
-fn cni_add(node: &NetNs, pod: &NetNs, conflist: &str, container: &str) -> anyhow::Result<String> {
-    let list: serde_json::Value = serde_json::from_str(conflist)?;
-    let mut plugin = list["plugins"][0].clone();
-    plugin["cniVersion"] = list["cniVersion"].clone();
-    plugin["name"] = list["name"].clone();
-    let ty = plugin["type"].as_str().context("plugin type")?.to_string();
-    let mut child = node
-        .command(&format!("{CNI_PATH}/{ty}"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name()))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().context("plugin stdin")?;
-        stdin.write_all(plugin.to_string().as_bytes())?;
-    }
-    let o = child.wait_with_output()?;
-    if !o.status.success() {
-        bail!(
-            "{ty} ADD failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
 #[test]
 fn cni_detect_real_bridge_and_ptp_plugins() -> anyhow::Result<()> {
     if !require_root("cni_detect_real_bridge_and_ptp_plugins") {
         return Ok(());
     }
-    for p in ["bridge", "ptp", "host-local"] {
-        if !Path::new(CNI_PATH).join(p).exists() {
-            let why = format!("{CNI_PATH}/{p} is missing (Debian containernetworking-plugins)");
-            if std::env::var_os("CI").is_some() {
-                panic!("cni_detect_real_bridge_and_ptp_plugins cannot run: {why}");
-            }
-            eprintln!("SKIPPED cni_detect_real_bridge_and_ptp_plugins: {why}");
-            return Ok(());
+    if let Err(why) = require_plugins() {
+        if std::env::var_os("CI").is_some() {
+            panic!("cni_detect_real_bridge_and_ptp_plugins cannot run: {why:#}");
         }
+        eprintln!("SKIPPED cni_detect_real_bridge_and_ptp_plugins: {why:#}");
+        return Ok(());
     }
     let dir = tempfile::tempdir()?;
     let node = NetNs::new("cninode")?;
     let pod_a = NetNs::new("cnipoda")?;
     let pod_b = NetNs::new("cnipodb")?;
-    let data = dir.path().join("ipam");
-    let conf = conf_dir(
-        dir.path(),
-        &data,
-        &[
-            ("10-podnet.conflist", BRIDGE_CONFLIST),
-            ("20-ptpnet.conflist", PTP_CONFLIST),
-        ],
-    )?;
-    let read = |name: &str| std::fs::read_to_string(conf.join(name));
-    let a = cni_add(&node, &pod_a, &read("10-podnet.conflist")?, "pod-a")?;
-    let b = cni_add(&node, &pod_b, &read("20-ptpnet.conflist")?, "pod-b")?;
-    assert!(a.contains("10.1.1."), "{a}");
-    assert!(b.contains("10.1.1."), "{b}");
+    let conf = dir.path().join("net.d");
+    std::fs::create_dir_all(&conf)?;
+    let mut attached = Vec::new();
+    for (file, cni, subnet, pod) in [
+        ("10-podnet.conflist", Cni::Bridge, "10.1.1.0/24", &pod_a),
+        ("20-ptpnet.conflist", Cni::Ptp, "10.1.2.0/24", &pod_b),
+    ] {
+        let net = CniNetwork {
+            cni,
+            subnet: subnet.parse()?,
+            subnet_v6: None,
+            data_dir: dir.path().join("ipam"),
+        };
+        std::fs::write(conf.join(file), net.conflist().to_string())?;
+        let at = net.add(&node, pod)?;
+        assert!(net.subnet.contains(&at.addr), "{cni} gave {}", at.addr);
+        attached.push(at);
+    }
     // The plugins did what a node shows: cni0 with pod a's veth, masquerading.
     let links = node.ip(&["-d", "link", "show", "cni0"])?;
     assert!(links.contains("bridge"), "{links}");

@@ -52,22 +52,6 @@ fn all_nat_rules(m: &Mesh) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The elements of podmesh's IPv4 exemption set on `ns` (an error when the table is missing).
-fn exempt(ns: &NetNs) -> anyhow::Result<BTreeSet<String>> {
-    let out = ns.run("nft", &["list", "set", "inet", "podmesh", "remote-pods-v4"])?;
-    Ok(match out.split_once("elements = {") {
-        Some((_, rest)) => rest
-            .split('}')
-            .next()
-            .unwrap_or_default()
-            .split(',')
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect(),
-        None => BTreeSet::new(),
-    })
-}
-
 /// The Pod CIDRs of every node outside `cluster`.
 fn remote_cidrs(m: &Mesh, cluster: &str) -> BTreeSet<String> {
     m.topo
@@ -172,7 +156,7 @@ fn assert_nat_unchanged(m: &Mesh, before: &[(String, String)], when: &str) -> an
 
 fn wait_exempt(m: &Mesh, node: &str, want: &BTreeSet<String>) -> anyhow::Result<()> {
     let ns = &m.node(node)?.ns;
-    eventually(CONVERGE, || match exempt(ns) {
+    eventually(CONVERGE, || match ns.nft_set("podmesh", "remote-pods-v4") {
         Ok(got) if &got == want => Ok(()),
         Ok(got) => Err(format!("{node} exempts {got:?}, wants {want:?}")),
         Err(e) => Err(format!("{e:#}")),

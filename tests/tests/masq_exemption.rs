@@ -13,22 +13,6 @@ fn prefixes(n: u32) -> Vec<IpNet> {
         .collect()
 }
 
-/// The elements nft itself lists for the IPv4 set.
-fn nft_elements(ns: &NetNs, set: &str) -> anyhow::Result<BTreeSet<String>> {
-    let out = ns.run("nft", &["list", "set", "inet", "podmesh", set])?;
-    Ok(match out.split_once("elements = {") {
-        Some((_, rest)) => rest
-            .split('}')
-            .next()
-            .unwrap_or_default()
-            .split(',')
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect(),
-        None => BTreeSet::new(),
-    })
-}
-
 #[test]
 fn the_sets_hold_exactly_what_podmesh_wrote() -> anyhow::Result<()> {
     if !require_root("the_sets_hold_exactly_what_podmesh_wrote") {
@@ -40,7 +24,7 @@ fn the_sets_hold_exactly_what_podmesh_wrote() -> anyhow::Result<()> {
     assert_eq!(x.ensure()?, None, "the first set-up is no repair");
     let all = prefixes(3000);
     x.add(all.iter().copied())?;
-    let listed = nft_elements(&ns, "remote-pods-v4")?;
+    let listed = ns.nft_set("podmesh", "remote-pods-v4")?;
     assert_eq!(listed.len(), 3000, "nft lists {} elements", listed.len());
     assert!(listed.contains("10.0.0.64/26") && listed.contains(&all[2999].to_string()));
 
@@ -49,7 +33,7 @@ fn the_sets_hold_exactly_what_podmesh_wrote() -> anyhow::Result<()> {
     let keep: BTreeSet<IpNet> = all[..10].iter().copied().collect();
     assert_eq!(x.sync(&keep)?, (0, 0), "read back after a bulk delete");
     let want: BTreeSet<String> = keep.iter().map(ToString::to_string).collect();
-    assert_eq!(nft_elements(&ns, "remote-pods-v4")?, want);
+    assert_eq!(ns.nft_set("podmesh", "remote-pods-v4")?, want);
     x.remove(&all[..2])?;
     let keep: BTreeSet<IpNet> = all[2..10].iter().copied().collect();
     assert_eq!(x.sync(&keep)?, (0, 0), "read back after a partial delete");
@@ -58,7 +42,7 @@ fn the_sets_hold_exactly_what_podmesh_wrote() -> anyhow::Result<()> {
     let v6: IpNet = "fd00:2::/64".parse()?;
     x.add([v6])?;
     assert_eq!(
-        nft_elements(&ns, "remote-pods-v6")?,
+        ns.nft_set("podmesh", "remote-pods-v6")?,
         BTreeSet::from(["fd00:2::/64".to_string()])
     );
 

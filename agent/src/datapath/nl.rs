@@ -305,9 +305,7 @@ impl Netlink {
     /// the default 8 KiB ones.
     fn recv_full(&self) -> Result<Vec<u8>, NlError> {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let len = self
-            .sock
-            .recv(&mut buf, libc::MSG_PEEK | libc::MSG_TRUNC)?;
+        let len = self.sock.recv(&mut buf, libc::MSG_PEEK | libc::MSG_TRUNC)?;
         buf.clear();
         buf.reserve(len);
         let got = self.sock.recv(&mut buf, 0)?;
