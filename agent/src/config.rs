@@ -104,6 +104,34 @@ pub struct AgentArgs {
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
     pub datapath_dry_run: bool,
+    /// Where `node_name` was set, as [`load_from`] saw it (`None`: the command line).
+    #[arg(skip)]
+    pub node_name_origin: Option<NodeNameOrigin>,
+}
+
+/// Where this node's name came from: said in every message about a Node
+/// of that name that cannot be found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeNameOrigin {
+    /// `--node-name` on the command line.
+    Flag,
+    /// The `NODE_NAME` environment variable (the downward API's spec.nodeName in the DaemonSet).
+    Env,
+    /// `node-name` in the `--config` file.
+    ConfigFile,
+    /// The host name (`/proc/sys/kernel/hostname`): neither was given.
+    HostName,
+}
+
+impl std::fmt::Display for NodeNameOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Flag => "--node-name",
+            Self::Env => "the NODE_NAME environment variable",
+            Self::ConfigFile => "node-name in the --config file",
+            Self::HostName => "the host name, as neither NODE_NAME nor --node-name was set",
+        })
+    }
 }
 
 /// Where this node's identity comes from.
@@ -129,6 +157,8 @@ pub struct AgentConfig {
     pub cluster_id: u32,
     /// This node.
     pub node_name: String,
+    /// Where `node_name` came from.
+    pub node_name_origin: NodeNameOrigin,
     /// Where the node's address and Pod CIDRs come from.
     pub node_source: NodeSource,
     /// Declared Pod CIDRs of this cluster.
@@ -230,8 +260,16 @@ where
         .try_get_matches_from(&argv)
         .map_err(clap_error)?;
     let first = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
+    let origin = match matches.value_source("node_name") {
+        Some(ValueSource::EnvVariable) => NodeNameOrigin::Env,
+        _ => NodeNameOrigin::Flag,
+    };
     let Some(path) = first.config.clone() else {
-        return first.validate();
+        return AgentArgs {
+            node_name_origin: Some(origin),
+            ..first
+        }
+        .validate();
     };
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
         path: path.clone(),
@@ -249,9 +287,17 @@ where
     merged.extend(file_args);
     merged.extend(argv.into_iter().skip(1));
     let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
-    AgentArgs::from_arg_matches(&matches)
-        .map_err(clap_error)?
-        .validate()
+    let args = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
+    let origin = if first.node_name.is_some() {
+        origin
+    } else {
+        NodeNameOrigin::ConfigFile
+    };
+    AgentArgs {
+        node_name_origin: Some(origin),
+        ..args
+    }
+    .validate()
 }
 
 fn clap_error(e: clap::Error) -> ConfigError {
@@ -372,16 +418,17 @@ impl AgentArgs {
                 format!("{cluster_id} is outside 1-255"),
             ));
         }
-        let node_name = self
-            .node_name
-            .filter(|n| !n.is_empty())
-            .or_else(host_name)
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    "node-name",
-                    "required when $NODE_NAME and the host name are unset",
-                )
-            })?;
+        let given = self.node_name.filter(|n| !n.is_empty());
+        let node_name_origin = match &given {
+            Some(_) => self.node_name_origin.unwrap_or(NodeNameOrigin::Flag),
+            None => NodeNameOrigin::HostName,
+        };
+        let node_name = given.or_else(host_name).ok_or_else(|| {
+            ConfigError::invalid(
+                "node-name",
+                "required when $NODE_NAME and the host name are unset",
+            )
+        })?;
         if node_name.contains('/') || node_name.len() > 253 {
             return Err(ConfigError::invalid(
                 "node-name",
@@ -478,6 +525,7 @@ impl AgentArgs {
             cluster_name,
             cluster_id,
             node_name,
+            node_name_origin,
             node_source,
             cluster_pod_cidrs: self.cluster_pod_cidrs,
             service_cidrs: self.service_cidrs,

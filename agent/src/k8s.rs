@@ -1,20 +1,27 @@
 //! This node's address and Pod CIDRs from the Kubernetes Node object
 //! (`status.addresses` InternalIP, `spec.podCIDRs`), behind a narrow trait;
 //! a watch keeps them current.
-use std::{future::Future, net::IpAddr, pin::Pin, time::Duration};
+use std::{net::IpAddr, pin::Pin};
 
 use futures::{Stream, StreamExt};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client, runtime::watcher};
 use tokio::sync::watch;
 
-use crate::{publish::LocalNode, remote::backoff::Backoff};
+use crate::{config::NodeNameOrigin, publish::LocalNode, remote::backoff::Backoff, status::Status};
 
-/// A Kubernetes failure, or a Node that does not (yet) say what the agent needs.
+mod problem;
+pub use problem::{CLUSTER_ROLE, NODE_VERBS, RETRY_BASE, RETRY_CAP, code};
+
+/// A log directive for kube-runtime's watcher, whose own WARN line for
+/// every failed attempt ("watch list error with 403: …") repeats what
+/// [`NodeFollower`] logs once per cause, with the fix. The agent adds it to
+/// its log filter unless `RUST_LOG` names `kube_runtime`.
+pub const WATCHER_LOG_DIRECTIVE: &str = "kube_runtime::watcher=error";
+
+/// A Kubernetes failure, or a Node that does not (yet) say what the agent
+/// needs. Each message ends with what the operator can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
     /// No in-cluster or kubeconfig credentials.
@@ -22,15 +29,61 @@ pub enum K8sError {
         "kubernetes client: {0} (run in a Pod with a service account, or give --node-ip and --pod-cidr)"
     )]
     Client(String),
-    /// The API call failed.
-    #[error("{op} node {node}: {message}")]
+    /// The API server answered with an error status.
+    #[error("{}", problem::api_message(.op, .node, *.code, .message))]
     Api {
+        /// What was attempted (`list`, `watch`).
+        op: &'static str,
+        /// The node.
+        node: String,
+        /// The HTTP status.
+        code: u16,
+        /// The API's message.
+        message: String,
+    },
+    /// No answer from the API server.
+    #[error(
+        "{op} node {node}: cannot reach the Kubernetes API ({message}); check that the API server is up and reachable from the node's network namespace (KUBERNETES_SERVICE_HOST and _PORT, firewalls); retrying with backoff"
+    )]
+    Unreachable {
         /// What was attempted.
         op: &'static str,
         /// The node.
         node: String,
-        /// The API's message.
+        /// Why.
         message: String,
+    },
+    /// The client's own credentials cannot be used (e.g. the token file).
+    #[error(
+        "{op} node {node}: the agent's Kubernetes credentials are unusable ({message}); check the ServiceAccount token the Pod mounts (automountServiceAccountToken) or the kubeconfig"
+    )]
+    Credentials {
+        /// What was attempted.
+        op: &'static str,
+        /// The node.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// Any other failure of the API call.
+    #[error("{op} node {node}: {message}; retrying with backoff")]
+    Other {
+        /// What was attempted.
+        op: &'static str,
+        /// The node.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// The API lists no Node of this name.
+    #[error(
+        "no Node named {node:?} in the Kubernetes API (the name came from {origin}); `kubectl get nodes` shows the names: set NODE_NAME from the downward API (fieldRef spec.nodeName, as deploy/base/agent-daemonset.yaml does) or give --node-name the Node's name (a host name often differs from it, e.g. an FQDN)"
+    )]
+    NotFound {
+        /// The name looked for.
+        node: String,
+        /// Where that name came from.
+        origin: NodeNameOrigin,
     },
     /// The Node lacks something.
     #[error("node {node}: {message}")]
@@ -42,14 +95,75 @@ pub enum K8sError {
     },
 }
 
+impl K8sError {
+    /// The watcher's failure, for the Node `node`.
+    fn from_watcher(node: &str, e: watcher::Error) -> Self {
+        let node = node.to_string();
+        match e {
+            watcher::Error::InitialListFailed(e) => Self::from_kube("list", node, e),
+            watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+                Self::from_kube("watch", node, e)
+            }
+            watcher::Error::WatchError(s) => Self::Api {
+                op: "watch",
+                node,
+                code: s.code,
+                message: s.message,
+            },
+            e @ watcher::Error::NoResourceVersion => Self::Other {
+                op: "watch",
+                node,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    fn from_kube(op: &'static str, node: String, e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) => Self::Api {
+                op,
+                node,
+                code: s.code,
+                message: s.message,
+            },
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                Self::Unreachable {
+                    op,
+                    node,
+                    message: e.to_string(),
+                }
+            }
+            kube::Error::Auth(_) => Self::Credentials {
+                op,
+                node,
+                message: e.to_string(),
+            },
+            e => Self::Other {
+                op,
+                node,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// What the watch of one Node says.
+#[derive(Debug)]
+pub enum NodeEvent {
+    /// The Node, as listed or as changed.
+    Node(Box<Node>),
+    /// The Node does not exist: a complete list without it, or its deletion.
+    Missing,
+}
+
 /// The stream of a Node's versions.
-pub type NodeStream = Pin<Box<dyn Stream<Item = Result<Node, K8sError>> + Send>>;
+pub type NodeStream = Pin<Box<dyn Stream<Item = Result<NodeEvent, K8sError>> + Send>>;
 
 /// What the agent needs from the Kubernetes API.
 pub trait NodeApi: Send + Sync + 'static {
-    /// The Node named `name`, now.
-    fn get(&self, name: &str) -> impl Future<Output = Result<Node, K8sError>> + Send;
-    /// Every new version of the Node named `name`.
+    /// Every version of the Node named `name`: listed, then watched. An
+    /// error does not end the stream; polling it again retries, at once:
+    /// the caller backs off.
     fn watch(&self, name: &str) -> NodeStream;
 }
 
@@ -83,32 +197,32 @@ impl KubeNodes {
 }
 
 impl NodeApi for KubeNodes {
-    async fn get(&self, name: &str) -> Result<Node, K8sError> {
-        self.api.get(name).await.map_err(|e| K8sError::Api {
-            op: "get",
-            node: name.to_string(),
-            message: e.to_string(),
-        })
-    }
-
+    /// The watcher without kube-runtime's `StreamBackoff`: the watcher emits
+    /// an `Init` event before every attempt at its initial list, and that
+    /// event resets the `StreamBackoff`, so a list that keeps failing was
+    /// retried about once a second forever. [`follow_node`] backs off itself.
     fn watch(&self, name: &str) -> NodeStream {
         let node = name.to_string();
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        // Whether the list running since the last `Init` held the Node.
+        let mut listed = false;
         watcher(self.api.clone(), cfg)
-            .default_backoff()
             .filter_map(move |ev| {
-                let node = node.clone();
-                async move {
-                    match ev {
-                        Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => Some(Ok(n)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(K8sError::Api {
-                            op: "watch",
-                            node,
-                            message: e.to_string(),
-                        })),
+                let out = match ev {
+                    Ok(watcher::Event::Init) => {
+                        listed = false;
+                        None
                     }
-                }
+                    Ok(watcher::Event::InitApply(n)) => {
+                        listed = true;
+                        Some(Ok(NodeEvent::Node(Box::new(n))))
+                    }
+                    Ok(watcher::Event::InitDone) => (!listed).then_some(Ok(NodeEvent::Missing)),
+                    Ok(watcher::Event::Apply(n)) => Some(Ok(NodeEvent::Node(Box::new(n)))),
+                    Ok(watcher::Event::Delete(_)) => Some(Ok(NodeEvent::Missing)),
+                    Err(e) => Some(Err(K8sError::from_watcher(&node, e))),
+                };
+                std::future::ready(out)
             })
             .boxed()
     }
@@ -139,7 +253,7 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
     addrs.sort_by_key(|(r, _)| *r);
     if addrs.first().is_none_or(|(r, _)| *r != 0) {
         return Err(incomplete(
-            "status.addresses has no InternalIP; give --node-ip, or fix the kubelet's --node-ip",
+            "status.addresses has no InternalIP; fix the kubelet's --node-ip (the agent's --node-ip works only with --pod-cidr, per node)",
         ));
     }
     let spec = node.spec.as_ref();
@@ -151,7 +265,7 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
     }
     if cidrs.is_empty() {
         return Err(incomplete(
-            "spec.podCIDRs is empty; enable node CIDR allocation (kube-controller-manager --allocate-node-cidrs) or give --pod-cidr",
+            "spec.podCIDRs is empty; podmesh needs node CIDR allocation (kube-controller-manager --allocate-node-cidrs with --cluster-cidr); the alternative, --node-ip with --pod-cidr, is per node, which the DaemonSet's shared ConfigMap cannot set",
         ));
     }
     let pods = cidrs
@@ -164,6 +278,25 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
     Ok((addrs.into_iter().map(|(_, a)| a).collect(), pods))
 }
 
+/// Follows this node's Kubernetes Node, sends its [`LocalNode`] on every
+/// change, and says in the status (and once per cause in the log) why the
+/// Node cannot be read or used.
+#[derive(Debug)]
+pub struct NodeFollower<A> {
+    /// The API.
+    pub api: A,
+    /// The Node's name.
+    pub name: String,
+    /// Where that name came from (said when no Node has it).
+    pub origin: NodeNameOrigin,
+    /// This node's VTEP MAC, carried into the [`LocalNode`].
+    pub vtep_mac: Option<String>,
+    /// The declared Pod CIDRs of this cluster (`--cluster-pod-cidr`); empty: not checked.
+    pub cluster_pod_cidrs: Vec<IpNet>,
+    /// Where problems are shown.
+    pub status: Status,
+}
+
 /// Follows the Node named `name` and sends its [`LocalNode`] on every change, forever.
 pub async fn follow_node<A: NodeApi>(
     api: A,
@@ -171,43 +304,120 @@ pub async fn follow_node<A: NodeApi>(
     vtep_mac: Option<String>,
     tx: watch::Sender<Option<LocalNode>>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut warned = None::<String>;
-    loop {
-        let mut stream = api.watch(&name);
-        while let Some(item) = stream.next().await {
-            let local = item
-                .and_then(|n| node_addresses(&n))
-                .map(|(a, p)| LocalNode {
-                    addresses: a,
-                    pod_cidrs: p,
-                    vtep_mac: vtep_mac.clone(),
-                });
-            match local {
-                Ok(l) => {
-                    backoff.reset();
-                    warned = None;
-                    tx.send_if_modified(|cur| {
-                        let changed = cur.as_ref() != Some(&l);
-                        *cur = Some(l);
-                        changed
-                    });
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if warned.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!(error = %msg, "cannot take this node's address and Pod CIDRs from Kubernetes yet");
-                        warned = Some(msg);
+    NodeFollower {
+        api,
+        name,
+        origin: NodeNameOrigin::Flag,
+        vtep_mac,
+        cluster_pod_cidrs: Vec::new(),
+        status: Status::default(),
+    }
+    .run(tx)
+    .await;
+}
+
+impl<A: NodeApi> NodeFollower<A> {
+    /// Runs until aborted. A failed list or watch is retried after a delay
+    /// from [`RETRY_BASE`] growing to [`RETRY_CAP`] with jitter; any answer
+    /// of the API (a list, an event) resets it.
+    pub async fn run(self, tx: watch::Sender<Option<LocalNode>>) {
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
+        // The cause of the problem last logged: a new line only when it changes.
+        let mut said = None::<&'static str>;
+        let mut outside_said = Vec::new();
+        loop {
+            let mut stream = self.api.watch(&self.name);
+            while let Some(item) = stream.next().await {
+                let ev = match item {
+                    Ok(ev) => {
+                        backoff.reset();
+                        ev
                     }
+                    Err(e) => {
+                        self.report(&e, &mut said);
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                };
+                let node = match ev {
+                    NodeEvent::Node(n) => n,
+                    NodeEvent::Missing => {
+                        let e = K8sError::NotFound {
+                            node: self.name.clone(),
+                            origin: self.origin,
+                        };
+                        self.report(&e, &mut said);
+                        continue;
+                    }
+                };
+                let (addresses, pod_cidrs) = match node_addresses(&node) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.report(&e, &mut said);
+                        continue;
+                    }
+                };
+                if said.take().is_some() {
+                    tracing::info!(node = %self.name, "this node's Node is read again");
                 }
+                let outside = outside_cluster(&pod_cidrs, &self.cluster_pod_cidrs);
+                if outside != outside_said {
+                    if !outside.is_empty() {
+                        tracing::warn!(node = %self.name, "{}", crate::status::outside_message(&outside));
+                    }
+                    outside_said.clone_from(&outside);
+                }
+                self.status.update(|r| {
+                    r.local.node_error = None;
+                    r.local.pod_cidrs_outside_cluster = outside;
+                });
+                let l = LocalNode {
+                    addresses,
+                    pod_cidrs,
+                    vtep_mac: self.vtep_mac.clone(),
+                };
+                tx.send_if_modified(|cur| {
+                    let changed = cur.as_ref() != Some(&l);
+                    *cur = Some(l);
+                    changed
+                });
             }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+    }
+
+    /// Shows `e` in the status, and in the log if its cause is new. The
+    /// last known address and Pod CIDRs, if any, stay published.
+    fn report(&self, e: &K8sError, said: &mut Option<&'static str>) {
+        let p = problem::problem(e);
+        let code = problem::code_of(e);
+        if *said != Some(code) {
+            tracing::warn!(node = %self.name, code, error = %p.message, "cannot take this node's address and Pod CIDRs from Kubernetes");
+            *said = Some(code);
+        }
+        self.status.update(|r| r.local.node_error = Some(p));
     }
 }
 
+/// The Pod CIDRs in `pods` that no declared cluster Pod CIDR holds (none
+/// when nothing is declared), as `--pod-cidr` is checked at start.
+pub fn outside_cluster(pods: &[IpNet], declared: &[IpNet]) -> Vec<IpNet> {
+    if declared.is_empty() {
+        return Vec::new();
+    }
+    pods.iter()
+        .filter(|c| !declared.iter().any(|d| d.contains(*c)))
+        .copied()
+        .collect()
+}
+
+#[cfg(test)]
+mod follow_tests;
+
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
     use http::{Request, Response};
     use kube::client::Body;
     use tower_test::mock;
@@ -244,23 +454,15 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn get_and_watch_through_the_api() {
+    async fn list_and_watch_through_the_api() {
         let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let api = KubeNodes::new(Client::new(svc, "default"));
         let (first_tx, seen_first) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            // GET for `get`.
+            // LIST of the watcher, by field selector (no GET: the ClusterRole
+            // grants only list and watch).
             let (req, send) = handle.next_request().await.unwrap();
-            assert_eq!(req.uri().path(), "/api/v1/nodes/n1");
-            send.send_response(
-                Response::builder()
-                    .body(Body::from(
-                        serde_json::to_vec(&node_json("10.1.1.0/24")).unwrap(),
-                    ))
-                    .unwrap(),
-            );
-            // LIST of the watcher, by field selector.
-            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.uri().path(), "/api/v1/nodes");
             assert!(
                 req.uri()
                     .query()
@@ -289,8 +491,6 @@ pub(crate) mod tests {
             send.send_response(Response::builder().body(Body::from(body)).unwrap());
             handle
         });
-        let n = api.get("n1").await.unwrap();
-        assert_eq!(node_addresses(&n).unwrap().1.len(), 1);
         let (tx, mut rx) = watch::channel(None);
         let follower = tokio::spawn(follow_node(api, "n1".into(), None, tx));
         rx.wait_for(|n| {

@@ -170,12 +170,15 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
         }
         NodeSource::Kubernetes => {
             let api = k8s::KubeNodes::from_env().await?;
-            tasks.push(tokio::spawn(k8s::follow_node(
+            let follower = k8s::NodeFollower {
                 api,
-                cfg.node_name.clone(),
-                mac,
-                node_tx,
-            )));
+                name: cfg.node_name.clone(),
+                origin: cfg.node_name_origin,
+                vtep_mac: mac,
+                cluster_pod_cidrs: cfg.cluster_pod_cidrs.clone(),
+                status: status.clone(),
+            };
+            tasks.push(tokio::spawn(follower.run(node_tx)));
         }
     }
 

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `kubectl logs` and journald show the
+        // escape codes as they are.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let Some(prefix) = Prefix::new(&args.allow_prefix) else {
         return config_error(

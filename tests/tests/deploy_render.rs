@@ -370,9 +370,21 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
         assert_eq!(cfg["cluster-name"], name);
         assert_eq!(cfg["cluster-id"].as_u64(), Some(id));
         ids.insert(id);
-        let cidrs: Vec<&str> = seq(&cfg["cluster-pod-cidr"]).iter().map(s).collect();
-        assert_eq!(cidrs.len(), 1, "{name}");
-        assert!(pods.insert(cidrs[0].to_string()), "pod CIDR reused");
+        // Dual-stack: one Pod CIDR of each family (a dual-stack cluster's
+        // nodes would otherwise all be rejected by the remote clusters).
+        let cidrs: Vec<ipnet::IpNet> = seq(&cfg["cluster-pod-cidr"])
+            .iter()
+            .map(|c| s(c).parse().expect("a CIDR"))
+            .collect();
+        assert_eq!(cidrs.len(), 2, "{name}: {cidrs:?}");
+        assert!(
+            cidrs.iter().any(|c| matches!(c, ipnet::IpNet::V4(_)))
+                && cidrs.iter().any(|c| matches!(c, ipnet::IpNet::V6(_))),
+            "{name}: {cidrs:?}"
+        );
+        for c in cidrs {
+            assert!(pods.insert(c.to_string()), "pod CIDR reused");
+        }
 
         // The overlay agrees with the mesh's address plan.
         let planned = seq(&plan["clusters"])
@@ -586,7 +598,10 @@ fn deploy_example_plan_passes_plan_check() {
     let findings = Plan::parse(&text, &path).expect("plan.yaml parses").check();
     assert!(findings.is_empty(), "{findings:#?}");
 
-    let clash = text.replace("podCIDRs: [10.2.0.0/16]", "podCIDRs: [10.1.128.0/17]");
+    let clash = text.replace(
+        "podCIDRs: [10.2.0.0/16, \"fd00:2::/56\"]",
+        "podCIDRs: [10.1.128.0/17, \"fd00:2::/56\"]",
+    );
     assert_ne!(clash, text);
     let findings = Plan::parse(&clash, &path).unwrap().check();
     assert!(
@@ -777,5 +792,122 @@ fn deploy_non_root_containers_can_read_their_secrets() {
     assert!(
         bad.len() == 1 && bad[0].contains("podmesh-etcd-proxy-tls") && bad[0].contains("0o400"),
         "{bad:?}"
+    );
+}
+
+/// The Pod templates of the rendered manifests: (kind/name, namespace, pod spec).
+fn pod_templates(docs: &[Value]) -> Vec<(String, String, &Value)> {
+    docs.iter()
+        .filter(|d| {
+            ["DaemonSet", "Deployment", "StatefulSet"].contains(&d["kind"].as_str().unwrap_or(""))
+        })
+        .map(|d| {
+            (
+                format!("{}/{}", s(&d["kind"]), s(&d["metadata"]["name"])),
+                s(&d["metadata"]["namespace"]).to_string(),
+                &d["spec"]["template"]["spec"],
+            )
+        })
+        .collect()
+}
+
+/// Clusters that limit the critical priority classes (GKE by default; the
+/// kube-apiserver's ResourceQuota `limitedResources` with a PriorityClass
+/// scope) create a Pod of such a class only in a namespace whose
+/// ResourceQuota covers the class. Every priorityClassName of deploy/ is
+/// covered by a quota in its Pod's namespace, whose pod limit is no
+/// practical limit.
+#[test]
+fn deploy_priority_classes_are_covered_by_a_resource_quota() {
+    for dir in KUSTOMIZATIONS {
+        let d = docs(&render(dir));
+        let quotas: Vec<&Value> = d.iter().filter(|o| o["kind"] == "ResourceQuota").collect();
+        let mut classes = 0;
+        for (what, ns, pod) in pod_templates(&d) {
+            let Some(class) = pod["priorityClassName"].as_str() else {
+                continue;
+            };
+            classes += 1;
+            let covering = quotas.iter().find(|q| {
+                q["metadata"]["namespace"] == ns.as_str()
+                    && seq(&q["spec"]["scopeSelector"]["matchExpressions"])
+                        .iter()
+                        .any(|e| {
+                            e["scopeName"] == "PriorityClass"
+                                && e["operator"] == "In"
+                                && seq(&e["values"]).iter().any(|v| v == class)
+                        })
+            });
+            let q = covering.unwrap_or_else(|| {
+                panic!(
+                    "{dir}: {what} uses priorityClassName {class}, and no ResourceQuota \
+                     in namespace {ns} has a PriorityClass scope for it"
+                )
+            });
+            let pods = s(&q["spec"]["hard"]["pods"]);
+            let n: u64 = match pods.strip_suffix('k') {
+                Some(k) => k.parse::<u64>().unwrap() * 1000,
+                None => pods.parse().unwrap(),
+            };
+            assert!(
+                n >= 15_000,
+                "{dir}: the quota must not limit the agent's Pods (one per node): pods {pods}"
+            );
+        }
+        assert!(classes >= 1, "{dir}: the agent runs system-node-critical");
+    }
+}
+
+/// With hostNetwork a containerPort is a hostPort the scheduler reserves on
+/// the node; the manifests declare none (nothing reaches them by a Service).
+#[test]
+fn deploy_host_network_pods_declare_no_container_ports() {
+    for dir in KUSTOMIZATIONS {
+        let d = docs(&render(dir));
+        for (what, _, pod) in pod_templates(&d) {
+            if pod["hostNetwork"] != true {
+                continue;
+            }
+            for c in seq(&pod["containers"])
+                .iter()
+                .chain(pod["initContainers"].as_sequence().into_iter().flatten())
+            {
+                assert!(
+                    c["ports"].is_null(),
+                    "{dir}: {what} container {} declares ports with hostNetwork: {:?}",
+                    s(&c["name"]),
+                    c["ports"]
+                );
+            }
+        }
+    }
+}
+
+/// The ClusterRole grants on nodes exactly the verbs the agent uses (its
+/// watcher lists and watches; a 403 names this role), bound to the
+/// ServiceAccount the DaemonSet runs as.
+#[test]
+fn deploy_agent_cluster_role_grants_what_the_agent_uses_on_nodes() {
+    use podmesh_agent::k8s::{CLUSTER_ROLE, NODE_VERBS};
+    let d = docs(&render("base"));
+    let role = find(&d, "ClusterRole", CLUSTER_ROLE);
+    let nodes = seq(&role["rules"])
+        .iter()
+        .find(|r| seq(&r["resources"]).iter().any(|x| x == "nodes"))
+        .expect("a rule on nodes");
+    assert_eq!(seq(&nodes["apiGroups"]), [Value::from("")]);
+    let verbs: BTreeSet<&str> = seq(&nodes["verbs"]).iter().map(s).collect();
+    assert_eq!(verbs, NODE_VERBS.iter().copied().collect::<BTreeSet<_>>());
+    let binding = find(&d, "ClusterRoleBinding", CLUSTER_ROLE);
+    assert_eq!(binding["roleRef"]["name"], CLUSTER_ROLE);
+    let ds = find(&d, "DaemonSet", "podmesh-agent");
+    let sa = &ds["spec"]["template"]["spec"]["serviceAccountName"];
+    assert!(
+        seq(&binding["subjects"])
+            .iter()
+            .any(|x| x["kind"] == "ServiceAccount"
+                && &x["name"] == sa
+                && x["namespace"] == "podmesh"),
+        "the binding names the DaemonSet's ServiceAccount"
     );
 }

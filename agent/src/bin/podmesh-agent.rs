@@ -18,12 +18,20 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !rust_log.contains("kube_runtime")
+        && let Ok(d) = podmesh_agent::k8s::WATCHER_LOG_DIRECTIVE.parse()
+    {
+        filter = filter.add_directive(d);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `kubectl logs` and journald show the
+        // escape codes as they are.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

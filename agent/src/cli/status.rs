@@ -122,6 +122,21 @@ pub fn table(s: &StatusReport) -> String {
         yes(s.ready),
         s.routes_installed
     );
+    if let Some(p) = &s.local.node_error {
+        let _ = writeln!(o, "node NOT READ [{}]: {}", p.code, p.message);
+    }
+    if !s.local.pod_cidrs_outside_cluster.is_empty() {
+        let _ = writeln!(
+            o,
+            "node REJECTED by remote clusters: {}",
+            crate::status::outside_message(&s.local.pod_cidrs_outside_cluster)
+        );
+    }
+    if let Some(e) = &s.local.last_error
+        && s.local.node_error.as_ref().is_none_or(|p| &p.message != e)
+    {
+        let _ = writeln!(o, "local error: {e}");
+    }
     if let Some(c) = &s.local.cluster_record_conflict {
         let _ = writeln!(o, "cluster record conflict: {c}");
     }
@@ -279,6 +294,38 @@ mod tests {
         )
         .unwrap();
         assert!(s.cni.is_empty());
+    }
+
+    #[test]
+    fn the_table_says_why_the_node_is_not_read_and_what_is_out_of_range() {
+        use crate::status::{LocalProblem, LocalStatus};
+        let s = StatusReport {
+            local: LocalStatus {
+                node_error: Some(LocalProblem {
+                    code: "kubernetes-forbidden".into(),
+                    message: "grant list and watch on nodes".into(),
+                }),
+                last_error: Some("grant list and watch on nodes".into()),
+                pod_cidrs_outside_cluster: vec!["fd00:9::/64".parse().unwrap()],
+                ..LocalStatus::default()
+            },
+            ..StatusReport::default()
+        };
+        let t = table(&s);
+        assert!(
+            t.contains("node NOT READ [kubernetes-forbidden]: grant list and watch on nodes"),
+            "{t}"
+        );
+        assert!(t.contains("Pod CIDRs fd00:9::/64"), "{t}");
+        assert!(!t.contains("local error"), "said once: {t}");
+        let s = StatusReport {
+            local: LocalStatus {
+                last_error: Some("etcd down".into()),
+                ..LocalStatus::default()
+            },
+            ..StatusReport::default()
+        };
+        assert!(table(&s).contains("local error: etcd down"));
     }
 
     #[test]

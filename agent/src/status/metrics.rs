@@ -25,6 +25,11 @@ struct CniLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LocalReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     cluster: String,
     reason: String,
@@ -153,6 +158,26 @@ pub fn render(s: &StatusReport) -> String {
         "1 when this node's record is published under a live lease",
         published,
     );
+    let node_error = Family::<LocalReasonLabel, Gauge>::default();
+    if let Some(p) = &s.local.node_error {
+        node_error
+            .get_or_create(&LocalReasonLabel {
+                reason: p.code.clone(),
+            })
+            .set(1);
+    }
+    reg.register(
+        "local_node_error",
+        "1 while this node's Kubernetes Node cannot be read (or lacks its address or Pod CIDRs), by reason; the fix is in /status local.node_error",
+        node_error,
+    );
+    let outside = Gauge::<i64>::default();
+    outside.set(i64::try_from(s.local.pod_cidrs_outside_cluster.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "local_pod_cidrs_outside_cluster",
+        "Pod CIDRs of this node outside every declared cluster Pod CIDR (remote clusters reject the node)",
+        outside,
+    );
     let conflict = Gauge::<i64>::default();
     conflict.set(i64::from(s.local.cluster_record_conflict.is_some()));
     reg.register(
@@ -248,6 +273,29 @@ mod tests {
                 .lines()
                 .any(|l| l == "podmesh_cluster_record_conflict 1")
         );
+    }
+
+    #[test]
+    fn a_node_not_read_or_out_of_range_is_a_gauge() {
+        let mut s = StatusReport::default();
+        let out = render(&s);
+        assert!(!out.contains("podmesh_local_node_error{"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l == "podmesh_local_pod_cidrs_outside_cluster 0")
+        );
+        s.local.node_error = Some(crate::status::LocalProblem {
+            code: "node-not-found".into(),
+            message: "no Node named n1".into(),
+        });
+        s.local.pod_cidrs_outside_cluster = vec!["fd00:9::/64".parse().unwrap()];
+        let out = render(&s);
+        for line in [
+            "podmesh_local_node_error{reason=\"node-not-found\"} 1",
+            "podmesh_local_pod_cidrs_outside_cluster 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
+        }
     }
 
     #[test]

@@ -115,8 +115,55 @@ pub struct LocalStatus {
     pub publications: u64,
     /// Set when the local etcd holds a different cluster record than this agent would write.
     pub cluster_record_conflict: Option<String>,
-    /// The last error, with a hint.
+    /// The last error, with a hint. While this node's Kubernetes Node
+    /// cannot be read (`node_error`), that error, unless publishing failed too.
     pub last_error: Option<String>,
+    /// Why this node's address and Pod CIDRs cannot be taken from its
+    /// Kubernetes Node now, with the fix. `None` while they can, or when they
+    /// come from --node-ip/--pod-cidr. The agent is not ready while it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_error: Option<LocalProblem>,
+    /// Pod CIDRs of this node (from its Kubernetes Node) outside every
+    /// declared --cluster-pod-cidr: every remote cluster rejects this node's
+    /// record (`node-pod-cidr-outside-cluster`). Not ready while non-empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs_outside_cluster: Vec<ipnet::IpNet>,
+}
+
+/// A problem of this node's own configuration, with a stable code for
+/// metrics and alerts, and a message that says what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalProblem {
+    /// Stable code, e.g. `kubernetes-forbidden` or `node-not-found`.
+    pub code: String,
+    /// What is wrong and the fix.
+    pub message: String,
+}
+
+impl LocalStatus {
+    /// The reasons this node is not ready for the mesh, each with its fix.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.node_error {
+            out.push(p.message.clone());
+        }
+        if !self.pod_cidrs_outside_cluster.is_empty() {
+            out.push(outside_message(&self.pod_cidrs_outside_cluster));
+        }
+        out
+    }
+}
+
+/// The message of Pod CIDRs outside the declared cluster ranges.
+pub fn outside_message(cidrs: &[ipnet::IpNet]) -> String {
+    let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+    format!(
+        "this node's Pod CIDRs {} (spec.podCIDRs of its Node) are outside every --cluster-pod-cidr: \
+         remote clusters reject this node (node-pod-cidr-outside-cluster); declare the cluster's \
+         Pod CIDRs of both families in cluster-pod-cidr (the cluster CIDRs of kube-controller-manager \
+         --cluster-cidr)",
+        list.join(", ")
+    )
 }
 
 /// The whole `/status` document.
@@ -124,7 +171,9 @@ pub struct LocalStatus {
 pub struct StatusReport {
     /// podmesh version.
     pub version: String,
-    /// Ready: every configured remote connected and synced.
+    /// Ready: this node's own Node read (when it comes from Kubernetes) with
+    /// Pod CIDRs inside the declared ranges, and every configured remote
+    /// connected and synced.
     pub ready: bool,
     /// The local publication.
     pub local: LocalStatus,
@@ -167,9 +216,11 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    /// Whether every remote is connected and synced.
+    /// Whether this node's Node is read and in range, and every remote is connected and synced.
     pub fn compute_ready(&self) -> bool {
-        self.remotes.values().all(|r| r.connected && r.synced)
+        self.local.node_error.is_none()
+            && self.local.pod_cidrs_outside_cluster.is_empty()
+            && self.remotes.values().all(|r| r.connected && r.synced)
     }
 }
 
@@ -254,6 +305,9 @@ impl Status {
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
         s.ready = s.compute_ready();
+        if s.local.last_error.is_none() {
+            s.local.last_error = s.local.node_error.as_ref().map(|p| p.message.clone());
+        }
         if let Some(h) = &*self.exemption.lock().expect("status exemption lock") {
             s.masquerade_exemption = Some(h.lock().expect("exemption status lock").clone());
         }
@@ -287,7 +341,7 @@ impl Status {
         s
     }
 
-    /// Whether every configured remote is connected and synced.
+    /// Whether this node's Node is read and every configured remote is connected and synced.
     pub fn ready(&self) -> bool {
         self.update(|r| r.compute_ready())
     }

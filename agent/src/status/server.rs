@@ -57,22 +57,23 @@ async fn readyz(State(s): State<Status>) -> impl IntoResponse {
     if snap.ready {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        let waiting: Vec<String> = snap
-            .remotes
-            .values()
-            .filter(|r| !(r.connected && r.synced))
-            .map(|r| {
-                format!(
-                    "{}: {}",
-                    r.name,
-                    r.last_error.as_deref().unwrap_or(if r.connected {
-                        "listing"
-                    } else {
-                        "connecting"
-                    })
-                )
-            })
-            .collect();
+        let mut waiting = snap.local.problems();
+        waiting.extend(
+            snap.remotes
+                .values()
+                .filter(|r| !(r.connected && r.synced))
+                .map(|r| {
+                    format!(
+                        "{}: {}",
+                        r.name,
+                        r.last_error.as_deref().unwrap_or(if r.connected {
+                            "listing"
+                        } else {
+                            "connecting"
+                        })
+                    )
+                }),
+        );
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", waiting.join("; ")),
