@@ -43,6 +43,9 @@ const ROOT_MODULES: &[&str] = &[
     "vxlan",
     "sch_ingress",
     "cls_bpf",
+    // libcrc32c (nf_tables, nf_conntrack) asks the crypto API for crc32c at
+    // load: a soft dependency, not in `depends=`.
+    "crc32c_generic",
     "nf_tables",
     "nft_compat",
     "nft_chain_nat",
