@@ -240,7 +240,7 @@ impl KernelDatapath {
         }
     }
 
-    /// Loose reverse-path filtering on podmesh's device; strict devices
+    /// Mode 0 on podmesh's device (see [`super::rpfilter`]); strict devices
     /// elsewhere are logged (when the list changes) and kept for `/status`.
     fn check_rp_filter(&mut self) {
         match super::rpfilter::check(self.cfg.netns.as_deref(), self.own_device()) {

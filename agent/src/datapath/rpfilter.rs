@@ -1,26 +1,34 @@
-//! Reverse-path filtering: loose on podmesh's own tunnel device, strict elsewhere reported.
+//! Reverse-path filtering: none of its own on podmesh's tunnel device, strict elsewhere reported.
 //!
 //! With strict filtering (`rp_filter=1`) the kernel drops a packet whose
 //! source address is not routed back through the device it arrived on. The
 //! effective value of a device is the larger of `all` and its own
-//! (net/ipv4/fib_frontend.c, `IN_DEV_RPFILTER`), so podmesh sets loose mode
-//! (2) on the device it owns, which makes it loose whatever `all` says, and
-//! touches no other device: it reports the strict ones with what to set.
+//! (`IN_DEV_RPFILTER`). On a device without an IPv4 address, as podmesh's
+//! tunnel devices are, loose mode (2) is strict too: `__fib_validate_source`
+//! (net/ipv4/fib_frontend.c) sends a source not routed through the device to
+//! `last_resort`, which rejects it for any non-zero mode. Measured: a remote
+//! pod whose node masquerades it (no exemption there) arrives from the remote
+//! node's underlay address and is dropped on `podmesh0` with mode 2
+//! (`TcpExtIPReversePathFilter`), passes with 0. So podmesh sets 0 on the
+//! device it owns (what `all` says still applies) and touches no other
+//! device: it reports the strict ones with what to set. Traffic with pod
+//! sources, which the exemption keeps, is routed back through the tunnel
+//! device and passes any mode.
 use std::path::{Path, PathBuf};
 
 /// The sysctl tree of the calling thread's network namespace.
 const CONF: &str = "/proc/sys/net/ipv4/conf";
 
-/// The effective mode of every device, and the devices podmesh made loose.
+/// The devices with strict filtering, and podmesh's own whose mode it cleared.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RpFilter {
     /// Devices (other than podmesh's and `lo`) whose effective mode is strict.
     pub strict: Vec<String>,
-    /// podmesh's device, set to loose.
-    pub loosened: Option<String>,
+    /// podmesh's device, its own mode set to 0.
+    pub cleared: Option<String>,
 }
 
-/// Sets loose mode on `own` (when given) and lists the devices with strict
+/// Sets mode 0 on `own` (when given) and lists the devices with strict
 /// filtering, in the namespace at `netns` (`None`: this process's).
 pub fn check(netns: Option<&Path>, own: Option<&str>) -> std::io::Result<RpFilter> {
     let run = || -> std::io::Result<RpFilter> {
@@ -28,10 +36,10 @@ pub fn check(netns: Option<&Path>, own: Option<&str>) -> std::io::Result<RpFilte
         if let Some(dev) = own {
             let path = PathBuf::from(CONF).join(dev).join("rp_filter");
             if path.exists() {
-                if read(&path)? != 2 {
-                    std::fs::write(&path, "2")?;
+                if read(&path)? != 0 {
+                    std::fs::write(&path, "0")?;
                 }
-                r.loosened = Some(dev.to_string());
+                r.cleared = Some(dev.to_string());
             }
         }
         let all = read(&PathBuf::from(CONF).join("all/rp_filter")).unwrap_or(0);
@@ -78,7 +86,8 @@ pub fn hint(strict: &[String]) -> String {
         "strict reverse-path filtering on {}: a packet from a remote pod that arrives on one \
          of them is dropped unless the route back to its source leaves through the same \
          device (asymmetric underlays, several uplinks); podmesh leaves them as they are; \
-         set net.ipv4.conf.<device>.rp_filter=2 (loose) where that applies",
+         set net.ipv4.conf.<device>.rp_filter=2 (loose; as strict as 1 on a device without an \
+         IPv4 address) where that applies",
         strict.join(", ")
     )
 }

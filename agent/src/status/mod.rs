@@ -206,7 +206,7 @@ pub struct StatusReport {
     )]
     pub masquerade_exemption: Option<ExemptionStatus>,
     /// Devices of this node with strict reverse-path filtering (podmesh's own
-    /// tunnel device is set loose; these are left as they are and reported).
+    /// tunnel device gets mode 0; these are left as they are and reported).
     #[serde(
         rename = "strictRpFilter",
         default,
