@@ -76,35 +76,43 @@ pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
         addr: addr.to_string(),
         message,
     };
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| answer("no HTTP response".into()))?;
+    let head = String::from_utf8_lossy(&buf[..split]);
+    let body = &buf[split + 4..];
     if !head.starts_with("HTTP/1.1 200") {
         return Err(answer(head.lines().next().unwrap_or("").to_string()));
     }
+    // Chunk sizes count bytes, and a chunk may end inside a multi-byte
+    // character: the body is joined as bytes, then read as UTF-8.
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
         dechunk(body)
     } else {
-        body.to_string()
+        body.to_vec()
     };
-    serde_json::from_str(&body).map_err(|e| answer(e.to_string()))
+    serde_json::from_slice(&body).map_err(|e| answer(e.to_string()))
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let Some(n) = std::str::from_utf8(&s[..eol])
+            .ok()
+            .and_then(|len| usize::from_str_radix(len.trim(), 16).ok())
+        else {
             break;
         };
+        let rest = &s[eol + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }
@@ -330,6 +338,21 @@ mod tests {
 
     #[test]
     fn dechunks() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+
+    /// A chunk boundary inside a multi-byte character (`é` is two bytes).
+    #[test]
+    fn dechunks_a_character_split_across_chunks() {
+        let body = "{\"x\":\"é\"}".as_bytes();
+        let at = body.iter().position(|b| *b == 0xc3).expect("é") + 1;
+        let mut chunked = Vec::new();
+        for part in [&body[..at], &body[at..]] {
+            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(dechunk(&chunked), body);
     }
 }
