@@ -85,15 +85,6 @@ pub enum MasqError {
         /// nft's message.
         stderr: String,
     },
-    /// The network namespace could not be entered.
-    #[error("entering the network namespace {path}: {source}")]
-    Netns {
-        /// Its file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// `nft -j` printed something that is not its JSON.
     #[error("cannot read nft's listing of table inet {TABLE}: {0}")]
     Listing(String),
@@ -106,6 +97,16 @@ pub enum MasqError {
         #[source]
         source: super::nl::NlError,
     },
+}
+
+impl From<super::nl::NlError> for MasqError {
+    /// Entering the node's network namespace to run nft failed.
+    fn from(source: super::nl::NlError) -> Self {
+        Self::Elements {
+            op: "enter the network namespace to run nft".into(),
+            source,
+        }
+    }
 }
 
 /// What `/status` says of the exemption.
@@ -195,7 +196,10 @@ impl MasqExemption {
             Some(l) => l.defect(),
         };
         let Some(wrong) = wrong else {
-            self.present = self.read_elements()?;
+            // Read once at set-up; later, the resync's `sync` reads them.
+            if !self.set_up {
+                self.present = self.read_elements()?;
+            }
             return Ok(None);
         };
         self.present.clear();
@@ -450,27 +454,7 @@ impl MasqExemption {
         };
         match &self.netns {
             None => spawn(),
-            Some(path) => {
-                let file = std::fs::File::open(path).map_err(|source| MasqError::Netns {
-                    path: path.clone(),
-                    source,
-                })?;
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        use std::os::fd::AsFd;
-                        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| MasqError::Netns {
-                                path: path.clone(),
-                                source: e.into(),
-                            })?;
-                        spawn()
-                    })
-                    .join()
-                    .unwrap_or_else(|_| {
-                        Err(MasqError::Listing("the nft worker thread panicked".into()))
-                    })
-                })
-            }
+            Some(path) => super::nl::in_netns(path, spawn),
         }
     }
 }

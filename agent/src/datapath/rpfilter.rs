@@ -16,6 +16,8 @@
 //! device and passes any mode.
 use std::path::{Path, PathBuf};
 
+use super::nl::NlError;
+
 /// The sysctl tree of the calling thread's network namespace.
 const CONF: &str = "/proc/sys/net/ipv4/conf";
 
@@ -59,15 +61,9 @@ pub fn check(netns: Option<&Path>, own: Option<&str>) -> std::io::Result<RpFilte
     match netns {
         None => run(),
         Some(path) => {
-            let file = std::fs::File::open(path)?;
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    use std::os::fd::AsFd;
-                    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                    run()
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("rp_filter worker panicked")))
+            super::nl::in_netns(path, || run().map_err(NlError::Io)).map_err(|e| match e {
+                NlError::Io(e) => e,
+                other => std::io::Error::other(other),
             })
         }
     }
