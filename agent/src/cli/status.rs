@@ -1,9 +1,5 @@
 //! `podmesh status`: the agent's `/status`, as a table or as JSON.
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
-    time::Duration,
-};
+use std::time::Duration;
 
 use crate::{desired::RecordState, status::StatusReport};
 
@@ -51,71 +47,91 @@ pub enum StatusError {
     },
 }
 
-/// GETs `/status` from `addr` (plain HTTP/1.1 on loopback or the pod network).
+/// GETs `/status` from `addr` (HTTP/1.1 on loopback or the pod network).
+///
+/// Blocking, for the CLI and for callers inside or outside a runtime: the
+/// request runs on a thread of its own with a current-thread runtime.
 pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
+    let owned = addr.to_string();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| StatusError::Connect {
+                    addr: owned.clone(),
+                    source,
+                })?
+                .block_on(fetch_async(&owned))
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(StatusError::Answer {
+                addr: addr.to_string(),
+                message: "the request thread panicked".into(),
+            })
+        })
+    })
+}
+
+/// GETs `/status` from `addr` with hyper's HTTP/1.1 client: 5 s to connect,
+/// 10 s for the whole answer.
+pub async fn fetch_async(addr: &str) -> Result<StatusReport, StatusError> {
+    use http_body_util::BodyExt as _;
+
     let connect = |source| StatusError::Connect {
         addr: addr.to_string(),
         source,
     };
-    let sa: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(connect)?
-        .next()
-        .ok_or_else(|| connect(std::io::Error::other("no address")))?;
-    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(connect)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(connect)?;
-    write!(
-        s,
-        "GET /status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(connect)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(connect)?;
     let answer = |message: String| StatusError::Answer {
         addr: addr.to_string(),
         message,
     };
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| answer("no HTTP response".into()))?;
-    let head = String::from_utf8_lossy(&buf[..split]);
-    let body = &buf[split + 4..];
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(answer(head.lines().next().unwrap_or("").to_string()));
-    }
-    // Chunk sizes count bytes, and a chunk may end inside a multi-byte
-    // character: the body is joined as bytes, then read as UTF-8.
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_vec()
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| connect(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+        .map_err(connect)?;
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| answer(e.to_string()))?;
+        // The connection task ends with the response (Connection: close).
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get("/status")
+            .header(hyper::header::HOST, addr)
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::CONNECTION, "close")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .map_err(|e| answer(e.to_string()))?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| answer(e.to_string()))?;
+        let status = res.status();
+        // Chunked or not, hyper hands over the body's bytes; they are read
+        // as UTF-8 only once whole.
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| answer(e.to_string()))?
+            .to_bytes();
+        conn.abort();
+        if status != hyper::StatusCode::OK {
+            return Err(answer(format!("HTTP {status}")));
+        }
+        serde_json::from_slice(&body).map_err(|e| answer(e.to_string()))
     };
-    serde_json::from_slice(&body).map_err(|e| answer(e.to_string()))
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| answer(format!("no answer within {ANSWER_TIMEOUT:?}")))?
 }
 
-fn dechunk(mut s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
-        let Some(n) = std::str::from_utf8(&s[..eol])
-            .ok()
-            .and_then(|len| usize::from_str_radix(len.trim(), 16).ok())
-        else {
-            break;
-        };
-        let rest = &s[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
+/// How long `podmesh status` waits for the TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long it waits for the whole answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Renders the status as tables.
 pub fn table(s: &StatusReport) -> String {
@@ -336,23 +352,58 @@ mod tests {
         assert!(table(&s).contains("local error: etcd down"));
     }
 
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    /// Serves one raw HTTP answer on a loopback port; returns the address.
+    async fn serve_once(answer: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            s.write_all(&answer).await.unwrap();
+            let _ = s.shutdown().await;
+        });
+        addr
     }
 
-    /// A chunk boundary inside a multi-byte character (`é` is two bytes).
-    #[test]
-    fn dechunks_a_character_split_across_chunks() {
-        let body = "{\"x\":\"é\"}".as_bytes();
+    /// A chunk boundary inside a multi-byte character (`é` is two bytes):
+    /// the body is read whole before it is read as UTF-8.
+    #[tokio::test]
+    async fn a_chunked_answer_split_inside_a_character_is_read() {
+        let body = r#"{"version":"0.1.0","ready":true,"local":{"cluster":"été","node":"n1","published":true,"lease":null,"publications":1,"cluster_record_conflict":null,"last_error":null},"remotes":{},"routes":[],"datapath_error":null}"#.as_bytes();
         let at = body.iter().position(|b| *b == 0xc3).expect("é") + 1;
-        let mut chunked = Vec::new();
+        let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
         for part in [&body[..at], &body[at..]] {
-            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-            chunked.extend_from_slice(part);
-            chunked.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            raw.extend_from_slice(part);
+            raw.extend_from_slice(b"\r\n");
         }
-        chunked.extend_from_slice(b"0\r\n\r\n");
-        assert_eq!(dechunk(&chunked), body);
+        raw.extend_from_slice(b"0\r\n\r\n");
+        let addr = serve_once(raw).await;
+        let s = fetch_async(&addr).await.unwrap();
+        assert_eq!(s.local.cluster, "été");
+        assert!(s.ready);
+    }
+
+    #[tokio::test]
+    async fn an_error_status_is_reported_with_its_code() {
+        let addr =
+            serve_once(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n".to_vec())
+                .await;
+        let e = fetch_async(&addr).await.unwrap_err().to_string();
+        assert!(e.contains("503"), "{e}");
+    }
+
+    /// The blocking form works from inside a runtime too (tests and
+    /// `podmesh cleanup` call it from both).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_blocking_form_works_inside_a_runtime() {
+        let addr =
+            serve_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec()).await;
+        let e = fetch(&addr).unwrap_err().to_string();
+        assert!(e.contains("404"), "{e}");
+        let e = fetch("127.0.0.1:1").unwrap_err();
+        assert!(matches!(e, StatusError::Connect { .. }), "{e}");
     }
 }
