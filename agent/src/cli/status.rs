@@ -140,14 +140,14 @@ pub fn table(s: &StatusReport) -> String {
     let _ = writeln!(
         o,
         "cluster {}  node {}  published: {}  ready: {}  routes: {}",
-        s.local.cluster,
-        s.local.node,
+        safe(&s.local.cluster),
+        safe(&s.local.node),
         yes(s.local.published),
         yes(s.ready),
         s.routes_installed
     );
     if let Some(p) = &s.local.node_error {
-        let _ = writeln!(o, "node NOT READ [{}]: {}", p.code, p.message);
+        let _ = writeln!(o, "node NOT READ [{}]: {}", safe(&p.code), safe(&p.message));
     }
     if !s.local.pod_cidrs_outside_cluster.is_empty() {
         let _ = writeln!(
@@ -159,13 +159,13 @@ pub fn table(s: &StatusReport) -> String {
     if let Some(e) = &s.local.last_error
         && s.local.node_error.as_ref().is_none_or(|p| &p.message != e)
     {
-        let _ = writeln!(o, "local error: {e}");
+        let _ = writeln!(o, "local error: {}", safe(e));
     }
     if let Some(c) = &s.local.cluster_record_conflict {
-        let _ = writeln!(o, "cluster record conflict: {c}");
+        let _ = writeln!(o, "cluster record conflict: {}", safe(c));
     }
     if let Some(e) = &s.datapath_error {
-        let _ = writeln!(o, "datapath error: {e}");
+        let _ = writeln!(o, "datapath error: {}", safe(e));
     }
     if !s.strict_rp_filter.is_empty() {
         let _ = writeln!(
@@ -189,7 +189,7 @@ pub fn table(s: &StatusReport) -> String {
                 );
             }
             Some(e) => {
-                let _ = writeln!(o, "masquerade exemption FAILED: {e}");
+                let _ = writeln!(o, "masquerade exemption FAILED: {}", safe(e));
             }
         }
     }
@@ -203,13 +203,13 @@ pub fn table(s: &StatusReport) -> String {
         let _ = writeln!(
             o,
             "{:<20} {:<9} {:<6} {:>7} {:>10} {:>8}  {}",
-            r.name,
+            safe(&r.name),
             yes(r.connected),
             yes(r.synced),
             r.entries,
             r.nodes_programmed,
             rejected,
-            r.last_error.as_deref().unwrap_or("-")
+            safe(r.last_error.as_deref().unwrap_or("-"))
         );
         if r.empty_grace_until.is_some() {
             let _ = writeln!(
@@ -232,7 +232,13 @@ pub fn table(s: &StatusReport) -> String {
     if !rejected.is_empty() {
         let _ = writeln!(o, "\nREJECTED RECORDS");
         for (r, j) in rejected {
-            let _ = writeln!(o, "{}  [{}]  {}", r.key, j.code, j.message);
+            let _ = writeln!(
+                o,
+                "{}  [{}]  {}",
+                safe(&r.key),
+                safe(&j.code),
+                safe(&j.message)
+            );
         }
     }
     o
@@ -263,6 +269,27 @@ fn cni_table(o: &mut String, findings: &[crate::cni::CniFinding]) {
             }
         }
     }
+}
+
+/// `text` with every control character (newline, ESC, …) and every
+/// bidirectional override written as an escape: keys, names and messages
+/// come from remote clusters and must not move the cursor, colour the
+/// terminal or forge a line of the table.
+pub fn safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn yes(b: bool) -> &'static str {
@@ -405,5 +432,44 @@ mod tests {
         assert!(e.contains("404"), "{e}");
         let e = fetch("127.0.0.1:1").unwrap_err();
         assert!(matches!(e, StatusError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn remote_text_cannot_forge_lines_or_drive_the_terminal() {
+        use crate::{
+            desired::{RecordOutcome, decode::Rejection},
+            status::RemoteStatus,
+        };
+        assert_eq!(safe("plain näme"), "plain näme");
+        assert_eq!(
+            safe("a\nINFO fake\u{1b}[2J\u{202e}x"),
+            "a\\nINFO fake\\u{1b}[2J\\u{202e}x"
+        );
+        let remote = RemoteStatus {
+            name: "we\nst".into(),
+            last_error: Some("bad\u{1b}[31m".into()),
+            records: vec![RecordOutcome {
+                cluster: "west".into(),
+                key: "podmesh/v1/nodes/west/x\nREMOTE ok".into(),
+                kind: "node".into(),
+                name: Some("x".into()),
+                addresses: vec![],
+                pod_cidrs: vec![],
+                state: RecordState::Rejected(Rejection::new("decode", "m\r")),
+            }],
+            ..RemoteStatus::default()
+        };
+        let s = StatusReport {
+            remotes: [("west".to_string(), remote)].into(),
+            ..StatusReport::default()
+        };
+        let t = table(&s);
+        assert!(!t.contains('\u{1b}') && !t.contains('\r'), "{t:?}");
+        assert!(
+            !t.lines()
+                .any(|l| l.starts_with("REMOTE ok") || l.starts_with("st ")),
+            "{t}"
+        );
+        assert!(t.contains("x\\nREMOTE ok"), "{t}");
     }
 }
