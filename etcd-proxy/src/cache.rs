@@ -4,6 +4,8 @@ use std::ops::Bound;
 
 use etcd_client::proto::{PbCompare, PbEvent, PbKeyValue, PbRangeRequest, PbTargetUnion};
 
+use crate::budget::{Exhausted, PER_KV_OVERHEAD};
+
 /// `mvccpb.Event.EventType.PUT`.
 pub const PUT: i32 = 0;
 /// `mvccpb.Event.EventType.DELETE`.
@@ -20,6 +22,9 @@ pub enum RangeError {
         "mvcc: required revision is a future revision (revision {revision}, current {current})"
     )]
     Future { revision: i64, current: i64 },
+    /// The answer would pass a bound ([`crate::budget`]).
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
 }
 
 /// An upstream event at or below a revision the upstream had already reported
@@ -170,8 +175,20 @@ impl Cache {
         Ok(self.history.range(from..).cloned().collect())
     }
 
-    /// Serves a RangeRequest (already confined to the prefix) from the cache.
+    /// Serves a RangeRequest without bounds (tests).
+    #[cfg(test)]
     pub fn range(&self, req: &PbRangeRequest) -> Result<RangeResult, RangeError> {
+        self.range_within(req, &mut |_| Ok(()))
+    }
+
+    /// Serves a RangeRequest (already confined to the prefix) from the cache.
+    /// `take` is charged the answer's size before any key-value is cloned,
+    /// and may refuse it ([`crate::budget::Meter::take`]).
+    pub fn range_within(
+        &self,
+        req: &PbRangeRequest,
+        take: &mut dyn FnMut(usize) -> Result<(), Exhausted>,
+    ) -> Result<RangeResult, RangeError> {
         if req.revision > 0 && req.revision != self.revision {
             if req.revision > self.revision {
                 return Err(RangeError::Future {
@@ -218,6 +235,14 @@ impl Cache {
             usize::MAX
         };
         let more = selected.len() > limit;
+        let bytes = selected
+            .iter()
+            .take(limit)
+            .map(|kv| {
+                kv.key.len() + if req.keys_only { 0 } else { kv.value.len() } + PER_KV_OVERHEAD
+            })
+            .sum();
+        take(bytes)?;
         let kvs = selected
             .into_iter()
             .take(limit)

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader};
 use tokio::sync::{broadcast, watch};
 
+use crate::budget::{PROXY_BYTES, ProxyBudget};
 use crate::cache::{Cache, Overtaken};
 use crate::metrics::{Metrics, UpstreamState};
 use crate::prefix::Prefix;
@@ -44,6 +45,8 @@ pub struct Hub {
     tx: broadcast::Sender<Update>,
     pub prefix: Prefix,
     pub metrics: Metrics,
+    /// Bytes of built, unsent Range and Txn answers, proxy-wide.
+    pub budget: ProxyBudget,
     pub identity: Identity,
     state: AtomicI64,
     last_error: Mutex<Option<String>>,
@@ -75,6 +78,7 @@ impl Hub {
             tx,
             prefix,
             metrics: Metrics::new(),
+            budget: ProxyBudget::new(PROXY_BYTES),
             identity: Identity {
                 member_id: member_id(&advertise_url),
                 name: "podmesh-etcd-proxy".into(),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer};
 
+mod budget;
 mod cache;
 mod config;
 mod hub;

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tonic::service::Routes;
 
+use crate::budget::{CONNECTION_BYTES, ConnectionBudget, Held, Reservation};
 use crate::hub::stopped;
 
 /// Encoded responses hyper may hold per stream beyond what the client's
@@ -51,7 +52,13 @@ async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watc
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
         .max_send_buf_size(SEND_BUFFER)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(routes));
+        .serve_connection(
+            TokioIo::new(io),
+            TowerToHyperService::new(Budgeted {
+                routes,
+                budget: ConnectionBudget::new(CONNECTION_BYTES),
+            }),
+        );
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -63,4 +70,47 @@ async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watc
         _ = stopped(&mut shutdown) => conn.as_mut().graceful_shutdown(),
     }
     let _ = conn.await;
+}
+
+/// The routes of one connection: every request carries the connection's
+/// budget, and an answer that reserved bytes keeps them in its body until
+/// the body is sent ([`Held`]), so what a client has not read counts
+/// against it.
+#[derive(Debug, Clone)]
+struct Budgeted {
+    routes: Routes,
+    budget: ConnectionBudget,
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for Budgeted
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<http::Request<B>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.budget.clone());
+        let answer = self.routes.call(req);
+        Box::pin(async move {
+            let mut res = answer.await?;
+            Ok(match res.extensions_mut().remove::<Reservation>() {
+                Some(r) if !r.is_empty() => {
+                    res.map(|body| tonic::body::Body::new(Held::new(body, r)))
+                }
+                _ => res,
+            })
+        })
+    }
 }

@@ -4,6 +4,7 @@ use etcd_client::proto::{
     PbTxnResponse,
 };
 
+use crate::budget::{Exhausted, MAX_KEY_BYTES, MAX_TXN_OPS};
 use crate::cache::{Cache, RangeError};
 use crate::prefix::{Escape, Prefix};
 
@@ -19,6 +20,13 @@ pub enum TxnRefusal {
         #[source]
         source: Escape,
     },
+    /// etcd's own message for its `--max-txn-ops`, so clients recognise it.
+    #[error(
+        "etcdserver: too many operations in txn request ({ops} compares and requests, nested ones included; at most {MAX_TXN_OPS})"
+    )]
+    TooManyOps { ops: usize },
+    #[error("Txn {at}: a key or range end of {bytes} bytes (at most {MAX_KEY_BYTES})")]
+    KeyTooLong { at: String, bytes: usize },
 }
 
 impl TxnRefusal {
@@ -27,6 +35,8 @@ impl TxnRefusal {
         match self {
             TxnRefusal::Write { .. } => "read_only",
             TxnRefusal::Escape { source, .. } => source.reason(),
+            TxnRefusal::TooManyOps { .. } => "too_many_ops",
+            TxnRefusal::KeyTooLong { .. } => "key_too_long",
         }
     }
 }
@@ -35,12 +45,45 @@ impl TxnRefusal {
 /// branches (nested Txns included) is a read inside the prefix. Both branches
 /// are checked, whichever the compares would pick: the answer must not
 /// depend on the data.
+/// Its size is bounded first: at most [`MAX_TXN_OPS`] operations in all and
+/// keys of at most [`MAX_KEY_BYTES`].
 pub fn check(prefix: &Prefix, req: &PbTxnRequest) -> Result<(), TxnRefusal> {
+    let ops = count_ops(req);
+    if ops > MAX_TXN_OPS {
+        return Err(TxnRefusal::TooManyOps { ops });
+    }
     check_at(prefix, req, "")
+}
+
+/// Compares and requests of a Txn, nested Txns' included (counting stops
+/// early past the bound, so a huge request costs no more than a small one).
+fn count_ops(req: &PbTxnRequest) -> usize {
+    let mut n = req.compare.len() + req.success.len() + req.failure.len();
+    for op in req.success.iter().chain(&req.failure) {
+        if n > MAX_TXN_OPS {
+            break;
+        }
+        if let Some(PbTxnOpRequest::RequestTxn(t)) = &op.request {
+            n += count_ops(t);
+        }
+    }
+    n
+}
+
+fn key_len(at: &str, key: &[u8], range_end: &[u8]) -> Result<(), TxnRefusal> {
+    let bytes = key.len().max(range_end.len());
+    if bytes > MAX_KEY_BYTES {
+        return Err(TxnRefusal::KeyTooLong {
+            at: at.to_string(),
+            bytes,
+        });
+    }
+    Ok(())
 }
 
 fn check_at(prefix: &Prefix, req: &PbTxnRequest, path: &str) -> Result<(), TxnRefusal> {
     for (i, c) in req.compare.iter().enumerate() {
+        key_len(&format!("{path}compare[{i}]"), &c.key, &c.range_end)?;
         prefix
             .check(&c.key, &c.range_end)
             .map_err(|source| TxnRefusal::Escape {
@@ -53,9 +96,12 @@ fn check_at(prefix: &Prefix, req: &PbTxnRequest, path: &str) -> Result<(), TxnRe
             let at = format!("{path}{branch}[{i}]");
             match &op.request {
                 None => {}
-                Some(PbTxnOpRequest::RequestRange(r)) => prefix
-                    .check(&r.key, &r.range_end)
-                    .map_err(|source| TxnRefusal::Escape { at, source })?,
+                Some(PbTxnOpRequest::RequestRange(r)) => {
+                    key_len(&at, &r.key, &r.range_end)?;
+                    prefix
+                        .check(&r.key, &r.range_end)
+                        .map_err(|source| TxnRefusal::Escape { at, source })?
+                }
                 Some(PbTxnOpRequest::RequestPut(_)) => {
                     return Err(TxnRefusal::Write { op: "Put", at });
                 }
@@ -79,6 +125,7 @@ pub fn evaluate(
     cache: &Cache,
     req: &PbTxnRequest,
     header: &PbResponseHeader,
+    take: &mut dyn FnMut(usize) -> Result<(), Exhausted>,
 ) -> Result<PbTxnResponse, RangeError> {
     let succeeded = req.compare.iter().all(|c| cache.compare(c));
     let ops = if succeeded {
@@ -90,7 +137,7 @@ pub fn evaluate(
     for op in ops {
         let response = match &op.request {
             Some(PbTxnOpRequest::RequestRange(r)) => {
-                let r = cache.range(r)?;
+                let r = cache.range_within(r, take)?;
                 Some(PbTxnOpResponse::ResponseRange(PbRangeResponse {
                     header: Some(*header),
                     kvs: r.kvs,
@@ -98,9 +145,9 @@ pub fn evaluate(
                     count: r.count,
                 }))
             }
-            Some(PbTxnOpRequest::RequestTxn(t)) => {
-                Some(PbTxnOpResponse::ResponseTxn(evaluate(cache, t, header)?))
-            }
+            Some(PbTxnOpRequest::RequestTxn(t)) => Some(PbTxnOpResponse::ResponseTxn(evaluate(
+                cache, t, header, take,
+            )?)),
             // check() refused these before; an empty op answers empty.
             Some(PbTxnOpRequest::RequestPut(_) | PbTxnOpRequest::RequestDeleteRange(_)) | None => {
                 None
@@ -198,19 +245,24 @@ mod tests {
             success: vec![get("p/a", "")],
             failure: vec![get("p/", "p0"), get("p/c", "")],
         };
-        let r = evaluate(&c, &txn(vec![value_eq.clone()]), &h).unwrap();
+        let r = evaluate(&c, &txn(vec![value_eq.clone()]), &h, &mut |_| Ok(())).unwrap();
         assert!(r.succeeded);
         assert_eq!(r.responses.len(), 1);
         assert_eq!(keys(&r.responses[0]), ["p/a"]);
 
         let mut value_ne = value_eq.clone();
         value_ne.result = CompareOp::NotEqual as i32;
-        let r = evaluate(&c, &txn(vec![value_eq.clone(), value_ne]), &h).unwrap();
+        let r = evaluate(&c, &txn(vec![value_eq.clone(), value_ne]), &h, &mut |_| {
+            Ok(())
+        })
+        .unwrap();
         assert!(!r.succeeded);
         assert_eq!(keys(&r.responses[0]), ["p/a", "p/b", "p/c"]);
         assert_eq!(keys(&r.responses[1]), ["p/c"]);
 
-        let t = |key, target, op, u| evaluate(&c, &txn(vec![cmp(key, target, op, u)]), &h);
+        let t = |key, target, op, u| {
+            evaluate(&c, &txn(vec![cmp(key, target, op, u)]), &h, &mut |_| Ok(()))
+        };
         use PbCompareTarget::*;
         let yes = [
             t(
@@ -258,11 +310,23 @@ mod tests {
         // A range compare holds only when it holds for every key in it.
         let mut all = cmp("p/", Mod, CompareOp::Greater, PbTargetUnion::ModRevision(1));
         all.range_end = b"p0".to_vec();
-        assert!(evaluate(&c, &txn(vec![all.clone()]), &h).unwrap().succeeded);
+        assert!(
+            evaluate(&c, &txn(vec![all.clone()]), &h, &mut |_| Ok(()))
+                .unwrap()
+                .succeeded
+        );
         all.target_union = Some(PbTargetUnion::ModRevision(4));
-        assert!(!evaluate(&c, &txn(vec![all]), &h).unwrap().succeeded);
+        assert!(
+            !evaluate(&c, &txn(vec![all]), &h, &mut |_| Ok(()))
+                .unwrap()
+                .succeeded
+        );
         // No compares: success.
-        assert!(evaluate(&c, &txn(vec![]), &h).unwrap().succeeded);
+        assert!(
+            evaluate(&c, &txn(vec![]), &h, &mut |_| Ok(()))
+                .unwrap()
+                .succeeded
+        );
     }
 
     #[test]
@@ -282,7 +346,7 @@ mod tests {
             failure: vec![],
         };
         assert_eq!(check(&prefix(), &outer), Ok(()));
-        let r = evaluate(&c, &outer, &h).unwrap();
+        let r = evaluate(&c, &outer, &h, &mut |_| Ok(())).unwrap();
         match &r.responses[0].response {
             Some(PbTxnOpResponse::ResponseTxn(t)) => assert_eq!(keys(&t.responses[0]), ["p/b"]),
             other => panic!("{other:?}"),
@@ -297,7 +361,7 @@ mod tests {
             failure: vec![],
         };
         assert!(matches!(
-            evaluate(&c, &t, &h),
+            evaluate(&c, &t, &h, &mut |_| Ok(())),
             Err(RangeError::Future { .. })
         ));
     }
@@ -353,5 +417,59 @@ mod tests {
         assert_eq!(e.reason(), "from_key");
         let e = check(&p, &t(vec![], vec![get("p/a", "q")], vec![])).unwrap_err();
         assert_eq!(e.reason(), "range_end_outside_prefix");
+    }
+
+    #[test]
+    fn a_txn_is_bounded_in_operations_and_key_length() {
+        let p = prefix();
+        let many = PbTxnRequest {
+            success: (0..MAX_TXN_OPS).map(|_| get("p/a", "")).collect(),
+            ..Default::default()
+        };
+        assert_eq!(check(&p, &many), Ok(()));
+        let nested = PbTxnRequest {
+            success: vec![PbTxnRequestOp {
+                request: Some(PbTxnOpRequest::RequestTxn(many.clone())),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            check(&p, &nested),
+            Err(TxnRefusal::TooManyOps {
+                ops: MAX_TXN_OPS + 1
+            })
+        );
+        let long = format!("p/{}", "x".repeat(MAX_KEY_BYTES));
+        let t = PbTxnRequest {
+            failure: vec![get("p/a", ""), get(&long, "")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            check(&p, &t),
+            Err(TxnRefusal::KeyTooLong { at, .. }) if at == "failure[1]"
+        ));
+    }
+
+    #[test]
+    fn a_txn_answer_is_charged_before_it_is_built() {
+        let c = cache();
+        let h = PbResponseHeader::default();
+        let t = PbTxnRequest {
+            success: vec![get("p/", "p0"), get("p/", "p0")],
+            ..Default::default()
+        };
+        let mut charged = Vec::new();
+        evaluate(&c, &t, &h, &mut |n| {
+            charged.push(n);
+            Ok(())
+        })
+        .unwrap();
+        // Three keys of 3 bytes, values of 1 byte, per range.
+        assert_eq!(charged, vec![3 * (3 + 1 + 32); 2]);
+        let r = evaluate(&c, &t, &h, &mut |_| Err(Exhausted::TooLarge { limit: 1 }));
+        assert_eq!(
+            r,
+            Err(RangeError::Exhausted(Exhausted::TooLarge { limit: 1 }))
+        );
     }
 }

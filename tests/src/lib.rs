@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod netns;
 pub mod pki;
 pub mod proxy;
+pub mod rawgrpc;
 pub mod topo;
 
 /// Whether privileged tests can run here (root, `ip netns` usable).

@@ -2,13 +2,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, WatchOptions};
+use etcd_client::{Client, WatchOptions};
 use rand::Rng;
 use tokio::sync::watch;
 
 use crate::hub::Hub;
 use crate::metrics::UpstreamState;
 
+mod list;
 pub mod settings;
 
 pub use settings::Settings;
@@ -201,12 +202,12 @@ impl Session<'_> {
             return Err(e);
         }
         if *need_list {
-            let resp = client
-                .get(self.prefix, Some(GetOptions::new().with_prefix()))
+            let mut kv = client
+                .kv_client()
+                .max_decoding_message_size(list::RECEIVE_LIMIT);
+            let (kvs, revision) = list::list(&mut kv, self.prefix)
                 .await
                 .map_err(etcd("list"))?;
-            let revision = resp.header().map_or(0, |h| h.revision());
-            let kvs = resp.0.kvs;
             tracing::info!(keys = kvs.len(), revision, "listed the upstream prefix");
             self.hub
                 .reset(kvs, revision, (*compact_revision).max(revision));
@@ -214,6 +215,8 @@ impl Session<'_> {
         }
         let start = self.hub.with_cache(|c| c.revision()) + 1;
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(list::RECEIVE_LIMIT)
             .watch(
                 self.prefix,
                 Some(

@@ -1,0 +1,69 @@
+//! The upstream prefix listed in pages pinned to one revision, so that no single answer passes the receive limit.
+//!
+//! One unpaged read of the whole prefix stops working once the prefix holds
+//! more than the client's receive limit (4 MiB by default: about 28k node
+//! records), and a proxy that cannot list never syncs. Pages of
+//! [`PAGE_KEYS`] keys at the first page's revision give the same snapshot
+//! as one read; a page that is still too large (large values) is read again
+//! in smaller pages.
+use etcd_client::{GetOptions, KvClient, proto::PbKeyValue};
+
+use crate::prefix::prefix_end;
+
+/// Keys per page.
+pub const PAGE_KEYS: i64 = 1000;
+/// The largest answer the proxy accepts from its upstream (a page of 1,000
+/// keys of up to 64 KiB each; pages shrink when values are larger).
+pub const RECEIVE_LIMIT: usize = 64 << 20;
+
+/// Every key-value under `prefix` at one revision, and that revision.
+pub async fn list(
+    kv: &mut KvClient,
+    prefix: &[u8],
+) -> Result<(Vec<PbKeyValue>, i64), etcd_client::Error> {
+    let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
+    let mut from = prefix.to_vec();
+    let mut revision = 0;
+    let mut page = PAGE_KEYS;
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = match kv.get(from.clone(), Some(opts)).await {
+            Ok(r) => r,
+            Err(e) if too_large(&e) && page > 1 => {
+                page = (page / 8).max(1);
+                tracing::debug!(
+                    page,
+                    "an upstream page passed the receive limit; reading smaller pages"
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        let more = resp.more();
+        let kvs = resp.0.kvs;
+        if let Some(last) = kvs.last() {
+            from = last.key.clone();
+            from.push(0);
+        }
+        let empty = kvs.is_empty();
+        out.extend(kvs);
+        if !more || empty {
+            return Ok((out, revision));
+        }
+    }
+}
+
+/// tonic's refusal of a message over the receive limit. It has no code of
+/// its own (`OUT_OF_RANGE`, shared with etcd's compacted-revision answer), so
+/// its text tells it apart.
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
+}

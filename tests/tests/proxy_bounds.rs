@@ -1,0 +1,259 @@
+//! podmesh-etcd-proxy against one authenticated client that asks for too much: huge Txns, answers it
+//! never reads, oversized keys. Each is refused with a clear gRPC error, the proxy's memory stays far
+//! under the deploy limit (512 MiB), and another client keeps being served meanwhile. A prefix larger
+//! than one gRPC message is listed from the upstream in pages.
+use std::{net::SocketAddr, time::Instant};
+
+use etcd_client::{
+    GetOptions, TxnOp, TxnOpResponse,
+    proto::{PbRangeRequest, PbTxnOpRequest, PbTxnRequest, PbTxnRequestOp},
+};
+use podmesh_tests::{
+    etcd::Etcd,
+    proxy::Proxy,
+    rawgrpc::{RawGrpc, grpc_status, peak_rss},
+};
+use prost::Message as _;
+
+/// Keys of 1 KiB under the prefix: 20 MiB in all, more than one answer may hold.
+const KEYS: usize = 20_000;
+const VALUE: usize = 1024;
+const PREFIX: &str = "podmesh/v1/nodes/big/";
+/// The deploy limit of the proxy's container.
+const DEPLOY_LIMIT: u64 = 512 << 20;
+/// `RESOURCE_EXHAUSTED`, `INVALID_ARGUMENT`.
+const EXHAUSTED: i32 = 8;
+
+async fn fill(etcd: &Etcd) {
+    let mut c = etcd.connect().await.unwrap();
+    let value = "v".repeat(VALUE);
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(128) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| TxnOp::put(format!("{PREFIX}{i:06}"), value.clone(), None))
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+}
+
+fn range(key: &str, end: &str, limit: i64) -> PbRangeRequest {
+    PbRangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        limit,
+        ..Default::default()
+    }
+}
+
+fn prefix_end() -> String {
+    // PREFIX ends in '/', whose successor is '0'.
+    format!("{}0", PREFIX.trim_end_matches('/'))
+}
+
+fn addr(proxy: &Proxy) -> SocketAddr {
+    proxy
+        .endpoint()
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_bounds_what_one_client_can_make_it_build() {
+    let etcd = Etcd::start().unwrap();
+    fill(&etcd).await;
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let pid = proxy.pid().unwrap();
+    // A client that accepts answers as large as the proxy's bound.
+    let mut good = proxy
+        .connect()
+        .await
+        .unwrap()
+        .kv_client()
+        .max_decoding_message_size(64 << 20);
+
+    // The proxy listed 20 MiB from its upstream, in pages (one unpaged read
+    // stops at the 4 MiB receive limit, and the proxy never became ready).
+    let all = good
+        .get(
+            PREFIX,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.count(), KEYS as i64);
+
+    // A whole-prefix read is over one answer's bound: refused, with the way out.
+    let e = good
+        .get(PREFIX, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("resource has been exhausted") && e.contains("pages"),
+        "{e}"
+    );
+    // The same in pages works.
+    let page = good
+        .get(
+            PREFIX,
+            Some(GetOptions::new().with_prefix().with_limit(5000)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.kvs().len(), 5000);
+    assert!(page.more());
+
+    // A Txn of 20 whole-prefix ranges (what took the proxy to 2.75 GB).
+    let whole = TxnOp::get(PREFIX, Some(GetOptions::new().with_prefix()));
+    let e = good
+        .txn(etcd_client::Txn::new().and_then(vec![whole; 20]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("resource has been exhausted"), "{e}");
+    // Ranges that fit one answer together are served.
+    let small = TxnOp::get(
+        PREFIX,
+        Some(GetOptions::new().with_prefix().with_limit(1000)),
+    );
+    let r = good
+        .txn(etcd_client::Txn::new().and_then(vec![small; 10]))
+        .await
+        .unwrap();
+    assert_eq!(r.op_responses().len(), 10);
+    assert!(matches!(&r.op_responses()[9], TxnOpResponse::Get(g) if g.kvs().len() == 1000));
+    // More operations than etcd's own --max-txn-ops.
+    let one = TxnOp::get(format!("{PREFIX}000001"), None);
+    let e = good
+        .txn(etcd_client::Txn::new().and_then(vec![one; 129]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("invalid argument") && e.contains("too many operations"),
+        "{e}"
+    );
+    // A key no prefix-confined client needs.
+    let long = format!("{PREFIX}{}", "k".repeat(8192));
+    let e = good.get(long, None).await.unwrap_err().to_string();
+    assert!(e.contains("invalid argument") && e.contains("bytes"), "{e}");
+
+    // One connection pipelines 20 reads of 8 MiB and never reads the answers
+    // (1.23 GB before): the first answers fill its budget, the rest are refused.
+    let mut raw = RawGrpc::connect(addr(&proxy), proxy.pki().ca(), proxy.client())
+        .await
+        .unwrap();
+    let req = range(PREFIX, &prefix_end(), 8000).encode_to_vec();
+    let mut pending = Vec::new();
+    for _ in 0..20 {
+        pending.push(raw.call("/etcdserverpb.KV/Range", &req).await.unwrap());
+    }
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for p in pending {
+        let head = p.await.unwrap();
+        match grpc_status(head.headers()) {
+            Some((code, message)) => refused.push((code, message)),
+            None => held.push(head),
+        }
+    }
+    eprintln!(
+        "pipelined without reading: {} answers held, {} refused",
+        held.len(),
+        refused.len()
+    );
+    assert!(
+        !held.is_empty() && held.len() <= 4,
+        "{} held, {refused:?}",
+        held.len()
+    );
+    assert_eq!(held.len() + refused.len(), 20);
+    assert!(
+        refused
+            .iter()
+            .all(|(c, m)| *c == EXHAUSTED && m.contains("has not read")),
+        "{refused:?}"
+    );
+
+    // Meanwhile another client is served.
+    let t = Instant::now();
+    let r = good
+        .get(
+            PREFIX,
+            Some(GetOptions::new().with_prefix().with_limit(100)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.kvs().len(), 100);
+    eprintln!(
+        "another client's read while the budget is held: {:?}",
+        t.elapsed()
+    );
+
+    // A nested Txn counts its inner operations too.
+    let inner = PbTxnRequest {
+        success: (0..100)
+            .map(|_| PbTxnRequestOp {
+                request: Some(PbTxnOpRequest::RequestRange(range(
+                    &format!("{PREFIX}000001"),
+                    "",
+                    0,
+                ))),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let outer = PbTxnRequest {
+        success: vec![
+            PbTxnRequestOp {
+                request: Some(PbTxnOpRequest::RequestTxn(inner.clone())),
+            },
+            PbTxnRequestOp {
+                request: Some(PbTxnOpRequest::RequestTxn(inner)),
+            },
+        ],
+        ..Default::default()
+    };
+    let head = raw
+        .call("/etcdserverpb.KV/Txn", &outer.encode_to_vec())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (code, message) = grpc_status(head.headers()).expect("refused");
+    assert_eq!(code, 3, "{message}");
+
+    let peak = peak_rss(pid).unwrap();
+    eprintln!("proxy peak RSS: {} MiB", peak >> 20);
+    assert!(
+        peak < DEPLOY_LIMIT / 2,
+        "peak RSS {} MiB, deploy limit {} MiB",
+        peak >> 20,
+        DEPLOY_LIMIT >> 20
+    );
+
+    // Once the greedy connection is gone its budget is free again.
+    drop(held);
+    drop(raw);
+    let mut again = RawGrpc::connect(addr(&proxy), proxy.pki().ca(), proxy.client())
+        .await
+        .unwrap();
+    let mut heads = Vec::new();
+    for _ in 0..3 {
+        let head = again
+            .call("/etcdserverpb.KV/Range", &req)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(head.headers()), None);
+        heads.push(head);
+    }
+    assert!(
+        proxy
+            .metric("podmesh_proxy_refused_requests_total", "connection_budget")
+            .unwrap()
+            >= 16.0
+    );
+}
