@@ -11,6 +11,7 @@ mod config;
 mod hub;
 mod metrics;
 mod prefix;
+mod purpose;
 mod serve;
 mod service;
 mod tls;

@@ -135,7 +135,7 @@ impl TlsFiles {
                 key: self.key.clone(),
                 source,
             })?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(crate::purpose::ClientAuthOnly(verifier)))
             .with_single_cert(certs, key)
             .map_err(|source| TlsError::Pair {
                 cert: self.cert.clone(),
@@ -207,6 +207,7 @@ pub fn accept_loop(
     hub: Arc<Hub>,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let throttle = Arc::new(Throttle::default());
     tokio::spawn(async move {
         let mut shutdown = hub.shutdown();
         loop {
@@ -225,6 +226,7 @@ pub fn accept_loop(
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             let hub = hub.clone();
+            let throttle = throttle.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -232,15 +234,103 @@ pub fn accept_loop(
                     }
                     Ok(Err(e)) => {
                         hub.metrics.refuse("tls_handshake");
-                        tracing::info!(%peer, error = %e, "TLS handshake refused; hint: clients need a certificate issued by --client-ca and must speak TLS");
+                        let error = describe(&e);
+                        if let Some(suppressed) = throttle.admit(&error) {
+                            tracing::info!(%peer, %error, suppressed, "TLS handshake refused; hint: clients need a certificate issued by --client-ca for client authentication and must speak TLS");
+                        }
                     }
                     Err(_) => {
                         hub.metrics.refuse("tls_handshake_timeout");
-                        tracing::info!(%peer, "TLS handshake timed out");
+                        if let Some(suppressed) = throttle.admit("timeout") {
+                            tracing::info!(%peer, suppressed, "TLS handshake timed out");
+                        }
                     }
                 }
             });
         }
     });
     rx
+}
+
+/// A refused handshake in words: rustls shows a certificate refusal of our
+/// own ([`crate::purpose`]) with its Debug form, so its Display is taken.
+fn describe(e: &std::io::Error) -> String {
+    let refusal = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match refusal {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+            format!("invalid peer certificate: {}", o.0)
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Lines about refused handshakes per [`Throttle::WINDOW`] and cause: a
+/// flood of strangers is counted in the metric, and the log says how many
+/// lines it left out instead of growing by megabytes, while a cause not seen
+/// before is still logged at once.
+#[derive(Debug, Default)]
+pub struct Throttle(std::sync::Mutex<std::collections::HashMap<String, ThrottleState>>);
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    window: Option<tokio::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Throttle {
+    const WINDOW: Duration = Duration::from_secs(10);
+    const LINES: u32 = 5;
+    /// Causes tracked apart; any more share one count.
+    const CAUSES: usize = 64;
+
+    /// Whether to log this refusal; `Some(n)` with the lines of the same
+    /// cause left out since the last one logged.
+    pub fn admit(&self, cause: &str) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if m.len() < Self::CAUSES || m.contains_key(cause) {
+            cause
+        } else {
+            "other"
+        };
+        let s = m.entry(key.to_string()).or_default();
+        if s.window
+            .is_none_or(|w| now.duration_since(w) >= Self::WINDOW)
+        {
+            s.window = Some(now);
+            s.logged = 0;
+        }
+        if s.logged < Self::LINES {
+            s.logged += 1;
+            Some(std::mem::take(&mut s.suppressed))
+        } else {
+            s.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_refusals_logs_a_few_lines_and_counts_the_rest() {
+        let t = Throttle::default();
+        let logged: Vec<_> = (0..1000).filter_map(|_| t.admit("no cert")).collect();
+        assert_eq!(logged, vec![0; 5]);
+        // Another cause is not held up by the flood.
+        assert_eq!(t.admit("unknown issuer"), Some(0));
+        tokio::time::advance(Throttle::WINDOW).await;
+        assert_eq!(t.admit("no cert"), Some(995));
+        assert_eq!(t.admit("no cert"), Some(0));
+        // Endless distinct causes share one count past a bound.
+        for i in 0..1000 {
+            t.admit(&format!("cause {i}"));
+        }
+        assert!(t.0.lock().unwrap().len() <= Throttle::CAUSES + 1);
+    }
 }

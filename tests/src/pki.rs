@@ -123,6 +123,16 @@ impl Pki {
 
     /// Issues a certificate as `spec` says and writes `<file>.crt` and `<file>.key`.
     pub fn issue(&self, spec: &CertSpec<'_>) -> anyhow::Result<CertFiles> {
+        self.issue_with(spec, |_| {})
+    }
+
+    /// Like [`Pki::issue`], with `adjust` given the parameters last (for
+    /// certificates the spec cannot describe: unusual key usages, …).
+    pub fn issue_with(
+        &self,
+        spec: &CertSpec<'_>,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> anyhow::Result<CertFiles> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         for s in &spec.sans {
             params.subject_alt_names.push(match s.parse::<IpAddr>() {
@@ -156,6 +166,7 @@ impl Pki {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         }
+        adjust(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let stem = spec.file.unwrap_or(if spec.name.is_empty() {

@@ -128,6 +128,11 @@ impl Proxy {
         daemon::log_tail(&self.log, 40)
     }
 
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// `https://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         daemon::loopback_endpoint(self.port)

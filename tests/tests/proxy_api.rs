@@ -734,6 +734,42 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
         "foreign CA must be refused: {}",
         describe_output(&o)
     );
+    // Certificates of the proxy's own CA, but not made for client
+    // authentication: no extendedKeyUsage at all, and a CA-like keyUsage.
+    let spec = |name| podmesh_tests::pki::CertSpec {
+        name,
+        file: None,
+        sans: vec![],
+        server: false,
+        client: false,
+        expired: false,
+    };
+    let no_eku = proxy.pki().issue(&spec("no-eku")).unwrap();
+    let cert_sign = proxy
+        .pki()
+        .issue_with(&spec("cert-sign"), |p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        })
+        .unwrap();
+    for (what, c) in [
+        ("no extendedKeyUsage", &no_eku),
+        ("keyCertSign only", &cert_sign),
+    ] {
+        let o = proxy.etcdctl(Some(c), &get).unwrap();
+        assert!(
+            !o.status.success() && o.stdout.is_empty(),
+            "a client certificate with {what} must be refused: {}",
+            describe_output(&o)
+        );
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains("has no extendedKeyUsage")
+            && log.contains("does not include digitalSignature"),
+        "{}",
+        proxy.log_tail()
+    );
     // Plaintext gRPC against the TLS port.
     let mut cmd = std::process::Command::new("etcdctl");
     let o = daemon::without_etcd_env(&mut cmd)
@@ -758,7 +794,7 @@ fn proxy_refuses_plaintext_no_cert_and_foreign_ca_and_reloads_its_certificate() 
         proxy
             .metric("podmesh_proxy_refused_requests_total", "tls_handshake")
             .unwrap()
-            >= 2.0
+            >= 4.0
     );
     let o = proxy.etcdctl(Some(proxy.client()), &get).unwrap();
     assert!(o.status.success(), "{}", describe_output(&o));
