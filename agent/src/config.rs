@@ -423,16 +423,21 @@ impl AgentArgs {
             Some(_) => self.node_name_origin.unwrap_or(NodeNameOrigin::Flag),
             None => NodeNameOrigin::HostName,
         };
-        let node_name = given.or_else(host_name).ok_or_else(|| {
-            ConfigError::invalid(
-                "node-name",
-                "required when $NODE_NAME and the host name are unset",
-            )
-        })?;
-        if node_name.contains('/') || node_name.len() > 253 {
+        // The kubelet lowercases the host name it registers its Node under.
+        let node_name = given
+            .or_else(|| host_name().map(|h| h.to_ascii_lowercase()))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "node-name",
+                    "required when $NODE_NAME and the host name are unset",
+                )
+            })?;
+        if let Some(why) = crate::model::node_name_problem(&node_name) {
             return Err(ConfigError::invalid(
                 "node-name",
-                format!("{node_name:?} is not a Kubernetes node name"),
+                format!(
+                    "{node_name:?} is not a Kubernetes node name ({why}); give the Node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')"
+                ),
             ));
         }
         check_cidrs("pod-cidr", &self.pod_cidrs)?;

@@ -73,6 +73,38 @@ pub fn cluster_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
+/// Why `name` is not a valid node name, or `None` when it is: Kubernetes
+/// node names are DNS subdomains (RFC 1123): at most 253 characters of
+/// lowercase letters, digits, '-' and '.', in labels that start and end with
+/// a letter or digit. Node names reach logs, status and metric labels.
+pub fn node_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("empty");
+    }
+    if name.len() > 253 {
+        return Some("longer than 253 characters");
+    }
+    for label in name.split('.') {
+        let b = label.as_bytes();
+        if b.is_empty() {
+            return Some("has an empty label");
+        }
+        if !b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        {
+            return Some("contains a character other than a-z, 0-9, '-' and '.'");
+        }
+        if b[0] == b'-' || b[b.len() - 1] == b'-' {
+            return Some("has a label that starts or ends with '-'");
+        }
+        if b.len() > 63 {
+            return Some("has a label longer than 63 characters");
+        }
+    }
+    None
+}
+
 impl fmt::Display for ClusterName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

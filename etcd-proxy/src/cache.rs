@@ -157,6 +157,17 @@ impl Cache {
         self.floor
     }
 
+    /// The fingerprint of what the cache holds (see
+    /// [`crate::upstream::Fingerprint`]), to compare with the upstream's at
+    /// [`Cache::revision`].
+    pub fn fingerprint(&self) -> crate::upstream::Fingerprint {
+        let mut f = crate::upstream::Fingerprinter::default();
+        for kv in self.kvs.values() {
+            f.add(kv);
+        }
+        f.finish()
+    }
+
     pub fn key_count(&self) -> usize {
         self.kvs.len()
     }

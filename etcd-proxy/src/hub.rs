@@ -49,7 +49,9 @@ pub struct Hub {
     pub budget: ProxyBudget,
     pub identity: Identity,
     state: AtomicI64,
-    last_error: Mutex<Option<String>>,
+    /// The last upstream failure and when the current outage began; the
+    /// text stays in the proxy's log and never reaches a client.
+    last_error: Mutex<Option<(String, std::time::Instant)>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -216,14 +218,22 @@ impl Hub {
     }
 
     pub fn set_upstream_error(&self, e: String) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        let since = last
+            .as_ref()
+            .map_or_else(std::time::Instant::now, |(_, since)| *since);
+        *last = Some((e, since));
     }
 
-    pub fn upstream_error(&self) -> Option<String> {
+    /// How long the upstream has been failing, if it is: what clients and
+    /// probes are told instead of the upstream's own error text (addresses,
+    /// certificate subjects and etcd's messages are the operators' business).
+    pub fn upstream_outage(&self) -> Option<std::time::Duration> {
         self.last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|(_, since)| since.elapsed())
     }
 }
 

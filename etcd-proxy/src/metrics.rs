@@ -40,6 +40,7 @@ pub struct Metrics {
     pub upstream_state: Gauge,
     pub upstream_reconnects: Counter,
     pub upstream_relists: Counter,
+    pub upstream_diverged: Counter,
     pub events_in: Counter,
     pub events_out: Counter,
     pub cache_keys: Gauge,
@@ -66,6 +67,7 @@ impl Metrics {
             upstream_state: Gauge::default(),
             upstream_reconnects: Counter::default(),
             upstream_relists: Counter::default(),
+            upstream_diverged: Counter::default(),
             events_in: Counter::default(),
             events_out: Counter::default(),
             cache_keys: Gauge::default(),
@@ -95,6 +97,11 @@ impl Metrics {
             "upstream_relists",
             "Complete re-lists of the prefix (first sync, compaction, rewound upstream)",
             m.upstream_relists.clone(),
+        );
+        registry.register(
+            "upstream_diverged",
+            "Reconnects that found the upstream holding another history of the prefix at the proxy's revision (etcd rebuilt under the same cluster ID); each is followed by a re-list",
+            m.upstream_diverged.clone(),
         );
         registry.register(
             "events_in",
@@ -195,11 +202,13 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> ([(&'static str, &'static str);
 async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, String) {
     let (synced, revision) = hub.with_cache(|c| (c.synced(), c.revision()));
     let state = hub.upstream_state();
-    let err = hub.upstream_error();
+    // The port is unauthenticated: the upstream's error text (addresses,
+    // certificate subjects) stays in the log; the probe learns the state.
     let body = format!(
         "synced={synced} revision={revision} upstream={}{}\n",
         state.name(),
-        err.map(|e| format!(" last_error={e:?}"))
+        hub.upstream_outage()
+            .map(|d| format!(" failing_for={}s", d.as_secs()))
             .unwrap_or_default()
     );
     if synced {

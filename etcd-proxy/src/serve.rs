@@ -6,7 +6,13 @@
 //! responses. Capped here, a stream that is behind stops taking responses
 //! early; the backlog stays in the shared update ring, and the stream then
 //! catches up with one response per watcher for many updates.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -17,6 +23,15 @@ use tonic::service::Routes;
 
 use crate::budget::{CONNECTION_BYTES, ConnectionBudget, Held, Reservation};
 use crate::hub::stopped;
+
+/// How long an authenticated client may take to send the HTTP/2 connection
+/// preface after its handshake: a client that never sends it would otherwise
+/// hold its connection (and a descriptor) forever, since HTTP/2 keepalive
+/// pings only start once the connection is established.
+pub const PREFACE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The client connection preface of RFC 9113 §3.4.
+const PREFACE_LEN: u64 = 24;
 
 /// Encoded responses hyper may hold per stream beyond what the client's
 /// flow-control window lets through.
@@ -47,6 +62,8 @@ pub async fn serve(
 }
 
 async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watch::Receiver<bool>) {
+    let io = Counted::new(io);
+    let received = io.received.clone();
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -60,16 +77,100 @@ async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watc
             }),
         );
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended");
+    let preface = tokio::time::sleep(PREFACE_DEADLINE);
+    tokio::pin!(preface);
+    let mut waiting_for_preface = true;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+                return;
             }
-            return;
+            () = preface.as_mut(), if waiting_for_preface => {
+                if received.load(Ordering::Relaxed) < PREFACE_LEN {
+                    tracing::debug!(
+                        deadline = ?PREFACE_DEADLINE,
+                        "closing a connection whose client sent no HTTP/2 preface"
+                    );
+                    return;
+                }
+                waiting_for_preface = false;
+            }
+            _ = stopped(&mut shutdown) => break,
         }
-        _ = stopped(&mut shutdown) => conn.as_mut().graceful_shutdown(),
     }
+    conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// A connection's stream that counts the bytes its client has sent.
+#[derive(Debug)]
+struct Counted<IO> {
+    io: IO,
+    received: Arc<AtomicU64>,
+}
+
+impl<IO> Counted<IO> {
+    fn new(io: IO) -> Self {
+        Counted {
+            io,
+            received: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.received.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The routes of one connection: every request carries the connection's

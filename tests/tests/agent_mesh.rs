@@ -1376,3 +1376,83 @@ async fn agent_sigterm_leaves_the_node_record_to_its_lease() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// A Secret that cannot be read is not a Secret without entries: a
+/// cluster's file that is a dangling symlink for a while, and the whole
+/// directory missing for a while, keep the cluster's routes in place (checked
+/// every 50 ms) and are reported in `/status` as `secretProblems`; only a
+/// positive, stable absence (the entry gone from a readable directory)
+/// withdraws them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keeps_routes_while_the_secret_cannot_be_read_and_withdraws_on_removal()
+-> anyhow::Result<()> {
+    let (_east, mut secret) = east_with_two_nodes().await?;
+    let home = start_home(secret.path(), &[]).await?;
+    let both = [("10.1.1.0/24", "e1"), ("10.1.2.0/24", "e2")];
+    wait_routes(&home.dp, &both).await?;
+
+    // Routes must hold for the whole window, sampled often.
+    let hold = |what: &'static str, secs: u64| {
+        let dp = home.dp.clone();
+        async move {
+            let until = std::time::Instant::now() + Duration::from_secs(secs);
+            while std::time::Instant::now() < until {
+                let n = routes(&dp).len();
+                anyhow::ensure!(n == 2, "{what}: {n} routes held instead of 2");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        }
+    };
+
+    // 1. east's file dangles (its ..data target is gone) for 3 s.
+    let link = secret.path().join("east");
+    let target = std::fs::read_link(&link)?;
+    std::fs::remove_file(&link)?;
+    std::os::unix::fs::symlink("..data/east-gone", &link)?;
+    let s = wait_status(&home, "the dangling entry reported", |s| {
+        s.secret_problems
+            .get("east")
+            .is_some_and(|p| p.contains("symlink to nothing") && p.contains("keeping"))
+    })
+    .await?;
+    eprintln!("reported: {:?}", s.secret_problems);
+    hold("east's entry dangling", 3).await?;
+    std::fs::remove_file(&link)?;
+    std::os::unix::fs::symlink(&target, &link)?;
+    wait_status(&home, "the entry reads again", |s| {
+        s.secret_problems.is_empty()
+    })
+    .await?;
+
+    // 2. The whole directory is missing for 3 s.
+    let aside = secret.path().with_extension("aside");
+    std::fs::rename(secret.path(), &aside)?;
+    let moved_back = async {
+        wait_status(&home, "the missing directory reported", |s| {
+            s.secret_problems
+                .get("directory")
+                .is_some_and(|p| p.contains("keeping the 1 remote clusters"))
+        })
+        .await?;
+        hold("the Secret directory missing", 3).await
+    }
+    .await;
+    std::fs::rename(&aside, secret.path())?;
+    moved_back?;
+    wait_status(&home, "the directory reads again", |s| {
+        s.secret_problems.is_empty()
+    })
+    .await?;
+    assert_eq!(routes(&home.dp).len(), 2);
+    assert!(status(&home)?.remotes.contains_key("east"));
+
+    // 3. A real removal withdraws east's routes.
+    secret.remove("east")?;
+    wait_routes(&home.dp, &[]).await?;
+    wait_status(&home, "east gone from status", |s| {
+        !s.remotes.contains_key("east")
+    })
+    .await?;
+    Ok(())
+}

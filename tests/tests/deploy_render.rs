@@ -533,6 +533,36 @@ fn deploy_mesh_etcd_and_proxy_use_mutual_tls() {
     assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
     assert_eq!(&svc["spec"]["selector"], labels);
     assert!(proxy["spec"]["replicas"].as_u64().unwrap() >= 2);
+    // The unauthenticated metrics port is not open to every source: the
+    // policy selects the proxy's pods, lets anyone reach the etcd port
+    // (mTLS decides) and only labelled namespaces reach the metrics port.
+    let np = find(&d, "NetworkPolicy", "podmesh-etcd-proxy");
+    assert_eq!(&np["spec"]["podSelector"]["matchLabels"], labels);
+    let rules = seq(&np["spec"]["ingress"]);
+    let port_names = |r: &Value| -> Vec<String> {
+        seq(&r["ports"])
+            .iter()
+            .map(|p| p["port"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    for r in rules {
+        let ports = port_names(r);
+        assert!(
+            !ports.is_empty(),
+            "a rule without ports opens every port: {r:?}"
+        );
+        if ports.iter().any(|p| p == "metrics") {
+            assert!(
+                !seq(&r["from"]).is_empty(),
+                "the metrics port is open to every source: {r:?}"
+            );
+        }
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| port_names(r) == ["etcd"] && r["from"].is_null())
+    );
 
     let sts = find(&d, "StatefulSet", "podmesh-mesh-etcd");
     let etcd = container(&sts["spec"]["template"]["spec"], "etcd");

@@ -257,3 +257,66 @@ async fn proxy_bounds_what_one_client_can_make_it_build() {
             >= 16.0
     );
 }
+
+/// An authenticated client that completes its handshake and then sends
+/// nothing, not even the HTTP/2 preface, is closed after the preface
+/// deadline (10 s) instead of holding its connection forever; a client that
+/// sent its preface and stays idle is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_closes_an_authenticated_client_that_never_sends_the_http2_preface() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let mut silent =
+        podmesh_tests::rawgrpc::tls_connect(addr(&proxy), proxy.pki().ca(), proxy.client())
+            .await
+            .unwrap();
+    let mut polite =
+        podmesh_tests::rawgrpc::tls_connect(addr(&proxy), proxy.pki().ca(), proxy.client())
+            .await
+            .unwrap();
+    // The preface and an empty SETTINGS frame: a connection that is idle
+    // but alive (HTTP/2 keepalive pings look after it from here).
+    polite
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a client that sent no preface was still connected after 40 s"
+    );
+    eprintln!("silent client closed after {:?}", started.elapsed());
+    // The polite one is still served: its SETTINGS were answered, and a
+    // PING is answered now, after the silent one was closed.
+    polite
+        .write_all(b"\0\0\x08\x06\0\0\0\0\0podmesh!")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let pong = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let n = polite.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the idle client that sent its preface was closed");
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(8).any(|w| w == b"podmesh!") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        pong.is_ok(),
+        "no PING answer on the idle, polite connection"
+    );
+}

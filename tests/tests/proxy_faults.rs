@@ -272,3 +272,70 @@ async fn proxy_relists_when_the_upstream_is_another_etcd_cluster() {
     );
     task.abort();
 }
+
+/// The upstream etcd is rebuilt from nothing with the same name, peer URL
+/// and cluster token, so it keeps its cluster ID, and its revision passes
+/// the proxy's before the proxy reconnects. Only the content tells the
+/// histories apart: the proxy compares the prefix at its revision (keys and
+/// revisions) with its cache, finds another history, re-lists, and makes its
+/// watchers re-list; nothing of the old etcd survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_relists_when_the_upstream_was_rebuilt_with_the_same_cluster_id() {
+    let mut etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let mut up = etcd.connect().await.unwrap();
+    let id_before = up.status().await.unwrap().header().unwrap().cluster_id();
+    writes(&mut up, 0, 20).await;
+    for i in 0..6 {
+        up.put(format!("{PREFIX}east/only-in-the-old-etcd-{i}"), "x", None)
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let task = tokio::spawn(agent(proxy.connect().await.unwrap(), seen.clone()));
+    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
+    let proxy_rev = list(&mut proxy.connect().await.unwrap()).await.unwrap().1;
+
+    let pid = nix::unistd::Pid::from_raw(proxy.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let rebuilt = etcd.restart_empty();
+    let mut up = match rebuilt {
+        Ok(()) => etcd.connect().await.unwrap(),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            panic!("{e}");
+        }
+    };
+    let id_after = up.status().await.unwrap().header().unwrap().cluster_id();
+    assert_eq!(
+        id_before, id_after,
+        "the rebuilt etcd must keep the cluster ID, or this is the replaced-cluster test"
+    );
+    // The same number of keys as before, other ones, and a revision past the proxy's.
+    let mut i = 1000;
+    while list(&mut up).await.unwrap().1 <= proxy_rev + 5 {
+        writes(&mut up, i, 26).await;
+        i += 26;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
+    let s = seen.lock().unwrap();
+    assert!(
+        !s.state.keys().any(|k| k.contains("only-in-the-old-etcd")),
+        "a key of the old etcd survived"
+    );
+    assert!(s.relists >= 2, "the watcher was not told to re-list");
+    drop(s);
+    assert!(
+        proxy.log_tail().contains("another history"),
+        "the proxy did not say why it re-listed:\n{}",
+        proxy.log_tail()
+    );
+    assert!(
+        proxy
+            .metric("podmesh_proxy_upstream_diverged_total", "")
+            .unwrap()
+            >= 1.0
+    );
+    task.abort();
+}

@@ -28,8 +28,8 @@ async fn events(w: &mut WatchStream, n: usize) -> usize {
     Proxy::next_events(w, n).await.unwrap().len()
 }
 
-/// SIGTERM while etcd-client watch streams are open: each stream ends (an
-/// error or end-of-stream, not a hang), the proxy closes its connections
+/// SIGTERM while etcd-client watch streams are open: each stream ends with
+/// UNAVAILABLE "etcdserver: server stopped" (not a hang, not a cancel), the proxy closes its connections
 /// itself instead of waiting out its drain deadline, and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_sigterm_ends_open_watch_streams_and_exits_0_before_the_drain_deadline() {
@@ -59,6 +59,9 @@ async fn proxy_sigterm_ends_open_watch_streams_and_exits_0_before_the_drain_dead
                             }
                             Ok(Some(_)) => {}
                             Ok(None) => break "end of stream".to_owned(),
+                            Err(etcd_client::Error::GRpcStatus(s)) => {
+                                break format!("status {:?}: {}", s.code(), s.message());
+                            }
                             Err(e) => break format!("error: {e}"),
                         }
                     }
@@ -86,6 +89,13 @@ async fn proxy_sigterm_ends_open_watch_streams_and_exits_0_before_the_drain_dead
         let (how, when) = end.await.unwrap();
         let how = how.expect("a watch stream did not end within 30 s of SIGTERM");
         assert!(when < DRAIN_DEADLINE, "{how} after {when:?}");
+        // UNAVAILABLE, as etcd says when it stops: the code etcd's clients
+        // (Go's clientv3 among them) retry and resume their watchers on; a
+        // cancel or a bare end of stream would stop them.
+        assert!(
+            how.starts_with("status Unavailable") && how.contains("server stopped"),
+            "{how}"
+        );
     }
 }
 
@@ -207,6 +217,36 @@ fn proxy_healthz_and_readyz_before_and_after_the_upstream_is_reachable() {
     let r = get("/readyz");
     assert_eq!(http_status(&r), Some(503), "{r}");
     assert!(r.contains("synced=false"), "{r}");
+    // Neither the unauthenticated probe nor a remote client's Status RPC
+    // learns the upstream's error text (its address, its certificates):
+    // they get the state and how long it has lasted; the log says why.
+    let port = etcd.port().to_string();
+    let r = eventually(Duration::from_secs(30), || {
+        let r = get("/readyz");
+        if r.contains("failing_for=") {
+            Ok(r)
+        } else {
+            Err(r)
+        }
+    })
+    .unwrap();
+    assert!(!r.contains(&port) && !r.contains("last_error"), "{r}");
+    let errors = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = proxy.connect().await.unwrap();
+        c.status().await.unwrap().errors().to_vec()
+    });
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("not watched") && e.contains("failing for")),
+        "{errors:?}"
+    );
+    assert!(errors.iter().all(|e| !e.contains(&port)), "{errors:?}");
+    assert!(
+        proxy.log().contains(&port),
+        "the proxy's own log names the upstream it cannot reach: {}",
+        proxy.log_tail()
+    );
     etcd.restart().unwrap();
     let r = eventually(Duration::from_secs(30), || {
         let r = get("/readyz");

@@ -164,6 +164,9 @@ pub fn table(s: &StatusReport) -> String {
     if let Some(c) = &s.local.cluster_record_conflict {
         let _ = writeln!(o, "cluster record conflict: {}", safe(c));
     }
+    for (what, p) in &s.secret_problems {
+        let _ = writeln!(o, "clustermesh Secret ({}): {}", safe(what), safe(p));
+    }
     if let Some(e) = &s.datapath_error {
         let _ = writeln!(o, "datapath error: {}", safe(e));
     }

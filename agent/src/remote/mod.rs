@@ -280,7 +280,16 @@ pub struct Remotes<C: Connector> {
     settings: RemoteSettings,
     tasks: BTreeMap<ClusterName, (u64, JoinHandle<()>)>,
     warned_local: bool,
+    /// Followed clusters missing from the directory's listing, since when.
+    absent: BTreeMap<ClusterName, std::time::Instant>,
+    /// The last problem reading the directory or an entry, logged once.
+    problems: BTreeMap<String, String>,
 }
+
+/// How long a followed cluster must be missing from successful listings of
+/// the Secret directory before its routes are withdrawn: a removal is a
+/// positive, stable absence, never one odd scan.
+pub const ABSENCE_CONFIRM: Duration = Duration::from_secs(2);
 
 impl<C: Connector> Remotes<C> {
     /// A follower of `dir`; `local` is this cluster's name (never followed).
@@ -301,6 +310,8 @@ impl<C: Connector> Remotes<C> {
             settings,
             tasks: BTreeMap::new(),
             warned_local: false,
+            absent: BTreeMap::new(),
+            problems: BTreeMap::new(),
         }
     }
 
@@ -314,22 +325,85 @@ impl<C: Connector> Remotes<C> {
 
     /// Applies the directory's current content: starts added clusters,
     /// restarts changed ones (keeping their entries), drains removed ones.
+    ///
+    /// Only a positive, stable absence removes: a cluster missing from
+    /// successful listings for [`ABSENCE_CONFIRM`]. A directory that cannot
+    /// be read (missing for a moment, out of file descriptors) or an entry
+    /// that cannot (a symlink dangling during the kubelet's swap) keeps what
+    /// was last read, and says so in the log and in `/status`.
     pub fn sync_once(&mut self) {
-        let mut files = secret::scan(&self.dir);
-        if let Some(k) = files.keys().find(|k| k.as_str() == self.local).cloned() {
-            files.remove(&k);
-            if !self.warned_local {
-                self.warned_local = true;
-                tracing::warn!(cluster = %k, dir = %self.dir.display(), "the clustermesh Secret lists this agent's own cluster; ignoring it (remove the entry, or check --cluster-name)");
+        self.sync_at(std::time::Instant::now());
+    }
+
+    fn sync_at(&mut self, now: std::time::Instant) {
+        let listed = match secret::scan(&self.dir) {
+            Ok(l) => {
+                self.problem("directory", None);
+                l
+            }
+            Err(e) => {
+                // Before anything was followed, a missing directory is an
+                // empty Secret; after, nothing can be concluded from it.
+                if !(e.is_missing() && self.tasks.is_empty()) {
+                    self.problem(
+                        "directory",
+                        Some(format!(
+                            "{e}; keeping the {} remote clusters followed and their routes until it can be read",
+                            self.tasks.len()
+                        )),
+                    );
+                }
+                return;
+            }
+        };
+        let mut files = BTreeMap::new();
+        let mut unreadable = Vec::new();
+        for (name, l) in listed {
+            if name.as_str() == self.local {
+                if !self.warned_local {
+                    self.warned_local = true;
+                    tracing::warn!(cluster = %name, dir = %self.dir.display(), "the clustermesh Secret lists this agent's own cluster; ignoring it (remove the entry, or check --cluster-name)");
+                }
+                continue;
+            }
+            match l {
+                secret::Listed::File(f) => {
+                    self.problem(name.as_str(), None);
+                    files.insert(name, f);
+                }
+                secret::Listed::Unreadable { path, reason } => {
+                    let followed = self.tasks.contains_key(&name);
+                    self.problem(
+                        name.as_str(),
+                        Some(format!(
+                            "cannot read {}: {reason}; {}",
+                            path.display(),
+                            if followed {
+                                "keeping its last configuration and its routes"
+                            } else {
+                                "it is followed once it can be read"
+                            }
+                        )),
+                    );
+                    unreadable.push(name);
+                }
             }
         }
-        let gone: Vec<ClusterName> = self
+        self.absent
+            .retain(|k, _| !files.contains_key(k) && !unreadable.contains(k));
+        let missing: Vec<ClusterName> = self
             .tasks
             .keys()
-            .filter(|k| !files.contains_key(*k))
+            .filter(|k| !files.contains_key(*k) && !unreadable.contains(*k))
             .cloned()
             .collect();
-        for name in gone {
+        for name in missing {
+            let since = *self.absent.entry(name.clone()).or_insert(now);
+            if now.duration_since(since) < ABSENCE_CONFIRM {
+                tracing::debug!(cluster = %name, "remote cluster missing from the clustermesh Secret; withdrawn if it stays missing");
+                continue;
+            }
+            self.absent.remove(&name);
             if let Some((_, h)) = self.tasks.remove(&name) {
                 h.abort();
             }
@@ -364,6 +438,32 @@ impl<C: Connector> Remotes<C> {
             };
             self.tasks.insert(name, (fp, tokio::spawn(task.run())));
         }
+    }
+
+    /// Records the current problem of `what` (`directory` or a cluster):
+    /// logged when it appears or changes and when it clears, shown in
+    /// `/status` as `secretProblems`.
+    fn problem(&mut self, what: &str, problem: Option<String>) {
+        match problem {
+            Some(p) => {
+                if self.problems.get(what) != Some(&p) {
+                    tracing::warn!(entry = what, "{p}");
+                    self.problems.insert(what.to_string(), p);
+                    self.publish_problems();
+                }
+            }
+            None => {
+                if self.problems.remove(what).is_some() {
+                    tracing::info!(entry = what, dir = %self.dir.display(), "the clustermesh Secret reads again");
+                    self.publish_problems();
+                }
+            }
+        }
+    }
+
+    fn publish_problems(&self) {
+        let problems = self.problems.clone();
+        self.status.update(|r| r.secret_problems = problems);
     }
 
     /// The clusters followed now.

@@ -213,6 +213,14 @@ pub struct StatusReport {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub strict_rp_filter: Vec<String>,
+    /// What cannot be read in the clustermesh Secret now (`directory`, or a
+    /// cluster's entry), while the last content read is kept.
+    #[serde(
+        rename = "secretProblems",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub secret_problems: BTreeMap<String, String>,
 }
 
 impl StatusReport {

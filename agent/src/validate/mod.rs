@@ -130,6 +130,8 @@ pub mod code {
     pub const RECORD_KEY_MISMATCH: &str = "record-key-mismatch";
     /// A node record without an underlay address (no tunnel endpoint).
     pub const NODE_ADDRESS_MISSING: &str = "node-address-missing";
+    /// A node key names a node whose name is not a DNS subdomain.
+    pub const NODE_NAME_INVALID: &str = "node-name-invalid";
     /// Fewer per-node blocks than expected nodes.
     pub const CAPACITY_INSUFFICIENT: &str = "capacity-insufficient";
     /// Fewer than 20 % spare per-node blocks.

@@ -59,6 +59,18 @@ pub fn check_node_record(
     let key = crate::model::node_key(key_cluster, key_node);
     let mut out = Vec::new();
     out.extend(identity::name_finding(key_cluster));
+    if let Some(why) = crate::model::node_name_problem(key_node) {
+        out.push(Finding::new(
+            Severity::Error,
+            code::NODE_NAME_INVALID,
+            vec![key_cluster.to_string()],
+            r.pod_cidrs.clone(),
+            format!(
+                "node record {:?} names node {:?}, which is not a Kubernetes node name ({why}): a DNS subdomain of lowercase letters, digits, '-' and '.'; fix the publisher of this record",
+                key, key_node
+            ),
+        ));
+    }
     if r.name != key_node {
         out.push(mismatch(key_cluster, &key, "name", &r.name));
     }
@@ -187,6 +199,36 @@ mod tests {
                 code::CIDR_NOT_CANONICAL
             ]
         );
+    }
+
+    #[test]
+    fn node_names_are_dns_subdomains() {
+        for bad in [
+            "Node-1",
+            "n\u{1b}[2J",
+            "n\nINFO forged",
+            "-n",
+            "n..m",
+            "n_1",
+            &"a".repeat(64),
+            &format!("{}.x", "a.".repeat(126)),
+        ] {
+            let mut n = node("10.1.1.0/24");
+            n.name = bad.to_string();
+            assert_eq!(
+                codes(&check_node_record("east", bad, &n, None)),
+                [code::NODE_NAME_INVALID],
+                "{bad:?}"
+            );
+        }
+        for good in ["node-1", "ip-10-0-0-1.eu-west-1.compute.internal", "1"] {
+            let mut n = node("10.1.1.0/24");
+            n.name = good.to_string();
+            assert!(
+                check_node_record("east", good, &n, None).is_empty(),
+                "{good}"
+            );
+        }
     }
 
     #[test]

@@ -53,12 +53,16 @@ impl PbMaintenanceService for MaintenanceService {
         let (revision, keys) = self.hub.with_cache(|c| (c.revision(), c.key_count()));
         let mut errors = Vec::new();
         if self.hub.upstream_state() != UpstreamState::Watching {
+            // The state and how long it lasts, never the upstream's own error
+            // text: that names addresses and certificates of the serving
+            // cluster and goes to the proxy's log only.
             errors.push(format!(
-                "upstream etcd not watched ({}): {}; serving the last known state",
+                "upstream etcd not watched ({}{}); serving the last known state at revision {revision}; the proxy's log says why",
                 self.hub.upstream_state().name(),
                 self.hub
-                    .upstream_error()
-                    .unwrap_or_else(|| "connecting".into())
+                    .upstream_outage()
+                    .map(|d| format!(", failing for {}s", d.as_secs()))
+                    .unwrap_or_default()
             ));
         }
         let id = self.hub.identity.member_id;

@@ -128,7 +128,20 @@ impl StreamTask {
         tick.reset();
         loop {
             let step = tokio::select! {
-                _ = crate::hub::stopped(&mut shutdown) => break,
+                _ = crate::hub::stopped(&mut shutdown) => {
+                    // What etcd itself says when it stops: UNAVAILABLE is
+                    // what etcd's clients retry (Go's clientv3 resumes every
+                    // watcher from its last revision on another endpoint);
+                    // a cancel, or a stream that just ends, stops them.
+                    // A client that does not read gets a second to take it.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        self.tx
+                            .send(Err(Status::unavailable("etcdserver: server stopped"))),
+                    )
+                    .await;
+                    break;
+                }
                 req = requests.next() => match req {
                     Some(Ok(r)) => self.request(r).await,
                     Some(Err(_)) | None => break,

@@ -60,6 +60,75 @@ pub async fn list(
     }
 }
 
+/// What identifies the prefix's content at one revision without its values:
+/// how many keys, and a hash over every key with its create and mod
+/// revisions and version, in key order. Two etcds that agree on it at a
+/// revision hold the same history of the prefix up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub keys: u64,
+    pub hash: u64,
+}
+
+/// Builds a [`Fingerprint`] from key-values given in key order.
+#[derive(Debug, Default)]
+pub struct Fingerprinter {
+    keys: u64,
+    hasher: std::hash::DefaultHasher,
+}
+
+impl Fingerprinter {
+    pub fn add(&mut self, kv: &PbKeyValue) {
+        use std::hash::Hasher as _;
+        self.keys += 1;
+        self.hasher.write_usize(kv.key.len());
+        self.hasher.write(&kv.key);
+        self.hasher.write_i64(kv.create_revision);
+        self.hasher.write_i64(kv.mod_revision);
+        self.hasher.write_i64(kv.version);
+    }
+
+    pub fn finish(self) -> Fingerprint {
+        use std::hash::Hasher as _;
+        Fingerprint {
+            keys: self.keys,
+            hash: self.hasher.finish(),
+        }
+    }
+}
+
+/// The [`Fingerprint`] of the upstream's prefix at `revision`, read in pages
+/// of keys only (no values cross the network).
+pub async fn fingerprint_at(
+    kv: &mut KvClient,
+    prefix: &[u8],
+    revision: i64,
+) -> Result<Fingerprint, etcd_client::Error> {
+    let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
+    let mut from = prefix.to_vec();
+    let mut f = Fingerprinter::default();
+    loop {
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE_KEYS * 10)
+            .with_keys_only()
+            .with_revision(revision);
+        let resp = kv.get(from.clone(), Some(opts)).await?;
+        let more = resp.more();
+        let kvs = resp.0.kvs;
+        for kv in &kvs {
+            f.add(kv);
+        }
+        match kvs.last() {
+            Some(last) if more => {
+                from = last.key.clone();
+                from.push(0);
+            }
+            _ => return Ok(f.finish()),
+        }
+    }
+}
+
 /// tonic's refusal of a message over the receive limit. It has no code of
 /// its own (`OUT_OF_RANGE`, shared with etcd's compacted-revision answer), so
 /// its text tells it apart.

@@ -12,6 +12,7 @@ use crate::metrics::UpstreamState;
 mod list;
 pub mod settings;
 
+pub use list::{Fingerprint, Fingerprinter};
 pub use settings::Settings;
 
 /// Capped exponential backoff with jitter (each delay drawn from the upper
@@ -71,6 +72,14 @@ pub enum SessionError {
         "upstream etcd cluster ID changed from {was:x} to {now:x} (etcd replaced or restored); re-listing"
     )]
     Replaced { was: u64, now: u64 },
+    #[error(
+        "upstream etcd holds another history of the prefix at the proxy's revision {revision} ({upstream_keys} keys there, {our_keys} here, or the same count with other revisions): etcd rebuilt or restored under the same cluster ID; re-listing"
+    )]
+    Diverged {
+        revision: i64,
+        upstream_keys: u64,
+        our_keys: u64,
+    },
 }
 
 /// Interval of progress requests on the upstream watch: they move the cache
@@ -125,7 +134,8 @@ pub async fn run(
                 SessionError::Compacted(_)
                 | SessionError::Rewound { .. }
                 | SessionError::Replaced { .. }
-                | SessionError::Overtaken(_) => {
+                | SessionError::Overtaken(_)
+                | SessionError::Diverged { .. } => {
                     tracing::warn!(error = %e, "upstream history lost; downstream watchers will be cancelled to re-list")
                 }
                 _ => tracing::warn!(
@@ -200,6 +210,46 @@ impl Session<'_> {
             *need_list = true;
             *compact_revision = upstream_rev;
             return Err(e);
+        }
+        if !*need_list && ours > 0 {
+            // Same cluster ID and not behind, but is it the same history? An
+            // etcd rebuilt with the same name, peer URL and token keeps its
+            // cluster ID, and once its revision passes ours, resuming would
+            // serve keys it never had and miss keys it has. Compare the
+            // prefix at our revision, keys and revisions without values.
+            let mut kv = client
+                .kv_client()
+                .max_decoding_message_size(list::RECEIVE_LIMIT);
+            let theirs = match list::fingerprint_at(&mut kv, self.prefix, ours).await {
+                Ok(f) => f,
+                Err(source) => {
+                    // Compacted past our revision: the watch from ours+1
+                    // would be refused too; re-list either way rather than
+                    // resume on a history that could not be checked.
+                    *need_list = true;
+                    *compact_revision = upstream_rev;
+                    return Err(SessionError::Etcd {
+                        op: "continuity check at the proxy's revision",
+                        source,
+                    });
+                }
+            };
+            let mine = self.hub.with_cache(|c| c.fingerprint());
+            if theirs != mine {
+                *need_list = true;
+                *compact_revision = upstream_rev;
+                self.hub.metrics.upstream_diverged.inc();
+                return Err(SessionError::Diverged {
+                    revision: ours,
+                    upstream_keys: theirs.keys,
+                    our_keys: mine.keys,
+                });
+            }
+            tracing::debug!(
+                revision = ours,
+                keys = mine.keys,
+                "upstream continues the proxy's history"
+            );
         }
         if *need_list {
             let mut kv = client
