@@ -32,6 +32,18 @@ pub const PROXY_BYTES: usize = 160 << 20;
 /// Protobuf framing and revisions per key-value, roughly.
 pub const PER_KV_OVERHEAD: usize = 32;
 
+/// Watchers one Watch stream may hold (etcd has no such limit; a prefix-
+/// confined reader needs a handful, the agent one).
+pub const MAX_WATCHERS_PER_STREAM: usize = 1000;
+/// A replay of past events (a watch created at a past revision) is sent in
+/// responses of about this many bytes, split between revisions, each
+/// reserved from the stream's, the connection's and the proxy's budget until
+/// it is sent.
+pub const REPLAY_CHUNK_BYTES: usize = 256 << 10;
+/// Replay bytes one Watch stream may have built and not yet sent; the
+/// replay waits for its reader beyond that.
+pub const STREAM_REPLAY_BYTES: usize = 4 << 20;
+
 /// Budgets are counted in KiB so that they fit a semaphore's `u32` grants.
 fn kib(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
@@ -76,6 +88,27 @@ impl ConnectionBudget {
     }
 }
 
+/// One Watch stream's budget of replay bytes built and not yet sent.
+#[derive(Debug, Clone)]
+pub struct StreamBudget(Arc<Semaphore>);
+
+impl StreamBudget {
+    pub fn new(bytes: usize) -> StreamBudget {
+        StreamBudget(Arc::new(Semaphore::new(kib(bytes) as usize)))
+    }
+}
+
+/// Waits for `kib` from `sem`, at most what it holds in all (`total`), so
+/// that one oversized answer waits for everything to be free instead of
+/// forever.
+async fn wait_for(sem: &Arc<Semaphore>, kib_needed: u32, total: usize) -> OwnedSemaphorePermit {
+    let n = kib_needed.min(self::kib(total)).max(1);
+    Arc::clone(sem)
+        .acquire_many_owned(n)
+        .await
+        .expect("budget semaphores are never closed")
+}
+
 /// The proxy-wide budget.
 #[derive(Debug)]
 pub struct ProxyBudget {
@@ -88,6 +121,29 @@ impl ProxyBudget {
         ProxyBudget {
             sem: Arc::new(Semaphore::new(kib(bytes) as usize)),
             bytes,
+        }
+    }
+
+    /// Reserves `bytes` from `stream`, `conn` and the proxy, waiting until
+    /// they are free: for answers that can wait for their reader (a watch
+    /// replay) instead of being refused.
+    pub async fn reserve(
+        &self,
+        stream: &StreamBudget,
+        conn: Option<&ConnectionBudget>,
+        bytes: usize,
+    ) -> Reservation {
+        let need = kib(bytes);
+        let stream = wait_for(&stream.0, need, STREAM_REPLAY_BYTES).await;
+        let conn = match conn {
+            Some(c) => Some(wait_for(&c.0, need, CONNECTION_BYTES).await),
+            None => None,
+        };
+        let proxy = wait_for(&self.sem, need, self.bytes).await;
+        Reservation {
+            conn,
+            proxy: Some(proxy),
+            _stream: Some(stream),
         }
     }
 
@@ -153,6 +209,8 @@ impl Meter<'_> {
 pub struct Reservation {
     conn: Option<OwnedSemaphorePermit>,
     proxy: Option<OwnedSemaphorePermit>,
+    /// Held for its drop only.
+    _stream: Option<OwnedSemaphorePermit>,
 }
 
 impl Reservation {

@@ -178,12 +178,50 @@ impl Cache {
 
     /// The events with revision >= `start`, or `Err(compact_revision)` when
     /// some of them are no longer held.
+    #[cfg(test)]
     pub fn replay(&self, start: i64) -> Result<Vec<PbEvent>, i64> {
         if start < self.floor {
             return Err(self.floor - 1);
         }
         let from = self.history.partition_point(|e| event_rev(e) < start);
         Ok(self.history.range(from..).cloned().collect())
+    }
+
+    /// The next part of a replay: events with a revision from `start` to
+    /// `upto` that `select` takes, cloned by `clone`, stopping at the first
+    /// revision boundary after `max_bytes` (the events of one revision, one
+    /// etcd transaction, stay in one part). Returns them with the revision
+    /// the next part starts at (`upto + 1` when done), or
+    /// `Err(compact_revision)` when `start` is no longer held.
+    pub fn replay_part(
+        &self,
+        start: i64,
+        upto: i64,
+        max_bytes: usize,
+        select: impl Fn(&PbEvent) -> bool,
+        clone: impl Fn(&PbEvent) -> PbEvent,
+    ) -> Result<(Vec<PbEvent>, i64), i64> {
+        if start < self.floor {
+            return Err(self.floor - 1);
+        }
+        let from = self.history.partition_point(|e| event_rev(e) < start);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for e in self.history.range(from..) {
+            let rev = event_rev(e);
+            if rev > upto {
+                break;
+            }
+            if bytes >= max_bytes && out.last().is_some_and(|l: &PbEvent| event_rev(l) != rev) {
+                return Ok((out, rev));
+            }
+            if select(e) {
+                let e = clone(e);
+                bytes += prost::Message::encoded_len(&e);
+                out.push(e);
+            }
+        }
+        Ok((out, upto + 1))
     }
 
     /// Serves a RangeRequest without bounds (tests).
@@ -611,6 +649,28 @@ mod tests {
         assert_eq!(c.replay(12), Err(12));
         let revs: Vec<i64> = c.replay(14).unwrap().iter().map(event_rev).collect();
         assert_eq!(revs, vec![14, 15, 16]);
+        // In parts: a part ends at the first revision boundary past the
+        // size, the next starts there, the last says upto + 1.
+        let all = |_: &PbEvent| true;
+        let copy = |e: &PbEvent| e.clone();
+        let (p, next) = c.replay_part(13, 16, 1, all, copy).unwrap();
+        assert_eq!(
+            (p.iter().map(event_rev).collect::<Vec<_>>(), next),
+            (vec![13], 14)
+        );
+        let (p, next) = c.replay_part(14, 15, 1 << 20, all, copy).unwrap();
+        assert_eq!(
+            (p.iter().map(event_rev).collect::<Vec<_>>(), next),
+            (vec![14, 15], 16)
+        );
+        let (p, next) = c
+            .replay_part(14, 16, 1 << 20, |e| event_rev(e) == 16, copy)
+            .unwrap();
+        assert_eq!(
+            (p.iter().map(event_rev).collect::<Vec<_>>(), next),
+            (vec![16], 17)
+        );
+        assert_eq!(c.replay_part(12, 16, 1, all, copy), Err(12));
         assert!(c.advance(20));
         assert!(!c.advance(19));
         assert_eq!(c.revision(), 20);

@@ -88,6 +88,29 @@ impl RawGrpc {
     }
 }
 
+impl RawGrpc {
+    /// Opens a streaming call to `path` (e.g. `/etcdserverpb.Watch/Watch`)
+    /// and sends `messages` on it without ending it; the stream stays open
+    /// while the returned sender lives, and its answers are never read
+    /// unless the caller reads them.
+    pub async fn stream(
+        &mut self,
+        path: &str,
+        messages: &[Vec<u8>],
+    ) -> anyhow::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+        self.send = self.send.clone().ready().await?;
+        let req = http::Request::post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (answer, mut body) = self.send.send_request(req, false)?;
+        for m in messages {
+            body.send_data(frame(m), false)?;
+        }
+        Ok((answer, body))
+    }
+}
+
 impl Drop for RawGrpc {
     fn drop(&mut self) {
         self.conn.abort();

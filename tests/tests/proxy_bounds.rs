@@ -320,3 +320,188 @@ async fn proxy_closes_an_authenticated_client_that_never_sends_the_http2_preface
         "no PING answer on the idle, polite connection"
     );
 }
+
+/// What one client can make the proxy hold through Watch: watch creates
+/// with keys of 1 MiB are refused with a reason (1,500 of them once took
+/// 1.5 GB); a stream holds at most 1,000 watchers; and 20 watches created
+/// at a past revision with prev_kv, on a stream that is never read, replay
+/// in parts that wait for the reader instead of 20 histories cloned into
+/// memory at once (they took 559 MB). Memory stays far under the deploy
+/// limit and another client keeps being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_bounds_what_one_client_can_make_it_hold_through_watch() {
+    use etcd_client::WatchOptions;
+    /// etcdserverpb.WatchCreateRequest, the fields used here (etcd-client
+    /// does not export the type).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Create {
+        #[prost(bytes = "vec", tag = "1")]
+        key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        range_end: Vec<u8>,
+        #[prost(int64, tag = "3")]
+        start_revision: i64,
+        #[prost(bool, tag = "6")]
+        prev_kv: bool,
+        #[prost(int64, tag = "7")]
+        watch_id: i64,
+    }
+    /// etcdserverpb.WatchRequest with its create_request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Request {
+        #[prost(message, optional, tag = "1")]
+        create: Option<Create>,
+    }
+    let etcd = Etcd::start().unwrap();
+    let proxy = Proxy::start(&etcd, &[]).unwrap();
+    let pid = proxy.pid().unwrap();
+    let mut up = etcd.connect().await.unwrap();
+    // History: 500 events (the proxy's --history-events) of 60 KiB values
+    // over 50 keys, so each has a prev_kv as large: a replay of it with
+    // prev_kv is about 60 MB.
+    let start = up
+        .put(format!("{PREFIX}h/0"), "v".repeat(60 << 10), None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    for i in 1..500 {
+        up.put(format!("{PREFIX}h/{}", i % 50), "v".repeat(60 << 10), None)
+            .await
+            .unwrap();
+    }
+    let mut c = proxy.connect().await.unwrap();
+    let end = up
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    loop {
+        let r = c.get(format!("{PREFIX}h/0"), None).await.unwrap();
+        if r.header().unwrap().revision() >= end {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // 1. Keys of 1 MiB: refused, each with the reason.
+    let huge = format!("{PREFIX}{}", "k".repeat(1 << 20));
+    let mut stream = c.watch(huge.clone(), None).await.unwrap();
+    let mut refused = 0;
+    for i in 0..100 {
+        if i > 0 {
+            stream.watch(huge.clone(), None).await.unwrap();
+        }
+        let r = stream.message().await.unwrap().unwrap();
+        assert!(r.canceled(), "a watch on a 1 MiB key was created");
+        assert!(
+            r.cancel_reason().contains("at most 4096"),
+            "{}",
+            r.cancel_reason()
+        );
+        refused += 1;
+    }
+    eprintln!("1 MiB keys: {refused} refused");
+
+    // 2. At most 1,000 watchers on one stream.
+    let mut stream = c
+        .watch(
+            format!("{PREFIX}w/0"),
+            Some(WatchOptions::new().with_watch_id(1)),
+        )
+        .await
+        .unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created());
+    for i in 2..=1001i64 {
+        stream
+            .watch(
+                format!("{PREFIX}w/{i}"),
+                Some(WatchOptions::new().with_watch_id(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let mut created = 1;
+    let last = loop {
+        let r = stream.message().await.unwrap().unwrap();
+        if r.canceled() {
+            break r;
+        }
+        created += 1;
+    };
+    assert_eq!(created, 1000);
+    assert!(
+        last.cancel_reason().contains("1000 watchers"),
+        "{}",
+        last.cancel_reason()
+    );
+    drop(stream);
+
+    // 3. 20 replays with prev_kv on a stream nobody reads.
+    let create = |id: i64| {
+        prost::Message::encode_to_vec(&Request {
+            create: Some(Create {
+                key: PREFIX.into(),
+                range_end: prefix_end().into(),
+                start_revision: start,
+                prev_kv: true,
+                watch_id: id,
+            }),
+        })
+    };
+    let creates: Vec<Vec<u8>> = (1..=20).map(create).collect();
+    let mut raw = RawGrpc::connect(addr(&proxy), proxy.pki().ca(), proxy.client())
+        .await
+        .unwrap();
+    let (_answer, _open) = raw
+        .stream("/etcdserverpb.Watch/Watch", &creates)
+        .await
+        .unwrap();
+    // Meanwhile another client is answered.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let t = Instant::now();
+    let r = c.get(format!("{PREFIX}h/1"), None).await.unwrap();
+    assert_eq!(r.kvs().len(), 1);
+    let other = t.elapsed();
+    let peak = peak_rss(pid).unwrap();
+    eprintln!(
+        "20 unread replays of ~60 MB each: peak RSS {} MiB, other client answered in {other:?}",
+        peak >> 20
+    );
+    assert!(
+        peak < DEPLOY_LIMIT / 2,
+        "peak RSS {} MiB with unread replays",
+        peak >> 20
+    );
+    assert!(other < std::time::Duration::from_secs(5), "{other:?}");
+    // A client that reads gets the whole replay, in parts.
+    let mut s = c
+        .watch(
+            PREFIX,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
+    let mut events = 0;
+    let mut parts = 0;
+    while events < 500 {
+        let r = s.message().await.unwrap().unwrap();
+        assert!(!r.canceled(), "{}", r.cancel_reason());
+        if !r.events().is_empty() {
+            parts += 1;
+            events += r.events().len();
+        }
+    }
+    assert_eq!(events, 500);
+    eprintln!("a reader got the 500 events of the replay in {parts} parts");
+    assert!(parts > 1);
+    drop(raw);
+}

@@ -10,6 +10,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::watch_wire::{EncodedEvent, Out, Pick};
+use crate::budget::{
+    ConnectionBudget, MAX_KEY_BYTES, MAX_WATCHERS_PER_STREAM, REPLAY_CHUNK_BYTES,
+    STREAM_REPLAY_BYTES, StreamBudget,
+};
 use crate::cache::{DELETE, PUT, in_range};
 use crate::hub::{Hub, Update};
 
@@ -47,7 +51,11 @@ impl WatchService {
 impl WatchService {
     /// Serves one Watch stream: a task per stream reads its requests and the
     /// cache's updates and writes the responses into the returned stream.
-    pub fn open(&self, requests: Streaming<PbWatchRequest>) -> ReceiverStream<Result<Out, Status>> {
+    pub fn open(
+        &self,
+        requests: Streaming<PbWatchRequest>,
+        conn: Option<ConnectionBudget>,
+    ) -> ReceiverStream<Result<Out, Status>> {
         let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(1));
         let (updates, revision) = self.hub.subscribe();
         let task = StreamTask {
@@ -56,6 +64,8 @@ impl WatchService {
             watchers: HashMap::new(),
             next_id: 0,
             delivered: revision,
+            conn,
+            replay: StreamBudget::new(STREAM_REPLAY_BYTES),
         };
         self.hub.metrics.watch_streams.inc();
         tokio::spawn(task.run(requests, updates, self.cfg.progress_interval));
@@ -87,17 +97,21 @@ impl Watcher {
             && !(self.no_delete && e.r#type == DELETE)
     }
 
+    /// `e` as this watcher receives it (without `prev_kv` unless asked).
+    fn copy(&self, e: &PbEvent) -> PbEvent {
+        let mut e = e.clone();
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        e
+    }
+
+    #[cfg(test)]
     fn select(&self, events: &[PbEvent]) -> Vec<PbEvent> {
         events
             .iter()
             .filter(|e| self.wants(e))
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
-            })
+            .map(|e| self.copy(e))
             .collect()
     }
 }
@@ -113,6 +127,10 @@ struct StreamTask {
     next_id: i64,
     /// Every update up to this revision has been handled by this stream.
     delivered: i64,
+    /// The budget of the connection the stream is on (replays count against it).
+    conn: Option<ConnectionBudget>,
+    /// Replay bytes built on this stream and not yet sent.
+    replay: StreamBudget,
 }
 
 impl StreamTask {
@@ -224,11 +242,34 @@ impl StreamTask {
             r.cancel_reason = why;
             r
         };
+        if key.len() > MAX_KEY_BYTES || range_end.len() > MAX_KEY_BYTES {
+            self.hub.metrics.refuse("key_too_long");
+            return self
+                .send(refuse(
+                    self,
+                    format!(
+                        "etcdserver: a key or range end of {} bytes (at most {MAX_KEY_BYTES})",
+                        key.len().max(range_end.len())
+                    ),
+                ))
+                .await;
+        }
         if let Err(e) = self.hub.prefix.check(&key, &range_end) {
             self.hub.metrics.refuse(e.reason());
             tracing::debug!(error = %e, "watch refused");
             return self
                 .send(refuse(self, format!("permission denied: {e}")))
+                .await;
+        }
+        if self.watchers.len() >= MAX_WATCHERS_PER_STREAM {
+            self.hub.metrics.refuse("too_many_watchers");
+            return self
+                .send(refuse(
+                    self,
+                    format!(
+                        "this stream already holds {MAX_WATCHERS_PER_STREAM} watchers; cancel some or open another stream"
+                    ),
+                ))
                 .await;
         }
         let id = if watch_id != 0 {
@@ -247,18 +288,7 @@ impl StreamTask {
             }
             self.next_id
         };
-        let (synced, current, replay) = self.hub.with_cache(|c| {
-            let start = if start_revision > 0 {
-                start_revision
-            } else {
-                c.revision() + 1
-            };
-            (
-                c.synced(),
-                c.revision(),
-                c.replay(start.min(c.revision() + 1)),
-            )
-        });
+        let (synced, current) = self.hub.with_cache(|c| (c.synced(), c.revision()));
         if !synced {
             self.hub.metrics.refuse("not_synced");
             return self
@@ -271,20 +301,6 @@ impl StreamTask {
         let mut created = self.response(id, current);
         created.created = true;
         self.send(created).await?;
-        let replay = match replay {
-            Ok(events) => events,
-            Err(compact_revision) => {
-                let mut r = self.response(id, current);
-                r.canceled = true;
-                r.compact_revision = compact_revision;
-                r.cancel_reason = format!(
-                    "mvcc: required revision has been compacted: the proxy holds events from revision {} on; list again and watch from the list's revision + 1",
-                    compact_revision + 1
-                );
-                self.hub.metrics.cancelled("compacted", 1);
-                return self.send(r).await;
-            }
-        };
         let mut w = Watcher {
             key,
             range_end,
@@ -295,15 +311,63 @@ impl StreamTask {
             next_rev: start_revision.max(1),
             sent_since_tick: false,
         };
-        let events = w.select(&replay);
-        w.next_rev = w.next_rev.max(current + 1);
-        if !events.is_empty() {
-            self.hub.metrics.events_out.inc_by(events.len() as u64);
-            let mut r = self.response(id, current);
-            r.events = events;
-            w.sent_since_tick = true;
-            self.send(r).await?;
+        // The replay, in parts built one at a time under the cache lock and
+        // each reserved from the connection's and the proxy's budget until
+        // it is sent: a stream nobody reads holds at most its buffer of
+        // parts, and a connection its budget, never a whole history per
+        // watch created.
+        if start_revision > 0 && start_revision <= current {
+            let mut next = start_revision;
+            while next <= current {
+                let part = self.hub.with_cache(|c| {
+                    c.replay_part(
+                        next,
+                        current,
+                        REPLAY_CHUNK_BYTES,
+                        |e| w.wants(e),
+                        |e| w.copy(e),
+                    )
+                });
+                let (events, after) = match part {
+                    Ok(p) => p,
+                    Err(compact_revision) => {
+                        let mut r = self.response(id, current);
+                        r.canceled = true;
+                        r.compact_revision = compact_revision;
+                        r.cancel_reason = format!(
+                            "mvcc: required revision has been compacted: the proxy holds events from revision {} on; list again and watch from the list's revision + 1",
+                            compact_revision + 1
+                        );
+                        self.hub.metrics.cancelled("compacted", 1);
+                        return self.send(r).await;
+                    }
+                };
+                next = after;
+                if events.is_empty() {
+                    continue;
+                }
+                let mut r = self.response(id, current);
+                r.events = events;
+                // Waits while this stream, its connection or the proxy holds
+                // too many built parts nobody has read yet.
+                let held = self
+                    .hub
+                    .budget
+                    .reserve(
+                        &self.replay,
+                        self.conn.as_ref(),
+                        prost::Message::encoded_len(&r),
+                    )
+                    .await;
+                self.hub.metrics.events_out.inc_by(r.events.len() as u64);
+                w.sent_since_tick = true;
+                self.tx
+                    .send(Ok(Out::Replay(Box::new(r), held)))
+                    .await
+                    .map_err(|_| Gone)?;
+            }
         }
+        w.next_rev = w.next_rev.max(current + 1);
         self.watchers.insert(id, w);
         self.hub.metrics.watchers.inc();
         if watch_id == 0 {

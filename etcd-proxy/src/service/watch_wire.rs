@@ -21,6 +21,7 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use super::watch::WatchService;
+use crate::budget::{ConnectionBudget, Reservation};
 
 /// `WatchResponse.events` is field 11.
 const EVENTS_FIELD: u32 = 11;
@@ -59,8 +60,11 @@ impl EncodedEvent {
 /// One message towards a watch client.
 #[derive(Debug)]
 pub enum Out {
-    /// A message built in full: created, cancelled, progress, replay.
+    /// A message built in full: created, cancelled, progress.
     Msg(Box<PbWatchResponse>),
+    /// Part of a replay, with its bytes reserved from the connection's and
+    /// the proxy's budget until it is encoded.
+    Replay(Box<PbWatchResponse>, Reservation),
     /// Live events of one watcher: the head is encoded per watcher, the
     /// events were encoded once for all; `pick` says which of the batch's.
     Events {
@@ -112,6 +116,11 @@ impl Encoder for OutEncoder {
     fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let (header, watch_id, prev_kv, batch, pick) = match item {
             Out::Msg(m) => return encode(&m, dst),
+            Out::Replay(m, held) => {
+                let r = encode(&m, dst);
+                drop(held);
+                return r;
+            }
             Out::Events {
                 header,
                 watch_id,
@@ -190,7 +199,10 @@ impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
     }
 
     fn call(&mut self, req: tonic::Request<tonic::Streaming<PbWatchRequest>>) -> Self::Future {
-        ready(Ok(tonic::Response::new(self.0.open(req.into_inner()))))
+        let conn = req.extensions().get::<ConnectionBudget>().cloned();
+        ready(Ok(tonic::Response::new(
+            self.0.open(req.into_inner(), conn),
+        )))
     }
 }
 
