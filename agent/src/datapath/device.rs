@@ -2,7 +2,7 @@
 use std::net::IpAddr;
 
 use super::{
-    DatapathError,
+    base::DatapathError,
     nl::Netlink,
     rtnl::{self, IFF_NOARP, IFF_UP, Link},
 };

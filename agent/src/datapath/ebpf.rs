@@ -30,12 +30,15 @@ use podmesh_common::{
 };
 
 use super::{
-    DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    base::{
+        Counters, DatapathError, KernelConfig, PruneReport, ROUTE_PROTOCOL, RemoteRoute, netns_err,
+        op_err, other, unavailable,
+    },
     device::{self, VXLAN_OVERHEAD, VxlanSpec},
-    kernel::{Counters, KernelConfig},
-    nl::{Msg, Netlink, NlError, in_netns},
+    nl::{Msg, Netlink, in_netns},
     owners::Owners,
-    rtnl::{self, RouteTarget},
+    pins::ensure_pin_dir,
+    rtnl::{self, RouteTarget, delete_routes},
 };
 
 /// The eBPF datapath of one network namespace.
@@ -413,23 +416,6 @@ impl EbpfDatapath {
     }
 }
 
-/// Deletes podmesh's routes of these CIDRs; absent ones are fine.
-pub(super) fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-    let failures = nl
-        .batch(cidrs.iter().map(|c| rtnl::route_delete(*c, ROUTE_PROTOCOL)))
-        .map_err(other)?;
-    for (i, errno) in failures {
-        if errno != libc::ESRCH && errno != libc::ENOENT {
-            return Err(op_err(
-                "delete route",
-                cidrs[i],
-                &std::io::Error::from_raw_os_error(errno).to_string(),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Priority of podmesh's cls_bpf filter on kernels without TCX (< 6.6): first.
 pub const NETLINK_FILTER_PRIORITY: u16 = 1;
 /// Handle of podmesh's cls_bpf filter on kernels without TCX.
@@ -550,72 +536,4 @@ pub fn ours_attached() -> Result<bool, DatapathError> {
         p.name_as_str()
             .is_some_and(|n| !n.is_empty() && TUNNEL_EGRESS_PROG.starts_with(n))
     }))
-}
-
-/// Whether `p` is (on) a bpffs.
-pub(super) fn is_bpffs(p: &Path) -> bool {
-    nix::sys::statfs::statfs(p)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-        .unwrap_or(false)
-}
-
-/// Makes sure `dir` exists on a bpffs; mounts one on its parent when the
-/// parent is not bpffs yet (the usual `/sys/fs/bpf` on a fresh host).
-pub(super) fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", parent.display())))?;
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| {
-            DatapathError::Unavailable(format!(
-                "mounting bpffs on {}: {e} (hint: mount it on the host, e.g. hostPath \
-                 /sys/fs/bpf with mountPropagation, so pins outlive the agent)",
-                parent.display()
-            ))
-        })?;
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| DatapathError::Other(format!("creating {}: {e}", dir.display())))
-}
-
-fn unavailable(what: &str, e: &dyn std::error::Error, hint: &str) -> DatapathError {
-    let mut msg = format!("{what}: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    if !hint.is_empty() {
-        msg.push_str(&format!(" (hint: {hint})"));
-    }
-    DatapathError::Unavailable(msg)
-}
-
-pub(super) fn op_err(op: &'static str, cidr: IpNet, message: &str) -> DatapathError {
-    DatapathError::Op {
-        op,
-        cidr,
-        message: message.to_string(),
-    }
-}
-
-pub(super) fn other(e: NlError) -> DatapathError {
-    DatapathError::Other(format!("netlink: {e}"))
-}
-
-fn netns_err(e: NlError) -> DatapathError {
-    DatapathError::Unavailable(format!("opening netlink: {e}"))
-}
-
-impl From<NlError> for DatapathError {
-    fn from(e: NlError) -> Self {
-        other(e)
-    }
 }

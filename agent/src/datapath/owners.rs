@@ -15,7 +15,10 @@ use aya::{
 use ipnet::IpNet;
 use podmesh_common::{OWNER_CLUSTER_MAX, OWNER_NODE_MAX, OWNERS_MAP, Owner, OwnerKey};
 
-use super::{DatapathError, RemoteRoute};
+use super::{
+    base::{DatapathError, RemoteRoute},
+    pins::is_bpffs,
+};
 
 /// Cluster and node names of one Pod CIDR.
 pub type Names = (String, String);
@@ -57,7 +60,7 @@ impl Owners {
     /// must already be a bpffs.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-        if !super::ebpf::is_bpffs(parent) {
+        if !is_bpffs(parent) {
             return Err(DatapathError::Unavailable(format!(
                 "{} is not a bpffs",
                 parent.display()

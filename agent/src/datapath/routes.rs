@@ -14,13 +14,14 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    DatapathError, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    base::{
+        DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport,
+        ROUTE_PROTOCOL, RemoteRoute, op_err, other,
+    },
     device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
-    ebpf::{delete_routes, op_err, other},
-    kernel::KernelConfig,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
     owners::Owners,
-    rtnl::{self, RouteTarget},
+    rtnl::{self, RouteTarget, delete_routes},
 };
 
 /// Name of the VXLAN device of the `vxlan` mode.

@@ -5,7 +5,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::nl::{Attrs, Msg, Netlink, NlError, as_u32, attrs, consts::*};
+use super::{
+    base::{DatapathError, ROUTE_PROTOCOL, op_err, other},
+    nl::{Attrs, Msg, Netlink, NlError, as_u32, attrs, consts::*},
+};
 
 /// The main routing table.
 pub const RT_TABLE_MAIN: u8 = 254;
@@ -594,6 +597,23 @@ fn parse_ip(v: &[u8]) -> Option<IpAddr> {
         16 => Some(IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
         _ => None,
     }
+}
+
+/// Deletes podmesh's routes of these CIDRs; absent ones are fine.
+pub fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+    let failures = nl
+        .batch(cidrs.iter().map(|c| route_delete(*c, ROUTE_PROTOCOL)))
+        .map_err(other)?;
+    for (i, errno) in failures {
+        if errno != libc::ESRCH && errno != libc::ENOENT {
+            return Err(op_err(
+                "delete route",
+                cidrs[i],
+                &std::io::Error::from_raw_os_error(errno).to_string(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,8 +15,11 @@ use podmesh_common::{
 };
 
 use super::{
-    NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, ROUTE_PROTOCOL, masq::MasqExemption, nl::Netlink,
-    routes::VXLAN_DEVICE, rtnl,
+    base::{NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, ROUTE_PROTOCOL},
+    masq::MasqExemption,
+    nl::Netlink,
+    routes::VXLAN_DEVICE,
+    rtnl,
 };
 
 /// What an uninstall removed and what it could not.
@@ -68,7 +71,7 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
     match rtnl::routes_with_protocol(nl, ROUTE_PROTOCOL) {
         Ok(routes) => {
             let cidrs: Vec<_> = routes.into_iter().map(|x| x.dst).collect();
-            match super::ebpf::delete_routes(nl, &cidrs) {
+            match rtnl::delete_routes(nl, &cidrs) {
                 Ok(()) if !cidrs.is_empty() => r
                     .removed
                     .push(format!("{} routes (proto {ROUTE_PROTOCOL})", cidrs.len())),
