@@ -2,7 +2,7 @@
 //!
 //! The bottom of the datapath's layering (see the module doc of
 //! [`super`]): everything else may use this module, and it uses nothing of
-//! the datapath but the netlink socket's error type.
+//! the datapath but [`super::error`] (whose types it re-exports).
 use std::{
     collections::BTreeSet,
     future::Future,
@@ -12,7 +12,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::nl::NlError;
+pub use super::error::{DatapathError, Refusal, RefusalReason};
 use crate::config::DatapathMode;
 
 /// Route protocol number of every route podmesh installs (`ip route show
@@ -38,26 +38,16 @@ pub struct RemoteRoute {
     pub vtep_mac: Option<[u8; 6]>,
 }
 
-/// A datapath operation that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    /// The kernel refused or could not do `op` for `cidr`.
-    #[error("{op} {cidr}: {message}")]
-    Op {
-        /// What was attempted (e.g. "upsert route").
-        op: &'static str,
-        /// The CIDR concerned.
-        cidr: IpNet,
-        /// What went wrong, with a hint where there is one.
-        message: String,
-    },
-    /// The datapath cannot run on this machine (missing kernel feature,
-    /// missing privilege); the message says what to do.
-    #[error("datapath unavailable: {0}")]
-    Unavailable(String),
-    /// Any other failure.
-    #[error("{0}")]
-    Other(String),
+impl RemoteRoute {
+    /// This record, refused for `reason`.
+    pub fn refusal(&self, reason: RefusalReason) -> Refusal {
+        Refusal {
+            cidr: self.cidr,
+            cluster: self.cluster.clone(),
+            node: self.node.clone(),
+            reason,
+        }
+    }
 }
 
 /// What `prune` removed.
@@ -165,39 +155,4 @@ pub struct Counters {
     pub not_ipv4: u64,
     /// The kernel refused the tunnel key: dropped.
     pub tunnel_key_failed: u64,
-}
-
-pub(super) fn unavailable(what: &str, e: &dyn std::error::Error, hint: &str) -> DatapathError {
-    let mut msg = format!("{what}: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    if !hint.is_empty() {
-        msg.push_str(&format!(" (hint: {hint})"));
-    }
-    DatapathError::Unavailable(msg)
-}
-
-pub(super) fn op_err(op: &'static str, cidr: IpNet, message: &str) -> DatapathError {
-    DatapathError::Op {
-        op,
-        cidr,
-        message: message.to_string(),
-    }
-}
-
-pub(super) fn other(e: NlError) -> DatapathError {
-    DatapathError::Other(format!("netlink: {e}"))
-}
-
-pub(super) fn netns_err(e: NlError) -> DatapathError {
-    DatapathError::Unavailable(format!("opening netlink: {e}"))
-}
-
-impl From<NlError> for DatapathError {
-    fn from(e: NlError) -> Self {
-        other(e)
-    }
 }

@@ -92,7 +92,7 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
 fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, DatapathError> {
     let mut removed = false;
     let mut nl = Netlink::open(cfg.netns.as_deref())
-        .map_err(|e| DatapathError::Other(format!("netlink: {e}")))?;
+        .map_err(|e| DatapathError::netlink("opening netlink", e))?;
     let needs_port = matches!(cfg.mode, DatapathMode::Ebpf | DatapathMode::Vxlan);
     for (name, owner) in [
         (TUNNEL_DEVICE, DatapathMode::Ebpf),
@@ -102,7 +102,7 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             continue;
         }
         let link = rtnl::link_by_name(&mut nl, name)
-            .map_err(|e| DatapathError::Other(format!("listing links for {name}: {e}")))?;
+            .map_err(|e| DatapathError::netlink(format!("listing links for {name}"), e))?;
         let Some(l) = link.filter(|l| l.kind.as_deref() == Some("vxlan")) else {
             continue;
         };
@@ -117,7 +117,7 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             cfg.mode
         );
         rtnl::delete_link(&mut nl, l.index)
-            .map_err(|e| DatapathError::Other(format!("removing {name}: {e}")))?;
+            .map_err(|e| DatapathError::netlink(format!("removing {name}"), e))?;
         removed = true;
     }
     if before {
@@ -140,10 +140,10 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             let path = cfg.pin_dir.join(pin);
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(DatapathError::Other(format!(
-                        "removing {}, left by the ebpf datapath: {e}",
-                        path.display()
-                    )));
+                    return Err(DatapathError::io(
+                        format!("removing {}, left by the ebpf datapath", path.display()),
+                        e,
+                    ));
                 }
                 _ => {}
             }

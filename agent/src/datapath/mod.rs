@@ -13,9 +13,9 @@
 //! the ones on top:
 //!
 //! 1. [`nl`]: the netlink socket (batched requests, dumps, `in_netns`).
-//! 2. [`base`]: the shared vocabulary: [`Datapath`], [`RemoteRoute`],
-//!    [`DatapathError`], [`KernelConfig`], [`Counters`], podmesh's route
-//!    protocol and nexthop id range.
+//! 2. [`error`] ([`DatapathError`], [`Refusal`]) and [`base`]: the shared
+//!    vocabulary: [`Datapath`], [`RemoteRoute`], [`KernelConfig`],
+//!    [`Counters`], podmesh's route protocol and nexthop id range.
 //! 3. Kernel objects, one kind per module: [`rtnl`] (links, routes,
 //!    neighbours, nexthop objects), [`nftset`] (nf_tables sets), [`pins`]
 //!    (the bpffs pin directory).
@@ -30,6 +30,7 @@
 pub mod base;
 pub mod device;
 pub mod ebpf;
+pub mod error;
 pub mod kernel;
 pub mod masq;
 pub mod memory;
@@ -44,6 +45,6 @@ pub mod uninstall;
 
 pub use base::{
     Counters, Datapath, DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST,
-    PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    PruneReport, ROUTE_PROTOCOL, Refusal, RefusalReason, RemoteRoute,
 };
 pub use kernel::{KernelDatapath, from_config};

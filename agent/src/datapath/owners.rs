@@ -42,11 +42,11 @@ impl Owners {
     /// agent left in it.
     pub fn new(map: aya::maps::Map) -> Result<Self, DatapathError> {
         let map = HashMap::try_from(map)
-            .map_err(|e| DatapathError::Other(format!("opening {OWNERS_MAP}: {e}")))?;
+            .map_err(|e| DatapathError::map(format!("opening {OWNERS_MAP}"), e))?;
         let mut names = BTreeMap::new();
         for item in map.iter() {
             let (k, v) =
-                item.map_err(|e| DatapathError::Other(format!("reading {OWNERS_MAP}: {e}")))?;
+                item.map_err(|e| DatapathError::map(format!("reading {OWNERS_MAP}"), e))?;
             if let Some(cidr) = cidr_of(&k) {
                 names.insert(cidr, decode(&v));
             }
@@ -67,15 +67,16 @@ impl Owners {
             )));
         }
         std::fs::create_dir_all(pin_dir)
-            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", pin_dir.display())))?;
+            .map_err(|e| DatapathError::io(format!("creating {}", pin_dir.display()), e))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| {
-                DatapathError::Unavailable(format!(
-                    "creating the owners map under {}: {e}",
-                    pin_dir.display()
-                ))
+                DatapathError::program(
+                    format!("creating the owners map under {}", pin_dir.display()),
+                    "",
+                    e,
+                )
             })?;
         let map = ebpf
             .take_map(OWNERS_MAP)
@@ -110,11 +111,10 @@ impl Owners {
             {
                 Ok(()) => changed.push((r.cidr, (r.cluster.clone(), r.node.clone()))),
                 Err(e) => {
-                    first_err.get_or_insert(DatapathError::Op {
-                        op: "record owner",
-                        cidr: r.cidr,
-                        message: e.to_string(),
-                    });
+                    first_err.get_or_insert(DatapathError::map(
+                        format!("recording the owner of {}", r.cidr),
+                        e,
+                    ));
                 }
             }
         }

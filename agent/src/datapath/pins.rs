@@ -16,7 +16,7 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
         std::fs::create_dir_all(parent)
-            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", parent.display())))?;
+            .map_err(|e| DatapathError::io(format!("creating {}", parent.display()), e))?;
         nix::mount::mount(
             Some("bpf"),
             parent,
@@ -33,5 +33,5 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
         })?;
     }
     std::fs::create_dir_all(dir)
-        .map_err(|e| DatapathError::Other(format!("creating {}: {e}", dir.display())))
+        .map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))
 }

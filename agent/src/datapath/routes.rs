@@ -16,9 +16,10 @@ use ipnet::IpNet;
 use super::{
     base::{
         DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport,
-        ROUTE_PROTOCOL, RemoteRoute, op_err, other,
+        ROUTE_PROTOCOL, RefusalReason, RemoteRoute,
     },
     device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
+    error::{Refusal, netlink_err, upsert_result},
     nl::{Msg, Netlink, consts::AF_BRIDGE},
     owners::Owners,
     rtnl::{self, RouteTarget, delete_routes},
@@ -61,7 +62,7 @@ pub struct RouteDatapath {
 impl RouteDatapath {
     /// `vxlan`: creates or adopts `podmesh-vx`.
     pub fn vxlan(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - VXLAN_OVERHEAD;
         let link = device::ensure_vxlan(
             &mut nl,
@@ -83,14 +84,15 @@ impl RouteDatapath {
 
     /// `direct`: plain routes via the node addresses.
     pub fn direct(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         Self::with(nl, RouteMode::Direct, None, cfg)
     }
 
     /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
     pub fn ipip(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
-        let mut tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
+        let mut tunl =
+            rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(netlink_err("looking up tunl0"))?;
         if tunl.is_none() {
             // The module creates tunl0 in every namespace when it loads.
             let _ = std::process::Command::new("modprobe")
@@ -98,7 +100,8 @@ impl RouteDatapath {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();
-            tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+            tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE)
+                .map_err(netlink_err("looking up tunl0"))?;
         }
         let Some(tunl) = tunl else {
             return Err(DatapathError::Unavailable(
@@ -109,7 +112,7 @@ impl RouteDatapath {
         };
         let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IPIP_OVERHEAD;
         rtnl::set_link(&mut nl, tunl.index, rtnl::IFF_UP, rtnl::IFF_UP, Some(mtu))
-            .map_err(other)?;
+            .map_err(netlink_err("setting up tunl0"))?;
         Self::with(
             nl,
             RouteMode::Ipip {
@@ -188,7 +191,8 @@ impl RouteDatapath {
         &mut self,
         addrs: &BTreeSet<IpAddr>,
     ) -> Result<BTreeMap<IpAddr, u32>, DatapathError> {
-        let connected = rtnl::connected_routes(&mut self.nl).map_err(other)?;
+        let connected = rtnl::connected_routes(&mut self.nl)
+            .map_err(netlink_err("listing connected networks"))?;
         Ok(addrs
             .iter()
             .filter_map(|a| {
@@ -202,23 +206,16 @@ impl RouteDatapath {
     }
 
     /// The routes that can be installed, with the output device of their
-    /// node; the first reason one cannot goes to `first_err`.
+    /// node; the others go to `refused`.
     fn usable<'a>(
         &mut self,
         routes: &'a [RemoteRoute],
-        first_err: &mut Option<DatapathError>,
+        refused: &mut Vec<Refusal>,
     ) -> Result<(Vec<&'a RemoteRoute>, BTreeMap<IpAddr, u32>), DatapathError> {
         let mut usable: Vec<&RemoteRoute> = Vec::with_capacity(routes.len());
         for r in routes {
             if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node {}/{} published no vtepMAC; the vxlan datapath needs it",
-                        r.cluster, r.node
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "vxlan" }));
                 continue;
             }
             usable.push(r);
@@ -233,15 +230,7 @@ impl RouteDatapath {
         usable.retain(|r| {
             let ok = oifs.contains_key(&r.node_addr);
             if !ok {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node address {} is not on a directly connected network (hint: the \
-                         direct datapath needs a shared L2 underlay; use ebpf or vxlan)",
-                        r.node_addr
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::NotConnected { addr: r.node_addr }));
             }
             ok
         });
@@ -253,10 +242,12 @@ impl RouteDatapath {
 /// runs them off the async runtime's workers.
 impl RouteDatapath {
     /// Installs every route that can be installed (a node without vtepMAC
-    /// or off the underlay never blocks the others); returns the first failure.
+    /// or off the underlay never blocks the others); returns the first
+    /// failure, else the refused records.
     pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
-        let (usable, oifs) = self.usable(routes, &mut first_err)?;
+        let mut refused = Vec::new();
+        let (usable, oifs) = self.usable(routes, &mut refused)?;
         let onlink = !matches!(self.mode, RouteMode::Direct);
         // Per node: nexthop (+ neighbour and fdb for vxlan); then the routes.
         let mut nodes: BTreeMap<IpAddr, (IpNet, Option<[u8; 6]>)> = BTreeMap::new();
@@ -283,14 +274,18 @@ impl RouteDatapath {
             }
         }
         let (cidrs, msgs): (Vec<IpNet>, Vec<Msg>) = node_msgs.into_iter().unzip();
-        let failures = self.nl.batch(msgs).map_err(other)?;
+        let failures = self
+            .nl
+            .batch(msgs)
+            .map_err(netlink_err("installing nexthop objects"))?;
         if let Some((i, errno)) = failures.first() {
             // Routes to a node whose nexthop failed would fail too.
-            return Err(first_err.unwrap_or(op_err(
+            return Err(DatapathError::op(
                 "upsert nexthop",
                 cidrs[*i],
-                &std::io::Error::from_raw_os_error(*errno).to_string(),
-            )));
+                *errno,
+                failures.len() - 1,
+            ));
         }
         let msgs: Vec<Msg> = usable
             .iter()
@@ -303,12 +298,16 @@ impl RouteDatapath {
                 )
             })
             .collect();
-        let failures = self.nl.batch(msgs).map_err(other)?;
+        let failures = self
+            .nl
+            .batch(msgs)
+            .map_err(netlink_err("installing routes"))?;
         if let Some((i, errno)) = failures.first() {
-            first_err.get_or_insert(op_err(
+            first_err.get_or_insert(DatapathError::op(
                 "upsert route",
                 usable[*i].cidr,
-                &std::io::Error::from_raw_os_error(*errno).to_string(),
+                *errno,
+                failures.len() - 1,
             ));
         }
         if let Some(o) = &mut self.owners
@@ -320,7 +319,7 @@ impl RouteDatapath {
             &mut self.routes,
             usable.iter().map(|r| (r.cidr, (*r).clone())).collect(),
         );
-        first_err.map_or(Ok(()), Err)
+        upsert_result(first_err, refused)
     }
 
     pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
@@ -336,7 +335,7 @@ impl RouteDatapath {
 
     pub fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
         let removed: Vec<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+            .map_err(netlink_err("listing podmesh's routes"))?
             .into_iter()
             .map(|r| r.dst)
             .filter(|d| !keep.contains(d))
@@ -353,7 +352,7 @@ impl RouteDatapath {
     pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let by_id: BTreeMap<u32, IpAddr> =
             rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-                .map_err(other)?
+                .map_err(netlink_err("listing podmesh's nexthop objects"))?
                 .into_iter()
                 .filter_map(|nh| Some((nh.id, nh.gateway?)))
                 .collect();
@@ -363,14 +362,16 @@ impl RouteDatapath {
                 rtnl::family_of(IpAddr::from([0u8; 4])),
                 ifindex,
             )
-            .map_err(other)?
+            .map_err(netlink_err("listing neighbours"))?
             .into_iter()
             .filter_map(|(ip, mac)| Some((ip?, mac?)))
             .collect(),
             _ => BTreeMap::new(),
         };
         let mut out = Vec::new();
-        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)? {
+        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's routes"))?
+        {
             let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
                 continue;
             };
@@ -415,11 +416,12 @@ impl RouteDatapath {
     /// podmesh route uses any more.
     fn collect_nexthops(&mut self) -> Result<(), DatapathError> {
         let used: BTreeSet<u32> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+            .map_err(netlink_err("listing podmesh's routes"))?
             .into_iter()
             .filter_map(|r| r.nhid)
             .collect();
-        let all = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)?;
+        let all = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's nexthop objects"))?;
         let unused: Vec<(u32, Option<IpAddr>)> = all
             .iter()
             .filter(|nh| !used.contains(&nh.id))
@@ -439,13 +441,17 @@ impl RouteDatapath {
                 rtnl::family_of(IpAddr::from([0u8; 4])),
                 rtnl::family_of(IpAddr::from([0u16; 8])),
             ] {
-                for (ip, _) in rtnl::neighbours(&mut self.nl, family, ifindex).map_err(other)? {
+                for (ip, _) in rtnl::neighbours(&mut self.nl, family, ifindex)
+                    .map_err(netlink_err("listing neighbours"))?
+                {
                     if let Some(ip) = ip.filter(|ip| !live.contains(ip)) {
                         msgs.push(rtnl::neigh_delete(ifindex, ip));
                     }
                 }
             }
-            for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex).map_err(other)? {
+            for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
+                .map_err(netlink_err("listing fdb entries"))?
+            {
                 if let (Some(ip), Some(mac)) = (ip, mac)
                     && !live.contains(&ip)
                 {
@@ -454,7 +460,9 @@ impl RouteDatapath {
             }
         }
         // Already gone is fine: deleting is idempotent.
-        let _ = self.nl.batch(msgs).map_err(other)?;
+        let _ = self.nl.batch(msgs).map_err(netlink_err(
+            "deleting unused nexthop, neighbour and fdb entries",
+        ))?;
         self.nexthops.retain(|_, id| used.contains(id));
         self.used_ids.retain(|id| used.contains(id));
         Ok(())

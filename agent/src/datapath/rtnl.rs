@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{
-    base::{DatapathError, ROUTE_PROTOCOL, op_err, other},
+    base::{DatapathError, ROUTE_PROTOCOL},
+    error::netlink_err,
     nl::{Attrs, Msg, Netlink, NlError, as_u32, attrs, consts::*},
 };
 
@@ -603,17 +604,19 @@ fn parse_ip(v: &[u8]) -> Option<IpAddr> {
 pub fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), DatapathError> {
     let failures = nl
         .batch(cidrs.iter().map(|c| route_delete(*c, ROUTE_PROTOCOL)))
-        .map_err(other)?;
-    for (i, errno) in failures {
-        if errno != libc::ESRCH && errno != libc::ENOENT {
-            return Err(op_err(
-                "delete route",
-                cidrs[i],
-                &std::io::Error::from_raw_os_error(errno).to_string(),
-            ));
-        }
+        .map_err(netlink_err("deleting routes"))?;
+    let mut failed = failures
+        .into_iter()
+        .filter(|(_, errno)| *errno != libc::ESRCH && *errno != libc::ENOENT);
+    match failed.next() {
+        Some((i, errno)) => Err(DatapathError::op(
+            "delete route",
+            cidrs[i],
+            errno,
+            failed.count(),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
