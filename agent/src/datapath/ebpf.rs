@@ -36,6 +36,7 @@ use super::{
     },
     device::{self, VXLAN_OVERHEAD, VxlanSpec},
     error::{netlink_err, upsert_result},
+    nexthop,
     nl::{Msg, Netlink, in_netns},
     owners::Owners,
     pins::ensure_pin_dir,
@@ -364,11 +365,11 @@ impl EbpfDatapath {
         // left when the node switched to ebpf. Once no route uses them (the
         // upserts replaced those routes) they go.
         let used: BTreeSet<u32> = routes.iter().filter_map(|r| r.nhid).collect();
-        let unused: Vec<Msg> = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+        let unused: Vec<Msg> = nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(netlink_err("listing podmesh's nexthop objects"))?
             .iter()
             .filter(|nh| !used.contains(&nh.id))
-            .map(|nh| rtnl::nexthop_delete(nh.id))
+            .map(|nh| nexthop::nexthop_delete(nh.id))
             .collect();
         if !unused.is_empty() {
             let _ = self

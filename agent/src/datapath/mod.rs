@@ -16,9 +16,10 @@
 //! 2. [`error`] ([`DatapathError`], [`Refusal`]) and [`base`]: the shared
 //!    vocabulary: [`Datapath`], [`RemoteRoute`], [`KernelConfig`],
 //!    [`Counters`], podmesh's route protocol and nexthop id range.
-//! 3. Kernel objects, one kind per module: [`rtnl`] (links, routes,
-//!    neighbours, nexthop objects), [`nftset`] (nf_tables sets), [`pins`]
-//!    (the bpffs pin directory).
+//! 3. Kernel objects, one kind per module: [`rtnl`] (links, addresses,
+//!    routes, neighbours, with netlink-packet-route's types), [`nexthop`]
+//!    (nexthop objects, encoded by hand: the crate has no type for them),
+//!    [`nftset`] (nf_tables sets), [`pins`] (the bpffs pin directory).
 //! 4. What podmesh owns on top of them: [`device`] (its tunnel devices),
 //!    [`owners`] (the pinned owners map), [`masq`] (the masquerade
 //!    exemption), [`rpfilter`].
@@ -34,6 +35,7 @@ pub mod error;
 pub mod kernel;
 pub mod masq;
 pub mod memory;
+pub mod nexthop;
 pub mod nftset;
 pub mod nl;
 pub mod owners;

@@ -20,6 +20,7 @@ use super::{
     },
     device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
     error::{Refusal, netlink_err, upsert_result},
+    nexthop,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
     owners::Owners,
     rtnl::{self, RouteTarget, delete_routes},
@@ -129,7 +130,7 @@ impl RouteDatapath {
         route_mtu: Option<u32>,
         cfg: &KernelConfig,
     ) -> Result<Self, DatapathError> {
-        let nexthops = rtnl::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
+        let nexthops = nexthop::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
             .map_err(|e| {
                 DatapathError::Unavailable(format!(
                     "listing nexthop objects: {e} (hint: needs Linux 5.3 or newer)"
@@ -266,7 +267,7 @@ impl RouteDatapath {
             };
             node_msgs.push((
                 *cidr,
-                rtnl::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
+                nexthop::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
             ));
             if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
                 node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, *a, *mac)));
@@ -351,7 +352,7 @@ impl RouteDatapath {
 
     pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let by_id: BTreeMap<u32, IpAddr> =
-            rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
                 .map_err(netlink_err("listing podmesh's nexthop objects"))?
                 .into_iter()
                 .filter_map(|nh| Some((nh.id, nh.gateway?)))
@@ -420,7 +421,7 @@ impl RouteDatapath {
             .into_iter()
             .filter_map(|r| r.nhid)
             .collect();
-        let all = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+        let all = nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(netlink_err("listing podmesh's nexthop objects"))?;
         let unused: Vec<(u32, Option<IpAddr>)> = all
             .iter()
@@ -434,7 +435,7 @@ impl RouteDatapath {
             .collect();
         let mut msgs: Vec<Msg> = unused
             .iter()
-            .map(|(id, _)| rtnl::nexthop_delete(*id))
+            .map(|(id, _)| nexthop::nexthop_delete(*id))
             .collect();
         if let RouteMode::Vxlan { ifindex, .. } = self.mode {
             for family in [

@@ -17,6 +17,7 @@ use podmesh_common::{
 use super::{
     base::{NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, ROUTE_PROTOCOL},
     masq::MasqExemption,
+    nexthop,
     nl::Netlink,
     routes::VXLAN_DEVICE,
     rtnl,
@@ -81,14 +82,14 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
         }
         Err(e) => r.failures.push(format!("listing routes: {e}")),
     }
-    match rtnl::nexthops_with_protocol(nl, ROUTE_PROTOCOL) {
+    match nexthop::nexthops_with_protocol(nl, ROUTE_PROTOCOL) {
         Ok(nhs) => {
             let ids: Vec<u32> = nhs
                 .into_iter()
                 .map(|n| n.id)
                 .filter(|id| (NEXTHOP_ID_FIRST..=NEXTHOP_ID_LAST).contains(id))
                 .collect();
-            match nl.batch(ids.iter().map(|id| rtnl::nexthop_delete(*id))) {
+            match nl.batch(ids.iter().map(|id| nexthop::nexthop_delete(*id))) {
                 Ok(failed) => {
                     let gone = ids.len() - failed.len();
                     if gone > 0 {
