@@ -124,19 +124,6 @@ impl KernelConfig {
         }
     }
 
-    /// The configuration the agent's flags ask for (`--datapath`,
-    /// `--tunnel-port`, `--vni`, `--underlay-mtu`, `--node-ip`, `--bpf-pin-dir`).
-    pub fn from_args(args: &crate::config::AgentArgs) -> Self {
-        Self {
-            tunnel_port: args.tunnel_port,
-            vni: args.vni,
-            underlay_mtu: args.underlay_mtu,
-            pin_dir: args.bpf_pin_dir.clone(),
-            node_ip: args.node_ip,
-            ..Self::new(args.datapath)
-        }
-    }
-
     /// Programs the namespace at `path` instead of the caller's.
     pub fn in_netns(mut self, path: impl AsRef<Path>) -> Self {
         self.netns = Some(path.as_ref().to_path_buf());

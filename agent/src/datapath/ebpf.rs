@@ -216,11 +216,6 @@ impl EbpfDatapath {
         self.mac
     }
 
-    /// The pin directory in use.
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Packet counters of the tc program, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         read_counters(&self.counters)
