@@ -5,6 +5,11 @@
 //! prebuilt `core` for the BPF target) and `bpf-linker`; every variable of
 //! the host build that would leak into it is removed. `cargo xtask setup`
 //! installs both.
+//!
+//! `AYA_BUILD_SKIP=1` (aya-build's switch) skips the nested build and embeds
+//! an empty object, so that lint-only builds (`cargo clippy`, `cargo doc`)
+//! need neither Debian's rustc nor bpf-linker. Such an agent compiles but
+//! cannot load its programs: the ebpf datapath fails at start.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -31,8 +36,18 @@ fn main() -> anyhow::Result<()> {
     }
     println!("cargo:rerun-if-env-changed=PODMESH_BPF_LINKER");
     println!("cargo:rerun-if-env-changed=PODMESH_BPF_RUSTC");
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    if skip_requested() {
+        println!(
+            "cargo:warning=AYA_BUILD_SKIP is set: the eBPF programs are not built and the agent \
+             embeds an empty object (for lint-only builds; the ebpf datapath cannot start)"
+        );
+        std::fs::write(out_dir.join("podmesh-ebpf.o"), [])
+            .context("writing the empty eBPF object")?;
+        return Ok(());
+    }
     let rustc = env::var("PODMESH_BPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
     let cargo = Path::new(&rustc).with_file_name("cargo");
     if !Path::new(&rustc).exists() || !cargo.exists() {
@@ -93,6 +108,13 @@ fn main() -> anyhow::Result<()> {
     std::fs::copy(&obj, out_dir.join("podmesh-ebpf.o"))
         .with_context(|| format!("copying {}", obj.display()))?;
     Ok(())
+}
+
+/// Whether `AYA_BUILD_SKIP` asks to skip the eBPF build: set to anything
+/// but empty, `0` or `false`.
+fn skip_requested() -> bool {
+    env::var("AYA_BUILD_SKIP")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 /// `$PODMESH_BPF_LINKER`, then the project's `.tools/`, then the user cache

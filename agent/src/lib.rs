@@ -2,6 +2,12 @@
 //!
 //! The wire contract lives in [`model`]; the kernel programs built from
 //! `ebpf/podmesh-ebpf` are embedded as [`EBPF_OBJECT`].
+#![warn(unused_crate_dependencies)]
+
+// Dependencies of the binaries only (`src/bin/`): the lint above checks
+// this crate root, which they share with the library.
+use anyhow as _;
+use tracing_subscriber as _;
 
 pub mod cli;
 pub mod cni;

@@ -3,10 +3,7 @@ use std::process::ExitCode;
 
 use podmesh_agent::{
     config::{self, NodeSource},
-    datapath::{
-        kernel::{KernelConfig, from_config},
-        memory::MemoryDatapath,
-    },
+    datapath::{KernelConfig, from_config, memory::MemoryDatapath},
     runtime,
 };
 

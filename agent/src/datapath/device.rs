@@ -2,7 +2,8 @@
 use std::net::IpAddr;
 
 use super::{
-    DatapathError,
+    base::DatapathError,
+    error::netlink_err,
     nl::Netlink,
     rtnl::{self, IFF_NOARP, IFF_UP, Link},
 };
@@ -38,10 +39,13 @@ pub struct VxlanSpec<'a> {
 /// recreated. Returns the device as it is now.
 pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, DatapathError> {
     let ctx = |what: &str, e: super::nl::NlError| {
-        DatapathError::Other(format!(
-            "{what} {}: {e} (hint: podmesh needs CAP_NET_ADMIN and a kernel with VXLAN)",
-            spec.name
-        ))
+        DatapathError::netlink(
+            format!(
+                "{what} {} (hint: podmesh needs CAP_NET_ADMIN and a kernel with VXLAN)",
+                spec.name
+            ),
+            e,
+        )
     };
     // Creating fails with EEXIST when another device already receives this
     // VNI (or, external, every VNI) on the port; bringing it up fails with
@@ -106,7 +110,7 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
 /// when it is, else what happened to it (removed, recreated, set down).
 pub fn lost(nl: &mut Netlink, name: &str, ifindex: u32) -> Result<Option<String>, DatapathError> {
     let link = rtnl::link_by_name(nl, name)
-        .map_err(|e| DatapathError::Other(format!("looking up {name}: {e}")))?;
+        .map_err(|e| DatapathError::netlink(format!("looking up {name}"), e))?;
     Ok(match link {
         None => Some(format!("{name} was removed")),
         Some(l) if l.index != ifindex => Some(format!("{name} was replaced by another device")),
@@ -203,7 +207,7 @@ pub fn underlay_mtu(
     }
     let index = match node_ip {
         Some(ip) => rtnl::link_with_address(nl, ip)
-            .map_err(|e| DatapathError::Other(format!("finding the device of {ip}: {e}")))?,
+            .map_err(|e| DatapathError::netlink(format!("finding the device of {ip}"), e))?,
         // A FIB lookup only (nothing is sent): a documentation address
         // (RFC 5737) is routed by the default route. No default route: 1500.
         None => rtnl::route_get(nl, IpAddr::from([192, 0, 2, 1]))
@@ -213,7 +217,7 @@ pub fn underlay_mtu(
     };
     let Some(index) = index else { return Ok(1500) };
     Ok(rtnl::links(nl)
-        .map_err(|e| DatapathError::Other(format!("reading the underlay device's MTU: {e}")))?
+        .map_err(netlink_err("reading the underlay device's MTU"))?
         .into_iter()
         .find(|l| l.index == index)
         .map_or(1500, |l| l.mtu))

@@ -30,12 +30,17 @@ use podmesh_common::{
 };
 
 use super::{
-    DatapathError, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    base::{
+        Counters, DatapathError, KernelConfig, PruneReport, ROUTE_PROTOCOL, RefusalReason,
+        RemoteRoute,
+    },
     device::{self, VXLAN_OVERHEAD, VxlanSpec},
-    kernel::{Counters, KernelConfig},
-    nl::{Msg, Netlink, NlError, in_netns},
+    error::{netlink_err, upsert_result},
+    nexthop,
+    nl::{Msg, Netlink, in_netns},
     owners::Owners,
-    rtnl::{self, RouteTarget},
+    pins::ensure_pin_dir,
+    rtnl::{self, RouteTarget, delete_routes},
 };
 
 /// The eBPF datapath of one network namespace.
@@ -71,12 +76,10 @@ impl CounterReader {
     /// Opens the counters map pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let path = pin_dir.join(COUNTERS_MAP);
-        let data = MapData::from_pin(&path).map_err(|e| {
-            DatapathError::Other(format!("opening the pinned {}: {e}", path.display()))
-        })?;
-        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| {
-            DatapathError::Other(format!("{} is not a per-CPU array: {e}", path.display()))
-        })?;
+        let data = MapData::from_pin(&path)
+            .map_err(|e| DatapathError::map(format!("opening the pinned {}", path.display()), e))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(|e| DatapathError::map(format!("{} as a per-CPU array", path.display()), e))?;
         Ok(Self { map })
     }
 
@@ -90,7 +93,7 @@ fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, DatapathEr
     let read = |i: u32| -> Result<u64, DatapathError> {
         Ok(map
             .get(&i, 0)
-            .map_err(|e| DatapathError::Other(format!("reading counter {i}: {e}")))?
+            .map_err(|e| DatapathError::map(format!("reading counter {i}"), e))?
             .iter()
             .sum())
     };
@@ -119,7 +122,7 @@ impl EbpfDatapath {
     /// (creating the pins on first start) and attaches it, replacing the
     /// program of an existing pinned link atomically.
     pub fn new(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netns_err)?;
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         let underlay = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)?;
         let route_mtu = underlay - VXLAN_OVERHEAD;
         let link = device::ensure_vxlan(
@@ -140,20 +143,21 @@ impl EbpfDatapath {
             .default_map_pin_directory(&cfg.pin_dir)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| {
-                unavailable(
+                DatapathError::program(
                     "loading the eBPF object",
-                    &e,
                     "needs CAP_BPF/CAP_SYS_ADMIN; a map pinned by an incompatible podmesh version \
                      under the pin directory must be removed",
+                    e,
                 )
             })?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TUNNEL_EGRESS_PROG)
             .ok_or_else(|| DatapathError::Other(format!("{TUNNEL_EGRESS_PROG} not in object")))?
             .try_into()
-            .map_err(|e| unavailable("program type", &e, "rebuild podmesh"))?;
-        prog.load()
-            .map_err(|e| unavailable("verifying the tc program", &e, "see the verifier log"))?;
+            .map_err(|e| DatapathError::program("program type", "rebuild podmesh", e))?;
+        prog.load().map_err(|e| {
+            DatapathError::program("verifying the tc program", "see the verifier log", e)
+        })?;
         let link_pin = cfg.pin_dir.join(TUNNEL_EGRESS_LINK_PIN);
         match cfg.netns.as_deref() {
             None => attach_or_adopt(prog, &link_pin)?,
@@ -164,17 +168,17 @@ impl EbpfDatapath {
             ebpf.take_map(REMOTES_V4_MAP)
                 .ok_or_else(|| DatapathError::Other(format!("{REMOTES_V4_MAP} not in object")))?,
         )
-        .map_err(|e| unavailable("opening the LPM map", &e, "rebuild podmesh"))?;
+        .map_err(|e| DatapathError::program("opening the LPM map", "rebuild podmesh", e))?;
         let remotes_v6 = LpmTrie::try_from(
             ebpf.take_map(REMOTES_V6_MAP)
                 .ok_or_else(|| DatapathError::Other(format!("{REMOTES_V6_MAP} not in object")))?,
         )
-        .map_err(|e| unavailable("opening the IPv6 LPM map", &e, "rebuild podmesh"))?;
+        .map_err(|e| DatapathError::program("opening the IPv6 LPM map", "rebuild podmesh", e))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS_MAP)
                 .ok_or_else(|| DatapathError::Other(format!("{COUNTERS_MAP} not in object")))?,
         )
-        .map_err(|e| unavailable("opening the counters map", &e, "rebuild podmesh"))?;
+        .map_err(|e| DatapathError::program("opening the counters map", "rebuild podmesh", e))?;
         let owners = Owners::new(
             ebpf.take_map(OWNERS_MAP)
                 .ok_or_else(|| DatapathError::Other(format!("{OWNERS_MAP} not in object")))?,
@@ -212,11 +216,6 @@ impl EbpfDatapath {
         self.mac
     }
 
-    /// The pin directory in use.
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Packet counters of the tc program, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         read_counters(&self.counters)
@@ -230,7 +229,7 @@ impl EbpfDatapath {
 
     /// Every entry of both LPM maps.
     fn map_entries(&self) -> Result<Vec<(IpNet, RemoteNode)>, DatapathError> {
-        let read = |e: aya::maps::MapError| DatapathError::Other(format!("reading the map: {e}"));
+        let read = |e| DatapathError::map("reading the LPM maps", e);
         let mut out = Vec::new();
         for item in self.remotes.iter() {
             let (k, v) = item.map_err(read)?;
@@ -253,37 +252,21 @@ impl EbpfDatapath {
 impl EbpfDatapath {
     /// Installs every route that can be installed; one bad remote record
     /// (no vtepMAC, IPv6 node address) never blocks the others. Returns the
-    /// first failure. IPv4 and IPv6 Pod CIDRs each have their LPM map; the
+    /// first failure, else the refused records. IPv4 and IPv6 Pod CIDRs each have their LPM map; the
     /// tunnel runs over the IPv4 underlay for both.
     pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
+        let mut refused = Vec::new();
         let mut msgs = Vec::with_capacity(routes.len());
         let mut cidrs = Vec::with_capacity(routes.len());
         let mut named = Vec::with_capacity(routes.len());
         for r in routes {
             let IpAddr::V4(addr) = r.node_addr else {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node {}/{} has the IPv6 address {} as tunnel endpoint; the ebpf datapath \
-                         tunnels over an IPv4 underlay (hint: publish an IPv4 node address first, \
-                         or use --datapath vxlan or direct)",
-                        r.cluster, r.node, r.node_addr
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::Ipv6Underlay { addr: r.node_addr }));
                 continue;
             };
             let Some(vtep_mac) = r.vtep_mac else {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node {}/{} published no vtepMAC; the ebpf datapath needs it (is the \
-                         remote agent older or in another datapath mode?)",
-                        r.cluster, r.node
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "ebpf" }));
                 continue;
             };
             let value = RemoteNode {
@@ -305,7 +288,10 @@ impl EbpfDatapath {
                 ),
             };
             if let Err(e) = inserted {
-                first_err.get_or_insert(op_err("upsert map entry", r.cidr, &e.to_string()));
+                first_err.get_or_insert(DatapathError::map(
+                    format!("upsert map entry {}", r.cidr),
+                    e,
+                ));
                 continue;
             }
             named.push(r);
@@ -320,20 +306,19 @@ impl EbpfDatapath {
         if let Some(e) = self.owners.set_all(named) {
             first_err.get_or_insert(e);
         }
-        let failures = self.nl.batch(msgs).map_err(other)?;
+        let failures = self
+            .nl
+            .batch(msgs)
+            .map_err(netlink_err("installing routes"))?;
         if let Some((i, errno)) = failures.first() {
-            first_err.get_or_insert(op_err(
+            first_err.get_or_insert(DatapathError::op(
                 "upsert route",
                 cidrs[*i],
-                &format!(
-                    "{} ({} of {} failed)",
-                    std::io::Error::from_raw_os_error(*errno),
-                    failures.len(),
-                    cidrs.len()
-                ),
+                *errno,
+                failures.len() - 1,
             ));
         }
-        first_err.map_or(Ok(()), Err)
+        upsert_result(first_err, refused)
     }
 
     pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
@@ -361,7 +346,8 @@ impl EbpfDatapath {
                 removed.insert(c);
             }
         }
-        let routes = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)?;
+        let routes = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's routes"))?;
         for r in &routes {
             if !keep.contains(&r.dst) {
                 removed.insert(r.dst);
@@ -374,21 +360,24 @@ impl EbpfDatapath {
         // left when the node switched to ebpf. Once no route uses them (the
         // upserts replaced those routes) they go.
         let used: BTreeSet<u32> = routes.iter().filter_map(|r| r.nhid).collect();
-        let unused: Vec<Msg> = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+        let unused: Vec<Msg> = nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's nexthop objects"))?
             .iter()
             .filter(|nh| !used.contains(&nh.id))
-            .map(|nh| rtnl::nexthop_delete(nh.id))
+            .map(|nh| nexthop::nexthop_delete(nh.id))
             .collect();
         if !unused.is_empty() {
-            let _ = self.nl.batch(unused).map_err(other)?;
+            let _ = self
+                .nl
+                .batch(unused)
+                .map_err(netlink_err("deleting unused nexthop objects"))?;
         }
         Ok(PruneReport { removed })
     }
 
     pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let routed: BTreeSet<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+            .map_err(netlink_err("listing podmesh's routes"))?
             .into_iter()
             .filter(|r| r.oif == Some(self.ifindex))
             .map(|r| r.dst)
@@ -411,23 +400,6 @@ impl EbpfDatapath {
         }
         Ok(out)
     }
-}
-
-/// Deletes podmesh's routes of these CIDRs; absent ones are fine.
-pub(super) fn delete_routes(nl: &mut Netlink, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-    let failures = nl
-        .batch(cidrs.iter().map(|c| rtnl::route_delete(*c, ROUTE_PROTOCOL)))
-        .map_err(other)?;
-    for (i, errno) in failures {
-        if errno != libc::ESRCH && errno != libc::ENOENT {
-            return Err(op_err(
-                "delete route",
-                cidrs[i],
-                &std::io::Error::from_raw_os_error(errno).to_string(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Priority of podmesh's cls_bpf filter on kernels without TCX (< 6.6): first.
@@ -481,16 +453,16 @@ fn attach_cls_bpf(prog: &mut SchedClassifier) -> Result<(), DatapathError> {
                 }),
             )
             .map_err(|e| {
-                unavailable(
+                DatapathError::program(
                     "attaching to podmesh0 egress (cls_bpf)",
-                    &e,
                     "needs the clsact qdisc and cls_bpf (modules sch_ingress, cls_bpf)",
+                    e,
                 )
             })?,
     };
     let link = prog
         .take_link(id)
-        .map_err(|e| unavailable("taking the link", &e, ""))?;
+        .map_err(|e| DatapathError::program("taking the link", "", e))?;
     // Dropping the handle would delete the filter: stop is not remove.
     std::mem::forget(link);
     Ok(())
@@ -504,10 +476,10 @@ fn attach_tcx(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), Datapat
     let pinned = PinnedLink::from_pin(link_pin).ok();
     if let (true, Some(old)) = (attached, pinned) {
         let link = SchedClassifierLink::try_from(FdLink::from(old))
-            .map_err(|e| unavailable("adopting the pinned link", &e, "remove the pin"))?;
+            .map_err(|e| DatapathError::program("adopting the pinned link", "remove the pin", e))?;
         let id = prog
             .attach_to_link(link)
-            .map_err(|e| unavailable("replacing the program", &e, "remove the pin"))?;
+            .map_err(|e| DatapathError::program("replacing the program", "remove the pin", e))?;
         // The pin keeps the link; this handle only has to let go of it.
         drop(prog.take_link(id));
         tracing::info!(pin = %link_pin.display(), "adopted the attached tc program");
@@ -516,7 +488,7 @@ fn attach_tcx(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), Datapat
     if link_pin.exists() {
         // Stale: podmesh0 was recreated, the pinned link points at nothing.
         std::fs::remove_file(link_pin).map_err(|e| {
-            DatapathError::Other(format!("removing stale pin {}: {e}", link_pin.display()))
+            DatapathError::io(format!("removing stale pin {}", link_pin.display()), e)
         })?;
     }
     let id = prog
@@ -526,96 +498,29 @@ fn attach_tcx(prog: &mut SchedClassifier, link_pin: &Path) -> Result<(), Datapat
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(|e| {
-            unavailable(
+            DatapathError::program(
                 "attaching to podmesh0 egress",
-                &e,
                 "TCX needs Linux 6.6 or newer",
+                e,
             )
         })?;
     let link: FdLink = prog
         .take_link(id)
-        .map_err(|e| unavailable("taking the link", &e, ""))?
+        .map_err(|e| DatapathError::program("taking the link", "", e))?
         .try_into()
-        .map_err(|e| unavailable("link type", &e, ""))?;
-    link.pin(link_pin)
-        .map_err(|e| unavailable("pinning the link", &e, "is the pin directory on bpffs?"))?;
+        .map_err(|e| DatapathError::program("link type", "", e))?;
+    link.pin(link_pin).map_err(|e| {
+        DatapathError::program("pinning the link", "is the pin directory on bpffs?", e)
+    })?;
     Ok(())
 }
 
 /// Whether a podmesh tunnel program is attached to podmesh0's TCX egress.
 pub fn ours_attached() -> Result<bool, DatapathError> {
     let (_, progs) = SchedClassifier::query_tcx(TUNNEL_DEVICE, TcAttachType::Egress)
-        .map_err(|e| unavailable("querying podmesh0 egress", &e, ""))?;
+        .map_err(|e| DatapathError::program("querying podmesh0 egress", "", e))?;
     Ok(progs.iter().any(|p| {
         p.name_as_str()
             .is_some_and(|n| !n.is_empty() && TUNNEL_EGRESS_PROG.starts_with(n))
     }))
-}
-
-/// Whether `p` is (on) a bpffs.
-pub(super) fn is_bpffs(p: &Path) -> bool {
-    nix::sys::statfs::statfs(p)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-        .unwrap_or(false)
-}
-
-/// Makes sure `dir` exists on a bpffs; mounts one on its parent when the
-/// parent is not bpffs yet (the usual `/sys/fs/bpf` on a fresh host).
-pub(super) fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", parent.display())))?;
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| {
-            DatapathError::Unavailable(format!(
-                "mounting bpffs on {}: {e} (hint: mount it on the host, e.g. hostPath \
-                 /sys/fs/bpf with mountPropagation, so pins outlive the agent)",
-                parent.display()
-            ))
-        })?;
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| DatapathError::Other(format!("creating {}: {e}", dir.display())))
-}
-
-fn unavailable(what: &str, e: &dyn std::error::Error, hint: &str) -> DatapathError {
-    let mut msg = format!("{what}: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    if !hint.is_empty() {
-        msg.push_str(&format!(" (hint: {hint})"));
-    }
-    DatapathError::Unavailable(msg)
-}
-
-pub(super) fn op_err(op: &'static str, cidr: IpNet, message: &str) -> DatapathError {
-    DatapathError::Op {
-        op,
-        cidr,
-        message: message.to_string(),
-    }
-}
-
-pub(super) fn other(e: NlError) -> DatapathError {
-    DatapathError::Other(format!("netlink: {e}"))
-}
-
-fn netns_err(e: NlError) -> DatapathError {
-    DatapathError::Unavailable(format!("opening netlink: {e}"))
-}
-
-impl From<NlError> for DatapathError {
-    fn from(e: NlError) -> Self {
-        other(e)
-    }
 }

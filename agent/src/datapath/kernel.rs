@@ -1,9 +1,5 @@
 //! The configured kernel datapath: one type over the four modes, built by [`from_config`].
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
@@ -12,7 +8,7 @@ use podmesh_common::{
 };
 
 use super::{
-    Datapath, DatapathError, PruneReport, RemoteRoute,
+    base::{Counters, Datapath, DatapathError, KernelConfig, PruneReport, RemoteRoute},
     ebpf::EbpfDatapath,
     masq::{ExemptionHandle, MasqExemption},
     nl::Netlink,
@@ -20,79 +16,6 @@ use super::{
     rtnl,
 };
 use crate::config::DatapathMode;
-
-/// What the kernel datapath needs to know.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelConfig {
-    /// Forwarding mode.
-    pub mode: DatapathMode,
-    /// VXLAN UDP port (ebpf, vxlan).
-    pub tunnel_port: u16,
-    /// VXLAN network identifier (ebpf, vxlan).
-    pub vni: u32,
-    /// Underlay MTU; default: the MTU of the device holding `node_ip` (without
-    /// one: of the default route's device), else 1500.
-    pub underlay_mtu: Option<u32>,
-    /// This node's underlay address.
-    pub node_ip: Option<IpAddr>,
-    /// Where the maps and the tc link are pinned (on bpffs).
-    pub pin_dir: PathBuf,
-    /// Network namespace to program (a file like `/run/netns/NAME`); `None`
-    /// for the agent's own. Tests and benchmarks program many namespaces
-    /// from one process.
-    pub netns: Option<PathBuf>,
-    /// The Ethernet address of a tunnel device this creates (`None`:
-    /// random). Set when a running datapath recreates its device.
-    pub tunnel_mac: Option<[u8; 6]>,
-}
-
-impl KernelConfig {
-    /// Defaults of the agent's flags for `mode`.
-    pub fn new(mode: DatapathMode) -> Self {
-        Self {
-            mode,
-            tunnel_port: 8472,
-            vni: 1,
-            underlay_mtu: None,
-            node_ip: None,
-            pin_dir: PathBuf::from(podmesh_common::PIN_DIR),
-            netns: None,
-            tunnel_mac: None,
-        }
-    }
-
-    /// The configuration the agent's flags ask for (`--datapath`,
-    /// `--tunnel-port`, `--vni`, `--underlay-mtu`, `--node-ip`, `--bpf-pin-dir`).
-    pub fn from_args(args: &crate::config::AgentArgs) -> Self {
-        Self {
-            tunnel_port: args.tunnel_port,
-            vni: args.vni,
-            underlay_mtu: args.underlay_mtu,
-            pin_dir: args.bpf_pin_dir.clone(),
-            node_ip: args.node_ip,
-            ..Self::new(args.datapath)
-        }
-    }
-
-    /// Programs the namespace at `path` instead of the caller's.
-    pub fn in_netns(mut self, path: impl AsRef<Path>) -> Self {
-        self.netns = Some(path.as_ref().to_path_buf());
-        self
-    }
-}
-
-/// Packet counters of the eBPF program (summed over CPUs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    /// Sent into the tunnel.
-    pub forwarded: u64,
-    /// Destination in no remote Pod CIDR: dropped.
-    pub miss: u64,
-    /// Neither IPv4 nor IPv6 unicast (e.g. the device's own IPv6 multicast): passed on unchanged.
-    pub not_ipv4: u64,
-    /// The kernel refused the tunnel key: dropped.
-    pub tunnel_key_failed: u64,
-}
 
 /// The datapath of the configured mode.
 #[derive(Debug)]
@@ -169,7 +92,7 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
 fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, DatapathError> {
     let mut removed = false;
     let mut nl = Netlink::open(cfg.netns.as_deref())
-        .map_err(|e| DatapathError::Other(format!("netlink: {e}")))?;
+        .map_err(|e| DatapathError::netlink("opening netlink", e))?;
     let needs_port = matches!(cfg.mode, DatapathMode::Ebpf | DatapathMode::Vxlan);
     for (name, owner) in [
         (TUNNEL_DEVICE, DatapathMode::Ebpf),
@@ -179,7 +102,7 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             continue;
         }
         let link = rtnl::link_by_name(&mut nl, name)
-            .map_err(|e| DatapathError::Other(format!("listing links for {name}: {e}")))?;
+            .map_err(|e| DatapathError::netlink(format!("listing links for {name}"), e))?;
         let Some(l) = link.filter(|l| l.kind.as_deref() == Some("vxlan")) else {
             continue;
         };
@@ -194,7 +117,7 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             cfg.mode
         );
         rtnl::delete_link(&mut nl, l.index)
-            .map_err(|e| DatapathError::Other(format!("removing {name}: {e}")))?;
+            .map_err(|e| DatapathError::netlink(format!("removing {name}"), e))?;
         removed = true;
     }
     if before {
@@ -217,10 +140,10 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
             let path = cfg.pin_dir.join(pin);
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(DatapathError::Other(format!(
-                        "removing {}, left by the ebpf datapath: {e}",
-                        path.display()
-                    )));
+                    return Err(DatapathError::io(
+                        format!("removing {}, left by the ebpf datapath", path.display()),
+                        e,
+                    ));
                 }
                 _ => {}
             }

@@ -39,7 +39,6 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     io::Write as _,
-    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -561,20 +560,6 @@ impl Listing {
     }
 }
 
-/// The prefix length of the range `lo..=hi` when it is exactly one prefix.
-pub(super) fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
-    let (lo, hi, bits) = match (lo, hi) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
-        _ => return None,
-    };
-    let span = hi.checked_sub(lo)?.checked_add(1)?;
-    if !span.is_power_of_two() || lo % span != 0 {
-        return None;
-    }
-    Some(bits - span.trailing_zeros() as u8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,13 +593,5 @@ mod tests {
         assert!(moved.defect().expect("defect").contains("priority"));
         let bare = Listing::parse(&listing_json("", 90)).expect("parses");
         assert!(bare.defect().expect("defect").contains("rules"));
-    }
-
-    #[test]
-    fn prefix_of_accepts_only_aligned_power_of_two_ranges() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(prefix_of(ip("10.0.0.0"), ip("10.0.255.255")), Some(16));
-        assert_eq!(prefix_of(ip("10.0.0.1"), ip("10.0.0.2")), None);
-        assert_eq!(prefix_of(ip("fd00::"), ip("fd00::ffff")), Some(112));
     }
 }

@@ -6,7 +6,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{Datapath, DatapathError, PruneReport, RemoteRoute};
+use super::base::{Datapath, DatapathError, PruneReport, RemoteRoute};
 
 /// A datapath that keeps its routes in a shared map, so a test can look.
 #[derive(Clone, Debug, Default)]

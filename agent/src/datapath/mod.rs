@@ -5,100 +5,48 @@
 //! `prune(keep)` that removes every podmesh-owned entry not in `keep`.
 //! Implementations: [`memory::MemoryDatapath`] for tests of the control plane,
 //! and the kernel ones (eBPF, VXLAN, IPIP, direct routes).
-use std::{collections::BTreeSet, future::Future, net::IpAddr};
-
-use ipnet::IpNet;
-
+//!
+//! # Layering
+//!
+//! Every dependency between the submodules points down this list; nothing
+//! uses a module above it, so each layer can be read (and tested) without
+//! the ones on top:
+//!
+//! 1. [`nl`]: the netlink socket (batched requests, dumps, `in_netns`).
+//! 2. [`error`] ([`DatapathError`], [`Refusal`]) and [`base`]: the shared
+//!    vocabulary: [`Datapath`], [`RemoteRoute`], [`KernelConfig`],
+//!    [`Counters`], podmesh's route protocol and nexthop id range.
+//! 3. Kernel objects, one kind per module: [`rtnl`] (links, addresses,
+//!    routes, neighbours, with netlink-packet-route's types), [`nexthop`]
+//!    (nexthop objects, encoded by hand: the crate has no type for them),
+//!    [`nftset`] (nf_tables sets), [`pins`] (the bpffs pin directory).
+//! 4. What podmesh owns on top of them: [`device`] (its tunnel devices),
+//!    [`owners`] (the pinned owners map), [`masq`] (the masquerade
+//!    exemption), [`rpfilter`].
+//! 5. The modes: [`ebpf`] and [`routes`] (vxlan, direct, ipip); neither
+//!    uses the other.
+//! 6. [`kernel`]: the configured mode behind one type, plus the exemption;
+//!    [`uninstall`] (removing all of it) and [`memory`] (the in-memory fake)
+//!    sit beside it.
+pub mod base;
 pub mod device;
 pub mod ebpf;
+pub mod error;
 pub mod kernel;
 pub mod masq;
 pub mod memory;
+pub mod nexthop;
 pub mod nftset;
 pub mod nl;
 pub mod owners;
+pub mod pins;
 pub mod routes;
 pub mod rpfilter;
 pub mod rtnl;
 pub mod uninstall;
 
-pub use kernel::{Counters, KernelConfig, KernelDatapath, from_config};
-
-/// Route protocol number of every route podmesh installs (`ip route show
-/// proto 80`): prune and resync touch only routes with this number.
-pub const ROUTE_PROTOCOL: u8 = 80;
-/// First id of podmesh's nexthop objects (which also carry [`ROUTE_PROTOCOL`]).
-pub const NEXTHOP_ID_FIRST: u32 = 0x5000_0000;
-/// Last id of podmesh's nexthop objects.
-pub const NEXTHOP_ID_LAST: u32 = 0x5fff_ffff;
-
-/// One remote node Pod CIDR and where to send its packets.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub struct RemoteRoute {
-    /// The remote node's Pod CIDR (canonical).
-    pub cidr: IpNet,
-    /// The remote cluster.
-    pub cluster: String,
-    /// The remote node.
-    pub node: String,
-    /// The remote node's tunnel endpoint / next hop (`addresses[0]`).
-    pub node_addr: IpAddr,
-    /// The remote node's tunnel device MAC, when it published one.
-    pub vtep_mac: Option<[u8; 6]>,
-}
-
-/// A datapath operation that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    /// The kernel refused or could not do `op` for `cidr`.
-    #[error("{op} {cidr}: {message}")]
-    Op {
-        /// What was attempted (e.g. "upsert route").
-        op: &'static str,
-        /// The CIDR concerned.
-        cidr: IpNet,
-        /// What went wrong, with a hint where there is one.
-        message: String,
-    },
-    /// The datapath cannot run on this machine (missing kernel feature,
-    /// missing privilege); the message says what to do.
-    #[error("datapath unavailable: {0}")]
-    Unavailable(String),
-    /// Any other failure.
-    #[error("{0}")]
-    Other(String),
-}
-
-/// What `prune` removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PruneReport {
-    /// CIDRs whose entries were removed.
-    pub removed: Vec<IpNet>,
-}
-
-/// The kernel side of podmesh. Every method is idempotent.
-pub trait Datapath: Send {
-    /// Installs or updates the entries for these routes.
-    fn upsert(
-        &mut self,
-        routes: &[RemoteRoute],
-    ) -> impl Future<Output = Result<(), DatapathError>> + Send;
-    /// Removes the entries of these CIDRs (absent ones are fine).
-    fn delete(&mut self, cidrs: &[IpNet])
-    -> impl Future<Output = Result<(), DatapathError>> + Send;
-    /// Removes every podmesh-owned entry whose CIDR is not in `keep`.
-    fn prune(
-        &mut self,
-        keep: &BTreeSet<IpNet>,
-    ) -> impl Future<Output = Result<PruneReport, DatapathError>> + Send;
-    /// The routes currently installed (as far as this datapath can read them back).
-    fn installed(&mut self)
-    -> impl Future<Output = Result<Vec<RemoteRoute>, DatapathError>> + Send;
-    /// Called first in every full resync: puts back what the datapath's
-    /// entries stand on (its device, its program) when someone removed it.
-    /// Returns what was repaired, if anything; the resync's upserts then
-    /// re-install the entries that went with it.
-    fn repair(&mut self) -> impl Future<Output = Result<Option<String>, DatapathError>> + Send {
-        async { Ok(None) }
-    }
-}
+pub use base::{
+    Counters, Datapath, DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST,
+    PruneReport, ROUTE_PROTOCOL, Refusal, RefusalReason, RemoteRoute,
+};
+pub use kernel::{KernelDatapath, from_config};

@@ -92,7 +92,7 @@ pub fn prefixes_of(mut elems: Vec<Element>) -> (Vec<IpNet>, usize) {
             addr_of(&start),
             last,
         ) {
-            (Some(lo), Some(hi)) => match super::masq::prefix_of(lo, hi) {
+            (Some(lo), Some(hi)) => match prefix_of(lo, hi) {
                 Some(len) => out.push(IpNet::new(lo, len).expect("length checked")),
                 None => *other += 1,
             },
@@ -298,6 +298,20 @@ impl NftSets {
     }
 }
 
+/// The prefix length of the range `lo..=hi` when it is exactly one prefix.
+fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<u8> {
+    let (lo, hi, bits) = match (lo, hi) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return None,
+    };
+    let span = hi.checked_sub(lo)?.checked_add(1)?;
+    if !span.is_power_of_two() || lo % span != 0 {
+        return None;
+    }
+    Some(bits - span.trailing_zeros() as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +385,13 @@ mod tests {
         let (p, other) = prefixes_of(elems);
         assert_eq!(p, vec![net("10.0.1.0/24")]);
         assert_eq!(other, 1);
+    }
+
+    #[test]
+    fn prefix_of_accepts_only_aligned_power_of_two_ranges() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(prefix_of(ip("10.0.0.0"), ip("10.0.255.255")), Some(16));
+        assert_eq!(prefix_of(ip("10.0.0.1"), ip("10.0.0.2")), None);
+        assert_eq!(prefix_of(ip("fd00::"), ip("fd00::ffff")), Some(112));
     }
 }

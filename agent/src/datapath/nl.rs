@@ -1,11 +1,13 @@
-//! A small synchronous rtnetlink client: batched requests with one ack each, and dumps.
+//! A small synchronous netlink client: batched requests with one ack each, and dumps.
 //!
-//! Why not `rtnetlink`: nexthop objects (RTM_*NEXTHOP) are not in
-//! netlink-packet-route 0.34, and programming 100k entries needs many
-//! requests per datagram (one `sendmsg`, the kernel acks each message), which
-//! is what `ip -batch` effectively achieves and what keeps install time
-//! linear. The message layouts are the kernel's uapi (include/uapi/linux/
-//! rtnetlink.h, neighbour.h, nexthop.h, if_link.h).
+//! Why not the `rtnetlink` crate: programming 100k entries needs many
+//! requests per datagram (one `sendmsg`, the kernel acks each message),
+//! which is what `ip -batch` effectively achieves and what keeps install
+//! time linear; rtnetlink sends one request at a time. The rtnetlink
+//! messages themselves are netlink-packet-route's ([`super::rtnl`]); this
+//! socket only frames them (`nlmsghdr`) and matches the acks. The
+//! attribute helpers below serve the messages the crate has no type for
+//! (nexthop objects, nf_tables).
 use std::{
     fs::File,
     io,

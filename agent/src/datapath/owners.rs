@@ -15,7 +15,10 @@ use aya::{
 use ipnet::IpNet;
 use podmesh_common::{OWNER_CLUSTER_MAX, OWNER_NODE_MAX, OWNERS_MAP, Owner, OwnerKey};
 
-use super::{DatapathError, RemoteRoute};
+use super::{
+    base::{DatapathError, RemoteRoute},
+    pins::is_bpffs,
+};
 
 /// Cluster and node names of one Pod CIDR.
 pub type Names = (String, String);
@@ -39,11 +42,11 @@ impl Owners {
     /// agent left in it.
     pub fn new(map: aya::maps::Map) -> Result<Self, DatapathError> {
         let map = HashMap::try_from(map)
-            .map_err(|e| DatapathError::Other(format!("opening {OWNERS_MAP}: {e}")))?;
+            .map_err(|e| DatapathError::map(format!("opening {OWNERS_MAP}"), e))?;
         let mut names = BTreeMap::new();
         for item in map.iter() {
             let (k, v) =
-                item.map_err(|e| DatapathError::Other(format!("reading {OWNERS_MAP}: {e}")))?;
+                item.map_err(|e| DatapathError::map(format!("reading {OWNERS_MAP}"), e))?;
             if let Some(cidr) = cidr_of(&k) {
                 names.insert(cidr, decode(&v));
             }
@@ -57,22 +60,23 @@ impl Owners {
     /// must already be a bpffs.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-        if !super::ebpf::is_bpffs(parent) {
+        if !is_bpffs(parent) {
             return Err(DatapathError::Unavailable(format!(
                 "{} is not a bpffs",
                 parent.display()
             )));
         }
         std::fs::create_dir_all(pin_dir)
-            .map_err(|e| DatapathError::Other(format!("creating {}: {e}", pin_dir.display())))?;
+            .map_err(|e| DatapathError::io(format!("creating {}", pin_dir.display()), e))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| {
-                DatapathError::Unavailable(format!(
-                    "creating the owners map under {}: {e}",
-                    pin_dir.display()
-                ))
+                DatapathError::program(
+                    format!("creating the owners map under {}", pin_dir.display()),
+                    "",
+                    e,
+                )
             })?;
         let map = ebpf
             .take_map(OWNERS_MAP)
@@ -107,11 +111,10 @@ impl Owners {
             {
                 Ok(()) => changed.push((r.cidr, (r.cluster.clone(), r.node.clone()))),
                 Err(e) => {
-                    first_err.get_or_insert(DatapathError::Op {
-                        op: "record owner",
-                        cidr: r.cidr,
-                        message: e.to_string(),
-                    });
+                    first_err.get_or_insert(DatapathError::map(
+                        format!("recording the owner of {}", r.cidr),
+                        e,
+                    ));
                 }
             }
         }

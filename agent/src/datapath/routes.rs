@@ -14,13 +14,16 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    DatapathError, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport, ROUTE_PROTOCOL, RemoteRoute,
+    base::{
+        DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport,
+        ROUTE_PROTOCOL, RefusalReason, RemoteRoute,
+    },
     device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
-    ebpf::{delete_routes, op_err, other},
-    kernel::KernelConfig,
+    error::{Refusal, netlink_err, upsert_result},
+    nexthop,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
     owners::Owners,
-    rtnl::{self, RouteTarget},
+    rtnl::{self, RouteTarget, delete_routes},
 };
 
 /// Name of the VXLAN device of the `vxlan` mode.
@@ -60,7 +63,7 @@ pub struct RouteDatapath {
 impl RouteDatapath {
     /// `vxlan`: creates or adopts `podmesh-vx`.
     pub fn vxlan(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - VXLAN_OVERHEAD;
         let link = device::ensure_vxlan(
             &mut nl,
@@ -82,14 +85,15 @@ impl RouteDatapath {
 
     /// `direct`: plain routes via the node addresses.
     pub fn direct(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
+        let nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         Self::with(nl, RouteMode::Direct, None, cfg)
     }
 
     /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
     pub fn ipip(cfg: &KernelConfig) -> Result<Self, DatapathError> {
-        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(other)?;
-        let mut tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+        let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
+        let mut tunl =
+            rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(netlink_err("looking up tunl0"))?;
         if tunl.is_none() {
             // The module creates tunl0 in every namespace when it loads.
             let _ = std::process::Command::new("modprobe")
@@ -97,7 +101,8 @@ impl RouteDatapath {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();
-            tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(other)?;
+            tunl = rtnl::link_by_name(&mut nl, IPIP_DEVICE)
+                .map_err(netlink_err("looking up tunl0"))?;
         }
         let Some(tunl) = tunl else {
             return Err(DatapathError::Unavailable(
@@ -108,7 +113,7 @@ impl RouteDatapath {
         };
         let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IPIP_OVERHEAD;
         rtnl::set_link(&mut nl, tunl.index, rtnl::IFF_UP, rtnl::IFF_UP, Some(mtu))
-            .map_err(other)?;
+            .map_err(netlink_err("setting up tunl0"))?;
         Self::with(
             nl,
             RouteMode::Ipip {
@@ -125,7 +130,7 @@ impl RouteDatapath {
         route_mtu: Option<u32>,
         cfg: &KernelConfig,
     ) -> Result<Self, DatapathError> {
-        let nexthops = rtnl::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
+        let nexthops = nexthop::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
             .map_err(|e| {
                 DatapathError::Unavailable(format!(
                     "listing nexthop objects: {e} (hint: needs Linux 5.3 or newer)"
@@ -187,7 +192,8 @@ impl RouteDatapath {
         &mut self,
         addrs: &BTreeSet<IpAddr>,
     ) -> Result<BTreeMap<IpAddr, u32>, DatapathError> {
-        let connected = rtnl::connected_routes(&mut self.nl).map_err(other)?;
+        let connected = rtnl::connected_routes(&mut self.nl)
+            .map_err(netlink_err("listing connected networks"))?;
         Ok(addrs
             .iter()
             .filter_map(|a| {
@@ -201,23 +207,16 @@ impl RouteDatapath {
     }
 
     /// The routes that can be installed, with the output device of their
-    /// node; the first reason one cannot goes to `first_err`.
+    /// node; the others go to `refused`.
     fn usable<'a>(
         &mut self,
         routes: &'a [RemoteRoute],
-        first_err: &mut Option<DatapathError>,
+        refused: &mut Vec<Refusal>,
     ) -> Result<(Vec<&'a RemoteRoute>, BTreeMap<IpAddr, u32>), DatapathError> {
         let mut usable: Vec<&RemoteRoute> = Vec::with_capacity(routes.len());
         for r in routes {
             if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node {}/{} published no vtepMAC; the vxlan datapath needs it",
-                        r.cluster, r.node
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "vxlan" }));
                 continue;
             }
             usable.push(r);
@@ -232,15 +231,7 @@ impl RouteDatapath {
         usable.retain(|r| {
             let ok = oifs.contains_key(&r.node_addr);
             if !ok {
-                first_err.get_or_insert(op_err(
-                    "upsert",
-                    r.cidr,
-                    &format!(
-                        "node address {} is not on a directly connected network (hint: the \
-                         direct datapath needs a shared L2 underlay; use ebpf or vxlan)",
-                        r.node_addr
-                    ),
-                ));
+                refused.push(r.refusal(RefusalReason::NotConnected { addr: r.node_addr }));
             }
             ok
         });
@@ -252,10 +243,12 @@ impl RouteDatapath {
 /// runs them off the async runtime's workers.
 impl RouteDatapath {
     /// Installs every route that can be installed (a node without vtepMAC
-    /// or off the underlay never blocks the others); returns the first failure.
+    /// or off the underlay never blocks the others); returns the first
+    /// failure, else the refused records.
     pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
-        let (usable, oifs) = self.usable(routes, &mut first_err)?;
+        let mut refused = Vec::new();
+        let (usable, oifs) = self.usable(routes, &mut refused)?;
         let onlink = !matches!(self.mode, RouteMode::Direct);
         // Per node: nexthop (+ neighbour and fdb for vxlan); then the routes.
         let mut nodes: BTreeMap<IpAddr, (IpNet, Option<[u8; 6]>)> = BTreeMap::new();
@@ -274,7 +267,7 @@ impl RouteDatapath {
             };
             node_msgs.push((
                 *cidr,
-                rtnl::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
+                nexthop::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
             ));
             if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
                 node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, *a, *mac)));
@@ -282,14 +275,18 @@ impl RouteDatapath {
             }
         }
         let (cidrs, msgs): (Vec<IpNet>, Vec<Msg>) = node_msgs.into_iter().unzip();
-        let failures = self.nl.batch(msgs).map_err(other)?;
+        let failures = self
+            .nl
+            .batch(msgs)
+            .map_err(netlink_err("installing nexthop objects"))?;
         if let Some((i, errno)) = failures.first() {
             // Routes to a node whose nexthop failed would fail too.
-            return Err(first_err.unwrap_or(op_err(
+            return Err(DatapathError::op(
                 "upsert nexthop",
                 cidrs[*i],
-                &std::io::Error::from_raw_os_error(*errno).to_string(),
-            )));
+                *errno,
+                failures.len() - 1,
+            ));
         }
         let msgs: Vec<Msg> = usable
             .iter()
@@ -302,12 +299,16 @@ impl RouteDatapath {
                 )
             })
             .collect();
-        let failures = self.nl.batch(msgs).map_err(other)?;
+        let failures = self
+            .nl
+            .batch(msgs)
+            .map_err(netlink_err("installing routes"))?;
         if let Some((i, errno)) = failures.first() {
-            first_err.get_or_insert(op_err(
+            first_err.get_or_insert(DatapathError::op(
                 "upsert route",
                 usable[*i].cidr,
-                &std::io::Error::from_raw_os_error(*errno).to_string(),
+                *errno,
+                failures.len() - 1,
             ));
         }
         if let Some(o) = &mut self.owners
@@ -319,7 +320,7 @@ impl RouteDatapath {
             &mut self.routes,
             usable.iter().map(|r| (r.cidr, (*r).clone())).collect(),
         );
-        first_err.map_or(Ok(()), Err)
+        upsert_result(first_err, refused)
     }
 
     pub fn delete(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
@@ -335,7 +336,7 @@ impl RouteDatapath {
 
     pub fn prune(&mut self, keep: &BTreeSet<IpNet>) -> Result<PruneReport, DatapathError> {
         let removed: Vec<IpNet> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+            .map_err(netlink_err("listing podmesh's routes"))?
             .into_iter()
             .map(|r| r.dst)
             .filter(|d| !keep.contains(d))
@@ -351,8 +352,8 @@ impl RouteDatapath {
 
     pub fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
         let by_id: BTreeMap<u32, IpAddr> =
-            rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-                .map_err(other)?
+            nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+                .map_err(netlink_err("listing podmesh's nexthop objects"))?
                 .into_iter()
                 .filter_map(|nh| Some((nh.id, nh.gateway?)))
                 .collect();
@@ -362,14 +363,16 @@ impl RouteDatapath {
                 rtnl::family_of(IpAddr::from([0u8; 4])),
                 ifindex,
             )
-            .map_err(other)?
+            .map_err(netlink_err("listing neighbours"))?
             .into_iter()
             .filter_map(|(ip, mac)| Some((ip?, mac?)))
             .collect(),
             _ => BTreeMap::new(),
         };
         let mut out = Vec::new();
-        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)? {
+        for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's routes"))?
+        {
             let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
                 continue;
             };
@@ -414,11 +417,12 @@ impl RouteDatapath {
     /// podmesh route uses any more.
     fn collect_nexthops(&mut self) -> Result<(), DatapathError> {
         let used: BTreeSet<u32> = rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
-            .map_err(other)?
+            .map_err(netlink_err("listing podmesh's routes"))?
             .into_iter()
             .filter_map(|r| r.nhid)
             .collect();
-        let all = rtnl::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL).map_err(other)?;
+        let all = nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
+            .map_err(netlink_err("listing podmesh's nexthop objects"))?;
         let unused: Vec<(u32, Option<IpAddr>)> = all
             .iter()
             .filter(|nh| !used.contains(&nh.id))
@@ -431,20 +435,24 @@ impl RouteDatapath {
             .collect();
         let mut msgs: Vec<Msg> = unused
             .iter()
-            .map(|(id, _)| rtnl::nexthop_delete(*id))
+            .map(|(id, _)| nexthop::nexthop_delete(*id))
             .collect();
         if let RouteMode::Vxlan { ifindex, .. } = self.mode {
             for family in [
                 rtnl::family_of(IpAddr::from([0u8; 4])),
                 rtnl::family_of(IpAddr::from([0u16; 8])),
             ] {
-                for (ip, _) in rtnl::neighbours(&mut self.nl, family, ifindex).map_err(other)? {
+                for (ip, _) in rtnl::neighbours(&mut self.nl, family, ifindex)
+                    .map_err(netlink_err("listing neighbours"))?
+                {
                     if let Some(ip) = ip.filter(|ip| !live.contains(ip)) {
                         msgs.push(rtnl::neigh_delete(ifindex, ip));
                     }
                 }
             }
-            for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex).map_err(other)? {
+            for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
+                .map_err(netlink_err("listing fdb entries"))?
+            {
                 if let (Some(ip), Some(mac)) = (ip, mac)
                     && !live.contains(&ip)
                 {
@@ -453,7 +461,9 @@ impl RouteDatapath {
             }
         }
         // Already gone is fine: deleting is idempotent.
-        let _ = self.nl.batch(msgs).map_err(other)?;
+        let _ = self.nl.batch(msgs).map_err(netlink_err(
+            "deleting unused nexthop, neighbour and fdb entries",
+        ))?;
         self.nexthops.retain(|_, id| used.contains(id));
         self.used_ids.retain(|id| used.contains(id));
         Ok(())

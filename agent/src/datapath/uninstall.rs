@@ -15,8 +15,12 @@ use podmesh_common::{
 };
 
 use super::{
-    NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, ROUTE_PROTOCOL, masq::MasqExemption, nl::Netlink,
-    routes::VXLAN_DEVICE, rtnl,
+    base::{NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, ROUTE_PROTOCOL},
+    masq::MasqExemption,
+    nexthop,
+    nl::Netlink,
+    routes::VXLAN_DEVICE,
+    rtnl,
 };
 
 /// What an uninstall removed and what it could not.
@@ -68,7 +72,7 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
     match rtnl::routes_with_protocol(nl, ROUTE_PROTOCOL) {
         Ok(routes) => {
             let cidrs: Vec<_> = routes.into_iter().map(|x| x.dst).collect();
-            match super::ebpf::delete_routes(nl, &cidrs) {
+            match rtnl::delete_routes(nl, &cidrs) {
                 Ok(()) if !cidrs.is_empty() => r
                     .removed
                     .push(format!("{} routes (proto {ROUTE_PROTOCOL})", cidrs.len())),
@@ -78,14 +82,14 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
         }
         Err(e) => r.failures.push(format!("listing routes: {e}")),
     }
-    match rtnl::nexthops_with_protocol(nl, ROUTE_PROTOCOL) {
+    match nexthop::nexthops_with_protocol(nl, ROUTE_PROTOCOL) {
         Ok(nhs) => {
             let ids: Vec<u32> = nhs
                 .into_iter()
                 .map(|n| n.id)
                 .filter(|id| (NEXTHOP_ID_FIRST..=NEXTHOP_ID_LAST).contains(id))
                 .collect();
-            match nl.batch(ids.iter().map(|id| rtnl::nexthop_delete(*id))) {
+            match nl.batch(ids.iter().map(|id| nexthop::nexthop_delete(*id))) {
                 Ok(failed) => {
                     let gone = ids.len() - failed.len();
                     if gone > 0 {

@@ -257,7 +257,7 @@ pub fn render(s: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::kernel::Counters;
+    use crate::datapath::Counters;
 
     #[test]
     fn cluster_record_conflict_is_a_zero_or_one_gauge() {

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::{
-        RemoteRoute,
-        kernel::{Counters, RpStrictHandle},
+        Counters, RemoteRoute,
+        kernel::RpStrictHandle,
         masq::{ExemptionHandle, ExemptionStatus},
     },
     desired::RecordOutcome,
