@@ -13,9 +13,8 @@ use tokio::sync::watch;
 
 use crate::{
     datapath::{Datapath, DatapathError, RemoteRoute},
-    desired::{LocalRanges, live::Live},
-    remote::MeshCache,
-    status::Status,
+    desired::{LocalRanges, MeshCache, live::Live},
+    status::{MeshView, Status},
 };
 
 /// Routes per datapath call in a full resync, so that a resync of 100k routes
@@ -59,7 +58,13 @@ async fn next_local(updates: &mut Option<watch::Receiver<LocalRanges>>) -> Local
 impl<D: Datapath> Reconciler<D> {
     /// A reconciler over `datapath`.
     pub fn new(datapath: D, local: LocalRanges, cache: MeshCache, status: Status) -> Self {
-        status.set_mesh(cache.clone());
+        let mesh = cache.clone();
+        status.set_mesh_source(move || {
+            mesh.with_live(|l, remotes| MeshView {
+                records: l.records(remotes),
+                routes: l.routes(remotes).values().map(Into::into).collect(),
+            })
+        });
         Self {
             datapath,
             local,

@@ -24,9 +24,11 @@ use crate::{
     },
 };
 
+pub mod cache;
 pub mod decode;
 pub mod live;
 
+pub use cache::MeshCache;
 pub use decode::{Decoded, Entry, NodeData, Rejection, code};
 
 /// This cluster's ranges, which no remote may take.

@@ -88,19 +88,6 @@ impl EtcdStore {
             .map_err(|e| unavailable("compact", &self.endpoints, e))
     }
 
-    /// Deletes every key under `prefix`.
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), KvError> {
-        self.client
-            .clone()
-            .delete(
-                prefix,
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable("delete", &self.endpoints, e))
-    }
-
     async fn list_page(
         &self,
         from: &[u8],

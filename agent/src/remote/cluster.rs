@@ -8,9 +8,12 @@ use std::{future::pending, time::Duration};
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, probe, secret::RemoteFile};
+use super::{Connector, RemoteSettings, backoff::Backoff, probe, secret::RemoteFile};
 use crate::{
-    desired::decode::{Entry, decode},
+    desired::{
+        MeshCache,
+        decode::{Entry, decode},
+    },
     kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
     model::PREFIX,
     status::{Status, unix_now},
