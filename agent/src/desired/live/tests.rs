@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::{
-    desired::{MeshCache, decode::decode, desired},
+    desired::{MeshCache, decode::decode, oracle::desired},
     model::{cluster_key, node_key},
 };
 
