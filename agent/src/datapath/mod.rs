@@ -67,6 +67,33 @@ pub enum DatapathError {
     /// Any other failure.
     #[error("{0}")]
     Other(String),
+    /// Entries the datapath will not install; every other entry of the
+    /// call was applied. Each becomes its record's rejection.
+    #[error("{} entries refused; first: {}", .0.len(), .0.first().map_or(String::new(), ToString::to_string))]
+    Refused(Vec<Refusal>),
+}
+
+// The reconciler's error policy relies on the two items below: a refusal of
+// single entries, and whether retrying can help.
+
+/// One entry the datapath will not install (a remote node it cannot reach
+/// in this mode, e.g. without a vtepMAC in ebpf mode), and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{cidr}: {message}")]
+pub struct Refusal {
+    /// The entry's CIDR.
+    pub cidr: IpNet,
+    /// Why, with a hint.
+    pub message: String,
+}
+
+impl DatapathError {
+    /// Whether the same call may succeed later by itself (a kernel call that
+    /// failed), as opposed to a datapath that cannot run here or entries it
+    /// refuses: retried with backoff.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Op { .. } | Self::Other(_))
+    }
 }
 
 /// What `prune` removed.

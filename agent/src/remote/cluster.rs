@@ -180,7 +180,7 @@ impl<C: Connector> RemoteCluster<C> {
         } else {
             String::new()
         };
-        tracing::warn!(cluster = %self.name, error = %e, hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
+        tracing::warn!(cluster = %self.name, error = ?e.to_string(), hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
         self.status.remote(&self.name, |r| {
             r.connected = false;
             r.synced = false;

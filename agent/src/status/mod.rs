@@ -185,6 +185,9 @@ pub struct StatusReport {
     pub routes: Vec<RouteStatus>,
     /// Last datapath error, if any.
     pub datapath_error: Option<String>,
+    /// Times programming the datapath failed and was retried after a backoff.
+    #[serde(default)]
+    pub reconcile_retries: u64,
     /// Rejections counted since start, by (cluster, reason).
     #[serde(default)]
     pub rejections_total: BTreeMap<String, BTreeMap<String, u64>>,

@@ -269,7 +269,7 @@ impl Live {
         }
     }
 
-    /// 3. Reasons of rejected candidates, against the final owners; the
+    /// Step 3: reasons of rejected candidates, against the final owners;
     /// candidates whose acceptance now differs from their `p` are re-keyed next step.
     fn refresh_reasons(&mut self, w: &mut Work) {
         let mut reasons: Vec<(Id, Option<Box<Rejection>>)> = Vec::new();
