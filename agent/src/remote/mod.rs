@@ -25,6 +25,7 @@ use crate::{
 
 pub mod backoff;
 pub mod cluster;
+pub mod hint;
 mod probe;
 pub mod secret;
 
