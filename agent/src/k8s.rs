@@ -28,7 +28,7 @@ pub enum K8sError {
     #[error(
         "kubernetes client: {0} (run in a Pod with a service account, or give --node-ip and --pod-cidr)"
     )]
-    Client(String),
+    Client(#[source] kube::Error),
     /// The API server answered with an error status.
     #[error("{}", problem::api_message(.op, .node, *.code, .message))]
     Api {
@@ -43,37 +43,40 @@ pub enum K8sError {
     },
     /// No answer from the API server.
     #[error(
-        "{op} node {node}: cannot reach the Kubernetes API ({message}); check that the API server is up and reachable from the node's network namespace (KUBERNETES_SERVICE_HOST and _PORT, firewalls); retrying with backoff"
+        "{op} node {node}: cannot reach the Kubernetes API ({source}); check that the API server is up and reachable from the node's network namespace (KUBERNETES_SERVICE_HOST and _PORT, firewalls); retrying with backoff"
     )]
     Unreachable {
         /// What was attempted.
         op: &'static str,
         /// The node.
         node: String,
-        /// Why.
-        message: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
     },
     /// The client's own credentials cannot be used (e.g. the token file).
     #[error(
-        "{op} node {node}: the agent's Kubernetes credentials are unusable ({message}); check the ServiceAccount token the Pod mounts (automountServiceAccountToken) or the kubeconfig"
+        "{op} node {node}: the agent's Kubernetes credentials are unusable ({source}); check the ServiceAccount token the Pod mounts (automountServiceAccountToken) or the kubeconfig"
     )]
     Credentials {
         /// What was attempted.
         op: &'static str,
         /// The node.
         node: String,
-        /// Why.
-        message: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
     },
     /// Any other failure of the API call.
-    #[error("{op} node {node}: {message}; retrying with backoff")]
+    #[error("{op} node {node}: {source}; retrying with backoff")]
     Other {
         /// What was attempted.
         op: &'static str,
         /// The node.
         node: String,
-        /// Why.
-        message: String,
+        /// The client's or the watcher's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The API lists no Node of this name.
     #[error(
@@ -113,7 +116,7 @@ impl K8sError {
             e @ watcher::Error::NoResourceVersion => Self::Other {
                 op: "watch",
                 node,
-                message: e.to_string(),
+                source: Box::new(e),
             },
         }
     }
@@ -130,18 +133,18 @@ impl K8sError {
                 Self::Unreachable {
                     op,
                     node,
-                    message: e.to_string(),
+                    source: e,
                 }
             }
             kube::Error::Auth(_) => Self::Credentials {
                 op,
                 node,
-                message: e.to_string(),
+                source: e,
             },
             e => Self::Other {
                 op,
                 node,
-                message: e.to_string(),
+                source: Box::new(e),
             },
         }
     }
@@ -192,7 +195,7 @@ impl KubeNodes {
         Client::try_default()
             .await
             .map(Self::new)
-            .map_err(|e| K8sError::Client(e.to_string()))
+            .map_err(K8sError::Client)
     }
 }
 

@@ -6,6 +6,11 @@
 //! datapath is busy are collected as a set of changed keys and taken by the
 //! next step as one batch, so a single update at a low rate is applied at
 //! once and 100 updates/s cost a few steps, not 100 full recomputations.
+//!
+//! Error policy, as kube-rs's `error_policy`: an entry the datapath refuses
+//! becomes its record's rejection (`datapath-refused`, see [`refused`]) and
+//! is not retried in a loop; any other failure is retried with a full resync
+//! after a capped, jittered backoff (1 s → 30 s), counted in the status.
 use std::{collections::BTreeSet, time::Duration};
 
 use ipnet::IpNet;
@@ -13,10 +18,23 @@ use tokio::sync::watch;
 
 use crate::{
     datapath::{Datapath, DatapathError, RemoteRoute},
-    desired::{LocalRanges, live::Live},
-    remote::MeshCache,
-    status::Status,
+    desired::{LocalRanges, MeshCache, Rejection, live::Live},
+    remote::backoff::Backoff,
+    status::{MeshView, Status},
 };
+
+pub mod refused;
+pub mod report;
+#[cfg(test)]
+mod tests;
+
+use refused::Refusals;
+
+/// First delay after a failed pass.
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest delay between retries; also the delay after a failure that
+/// retrying cannot fix soon ([`DatapathError::is_transient`] is false).
+pub const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// Routes per datapath call in a full resync, so that a resync of 100k routes
 /// never holds them all in memory at once.
@@ -42,6 +60,14 @@ pub struct Reconciler<D> {
     /// New local ranges as this node changes (a Node from Kubernetes gets or
     /// changes its Pod CIDRs and addresses while the agent runs).
     local_updates: Option<watch::Receiver<LocalRanges>>,
+    /// Entries the datapath refused.
+    refusals: Refusals,
+    /// Records refused in the current pass (logged and counted with the rejections).
+    newly_refused: Vec<(String, String, Rejection)>,
+    /// Delays between retries of failed passes.
+    backoff: Backoff,
+    /// Failed passes retried since start.
+    retries: u64,
 }
 
 /// The next local ranges `updates` reports; pending forever without a
@@ -59,7 +85,16 @@ async fn next_local(updates: &mut Option<watch::Receiver<LocalRanges>>) -> Local
 impl<D: Datapath> Reconciler<D> {
     /// A reconciler over `datapath`.
     pub fn new(datapath: D, local: LocalRanges, cache: MeshCache, status: Status) -> Self {
-        status.set_mesh(cache.clone());
+        let (mesh, refusals) = (cache.clone(), Refusals::default());
+        let shown = refusals.clone();
+        status.set_mesh_source(move || {
+            let mut view = mesh.with_live(|l, remotes| MeshView {
+                records: l.records(remotes),
+                routes: l.routes(remotes).values().map(Into::into).collect(),
+            })?;
+            shown.overlay(&mut view.records, &mut view.routes);
+            Some(view)
+        });
         Self {
             datapath,
             local,
@@ -67,6 +102,10 @@ impl<D: Datapath> Reconciler<D> {
             status,
             installed: None,
             local_updates: None,
+            refusals,
+            newly_refused: Vec::new(),
+            backoff: Backoff::new(RETRY_BASE, RETRY_CAP),
+            retries: 0,
         }
     }
 
@@ -118,9 +157,10 @@ impl<D: Datapath> Reconciler<D> {
                 .cache
                 .with_live(|l, r| chunk.iter().filter_map(|c| l.route_at(r, c)).collect())
                 .unwrap_or_default();
-            self.datapath.upsert(&routes).await?;
+            self.upsert(&routes).await?;
         }
         let pruned = self.datapath.prune(&keep).await?;
+        self.refusals.retain(&keep);
         if !pruned.removed.is_empty() {
             tracing::info!(
                 removed = pruned.removed.len(),
@@ -128,6 +168,36 @@ impl<D: Datapath> Reconciler<D> {
             );
         }
         Ok(())
+    }
+
+    /// Upserts `routes`; entries the datapath refuses are recorded (the
+    /// others went through), any other failure is returned.
+    async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
+        let refused = match self.datapath.upsert(routes).await {
+            Ok(()) => Vec::new(),
+            Err(DatapathError::Refused(refused)) => refused,
+            Err(e) => return Err(e),
+        };
+        let newly = self.refusals.applied(routes, &refused);
+        self.newly_refused.extend(newly);
+        Ok(())
+    }
+
+    /// What to do after a failed pass: retry with a full resync after a
+    /// backoff (at once at the cap for a failure retrying cannot fix soon).
+    fn error_policy(&mut self, e: &DatapathError) -> Action {
+        let delay = if e.is_transient() {
+            self.backoff.next_delay()
+        } else {
+            RETRY_CAP
+        };
+        self.retries += 1;
+        tracing::error!(
+            error = %e,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "programming the datapath failed; retrying with a full resync"
+        );
+        Action::RequeueAfter(delay)
     }
 
     /// One pass: step the desired state, apply its delta; `full` also
@@ -143,26 +213,27 @@ impl<D: Datapath> Reconciler<D> {
         let result = async {
             if !step.ops.delete.is_empty() {
                 self.datapath.delete(&step.ops.delete).await?;
+                self.refusals.forget(&step.ops.delete);
             }
             if full {
                 self.resync().await?;
             } else if !step.ops.upsert.is_empty() {
-                self.datapath.upsert(&step.ops.upsert).await?;
+                self.upsert(&step.ops.upsert).await?;
             }
             Ok::<(), DatapathError>(())
         }
         .await;
         let action = match &result {
-            Ok(()) => Action::AwaitChange,
-            Err(e) => {
-                tracing::error!(error = %e, "programming the datapath failed; retrying with a full resync");
-                Action::RequeueAfter(Duration::from_secs(1))
+            Ok(()) => {
+                self.backoff.reset();
+                Action::AwaitChange
             }
+            Err(e) => self.error_policy(e),
         };
-        // Log each rejection once, with its hint.
-        for (cluster, key, why) in &step.newly_rejected {
-            tracing::warn!(cluster = %cluster, key = %key, reason = %why.code, "remote record rejected: {}", why.message);
-        }
+        // Log each new rejection once per cause, with its hint.
+        let mut rejected = step.newly_rejected;
+        rejected.append(&mut self.newly_refused);
+        report::log_rejections(&rejected);
         let per = self
             .cache
             .with_live(|l, remotes| {
@@ -175,16 +246,26 @@ impl<D: Datapath> Reconciler<D> {
         let routes = self
             .cache
             .with_live(|l, _| l.route_count())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .saturating_sub(self.refusals.len());
+        let refused = self.refusals.nodes_by_cluster();
         let error = result.err().map(|e| e.to_string());
+        let retries = self.retries;
         self.status.update(|s| {
             for (name, rs) in s.remotes.iter_mut() {
-                let (entries, counts) = per.get(name.as_str()).cloned().unwrap_or_default();
+                let (entries, mut counts) = per.get(name.as_str()).cloned().unwrap_or_default();
+                if let Some(n) = refused.get(name.as_str()).copied() {
+                    counts.nodes_programmed = counts.nodes_programmed.saturating_sub(n);
+                    *counts
+                        .rejected_by_reason
+                        .entry(crate::desired::code::DATAPATH_REFUSED.to_string())
+                        .or_default() += n;
+                }
                 rs.entries = entries;
                 rs.nodes_programmed = counts.nodes_programmed;
                 rs.rejected_by_reason = counts.rejected_by_reason;
             }
-            for (cluster, _, why) in &step.newly_rejected {
+            for (cluster, _, why) in &rejected {
                 *s.rejections_total
                     .entry(cluster.clone())
                     .or_default()
@@ -193,6 +274,7 @@ impl<D: Datapath> Reconciler<D> {
             }
             s.routes_installed = routes;
             s.datapath_error = error;
+            s.reconcile_retries = retries;
         });
         action
     }

@@ -12,15 +12,14 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     config::{AgentConfig, NodeSource},
     datapath::Datapath,
-    desired::LocalRanges,
+    desired::{LocalRanges, MeshCache},
     k8s,
     kvstore::{client_config::EtcdClientConfig, etcd::EtcdStore},
     model::{ClusterRecord, format_mac},
     publish::{LocalNode, Publisher, boot_id},
     reconcile::Reconciler,
     remote::{
-        Connector, EtcdConnector, MeshCache, RemoteSettings, Remotes, backoff::Backoff,
-        cluster::MIN_BACKOFF,
+        Connector, EtcdConnector, RemoteSettings, Remotes, backoff::Backoff, cluster::MIN_BACKOFF,
     },
     status::{Status, server},
 };

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
     match rt.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("podmesh-agent: {e:#}");
+            // The causes the message does not already hold (errors keep
+            // their sources and often quote them too).
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("podmesh-agent: {}", podmesh_agent::kvstore::one_line(e));
             ExitCode::from(1)
         }
     }

@@ -22,8 +22,7 @@ use super::{
 use crate::{
     config::{AgentConfig, DatapathMode, NodeSource},
     datapath::{nl::Netlink, rtnl},
-    desired::Decoded,
-    remote::MeshCache,
+    desired::{Decoded, MeshCache},
     status::Status,
 };
 

@@ -1,12 +1,12 @@
 //! The incremental desired state: per changed entry, validate that one record
 //! against persistent indexes and hand only the delta to the datapath.
 //!
-//! [`super::desired`] recomputes everything from scratch and stays the
+//! The from-scratch computation (`desired::oracle`, a test module) stays the
 //! reference: after every step, [`Live`] holds exactly what it would compute
 //! with the previous step's routes as `programmed` (a property test replays
 //! random event sequences against it).
 //!
-//! Acceptance is the greedy choice of [`super::desired`] in newcomer order
+//! Acceptance is the greedy choice of that computation in newcomer order
 //! (programmed first, then by create revision) over the overlap graph of the
 //! candidates' Pod CIDRs. A change re-decides only the records whose inputs
 //! changed, in newcomer order, and a record whose acceptance flips queues its
@@ -20,8 +20,8 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    Decoded, LocalRanges, Ops, RecordOutcome, RecordState, Rejection, RemoteEntries,
-    cluster_states, conflict, entry_static, node_of, outcome_row, route_of,
+    Decoded, LocalRanges, Ops, RecordOutcome, RecordState, Rejection, RemoteEntries, conflict,
+    entry_static, node_of, outcome_row, route_of,
 };
 use crate::{
     compact::Few, datapath::RemoteRoute, model::ClusterRecord, validate::overlap::CidrIndex,
@@ -409,296 +409,6 @@ impl Live {
         self.detached.insert(cluster.to_string(), routes);
     }
 
-    /// Applies the changes of `dirty` (and of the remotes' lifecycle, found by
-    /// comparing with `remotes`) and returns the delta for the datapath.
-    pub fn step(&mut self, remotes: &BTreeMap<String, RemoteEntries>, dirty: Dirty) -> Step {
-        let mut w = Work::default();
-
-        // 0. Last step's flips become this step's existing owners (or newcomers).
-        for id in std::mem::take(&mut self.flipped) {
-            let cidrs = match self
-                .clusters
-                .get_mut(&*id.0)
-                .and_then(|cl| cl.recs.get_mut(&*id.1))
-            {
-                // Acceptance cannot change by this alone (the accepted set is
-                // also the greedy choice in the new order); a rejected one is now
-                // a newcomer, which changes the checks its reason comes from.
-                Some(Rec::Cand(c)) if c.p != c.accepted => {
-                    c.p = c.accepted;
-                    c.accepted
-                }
-                _ => continue,
-            };
-            if !cidrs {
-                self.mark(&mut w, id, false);
-            }
-        }
-
-        // 1. Cluster lifecycle and cluster records.
-        let orphans = self.orphans.take();
-        let mut orphans_by: BTreeMap<String, BTreeMap<IpNet, RemoteRoute>> = BTreeMap::new();
-        if let Some(o) = orphans {
-            for r in o {
-                if remotes.contains_key(&r.cluster) {
-                    orphans_by
-                        .entry(r.cluster.clone())
-                        .or_default()
-                        .insert(r.cidr, r);
-                } else {
-                    w.touched.insert(r.cidr);
-                }
-            }
-        }
-        for (name, routes) in std::mem::take(&mut self.detached) {
-            self.remove_cluster(&mut w, &name);
-            if remotes.contains_key(&name) {
-                orphans_by.entry(name).or_default().extend(routes);
-            }
-        }
-        let states = {
-            let clusters = &self.clusters;
-            cluster_states(&self.local, remotes, |n| {
-                clusters
-                    .get(n)
-                    .is_some_and(|c| c.accepted > 0 || !c.seed.is_empty())
-                    || orphans_by.contains_key(n)
-            })
-        };
-        let revalidate = std::mem::take(&mut self.revalidate);
-        let gone: Vec<String> = self
-            .clusters
-            .keys()
-            .filter(|n| !remotes.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.remove_cluster(&mut w, &name);
-        }
-        for (name, rem) in remotes {
-            if !self.clusters.contains_key(name) {
-                let cname: Name = name.as_str().into();
-                let seed = orphans_by.remove(name).unwrap_or_default();
-                for r in seed.values() {
-                    self.index
-                        .insert(r.cidr, Owner::Seed(cname.clone(), r.node.as_str().into()));
-                    self.routes += 1;
-                    w.touched.insert(r.cidr);
-                }
-                self.clusters.insert(
-                    name.clone(),
-                    LiveCluster {
-                        name: cname,
-                        synced: false,
-                        state: None,
-                        recs: HashMap::new(),
-                        accepted: 0,
-                        seed,
-                        nodes_programmed: 0,
-                        by_reason: BTreeMap::new(),
-                    },
-                );
-            }
-            let mut all = revalidate;
-            let mut seed = None;
-            if rem.synced_once && !self.clusters[name].synced {
-                seed = Some(self.drop_seed(&mut w, name));
-                if let Some(cl) = self.clusters.get_mut(name) {
-                    cl.synced = true;
-                }
-                all = true;
-            }
-            let new_state = states.get(name.as_str());
-            let same = match (&self.clusters[name].state, new_state) {
-                (None, None) => true,
-                (Some(Ok(a)), Some(Ok(b))) => a == *b,
-                (Some(Err(a)), Some(Err(b))) => a == b,
-                _ => false,
-            };
-            if !same {
-                let cl = &self.clusters[name];
-                let cname = cl.name.clone();
-                let ids: Vec<Id> = cl.recs.keys().map(|k| (cname.clone(), k.clone())).collect();
-                for id in &ids {
-                    self.snap(&mut w, id);
-                }
-                let old = self.clusters.get_mut(name).and_then(|cl| cl.state.take());
-                if let Some(Ok(rec)) = old {
-                    for d in &rec.pod_cidrs {
-                        self.declared.remove(d, &cname);
-                        self.touch_neighbours(&mut w, &[*d], Some(name));
-                    }
-                }
-                let new_owned = new_state.map(|s| s.clone().cloned());
-                if let Some(Ok(rec)) = &new_owned {
-                    for d in &rec.pod_cidrs {
-                        self.declared.insert(*d, cname.clone());
-                        self.touch_neighbours(&mut w, &[*d], Some(name));
-                    }
-                }
-                if let Some(cl) = self.clusters.get_mut(name) {
-                    cl.state = new_owned;
-                }
-                all = true;
-            }
-            if !self.clusters[name].synced {
-                continue;
-            }
-            let keys: Vec<String> = if all {
-                let mut k: BTreeSet<String> = self.clusters[name]
-                    .recs
-                    .keys()
-                    .map(|k| k.to_string())
-                    .collect();
-                k.extend(rem.entries.keys().cloned());
-                k.into_iter().collect()
-            } else {
-                dirty
-                    .get(name)
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default()
-            };
-            for key in keys {
-                self.rederive(&mut w, remotes, &states, name, &key, seed.as_ref());
-            }
-        }
-
-        // 2. Acceptance, in newcomer order; a flip queues the later neighbours.
-        while let Some(item) = w.queue.pop_first() {
-            let id: Id = (item.2.clone(), item.3.clone());
-            if self.sigma(&id.0, &id.1).as_ref() != Some(&item) {
-                continue; // re-keyed or gone since it was queued
-            }
-            self.snap(&mut w, &id);
-            let accept = self.reject_reason(&id, Some(&item)).is_none();
-            let Some(Rec::Cand(c)) = self
-                .clusters
-                .get_mut(&*id.0)
-                .and_then(|cl| cl.recs.get_mut(&*id.1))
-            else {
-                continue;
-            };
-            w.reason.insert(id.clone());
-            w.evaluated.push(id.clone());
-            if accept == c.accepted {
-                continue;
-            }
-            c.accepted = accept;
-            let cidrs = c.cidrs.clone();
-            if let Some(cl) = self.clusters.get_mut(&*id.0) {
-                if accept {
-                    cl.accepted += 1;
-                } else {
-                    cl.accepted -= 1;
-                }
-            }
-            if accept {
-                self.routes += cidrs.len();
-            } else {
-                self.routes -= cidrs.len();
-            }
-            w.touched.extend(cidrs.iter().copied());
-            for cidr in cidrs.iter() {
-                for n in self.neighbours(cidr, None) {
-                    if n == id {
-                        continue;
-                    }
-                    let later = self.sigma(&n.0, &n.1).is_some_and(|s| s > item);
-                    self.mark(&mut w, n, later);
-                }
-            }
-        }
-
-        // 3. Reasons of rejected candidates, against the final owners.
-        let mut reasons: Vec<(Id, Option<Box<Rejection>>)> = Vec::new();
-        for id in &w.reason {
-            let Some(c) = self.cand(&id.0, &id.1) else {
-                continue;
-            };
-            let r = if c.accepted {
-                None
-            } else {
-                Some(Box::new(self.reject_reason(id, None).unwrap_or_else(
-                    || {
-                        Rejection::new(
-                            crate::validate::code::POD_CIDR_OVERLAP,
-                            format!(
-                                "node {} of cluster {}: Pod CIDR conflict",
-                                node_of(&id.1),
-                                id.0
-                            ),
-                        )
-                    },
-                )))
-            };
-            reasons.push((id.clone(), r));
-        }
-        for (id, r) in reasons {
-            if let Some(Rec::Cand(c)) = self
-                .clusters
-                .get_mut(&*id.0)
-                .and_then(|cl| cl.recs.get_mut(&*id.1))
-            {
-                c.reason = r;
-            }
-        }
-        for id in std::mem::take(&mut w.evaluated) {
-            if self.cand(&id.0, &id.1).is_some_and(|c| c.p != c.accepted) {
-                self.flipped.push(id);
-            }
-        }
-        self.flipped.sort();
-        self.flipped.dedup();
-
-        // 4. The delta.
-        let mut ops = Ops::default();
-        for cidr in &w.touched {
-            match self.route_at(remotes, cidr) {
-                Some(r) => ops.upsert.push(r),
-                None => ops.delete.push(*cidr),
-            }
-        }
-
-        // 5. Outcomes: counts, and what became rejected.
-        let mut newly = Vec::new();
-        for (id, old) in std::mem::take(&mut w.snaps) {
-            let new = self.class(&id.0, &id.1);
-            if new == old {
-                continue;
-            }
-            let rejection = match &new {
-                Some(Class::Rejected(_)) => self.rejection(&id),
-                _ => None,
-            };
-            let Some(cl) = self.clusters.get_mut(&*id.0) else {
-                continue;
-            };
-            for (c, delta) in [(&old, -1isize), (&new, 1)] {
-                match c {
-                    Some(Class::ProgrammedNode) => {
-                        cl.nodes_programmed = cl.nodes_programmed.wrapping_add_signed(delta);
-                    }
-                    Some(Class::Rejected(code)) => {
-                        let e = cl.by_reason.entry(code.clone()).or_default();
-                        *e = e.wrapping_add_signed(delta);
-                        if *e == 0 {
-                            cl.by_reason.remove(code);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(r) = rejection {
-                newly.push((id.0.to_string(), id.1.to_string(), r));
-            }
-        }
-        newly.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        Step {
-            ops,
-            newly_rejected: newly,
-        }
-    }
-
     fn rejection(&self, id: &Id) -> Option<Rejection> {
         let cl = self.clusters.get(&*id.0)?;
         match cl.recs.get(&*id.1)? {
@@ -820,5 +530,6 @@ impl Live {
     }
 }
 
+mod step;
 #[cfg(test)]
 mod tests;

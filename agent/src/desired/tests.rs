@@ -1,5 +1,8 @@
 //! Unit tests of the desired state and the diff.
-use super::*;
+use super::{
+    oracle::{Desired, desired, diff},
+    *,
+};
 
 fn local() -> LocalRanges {
     LocalRanges {

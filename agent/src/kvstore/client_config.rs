@@ -187,11 +187,6 @@ impl EtcdClientConfig {
         Ok(cfg)
     }
 
-    /// Whether the endpoints use TLS.
-    pub fn uses_tls(&self) -> bool {
-        self.trusted_ca_file.is_some()
-    }
-
     /// The PEM contents of the TLS files, read now.
     pub fn read_tls_files(&self, config_path: &Path) -> Result<TlsFiles, ClientConfigError> {
         let read = |what: &'static str, f: &Path| {

@@ -88,19 +88,6 @@ impl EtcdStore {
             .map_err(|e| unavailable("compact", &self.endpoints, e))
     }
 
-    /// Deletes every key under `prefix`.
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), KvError> {
-        self.client
-            .clone()
-            .delete(
-                prefix,
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable("delete", &self.endpoints, e))
-    }
-
     async fn list_page(
         &self,
         from: &[u8],
@@ -176,23 +163,8 @@ fn unavailable(op: &'static str, endpoints: &str, e: etcd_client::Error) -> KvEr
     KvError::Unavailable {
         op,
         endpoints: endpoints.to_string(),
-        message: error_message(&e),
+        source: Box::new(e),
     }
-}
-
-/// A one-line message with tonic's cause chain (the TLS reason sits in the sources).
-fn error_message(e: &etcd_client::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 fn map_list_error(endpoints: &str, e: etcd_client::Error) -> KvError {

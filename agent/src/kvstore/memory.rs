@@ -57,7 +57,7 @@ impl MemoryStore {
             return Err(KvError::Unavailable {
                 op,
                 endpoints: "memory".into(),
-                message: "store is down".into(),
+                source: "store is down".into(),
             });
         }
         Ok(())
@@ -217,7 +217,7 @@ impl KvStore for MemoryStore {
             return Err(KvError::Unavailable {
                 op: "put",
                 endpoints: "memory".into(),
-                message: format!("lease {l} not found"),
+                source: format!("lease {l} not found").into(),
             });
         }
         self.put_locked(&mut g, key, value, lease);

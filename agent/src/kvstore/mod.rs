@@ -56,15 +56,19 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<KvEvent, KvError>> + Sen
 /// A key-value store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
-    /// Cannot reach or talk to the store.
-    #[error("{op} at {endpoints}: {message}")]
+    /// Cannot reach or talk to the store. The message shows the whole
+    /// cause chain on one line (the TLS reason sits deep in it); the cause
+    /// itself stays the source, so that it can be told apart by type
+    /// (`crate::remote::hint`).
+    #[error("{op} at {endpoints}: {}", one_line(source.as_ref()))]
     Unavailable {
         /// What was attempted.
         op: &'static str,
         /// The endpoints tried.
         endpoints: String,
-        /// The transport's message.
-        message: String,
+        /// The transport's error (the etcd client's, or the store's own).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The watch's start revision was compacted away; the caller must re-list.
     #[error("watch compacted at revision {compact_revision}; re-listing")]
@@ -81,6 +85,23 @@ pub enum KvError {
     /// The etcd client configuration cannot be used.
     #[error(transparent)]
     Config(#[from] client_config::ClientConfigError),
+}
+
+/// `e` and the messages of its sources on one line, each source only when
+/// the text so far does not already hold it (clients often repeat their
+/// cause in their own message).
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 /// What the agent needs from a key-value store. Implementations are cheap to clone.

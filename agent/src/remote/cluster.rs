@@ -8,9 +8,18 @@ use std::{future::pending, time::Duration};
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::{Connector, MeshCache, RemoteSettings, backoff::Backoff, probe, secret::RemoteFile};
+use super::{
+    Connector, RemoteSettings,
+    backoff::Backoff,
+    hint::{CLIENT_CERT_REFUSED, Cause, NOT_TLS, cause, hint},
+    probe,
+    secret::RemoteFile,
+};
 use crate::{
-    desired::decode::{Entry, decode},
+    desired::{
+        MeshCache,
+        decode::{Entry, decode},
+    },
     kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
     model::PREFIX,
     status::{Status, unix_now},
@@ -37,94 +46,6 @@ pub struct RemoteCluster<C> {
 enum End {
     Failed(KvError),
     Compacted,
-}
-
-const NOT_TLS: &str = "the endpoint closed the TLS handshake: it does not speak TLS (a plaintext etcd or another service): point the https:// endpoint at the remote's TLS etcd proxy, or use http:// without TLS files for a plaintext etcd";
-
-const CLIENT_CERT_REFUSED: &str = "the remote refused this agent's client certificate (under TLS 1.3 it closes the connection right after the handshake): cert-file must be signed by the CA the remote trusts for clients, and be valid now (renew it in the clustermesh Secret; picked up without a restart)";
-
-const WATCH_BROKE: &str = "the connection broke during the watch: the remote's etcd proxy restarted or stopped answering HTTP/2 keepalives, or the network between the clusters dropped; routes of this cluster stay as last known; reconnecting with backoff";
-
-/// Whether the error names the TLS alert the remote sent (a refusal that
-/// cannot be anything else).
-fn names_an_alert(e: &KvError) -> bool {
-    let t = e.to_string().to_ascii_lowercase();
-    [
-        "badcertificate",
-        "bad certificate",
-        "unknownca",
-        "unknown ca",
-        "certificaterequired",
-        "certificate required",
-        "certificateexpired",
-    ]
-    .iter()
-    .any(|a| t.contains(a))
-}
-
-fn hint(e: &KvError) -> &'static str {
-    let t = e.to_string().to_ascii_lowercase();
-    // The first request on a new connection (a broken watch of a proxy that
-    // went away is an outage, not a refusal).
-    let first_request = matches!(
-        e,
-        KvError::Unavailable {
-            op: "connect" | "list",
-            ..
-        }
-    );
-    if matches!(e, KvError::Config(_)) {
-        "fix this cluster's entry in the clustermesh Secret"
-    } else if t.contains("tls handshake eof")
-        || t.contains("invalidcontenttype")
-        || t.contains("corrupt message")
-        || t.contains("wrong version number")
-        || t.contains("invalidmessage")
-        || (t.contains("tls") && t.contains("unexpected eof"))
-        || t.contains("http/1.1")
-    {
-        NOT_TLS
-    } else if t.contains("unknownissuer")
-        || t.contains("unknown issuer")
-        || t.contains("notvalidforname")
-        || t.contains("not valid for name")
-    {
-        "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate"
-    } else if matches!(e, KvError::Unavailable { op: "watch", .. })
-        // The list on the same connection succeeded, so the certificates
-        // were accepted: a closed watch stream is an outage.
-        && !names_an_alert(e)
-        && (t.contains("broken pipe")
-            || t.contains("connection reset")
-            || t.contains("connection closed")
-            || t.contains("h2 protocol error")
-            || t.contains("keep-alive timed out"))
-    {
-        WATCH_BROKE
-    } else if names_an_alert(e)
-        // Under TLS 1.3 the server checks the client certificate after the
-        // client has finished its handshake: the refusal reaches the client
-        // as a closed connection, or as a broken pipe or reset on its first
-        // write, depending on timing.
-        || (t.contains("connection closed") && t.contains("https://"))
-        || (first_request
-            && (t.contains("broken pipe") || t.contains("connection reset"))
-            && t.contains("https://"))
-    {
-        CLIENT_CERT_REFUSED
-    } else if t.contains("certificate") || t.contains("tls") || t.contains("handshake") {
-        "check trusted-ca-file, cert-file and key-file of this cluster's entry in the clustermesh Secret (CA, expiry, client certificate)"
-    } else if matches!(e, KvError::WatchClosed { .. }) {
-        "the remote's etcd proxy ended the watch (it is restarting or shutting down): routes of this cluster stay as last known; reconnecting"
-    } else if t.contains("refused")
-        || t.contains("unreachable")
-        || t.contains("timed out")
-        || t.contains("dns")
-    {
-        "check that the remote cluster's etcd proxy is up and reachable at the configured endpoints"
-    } else {
-        "routes of this cluster stay as last known; retrying"
-    }
 }
 
 /// What the local files say about a refused client certificate: whether
@@ -161,7 +82,7 @@ impl<C: Connector> RemoteCluster<C> {
         // server refused the client certificate or a plaintext server
         // dropped the ClientHello: ask the endpoints in plaintext HTTP/2.
         if h == CLIENT_CERT_REFUSED
-            && !names_an_alert(e)
+            && cause(e) != Some(Cause::ClientCertRefused)
             && let Ok(cfg) = &self.file.config
             && probe::any_speaks_plaintext(&cfg.endpoints).await
         {
@@ -177,7 +98,7 @@ impl<C: Connector> RemoteCluster<C> {
         } else {
             String::new()
         };
-        tracing::warn!(cluster = %self.name, error = %e, hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
+        tracing::warn!(cluster = %self.name, error = ?e.to_string(), hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
         self.status.remote(&self.name, |r| {
             r.connected = false;
             r.synced = false;

@@ -188,6 +188,13 @@ pub fn render(s: &StatusReport) -> String {
     let routes = Gauge::<i64>::default();
     routes.set(i64::try_from(s.routes_installed).unwrap_or(i64::MAX));
     reg.register("datapath_routes", "Routes the datapath holds", routes);
+    let retries = Counter::<u64>::default();
+    retries.inc_by(s.reconcile_retries);
+    reg.register(
+        "reconcile_retries",
+        "Times programming the datapath failed and was retried after a backoff",
+        retries,
+    );
     if let Some(c) = &s.datapath_packets {
         let packets = Family::<ResultLabel, Counter>::default();
         for (result, n) in [

@@ -16,7 +16,6 @@ use crate::{
     },
     desired::RecordOutcome,
     model::format_mac,
-    remote::MeshCache,
 };
 
 pub mod metrics;
@@ -186,6 +185,9 @@ pub struct StatusReport {
     pub routes: Vec<RouteStatus>,
     /// Last datapath error, if any.
     pub datapath_error: Option<String>,
+    /// Times programming the datapath failed and was retried after a backoff.
+    #[serde(default)]
+    pub reconcile_retries: u64,
     /// Rejections counted since start, by (cluster, reason).
     #[serde(default)]
     pub rejections_total: BTreeMap<String, BTreeMap<String, u64>>,
@@ -236,15 +238,35 @@ impl StatusReport {
 #[derive(Clone, Debug, Default)]
 pub struct Status {
     inner: Arc<Mutex<StatusReport>>,
-    /// The remote entries and desired state, from which `/status` lists
-    /// every record and route on request (never copied per change).
-    mesh: Arc<Mutex<Option<MeshCache>>>,
+    /// Where `/status` reads every record and route on request (never
+    /// copied per change): the desired state, behind a closure so that the
+    /// status does not depend on the modules that feed it.
+    mesh: Arc<Mutex<Option<MeshSource>>>,
     /// Where the datapath's packet counters are read at request time.
     packets: Arc<Mutex<Option<PacketSource>>>,
     /// The masquerade exemption's state, read at request time.
     exemption: Arc<Mutex<Option<ExemptionHandle>>>,
     /// Devices with strict reverse-path filtering, read at request time.
     rp_strict: Arc<Mutex<Option<RpStrictHandle>>>,
+}
+
+/// Every remote record with its outcome, and every desired route, as
+/// `/status` lists them.
+#[derive(Clone, Debug, Default)]
+pub struct MeshView {
+    /// Each record and its outcome.
+    pub records: Vec<RecordOutcome>,
+    /// Each desired route.
+    pub routes: Vec<RouteStatus>,
+}
+
+/// Reads the records and routes (`None` until the desired state exists).
+struct MeshSource(Box<dyn Fn() -> Option<MeshView> + Send>);
+
+impl std::fmt::Debug for MeshSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshSource")
+    }
 }
 
 /// Reads the datapath's packet counters.
@@ -288,9 +310,10 @@ impl Status {
         })
     }
 
-    /// Where the record outcomes and routes are read from.
-    pub fn set_mesh(&self, mesh: MeshCache) {
-        *self.mesh.lock().expect("status mesh lock") = Some(mesh);
+    /// Reads the record outcomes and routes with `read` whenever the full
+    /// status is asked for.
+    pub fn set_mesh_source(&self, read: impl Fn() -> Option<MeshView> + Send + 'static) {
+        *self.mesh.lock().expect("status mesh lock") = Some(MeshSource(Box::new(read)));
     }
 
     /// Reads the datapath's packet counters with `read` whenever the status
@@ -334,13 +357,14 @@ impl Status {
     /// A copy of the status with `ready` computed and each remote's records filled in.
     pub fn snapshot(&self) -> StatusReport {
         let mut s = self.summary();
-        let mesh = self.mesh.lock().expect("status mesh lock").clone();
-        let Some((records, routes)) =
-            mesh.and_then(|m| m.with_live(|l, remotes| (l.records(remotes), l.routes(remotes))))
-        else {
+        let view = match &*self.mesh.lock().expect("status mesh lock") {
+            Some(read) => (read.0)(),
+            None => None,
+        };
+        let Some(MeshView { records, routes }) = view else {
             return s;
         };
-        s.routes = routes.values().map(Into::into).collect();
+        s.routes = routes;
         for r in records {
             if let Some(rs) = s.remotes.get_mut(&r.cluster) {
                 rs.records.push(r);

@@ -6,9 +6,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::{
-    desired::{decode::decode, desired},
+    desired::{MeshCache, decode::decode, oracle::desired},
     model::{cluster_key, node_key},
-    remote::MeshCache,
 };
 
 const CLUSTERS: [(&str, u32); 4] = [("a", 1), ("b", 2), ("c", 3), ("d", 1)];
