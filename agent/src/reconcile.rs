@@ -87,10 +87,14 @@ impl<D: Datapath> Reconciler<D> {
     pub fn new(datapath: D, local: LocalRanges, cache: MeshCache, status: Status) -> Self {
         let (mesh, refusals) = (cache.clone(), Refusals::default());
         let shown = refusals.clone();
-        status.set_mesh_source(move || {
+        status.set_mesh_source(move |cluster| {
             let mut view = mesh.with_live(|l, remotes| MeshView {
-                records: l.records(remotes),
-                routes: l.routes(remotes).values().map(Into::into).collect(),
+                records: l.records_of(remotes, cluster),
+                routes: l
+                    .routes_of(remotes, cluster)
+                    .values()
+                    .map(Into::into)
+                    .collect(),
             })?;
             shown.overlay(&mut view.records, &mut view.routes);
             Some(view)

@@ -1456,3 +1456,100 @@ async fn agent_keeps_routes_while_the_secret_cannot_be_read_and_withdraws_on_rem
     .await?;
     Ok(())
 }
+
+/// `/status` at scale: with 20,000 remote records, a caller asks for one
+/// cluster (`?cluster=`), only the rejected records (`?rejected=true`) or
+/// the summary (`?summary=true`); full answers are built at most two at a
+/// time, and more callers at once get 503 with `Retry-After` (which
+/// `podmesh status` waits out) instead of the memory of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_pages_by_cluster_and_rejection_and_bounds_concurrent_calls()
+-> anyhow::Result<()> {
+    let (mut east, mut secret) = east_with_two_nodes().await?;
+    let mut west = Remote::start("west", 2).await?;
+    west.cluster(&["10.16.0.0/12"]).await?;
+    // 20,000 nodes in west, one rejected (its Pod CIDR outside the cluster's).
+    for chunk in (0..20_000u32).collect::<Vec<_>>().chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let n = 4 * i;
+                let pod = format!("10.{}.{}.{}/30", 16 + n / 65536, (n / 256) % 256, n % 256);
+                let v = serde_json::json!({"name": format!("w{i}"), "cluster": "west", "clusterID": 2,
+                    "addresses": [format!("192.168.{}.{}", 100 + i / 250, 1 + i % 250)],
+                    "podCIDRs": [pod], "vtepMAC": "02:00:00:00:00:02"});
+                etcd_client::TxnOp::put(node_key("west", &format!("w{i}")), v.to_string(), None)
+            })
+            .collect();
+        west.client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await?;
+    }
+    west.node("wbad", "192.168.99.9", &["10.5.0.0/24"]).await?;
+    secret.set_valid(&west)?;
+    let home = start_home(secret.path(), &[]).await?;
+    wait_status(&home, "both synced", |s| {
+        s.remotes.len() == 2 && s.remotes.values().all(|r| r.synced) && s.routes.len() == 20_002
+    })
+    .await?;
+    let addr = home.agent.status_addr.to_string();
+    let q = |cluster: Option<&str>, rejected: bool, summary: bool| {
+        podmesh_agent::cli::status::fetch_query(
+            &addr,
+            &podmesh_agent::status::StatusQuery {
+                cluster: cluster.map(str::to_string),
+                rejected,
+                summary,
+            },
+        )
+    };
+    let s = q(Some("east"), false, false)?;
+    assert_eq!(
+        s.remotes["east"].records.len(),
+        3,
+        "east: cluster + 2 nodes"
+    );
+    assert!(s.remotes["west"].records.is_empty());
+    assert_eq!(s.routes.len(), 2);
+    assert!(s.routes.iter().all(|r| r.cluster == "east"));
+    let s = q(None, true, false)?;
+    let rejected: Vec<&str> = s
+        .remotes
+        .values()
+        .flat_map(|r| r.records.iter().map(|r| r.key.as_str()))
+        .collect();
+    assert_eq!(rejected, [node_key("west", "wbad").as_str()]);
+    assert!(s.routes.is_empty());
+    let s = q(None, false, true)?;
+    assert!(s.routes.is_empty() && s.remotes.values().all(|r| r.records.is_empty()));
+    assert_eq!(s.remotes["west"].entries, 20_002);
+
+    // Eight full calls at once: each is whole or told to come back.
+    let port = home.agent.status_addr.port();
+    let calls: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || http_get(port, "/status")))
+        .collect();
+    let (mut whole, mut busy) = (0, 0);
+    for c in calls {
+        let r = c.join().unwrap()?;
+        let head = r.lines().next().unwrap_or("").to_string();
+        if head.contains(" 200 ") {
+            let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+            let s: StatusReport = serde_json::from_str(body)?;
+            assert_eq!(s.routes.len(), 20_002);
+            whole += 1;
+        } else {
+            assert!(head.contains(" 503 "), "{head}");
+            assert!(r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
+            busy += 1;
+        }
+    }
+    eprintln!(
+        "8 concurrent full /status calls with 20,002 records: {whole} answered, {busy} told to retry"
+    );
+    assert!(whole >= 1);
+    // The CLI's fetch waits out a busy agent.
+    assert_eq!(status(&home)?.routes.len(), 20_002);
+    let _ = east.delete("nothing").await;
+    Ok(())
+}

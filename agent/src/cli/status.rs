@@ -1,7 +1,10 @@
 //! `podmesh status`: the agent's `/status`, as a table or as JSON.
 use std::time::Duration;
 
-use crate::{desired::RecordState, status::StatusReport};
+use crate::{
+    desired::RecordState,
+    status::{StatusQuery, StatusReport},
+};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -21,6 +24,12 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+    /// Only this remote cluster's records and routes (`/status?cluster=NAME`).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Only rejected records, and no routes (`/status?rejected=true`).
+    #[arg(long)]
+    pub rejected: bool,
 }
 
 /// Fetching or reading the status failed.
@@ -52,7 +61,13 @@ pub enum StatusError {
 /// Blocking, for the CLI and for callers inside or outside a runtime: the
 /// request runs on a thread of its own with a current-thread runtime.
 pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
+    fetch_query(addr, &StatusQuery::default())
+}
+
+/// [`fetch`] with a query (one cluster, rejected records only, summary).
+pub fn fetch_query(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusError> {
     let owned = addr.to_string();
+    let q = q.clone();
     std::thread::scope(|s| {
         s.spawn(move || {
             tokio::runtime::Builder::new_current_thread()
@@ -62,7 +77,7 @@ pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
                     addr: owned.clone(),
                     source,
                 })?
-                .block_on(fetch_async(&owned))
+                .block_on(fetch_async_query(&owned, &q))
         })
         .join()
         .unwrap_or_else(|_| {
@@ -77,6 +92,47 @@ pub fn fetch(addr: &str) -> Result<StatusReport, StatusError> {
 /// GETs `/status` from `addr` with hyper's HTTP/1.1 client: 5 s to connect,
 /// 10 s for the whole answer.
 pub async fn fetch_async(addr: &str) -> Result<StatusReport, StatusError> {
+    fetch_async_query(addr, &StatusQuery::default()).await
+}
+
+/// The path and query of `q`.
+fn status_path(q: &StatusQuery) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &q.cluster {
+        // Cluster names are DNS labels: nothing to escape.
+        parts.push(format!("cluster={c}"));
+    }
+    if q.rejected {
+        parts.push("rejected=true".into());
+    }
+    if q.summary {
+        parts.push("summary=true".into());
+    }
+    if parts.is_empty() {
+        "/status".into()
+    } else {
+        format!("/status?{}", parts.join("&"))
+    }
+}
+
+/// [`fetch_async`] with a query; an agent busy answering other full status
+/// calls (503) is asked again, up to 5 times, a second apart.
+pub async fn fetch_async_query(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusError> {
+    let mut tries = 0;
+    loop {
+        match fetch_once(addr, q).await {
+            Err(StatusError::Answer { message, .. })
+                if message.starts_with("HTTP 503") && tries < 5 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn fetch_once(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusError> {
     use http_body_util::BodyExt as _;
 
     let connect = |source| StatusError::Connect {
@@ -98,7 +154,7 @@ pub async fn fetch_async(addr: &str) -> Result<StatusReport, StatusError> {
                 .map_err(|e| answer(e.to_string()))?;
         // The connection task ends with the response (Connection: close).
         let conn = tokio::spawn(conn);
-        let req = hyper::Request::get("/status")
+        let req = hyper::Request::get(status_path(q))
             .header(hyper::header::HOST, addr)
             .header(hyper::header::ACCEPT, "application/json")
             .header(hyper::header::CONNECTION, "close")
@@ -301,7 +357,12 @@ fn yes(b: bool) -> &'static str {
 
 /// Runs `podmesh status`; returns the exit code (0 ready, 1 not ready, 2 unreachable).
 pub fn run(a: &StatusArgs) -> u8 {
-    match fetch(&a.addr) {
+    let q = StatusQuery {
+        cluster: a.cluster.clone(),
+        rejected: a.rejected,
+        summary: false,
+    };
+    match fetch_query(&a.addr, &q) {
         Ok(s) => {
             match a.output {
                 Output::Json => {

@@ -34,6 +34,8 @@ pub mod code {
     pub const NODE_VTEP_MAC_INVALID: &str = "node-vtep-mac-invalid";
     /// `addresses[0]` cannot be a tunnel endpoint (unspecified, loopback, multicast).
     pub const NODE_ADDRESS_INVALID: &str = "node-address-invalid";
+    /// `addresses[0]` is an address of this node.
+    pub const NODE_ADDRESS_LOCAL: &str = "node-address-local";
     /// The datapath refused to install the node's entry (e.g. no `vtepMAC` in ebpf mode).
     pub const DATAPATH_REFUSED: &str = "datapath-refused";
 }

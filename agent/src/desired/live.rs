@@ -457,8 +457,20 @@ impl Live {
 
     /// Every record of the synced remotes with its outcome, as `/status` lists them.
     pub fn records(&self, remotes: &BTreeMap<String, RemoteEntries>) -> Vec<RecordOutcome> {
+        self.records_of(remotes, None)
+    }
+
+    /// [`Live::records`] of one remote cluster, or of all with `None`.
+    pub fn records_of(
+        &self,
+        remotes: &BTreeMap<String, RemoteEntries>,
+        cluster: Option<&str>,
+    ) -> Vec<RecordOutcome> {
         let mut out = Vec::new();
-        for (name, rem) in remotes.iter().filter(|(_, r)| r.synced_once) {
+        for (name, rem) in remotes
+            .iter()
+            .filter(|(n, r)| r.synced_once && cluster.is_none_or(|c| c == n.as_str()))
+        {
             let Some(cl) = self.clusters.get(name).filter(|c| c.synced) else {
                 continue;
             };
@@ -508,8 +520,23 @@ impl Live {
         &self,
         remotes: &BTreeMap<String, RemoteEntries>,
     ) -> BTreeMap<IpNet, RemoteRoute> {
+        self.routes_of(remotes, None)
+    }
+
+    /// [`Live::routes`] of one remote cluster, or of all with `None`.
+    pub fn routes_of(
+        &self,
+        remotes: &BTreeMap<String, RemoteEntries>,
+        cluster: Option<&str>,
+    ) -> BTreeMap<IpNet, RemoteRoute> {
         let mut out = BTreeMap::new();
         for (cidr, o) in self.index.iter() {
+            let owner = match o {
+                Owner::Seed(c, _) | Owner::Node(c, _) => &**c,
+            };
+            if cluster.is_some_and(|c| c != owner) {
+                continue;
+            }
             let r = match o {
                 Owner::Seed(c, _) => self
                     .clusters

@@ -217,6 +217,18 @@ pub(crate) fn entry_static<'e>(
             return Err(j);
         }
     }
+    // A remote node that names this node's own address as its tunnel
+    // endpoint would have this node send its remote traffic to itself.
+    if let Some(a) = n.addresses.first()
+        && local.node.iter().any(|h| h.contains(a))
+    {
+        return Err(Rejection::new(
+            code::NODE_ADDRESS_LOCAL,
+            format!(
+                "node {node} of cluster {cluster} publishes tunnel endpoint {a}, an address of this node; its routes would loop back here (two nodes with the same address, or a record copied from this cluster)"
+            ),
+        ));
+    }
     if let Some(r) = first_error(check_node_in_cluster(
         cluster,
         node,

@@ -386,3 +386,18 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_remote_node_naming_this_nodes_address_is_rejected() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16"]);
+    let v = node_json("east", 1, "e1", "192.168.9.1", &["10.1.1.0/24"]);
+    m.put("east", &crate::model::node_key("east", "e1"), &v, 2);
+    m.node("east", 1, "e2", &["10.1.2.0/24"], 3);
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/e1"),
+        code::NODE_ADDRESS_LOCAL
+    );
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
+}

@@ -89,6 +89,19 @@ fn of_rustls(e: &rustls::Error) -> Cause {
     }
 }
 
+/// The alerts of a server that refuses the client's certificate, as rustls
+/// names them (`AlertDescription`'s Debug).
+const CLIENT_CERT_ALERTS: [&str; 8] = [
+    "BadCertificate",
+    "UnknownCA",
+    "CertificateRequired",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "CertificateRevoked",
+    "UnsupportedCertificate",
+    "AccessDenied",
+];
+
 fn of_io(e: &std::io::Error) -> Option<Cause> {
     use std::io::ErrorKind as K;
     Some(match e.kind() {
@@ -121,6 +134,20 @@ pub fn classify(e: &(dyn Error + 'static)) -> Option<Cause> {
             )
         {
             return Some(Cause::Auth);
+        }
+    }
+    // A TLS alert that arrives after the handshake (TLS 1.3 refuses a client
+    // certificate at the first read) can reach here re-wrapped by the
+    // transport as io::Error(InvalidData) around the alert's text, its type
+    // lost: the text is all there is then.
+    for e in &chain {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+            && let Some(text) = io.get_ref().map(|i| i.to_string())
+            && let Some(alert) = text.strip_prefix("received fatal alert: ")
+            && CLIENT_CERT_ALERTS.contains(&alert)
+        {
+            return Some(Cause::ClientCertRefused);
         }
     }
     // The innermost transport error is the most precise.

@@ -260,8 +260,28 @@ pub struct MeshView {
     pub routes: Vec<RouteStatus>,
 }
 
-/// Reads the records and routes (`None` until the desired state exists).
-struct MeshSource(Box<dyn Fn() -> Option<MeshView> + Send>);
+/// Reads the records and routes, of one cluster or of all (`None` until the
+/// desired state exists).
+struct MeshSource(Box<ReadMesh>);
+
+/// Reads the mesh view of one cluster (`Some`) or of all.
+type ReadMesh = dyn Fn(Option<&str>) -> Option<MeshView> + Send;
+
+/// What a `/status` call asks for: `?cluster=east` (only that remote's
+/// records and routes), `?rejected=true` (only rejected records, no routes),
+/// `?summary=true` (neither records nor routes: the cheap call).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    /// Only this remote cluster's records and routes.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Only rejected records, and no routes.
+    #[serde(default)]
+    pub rejected: bool,
+    /// No records and no routes.
+    #[serde(default)]
+    pub summary: bool,
+}
 
 impl std::fmt::Debug for MeshSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -312,7 +332,10 @@ impl Status {
 
     /// Reads the record outcomes and routes with `read` whenever the full
     /// status is asked for.
-    pub fn set_mesh_source(&self, read: impl Fn() -> Option<MeshView> + Send + 'static) {
+    pub fn set_mesh_source(
+        &self,
+        read: impl Fn(Option<&str>) -> Option<MeshView> + Send + 'static,
+    ) {
         *self.mesh.lock().expect("status mesh lock") = Some(MeshSource(Box::new(read)));
     }
 
@@ -356,16 +379,29 @@ impl Status {
 
     /// A copy of the status with `ready` computed and each remote's records filled in.
     pub fn snapshot(&self) -> StatusReport {
+        self.query(&StatusQuery::default())
+    }
+
+    /// The status as `q` asks for it.
+    pub fn query(&self, q: &StatusQuery) -> StatusReport {
         let mut s = self.summary();
+        if q.summary {
+            return s;
+        }
         let view = match &*self.mesh.lock().expect("status mesh lock") {
-            Some(read) => (read.0)(),
+            Some(read) => (read.0)(q.cluster.as_deref()),
             None => None,
         };
         let Some(MeshView { records, routes }) = view else {
             return s;
         };
-        s.routes = routes;
+        if !q.rejected {
+            s.routes = routes;
+        }
         for r in records {
+            if q.rejected && matches!(r.state, crate::desired::RecordState::Programmed) {
+                continue;
+            }
             if let Some(rs) = s.remotes.get_mut(&r.cluster) {
                 rs.records.push(r);
             }

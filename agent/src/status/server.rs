@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::net::TcpListener;
 
-use super::{Status, StatusReport, metrics};
+use super::{Status, StatusQuery, metrics};
 
 /// The status server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,16 @@ pub async fn bind(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .route("/status", get(status_handler))
+        .route(
+            "/status",
+            get({
+                let calls = std::sync::Arc::new(tokio::sync::Semaphore::new(STATUS_CONCURRENCY));
+                move |State(s): State<Status>,
+                      axum::extract::Query(q): axum::extract::Query<StatusQuery>| {
+                    status_handler(s, q, calls.clone())
+                }
+            }),
+        )
         .with_state(status);
     let fut = async move {
         axum::serve(listener, app)
@@ -91,6 +100,37 @@ async fn metrics_handler(State(s): State<Status>) -> impl IntoResponse {
     )
 }
 
-async fn status_handler(State(s): State<Status>) -> Json<StatusReport> {
-    Json(s.snapshot())
+/// Full `/status` answers built at once: with 100k remote records one is
+/// about 25 MB of JSON and four times that while it is built, so more
+/// callers get 503 and `Retry-After` instead of memory.
+pub const STATUS_CONCURRENCY: usize = 2;
+
+async fn status_handler(
+    s: Status,
+    q: StatusQuery,
+    calls: std::sync::Arc<tokio::sync::Semaphore>,
+) -> axum::response::Response {
+    // The summary costs nothing worth bounding.
+    let _permit = if q.summary {
+        None
+    } else {
+        match calls.try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    format!(
+                        "{STATUS_CONCURRENCY} /status calls are being answered; retry in a second, or ask for less (?summary=true, ?cluster=NAME, ?rejected=true)\n"
+                    ),
+                )
+                    .into_response();
+            }
+        }
+    };
+    // Built off the runtime's worker threads: 100k records take a while.
+    match tokio::task::spawn_blocking(move || s.query(&q)).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }

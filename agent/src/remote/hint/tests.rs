@@ -299,3 +299,25 @@ fn auth_refusals_are_told_by_the_grpc_code() {
     assert_eq!(cause(&e), Some(Cause::Auth));
     assert!(hint(&e).contains("credentials"));
 }
+
+/// The shape seen through the etcd client when the refusal of a client
+/// certificate surfaces at the first request: the transport's io::Error
+/// around the alert's text only.
+#[test]
+fn an_alert_rewrapped_as_text_is_still_a_refused_client_certificate() {
+    let io = std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "received fatal alert: BadCertificate",
+    );
+    let e = KvError::Unavailable {
+        op: "list",
+        endpoints: "https://127.0.0.1:2379".into(),
+        source: Box::new(io),
+    };
+    assert_eq!(cause(&e), Some(Cause::ClientCertRefused), "{e}");
+    let other = std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "received fatal alert: DecodeError",
+    );
+    assert_ne!(classify(&other), Some(Cause::ClientCertRefused));
+}
