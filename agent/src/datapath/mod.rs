@@ -8,9 +8,10 @@
 //!
 //! # Layering
 //!
-//! Every dependency between the submodules points down this list; nothing
-//! uses a module above it, so each layer can be read (and tested) without
-//! the ones on top:
+//! The submodules form layers, listed here from the bottom up. A module
+//! uses only modules named before it in this list, never one after it: no
+//! two modules use each other, and each layer can be read (and tested)
+//! without the ones on top.
 //!
 //! 1. [`nl`]: the netlink socket (batched requests, dumps, `in_netns`).
 //! 2. [`error`] ([`DatapathError`], [`Refusal`]) and [`base`]: the shared

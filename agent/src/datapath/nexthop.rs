@@ -96,7 +96,9 @@ mod tests {
     use super::*;
 
     /// The bytes the kernel gets (`struct nhmsg` + attributes), as `ip
-    /// nexthop replace id 0x50000001 via 192.168.1.2 dev 3 onlink proto 80`.
+    /// nexthop replace id 0x50000001 via 192.168.1.2 dev 3 onlink proto 80`
+    /// (host byte order: little-endian machines).
+    #[cfg(target_endian = "little")]
     #[test]
     fn nexthop_messages_keep_their_layout() {
         let m = nexthop_replace(0x5000_0001, "192.168.1.2".parse().unwrap(), 3, true, 80);

@@ -3,7 +3,7 @@
 //! Why not the `rtnetlink` crate: programming 100k entries needs many
 //! requests per datagram (one `sendmsg`, the kernel acks each message),
 //! which is what `ip -batch` effectively achieves and what keeps install
-//! time linear; rtnetlink sends one request at a time. The rtnetlink
+//! time linear; rtnetlink sends each request in a datagram of its own. The rtnetlink
 //! messages themselves are netlink-packet-route's ([`super::rtnl`]); this
 //! socket only frames them (`nlmsghdr`) and matches the acks. The
 //! attribute helpers below serve the messages the crate has no type for
