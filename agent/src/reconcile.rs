@@ -196,8 +196,9 @@ impl<D: Datapath> Reconciler<D> {
             RETRY_CAP
         };
         self.retries += 1;
+        // Debug-escaped: the message may name remote nodes.
         tracing::error!(
-            error = %e,
+            error = ?e.to_string(),
             retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             "programming the datapath failed; retrying with a full resync"
         );

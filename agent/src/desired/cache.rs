@@ -1,5 +1,5 @@
 //! The desired-state store: every remote cluster's decoded entries (written
-//! by the connections in [`crate::remote`]) and the incremental desired state
+//! by the remote connections, `crate::remote`) and the incremental desired state
 //! ([`Live`]) the reconciler steps over them.
 use std::{
     collections::BTreeMap,
