@@ -1553,3 +1553,60 @@ async fn agent_status_pages_by_cluster_and_rejection_and_bounds_concurrent_calls
     let _ = east.delete("nothing").await;
     Ok(())
 }
+
+/// A page of records past gRPC's default 4 MiB answer: five records of
+/// 1 MiB among 600 valid ones (the first page of 500 holds all five). The
+/// agent lists it anyway (its receive limit is a page of records at the
+/// record size limit, and pages shrink when records are far larger),
+/// rejects the five as `record-too-large` and programs the 600; after a
+/// restart it does so again (it once programmed 0 and never got ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_lists_pages_past_4_mib_and_rejects_only_the_oversized_records() -> anyhow::Result<()>
+{
+    let (_east, mut secret) = east_with_two_nodes().await?;
+    let mut west = Remote::start("west", 2).await?;
+    west.cluster(&["10.16.0.0/12"]).await?;
+    for i in 0..5 {
+        // Keys sort first (w0000…), so the first page holds them.
+        west.put_raw(
+            &node_key("west", &format!("a-big-{i}")),
+            vec![b' '; 1 << 20],
+        )
+        .await?;
+    }
+    for chunk in (0..600u32).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let v = serde_json::json!({"name": format!("w{i}"), "cluster": "west", "clusterID": 2,
+                    "addresses": [format!("192.168.{}.{}", 100 + i / 250, 1 + i % 250)],
+                    "podCIDRs": [format!("10.16.{}.{}/30", (4 * i) / 256, (4 * i) % 256)], "vtepMAC": "02:00:00:00:00:02"});
+                etcd_client::TxnOp::put(node_key("west", &format!("w{i}")), v.to_string(), None)
+            })
+            .collect();
+        west.client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await?;
+    }
+    secret.set_valid(&west)?;
+    for round in ["first start", "after a restart"] {
+        let mut home = start_home(secret.path(), &[]).await?;
+        let s = wait_status(&home, round, |s| {
+            s.ready
+                && s.remotes
+                    .get("west")
+                    .is_some_and(|w| w.synced && w.nodes_programmed == 600)
+        })
+        .await?;
+        let w = &s.remotes["west"];
+        assert_eq!(
+            w.rejected_by_reason.get("record-too-large"),
+            Some(&5),
+            "{round}: {:?}",
+            w.rejected_by_reason
+        );
+        assert_eq!(s.routes.len(), 602, "{round}");
+        home.agent.stop();
+    }
+    Ok(())
+}

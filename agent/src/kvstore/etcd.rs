@@ -14,9 +14,15 @@ use super::{
     client_config::{ClientConfigError, EtcdClientConfig},
 };
 
-/// Keys per page of a list; keeps each Range response well under gRPC's
-/// message limit, and what 20 remotes listing at once hold in memory small.
+/// Keys per page of a list: what 20 remotes listing at once hold in memory
+/// stays small.
 const PAGE: i64 = 500;
+/// The largest answer accepted from an etcd: a full page of records at the
+/// record size limit (with their keys), instead of gRPC's 4 MiB, which five
+/// records of 1 MiB in one page of 500 already pass. A page still larger
+/// (records far over the limit) is read again in smaller pages, so every
+/// record arrives and the oversized ones are rejected one by one.
+pub const RECEIVE_LIMIT: usize = PAGE as usize * (crate::model::MAX_VALUE_LEN + 4096);
 /// Events buffered between a store's list/watch task and its consumer.
 const EVENTS: usize = 256;
 
@@ -88,22 +94,47 @@ impl EtcdStore {
             .map_err(|e| unavailable("compact", &self.endpoints, e))
     }
 
+    /// One page of at most `*page` keys from `from`; shrinks `*page` (down to
+    /// one key) while an answer passes [`RECEIVE_LIMIT`].
     async fn list_page(
         &self,
         from: &[u8],
         end: &[u8],
         revision: i64,
+        page: &mut i64,
     ) -> Result<etcd_client::GetResponse, KvError> {
-        let mut opts = GetOptions::new().with_range(end.to_vec()).with_limit(PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
+        loop {
+            let mut opts = GetOptions::new().with_range(end.to_vec()).with_limit(*page);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            match self
+                .client
+                .kv_client()
+                .max_decoding_message_size(RECEIVE_LIMIT)
+                .get(from.to_vec(), Some(opts))
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(e) if too_large(&e) && *page > 1 => {
+                    *page = (*page / 8).max(1);
+                    tracing::debug!(
+                        endpoints = %self.endpoints,
+                        page = *page,
+                        "a page of records passed the receive limit; reading smaller pages"
+                    );
+                }
+                Err(e) => return Err(map_list_error(&self.endpoints, e)),
+            }
         }
-        self.client
-            .clone()
-            .get(from.to_vec(), Some(opts))
-            .await
-            .map_err(|e| map_list_error(&self.endpoints, e))
     }
+}
+
+/// tonic's refusal of an answer over the receive limit (`OUT_OF_RANGE`,
+/// which it shares with etcd's compacted revision; its text tells them apart).
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
 }
 
 /// Refuses a client certificate that is expired or not yet valid, before the
@@ -182,7 +213,10 @@ impl KvStore for EtcdStore {
     async fn list_and_watch(&self, prefix: &str) -> Result<EventStream, KvError> {
         let end = prefix_end(prefix.as_bytes());
         // The first page fixes the revision; later pages read at that revision.
-        let first = self.list_page(prefix.as_bytes(), &end, 0).await?;
+        let mut size = PAGE;
+        let first = self
+            .list_page(prefix.as_bytes(), &end, 0, &mut size)
+            .await?;
         let revision = first.header().map(|h| h.revision()).unwrap_or(0);
         let (tx, rx) = mpsc::channel::<Result<KvEvent, KvError>>(EVENTS);
         let this = self.clone();
@@ -202,7 +236,7 @@ impl KvStore for EtcdStore {
                     let Some(last) = page.kvs().last() else { break };
                     let mut from = last.key().to_vec();
                     from.push(0);
-                    page = this.list_page(&from, &end, revision).await?;
+                    page = this.list_page(&from, &end, revision, &mut size).await?;
                 }
                 if tx.send(Ok(KvEvent::ListDone { revision })).await.is_err() {
                     return Ok(());
@@ -213,7 +247,8 @@ impl KvStore for EtcdStore {
                     .with_progress_notify();
                 let mut watch = this
                     .client
-                    .clone()
+                    .watch_client()
+                    .max_decoding_message_size(RECEIVE_LIMIT)
                     .watch(prefix.as_bytes(), Some(opts))
                     .await
                     .map_err(|e| unavailable("watch", &this.endpoints, e))?;
