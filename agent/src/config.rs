@@ -9,6 +9,7 @@ use std::{
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
+use podmesh_plumbing::duration;
 
 use crate::model::ClusterName;
 
@@ -86,21 +87,21 @@ pub struct AgentArgs {
     /// Address of the status server (/healthz /readyz /metrics /status).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub status_addr: SocketAddr,
-    /// TTL in seconds of the lease this node's record is bound to; the record disappears this long after the agent is gone.
-    #[arg(long, default_value_t = 15)]
-    pub lease_ttl: u64,
-    /// Seconds to keep a remote cluster's routes when its etcd comes back empty, so its agents can republish before traffic is withdrawn.
-    #[arg(long, default_value_t = 60)]
-    pub empty_grace: u64,
-    /// Seconds between full resyncs of the datapath (read back, re-apply, prune).
-    #[arg(long, default_value_t = 60)]
-    pub resync_interval: u64,
-    /// Milliseconds between scans of --clustermesh-config for added, changed or removed remote clusters and rotated certificates.
-    #[arg(long, default_value_t = 1000)]
-    pub secret_poll_ms: u64,
-    /// Cap in seconds of the exponential reconnect backoff towards a remote cluster.
-    #[arg(long, default_value_t = 30)]
-    pub max_backoff: u64,
+    /// TTL of the lease this node's record is bound to (whole seconds: 15s, 1m; a bare number is seconds); the record disappears this long after the agent is gone.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration::bare_seconds)]
+    pub lease_ttl: Duration,
+    /// How long to keep a remote cluster's routes when its etcd comes back empty, so its agents can republish before traffic is withdrawn (60s, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::bare_seconds)]
+    pub empty_grace: Duration,
+    /// Interval of full resyncs of the datapath: read back, re-apply, prune (60s, 5m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::bare_seconds)]
+    pub resync_interval: Duration,
+    /// Interval of scans of --clustermesh-config for added, changed or removed remote clusters and rotated certificates (1s, 500ms; a bare number is milliseconds, as the flag's name says).
+    #[arg(long, value_name = "DURATION", default_value = "1000ms", value_parser = duration::bare_millis)]
+    pub secret_poll_ms: Duration,
+    /// Cap of the exponential reconnect backoff towards a remote cluster (30s, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::bare_seconds)]
+    pub max_backoff: Duration,
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
     pub datapath_dry_run: bool,
@@ -506,19 +507,25 @@ impl AgentArgs {
         if self.tunnel_port == 0 {
             return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
         }
-        if self.lease_ttl < 2 {
+        if self.lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::invalid(
                 "lease-ttl",
                 "must be at least 2 seconds",
             ));
         }
-        if self.secret_poll_ms == 0 {
+        if self.lease_ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::invalid(
+                "lease-ttl",
+                "must be whole seconds (etcd leases count seconds)",
+            ));
+        }
+        if self.secret_poll_ms.is_zero() {
             return Err(ConfigError::invalid("secret-poll-ms", "must be positive"));
         }
-        if self.max_backoff == 0 {
+        if self.max_backoff.is_zero() {
             return Err(ConfigError::invalid("max-backoff", "must be positive"));
         }
-        if self.resync_interval == 0 {
+        if self.resync_interval.is_zero() {
             return Err(ConfigError::invalid("resync-interval", "must be positive"));
         }
         Ok(AgentConfig {
@@ -540,11 +547,11 @@ impl AgentArgs {
             cni_conf_dir: self.cni_conf_dir,
             cilium_state_dir: self.cilium_state_dir,
             status_addr: self.status_addr,
-            lease_ttl: Duration::from_secs(self.lease_ttl),
-            empty_grace: Duration::from_secs(self.empty_grace),
-            resync_interval: Duration::from_secs(self.resync_interval),
-            secret_poll: Duration::from_millis(self.secret_poll_ms),
-            max_backoff: Duration::from_secs(self.max_backoff),
+            lease_ttl: self.lease_ttl,
+            empty_grace: self.empty_grace,
+            resync_interval: self.resync_interval,
+            secret_poll: self.secret_poll_ms,
+            max_backoff: self.max_backoff,
         })
     }
 }
@@ -673,6 +680,39 @@ mod tests {
         a.extend(["--underlay-mtu", "60"]);
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.starts_with("--underlay-mtu:"), "{e}");
+    }
+
+    #[test]
+    fn durations_take_units_and_the_bare_numbers_of_before() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        let c = load_from(a.clone()).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(15));
+        assert_eq!(c.secret_poll, Duration::from_secs(1));
+        assert_eq!(c.max_backoff, Duration::from_secs(30));
+        let mut b = a.clone();
+        b.extend([
+            "--lease-ttl",
+            "20",
+            "--secret-poll-ms",
+            "250",
+            "--max-backoff",
+            "2m",
+        ]);
+        b.extend(["--empty-grace", "1m30s", "--resync-interval", "10s"]);
+        let c = load_from(b).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(20));
+        assert_eq!(c.secret_poll, Duration::from_millis(250));
+        assert_eq!(c.max_backoff, Duration::from_secs(120));
+        assert_eq!(c.empty_grace, Duration::from_secs(90));
+        assert_eq!(c.resync_interval, Duration::from_secs(10));
+        let mut b = a.clone();
+        b.extend(["--lease-ttl", "1500ms"]);
+        let e = load_from(b).unwrap_err().to_string();
+        assert!(e.starts_with("--lease-ttl:"), "{e}");
+        a.extend(["--max-backoff", "soon"]);
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.contains("--max-backoff") && e.contains("10s"), "{e}");
     }
 
     #[test]

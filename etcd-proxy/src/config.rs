@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use podmesh_plumbing::duration;
 
 /// mTLS, read-only, prefix-confined etcd v3 proxy: one upstream watch of the
 /// mesh prefix fanned out to many remote watchers.
@@ -50,32 +51,16 @@ pub struct Args {
     #[arg(long, default_value_t = 4096)]
     pub watch_buffer: usize,
     /// Interval of progress notifications to watchers that ask for them.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = duration::with_unit)]
     pub progress_notify_interval: Duration,
     /// Interval at which the TLS files, the upstream config and the files it
     /// names are checked for changes (new upstream settings make the proxy
     /// reconnect upstream with them).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::with_unit)]
     pub tls_reload_interval: Duration,
     /// Longest delay between upstream reconnect attempts.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration::with_unit)]
     pub max_backoff: Duration,
-}
-
-/// "500ms", "5s", "10m", "1h".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} has no unit (ms, s, m, h)")),
-    }
 }
 
 /// Flags whose value is a file: a relative path in the `--config` file is
@@ -273,14 +258,6 @@ mod tests {
         "--tls-key",
         "/t.key",
     ];
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("x").is_err());
-    }
 
     #[test]
     fn flags_alone_and_missing_required_flags() {

@@ -24,7 +24,8 @@ use crate::{
     status::Status,
 };
 
-pub mod backoff;
+/// Reconnect backoff (shared with the etcd proxy).
+pub use podmesh_plumbing::backoff;
 pub mod cluster;
 mod probe;
 pub mod secret;

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, WatchOptions};
-use rand::Rng;
+use podmesh_plumbing::backoff::Backoff;
 use tokio::sync::watch;
 
 use crate::hub::Hub;
@@ -13,38 +13,6 @@ mod list;
 pub mod settings;
 
 pub use settings::Settings;
-
-/// Capped exponential backoff with jitter (each delay drawn from the upper
-/// half of the current step, so many proxies do not retry in lockstep).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next(&mut self, rng: &mut impl Rng) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        step.mul_f64(rng.random_range(0.5..=1.0))
-    }
-}
 
 /// Why one upstream session ended.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +103,7 @@ pub async fn run(
                 ),
             }
         }
-        let delay = backoff.next(&mut rand::rng());
+        let delay = backoff.next_delay();
         tokio::select! {
             _ = crate::hub::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(delay) => {}
@@ -270,24 +238,5 @@ impl Session<'_> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let d: Vec<Duration> = (0..8).map(|_| b.next(&mut rng)).collect();
-        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
-        assert!(d.iter().all(|x| *x <= Duration::from_secs(2)));
-        assert!(d[7] >= Duration::from_secs(1));
-        b.reset();
-        assert!(b.next(&mut rng) <= Duration::from_millis(100));
     }
 }
