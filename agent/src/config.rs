@@ -10,6 +10,7 @@ use std::{
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
 use podmesh_plumbing::duration;
+use podmesh_plumbing::flags::{self, LoadError};
 
 use crate::model::ClusterName;
 
@@ -203,26 +204,9 @@ pub struct AgentConfig {
 /// A configuration problem; the agent exits 64 with this one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The command line or a value in it does not parse (clap's message, shortened).
-    #[error("{0}")]
-    Cli(String),
-    /// The `--config` file cannot be read.
-    #[error("--config {path}: cannot read: {source}")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The `--config` file is not a YAML mapping of flag names.
-    #[error("--config {path}: {message}")]
-    FileSyntax {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with the line where known.
-        message: String,
-    },
+    /// The command line or the `--config` file does not parse.
+    #[error(transparent)]
+    Load(#[from] LoadError),
     /// A flag has an invalid value.
     #[error("--{flag}: {message}")]
     Invalid {
@@ -242,6 +226,14 @@ impl ConfigError {
     }
 }
 
+/// Flags whose relative values in the `--config` file are taken relative to the file.
+const PATH_FLAGS: [&str; 4] = [
+    "kvstore-config",
+    "clustermesh-config",
+    "cni-conf-dir",
+    "cilium-state-dir",
+];
+
 /// Parses the process arguments (and `--config`) into a validated config.
 /// `--help`/`--version` print and exit here, like clap does.
 pub fn load() -> Result<AgentConfig, ConfigError> {
@@ -255,135 +247,19 @@ where
     T: Into<OsString> + Clone,
 {
     let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let cmd = AgentArgs::command();
-    let matches = cmd
-        .clone()
-        .try_get_matches_from(&argv)
-        .map_err(clap_error)?;
-    let first = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
-    let origin = match matches.value_source("node_name") {
+    let loaded = flags::load(AgentArgs::command(), argv, &PATH_FLAGS)?;
+    let args = AgentArgs::from_arg_matches(&loaded.matches)
+        .map_err(|e| LoadError::Cli(e.to_string().lines().next().unwrap_or("").into()))?;
+    let origin = match loaded.command_line.value_source("node_name") {
         Some(ValueSource::EnvVariable) => NodeNameOrigin::Env,
+        _ if loaded.from_file("node_name") => NodeNameOrigin::ConfigFile,
         _ => NodeNameOrigin::Flag,
-    };
-    let Some(path) = first.config.clone() else {
-        return AgentArgs {
-            node_name_origin: Some(origin),
-            ..first
-        }
-        .validate();
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    let file_args = file_to_args(&path, &text, &cmd, |id| {
-        matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    })?;
-    // File flags first, then the command line: a flag is taken from the file
-    // only when neither the command line nor the environment set it.
-    let mut merged = vec![argv[0].clone()];
-    merged.extend(file_args);
-    merged.extend(argv.into_iter().skip(1));
-    let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
-    let args = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
-    let origin = if first.node_name.is_some() {
-        origin
-    } else {
-        NodeNameOrigin::ConfigFile
     };
     AgentArgs {
         node_name_origin: Some(origin),
         ..args
     }
     .validate()
-}
-
-fn clap_error(e: clap::Error) -> ConfigError {
-    use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
-    }
-    let text = e.to_string();
-    let line = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid command line")
-        .trim_start_matches("error: ")
-        .to_string();
-    ConfigError::Cli(line)
-}
-
-/// Turns the YAML mapping into `--flag value` arguments, skipping flags `already_set`.
-fn file_to_args(
-    path: &std::path::Path,
-    text: &str,
-    cmd: &clap::Command,
-    already_set: impl Fn(&str) -> bool,
-) -> Result<Vec<OsString>, ConfigError> {
-    let syntax = |message: String| ConfigError::FileSyntax {
-        path: path.to_path_buf(),
-        message,
-    };
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        syntax(match e.location() {
-            Some(l) => format!("not valid YAML at line {}: {e}", l.line()),
-            None => format!("not valid YAML: {e}"),
-        })
-    })?;
-    let map = match value {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => return Ok(Vec::new()),
-        _ => return Err(syntax("expected a mapping of flag names to values".into())),
-    };
-    let mut out = Vec::new();
-    for (k, v) in map {
-        let Some(name) = k.as_str() else {
-            return Err(syntax(format!("key {k:?} is not a flag name")));
-        };
-        let Some(arg) = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(name) && name != "config")
-        else {
-            return Err(syntax(format!(
-                "unknown key {name:?} (keys are the flag names of --help, without dashes)"
-            )));
-        };
-        if already_set(arg.get_id().as_str()) {
-            continue;
-        }
-        let flag = format!("--{name}");
-        let scalar = |v: &serde_yaml::Value| -> Result<String, ConfigError> {
-            match v {
-                serde_yaml::Value::String(s) => Ok(s.clone()),
-                serde_yaml::Value::Number(n) => Ok(n.to_string()),
-                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-                _ => Err(syntax(format!("{name}: expected a scalar value"))),
-            }
-        };
-        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
-        match &v {
-            serde_yaml::Value::Sequence(items) => {
-                for item in items {
-                    out.push(OsString::from(&flag));
-                    out.push(OsString::from(scalar(item)?));
-                }
-            }
-            serde_yaml::Value::Bool(b) if is_switch => {
-                if *b {
-                    out.push(OsString::from(&flag));
-                }
-            }
-            serde_yaml::Value::Null => {}
-            other => {
-                out.push(OsString::from(&flag));
-                out.push(OsString::from(scalar(other)?));
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn host_name() -> Option<String> {

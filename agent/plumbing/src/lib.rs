@@ -2,7 +2,13 @@
 //! process and the systems it talks to.
 //!
 //! - [`backoff`]: capped exponential backoff with jitter;
-//! - [`duration`]: the one syntax of every duration flag (`500ms`, `10s`, `2m`).
+//! - [`duration`]: the one syntax of every duration flag (`500ms`, `10s`, `2m`);
+//! - [`etcd_config`]: the etcd client YAML (Cilium's and etcd's format);
+//! - [`flags`]: the `--config` YAML file of a binary's flags;
+//! - [`yaml`]: YAML with one-line errors.
 
 pub mod backoff;
 pub mod duration;
+pub mod etcd_config;
+pub mod flags;
+pub mod yaml;
