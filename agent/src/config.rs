@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use podmesh_plumbing::duration;
 use podmesh_plumbing::flags::{self, LoadError};
 
-use crate::model::ClusterName;
+use crate::{kvstore::client_config::EtcdClientConfig, model::ClusterName};
 
 /// The forwarding mode the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -167,8 +167,8 @@ pub struct AgentConfig {
     pub cluster_pod_cidrs: Vec<IpNet>,
     /// Service CIDRs of this cluster.
     pub service_cidrs: Vec<IpNet>,
-    /// etcd client YAML of the local mesh etcd; `None` runs without publishing.
-    pub kvstore_config: Option<PathBuf>,
+    /// The local mesh etcd's client YAML, parsed; `None` runs without publishing.
+    pub kvstore_config: Option<KvstoreConfig>,
     /// The clustermesh Secret directory; `None` follows no remote cluster.
     pub clustermesh_config: Option<PathBuf>,
     /// Forwarding mode.
@@ -199,6 +199,17 @@ pub struct AgentConfig {
     pub secret_poll: Duration,
     /// Cap of the reconnect backoff.
     pub max_backoff: Duration,
+}
+
+/// The local mesh etcd's client YAML (`--kvstore-config`), read and checked
+/// with the other flags; its TLS files are read at every connect, so that a
+/// rotated certificate is used without a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvstoreConfig {
+    /// The file (named in messages; anchors its relative paths).
+    pub path: PathBuf,
+    /// What it says.
+    pub client: EtcdClientConfig,
 }
 
 /// A configuration problem; the agent exits 64 with this one line.
@@ -344,14 +355,20 @@ impl AgentArgs {
                 ));
             }
         }
-        if let Some(p) = &self.kvstore_config
-            && !p.is_file()
-        {
-            return Err(ConfigError::invalid(
-                "kvstore-config",
-                format!("{} is not a readable file", p.display()),
-            ));
-        }
+        let kvstore_config = match self.kvstore_config {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError::invalid(
+                    "kvstore-config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            Some(path) => {
+                let client = EtcdClientConfig::load(&path)
+                    .map_err(|e| ConfigError::invalid("kvstore-config", e.to_string()))?;
+                Some(KvstoreConfig { path, client })
+            }
+            None => None,
+        };
         if let Some(p) = &self.clustermesh_config
             && !p.is_dir()
         {
@@ -412,7 +429,7 @@ impl AgentArgs {
             node_source,
             cluster_pod_cidrs: self.cluster_pod_cidrs,
             service_cidrs: self.service_cidrs,
-            kvstore_config: self.kvstore_config,
+            kvstore_config,
             clustermesh_config: self.clustermesh_config,
             datapath: self.datapath,
             datapath_dry_run: self.datapath_dry_run,
@@ -589,6 +606,30 @@ mod tests {
         a.extend(["--max-backoff", "soon"]);
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.contains("--max-backoff") && e.contains("10s"), "{e}");
+    }
+
+    #[test]
+    fn the_kvstore_config_is_parsed_with_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = dir.path().join("kv.yaml");
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        a.extend(["--kvstore-config", kv.to_str().unwrap()]);
+        std::fs::write(
+            &kv,
+            "endpoints: [https://mesh:2379]\ntrusted-ca-file: ca.crt\n",
+        )
+        .unwrap();
+        let c = load_from(a.clone()).unwrap().kvstore_config.unwrap();
+        assert_eq!(c.path, kv);
+        assert_eq!(c.client.trusted_ca_file, Some(dir.path().join("ca.crt")));
+        std::fs::write(&kv, "endpoints: [mesh:2379]\n").unwrap();
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--kvstore-config:") && e.contains("kv.yaml"),
+            "{e}"
+        );
+        assert!(e.contains("needs a scheme"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{
     datapath::Datapath,
     desired::LocalRanges,
     k8s,
-    kvstore::{client_config::EtcdClientConfig, etcd::EtcdStore},
+    kvstore::etcd::EtcdStore,
     model::{ClusterRecord, format_mac},
     publish::{LocalNode, Publisher, boot_id},
     reconcile::Reconciler,
@@ -31,19 +31,9 @@ pub enum StartError {
     /// The status server cannot bind.
     #[error(transparent)]
     Status(#[from] server::ServeError),
-    /// The local etcd client config is unusable. Not a `source`: the
-    /// message already holds it, and a printed error chain would repeat it.
-    #[error("--kvstore-config: {0}")]
-    Kvstore(crate::kvstore::client_config::ClientConfigError),
     /// The Kubernetes client cannot be built.
     #[error(transparent)]
     Kubernetes(#[from] k8s::K8sError),
-}
-
-impl From<crate::kvstore::client_config::ClientConfigError> for StartError {
-    fn from(e: crate::kvstore::client_config::ClientConfigError) -> Self {
-        Self::Kvstore(e)
-    }
 }
 
 /// A running agent. Dropping it (or [`Agent::stop`]) ends its tasks and
@@ -183,8 +173,8 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
     }
 
     // Publishing into the local mesh etcd.
-    if let Some(path) = &cfg.kvstore_config {
-        let client_cfg = EtcdClientConfig::load(path)?;
+    if let Some(kv) = &cfg.kvstore_config {
+        let (path, client_cfg) = (&kv.path, kv.client.clone());
         let publisher_cluster = ClusterRecord {
             name: cfg.cluster_name.to_string(),
             id: cfg.cluster_id,
