@@ -103,6 +103,9 @@ pub struct AgentArgs {
     /// Cap of the exponential reconnect backoff towards a remote cluster (30s, 2m; a bare number is seconds).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::bare_seconds)]
     pub max_backoff: Duration,
+    /// Deadline of a connection attempt to an etcd (the local one and every remote cluster's): TCP connect, TLS handshake and the first answer (10s, 1m). An endpoint that accepts connections and never answers is retried with backoff and reported as timed out.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::with_unit)]
+    pub connect_timeout: Duration,
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
     pub datapath_dry_run: bool,
@@ -199,6 +202,8 @@ pub struct AgentConfig {
     pub secret_poll: Duration,
     /// Cap of the reconnect backoff.
     pub max_backoff: Duration,
+    /// Deadline of connect, handshake and first answer towards an etcd.
+    pub connect_timeout: Duration,
 }
 
 /// The local mesh etcd's client YAML (`--kvstore-config`), read and checked
@@ -418,6 +423,9 @@ impl AgentArgs {
         if self.max_backoff.is_zero() {
             return Err(ConfigError::invalid("max-backoff", "must be positive"));
         }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid("connect-timeout", "must be positive"));
+        }
         if self.resync_interval.is_zero() {
             return Err(ConfigError::invalid("resync-interval", "must be positive"));
         }
@@ -445,6 +453,7 @@ impl AgentArgs {
             resync_interval: self.resync_interval,
             secret_poll: self.secret_poll_ms,
             max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
         })
     }
 }

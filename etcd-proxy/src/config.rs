@@ -64,6 +64,11 @@ pub struct Args {
     /// Longest delay between upstream reconnect attempts.
     #[arg(long, default_value = "10s", value_parser = duration::with_unit)]
     pub max_backoff: Duration,
+    /// Deadline of an upstream connection attempt: TCP connect, TLS handshake
+    /// and the first answer. An upstream that accepts connections and never
+    /// answers is retried with backoff, and /readyz says it timed out.
+    #[arg(long, default_value = "10s", value_parser = duration::with_unit)]
+    pub connect_timeout: Duration,
 }
 
 /// Flags whose value is a file: a relative path in the `--config` file is

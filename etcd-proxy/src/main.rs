@@ -129,8 +129,11 @@ async fn run(
         settings_rx,
         prefix.as_bytes().to_vec(),
         hub.clone(),
-        Duration::from_millis(200),
-        args.max_backoff,
+        podmesh_plumbing::lifecycle::Settings {
+            min_backoff: Duration::from_millis(200),
+            max_backoff: args.max_backoff,
+            connect_timeout: args.connect_timeout,
+        },
     ));
     tasks.spawn(
         tls.clone()

@@ -268,6 +268,8 @@ pub struct RemoteSettings {
     pub min_backoff: Duration,
     /// Reconnect delay cap.
     pub max_backoff: Duration,
+    /// Deadline of connect, TLS handshake and the first answer (the list's first page).
+    pub connect_timeout: Duration,
 }
 
 /// Follows the Secret directory and runs one connection per remote cluster.
