@@ -18,7 +18,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use serde::Deserialize;
+
+/// Interval of HTTP/2 keepalive PINGs to etcd.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle time before the kernel's TCP keepalive probes start.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Largest client YAML accepted, in bytes; anything larger is not a client config.
 pub const MAX_CONFIG_LEN: usize = 64 * 1024;
@@ -212,6 +222,33 @@ impl EtcdClientConfig {
             _ => None,
         };
         Ok(TlsFiles { ca, identity: id })
+    }
+
+    /// Connect options for the `etcd-client` crate from TLS files read
+    /// with [`EtcdClientConfig::read_tls_files`] (or checked by the caller).
+    pub fn connect_options(tls: TlsFiles) -> ConnectOptions {
+        let mut opts = ConnectOptions::new()
+            // TCP connect alone; the lifecycle's deadline also covers the
+            // TLS handshake and the first answer.
+            .with_connect_timeout(Duration::from_secs(5))
+            // HTTP/2 PINGs, also while no request is open (an idle watch):
+            // a peer that stopped answering is found within 15 s.
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(true)
+            // TCP keepalive under it, for what HTTP/2 does not see (a NAT
+            // entry that expires on an idle connection).
+            .with_tcp_keepalive(TCP_KEEPALIVE);
+        if tls.ca.is_some() || tls.identity.is_some() {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = tls.ca {
+                t = t.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        }
+        opts
     }
 
     /// A fingerprint of this configuration and of the current contents of its

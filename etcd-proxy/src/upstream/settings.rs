@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use podmesh_plumbing::etcd_config::{ClientConfigError, EtcdClientConfig};
+use etcd_client::ConnectOptions;
+use podmesh_plumbing::etcd_config::{ClientConfigError, EtcdClientConfig, TlsFiles};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
@@ -123,28 +123,22 @@ impl Settings {
         })
     }
 
-    /// Connect options made of the contents read by [`Settings::load`].
+    /// Connect options made of the contents read by [`Settings::load`]
+    /// (with TCP and HTTP/2 keepalives).
     pub fn options(&self) -> ConnectOptions {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if self
+        let https = self
             .config
             .endpoints
             .iter()
-            .any(|e| e.starts_with("https://"))
-        {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &self.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            .any(|e| e.starts_with("https://"));
+        EtcdClientConfig::connect_options(if https {
+            TlsFiles {
+                ca: self.ca.clone(),
+                identity: self.identity.clone(),
             }
-            if let Some((cert, key)) = &self.identity {
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            opts = opts.with_tls(tls);
-        }
-        opts
+        } else {
+            TlsFiles::default()
+        })
     }
 }
 
