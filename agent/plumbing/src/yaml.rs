@@ -7,13 +7,17 @@ use serde::de::DeserializeOwned;
 pub struct YamlError {
     /// 1-based line of the problem, when known.
     pub line: Option<u64>,
+    /// 1-based column of the problem, when known.
+    pub column: Option<u64>,
     /// What is wrong, in one line.
     pub message: String,
 }
 
 impl From<serde_saphyr::Error> for YamlError {
     fn from(e: serde_saphyr::Error) -> Self {
-        let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
+        let loc = e.location();
+        let line = loc.map(|l| l.line()).filter(|l| *l > 0);
+        let column = loc.map(|l| l.column()).filter(|c| *c > 0);
         // The rendered error may carry a source snippet on the lines after
         // the first; the first says what is wrong.
         let text = e.to_string();
@@ -22,15 +26,55 @@ impl From<serde_saphyr::Error> for YamlError {
             .map(str::trim)
             .find(|l| !l.is_empty())
             .unwrap_or("invalid YAML")
-            .trim_start_matches("error: ")
-            .to_owned();
-        Self { line, message }
+            .trim_start_matches("error: ");
+        let message = strip_location(message).to_owned();
+        Self {
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+/// `msg` without a leading `line L column C: ` (the location is a field).
+fn strip_location(msg: &str) -> &str {
+    let rest = msg.strip_prefix("line ").and_then(|r| {
+        let r = r.trim_start_matches(|c: char| c.is_ascii_digit());
+        r.strip_prefix(" column ")
+    });
+    match rest.map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit())) {
+        Some(r) if r.starts_with(": ") => &r[2..],
+        _ => msg,
     }
 }
 
 /// Deserializes one YAML document.
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
     serde_saphyr::from_str(text).map_err(YamlError::from)
+}
+
+/// Deserializes one YAML document; an error that a value deserializer
+/// raised is prefixed with the value's path (`clusters[0].podCIDRs[1]: …`).
+pub fn from_str_with_path<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
+    let mut path = None;
+    let r = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let p = e.path().to_string();
+            if p != "." && !p.is_empty() {
+                path = Some(p);
+            }
+            e.into_inner()
+        })
+    });
+    r.map_err(|e| {
+        let mut e = YamlError::from(e);
+        if let Some(p) = path
+            && !e.message.contains(&p)
+        {
+            e.message = format!("{p}: {}", e.message);
+        }
+        e
+    })
 }
 
 /// Deserializes every document of a YAML stream (`---` separated).
@@ -52,6 +96,24 @@ mod tests {
         let e = from_str::<BTreeMap<String, u32>>("a: 1\nb: x\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e:?}");
         assert!(e.to_string().starts_with("line 2: "), "{e}");
+        assert!(!e.message.contains("line 2"), "{e:?}");
+    }
+
+    #[test]
+    fn errors_name_the_path_of_the_value() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Doc {
+            items: Vec<Item>,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Item {
+            n: u8,
+        }
+        let e = from_str_with_path::<Doc>("items:\n- n: 1\n- n: 300\n").unwrap_err();
+        assert!(e.message.starts_with("items[1].n: "), "{e:?}");
+        assert_eq!(e.line, Some(3), "{e:?}");
     }
 
     #[test]
