@@ -148,6 +148,7 @@ impl lifecycle::Handler for LocalEtcd {
             ttl: p.ttl,
             status: p.status.clone(),
             node: p.node.clone(),
+            connect_timeout: p.connect_timeout,
         }
         .run()
         .await;
@@ -245,6 +246,7 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
                 ttl: cfg.lease_ttl,
                 status: status.clone(),
                 node: node_rx.clone(),
+                connect_timeout: cfg.connect_timeout,
             },
         };
         let settings = lifecycle::Settings {
