@@ -157,7 +157,7 @@ fn main() {
     for &n in &sizes {
         let clusters = generate(n);
         let plan = Plan { clusters };
-        let yaml = serde_yaml::to_string(&plan).expect("plan serializes");
+        let yaml = serde_saphyr::to_string(&plan).expect("plan serializes");
         let file = dir.path().join(format!("plan-{n}.yaml"));
         std::fs::write(&file, &yaml).expect("write plan");
         let reps = if n >= 100_000 { 5 } else { 20 };

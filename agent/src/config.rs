@@ -9,8 +9,10 @@ use std::{
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
+use podmesh_plumbing::duration;
+use podmesh_plumbing::flags::{self, LoadError};
 
-use crate::model::ClusterName;
+use crate::{kvstore::client_config::EtcdClientConfig, model::ClusterName};
 
 /// The forwarding mode the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -86,21 +88,24 @@ pub struct AgentArgs {
     /// Address of the status server (/healthz /readyz /metrics /status).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub status_addr: SocketAddr,
-    /// TTL in seconds of the lease this node's record is bound to; the record disappears this long after the agent is gone.
-    #[arg(long, default_value_t = 15)]
-    pub lease_ttl: u64,
-    /// Seconds to keep a remote cluster's routes when its etcd comes back empty, so its agents can republish before traffic is withdrawn.
-    #[arg(long, default_value_t = 60)]
-    pub empty_grace: u64,
-    /// Seconds between full resyncs of the datapath (read back, re-apply, prune).
-    #[arg(long, default_value_t = 60)]
-    pub resync_interval: u64,
-    /// Milliseconds between scans of --clustermesh-config for added, changed or removed remote clusters and rotated certificates.
-    #[arg(long, default_value_t = 1000)]
-    pub secret_poll_ms: u64,
-    /// Cap in seconds of the exponential reconnect backoff towards a remote cluster.
-    #[arg(long, default_value_t = 30)]
-    pub max_backoff: u64,
+    /// TTL of the lease this node's record is bound to (whole seconds: 15s, 1m; a bare number is seconds); the record disappears this long after the agent is gone.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration::bare_seconds)]
+    pub lease_ttl: Duration,
+    /// How long to keep a remote cluster's routes when its etcd comes back empty, so its agents can republish before traffic is withdrawn (60s, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::bare_seconds)]
+    pub empty_grace: Duration,
+    /// Interval of full resyncs of the datapath: read back, re-apply, prune (60s, 5m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::bare_seconds)]
+    pub resync_interval: Duration,
+    /// Interval of scans of --clustermesh-config for added, changed or removed remote clusters and rotated certificates (1s, 500ms; a bare number is milliseconds, as the flag's name says).
+    #[arg(long, value_name = "DURATION", default_value = "1000ms", value_parser = duration::bare_millis)]
+    pub secret_poll_ms: Duration,
+    /// Cap of the exponential reconnect backoff towards a remote cluster (30s, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::bare_seconds)]
+    pub max_backoff: Duration,
+    /// Deadline of a connection attempt to an etcd (the local one and every remote cluster's): TCP connect, TLS handshake and the first answer (10s, 1m). An endpoint that accepts connections and never answers is retried with backoff and reported as timed out.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::with_unit)]
+    pub connect_timeout: Duration,
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
     pub datapath_dry_run: bool,
@@ -165,8 +170,8 @@ pub struct AgentConfig {
     pub cluster_pod_cidrs: Vec<IpNet>,
     /// Service CIDRs of this cluster.
     pub service_cidrs: Vec<IpNet>,
-    /// etcd client YAML of the local mesh etcd; `None` runs without publishing.
-    pub kvstore_config: Option<PathBuf>,
+    /// The local mesh etcd's client YAML, parsed; `None` runs without publishing.
+    pub kvstore_config: Option<KvstoreConfig>,
     /// The clustermesh Secret directory; `None` follows no remote cluster.
     pub clustermesh_config: Option<PathBuf>,
     /// Forwarding mode.
@@ -197,31 +202,27 @@ pub struct AgentConfig {
     pub secret_poll: Duration,
     /// Cap of the reconnect backoff.
     pub max_backoff: Duration,
+    /// Deadline of connect, handshake and first answer towards an etcd.
+    pub connect_timeout: Duration,
+}
+
+/// The local mesh etcd's client YAML (`--kvstore-config`), read and checked
+/// with the other flags; its TLS files are read at every connect, so that a
+/// rotated certificate is used without a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvstoreConfig {
+    /// The file (named in messages; anchors its relative paths).
+    pub path: PathBuf,
+    /// What it says.
+    pub client: EtcdClientConfig,
 }
 
 /// A configuration problem; the agent exits 64 with this one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The command line or a value in it does not parse (clap's message, shortened).
-    #[error("{0}")]
-    Cli(String),
-    /// The `--config` file cannot be read.
-    #[error("--config {path}: cannot read: {source}")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The `--config` file is not a YAML mapping of flag names.
-    #[error("--config {path}: {message}")]
-    FileSyntax {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with the line where known.
-        message: String,
-    },
+    /// The command line or the `--config` file does not parse.
+    #[error(transparent)]
+    Load(#[from] LoadError),
     /// A flag has an invalid value.
     #[error("--{flag}: {message}")]
     Invalid {
@@ -241,6 +242,14 @@ impl ConfigError {
     }
 }
 
+/// Flags whose relative values in the `--config` file are taken relative to the file.
+const PATH_FLAGS: [&str; 4] = [
+    "kvstore-config",
+    "clustermesh-config",
+    "cni-conf-dir",
+    "cilium-state-dir",
+];
+
 /// Parses the process arguments (and `--config`) into a validated config.
 /// `--help`/`--version` print and exit here, like clap does.
 pub fn load() -> Result<AgentConfig, ConfigError> {
@@ -254,135 +263,19 @@ where
     T: Into<OsString> + Clone,
 {
     let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let cmd = AgentArgs::command();
-    let matches = cmd
-        .clone()
-        .try_get_matches_from(&argv)
-        .map_err(clap_error)?;
-    let first = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
-    let origin = match matches.value_source("node_name") {
+    let loaded = flags::load(AgentArgs::command(), argv, &PATH_FLAGS)?;
+    let args = AgentArgs::from_arg_matches(&loaded.matches)
+        .map_err(|e| LoadError::Cli(e.to_string().lines().next().unwrap_or("").into()))?;
+    let origin = match loaded.command_line.value_source("node_name") {
         Some(ValueSource::EnvVariable) => NodeNameOrigin::Env,
+        _ if loaded.from_file("node_name") => NodeNameOrigin::ConfigFile,
         _ => NodeNameOrigin::Flag,
-    };
-    let Some(path) = first.config.clone() else {
-        return AgentArgs {
-            node_name_origin: Some(origin),
-            ..first
-        }
-        .validate();
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    let file_args = file_to_args(&path, &text, &cmd, |id| {
-        matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    })?;
-    // File flags first, then the command line: a flag is taken from the file
-    // only when neither the command line nor the environment set it.
-    let mut merged = vec![argv[0].clone()];
-    merged.extend(file_args);
-    merged.extend(argv.into_iter().skip(1));
-    let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
-    let args = AgentArgs::from_arg_matches(&matches).map_err(clap_error)?;
-    let origin = if first.node_name.is_some() {
-        origin
-    } else {
-        NodeNameOrigin::ConfigFile
     };
     AgentArgs {
         node_name_origin: Some(origin),
         ..args
     }
     .validate()
-}
-
-fn clap_error(e: clap::Error) -> ConfigError {
-    use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
-    }
-    let text = e.to_string();
-    let line = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid command line")
-        .trim_start_matches("error: ")
-        .to_string();
-    ConfigError::Cli(line)
-}
-
-/// Turns the YAML mapping into `--flag value` arguments, skipping flags `already_set`.
-fn file_to_args(
-    path: &std::path::Path,
-    text: &str,
-    cmd: &clap::Command,
-    already_set: impl Fn(&str) -> bool,
-) -> Result<Vec<OsString>, ConfigError> {
-    let syntax = |message: String| ConfigError::FileSyntax {
-        path: path.to_path_buf(),
-        message,
-    };
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        syntax(match e.location() {
-            Some(l) => format!("not valid YAML at line {}: {e}", l.line()),
-            None => format!("not valid YAML: {e}"),
-        })
-    })?;
-    let map = match value {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => return Ok(Vec::new()),
-        _ => return Err(syntax("expected a mapping of flag names to values".into())),
-    };
-    let mut out = Vec::new();
-    for (k, v) in map {
-        let Some(name) = k.as_str() else {
-            return Err(syntax(format!("key {k:?} is not a flag name")));
-        };
-        let Some(arg) = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(name) && name != "config")
-        else {
-            return Err(syntax(format!(
-                "unknown key {name:?} (keys are the flag names of --help, without dashes)"
-            )));
-        };
-        if already_set(arg.get_id().as_str()) {
-            continue;
-        }
-        let flag = format!("--{name}");
-        let scalar = |v: &serde_yaml::Value| -> Result<String, ConfigError> {
-            match v {
-                serde_yaml::Value::String(s) => Ok(s.clone()),
-                serde_yaml::Value::Number(n) => Ok(n.to_string()),
-                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-                _ => Err(syntax(format!("{name}: expected a scalar value"))),
-            }
-        };
-        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
-        match &v {
-            serde_yaml::Value::Sequence(items) => {
-                for item in items {
-                    out.push(OsString::from(&flag));
-                    out.push(OsString::from(scalar(item)?));
-                }
-            }
-            serde_yaml::Value::Bool(b) if is_switch => {
-                if *b {
-                    out.push(OsString::from(&flag));
-                }
-            }
-            serde_yaml::Value::Null => {}
-            other => {
-                out.push(OsString::from(&flag));
-                out.push(OsString::from(scalar(other)?));
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn host_name() -> Option<String> {
@@ -472,14 +365,20 @@ impl AgentArgs {
                 ));
             }
         }
-        if let Some(p) = &self.kvstore_config
-            && !p.is_file()
-        {
-            return Err(ConfigError::invalid(
-                "kvstore-config",
-                format!("{} is not a readable file", p.display()),
-            ));
-        }
+        let kvstore_config = match self.kvstore_config {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError::invalid(
+                    "kvstore-config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            Some(path) => {
+                let client = EtcdClientConfig::load(&path)
+                    .map_err(|e| ConfigError::invalid("kvstore-config", e.to_string()))?;
+                Some(KvstoreConfig { path, client })
+            }
+            None => None,
+        };
         if let Some(p) = &self.clustermesh_config
             && !p.is_dir()
         {
@@ -511,19 +410,28 @@ impl AgentArgs {
         if self.tunnel_port == 0 {
             return Err(ConfigError::invalid("tunnel-port", "must not be 0"));
         }
-        if self.lease_ttl < 2 {
+        if self.lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::invalid(
                 "lease-ttl",
                 "must be at least 2 seconds",
             ));
         }
-        if self.secret_poll_ms == 0 {
+        if self.lease_ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::invalid(
+                "lease-ttl",
+                "must be whole seconds (etcd leases count seconds)",
+            ));
+        }
+        if self.secret_poll_ms.is_zero() {
             return Err(ConfigError::invalid("secret-poll-ms", "must be positive"));
         }
-        if self.max_backoff == 0 {
+        if self.max_backoff.is_zero() {
             return Err(ConfigError::invalid("max-backoff", "must be positive"));
         }
-        if self.resync_interval == 0 {
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid("connect-timeout", "must be positive"));
+        }
+        if self.resync_interval.is_zero() {
             return Err(ConfigError::invalid("resync-interval", "must be positive"));
         }
         Ok(AgentConfig {
@@ -534,7 +442,7 @@ impl AgentArgs {
             node_source,
             cluster_pod_cidrs: self.cluster_pod_cidrs,
             service_cidrs: self.service_cidrs,
-            kvstore_config: self.kvstore_config,
+            kvstore_config,
             clustermesh_config: self.clustermesh_config,
             datapath: self.datapath,
             datapath_dry_run: self.datapath_dry_run,
@@ -545,11 +453,12 @@ impl AgentArgs {
             cni_conf_dir: self.cni_conf_dir,
             cilium_state_dir: self.cilium_state_dir,
             status_addr: self.status_addr,
-            lease_ttl: Duration::from_secs(self.lease_ttl),
-            empty_grace: Duration::from_secs(self.empty_grace),
-            resync_interval: Duration::from_secs(self.resync_interval),
-            secret_poll: Duration::from_millis(self.secret_poll_ms),
-            max_backoff: Duration::from_secs(self.max_backoff),
+            lease_ttl: self.lease_ttl,
+            empty_grace: self.empty_grace,
+            resync_interval: self.resync_interval,
+            secret_poll: self.secret_poll_ms,
+            max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
         })
     }
 }
@@ -678,6 +587,63 @@ mod tests {
         a.extend(["--underlay-mtu", "60"]);
         let e = load_from(a).unwrap_err().to_string();
         assert!(e.starts_with("--underlay-mtu:"), "{e}");
+    }
+
+    #[test]
+    fn durations_take_units_and_the_bare_numbers_of_before() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        let c = load_from(a.clone()).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(15));
+        assert_eq!(c.secret_poll, Duration::from_secs(1));
+        assert_eq!(c.max_backoff, Duration::from_secs(30));
+        let mut b = a.clone();
+        b.extend([
+            "--lease-ttl",
+            "20",
+            "--secret-poll-ms",
+            "250",
+            "--max-backoff",
+            "2m",
+        ]);
+        b.extend(["--empty-grace", "1m30s", "--resync-interval", "10s"]);
+        let c = load_from(b).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(20));
+        assert_eq!(c.secret_poll, Duration::from_millis(250));
+        assert_eq!(c.max_backoff, Duration::from_secs(120));
+        assert_eq!(c.empty_grace, Duration::from_secs(90));
+        assert_eq!(c.resync_interval, Duration::from_secs(10));
+        let mut b = a.clone();
+        b.extend(["--lease-ttl", "1500ms"]);
+        let e = load_from(b).unwrap_err().to_string();
+        assert!(e.starts_with("--lease-ttl:"), "{e}");
+        a.extend(["--max-backoff", "soon"]);
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(e.contains("--max-backoff") && e.contains("10s"), "{e}");
+    }
+
+    #[test]
+    fn the_kvstore_config_is_parsed_with_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = dir.path().join("kv.yaml");
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        a.extend(["--kvstore-config", kv.to_str().unwrap()]);
+        std::fs::write(
+            &kv,
+            "endpoints: [https://mesh:2379]\ntrusted-ca-file: ca.crt\n",
+        )
+        .unwrap();
+        let c = load_from(a.clone()).unwrap().kvstore_config.unwrap();
+        assert_eq!(c.path, kv);
+        assert_eq!(c.client.trusted_ca_file, Some(dir.path().join("ca.crt")));
+        std::fs::write(&kv, "endpoints: [mesh:2379]\n").unwrap();
+        let e = load_from(a).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--kvstore-config:") && e.contains("kv.yaml"),
+            "{e}"
+        );
+        assert!(e.contains("needs a scheme"), "{e}");
     }
 
     #[test]

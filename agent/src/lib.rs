@@ -8,6 +8,9 @@
 // this crate root, which they share with the library.
 use anyhow as _;
 use tracing_subscriber as _;
+// A dev-dependency of the examples only (plans written as YAML).
+#[cfg(test)]
+use serde_saphyr as _;
 
 pub mod cli;
 pub mod cni;

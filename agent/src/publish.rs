@@ -10,6 +10,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
+use podmesh_plumbing::lifecycle::{self, Event, Next};
 use tokio::sync::watch;
 
 use crate::{
@@ -47,6 +48,8 @@ pub struct Publisher<S> {
     pub status: Status,
     /// The node's current addresses and CIDRs (`None` until known).
     pub node: watch::Receiver<Option<LocalNode>>,
+    /// Deadline of the first answers of each publication (`--connect-timeout`).
+    pub connect_timeout: Duration,
 }
 
 /// This machine's boot ID.
@@ -54,11 +57,6 @@ pub fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .map(|s| s.trim().to_string())
-}
-
-enum Stop {
-    LeaseLost,
-    Failed(KvError),
 }
 
 impl<S: KvStore> Publisher<S> {
@@ -112,91 +110,103 @@ impl<S: KvStore> Publisher<S> {
         Ok(())
     }
 
-    /// Runs until aborted.
+    /// Runs until aborted (or until the node source is gone before the
+    /// node was known): waits for the node, then publishes through the
+    /// shared connection lifecycle.
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            if self.node.borrow().is_none() {
-                if self.node.changed().await.is_err() {
-                    return;
-                }
-                continue;
+        while self.node.borrow().is_none() {
+            if self.node.changed().await.is_err() {
+                return;
             }
-            match self.session(&mut backoff).await {
-                Stop::LeaseLost => {
-                    tracing::warn!(
-                        "node record's lease was lost (local etcd restarted or wiped, or the agent stalled); republishing"
-                    );
-                    self.status.update(|r| r.local.published = false);
+        }
+        let settings = lifecycle::Settings {
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: self.connect_timeout,
+        };
+        lifecycle::run(&mut self, settings).await;
+    }
+
+    /// Publishes under `lease` until the lease is lost or a request fails.
+    async fn session(&mut self, lease: LeaseId, backoff: &mut Backoff) -> Result<Next, KvError> {
+        let key = node_key(&self.cluster.name, &self.node_name);
+        let mut current = self.node.borrow_and_update().clone();
+        let write = |n: &LocalNode| serde_json::to_vec(&self.record(n)).unwrap_or_default();
+        if let Some(n) = &current {
+            self.store.put(&key, write(n), Some(lease)).await?;
+        }
+        backoff.reset();
+        self.status.update(|r| {
+            r.local.published = true;
+            r.local.lease = Some(lease);
+            r.local.publications += 1;
+            r.local.last_error = None;
+        });
+        tracing::info!(key, lease, "node record published");
+        let period = (self.ttl / 3).max(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        let mut node = self.node.clone();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if !self.store.keep_alive(lease).await? {
+                        tracing::warn!(
+                            "node record's lease was lost (local etcd restarted or wiped, or the agent stalled); republishing"
+                        );
+                        self.status.update(|r| r.local.published = false);
+                        return Ok(Next::Reconnect);
+                    }
+                    // An etcd restored without our keys but with our lease is
+                    // not expected, but cheap to heal: re-put a missing record.
+                    if self.store.get(&key).await?.is_none()
+                        && let Some(n) = &current
+                    {
+                        self.store.put(&key, write(n), Some(lease)).await?;
+                    }
+                    self.ensure_cluster_record().await?;
                 }
-                Stop::Failed(e) => {
-                    tracing::warn!(error = %e, hint = "check --kvstore-config and that the local mesh etcd is up", "publishing this node failed; retrying");
-                    self.status.update(|r| {
-                        r.local.published = false;
-                        r.local.last_error = Some(e.to_string());
-                    });
-                    tokio::time::sleep(backoff.next_delay()).await;
+                r = node.changed() => {
+                    if r.is_err() {
+                        // The node source is gone: keep the record alive as is.
+                        node = watch::channel(current.clone()).1;
+                        continue;
+                    }
+                    let n = node.borrow_and_update().clone();
+                    if n != current && let Some(v) = &n {
+                        self.store.put(&key, write(v), Some(lease)).await?;
+                        tracing::info!(key, "node record updated");
+                    }
+                    current = n;
                 }
             }
         }
     }
+}
 
-    async fn session(&mut self, backoff: &mut Backoff) -> Stop {
-        let run = async {
-            self.ensure_cluster_record().await?;
-            let lease: LeaseId = self.store.grant_lease(self.ttl).await?;
-            let key = node_key(&self.cluster.name, &self.node_name);
-            let mut current = self.node.borrow_and_update().clone();
-            let write = |n: &LocalNode| serde_json::to_vec(&self.record(n)).unwrap_or_default();
-            if let Some(n) = &current {
-                self.store.put(&key, write(n), Some(lease)).await?;
-            }
-            backoff.reset();
+/// Publishing as the shared lifecycle drives it: the cluster record's check
+/// and the lease grant are the first answers (under the connect deadline),
+/// the rest is the session.
+impl<S: KvStore> lifecycle::Handler for Publisher<S> {
+    type Conn = LeaseId;
+    type Error = KvError;
+
+    async fn connect(&mut self) -> Result<LeaseId, KvError> {
+        self.ensure_cluster_record().await?;
+        self.store.grant_lease(self.ttl).await
+    }
+
+    async fn session(&mut self, lease: LeaseId, backoff: &mut Backoff) -> Result<Next, KvError> {
+        Publisher::session(self, lease, backoff).await
+    }
+
+    async fn report(&mut self, event: Event<'_, KvError>) {
+        if let Event::Failed { failure, .. } = event {
+            tracing::warn!(error = %failure, hint = "check --kvstore-config and that the local mesh etcd is up", "publishing this node failed; retrying");
             self.status.update(|r| {
-                r.local.published = true;
-                r.local.lease = Some(lease);
-                r.local.publications += 1;
-                r.local.last_error = None;
+                r.local.published = false;
+                r.local.last_error = Some(failure.to_string());
             });
-            tracing::info!(key, lease, "node record published");
-            let period = (self.ttl / 3).max(Duration::from_millis(500));
-            let mut tick = tokio::time::interval(period);
-            tick.tick().await;
-            let mut node = self.node.clone();
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if !self.store.keep_alive(lease).await? {
-                            return Ok(Stop::LeaseLost);
-                        }
-                        // An etcd restored without our keys but with our lease is
-                        // not expected, but cheap to heal: re-put a missing record.
-                        if self.store.get(&key).await?.is_none()
-                            && let Some(n) = &current
-                        {
-                            self.store.put(&key, write(n), Some(lease)).await?;
-                        }
-                        self.ensure_cluster_record().await?;
-                    }
-                    r = node.changed() => {
-                        if r.is_err() {
-                            // The node source is gone: keep the record alive as is.
-                            node = watch::channel(current.clone()).1;
-                            continue;
-                        }
-                        let n = node.borrow_and_update().clone();
-                        if n != current && let Some(v) = &n {
-                            self.store.put(&key, write(v), Some(lease)).await?;
-                            tracing::info!(key, "node record updated");
-                        }
-                        current = n;
-                    }
-                }
-            }
-        };
-        match run.await {
-            Ok(stop) => stop,
-            Err(e) => Stop::Failed(e),
         }
     }
 }
@@ -233,6 +243,7 @@ mod tests {
             ttl: Duration::from_secs(3),
             status: status.clone(),
             node: rx,
+            connect_timeout: lifecycle::CONNECT_TIMEOUT,
         };
         (p, tx, status)
     }

@@ -7,6 +7,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use podmesh_plumbing::lifecycle;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
@@ -14,13 +15,11 @@ use crate::{
     datapath::Datapath,
     desired::{LocalRanges, MeshCache},
     k8s,
-    kvstore::{client_config::EtcdClientConfig, etcd::EtcdStore},
+    kvstore::{KvStore, etcd::EtcdStore},
     model::{ClusterRecord, format_mac},
     publish::{LocalNode, Publisher, boot_id},
     reconcile::Reconciler,
-    remote::{
-        Connector, EtcdConnector, RemoteSettings, Remotes, backoff::Backoff, cluster::MIN_BACKOFF,
-    },
+    remote::{Connector, EtcdConnector, RemoteSettings, Remotes, cluster::MIN_BACKOFF},
     status::{Status, server},
 };
 
@@ -30,19 +29,9 @@ pub enum StartError {
     /// The status server cannot bind.
     #[error(transparent)]
     Status(#[from] server::ServeError),
-    /// The local etcd client config is unusable. Not a `source`: the
-    /// message already holds it, and a printed error chain would repeat it.
-    #[error("--kvstore-config: {0}")]
-    Kvstore(crate::kvstore::client_config::ClientConfigError),
     /// The Kubernetes client cannot be built.
     #[error(transparent)]
     Kubernetes(#[from] k8s::K8sError),
-}
-
-impl From<crate::kvstore::client_config::ClientConfigError> for StartError {
-    fn from(e: crate::kvstore::client_config::ClientConfigError) -> Self {
-        Self::Kvstore(e)
-    }
 }
 
 /// A running agent. Dropping it (or [`Agent::stop`]) ends its tasks and
@@ -121,6 +110,62 @@ async fn follow_local_ranges(
     }
 }
 
+/// The local mesh etcd's connection lifecycle: connect and read this
+/// cluster's record (the first answer) under the connect deadline, then
+/// publish on that connection; the publisher re-publishes on failures of its
+/// own on the same client.
+#[derive(Debug)]
+struct LocalEtcd {
+    path: std::path::PathBuf,
+    client_cfg: crate::kvstore::client_config::EtcdClientConfig,
+    /// The publisher's settings; the store is the connection's.
+    publisher: Publisher<()>,
+}
+
+impl lifecycle::Handler for LocalEtcd {
+    type Conn = EtcdStore;
+    type Error = crate::kvstore::KvError;
+
+    async fn connect(&mut self) -> Result<EtcdStore, Self::Error> {
+        let store = EtcdStore::connect(&self.client_cfg, &self.path).await?;
+        store
+            .get(&crate::model::cluster_key(&self.publisher.cluster.name))
+            .await?;
+        Ok(store)
+    }
+
+    async fn session(
+        &mut self,
+        store: EtcdStore,
+        _backoff: &mut podmesh_plumbing::backoff::Backoff,
+    ) -> Result<lifecycle::Next, Self::Error> {
+        let p = &self.publisher;
+        Publisher {
+            store,
+            cluster: p.cluster.clone(),
+            node_name: p.node_name.clone(),
+            boot_id: p.boot_id.clone(),
+            ttl: p.ttl,
+            status: p.status.clone(),
+            node: p.node.clone(),
+            connect_timeout: p.connect_timeout,
+        }
+        .run()
+        .await;
+        // The node source is gone: the agent is stopping.
+        std::future::pending().await
+    }
+
+    async fn report(&mut self, event: lifecycle::Event<'_, Self::Error>) {
+        if let lifecycle::Event::Failed { failure, .. } = event {
+            tracing::warn!(error = %failure, hint = "check --kvstore-config and that the local mesh etcd is up", "cannot connect to the local mesh etcd; retrying");
+            self.publisher
+                .status
+                .update(|r| r.local.last_error = Some(failure.to_string()));
+        }
+    }
+}
+
 /// Starts the agent with real etcd connections.
 pub async fn start<D: Datapath + 'static>(
     cfg: &AgentConfig,
@@ -182,46 +227,35 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
     }
 
     // Publishing into the local mesh etcd.
-    if let Some(path) = &cfg.kvstore_config {
-        let client_cfg = EtcdClientConfig::load(path)?;
+    if let Some(kv) = &cfg.kvstore_config {
+        let (path, client_cfg) = (&kv.path, kv.client.clone());
         let publisher_cluster = ClusterRecord {
             name: cfg.cluster_name.to_string(),
             id: cfg.cluster_id,
             pod_cidrs: cfg.cluster_pod_cidrs.clone(),
             service_cidrs: cfg.service_cidrs.clone(),
         };
-        let (path, node_name, ttl, st, node_rx) = (
-            path.clone(),
-            cfg.node_name.clone(),
-            cfg.lease_ttl,
-            status.clone(),
-            node_rx.clone(),
-        );
+        let mut local = LocalEtcd {
+            path: path.clone(),
+            client_cfg,
+            publisher: Publisher {
+                store: (),
+                cluster: publisher_cluster,
+                node_name: cfg.node_name.clone(),
+                boot_id: boot_id(),
+                ttl: cfg.lease_ttl,
+                status: status.clone(),
+                node: node_rx.clone(),
+                connect_timeout: cfg.connect_timeout,
+            },
+        };
+        let settings = lifecycle::Settings {
+            min_backoff: MIN_BACKOFF,
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: cfg.connect_timeout,
+        };
         tasks.push(tokio::spawn(async move {
-            let mut backoff = Backoff::new(MIN_BACKOFF, Duration::from_secs(10));
-            loop {
-                match EtcdStore::connect(&client_cfg, &path).await {
-                    Ok(store) => {
-                        Publisher {
-                            store,
-                            cluster: publisher_cluster.clone(),
-                            node_name: node_name.clone(),
-                            boot_id: boot_id(),
-                            ttl,
-                            status: st.clone(),
-                            node: node_rx.clone(),
-                        }
-                        .run()
-                        .await;
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, hint = "check --kvstore-config and that the local mesh etcd is up", "cannot connect to the local mesh etcd; retrying");
-                        st.update(|r| r.local.last_error = Some(e.to_string()));
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                }
-            }
+            lifecycle::run(&mut local, settings).await;
         }));
     }
 
@@ -231,6 +265,7 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
         empty_grace: cfg.empty_grace,
         min_backoff: MIN_BACKOFF,
         max_backoff: cfg.max_backoff,
+        connect_timeout: cfg.connect_timeout,
     };
     if let Some(dir) = &cfg.clustermesh_config {
         let mut remotes = Remotes::new(

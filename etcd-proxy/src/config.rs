@@ -1,10 +1,14 @@
 //! Command-line flags of podmesh-etcd-proxy and the `--config` YAML file that may hold them, parsed once at start.
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use podmesh_plumbing::{
+    duration,
+    flags::{self, LoadError},
+};
 
 /// mTLS, read-only, prefix-confined etcd v3 proxy: one upstream watch of the
 /// mesh prefix fanned out to many remote watchers.
@@ -50,32 +54,21 @@ pub struct Args {
     #[arg(long, default_value_t = 4096)]
     pub watch_buffer: usize,
     /// Interval of progress notifications to watchers that ask for them.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = duration::with_unit)]
     pub progress_notify_interval: Duration,
     /// Interval at which the TLS files, the upstream config and the files it
     /// names are checked for changes (new upstream settings make the proxy
     /// reconnect upstream with them).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::with_unit)]
     pub tls_reload_interval: Duration,
     /// Longest delay between upstream reconnect attempts.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration::with_unit)]
     pub max_backoff: Duration,
-}
-
-/// "500ms", "5s", "10m", "1h".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} has no unit (ms, s, m, h)")),
-    }
+    /// Deadline of an upstream connection attempt: TCP connect, TLS handshake
+    /// and the first answer. An upstream that accepts connections and never
+    /// answers is retried with backoff, and /readyz says it timed out.
+    #[arg(long, default_value = "10s", value_parser = duration::with_unit)]
+    pub connect_timeout: Duration,
 }
 
 /// Flags whose value is a file: a relative path in the `--config` file is
@@ -83,28 +76,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 const PATH_FLAGS: [&str; 4] = ["upstream-config", "tls-cert", "tls-key", "client-ca"];
 
 /// A configuration problem; the proxy exits 64 with this one line.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The command line does not parse (clap's first line).
-    #[error("{0} (see --help)")]
-    Cli(String),
-    #[error("--config {path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not YAML, not a mapping, or names an unknown field.
-    #[error("--config {path}: {message}")]
-    File { path: PathBuf, message: String },
-    /// A field of the file holds a value its flag does not accept.
-    #[error("--config {path}: field {field:?}: {message}")]
-    Field {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
-}
+pub type ConfigError = LoadError;
 
 /// Parses the process arguments and the `--config` file they name.
 /// `--help`/`--version` print and exit here, like clap does.
@@ -120,129 +92,9 @@ where
     T: Into<OsString> + Clone,
 {
     let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let cmd = Args::command();
-    // First pass without required flags: they may come from the file.
-    let relaxed = cmd.clone().mut_args(|a| a.required(false));
-    let matches = relaxed
-        .clone()
-        .try_get_matches_from(&argv)
-        .map_err(clap_error)?;
-    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
-        let matches = cmd.try_get_matches_from(&argv).map_err(clap_error)?;
-        return Args::from_arg_matches(&matches).map_err(clap_error);
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let file_args = file_to_args(&path, &text, &relaxed, |id| {
-        matches.value_source(id) == Some(ValueSource::CommandLine)
-    })?;
-    let program = argv
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "podmesh-etcd-proxy".into());
-    let mut merged = vec![program];
-    merged.extend(file_args);
-    merged.extend(argv.into_iter().skip(1));
-    let matches = cmd.try_get_matches_from(&merged).map_err(clap_error)?;
-    Args::from_arg_matches(&matches).map_err(clap_error)
-}
-
-fn clap_error(e: clap::Error) -> ConfigError {
-    use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
-    }
-    ConfigError::Cli(first_line(&e))
-}
-
-/// clap's message in one line (a missing-flags error lists the flags on
-/// the lines that follow its first).
-fn first_line(e: &clap::Error) -> String {
-    let text = e.to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let line = line.trim_start_matches("error: ");
-    if line.is_empty() {
-        "invalid arguments".to_owned()
-    } else {
-        line.to_owned()
-    }
-}
-
-/// Turns the YAML mapping into `--flag value` arguments, skipping flags
-/// `already_set` on the command line; every value is checked against its
-/// flag on its own, so that an error names the field of the file.
-fn file_to_args(
-    path: &Path,
-    text: &str,
-    relaxed: &clap::Command,
-    already_set: impl Fn(&str) -> bool,
-) -> Result<Vec<OsString>, ConfigError> {
-    let file = |message: String| ConfigError::File {
-        path: path.to_owned(),
-        message,
-    };
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        file(match e.location() {
-            Some(l) => format!("not valid YAML at line {}: {e}", l.line()),
-            None => format!("not valid YAML: {e}"),
-        })
-    })?;
-    let map = match value {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => return Ok(Vec::new()),
-        _ => return Err(file("expected a mapping of flag names to values".into())),
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut out = Vec::new();
-    for (k, v) in map {
-        let Some(name) = k.as_str() else {
-            return Err(file(format!("field {k:?} is not a flag name")));
-        };
-        let Some(arg) = relaxed
-            .get_arguments()
-            .find(|a| a.get_long() == Some(name) && name != "config")
-        else {
-            return Err(file(format!(
-                "unknown field {name:?} (fields are the long flag names of --help, without dashes)"
-            )));
-        };
-        let field = |message: String| ConfigError::Field {
-            path: path.to_owned(),
-            field: name.to_owned(),
-            message,
-        };
-        let value = match &v {
-            serde_yaml::Value::String(s) => s.clone(),
-            serde_yaml::Value::Number(n) => n.to_string(),
-            serde_yaml::Value::Bool(b) => b.to_string(),
-            _ => return Err(field("expected a single value (string or number)".into())),
-        };
-        let value = if PATH_FLAGS.contains(&name) && Path::new(&value).is_relative() {
-            dir.join(&value).into_os_string()
-        } else {
-            OsString::from(value)
-        };
-        // `--flag=value`, so that a value starting with '-' stays a value.
-        let mut flag = OsString::from(format!("--{name}="));
-        flag.push(&value);
-        relaxed
-            .clone()
-            .try_get_matches_from([OsString::from("podmesh-etcd-proxy"), flag.clone()])
-            .map_err(|e| field(first_line(&e)))?;
-        if already_set(arg.get_id().as_str()) {
-            continue;
-        }
-        out.push(flag);
-    }
-    Ok(out)
+    let loaded = flags::load(Args::command(), argv, &PATH_FLAGS)?;
+    Args::from_arg_matches(&loaded.matches)
+        .map_err(|e| LoadError::Cli(e.to_string().lines().next().unwrap_or("").into()))
 }
 
 #[cfg(test)]
@@ -273,14 +125,6 @@ mod tests {
         "--tls-key",
         "/t.key",
     ];
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("x").is_err());
-    }
 
     #[test]
     fn flags_alone_and_missing_required_flags() {

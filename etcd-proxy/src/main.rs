@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer};
 
+mod admin;
 mod budget;
 mod cache;
 mod config;
@@ -98,7 +99,7 @@ async fn run(
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let metrics_listener = match args.metrics_addr {
         Some(a) => Some(
-            metrics::bind(a)
+            admin::bind(a)
                 .await
                 .with_context(|| format!("cannot listen on --metrics-addr {a}"))?,
         ),
@@ -129,8 +130,11 @@ async fn run(
         settings_rx,
         prefix.as_bytes().to_vec(),
         hub.clone(),
-        Duration::from_millis(200),
-        args.max_backoff,
+        podmesh_plumbing::lifecycle::Settings {
+            min_backoff: Duration::from_millis(200),
+            max_backoff: args.max_backoff,
+            connect_timeout: args.connect_timeout,
+        },
     ));
     tasks.spawn(
         tls.clone()
@@ -139,7 +143,7 @@ async fn run(
     if let Some(l) = metrics_listener {
         let (hub, rx) = (hub.clone(), shutdown_rx.clone());
         tasks.spawn(async move {
-            if let Err(e) = metrics::serve(l, hub, rx).await {
+            if let Err(e) = admin::serve(l, hub, rx).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
@@ -152,7 +156,7 @@ async fn run(
     };
     let routes =
         tonic::service::Routes::new(PbKvServer::new(service::kv::KvService::new(hub.clone())))
-            .add_service(service::watch_wire::WatchServer::new(
+            .add_service(service::watch::WatchServer::new(
                 service::watch::WatchService::new(hub.clone(), watch_cfg),
             ))
             .add_service(PbMaintenanceServer::new(

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pki;
 pub mod proxy;
 pub mod rawgrpc;
+pub mod stall;
 pub mod topo;
 
 /// Whether privileged tests can run here (root, `ip netns` usable).

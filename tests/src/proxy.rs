@@ -48,13 +48,29 @@ impl Proxy {
     /// Like [`Proxy::start`], but waits only until the process answers
     /// /healthz, not until it has listed its upstream (which may be down).
     pub fn start_unready(etcd: &Etcd, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_unready_at(etcd, &[etcd.endpoint()], extra)
+    }
+
+    /// Like [`Proxy::start_unready`], with `endpoints` as the upstream's
+    /// endpoints (etcd's CA and root client certificate), e.g. something
+    /// between the proxy and `etcd`.
+    pub fn start_unready_at(
+        etcd: &Etcd,
+        endpoints: &[String],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let pki = Arc::new(Pki::new("proxy")?);
         let tmp = tempfile::Builder::new()
             .prefix("podmesh-proxy-")
             .tempdir()?;
         let server = pki.server("proxy-server", &["127.0.0.1", "localhost"])?;
         let client = pki.client("remote-agent")?;
-        let upstream_config = etcd.client_config(&tmp.path().join("upstream.yaml"))?;
+        let upstream_config = crate::etcd::write_client_config(
+            &tmp.path().join("upstream.yaml"),
+            endpoints,
+            etcd.pki().ca(),
+            etcd.root_client(),
+        )?;
         let mut p = Self {
             pki,
             server,

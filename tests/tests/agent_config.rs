@@ -175,3 +175,50 @@ fn agent_config_errors_exit_64_with_one_line_naming_the_flag_or_key() {
         &["--config", &missing, "cannot read"],
     );
 }
+
+/// A `--kvstore-config` that is no etcd client YAML is a configuration error
+/// like a bad flag: exit 64 with one line naming the flag, the file and the
+/// problem, before the datapath is built or the status port bound.
+#[test]
+fn a_bad_kvstore_config_exits_64_before_anything_is_created() {
+    if !podmesh_tests::require_root("a_bad_kvstore_config_exits_64_before_anything_is_created") {
+        return;
+    }
+    let ns = podmesh_tests::netns::NetNs::new("kvcfg").expect("netns");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let kv = write(
+        dir.path(),
+        "local.yaml",
+        "endpoints:\n- mesh-etcd:2379\ntrusted-ca-file: ca.crt\n",
+    );
+    // The kernel datapath (not a dry run): had the agent got as far as
+    // building it, the namespace would hold its VXLAN device.
+    let mut args = valid(port);
+    args.retain(|a| a != "--datapath-dry-run");
+    args.extend(["--datapath", "vxlan", "--kvstore-config", &kv].map(String::from));
+    let bin = agent();
+    let o = ns
+        .command(bin.to_str().unwrap())
+        .args(&args)
+        .env_remove("PODMESH_CLUSTER_NAME")
+        .env_remove("PODMESH_CLUSTER_ID")
+        .env_remove("NODE_NAME")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run podmesh-agent");
+    assert_eq!(o.status.code(), Some(64), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // One line: no log line, so neither "podmesh-agent started" (the status
+    // server bound) nor anything of the datapath.
+    assert_eq!(err.lines().count(), 1, "{}", show(&o));
+    for want in ["podmesh-agent: --kvstore-config", &kv, "needs a scheme"] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    let links = ns.ip(&["-o", "link", "show"]).expect("ip link");
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    assert!(links.contains(": lo:"), "{links}");
+    let routes = ns.ip(&["route", "show", "table", "all"]).expect("ip route");
+    assert!(!routes.contains("podmesh"), "{routes}");
+}

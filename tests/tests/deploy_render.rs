@@ -12,7 +12,7 @@ use std::{
 
 use clap::CommandFactory;
 use podmesh_agent::config::AgentArgs;
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Secrets the operator creates (the certificates, and the remote clusters
 /// with `podmesh secret render`), as docs/walkthrough.md says. The manifests
@@ -106,9 +106,10 @@ fn validate(yaml: &str) -> (bool, String) {
 }
 
 fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML parses"))
-        .filter(|v: &Value| !v.is_null())
+    podmesh_plumbing::yaml::from_str_multi::<Value>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|v| !v.is_null())
         .collect()
 }
 
@@ -124,7 +125,7 @@ fn s(v: &Value) -> &str {
 }
 
 fn seq(v: &Value) -> &[Value] {
-    v.as_sequence()
+    v.as_array()
         .map(Vec::as_slice)
         .unwrap_or_else(|| panic!("expected a list, got {v:?}"))
 }
@@ -175,12 +176,12 @@ fn example_secret(cluster: &str) -> Value {
         "deploy/overlays/{cluster}/clustermesh-secret.example.yaml"
     ));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    podmesh_plumbing::yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn agent_config(docs: &[Value]) -> Value {
     let cm = find(docs, "ConfigMap", "podmesh-agent-config");
-    serde_yaml::from_str(s(&cm["data"]["config.yaml"])).expect("config.yaml parses")
+    podmesh_plumbing::yaml::from_str(s(&cm["data"]["config.yaml"])).expect("config.yaml parses")
 }
 
 #[test]
@@ -195,7 +196,7 @@ fn deploy_base_and_overlays_pass_strict_schema_validation() {
         assert_eq!(passed, n, "{dir}: {n} objects, {passed} validated:\n{out}");
     }
     for cluster in ["east", "west"] {
-        let example = serde_yaml::to_string(&example_secret(cluster)).unwrap();
+        let example = serde_saphyr::to_string(&example_secret(cluster)).unwrap();
         let (ok, out) = validate(&example);
         assert!(ok, "{cluster}'s example Secret fails validation:\n{out}");
     }
@@ -287,8 +288,8 @@ fn deploy_agent_daemonset_runs_the_agent_as_designed() {
     }
     // The kvstore YAML names files of the mounted client-certificate Secret.
     let cm = find(&d, "ConfigMap", "podmesh-agent-config");
-    let kv_yaml: Value =
-        serde_yaml::from_str(s(&cm["data"]["kvstore.yaml"])).expect("kvstore.yaml parses");
+    let kv_yaml: Value = podmesh_plumbing::yaml::from_str(s(&cm["data"]["kvstore.yaml"]))
+        .expect("kvstore.yaml parses");
     assert!(s(&seq(&kv_yaml["endpoints"])[0]).starts_with("https://"));
     let kv_mount = mount(agent, "/var/lib/podmesh/kvstore");
     assert_eq!(
@@ -345,11 +346,11 @@ fn deploy_agent_config_keys_are_agent_flags() {
         .collect();
     for dir in KUSTOMIZATIONS {
         let cfg = agent_config(&docs(&render(dir)));
-        let map = cfg.as_mapping().expect("config.yaml is a mapping");
+        let map = cfg.as_object().expect("config.yaml is a mapping");
         assert!(map.len() >= 8, "{dir}: config.yaml has {} keys", map.len());
         for k in map.keys() {
             assert!(
-                flags.contains(s(k)),
+                flags.contains(k.as_str()),
                 "{dir}: config key {k:?} is not a podmesh-agent flag ({flags:?})"
             );
         }
@@ -358,7 +359,7 @@ fn deploy_agent_config_keys_are_agent_flags() {
 
 #[test]
 fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
-    let plan: Value = serde_yaml::from_str(
+    let plan: Value = podmesh_plumbing::yaml::from_str(
         &std::fs::read_to_string(root().join("deploy/overlays/plan.yaml")).unwrap(),
     )
     .unwrap();
@@ -399,8 +400,8 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
         let secret = example_secret(name);
         assert_eq!(secret["metadata"]["name"], "podmesh-clustermesh");
         assert_eq!(secret["metadata"]["namespace"], "podmesh");
-        let data = secret["stringData"].as_mapping().expect("stringData");
-        let keys: BTreeSet<&str> = data.keys().map(s).collect();
+        let data = secret["stringData"].as_object().expect("stringData");
+        let keys: BTreeSet<&str> = data.keys().map(String::as_str).collect();
         let want: BTreeSet<String> = ["", ".ca.crt", ".client.crt", ".client.key"]
             .iter()
             .map(|suffix| format!("{remote}{suffix}"))
@@ -410,7 +411,7 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
             want.iter().map(String::as_str).collect::<BTreeSet<_>>(),
             "{name}"
         );
-        let etcd: Value = serde_yaml::from_str(s(&data[remote])).unwrap();
+        let etcd: Value = podmesh_plumbing::yaml::from_str(s(&data[remote])).unwrap();
         assert!(s(&seq(&etcd["endpoints"])[0]).starts_with("https://"));
         for (key, suffix) in [
             ("trusted-ca-file", "ca.crt"),
@@ -437,7 +438,8 @@ fn deploy_overlays_configure_two_distinct_clusters_that_follow_each_other() {
             format!("https://{name}-mesh.example.com:2379")
         );
         let other_secret = example_secret(remote);
-        let theirs: Value = serde_yaml::from_str(s(&other_secret["stringData"][name])).unwrap();
+        let theirs: Value =
+            podmesh_plumbing::yaml::from_str(s(&other_secret["stringData"][name])).unwrap();
         assert_eq!(
             seq(&theirs["endpoints"])[0].as_str(),
             Some(flag(&pargs, "advertise-url")),
@@ -495,7 +497,7 @@ fn deploy_mesh_etcd_and_proxy_use_mutual_tls() {
     let up = flag(&args, "upstream-config");
     let cm = find(&d, "ConfigMap", "podmesh-etcd-proxy-config");
     let name = Path::new(up).file_name().unwrap().to_str().unwrap();
-    let upstream: Value = serde_yaml::from_str(s(&cm["data"][name])).unwrap();
+    let upstream: Value = podmesh_plumbing::yaml::from_str(s(&cm["data"][name])).unwrap();
     assert!(s(&seq(&upstream["endpoints"])[0]).starts_with("https://podmesh-mesh-etcd-client."));
 
     // The LoadBalancer forwards 2379 to the port the proxy listens on.
@@ -682,7 +684,7 @@ fn proxy_volumes(d: &mut [Value]) -> &mut Vec<Value> {
         .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
         .unwrap();
     proxy["spec"]["template"]["spec"]["volumes"]
-        .as_sequence_mut()
+        .as_array_mut()
         .unwrap()
 }
 
@@ -706,7 +708,7 @@ fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
         let has_fs_group = psc["fsGroup"].as_u64().is_some();
         let containers = seq(&pod["containers"])
             .iter()
-            .chain(pod["initContainers"].as_sequence().into_iter().flatten());
+            .chain(pod["initContainers"].as_array().into_iter().flatten());
         for c in containers {
             let csc = &c["securityContext"];
             let pick = |k: &str| {
@@ -721,7 +723,7 @@ fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
             if !non_root || has_fs_group {
                 continue;
             }
-            for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            for m in c["volumeMounts"].as_array().into_iter().flatten() {
                 let vol = volume(pod, s(&m["name"]));
                 // (secret name, file mode) of every file the volume holds.
                 let mut files: Vec<(String, u64)> = Vec::new();
@@ -732,7 +734,7 @@ fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
                         .or(src["name"].as_str())
                         .unwrap_or("?")
                         .to_string();
-                    match src["items"].as_sequence() {
+                    match src["items"].as_array() {
                         // Only the listed keys, each with its own mode or the default.
                         Some(items) => files.extend(
                             items
@@ -747,11 +749,7 @@ fn unreadable_secret_mounts(docs: &[Value]) -> Vec<String> {
                 }
                 // A projected volume's secret sources take its defaultMode.
                 let projected_mode = vol["projected"]["defaultMode"].as_u64().unwrap_or(0o644);
-                for src in vol["projected"]["sources"]
-                    .as_sequence()
-                    .into_iter()
-                    .flatten()
-                {
+                for src in vol["projected"]["sources"].as_array().into_iter().flatten() {
                     if !src["secret"].is_null() {
                         secret(&src["secret"], projected_mode);
                     }
@@ -790,7 +788,7 @@ fn deploy_non_root_containers_can_read_their_secrets() {
         .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "podmesh-etcd-proxy")
         .unwrap();
     let sc = proxy["spec"]["template"]["spec"]["securityContext"]
-        .as_mapping_mut()
+        .as_object_mut()
         .expect("the proxy has a pod securityContext");
     assert!(sc.remove("fsGroup").is_some(), "the proxy sets fsGroup");
     let bad = unreadable_secret_mounts(&d);
@@ -806,12 +804,12 @@ fn deploy_non_root_containers_can_read_their_secrets() {
     // World-readable files need no fsGroup; a projected volume is checked too.
     let volumes = proxy_volumes(&mut d);
     for v in volumes.iter_mut() {
-        if let Some(sec) = v["secret"].as_mapping_mut() {
+        if let Some(sec) = v["secret"].as_object_mut() {
             sec.insert("defaultMode".into(), 0o444.into());
         }
     }
     assert_eq!(unreadable_secret_mounts(&d), Vec::<String>::new());
-    let projected: Value = serde_yaml::from_str(
+    let projected: Value = podmesh_plumbing::yaml::from_str(
         "name: tls\nprojected:\n  defaultMode: 0o400\n  sources:\n  - secret:\n      name: podmesh-etcd-proxy-tls\n",
     )
     .unwrap();
@@ -900,7 +898,7 @@ fn deploy_host_network_pods_declare_no_container_ports() {
             }
             for c in seq(&pod["containers"])
                 .iter()
-                .chain(pod["initContainers"].as_sequence().into_iter().flatten())
+                .chain(pod["initContainers"].as_array().into_iter().flatten())
             {
                 assert!(
                     c["ports"].is_null(),

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
             let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
             assert_eq!(v["findings"].as_array().map(Vec::len), Some(findings.len()));
             // What podmesh accepts it can write back and read again unchanged.
-            let yaml = serde_yaml::to_string(&plan).expect("plan serializes");
+            let yaml = serde_saphyr::to_string(&plan).expect("plan serializes");
             let again = Plan::parse(&yaml, path).expect("serialized plan parses");
             assert_eq!(again, plan);
         }

@@ -183,7 +183,7 @@ mod tests {
             mount_path: "/var/lib/podmesh/clustermesh".into(),
         };
         let y = render(&a).unwrap();
-        let v: serde_yaml::Value = serde_yaml::from_str(&y).unwrap();
+        let v: serde_json::Value = podmesh_plumbing::yaml::from_str(&y).unwrap();
         assert_eq!(v["kind"], "Secret");
         for k in ["east", "east.ca.crt", "east.client.crt", "east.client.key"] {
             assert!(v["data"][k].is_string(), "{k}");

@@ -299,8 +299,8 @@ fn calico_is_recognised_by_its_pod_veths_and_cni_config() {
 
 #[test]
 fn the_no_nat_pool_yaml_is_a_valid_ippool() {
-    let y: serde_yaml::Value =
-        serde_yaml::from_str(&calico_no_nat_pool(&net("fd00:2::/56"))).unwrap();
+    let y: serde_json::Value =
+        podmesh_plumbing::yaml::from_str(&calico_no_nat_pool(&net("fd00:2::/56"))).unwrap();
     assert_eq!(y["apiVersion"], "crd.projectcalico.org/v1");
     assert_eq!(y["kind"], "IPPool");
     assert_eq!(y["metadata"]["name"], "podmesh-no-nat-fd00-2-56");

@@ -2,8 +2,8 @@
 use std::{path::Path, time::Duration};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -55,24 +55,11 @@ impl EtcdStore {
     /// TLS files are read now, so a rotated certificate takes effect on the next connect.
     pub async fn connect(cfg: &EtcdClientConfig, path: &Path) -> Result<Self, KvError> {
         let endpoints = cfg.endpoints.join(",");
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        let super::client_config::TlsFiles { ca, identity } = cfg.read_tls_files(path)?;
-        if let (Some((cert, _)), Some(file)) = (&identity, &cfg.cert_file) {
+        let tls = cfg.read_tls_files(path)?;
+        if let (Some((cert, _)), Some(file)) = (&tls.identity, &cfg.cert_file) {
             check_validity(cert, file, path)?;
         }
-        if ca.is_some() || identity.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = ca {
-                tls = tls.ca_certificate(Certificate::from_pem(ca));
-            }
-            if let Some((cert, key)) = identity {
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            opts = opts.with_tls(tls);
-        }
+        let opts = EtcdClientConfig::connect_options(tls);
         let client = Client::connect(&cfg.endpoints, Some(opts))
             .await
             .map_err(|e| unavailable("connect", &endpoints, e))?;

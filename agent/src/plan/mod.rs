@@ -45,14 +45,15 @@ pub enum PlanError {
 impl Plan {
     /// Parses a plan from YAML text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, PlanError> {
-        serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let mut message = e.to_string();
-            // serde_yaml appends " at line L column C"; the location leads instead.
-            if let Some(i) = message.rfind(" at line ") {
-                message.truncate(i);
-            }
-            if message.contains("EOF while parsing") || text.trim().is_empty() {
+        podmesh_plumbing::yaml::from_str_with_path(text).map_err(|e| {
+            let line = e
+                .line
+                .map_or(0, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            let column = e
+                .column
+                .map_or(0, |c| usize::try_from(c).unwrap_or(usize::MAX));
+            let mut message = e.message;
+            if text.trim().is_empty() {
                 message = "the plan is empty; it needs a `clusters:` list".to_string();
             }
             // Keys and values are quoted back from the file and may hold line

@@ -8,6 +8,8 @@ use std::{future::pending, time::Duration};
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use podmesh_plumbing::lifecycle::{self, Event, Failure, Next};
+
 use super::{
     Connector, RemoteSettings,
     backoff::Backoff,
@@ -20,7 +22,7 @@ use crate::{
         MeshCache,
         decode::{Entry, decode},
     },
-    kvstore::{KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
+    kvstore::{EventStream, KvError, KvEvent, KvStore, client_config::EtcdClientConfig},
     model::PREFIX,
     status::{Status, unix_now},
 };
@@ -47,6 +49,8 @@ enum End {
     Failed(KvError),
     Compacted,
 }
+
+const TIMED_OUT: &str = "the endpoint accepted the connection but did not complete the TLS handshake or answer in time (a hung etcd proxy, or a load balancer with no healthy backend): check the remote's etcd proxy; routes of this cluster stay as last known; retrying with backoff";
 
 /// What the local files say about a refused client certificate: whether
 /// `cert-file` is signed by the CA in `trusted-ca-file` (in a mesh both are
@@ -76,7 +80,22 @@ impl<C: Connector> RemoteCluster<C> {
             .put_batch(&self.name, generation, std::mem::take(listing));
     }
 
-    async fn fail(&self, e: &KvError) {
+    async fn fail(&self, failure: &Failure<KvError>) {
+        let e = match failure {
+            Failure::Failed(e) => e,
+            Failure::TimedOut(_) => {
+                let h = TIMED_OUT;
+                tracing::warn!(cluster = %self.name, error = %failure, hint = h, "remote cluster connection failed; keeping its last known routes and retrying");
+                self.status.remote(&self.name, |r| {
+                    r.connected = false;
+                    r.synced = false;
+                    r.failures += 1;
+                    r.last_failure = Some(unix_now());
+                    r.last_error = Some(format!("{failure} (hint: {h})"));
+                });
+                return;
+            }
+        };
         let mut h = hint(e);
         // A closed or reset connection looks the same whether a TLS 1.3
         // server refused the client certificate or a plaintext server
@@ -126,43 +145,18 @@ impl<C: Connector> RemoteCluster<C> {
         };
         self.status
             .remote(&self.name, |r| r.endpoints = cfg.endpoints.clone());
-        let mut backoff = Backoff::new(self.settings.min_backoff, self.settings.max_backoff);
-        let mut grace: Option<(Instant, u64)> = None;
-        loop {
-            let started = Instant::now();
-            let end = match self
-                .connector
-                .connect(&self.name, &self.file.path, &cfg)
-                .await
-            {
-                Err(e) => End::Failed(e),
-                Ok(store) => {
-                    self.session(&store, started, &mut backoff, &mut grace)
-                        .await
-                }
-            };
-            match end {
-                End::Failed(e) => self.fail(&e).await,
-                End::Compacted => {
-                    tracing::info!(cluster = %self.name, "remote watch compacted; re-listing");
-                    self.status.remote(&self.name, |r| {
-                        r.synced = false;
-                        r.compactions += 1;
-                    });
-                }
-            }
-            let delay = backoff.next_delay();
-            // A grace period may expire while disconnected.
-            let deadline = Instant::now() + delay;
-            while let Some((until, generation)) = grace
-                && until <= deadline
-            {
-                tokio::time::sleep_until(until).await;
-                self.end_grace(generation);
-                grace = None;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+        let settings = lifecycle::Settings {
+            min_backoff: self.settings.min_backoff,
+            max_backoff: self.settings.max_backoff,
+            connect_timeout: self.settings.connect_timeout,
+        };
+        let mut handler = Lifecycle {
+            cluster: &self,
+            cfg,
+            started: Instant::now(),
+            grace: None,
+        };
+        lifecycle::run(&mut handler, settings).await;
     }
 
     fn end_grace(&self, generation: u64) {
@@ -173,17 +167,13 @@ impl<C: Connector> RemoteCluster<C> {
         self.cache.notify();
     }
 
-    async fn session<S: KvStore>(
+    async fn session(
         &self,
-        store: &S,
+        mut stream: EventStream,
         started: Instant,
         backoff: &mut Backoff,
         grace: &mut Option<(Instant, u64)>,
     ) -> End {
-        let mut stream = match store.list_and_watch(PREFIX).await {
-            Ok(s) => s,
-            Err(e) => return End::Failed(e),
-        };
         self.status.remote(&self.name, |r| {
             r.connected = true;
             r.synced = false;
@@ -286,6 +276,77 @@ impl<C: Connector> RemoteCluster<C> {
                 }
             }
         }
+    }
+}
+
+/// [`RemoteCluster`]'s connection as the shared lifecycle drives it: connect
+/// and the list's first page run under the connect deadline; the rest of the
+/// list and the watch are the session.
+struct Lifecycle<'a, C> {
+    cluster: &'a RemoteCluster<C>,
+    cfg: EtcdClientConfig,
+    /// When the current attempt started (the sync time counts from it).
+    started: Instant,
+    /// A running grace period: its end and the list generation it keeps.
+    grace: Option<(Instant, u64)>,
+}
+
+impl<C: Connector> lifecycle::Handler for Lifecycle<'_, C> {
+    /// The store is kept with its stream: the stream is its list and watch.
+    type Conn = (C::Store, EventStream);
+    type Error = KvError;
+
+    async fn connect(&mut self) -> Result<Self::Conn, KvError> {
+        self.started = Instant::now();
+        let c = self.cluster;
+        let store = c
+            .connector
+            .connect(&c.name, &c.file.path, &self.cfg)
+            .await?;
+        // Returns once the first page of the list has come: the first answer.
+        let stream = store.list_and_watch(PREFIX).await?;
+        Ok((store, stream))
+    }
+
+    async fn session(
+        &mut self,
+        (_store, stream): Self::Conn,
+        backoff: &mut Backoff,
+    ) -> Result<Next, KvError> {
+        let c = self.cluster;
+        match c
+            .session(stream, self.started, backoff, &mut self.grace)
+            .await
+        {
+            End::Failed(e) => Err(e),
+            End::Compacted => {
+                tracing::info!(cluster = %c.name, "remote watch compacted; re-listing");
+                c.status.remote(&c.name, |r| {
+                    r.synced = false;
+                    r.compactions += 1;
+                });
+                Ok(Next::Backoff)
+            }
+        }
+    }
+
+    async fn report(&mut self, event: Event<'_, KvError>) {
+        if let Event::Failed { failure, .. } = event {
+            self.cluster.fail(failure).await;
+        }
+    }
+
+    async fn wait(&mut self, delay: Duration) {
+        // A grace period may expire while disconnected.
+        let deadline = Instant::now() + delay;
+        while let Some((until, generation)) = self.grace
+            && until <= deadline
+        {
+            tokio::time::sleep_until(until).await;
+            self.cluster.end_grace(generation);
+            self.grace = None;
+        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 

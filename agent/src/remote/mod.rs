@@ -23,7 +23,8 @@ use crate::{
     status::Status,
 };
 
-pub mod backoff;
+/// Reconnect backoff (shared with the etcd proxy).
+pub use podmesh_plumbing::backoff;
 pub mod cluster;
 pub mod hint;
 mod probe;
@@ -67,6 +68,8 @@ pub struct RemoteSettings {
     pub min_backoff: Duration,
     /// Reconnect delay cap.
     pub max_backoff: Duration,
+    /// Deadline of connect, TLS handshake and the first answer (the list's first page).
+    pub connect_timeout: Duration,
 }
 
 /// Follows the Secret directory and runs one connection per remote cluster.

@@ -1,15 +1,21 @@
 //! etcd Watch served from the cache: create/cancel/progress per stream, replay from history, bounded fan-out.
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::proto::{PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse};
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
-use super::watch_wire::{EncodedEvent, Out, Pick};
+use super::watch_wire::{EncodedEvent, Out, Pick, WatchCodec};
 use crate::budget::{
     ConnectionBudget, MAX_KEY_BYTES, MAX_WATCHERS_PER_STREAM, REPLAY_CHUNK_BYTES,
     STREAM_REPLAY_BYTES, StreamBudget,
@@ -526,6 +532,63 @@ impl StreamTask {
             self.send(self.response(id, self.delivered)).await?;
         }
         Ok(())
+    }
+}
+
+/// `etcdserverpb.Watch` served with [`WatchCodec`].
+#[derive(Debug, Clone)]
+pub struct WatchServer {
+    svc: WatchService,
+}
+
+impl WatchServer {
+    pub fn new(svc: WatchService) -> WatchServer {
+        WatchServer { svc }
+    }
+}
+
+impl NamedService for WatchServer {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+/// The one method, as tonic's streaming handler wants it.
+struct Call(WatchService);
+
+impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
+    type Response = tonic::Response<ReceiverStream<Result<Out, Status>>>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<PbWatchRequest>>) -> Self::Future {
+        let conn = req.extensions().get::<ConnectionBudget>().cloned();
+        ready(Ok(tonic::Response::new(
+            self.0.open(req.into_inner(), conn),
+        )))
+    }
+}
+
+impl Service<http::Request<Body>> for WatchServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+                return Ok(Status::unimplemented("unknown Watch method").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(WatchCodec);
+            Ok(grpc.streaming(Call(svc), req).await)
+        })
     }
 }
 

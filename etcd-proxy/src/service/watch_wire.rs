@@ -5,23 +5,18 @@
 //! cloning) the same events once per watcher is most of the proxy's work and
 //! memory; here each event is encoded once (with and without `prev_kv`) and a
 //! watcher's response is its small head followed by those shared bytes.
-use std::convert::Infallible;
-use std::future::{Ready, ready};
+//!
+//! This module is the codec and its types only; the service that uses it is
+//! [`super::watch`], so dependencies point one way: watch -> watch_wire.
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use etcd_client::proto::{PbEvent, PbResponseHeader, PbWatchRequest, PbWatchResponse};
 use prost::Message;
 use prost::bytes::{BufMut, Bytes, BytesMut};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, Service, http};
-use tonic::server::NamedService;
 
-use super::watch::WatchService;
-use crate::budget::{ConnectionBudget, Reservation};
+use crate::budget::Reservation;
 
 /// `WatchResponse.events` is field 11.
 const EVENTS_FIELD: u32 = 11;
@@ -167,63 +162,6 @@ impl Decoder for RequestDecoder {
         PbWatchRequest::decode(src)
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("malformed WatchRequest: {e}")))
-    }
-}
-
-/// `etcdserverpb.Watch` served with [`WatchCodec`].
-#[derive(Debug, Clone)]
-pub struct WatchServer {
-    svc: WatchService,
-}
-
-impl WatchServer {
-    pub fn new(svc: WatchService) -> WatchServer {
-        WatchServer { svc }
-    }
-}
-
-impl NamedService for WatchServer {
-    const NAME: &'static str = "etcdserverpb.Watch";
-}
-
-/// The one method, as tonic's streaming handler wants it.
-struct Call(WatchService);
-
-impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
-    type Response = tonic::Response<ReceiverStream<Result<Out, Status>>>;
-    type Error = Status;
-    type Future = Ready<Result<Self::Response, Status>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: tonic::Request<tonic::Streaming<PbWatchRequest>>) -> Self::Future {
-        let conn = req.extensions().get::<ConnectionBudget>().cloned();
-        ready(Ok(tonic::Response::new(
-            self.0.open(req.into_inner(), conn),
-        )))
-    }
-}
-
-impl Service<http::Request<Body>> for WatchServer {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let svc = self.svc.clone();
-        Box::pin(async move {
-            if req.uri().path() != "/etcdserverpb.Watch/Watch" {
-                return Ok(Status::unimplemented("unknown Watch method").into_http());
-            }
-            let mut grpc = tonic::server::Grpc::new(WatchCodec);
-            Ok(grpc.streaming(Call(svc), req).await)
-        })
     }
 }
 

@@ -3,7 +3,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, WatchOptions};
-use rand::Rng;
+use podmesh_plumbing::{
+    backoff::Backoff,
+    lifecycle::{self, Event, Failure, Next},
+};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
@@ -14,38 +17,6 @@ pub mod settings;
 
 pub use list::{Fingerprint, Fingerprinter};
 pub use settings::Settings;
-
-/// Capped exponential backoff with jitter (each delay drawn from the upper
-/// half of the current step, so many proxies do not retry in lockstep).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next(&mut self, rng: &mut impl Rng) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        step.mul_f64(rng.random_range(0.5..=1.0))
-    }
-}
 
 /// Why one upstream session ended.
 #[derive(Debug, thiserror::Error)]
@@ -87,70 +58,37 @@ pub enum SessionError {
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs until shutdown: connect, list if needed, watch, and on any failure
-/// back off and resume from the last revision. New settings on `settings`
-/// (rotated credentials, another endpoint) end the session at once and
-/// reconnect with them, also resuming from the last revision: downstream
+/// back off and resume from the last revision ([`podmesh_plumbing::lifecycle`]:
+/// connect, handshake and the first answer run under `connect_timeout`, so an
+/// upstream that accepts connections and never answers is retried, not
+/// waited on forever). New settings on `settings` (rotated credentials,
+/// another endpoint) end the attempt or session at once and reconnect with
+/// them without backoff, also resuming from the last revision: downstream
 /// watchers keep their streams and miss nothing. Should the new endpoint be
 /// another etcd cluster, the session notices and re-lists as always.
 pub async fn run(
     mut settings: watch::Receiver<Arc<Settings>>,
     prefix: Vec<u8>,
     hub: Arc<Hub>,
-    base: Duration,
-    cap: Duration,
+    lifecycle: lifecycle::Settings,
 ) {
-    let mut backoff = Backoff::new(base, cap);
     let mut shutdown = hub.shutdown();
-    let mut need_list = true;
-    let mut compact_revision = 0;
-    let mut first = true;
+    let mut upstream = Upstream {
+        settings: settings.clone(),
+        prefix,
+        hub: hub.clone(),
+        need_list: true,
+        compact_revision: 0,
+        first: true,
+    };
     loop {
-        if !first {
-            hub.metrics.upstream_reconnects.inc();
-        }
-        first = false;
-        hub.set_upstream_state(UpstreamState::Connecting);
-        let current = settings.borrow_and_update().clone();
-        let session = Session {
-            settings: &current,
-            prefix: &prefix,
-            hub: &hub,
-        };
-        let result = tokio::select! {
-            _ = crate::hub::stopped(&mut shutdown) => return,
-            r = session.run(&mut need_list, &mut compact_revision, &mut backoff) => Some(r),
-            () = changed(&mut settings) => None,
-        };
-        hub.set_upstream_state(UpstreamState::Disconnected);
-        let Some(result) = result else {
-            // The settings poller has logged the change; no backoff, since
-            // nothing failed.
-            backoff.reset();
-            continue;
-        };
-        if let Err(e) = result {
-            hub.set_upstream_error(e.to_string());
-            match e {
-                SessionError::Compacted(_)
-                | SessionError::Rewound { .. }
-                | SessionError::Replaced { .. }
-                | SessionError::Overtaken(_)
-                | SessionError::Diverged { .. } => {
-                    tracing::warn!(error = %e, "upstream history lost; downstream watchers will be cancelled to re-list")
-                }
-                _ => tracing::warn!(
-                    error = %e,
-                    endpoints = ?current.config.endpoints,
-                    "upstream etcd unavailable; serving the last known state and retrying; hint: check the upstream endpoints and credentials in --upstream-config"
-                ),
-            }
-        }
-        let delay = backoff.next(&mut rand::rng());
+        settings.borrow_and_update();
         tokio::select! {
             _ = crate::hub::stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(delay) => {}
-            // Fixed credentials need not wait out a long backoff.
-            () = changed(&mut settings) => backoff.reset(),
+            () = lifecycle::run(&mut upstream, lifecycle) => return,
+            // The settings poller has logged the change; a fresh lifecycle
+            // (no backoff: nothing failed) connects with them.
+            () = changed(&mut settings) => hub.set_upstream_state(UpstreamState::Disconnected),
         }
     }
 }
@@ -162,8 +100,94 @@ async fn changed(rx: &mut watch::Receiver<Arc<Settings>>) {
     }
 }
 
+/// What the upstream connection does with a connection: the handler of
+/// [`lifecycle::run`]. Its fields outlive connections and settings.
+struct Upstream {
+    settings: watch::Receiver<Arc<Settings>>,
+    prefix: Vec<u8>,
+    hub: Arc<Hub>,
+    need_list: bool,
+    compact_revision: i64,
+    first: bool,
+}
+
+/// A connection that has answered: the client and its first answer.
+struct Connected {
+    client: Client,
+    status: etcd_client::StatusResponse,
+}
+
+impl lifecycle::Handler for Upstream {
+    type Conn = Connected;
+    type Error = SessionError;
+
+    async fn connect(&mut self) -> Result<Connected, SessionError> {
+        let etcd = |op| move |source| SessionError::Etcd { op, source };
+        let settings = self.settings.borrow().clone();
+        let mut client = Client::connect(&settings.config.endpoints, Some(settings.options()))
+            .await
+            .map_err(etcd("connect"))?;
+        // The first request: the TLS handshake and the first answer.
+        let status = client.status().await.map_err(etcd("status"))?;
+        Ok(Connected { client, status })
+    }
+
+    async fn session(
+        &mut self,
+        conn: Connected,
+        backoff: &mut Backoff,
+    ) -> Result<Next, SessionError> {
+        let session = Session {
+            prefix: &self.prefix,
+            hub: &self.hub,
+        };
+        session
+            .run(
+                conn,
+                &mut self.need_list,
+                &mut self.compact_revision,
+                backoff,
+            )
+            .await
+            .map(|()| Next::Backoff)
+    }
+
+    async fn report(&mut self, event: Event<'_, SessionError>) {
+        match event {
+            Event::Connecting { .. } => {
+                if !std::mem::take(&mut self.first) {
+                    self.hub.metrics.upstream_reconnects.inc();
+                }
+                self.hub.set_upstream_state(UpstreamState::Connecting);
+            }
+            Event::Connected => {}
+            Event::Failed { failure, delay } => {
+                self.hub.set_upstream_state(UpstreamState::Disconnected);
+                self.hub.set_upstream_error(failure.to_string());
+                let endpoints = self.settings.borrow().config.endpoints.clone();
+                match failure {
+                    Failure::Failed(
+                        SessionError::Compacted(_)
+                        | SessionError::Rewound { .. }
+                        | SessionError::Replaced { .. }
+                        | SessionError::Overtaken(_)
+                        | SessionError::Diverged { .. },
+                    ) => {
+                        tracing::warn!(error = %failure, "upstream history lost; downstream watchers will be cancelled to re-list")
+                    }
+                    _ => tracing::warn!(
+                        error = %failure,
+                        ?endpoints,
+                        retry_in = ?delay,
+                        "upstream etcd unavailable; serving the last known state and retrying; hint: check the upstream endpoints and credentials in --upstream-config, and that the upstream etcd answers"
+                    ),
+                }
+            }
+        }
+    }
+}
+
 struct Session<'a> {
-    settings: &'a Settings,
     prefix: &'a [u8],
     hub: &'a Hub,
 }
@@ -171,16 +195,13 @@ struct Session<'a> {
 impl Session<'_> {
     async fn run(
         &self,
+        conn: Connected,
         need_list: &mut bool,
         compact_revision: &mut i64,
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         let etcd = |op| move |source| SessionError::Etcd { op, source };
-        let opts = self.settings.options();
-        let mut client = Client::connect(&self.settings.config.endpoints, Some(opts))
-            .await
-            .map_err(etcd("connect"))?;
-        let status = client.status().await.map_err(etcd("status"))?;
+        let Connected { client, status } = conn;
         let hdr = status
             .header()
             .map(|h| (h.cluster_id(), h.raft_term(), h.revision()));
@@ -320,24 +341,5 @@ impl Session<'_> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let d: Vec<Duration> = (0..8).map(|_| b.next(&mut rng)).collect();
-        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
-        assert!(d.iter().all(|x| *x <= Duration::from_secs(2)));
-        assert!(d[7] >= Duration::from_secs(1));
-        b.reset();
-        assert!(b.next(&mut rng) <= Duration::from_millis(100));
     }
 }

@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use serde::Deserialize;
+use etcd_client::ConnectOptions;
+use podmesh_plumbing::etcd_config::{ClientConfigError, EtcdClientConfig, TlsFiles};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
@@ -18,14 +18,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("upstream config {path} is not a valid etcd client YAML: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_yaml::Error,
-    },
-    #[error("upstream config {path}: {why}")]
-    Invalid { path: PathBuf, why: String },
+    /// Not a usable etcd client YAML (the message names the file).
+    #[error("upstream config {0}")]
+    Parse(#[from] ClientConfigError),
     #[error("upstream config {path}: cannot read {field} {file}: {source}")]
     File {
         path: PathBuf,
@@ -54,69 +49,13 @@ pub enum ConfigError {
     },
 }
 
-/// The etcd client YAML (the format Cilium and etcd use).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct File {
-    endpoints: Vec<String>,
-    trusted_ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-}
-
-/// Parsed upstream configuration; relative file paths are resolved against
-/// the YAML's directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    pub endpoints: Vec<String>,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-impl UpstreamConfig {
-    pub fn parse(text: &str, path: &Path) -> Result<UpstreamConfig, ConfigError> {
-        let f: File = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        let invalid = |why: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            why,
-        };
-        if f.endpoints.is_empty() {
-            return Err(invalid("endpoints is empty".into()));
-        }
-        for e in &f.endpoints {
-            if !(e.starts_with("https://") || e.starts_with("http://")) {
-                return Err(invalid(format!(
-                    "endpoint {e:?} must start with https:// or http://"
-                )));
-            }
-        }
-        if f.cert_file.is_some() != f.key_file.is_some() {
-            return Err(invalid(
-                "cert-file and key-file must be given together".into(),
-            ));
-        }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let abs = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { dir.join(p) } else { p });
-        Ok(UpstreamConfig {
-            endpoints: f.endpoints,
-            ca: abs(f.trusted_ca_file),
-            cert: abs(f.cert_file),
-            key: abs(f.key_file),
-        })
-    }
-}
-
 /// The upstream YAML as parsed and the contents of the files it names, read
 /// together: a connection is made from exactly what was checked, and a change
 /// of any of them (a rotated certificate, a YAML naming new files or
 /// endpoints) is one new value to reconnect with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub config: UpstreamConfig,
+    pub config: EtcdClientConfig,
     ca: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -126,11 +65,11 @@ impl Settings {
     /// a certificate and that the client certificate and key form a pair, so
     /// that a half-written rotation is told apart from a usable one.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let config = UpstreamConfig::parse(&text, path)?;
+        let config = EtcdClientConfig::parse(&bytes, path)?;
         let read = |field: &'static str, file: &Path| {
             std::fs::read(file).map_err(|source| ConfigError::File {
                 path: path.to_owned(),
@@ -145,7 +84,7 @@ impl Settings {
             file: file.to_owned(),
             expected,
         };
-        let ca = match &config.ca {
+        let ca = match &config.trusted_ca_file {
             Some(file) => {
                 let pem = read("trusted-ca-file", file)?;
                 if pem_certs(&pem).is_empty() {
@@ -155,7 +94,7 @@ impl Settings {
             }
             None => None,
         };
-        let identity = match (&config.cert, &config.key) {
+        let identity = match (&config.cert_file, &config.key_file) {
             (Some(cert), Some(key)) => {
                 let (cert_pem, key_pem) = (read("cert-file", cert)?, read("key-file", key)?);
                 let chain = pem_certs(&cert_pem);
@@ -184,28 +123,22 @@ impl Settings {
         })
     }
 
-    /// Connect options made of the contents read by [`Settings::load`].
+    /// Connect options made of the contents read by [`Settings::load`]
+    /// (with TCP and HTTP/2 keepalives).
     pub fn options(&self) -> ConnectOptions {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if self
+        let https = self
             .config
             .endpoints
             .iter()
-            .any(|e| e.starts_with("https://"))
-        {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &self.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            .any(|e| e.starts_with("https://"));
+        EtcdClientConfig::connect_options(if https {
+            TlsFiles {
+                ca: self.ca.clone(),
+                identity: self.identity.clone(),
             }
-            if let Some((cert, key)) = &self.identity {
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            opts = opts.with_tls(tls);
-        }
-        opts
+        } else {
+            TlsFiles::default()
+        })
     }
 }
 
@@ -239,21 +172,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_etcd_client_yaml() {
+    fn load_resolves_relative_paths_and_refuses_a_bad_yaml() {
         let dir = std::env::temp_dir().join(format!("podmesh-proxy-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("up.yaml");
-        let ok = "endpoints:\n- https://127.0.0.1:2379\ntrusted-ca-file: ca.crt\ncert-file: /abs/c.crt\nkey-file: c.key\n";
-        let cfg = UpstreamConfig::parse(ok, &path).unwrap();
-        assert_eq!(cfg.endpoints, vec!["https://127.0.0.1:2379"]);
-        assert_eq!(cfg.ca, Some(dir.join("ca.crt")));
-        assert_eq!(cfg.cert, Some(PathBuf::from("/abs/c.crt")));
-        assert!(UpstreamConfig::parse("endpoints: []\n", &path).is_err());
-        assert!(UpstreamConfig::parse("endpoints:\n- 127.0.0.1:2379\n", &path).is_err());
+        std::fs::write(&path, "endpoints: []\n").unwrap();
+        let e = Settings::load(&path).unwrap_err().to_string();
+        assert!(e.contains("endpoints") && e.contains("up.yaml"), "{e}");
+        std::fs::write(&path, ": :").unwrap();
+        assert!(Settings::load(&path).is_err());
+        std::fs::write(&path, "endpoints: https://a:1\ntrusted-ca-file: nope.crt\n").unwrap();
+        let e = Settings::load(&path).unwrap_err().to_string();
         assert!(
-            UpstreamConfig::parse("endpoints:\n- https://a:1\ncert-file: c.crt\n", &path).is_err()
+            e.contains(&dir.join("nope.crt").display().to_string()),
+            "{e}"
         );
-        assert!(UpstreamConfig::parse(": :", &path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -65,6 +65,7 @@ fn setup(store: &MemoryStore) -> (MemConnector, MeshCache, Status, tokio::task::
             empty_grace: Duration::from_secs(60),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            connect_timeout: podmesh_plumbing::lifecycle::CONNECT_TIMEOUT,
         },
     };
     let h = tokio::spawn(task.run());

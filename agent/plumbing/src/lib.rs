@@ -1,0 +1,16 @@
+//! What `podmesh-agent` and `podmesh-etcd-proxy` share: one copy of the plumbing between a
+//! process and the systems it talks to.
+//!
+//! - [`backoff`]: capped exponential backoff with jitter;
+//! - [`duration`]: the one syntax of every duration flag (`500ms`, `10s`, `2m`);
+//! - [`etcd_config`]: the etcd client YAML (Cilium's and etcd's format);
+//! - [`flags`]: the `--config` YAML file of a binary's flags;
+//! - [`lifecycle`]: connect under a deadline, run a session, back off, report;
+//! - [`yaml`]: YAML with one-line errors.
+
+pub mod backoff;
+pub mod duration;
+pub mod etcd_config;
+pub mod flags;
+pub mod lifecycle;
+pub mod yaml;
