@@ -21,11 +21,17 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(hub);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    // Bounded: the port is unauthenticated, and a crowd of idle
+    // connections to it must not take the descriptors the mTLS port needs.
+    podmesh_plumbing::http::serve(
+        listener,
+        app,
+        podmesh_plumbing::http::HttpLimits::default(),
+        async move {
             let _ = crate::hub::stopped(&mut shutdown).await;
-        })
-        .await
+        },
+    )
+    .await
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -28,6 +28,9 @@ pub struct Proxy {
     extra: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
+    /// The soft open-files limit the proxy is started with (`prlimit`), as
+    /// a container runtime may set it.
+    soft_nofile: Option<u64>,
 }
 
 /// The proxy binary of this workspace, built once per test process with the
@@ -82,6 +85,7 @@ impl Proxy {
             metrics_port: crate::free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            soft_nofile: None,
         };
         p.spawn()?;
         Ok(p)
@@ -89,7 +93,15 @@ impl Proxy {
 
     /// The command line the proxy runs with (without spawning it).
     pub fn command(&self) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(binary()?);
+        let mut cmd = match self.soft_nofile {
+            // prlimit sets the soft limit and execs the proxy (same pid).
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:")).arg(binary()?);
+                c
+            }
+            None => Command::new(binary()?),
+        };
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--metrics-addr")
@@ -265,6 +277,15 @@ impl Proxy {
     }
 
     /// Sends SIGTERM and waits for the exit status.
+    /// Stops the proxy and starts it again with a soft open-files limit of
+    /// `n` (the hard one unchanged), waiting until it is ready.
+    pub fn restart_with_soft_nofile(&mut self, n: u64) -> anyhow::Result<()> {
+        self.terminate()?;
+        self.soft_nofile = Some(n);
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30))
+    }
+
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("proxy not running")?;
         daemon::terminate(&mut c, Duration::from_secs(30))

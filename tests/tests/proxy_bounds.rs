@@ -505,3 +505,54 @@ async fn proxy_bounds_what_one_client_can_make_it_hold_through_watch() {
     assert!(parts > 1);
     drop(raw);
 }
+
+/// The proxy started with a soft limit of 256 open files (as container
+/// runtimes often set 1,024) takes its hard limit at start; 600 idle TCP
+/// connections to its unauthenticated metrics port are held at most 64 at a
+/// time (more are closed at once), so the proxy's descriptors stay few and
+/// an mTLS client is served meanwhile (1,050 idle ones once blocked the
+/// mTLS port for everyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_takes_its_hard_open_files_limit_and_bounds_its_metrics_port() {
+    let etcd = Etcd::start().unwrap();
+    let mut proxy = Proxy::start(&etcd, &[]).unwrap();
+    tokio::task::block_in_place(|| proxy.restart_with_soft_nofile(256)).unwrap();
+    let pid = proxy.pid().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    eprintln!("{line}");
+    assert_eq!(
+        nums[0], nums[1],
+        "soft limit not raised to the hard one: {line}"
+    );
+    assert_ne!(nums[0], "256", "{line}");
+
+    let metrics: SocketAddr = format!("127.0.0.1:{}", proxy.metrics_port())
+        .parse()
+        .unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        if let Ok(s) = tokio::net::TcpStream::connect(metrics).await {
+            idle.push(s);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    eprintln!("600 idle connections to the metrics port: the proxy holds {fds} descriptors");
+    assert!(
+        fds < 200,
+        "{fds} descriptors with 600 idle metrics connections"
+    );
+    let mut c = proxy.connect().await.unwrap();
+    let t = Instant::now();
+    c.get("podmesh/v1/x", None).await.unwrap();
+    eprintln!("mTLS client answered in {:?}", t.elapsed());
+    drop(idle);
+}

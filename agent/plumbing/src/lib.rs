@@ -5,12 +5,16 @@
 //! - [`duration`]: the one syntax of every duration flag (`500ms`, `10s`, `2m`);
 //! - [`etcd_config`]: the etcd client YAML (Cilium's and etcd's format);
 //! - [`flags`]: the `--config` YAML file of a binary's flags;
+//! - [`http`]: the plain-HTTP endpoints, with connection, header and idle bounds;
 //! - [`lifecycle`]: connect under a deadline, run a session, back off, report;
+//! - [`limits`]: the open-files limit raised to what the process may have;
 //! - [`yaml`]: YAML with one-line errors.
 
 pub mod backoff;
 pub mod duration;
 pub mod etcd_config;
 pub mod flags;
+pub mod http;
 pub mod lifecycle;
+pub mod limits;
 pub mod yaml;

@@ -30,6 +30,14 @@ fn main() -> ExitCode {
         // escape codes as they are.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Container runtimes often start processes with a soft limit of 1,024
+    // open files and a far higher hard one: take the hard one.
+    match podmesh_plumbing::limits::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit; it stays as it is")
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

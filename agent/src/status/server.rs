@@ -54,9 +54,13 @@ pub async fn bind(
         )
         .with_state(status);
     let fut = async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        podmesh_plumbing::http::serve(
+            listener,
+            app,
+            podmesh_plumbing::http::HttpLimits::default(),
+            shutdown,
+        )
+        .await
     };
     Ok((local, fut))
 }
