@@ -172,6 +172,13 @@ impl Cache {
         self.kvs.len()
     }
 
+    /// Marks the content as no longer a complete copy of the upstream (its
+    /// history was lost and the re-list has not completed): reads and new
+    /// watches are refused until the next [`Cache::reset`].
+    pub fn invalidate(&mut self) {
+        self.synced = false;
+    }
+
     pub fn synced(&self) -> bool {
         self.synced
     }

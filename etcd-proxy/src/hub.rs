@@ -162,6 +162,22 @@ impl Hub {
         }
     }
 
+    /// The upstream's history was lost and the cache cannot be trusted
+    /// until a re-list completes: the proxy is unready, reads are refused,
+    /// and watchers are cancelled with `compact_revision` so that their
+    /// clients re-list (once the proxy has) instead of waiting on a frozen
+    /// stream.
+    pub fn invalidate(&self, compact_revision: i64) {
+        let mut c = self.lock();
+        if !c.synced() {
+            return;
+        }
+        c.invalidate();
+        let _ = self.tx.send(Update::Reset {
+            compact_revision: compact_revision.max(1),
+        });
+    }
+
     pub fn header(&self, revision: i64) -> PbResponseHeader {
         PbResponseHeader {
             cluster_id: self.identity.cluster_id.load(Ordering::Relaxed),

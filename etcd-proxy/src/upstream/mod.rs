@@ -163,6 +163,12 @@ impl lifecycle::Handler for Upstream {
             Event::Connected => {}
             Event::Failed { failure, delay } => {
                 self.hub.set_upstream_state(UpstreamState::Disconnected);
+                // What the cache holds is no longer the upstream's history
+                // (compacted past it, another etcd, a re-list that failed):
+                // unready, and watchers cancelled, until a re-list completes.
+                if self.need_list {
+                    self.hub.invalidate(self.compact_revision);
+                }
                 self.hub.set_upstream_error(failure.to_string());
                 let endpoints = self.settings.borrow().config.endpoints.clone();
                 match failure {
