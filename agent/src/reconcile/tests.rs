@@ -338,6 +338,25 @@ fn a_cluster_rejected_as_a_whole_is_one_log_line_with_the_count() {
     let out = logged(|| report::log_rejections(&all));
     assert_eq!(out.lines().count(), 3, "{out}");
     assert!(out.contains("records=5000"), "{out}");
+    // Messages that name their node are one cause all the same.
+    let per_node: Vec<_> = (0..1000)
+        .map(|i| {
+            (
+                "east".to_string(),
+                node_key("east", &format!("bad-{i:04}")),
+                Rejection::new(
+                    code::CLUSTER_REJECTED,
+                    format!("node bad-{i:04} of cluster east is outside"),
+                ),
+            )
+        })
+        .collect();
+    let out = logged(|| report::log_rejections(&per_node));
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("records=1000") && out.contains("bad-0000"),
+        "{out}"
+    );
 }
 
 #[test]
