@@ -121,9 +121,7 @@ pub async fn fetch_async_query(addr: &str, q: &StatusQuery) -> Result<StatusRepo
     let mut tries = 0;
     loop {
         match fetch_once(addr, q).await {
-            Err(StatusError::Answer { message, .. })
-                if message.starts_with("HTTP 503") && tries < 5 =>
-            {
+            Err(StatusError::Answer { message, .. }) if message.starts_with(BUSY) && tries < 5 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -165,6 +163,10 @@ async fn fetch_once(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusE
             .await
             .map_err(|e| answer(e.to_string()))?;
         let status = res.status();
+        // The agent answers 503 with Retry-After while it builds as many
+        // full answers as it will at once.
+        let busy = status == hyper::StatusCode::SERVICE_UNAVAILABLE
+            && res.headers().contains_key(hyper::header::RETRY_AFTER);
         // Chunked or not, hyper hands over the body's bytes; they are read
         // as UTF-8 only once whole.
         let body = res
@@ -174,6 +176,9 @@ async fn fetch_once(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusE
             .map_err(|e| answer(e.to_string()))?
             .to_bytes();
         conn.abort();
+        if busy {
+            return Err(answer(format!("{BUSY}HTTP {status}")));
+        }
         if status != hyper::StatusCode::OK {
             return Err(answer(format!("HTTP {status}")));
         }
@@ -183,6 +188,9 @@ async fn fetch_once(addr: &str, q: &StatusQuery) -> Result<StatusReport, StatusE
         .await
         .map_err(|_| answer(format!("no answer within {ANSWER_TIMEOUT:?}")))?
 }
+
+/// How a busy agent's answer starts (retried).
+const BUSY: &str = "busy answering other /status calls: ";
 
 /// How long `podmesh status` waits for the TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
