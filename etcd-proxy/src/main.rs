@@ -1,4 +1,5 @@
 //! podmesh-etcd-proxy: serves one cluster's mesh state, read-only and confined to one prefix, to the other clusters.
+#![warn(unused_crate_dependencies)]
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,6 +10,8 @@
 //! - [`limits`]: the open-files limit raised to what the process may have;
 //! - [`yaml`]: YAML with one-line errors.
 
+#![warn(unused_crate_dependencies)]
+
 pub mod backoff;
 pub mod duration;
 pub mod etcd_config;
