@@ -1544,10 +1544,19 @@ async fn agent_status_pages_by_cluster_and_rejection_and_bounds_concurrent_calls
             busy += 1;
         }
     }
+    // The agent runs in this process: its peak memory, with the test's own
+    // share, stays far under the agent's deploy limit (256 MiB).
+    let peak = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        >> 10;
     eprintln!(
-        "8 concurrent full /status calls with 20,002 records: {whole} answered, {busy} told to retry"
+        "8 concurrent full /status calls with 20,002 records: {whole} answered, {busy} told to retry; peak RSS of agent and test {peak} MiB"
     );
     assert!(whole >= 1);
+    assert!(peak > 0 && peak < 256, "peak RSS {peak} MiB");
     // The CLI's fetch waits out a busy agent.
     assert_eq!(status(&home)?.routes.len(), 20_002);
     let _ = east.delete("nothing").await;
