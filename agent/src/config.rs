@@ -46,7 +46,7 @@ pub struct AgentArgs {
     /// This node's name (default: $NODE_NAME, then the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's underlay address (the tunnel endpoint). Without it (and --pod-cidr) the Node is read from Kubernetes.
+    /// This node's underlay address (the tunnel endpoint). With --pod-cidr the Node is not read; alone, the Pod CIDRs come from the Kubernetes Node and this address replaces its InternalIP (in a DaemonSet: NODE_IP from the downward API's status.hostIP, `--node-ip=$(NODE_IP)`); without either, both come from the Node.
     #[arg(long)]
     pub node_ip: Option<IpAddr>,
     /// A Pod CIDR of this node (repeatable).
@@ -149,8 +149,14 @@ pub enum NodeSource {
         /// The node's Pod CIDRs.
         pod_cidrs: Vec<IpNet>,
     },
-    /// Read (and watched) from the Kubernetes Node object named `node_name`.
-    Kubernetes,
+    /// Read (and watched) from the Kubernetes Node object named `node_name`;
+    /// with `address` (`--node-ip` alone, e.g. the Pod's `status.hostIP`
+    /// from the downward API), that is the tunnel endpoint and only the Pod
+    /// CIDRs come from the Node.
+    Kubernetes {
+        /// The tunnel endpoint given by `--node-ip`, instead of the Node's InternalIP.
+        address: Option<IpAddr>,
+    },
 }
 
 /// The agent's configuration, typed and validated.
@@ -341,13 +347,8 @@ impl AgentArgs {
                 ip,
                 pod_cidrs: self.pod_cidrs.clone(),
             },
-            (None, true) => NodeSource::Kubernetes,
-            (Some(_), true) => {
-                return Err(ConfigError::invalid(
-                    "pod-cidr",
-                    "required with --node-ip (or give neither to read the Node from Kubernetes)",
-                ));
-            }
+            (None, true) => NodeSource::Kubernetes { address: None },
+            (Some(ip), true) => NodeSource::Kubernetes { address: Some(ip) },
             (None, false) => {
                 return Err(ConfigError::invalid(
                     "node-ip",
@@ -488,6 +489,24 @@ mod tests {
         assert!(matches!(c.node_source, NodeSource::Static { .. }));
     }
 
+    /// `--node-ip` alone (a DaemonSet's status.hostIP): the Node gives the
+    /// Pod CIDRs, the flag the address; `--pod-cidr` alone is still refused.
+    #[test]
+    fn node_ip_alone_reads_the_pod_cidrs_from_the_node() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10"]);
+        let c = load_from(a).unwrap();
+        assert_eq!(
+            c.node_source,
+            NodeSource::Kubernetes {
+                address: Some("192.168.1.10".parse().unwrap())
+            }
+        );
+        let mut a = base();
+        a.extend(["--pod-cidr", "10.1.1.0/24"]);
+        assert!(load_from(a).unwrap_err().to_string().contains("node-ip"));
+    }
+
     #[test]
     fn file_values_and_command_line_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -511,7 +530,7 @@ mod tests {
         assert!(c.datapath_dry_run);
         match c.node_source {
             NodeSource::Static { pod_cidrs, .. } => assert_eq!(pod_cidrs.len(), 2),
-            NodeSource::Kubernetes => panic!("expected static"),
+            NodeSource::Kubernetes { .. } => panic!("expected static"),
         }
     }
 

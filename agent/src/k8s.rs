@@ -233,6 +233,15 @@ impl NodeApi for KubeNodes {
 
 /// The tunnel endpoint (InternalIP first) and Pod CIDRs of `node`.
 pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError> {
+    node_addresses_with(node, None)
+}
+
+/// [`node_addresses`], with `address` (from `--node-ip`) as the tunnel
+/// endpoint instead of the Node's InternalIP, which may then be missing.
+pub fn node_addresses_with(
+    node: &Node,
+    address: Option<IpAddr>,
+) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let incomplete = |message: &str| K8sError::Incomplete {
         node: name.clone(),
@@ -254,9 +263,13 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
         })
         .collect();
     addrs.sort_by_key(|(r, _)| *r);
+    if let Some(a) = address {
+        addrs.retain(|(_, ip)| *ip != a);
+        addrs.insert(0, (0, a));
+    }
     if addrs.first().is_none_or(|(r, _)| *r != 0) {
         return Err(incomplete(
-            "status.addresses has no InternalIP; fix the kubelet's --node-ip (the agent's --node-ip works only with --pod-cidr, per node)",
+            "status.addresses has no InternalIP; fix the kubelet's --node-ip, or give the agent --node-ip (in the DaemonSet: NODE_IP from the downward API's status.hostIP)",
         ));
     }
     let spec = node.spec.as_ref();
@@ -268,7 +281,7 @@ pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError
     }
     if cidrs.is_empty() {
         return Err(incomplete(
-            "spec.podCIDRs is empty; podmesh needs node CIDR allocation (kube-controller-manager --allocate-node-cidrs with --cluster-cidr); the alternative, --node-ip with --pod-cidr, is per node, which the DaemonSet's shared ConfigMap cannot set",
+            "spec.podCIDRs is empty; podmesh needs node CIDR allocation (kube-controller-manager --allocate-node-cidrs with --cluster-cidr): --pod-cidr is per node, which the DaemonSet's shared ConfigMap cannot set",
         ));
     }
     let pods = cidrs
@@ -290,6 +303,8 @@ pub struct NodeFollower<A> {
     pub api: A,
     /// The Node's name.
     pub name: String,
+    /// The tunnel endpoint from `--node-ip`, replacing the Node's InternalIP.
+    pub address: Option<IpAddr>,
     /// Where that name came from (said when no Node has it).
     pub origin: NodeNameOrigin,
     /// This node's VTEP MAC, carried into the [`LocalNode`].
@@ -310,6 +325,7 @@ pub async fn follow_node<A: NodeApi>(
     NodeFollower {
         api,
         name,
+        address: None,
         origin: NodeNameOrigin::Flag,
         vtep_mac,
         cluster_pod_cidrs: Vec::new(),
@@ -353,7 +369,7 @@ impl<A: NodeApi> NodeFollower<A> {
                         continue;
                     }
                 };
-                let (addresses, pod_cidrs) = match node_addresses(&node) {
+                let (addresses, pod_cidrs) = match node_addresses_with(&node, self.address) {
                     Ok(v) => v,
                     Err(e) => {
                         self.report(&e, &mut said);
@@ -438,6 +454,25 @@ pub(crate) mod tests {
                 {"type": "InternalIP", "address": "192.168.1.10"}
             ]}
         })
+    }
+
+    /// `--node-ip` alone (the downward API's status.hostIP): the address is
+    /// the tunnel endpoint, the Pod CIDRs are the Node's, and a Node without
+    /// InternalIP is then usable.
+    #[test]
+    fn an_address_from_the_flag_replaces_the_internal_ip() {
+        let host: IpAddr = "192.168.7.7".parse().unwrap();
+        let n: Node = serde_json::from_value(node_json("10.1.1.0/24")).unwrap();
+        let (a, p) = node_addresses_with(&n, Some(host)).unwrap();
+        assert_eq!(a[0], host);
+        assert_eq!(p, vec!["10.1.1.0/24".parse::<IpNet>().unwrap()]);
+        let mut no_internal = n.clone();
+        if let Some(s) = no_internal.status.as_mut() {
+            s.addresses = Some(Vec::new());
+        }
+        assert!(node_addresses(&no_internal).is_err());
+        let (a, _) = node_addresses_with(&no_internal, Some(host)).unwrap();
+        assert_eq!(a, vec![host]);
     }
 
     #[test]

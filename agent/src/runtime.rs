@@ -70,7 +70,7 @@ pub fn local_ranges(cfg: &AgentConfig, node: Option<&LocalNode>) -> LocalRanges 
     let (own_pods, addrs): (&[IpNet], Vec<IpAddr>) = match (node, &cfg.node_source) {
         (Some(n), _) => (&n.pod_cidrs, n.addresses.clone()),
         (None, NodeSource::Static { ip, pod_cidrs }) => (pod_cidrs, vec![*ip]),
-        (None, NodeSource::Kubernetes) => (&[], Vec::new()),
+        (None, NodeSource::Kubernetes { address }) => (&[], address.iter().copied().collect()),
     };
     let mut pod = cfg.cluster_pod_cidrs.clone();
     for c in own_pods {
@@ -212,10 +212,11 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
                 node_tx.closed().await;
             }));
         }
-        NodeSource::Kubernetes => {
+        NodeSource::Kubernetes { address } => {
             let api = k8s::KubeNodes::from_env().await?;
             let follower = k8s::NodeFollower {
                 api,
+                address: *address,
                 name: cfg.node_name.clone(),
                 origin: cfg.node_name_origin,
                 vtep_mac: mac,

@@ -73,7 +73,7 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
             pin_dir: cfg.bpf_pin_dir.clone(),
             node_ip: match &cfg.node_source {
                 NodeSource::Static { ip, .. } => Some(*ip),
-                NodeSource::Kubernetes => None,
+                NodeSource::Kubernetes { address } => *address,
             },
             ..KernelConfig::new(cfg.datapath)
         };

@@ -227,7 +227,7 @@ pub fn spawn(cfg: &AgentConfig, cache: MeshCache, status: Status) -> JoinHandle<
         matches!(cfg.datapath, DatapathMode::Ebpf | DatapathMode::Vxlan).then_some(cfg.tunnel_port);
     let every = cfg.resync_interval;
     match cfg.node_source {
-        NodeSource::Kubernetes => tokio::spawn(follow(
+        NodeSource::Kubernetes { .. } => tokio::spawn(follow(
             sources,
             tunnel_port,
             KubePools::from_env(),

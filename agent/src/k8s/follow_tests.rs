@@ -184,6 +184,7 @@ fn start(mode: Mode, declared: &[&str]) -> Agent {
     let follower = NodeFollower {
         api: KubeNodes::new(Client::new(svc, "default")),
         name: "n1".into(),
+        address: None,
         origin: NodeNameOrigin::Env,
         vtep_mac: None,
         cluster_pod_cidrs: declared.iter().map(|c| c.parse().unwrap()).collect(),
