@@ -55,14 +55,14 @@ pub enum K8sError {
         source: kube::Error,
     },
     /// The client's own credentials cannot be used (e.g. the token file).
-    #[error(
-        "{op} node {node}: the agent's Kubernetes credentials are unusable ({source}); check the ServiceAccount token the Pod mounts (automountServiceAccountToken) or the kubeconfig"
-    )]
+    #[error("{op} node {node}: the agent's Kubernetes credentials are unusable ({source}); {hint}")]
     Credentials {
         /// What was attempted.
         op: &'static str,
         /// The node.
         node: String,
+        /// What to check.
+        hint: &'static str,
         /// The client's error.
         #[source]
         source: kube::Error,
@@ -136,9 +136,10 @@ impl K8sError {
                     source: e,
                 }
             }
-            kube::Error::Auth(_) => Self::Credentials {
+            kube::Error::Auth(ref a) => Self::Credentials {
                 op,
                 node,
+                hint: credentials_hint(a),
                 source: e,
             },
             e => Self::Other {
@@ -228,6 +229,20 @@ impl NodeApi for KubeNodes {
                 std::future::ready(out)
             })
             .boxed()
+    }
+}
+
+/// What to check when the client's credentials cannot be used.
+fn credentials_hint(e: &kube::client::AuthError) -> &'static str {
+    match e {
+        // client-go trims the token file; this client sends it as it is,
+        // and a newline cannot be in an HTTP header.
+        kube::client::AuthError::InvalidBearerToken(_) => {
+            "the token is not a valid HTTP header value: a token file written by hand that ends with a newline (or holds spaces) is refused; write the token without them (`printf %s \"$TOKEN\" > file`), or use the ServiceAccount token the Pod mounts"
+        }
+        _ => {
+            "check the ServiceAccount token the Pod mounts (automountServiceAccountToken) or the kubeconfig"
+        }
     }
 }
 
@@ -454,6 +469,21 @@ pub(crate) mod tests {
                 {"type": "InternalIP", "address": "192.168.1.10"}
             ]}
         })
+    }
+
+    #[test]
+    fn a_token_with_a_trailing_newline_is_named_as_such() {
+        let bad = http::HeaderValue::try_from("Bearer abc\n").unwrap_err();
+        let e = K8sError::from_kube(
+            "list",
+            "n1".into(),
+            kube::Error::Auth(kube::client::AuthError::InvalidBearerToken(bad)),
+        );
+        let t = e.to_string();
+        assert!(
+            t.contains("ends with a newline") && t.contains("printf"),
+            "{t}"
+        );
     }
 
     /// `--node-ip` alone (the downward API's status.hostIP): the address is
