@@ -2,8 +2,7 @@
 use std::{path::Path, time::Duration};
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -83,6 +82,8 @@ impl EtcdStore {
 
     /// One page of at most `*page` keys from `from`; shrinks `*page` (down to
     /// one key) while an answer passes [`RECEIVE_LIMIT`].
+    /// One page of at most `*page` keys from `from`; `*page` shrinks while
+    /// an answer passes [`RECEIVE_LIMIT`].
     async fn list_page(
         &self,
         from: &[u8],
@@ -90,38 +91,14 @@ impl EtcdStore {
         revision: i64,
         page: &mut i64,
     ) -> Result<etcd_client::GetResponse, KvError> {
-        loop {
-            let mut opts = GetOptions::new().with_range(end.to_vec()).with_limit(*page);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            match self
-                .client
-                .kv_client()
-                .max_decoding_message_size(RECEIVE_LIMIT)
-                .get(from.to_vec(), Some(opts))
-                .await
-            {
-                Ok(r) => return Ok(r),
-                Err(e) if too_large(&e) && *page > 1 => {
-                    *page = (*page / 8).max(1);
-                    tracing::debug!(
-                        endpoints = %self.endpoints,
-                        page = *page,
-                        "a page of records passed the receive limit; reading smaller pages"
-                    );
-                }
-                Err(e) => return Err(map_list_error(&self.endpoints, e)),
-            }
-        }
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(RECEIVE_LIMIT);
+        podmesh_plumbing::etcd_page::get_page(&mut kv, from, end, revision, page, false)
+            .await
+            .map_err(|e| map_list_error(&self.endpoints, e))
     }
-}
-
-/// tonic's refusal of an answer over the receive limit (`OUT_OF_RANGE`,
-/// which it shares with etcd's compacted revision; its text tells them apart).
-fn too_large(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s)
-        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
 }
 
 /// Refuses a client certificate that is expired or not yet valid, before the

@@ -6,7 +6,8 @@
 //! [`PAGE_KEYS`] keys at the first page's revision give the same snapshot
 //! as one read; a page that is still too large (large values) is read again
 //! in smaller pages.
-use etcd_client::{GetOptions, KvClient, proto::PbKeyValue};
+use etcd_client::{KvClient, proto::PbKeyValue};
+use podmesh_plumbing::etcd_page::get_page;
 
 use crate::prefix::prefix_end;
 
@@ -27,22 +28,7 @@ pub async fn list(
     let mut page = PAGE_KEYS;
     let mut out = Vec::new();
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let resp = match kv.get(from.clone(), Some(opts)).await {
-            Ok(r) => r,
-            Err(e) if too_large(&e) && page > 1 => {
-                page = (page / 8).max(1);
-                tracing::debug!(
-                    page,
-                    "an upstream page passed the receive limit; reading smaller pages"
-                );
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let resp = get_page(kv, &from, &end, revision, &mut page, false).await?;
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
@@ -107,13 +93,9 @@ pub async fn fingerprint_at(
     let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
     let mut from = prefix.to_vec();
     let mut f = Fingerprinter::default();
+    let mut page = PAGE_KEYS * 10;
     loop {
-        let opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(PAGE_KEYS * 10)
-            .with_keys_only()
-            .with_revision(revision);
-        let resp = kv.get(from.clone(), Some(opts)).await?;
+        let resp = get_page(kv, &from, &end, revision, &mut page, true).await?;
         let more = resp.more();
         let kvs = resp.0.kvs;
         for kv in &kvs {
@@ -127,12 +109,4 @@ pub async fn fingerprint_at(
             _ => return Ok(f.finish()),
         }
     }
-}
-
-/// tonic's refusal of a message over the receive limit. It has no code of
-/// its own (`OUT_OF_RANGE`, shared with etcd's compacted-revision answer), so
-/// its text tells it apart.
-fn too_large(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s)
-        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
 }
