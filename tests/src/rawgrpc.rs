@@ -77,18 +77,11 @@ impl RawGrpc {
         path: &str,
         message: &[u8],
     ) -> anyhow::Result<h2::client::ResponseFuture> {
-        self.send = self.send.clone().ready().await?;
-        let req = http::Request::post(path)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
-        let (answer, mut body) = self.send.send_request(req, false)?;
+        let (answer, mut body) = self.open(path).await?;
         body.send_data(frame(message), true)?;
         Ok(answer)
     }
-}
 
-impl RawGrpc {
     /// Opens a streaming call to `path` (e.g. `/etcdserverpb.Watch/Watch`)
     /// and sends `messages` on it without ending it; the stream stays open
     /// while the returned sender lives, and its answers are never read
@@ -98,16 +91,24 @@ impl RawGrpc {
         path: &str,
         messages: &[Vec<u8>],
     ) -> anyhow::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+        let (answer, mut body) = self.open(path).await?;
+        for m in messages {
+            body.send_data(frame(m), false)?;
+        }
+        Ok((answer, body))
+    }
+
+    /// A gRPC request to `path` whose body the caller sends.
+    async fn open(
+        &mut self,
+        path: &str,
+    ) -> anyhow::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
         self.send = self.send.clone().ready().await?;
         let req = http::Request::post(path)
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(())?;
-        let (answer, mut body) = self.send.send_request(req, false)?;
-        for m in messages {
-            body.send_data(frame(m), false)?;
-        }
-        Ok((answer, body))
+        Ok(self.send.send_request(req, false)?)
     }
 }
 

@@ -214,6 +214,50 @@ async fn converge(up: &mut Client, agents: &[Arc<Mutex<Seen>>], proxy: &Proxy) {
     let _ = list(&mut pc).await;
 }
 
+/// What both swaps below share: a watcher behind the proxy has converged on
+/// `etcd`, which then holds `old_keys` too; the proxy is stopped, `swap`
+/// puts another etcd behind the same endpoints, which takes writes (in
+/// batches of `batch`) until its revision is past the proxy's; the proxy
+/// resumes, and the watcher converges on the new etcd. Returns the
+/// watcher's view, its task, and the cluster IDs before and after.
+async fn swap_upstream_while_the_proxy_is_stopped(
+    etcd: &mut Etcd,
+    proxy: &Proxy,
+    old_keys: &[String],
+    batch: u32,
+    swap: impl FnOnce(&mut Etcd) -> anyhow::Result<()>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>, u64, u64) {
+    let mut up = etcd.connect().await.unwrap();
+    let id_before = up.status().await.unwrap().header().unwrap().cluster_id();
+    writes(&mut up, 0, 20).await;
+    for k in old_keys {
+        up.put(k.as_str(), "x", None).await.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let task = tokio::spawn(agent(proxy.connect().await.unwrap(), seen.clone()));
+    converge(&mut up, std::slice::from_ref(&seen), proxy).await;
+    let proxy_rev = list(&mut proxy.connect().await.unwrap()).await.unwrap().1;
+
+    let pid = nix::unistd::Pid::from_raw(proxy.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut up = match swap(etcd) {
+        Ok(()) => etcd.connect().await.unwrap(),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            panic!("{e}");
+        }
+    };
+    let id_after = up.status().await.unwrap().header().unwrap().cluster_id();
+    let mut i = 1000;
+    while list(&mut up).await.unwrap().1 <= proxy_rev + 5 {
+        writes(&mut up, i, batch).await;
+        i += batch;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    converge(&mut up, std::slice::from_ref(&seen), proxy).await;
+    (seen, task, id_before, id_after)
+}
+
 /// The upstream etcd is replaced by another etcd cluster (new cluster ID)
 /// whose revision has passed the proxy's before the proxy sees it: resuming
 /// at the proxy's revision would keep keys the new etcd never had. The proxy
@@ -222,41 +266,16 @@ async fn converge(up: &mut Client, agents: &[Arc<Mutex<Seen>>], proxy: &Proxy) {
 async fn proxy_relists_when_the_upstream_is_another_etcd_cluster() {
     let mut etcd = Etcd::start().unwrap();
     let proxy = Proxy::start(&etcd, &[]).unwrap();
-    let mut up = etcd.connect().await.unwrap();
-    let id_before = up.status().await.unwrap().header().unwrap().cluster_id();
-    writes(&mut up, 0, 20).await;
-    up.put(format!("{PREFIX}east/only-in-the-old-etcd"), "x", None)
-        .await
-        .unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let task = tokio::spawn(agent(proxy.connect().await.unwrap(), seen.clone()));
-    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
-    let proxy_rev = list(&mut proxy.connect().await.unwrap()).await.unwrap().1;
-
-    // While the proxy is stopped, the new cluster takes more writes than the
-    // old one ever had, so its revision is past the proxy's.
-    let pid = nix::unistd::Pid::from_raw(proxy.pid().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let replaced = etcd.replace_with_new_cluster();
-    let mut up = match replaced {
-        Ok(()) => etcd.connect().await.unwrap(),
-        Err(e) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-            panic!("{e}");
-        }
-    };
-    let id_after = up.status().await.unwrap().header().unwrap().cluster_id();
+    let old = [format!("{PREFIX}east/only-in-the-old-etcd")];
+    let (seen, task, id_before, id_after) =
+        swap_upstream_while_the_proxy_is_stopped(&mut etcd, &proxy, &old, 10, |e| {
+            e.replace_with_new_cluster()
+        })
+        .await;
     assert_ne!(
         id_before, id_after,
         "the replacement must be another cluster"
     );
-    let mut i = 1000;
-    while list(&mut up).await.unwrap().1 <= proxy_rev + 5 {
-        writes(&mut up, i, 10).await;
-        i += 10;
-    }
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
     let s = seen.lock().unwrap();
     assert!(
         !s.state
@@ -283,42 +302,19 @@ async fn proxy_relists_when_the_upstream_is_another_etcd_cluster() {
 async fn proxy_relists_when_the_upstream_was_rebuilt_with_the_same_cluster_id() {
     let mut etcd = Etcd::start().unwrap();
     let proxy = Proxy::start(&etcd, &[]).unwrap();
-    let mut up = etcd.connect().await.unwrap();
-    let id_before = up.status().await.unwrap().header().unwrap().cluster_id();
-    writes(&mut up, 0, 20).await;
-    for i in 0..6 {
-        up.put(format!("{PREFIX}east/only-in-the-old-etcd-{i}"), "x", None)
-            .await
-            .unwrap();
-    }
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let task = tokio::spawn(agent(proxy.connect().await.unwrap(), seen.clone()));
-    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
-    let proxy_rev = list(&mut proxy.connect().await.unwrap()).await.unwrap().1;
-
-    let pid = nix::unistd::Pid::from_raw(proxy.pid().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let rebuilt = etcd.restart_empty();
-    let mut up = match rebuilt {
-        Ok(()) => etcd.connect().await.unwrap(),
-        Err(e) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-            panic!("{e}");
-        }
-    };
-    let id_after = up.status().await.unwrap().header().unwrap().cluster_id();
+    let old: Vec<String> = (0..6)
+        .map(|i| format!("{PREFIX}east/only-in-the-old-etcd-{i}"))
+        .collect();
+    // The same number of keys as before, other ones, and a revision past the proxy's.
+    let (seen, task, id_before, id_after) =
+        swap_upstream_while_the_proxy_is_stopped(&mut etcd, &proxy, &old, 26, |e| {
+            e.restart_empty()
+        })
+        .await;
     assert_eq!(
         id_before, id_after,
         "the rebuilt etcd must keep the cluster ID, or this is the replaced-cluster test"
     );
-    // The same number of keys as before, other ones, and a revision past the proxy's.
-    let mut i = 1000;
-    while list(&mut up).await.unwrap().1 <= proxy_rev + 5 {
-        writes(&mut up, i, 26).await;
-        i += 26;
-    }
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    converge(&mut up, std::slice::from_ref(&seen), &proxy).await;
     let s = seen.lock().unwrap();
     assert!(
         !s.state.keys().any(|k| k.contains("only-in-the-old-etcd")),
