@@ -81,49 +81,40 @@ impl<C: Connector> RemoteCluster<C> {
     }
 
     async fn fail(&self, failure: &Failure<KvError>) {
-        let e = match failure {
-            Failure::Failed(e) => e,
-            Failure::TimedOut(_) => {
-                let h = TIMED_OUT;
-                tracing::warn!(cluster = %self.name, error = %failure, hint = h, "remote cluster connection failed; keeping its last known routes and retrying");
-                self.status.remote(&self.name, |r| {
-                    r.connected = false;
-                    r.synced = false;
-                    r.failures += 1;
-                    r.last_failure = Some(unix_now());
-                    r.last_error = Some(format!("{failure} (hint: {h})"));
-                });
-                return;
+        let (h, diagnosis) = match failure {
+            Failure::TimedOut(_) => (TIMED_OUT, String::new()),
+            Failure::Failed(e) => {
+                let mut h = hint(e);
+                // A closed or reset connection looks the same whether a TLS 1.3
+                // server refused the client certificate or a plaintext server
+                // dropped the ClientHello: ask the endpoints in plaintext HTTP/2.
+                if h == CLIENT_CERT_REFUSED
+                    && cause(e) != Some(Cause::ClientCertRefused)
+                    && let Ok(cfg) = &self.file.config
+                    && probe::any_speaks_plaintext(&cfg.endpoints).await
+                {
+                    h = NOT_TLS;
+                }
+                let diagnosis = if h == CLIENT_CERT_REFUSED {
+                    self.file
+                        .config
+                        .as_ref()
+                        .ok()
+                        .and_then(diagnose_client_cert)
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                (h, diagnosis)
             }
         };
-        let mut h = hint(e);
-        // A closed or reset connection looks the same whether a TLS 1.3
-        // server refused the client certificate or a plaintext server
-        // dropped the ClientHello: ask the endpoints in plaintext HTTP/2.
-        if h == CLIENT_CERT_REFUSED
-            && cause(e) != Some(Cause::ClientCertRefused)
-            && let Ok(cfg) = &self.file.config
-            && probe::any_speaks_plaintext(&cfg.endpoints).await
-        {
-            h = NOT_TLS;
-        }
-        let diagnosis = if h == CLIENT_CERT_REFUSED {
-            self.file
-                .config
-                .as_ref()
-                .ok()
-                .and_then(diagnose_client_cert)
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        tracing::warn!(cluster = %self.name, error = ?e.to_string(), hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
+        tracing::warn!(cluster = %self.name, error = ?failure.to_string(), hint = %format!("{h}{diagnosis}"), "remote cluster connection failed; keeping its last known routes and retrying");
         self.status.remote(&self.name, |r| {
             r.connected = false;
             r.synced = false;
             r.failures += 1;
             r.last_failure = Some(unix_now());
-            r.last_error = Some(format!("{e} (hint: {h}{diagnosis})"));
+            r.last_error = Some(format!("{failure} (hint: {h}{diagnosis})"));
         });
     }
 
