@@ -1619,3 +1619,69 @@ async fn agent_lists_pages_past_4_mib_and_rejects_only_the_oversized_records() -
     }
     Ok(())
 }
+
+/// What a remote cluster can make the agent binary write into its log:
+/// keys with a newline or ESC cannot forge a log line or drive a terminal,
+/// and a thousand records rejected for one reason are one line with a
+/// count, not a thousand lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_keys_cannot_forge_log_lines_and_rejections_are_logged_per_reason()
+-> anyhow::Result<()> {
+    let mut east = Remote::start("east", 1).await?;
+    east.cluster(&["10.1.0.0/16"]).await?;
+    // Keys that try to forge a line and to drive the terminal.
+    let forged = "x\nINFO podmesh_agent: FAKE all remotes healthy";
+    let escape = "y\u{1b}[2J\u{1b}[31mred";
+    for (i, name) in [forged, escape].iter().enumerate() {
+        east.node(name, "192.168.1.1", &[&format!("10.1.{i}.0/24")])
+            .await?;
+    }
+    // A thousand records rejected for one reason (Pod CIDRs outside the cluster's).
+    for chunk in (0..1000u32).collect::<Vec<_>>().chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let n = format!("bad-{i}");
+                let v = serde_json::json!({"name": n, "cluster": "east", "clusterID": 1,
+                    "addresses": ["192.168.1.1"], "podCIDRs": [format!("10.{}.{}.0/24", 2 + i / 250, i % 250)]});
+                etcd_client::TxnOp::put(node_key("east", &n), v.to_string(), None)
+            })
+            .collect();
+        east.client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await?;
+    }
+    let mut secret = SecretDir::new()?;
+    secret.set_valid(&east)?;
+    let mut agent = AgentProcess::start(secret.path())?;
+    agent
+        .wait("1,002 records rejected", |s| {
+            s.remotes
+                .get("east")
+                .is_some_and(|r| r.rejected_by_reason.values().sum::<usize>() == 1002)
+        })
+        .await?;
+    agent.terminate(Duration::from_secs(30))?;
+    let text = std::fs::read_to_string(agent.log.path())?;
+    for line in text.lines() {
+        assert!(
+            !line.trim_start().starts_with("INFO podmesh_agent: FAKE"),
+            "a remote key forged a log line: {line:?}"
+        );
+    }
+    assert!(!text.contains('\u{1b}'), "a raw ESC reached the log");
+    let rejected_lines = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("east") && l.contains("reject"))
+        .count();
+    eprintln!("{rejected_lines} WARN lines about east's 1,002 rejected records");
+    assert!(
+        rejected_lines <= 10,
+        "{rejected_lines} WARN lines for 1,002 rejected records of two reasons:\n{text}"
+    );
+    assert!(
+        text.contains("1000"),
+        "the count of the rejections of one reason is not logged:\n{text}"
+    );
+    Ok(())
+}
