@@ -18,6 +18,7 @@ pub mod compact;
 pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod diagnose;
 pub mod k8s;
 pub mod kvstore;
 pub mod model;

@@ -20,7 +20,7 @@ use crate::{
     publish::{LocalNode, Publisher, boot_id},
     reconcile::Reconciler,
     remote::{Connector, EtcdConnector, RemoteSettings, Remotes, cluster::MIN_BACKOFF},
-    status::{Status, server},
+    status::{Status, agent_info::AgentInfo, server},
 };
 
 /// The agent could not start.
@@ -90,6 +90,27 @@ pub fn local_ranges(cfg: &AgentConfig, node: Option<&LocalNode>) -> LocalRanges 
         pod,
         service: cfg.service_cidrs.clone(),
         node: host,
+    }
+}
+
+/// Keeps this node's address and Pod CIDRs in the status (`agent`), for
+/// `podmesh diagnose`.
+async fn follow_node_identity(status: Status, mut node: watch::Receiver<Option<LocalNode>>) {
+    loop {
+        let (addresses, pod_cidrs) = node
+            .borrow_and_update()
+            .as_ref()
+            .map(|n| (n.addresses.clone(), n.pod_cidrs.clone()))
+            .unwrap_or_default();
+        status.update(|r| {
+            if let Some(a) = &mut r.agent {
+                a.node_addresses = addresses;
+                a.node_pod_cidrs = pod_cidrs;
+            }
+        });
+        if node.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -183,6 +204,7 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
     connector: C,
 ) -> Result<Agent, StartError> {
     let status = Status::new(cfg.cluster_name.as_str(), &cfg.node_name);
+    status.update(|r| r.agent = Some(AgentInfo::from_config(cfg)));
     let cache = MeshCache::new();
     let mut tasks = Vec::new();
     let (status_addr, serve) = server::bind(
@@ -290,6 +312,10 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
         cfg.clone(),
         node_rx.clone(),
         local_tx,
+    )));
+    tasks.push(tokio::spawn(follow_node_identity(
+        status.clone(),
+        node_rx.clone(),
     )));
     let initial = local_rx.borrow().clone();
     let reconciler =

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod cleanup;
+pub mod diagnose;
 pub mod plan;
 pub mod secret;
 pub mod status;
@@ -25,6 +26,10 @@ enum Command {
     Plan(plan::PlanCommand),
     /// Show a running agent's remote clusters, records and rejections.
     Status(status::StatusArgs),
+    /// Find the first broken link towards each remote cluster (config, reach,
+    /// authz, sync, datapath, plan), with the evidence and the fix. Exit 0
+    /// when every check passes, 1 when one fails, 2 when it cannot run.
+    Diagnose(diagnose::DiagnoseArgs),
     /// Render clustermesh Secret entries.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -54,6 +59,7 @@ pub fn main() -> ExitCode {
         }
         Command::Plan(cmd) => plan::run(cmd),
         Command::Status(a) => ExitCode::from(status::run(&a)),
+        Command::Diagnose(a) => ExitCode::from(diagnose::run(&a)),
         Command::Secret(SecretCommand::Render(a)) => ExitCode::from(secret::run(&a)),
         Command::Cleanup(a) => cleanup::run(&a),
     }
@@ -72,7 +78,7 @@ mod tests {
         let mut cmd = Cli::command();
         cmd.clone().debug_assert();
         let help = cmd.render_long_help().to_string();
-        for sub in ["version", "plan", "status", "secret", "cleanup"] {
+        for sub in ["version", "plan", "status", "diagnose", "secret", "cleanup"] {
             assert!(help.contains(sub), "--help does not list {sub}:\n{help}");
         }
         for sub in cmd.get_subcommands() {

@@ -9,7 +9,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
-    plan::{Plan, report, suggest},
+    plan::{Plan, live, read, report, suggest},
+    remote::secret::Listed,
     validate::Severity,
 };
 
@@ -30,7 +31,9 @@ pub enum Output {
 /// Check or extend a multi-cluster address plan (see DESIGN.md, "Plan file").
 #[derive(Debug, Subcommand)]
 pub enum PlanCommand {
-    /// Validate a plan: names and IDs, CIDRs, overlaps, per-node capacity.
+    /// Validate a plan: names and IDs, CIDRs, overlaps, per-node capacity; or,
+    /// with --from-clustermesh, audit the live records of every cluster of a
+    /// clustermesh Secret directory (podmesh's and Cilium's layouts).
     /// Exit 0 when clean (warnings allowed), 1 on any error finding, 2 when the plan cannot be read.
     Check(CheckArgs),
     /// Print the first free blocks of a size that overlap nothing in the plan.
@@ -42,8 +45,17 @@ pub enum PlanCommand {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The plan file (YAML, a `clusters:` list).
-    #[arg(value_name = "PLAN.yaml")]
-    pub plan: PathBuf,
+    #[arg(value_name = "PLAN.yaml", required_unless_present = "from_clustermesh")]
+    pub plan: Option<PathBuf>,
+    /// Instead of a plan file: read every cluster listed in this clustermesh
+    /// Secret directory (one etcd client YAML per cluster, as the agent and
+    /// Cilium use) live and read-only, and check their records: podmesh's
+    /// (`podmesh/v1/`) and Cilium's node records (`cilium/state/nodes/v1/`).
+    #[arg(long, value_name = "DIR", conflicts_with = "plan")]
+    pub from_clustermesh: Option<PathBuf>,
+    /// With --from-clustermesh: how long one cluster may take to connect and answer.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = podmesh_plumbing::duration::with_unit)]
+    pub timeout: std::time::Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -89,16 +101,29 @@ fn load(path: &Path) -> Result<Plan, ExitCode> {
 }
 
 fn check(a: &CheckArgs) -> ExitCode {
-    let plan = match load(&a.plan) {
-        Ok(p) => p,
-        Err(code) => return code,
+    let (path, plan, findings) = match (&a.plan, &a.from_clustermesh) {
+        (_, Some(dir)) => match audit(dir, a.timeout) {
+            Ok(c) => (dir.clone(), c.plan, c.findings),
+            Err(code) => return code,
+        },
+        (Some(path), None) => {
+            let plan = match load(path) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            let findings = plan.check();
+            (path.clone(), plan, findings)
+        }
+        (None, None) => {
+            eprintln!("podmesh: give a plan file or --from-clustermesh DIR");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
-    let findings = plan.check();
     match a.output {
-        Output::Json => println!("{}", report::json(&a.plan, &plan, &findings)),
+        Output::Json => println!("{}", report::json(&path, &plan, &findings)),
         Output::Table => {
             let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            print!("{}", report::table(&a.plan, &plan, &findings, colour));
+            print!("{}", report::table(&path, &plan, &findings, colour));
         }
     }
     if findings.iter().any(|f| f.severity == Severity::Error) {
@@ -106,6 +131,34 @@ fn check(a: &CheckArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Reads every cluster of the Secret directory `dir` (concurrently) and
+/// checks their records; exit 2 when the directory cannot be read.
+fn audit(dir: &Path, timeout: std::time::Duration) -> Result<live::LiveCheck, ExitCode> {
+    let listed = crate::remote::secret::scan(dir).map_err(|e| {
+        eprintln!("podmesh: {e}");
+        ExitCode::from(EXIT_UNREADABLE)
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("podmesh: cannot start a runtime: {e}");
+            ExitCode::from(EXIT_UNREADABLE)
+        })?;
+    let clusters = rt.block_on(futures::future::join_all(listed.iter().map(
+        |(name, l)| async move {
+            match l {
+                Listed::File(f) => read::read_cluster(name.as_str(), &f.path, timeout).await,
+                Listed::Unreadable { reason, .. } => live::LiveCluster {
+                    name: name.to_string(),
+                    records: Err(reason.clone()),
+                },
+            }
+        },
+    )));
+    Ok(live::check(&clusters))
 }
 
 fn suggest_cmd(a: &SuggestArgs) -> ExitCode {

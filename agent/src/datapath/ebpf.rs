@@ -229,22 +229,45 @@ impl EbpfDatapath {
 
     /// Every entry of both LPM maps.
     fn map_entries(&self) -> Result<Vec<(IpNet, RemoteNode)>, DatapathError> {
-        let read = |e| DatapathError::map("reading the LPM maps", e);
-        let mut out = Vec::new();
-        for item in self.remotes.iter() {
-            let (k, v) = item.map_err(read)?;
-            if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
-                out.push((c, v));
-            }
-        }
-        for item in self.remotes_v6.iter() {
-            let (k, v) = item.map_err(read)?;
-            if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
-                out.push((c, v));
-            }
-        }
-        Ok(out)
+        lpm_entries(&self.remotes, &self.remotes_v6)
     }
+}
+
+/// Every entry of both LPM maps (IPv4 and IPv6 Pod CIDRs).
+fn lpm_entries(
+    v4: &LpmTrie<MapData, [u8; 4], RemoteNode>,
+    v6: &LpmTrie<MapData, [u8; 16], RemoteNode>,
+) -> Result<Vec<(IpNet, RemoteNode)>, DatapathError> {
+    let read = |e| DatapathError::map("reading the LPM maps", e);
+    let mut out = Vec::new();
+    for item in v4.iter() {
+        let (k, v) = item.map_err(read)?;
+        if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
+            out.push((c, v));
+        }
+    }
+    for item in v6.iter() {
+        let (k, v) = item.map_err(read)?;
+        if let Ok(c) = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8) {
+            out.push((c, v));
+        }
+    }
+    Ok(out)
+}
+
+/// Every entry of the LPM maps pinned in `pin_dir`, read without loading
+/// the program or touching anything (`podmesh diagnose`).
+pub fn pinned_entries(pin_dir: &Path) -> Result<Vec<(IpNet, RemoteNode)>, DatapathError> {
+    let open = |name: &str| {
+        let path = pin_dir.join(name);
+        MapData::from_pin(&path)
+            .map_err(|e| DatapathError::map(format!("opening the pinned {}", path.display()), e))
+    };
+    let v4 = LpmTrie::try_from(aya::maps::Map::LpmTrie(open(REMOTES_V4_MAP)?))
+        .map_err(|e| DatapathError::map("the pinned IPv4 LPM map", e))?;
+    let v6 = LpmTrie::try_from(aya::maps::Map::LpmTrie(open(REMOTES_V6_MAP)?))
+        .map_err(|e| DatapathError::map("the pinned IPv6 LPM map", e))?;
+    lpm_entries(&v4, &v6)
 }
 
 /// The [`super::Datapath`] operations, synchronous: [`super::KernelDatapath`]

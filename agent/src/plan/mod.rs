@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate::{self, ClusterSpec, Finding};
 
+pub mod cilium;
+pub mod live;
+pub mod read;
 pub mod report;
 pub mod suggest;
 

@@ -213,6 +213,8 @@ impl<C: Connector> RemoteCluster<C> {
                     if synced {
                         self.cache.put(&self.name, generation, kv.key, entry);
                         self.cache.notify();
+                        self.status
+                            .remote(&self.name, |r| r.last_event = Some(unix_now()));
                     } else {
                         listing.push((kv.key, entry));
                     }
@@ -221,6 +223,8 @@ impl<C: Connector> RemoteCluster<C> {
                     self.cache.delete(&self.name, &key);
                     if synced {
                         self.cache.notify();
+                        self.status
+                            .remote(&self.name, |r| r.last_event = Some(unix_now()));
                     }
                 }
                 Some(Ok(KvEvent::ListDone { revision })) => {
@@ -252,6 +256,7 @@ impl<C: Connector> RemoteCluster<C> {
                         r.connected = true;
                         r.synced = true;
                         r.last_sync = Some(unix_now());
+                        r.last_event = r.last_sync;
                         r.sync_seconds = Some(secs);
                         r.last_error = None;
                     });

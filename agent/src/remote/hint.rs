@@ -190,11 +190,14 @@ pub const CLIENT_CERT_REFUSED: &str = "the remote refused this agent's client ce
 /// An established watch broke.
 pub const WATCH_BROKE: &str = "the connection broke during the watch: the remote's etcd proxy restarted or stopped answering HTTP/2 keepalives, or the network between the clusters dropped; routes of this cluster stay as last known; reconnecting with backoff";
 
-const SERVER_UNTRUSTED: &str = "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate";
+/// The server certificate is not trusted.
+pub const SERVER_UNTRUSTED: &str = "the remote's server certificate is not trusted: trusted-ca-file must be the CA that signed the remote etcd proxy's certificate, and the endpoint's name must be in that certificate";
 
-const SERVER_EXPIRED: &str = "the remote's server certificate expired (or is not valid yet): the remote etcd proxy must serve a renewed certificate; check the clocks of both clusters";
+/// The server certificate expired.
+pub const SERVER_EXPIRED: &str = "the remote's server certificate expired (or is not valid yet): the remote etcd proxy must serve a renewed certificate; check the clocks of both clusters";
 
-const UNREACHABLE: &str =
+/// Nothing answers at the endpoint.
+pub const UNREACHABLE: &str =
     "check that the remote cluster's etcd proxy is up and reachable at the configured endpoints";
 
 /// The hint for `e`: what the operator can do about it.

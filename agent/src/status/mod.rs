@@ -18,6 +18,7 @@ use crate::{
     model::format_mac,
 };
 
+pub mod agent_info;
 pub mod metrics;
 pub mod server;
 
@@ -85,6 +86,10 @@ pub struct RemoteStatus {
     pub compactions: u64,
     /// Unix time of the last failure.
     pub last_failure: Option<f64>,
+    /// Unix time of the last record change received from the remote (a
+    /// complete list counts as one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<f64>,
     /// The last error, with a hint.
     pub last_error: Option<String>,
     /// Set while the remote came back empty and its old entries are kept: Unix time when they are pruned.
@@ -223,6 +228,9 @@ pub struct StatusReport {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub secret_problems: BTreeMap<String, String>,
+    /// What the agent runs with (`podmesh diagnose` compares the node against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<agent_info::AgentInfo>,
 }
 
 impl StatusReport {

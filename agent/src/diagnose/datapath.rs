@@ -1,0 +1,261 @@
+//! The datapath layer: what the agent wants programmed (`/status` routes)
+//! against what the kernel holds, read with the datapath's own readers
+//! (podmesh's routes and nexthop objects, the VXLAN device's neighbours and
+//! fdb, the pinned LPM maps), the tunnel device, what the agent found of
+//! the CNI, the masquerade exemption and rp_filter, and a probe per remote
+//! node ([`super::probe`]).
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+use super::{Check, Layer, check, probe};
+use crate::{
+    datapath::{
+        ROUTE_PROTOCOL, ebpf,
+        nexthop,
+        nl::{Netlink, consts::AF_BRIDGE},
+        routes::{IPIP_DEVICE, VXLAN_DEVICE},
+        rpfilter,
+        rtnl::{self, IFF_UP, Link, Route},
+    },
+    model::format_mac,
+    status::{RouteStatus, StatusReport, agent_info::AgentInfo},
+};
+
+const L: Layer = Layer::Datapath;
+
+/// What the kernel holds of podmesh's, in this network namespace.
+#[derive(Debug, Default)]
+pub struct Installed {
+    /// The tunnel device, when the mode has one and it is there.
+    pub device: Option<Link>,
+    /// Routes with podmesh's protocol, by destination.
+    pub routes: BTreeMap<IpNet, Route>,
+    /// podmesh's nexthop objects: id → gateway.
+    pub nexthops: BTreeMap<u32, IpAddr>,
+    /// ebpf: the LPM maps (CIDR → tunnel endpoint, VTEP MAC), or why they cannot be read.
+    pub lpm: Option<Result<BTreeMap<IpNet, (IpAddr, [u8; 6])>, String>>,
+    /// vxlan: neighbours of the device (address → MAC).
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
+    /// vxlan: fdb entries of the device (MAC → remote).
+    pub fdb: BTreeMap<[u8; 6], IpAddr>,
+}
+
+/// The tunnel device of a mode.
+pub fn device_name(mode: &str) -> Option<&'static str> {
+    match mode {
+        "ebpf" => Some(podmesh_common::TUNNEL_DEVICE),
+        "vxlan" => Some(VXLAN_DEVICE),
+        "ipip" => Some(IPIP_DEVICE),
+        _ => None,
+    }
+}
+
+/// Reads what is installed for `info`'s mode (blocking: netlink and bpf syscalls).
+pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
+    let mut nl = Netlink::open(None).map_err(|e| format!("opening netlink: {e}"))?;
+    let mut out = Installed::default();
+    if let Some(name) = device_name(&info.datapath) {
+        out.device = rtnl::link_by_name(&mut nl, name).map_err(|e| format!("reading {name}: {e}"))?;
+    }
+    out.routes = rtnl::routes_with_protocol(&mut nl, ROUTE_PROTOCOL)
+        .map_err(|e| format!("listing podmesh's routes: {e}"))?
+        .into_iter()
+        .map(|r| (r.dst, r))
+        .collect();
+    out.nexthops = nexthop::nexthops_with_protocol(&mut nl, ROUTE_PROTOCOL)
+        .map_err(|e| format!("listing podmesh's nexthop objects: {e}"))?
+        .into_iter()
+        .filter_map(|n| Some((n.id, n.gateway?)))
+        .collect();
+    match (info.datapath.as_str(), &out.device) {
+        ("ebpf", _) => {
+            out.lpm = Some(
+                ebpf::pinned_entries(&info.bpf_pin_dir)
+                    .map(|v| {
+                        v.into_iter()
+                            .map(|(c, n)| (c, (IpAddr::from(std::net::Ipv4Addr::from(n.addr_v4)), n.vtep_mac)))
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        ("vxlan", Some(dev)) => {
+            out.neighbours = rtnl::neighbours(&mut nl, rtnl::family_of(IpAddr::from([0u8; 4])), dev.index)
+                .map_err(|e| format!("listing neighbours: {e}"))?
+                .into_iter()
+                .filter_map(|(ip, mac)| Some((ip?, mac?)))
+                .collect();
+            out.fdb = rtnl::neighbours(&mut nl, AF_BRIDGE, dev.index)
+                .map_err(|e| format!("listing fdb entries: {e}"))?
+                .into_iter()
+                .filter_map(|(ip, mac)| Some((mac?, ip?)))
+                .collect();
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// The node-wide checks: the tunnel device, CNI, masquerade, rp_filter.
+pub fn node_checks(s: &StatusReport, info: &AgentInfo, inst: &Result<Installed, String>) -> Vec<Check> {
+    let mut out = Vec::new();
+    if info.dry_run {
+        out.push(Check::pass(L, None, check::TUNNEL_DEVICE, "the agent runs with --datapath-dry-run: nothing is programmed in the kernel"));
+        return out;
+    }
+    match (inst, device_name(&info.datapath)) {
+        (Err(e), _) => out.push(Check::fail(L, None, check::TUNNEL_DEVICE, format!("cannot read the kernel's state: {e}"), "run podmesh diagnose as root in the agent's network namespace (`kubectl exec ds/podmesh-agent -- podmesh diagnose`)")),
+        (Ok(_), None) => out.push(Check::pass(L, None, check::TUNNEL_DEVICE, format!("{} mode: no tunnel device", info.datapath))),
+        (Ok(i), Some(name)) => out.push(match &i.device {
+            None => Check::fail(L, None, check::TUNNEL_DEVICE, format!("{name} does not exist"), "the agent creates it at start and puts it back at its next resync; if it stays gone, the agent's log says why (`datapath unavailable`)"),
+            Some(d) if d.flags & IFF_UP == 0 => Check::fail(L, None, check::TUNNEL_DEVICE, format!("{name} is down"), format!("`ip link set {name} up`; the agent's next resync does it too: something on the node took it down")),
+            Some(d) => match d.vxlan {
+                Some(v) if v.port != info.tunnel_port => Check::fail(L, None, check::TUNNEL_DEVICE, format!("{name} uses UDP port {} but the agent is configured with --tunnel-port {}", v.port, info.tunnel_port), "restart the agent (it recreates the device), and use one tunnel-port in every cluster of the mesh"),
+                Some(v) => Check::pass(L, None, check::TUNNEL_DEVICE, format!("{name} up, MTU {}, VXLAN UDP port {}{}", d.mtu, v.port, if v.external { ", external (collect_md)".to_string() } else { format!(", VNI {}", v.vni) })),
+                None => Check::pass(L, None, check::TUNNEL_DEVICE, format!("{name} up, MTU {}", d.mtu)),
+            },
+        }),
+    }
+    for f in &s.cni {
+        let evidence = format!("{}: {}; {}", f.cni, f.evidence.join(", "), f.podmesh);
+        out.push(if f.severity == crate::cni::Severity::Warning {
+            Check::warn(L, None, check::CNI, evidence, if f.action.is_empty() { "see docs/cni.md".to_string() } else { f.action.clone() })
+        } else {
+            Check::pass(L, None, check::CNI, evidence)
+        });
+    }
+    match &s.masquerade_exemption {
+        Some(e) if e.error.is_some() || !e.installed => out.push(Check::warn(
+            L,
+            None,
+            check::MASQUERADE,
+            format!("masquerade exemption not in place: {}", e.error.as_deref().unwrap_or("not installed yet")),
+            "pods of other clusters see this node's address instead of the pod's; `nft list table inet podmesh`; `cannot run nft` means the image lacks nftables",
+        )),
+        Some(e) => out.push(Check::pass(L, None, check::MASQUERADE, format!("{} remote Pod CIDRs exempt from masquerade ({} repairs)", e.cidrs, e.repairs))),
+        None => {}
+    }
+    if !s.strict_rp_filter.is_empty() {
+        out.push(Check::warn(L, None, check::RP_FILTER, format!("strict rp_filter on {}", s.strict_rp_filter.join(", ")), rpfilter::hint(&s.strict_rp_filter)));
+    }
+    out
+}
+
+/// What is wrong with one desired route in the kernel, if anything.
+fn entry_problem(mode: &str, r: &RouteStatus, i: &Installed) -> Option<String> {
+    let mac = r.vtep_mac.clone().unwrap_or_default();
+    let Some(route) = i.routes.get(&r.cidr) else {
+        return Some(format!("{} (node {}): no route (proto {ROUTE_PROTOCOL})", r.cidr, r.node));
+    };
+    match mode {
+        "ebpf" => {
+            if route.oif != i.device.as_ref().map(|d| d.index) {
+                return Some(format!("{}: the route does not lead into {}", r.cidr, podmesh_common::TUNNEL_DEVICE));
+            }
+            match &i.lpm {
+                Some(Ok(m)) => match m.get(&r.cidr) {
+                    None => return Some(format!("{} (node {}): no entry in the LPM map", r.cidr, r.node)),
+                    Some((a, m)) if *a != r.node_addr || format_mac(*m) != mac => {
+                        return Some(format!("{}: the LPM map sends to {a} ({}), not {} ({mac})", r.cidr, format_mac(*m), r.node_addr));
+                    }
+                    Some(_) => {}
+                },
+                Some(Err(e)) => return Some(format!("the LPM maps cannot be read: {e}")),
+                None => {}
+            }
+        }
+        _ => {
+            let via = route.nhid.and_then(|id| i.nexthops.get(&id));
+            match via {
+                None => return Some(format!("{} (node {}): the route has no podmesh nexthop", r.cidr, r.node)),
+                Some(a) if *a != r.node_addr => return Some(format!("{}: the route goes via {a}, not {}", r.cidr, r.node_addr)),
+                Some(_) => {}
+            }
+            if mode == "vxlan" {
+                match i.neighbours.get(&r.node_addr) {
+                    Some(m) if format_mac(*m) == mac => {}
+                    other => return Some(format!("{}: neighbour {} is {}, not {mac}", r.cidr, r.node_addr, other.map(|m| format_mac(*m)).unwrap_or_else(|| "missing".into()))),
+                }
+                let fdb = r.vtep_mac.as_deref().and_then(crate::model::parse_mac).and_then(|m| i.fdb.get(&m));
+                if fdb != Some(&r.node_addr) {
+                    return Some(format!("{}: no fdb entry {mac} dst {}", r.cidr, r.node_addr));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Desired against installed for `cluster`'s routes.
+pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &Installed) -> Check {
+    let c = Some(cluster);
+    let desired: Vec<&RouteStatus> = s.routes.iter().filter(|r| r.cluster == cluster).collect();
+    if info.dry_run {
+        return Check::pass(L, c, check::ENTRIES, format!("{} routes desired; dry run, nothing in the kernel", desired.len()));
+    }
+    let problems: Vec<String> = desired.iter().filter_map(|r| entry_problem(&info.datapath, r, inst)).collect();
+    if problems.is_empty() {
+        let what = match info.datapath.as_str() {
+            "ebpf" => "route and LPM map entry",
+            "vxlan" => "route, nexthop, neighbour and fdb entry",
+            _ => "route and nexthop",
+        };
+        Check::pass(L, c, check::ENTRIES, format!("{} Pod CIDRs desired, each with its {what} in place", desired.len()))
+    } else {
+        Check::fail(
+            L,
+            c,
+            check::ENTRIES,
+            problems.join("; "),
+            "the agent puts missing entries back at its next full resync (--resync-interval, and on start); if they go again, something else on the node removes podmesh's routes (proto 80) or maps: find it (another agent's reconciler, a script flushing routes)",
+        )
+    }
+}
+
+/// One probe per remote node of `cluster`, from `src` (an address of this node's Pod CIDR).
+pub async fn probes(cluster: &str, s: &StatusReport, info: &AgentInfo, wait: Duration) -> Vec<Check> {
+    let c = Some(cluster);
+    let routes: Vec<RouteStatus> = s.routes.iter().filter(|r| r.cluster == cluster).cloned().collect();
+    if routes.is_empty() || info.dry_run {
+        return Vec::new();
+    }
+    let Some(src) = probe::local_pod_address(&info.node_pod_cidrs) else {
+        return vec![Check::pass(
+            L,
+            c,
+            check::TUNNEL_PROBE,
+            format!("skipped: no address of this node's Pod CIDRs ({}) is assigned here to send from", info.node_pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+        )];
+    };
+    let mut tasks = Vec::new();
+    for r in routes {
+        let Some(dst) = probe::target(&r.cidr) else { continue };
+        tasks.push(tokio::task::spawn_blocking(move || (r.clone(), dst, probe::echo(src, dst, wait))));
+    }
+    let mut out = Vec::new();
+    let port = info.tunnel_port;
+    let local = info.node_addresses.first().map(ToString::to_string).unwrap_or_else(|| "this node".into());
+    for t in tasks {
+        let Ok((r, dst, res)) = t.await else { continue };
+        out.push(match res {
+            Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through the tunnel to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
+            Err(e) => Check::fail(
+                L,
+                c,
+                check::TUNNEL_PROBE,
+                format!("node {} ({}, tunnel endpoint {}): {e}", r.node, r.cidr, r.node_addr),
+                if info.datapath == "direct" {
+                    format!("packets between {local} and {} are dropped: firewalls and security groups must pass traffic between the two nodes' Pod CIDRs; the remote node must route this node's Pod CIDR back (run podmesh diagnose there)", r.node_addr)
+                } else {
+                    format!("the encapsulated path between {local} and {} is broken: UDP {port} (tunnel-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same tunnel-port and vni; the remote node must route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr)
+                },
+            ),
+        });
+    }
+    out
+}
