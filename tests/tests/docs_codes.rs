@@ -34,10 +34,18 @@ fn every_code_is_explained_in_troubleshooting() {
         );
         codes.extend(found);
     }
+    // The check names of `podmesh diagnose` and the codes only live records have.
+    for f in ["agent/src/diagnose/check.rs", "agent/src/plan/live.rs"] {
+        let found = string_consts(&root().join(f));
+        assert!(!found.is_empty(), "{f}: the constants moved?");
+        codes.extend(found);
+    }
     // The runtime codes come from `podmesh_agent`; the source scan must see them all.
     for c in [
         podmesh_agent::desired::code::CLUSTER_REJECTED,
         podmesh_agent::validate::code::POD_CIDR_OVERLAP,
+        podmesh_agent::diagnose::check::WRITE_REFUSED,
+        podmesh_agent::plan::live::code::POD_CIDR_HIJACK,
     ] {
         assert!(codes.iter().any(|x| x == c), "{c} not found by the scan");
     }

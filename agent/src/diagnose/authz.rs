@@ -34,7 +34,13 @@ pub async fn check_cluster(
     let client = match read::connect(cfg, path, wait).await {
         Ok(cl) => cl,
         Err(e) => {
-            out.push(Check::fail(L, c, check::READ, format!("cannot connect: {e}"), hint::UNREACHABLE));
+            out.push(Check::fail(
+                L,
+                c,
+                check::READ,
+                format!("cannot connect: {e}"),
+                hint::UNREACHABLE,
+            ));
             return (out, None);
         }
     };
@@ -47,21 +53,42 @@ pub async fn check_cluster(
             } else {
                 "the remote's proxy answers but not the read: check its /readyz (synced=true) and log"
             };
-            out.push(Check::fail(L, c, check::READ, format!("reading {PREFIX}: {}", read::one_line(&e)), fix));
+            out.push(Check::fail(
+                L,
+                c,
+                check::READ,
+                format!("reading {PREFIX}: {}", read::one_line(&e)),
+                fix,
+            ));
             return (out, None);
         }
         Err(_) => {
-            out.push(Check::fail(L, c, check::READ, format!("reading {PREFIX}: no answer within {}s", wait.as_secs()), "a hung etcd proxy: check the remote's etcd proxy"));
+            out.push(Check::fail(
+                L,
+                c,
+                check::READ,
+                format!("reading {PREFIX}: no answer within {}s", wait.as_secs()),
+                "a hung etcd proxy: check the remote's etcd proxy",
+            ));
             return (out, None);
         }
     };
-    let clusters = records.iter().filter(|r| r.key.starts_with(CLUSTERS_PREFIX)).count();
-    let nodes = records.iter().filter(|r| r.key.starts_with(NODES_PREFIX)).count();
+    let clusters = records
+        .iter()
+        .filter(|r| r.key.starts_with(CLUSTERS_PREFIX))
+        .count();
+    let nodes = records
+        .iter()
+        .filter(|r| r.key.starts_with(NODES_PREFIX))
+        .count();
     out.push(Check::pass(
         L,
         c,
         check::READ,
-        format!("read {} records under {PREFIX} ({clusters} cluster, {nodes} node)", records.len()),
+        format!(
+            "read {} records under {PREFIX} ({clusters} cluster, {nodes} node)",
+            records.len()
+        ),
     ));
     let txn = Txn::new()
         .when([Compare::version(PROBE_KEY, CompareOp::Less, 0)])

@@ -61,8 +61,8 @@ pub fn read_dir(dir: &Path, checks: &mut Vec<Check>) -> Result<SecretDir, String
             {
                 continue;
             }
-            let looks_like_entry = std::fs::read_to_string(e.path())
-                .is_ok_and(|t| t.contains("endpoints"));
+            let looks_like_entry =
+                std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("endpoints"));
             if looks_like_entry {
                 let why = crate::model::cluster_name_problem(&name).unwrap_or("not a cluster name");
                 checks.push(Check::warn(
@@ -213,7 +213,10 @@ fn check_tls(cluster: &str, path: &Path, cfg: &EtcdClientConfig) -> Vec<Check> {
             check::TLS_FILES,
             format!(
                 "trusted-ca-file {} holds no PEM certificate",
-                cfg.trusted_ca_file.as_deref().unwrap_or(Path::new("?")).display()
+                cfg.trusted_ca_file
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
             ),
             "put the remote proxy's CA certificate (PEM) into the entry's trusted-ca-file",
         ));
@@ -230,21 +233,47 @@ fn check_tls(cluster: &str, path: &Path, cfg: &EtcdClientConfig) -> Vec<Check> {
         return w.out;
     };
     let chain = certs(cert_pem);
-    let cert_file = cfg.cert_file.as_deref().unwrap_or(Path::new("?")).display().to_string();
-    let key_file = cfg.key_file.as_deref().unwrap_or(Path::new("?")).display().to_string();
+    let cert_file = cfg
+        .cert_file
+        .as_deref()
+        .unwrap_or(Path::new("?"))
+        .display()
+        .to_string();
+    let key_file = cfg
+        .key_file
+        .as_deref()
+        .unwrap_or(Path::new("?"))
+        .display()
+        .to_string();
     let Some(leaf) = chain.first().cloned() else {
-        w.push(Check::fail(L, c, check::TLS_FILES, format!("cert-file {cert_file} holds no PEM certificate"), "put the client certificate (PEM) into cert-file"));
+        w.push(Check::fail(
+            L,
+            c,
+            check::TLS_FILES,
+            format!("cert-file {cert_file} holds no PEM certificate"),
+            "put the client certificate (PEM) into cert-file",
+        ));
         return w.out;
     };
     let Some(key) = key(key_pem) else {
-        w.push(Check::fail(L, c, check::TLS_FILES, format!("key-file {key_file} holds no PEM private key"), "put the client certificate's private key (PEM, PKCS#8, PKCS#1 or SEC1) into key-file"));
+        w.push(Check::fail(
+            L,
+            c,
+            check::TLS_FILES,
+            format!("key-file {key_file} holds no PEM private key"),
+            "put the client certificate's private key (PEM, PKCS#8, PKCS#1 or SEC1) into key-file",
+        ));
         return w.out;
     };
     if !w.push(Check::pass(
         L,
         c,
         check::TLS_FILES,
-        format!("CA \"{}\", certificate \"{}\"", subject(&ca), subject(&leaf)),
+        format!(
+            "CA \"{}\", certificate \"{}\"",
+            subject(&ca),
+            subject(&leaf)
+        ),
     )) {
         return w.out;
     }
@@ -260,7 +289,12 @@ fn check_tls(cluster: &str, path: &Path, cfg: &EtcdClientConfig) -> Vec<Check> {
                 .map_err(|e| e.to_string())
         });
     let ok = match pair {
-        Ok(()) => Check::pass(L, c, check::CERT_KEY_PAIR, format!("{key_file} is the key of {cert_file}")),
+        Ok(()) => Check::pass(
+            L,
+            c,
+            check::CERT_KEY_PAIR,
+            format!("{key_file} is the key of {cert_file}"),
+        ),
         Err(e) => Check::fail(
             L,
             c,
@@ -275,11 +309,23 @@ fn check_tls(cluster: &str, path: &Path, cfg: &EtcdClientConfig) -> Vec<Check> {
     if !w.push(expiry(cluster, "client certificate", &cert_file, &leaf)) {
         return w.out;
     }
-    let ca_file = cfg.trusted_ca_file.as_deref().unwrap_or(Path::new("?")).display().to_string();
+    let ca_file = cfg
+        .trusted_ca_file
+        .as_deref()
+        .unwrap_or(Path::new("?"))
+        .display()
+        .to_string();
     if !w.push(expiry(cluster, "CA certificate", &ca_file, &ca)) {
         return w.out;
     }
-    w.push(chains_to(cluster, &leaf, &chain[1..], &cas, &cert_file, &ca_file));
+    w.push(chains_to(
+        cluster,
+        &leaf,
+        &chain[1..],
+        &cas,
+        &cert_file,
+        &ca_file,
+    ));
     w.out
 }
 
@@ -287,9 +333,18 @@ fn check_tls(cluster: &str, path: &Path, cfg: &EtcdClientConfig) -> Vec<Check> {
 fn expiry(cluster: &str, what: &str, file: &str, der: &[u8]) -> Check {
     let c = Some(cluster);
     let Some((not_before, not_after)) = with_x509(der, |x| {
-        (x.validity().not_before.timestamp(), x.validity().not_after.timestamp())
+        (
+            x.validity().not_before.timestamp(),
+            x.validity().not_after.timestamp(),
+        )
     }) else {
-        return Check::fail(L, c, check::CERT_EXPIRY, format!("{what} {file} cannot be parsed"), "replace it with a valid X.509 certificate (PEM)");
+        return Check::fail(
+            L,
+            c,
+            check::CERT_EXPIRY,
+            format!("{what} {file} cannot be parsed"),
+            "replace it with a valid X.509 certificate (PEM)",
+        );
     };
     let now = UnixTime::now().as_secs() as i64;
     let date = |t: i64| {
@@ -303,7 +358,9 @@ fn expiry(cluster: &str, what: &str, file: &str, der: &[u8]) -> Check {
             c,
             check::CERT_EXPIRY,
             format!("{what} {file} expired on {}", date(not_after)),
-            format!("issue a new {what} for this cluster's entry and update the clustermesh Secret (the agent picks it up without a restart)"),
+            format!(
+                "issue a new {what} for this cluster's entry and update the clustermesh Secret (the agent picks it up without a restart)"
+            ),
         );
     }
     if not_before > now {
@@ -322,10 +379,21 @@ fn expiry(cluster: &str, what: &str, file: &str, der: &[u8]) -> Check {
             c,
             check::CERT_EXPIRY,
             format!("{what} {file} expires in {days} days ({})", date(not_after)),
-            format!("renew the {what} before {} and update the clustermesh Secret", date(not_after)),
+            format!(
+                "renew the {what} before {} and update the clustermesh Secret",
+                date(not_after)
+            ),
         );
     }
-    Check::pass(L, c, check::CERT_EXPIRY, format!("{what} {file} valid until {} ({days} days)", date(not_after)))
+    Check::pass(
+        L,
+        c,
+        check::CERT_EXPIRY,
+        format!(
+            "{what} {file} valid until {} ({days} days)",
+            date(not_after)
+        ),
+    )
 }
 
 /// Whether `leaf` chains to one of `cas` as a client certificate (what the
@@ -349,13 +417,11 @@ fn chains_to(
         Arc::new(rustls::crypto::ring::default_provider()),
     )
     .build();
-    let res = verifier
-        .map_err(|e| e.to_string())
-        .and_then(|v| {
-            v.verify_client_cert(leaf, intermediates, UnixTime::now())
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
+    let res = verifier.map_err(|e| e.to_string()).and_then(|v| {
+        v.verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
     match res {
         Ok(()) => Check::pass(
             L,

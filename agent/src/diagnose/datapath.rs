@@ -4,19 +4,14 @@
 //! fdb, the pinned LPM maps), the tunnel device, what the agent found of
 //! the CNI, the masquerade exemption and rp_filter, and a probe per remote
 //! node ([`super::probe`]).
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
 use super::{Check, Layer, check, probe};
 use crate::{
     datapath::{
-        ROUTE_PROTOCOL, ebpf,
-        nexthop,
+        ROUTE_PROTOCOL, ebpf, nexthop,
         nl::{Netlink, consts::AF_BRIDGE},
         routes::{IPIP_DEVICE, VXLAN_DEVICE},
         rpfilter,
@@ -60,7 +55,8 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
     let mut nl = Netlink::open(None).map_err(|e| format!("opening netlink: {e}"))?;
     let mut out = Installed::default();
     if let Some(name) = device_name(&info.datapath) {
-        out.device = rtnl::link_by_name(&mut nl, name).map_err(|e| format!("reading {name}: {e}"))?;
+        out.device =
+            rtnl::link_by_name(&mut nl, name).map_err(|e| format!("reading {name}: {e}"))?;
     }
     out.routes = rtnl::routes_with_protocol(&mut nl, ROUTE_PROTOCOL)
         .map_err(|e| format!("listing podmesh's routes: {e}"))?
@@ -78,18 +74,27 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
                 ebpf::pinned_entries(&info.bpf_pin_dir)
                     .map(|v| {
                         v.into_iter()
-                            .map(|(c, n)| (c, (IpAddr::from(std::net::Ipv4Addr::from(n.addr_v4)), n.vtep_mac)))
+                            .map(|(c, n)| {
+                                (
+                                    c,
+                                    (
+                                        IpAddr::from(std::net::Ipv4Addr::from(n.addr_v4)),
+                                        n.vtep_mac,
+                                    ),
+                                )
+                            })
                             .collect()
                     })
                     .map_err(|e| e.to_string()),
             );
         }
         ("vxlan", Some(dev)) => {
-            out.neighbours = rtnl::neighbours(&mut nl, rtnl::family_of(IpAddr::from([0u8; 4])), dev.index)
-                .map_err(|e| format!("listing neighbours: {e}"))?
-                .into_iter()
-                .filter_map(|(ip, mac)| Some((ip?, mac?)))
-                .collect();
+            out.neighbours =
+                rtnl::neighbours(&mut nl, rtnl::family_of(IpAddr::from([0u8; 4])), dev.index)
+                    .map_err(|e| format!("listing neighbours: {e}"))?
+                    .into_iter()
+                    .filter_map(|(ip, mac)| Some((ip?, mac?)))
+                    .collect();
             out.fdb = rtnl::neighbours(&mut nl, AF_BRIDGE, dev.index)
                 .map_err(|e| format!("listing fdb entries: {e}"))?
                 .into_iter()
@@ -102,10 +107,19 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
 }
 
 /// The node-wide checks: the tunnel device, CNI, masquerade, rp_filter.
-pub fn node_checks(s: &StatusReport, info: &AgentInfo, inst: &Result<Installed, String>) -> Vec<Check> {
+pub fn node_checks(
+    s: &StatusReport,
+    info: &AgentInfo,
+    inst: &Result<Installed, String>,
+) -> Vec<Check> {
     let mut out = Vec::new();
     if info.dry_run {
-        out.push(Check::pass(L, None, check::TUNNEL_DEVICE, "the agent runs with --datapath-dry-run: nothing is programmed in the kernel"));
+        out.push(Check::pass(
+            L,
+            None,
+            check::TUNNEL_DEVICE,
+            "the agent runs with --datapath-dry-run: nothing is programmed in the kernel",
+        ));
         return out;
     }
     match (inst, device_name(&info.datapath)) {
@@ -124,7 +138,17 @@ pub fn node_checks(s: &StatusReport, info: &AgentInfo, inst: &Result<Installed, 
     for f in &s.cni {
         let evidence = format!("{}: {}; {}", f.cni, f.evidence.join(", "), f.podmesh);
         out.push(if f.severity == crate::cni::Severity::Warning {
-            Check::warn(L, None, check::CNI, evidence, if f.action.is_empty() { "see docs/cni.md".to_string() } else { f.action.clone() })
+            Check::warn(
+                L,
+                None,
+                check::CNI,
+                evidence,
+                if f.action.is_empty() {
+                    "see docs/cni.md".to_string()
+                } else {
+                    f.action.clone()
+                },
+            )
         } else {
             Check::pass(L, None, check::CNI, evidence)
         });
@@ -141,7 +165,13 @@ pub fn node_checks(s: &StatusReport, info: &AgentInfo, inst: &Result<Installed, 
         None => {}
     }
     if !s.strict_rp_filter.is_empty() {
-        out.push(Check::warn(L, None, check::RP_FILTER, format!("strict rp_filter on {}", s.strict_rp_filter.join(", ")), rpfilter::hint(&s.strict_rp_filter)));
+        out.push(Check::warn(
+            L,
+            None,
+            check::RP_FILTER,
+            format!("strict rp_filter on {}", s.strict_rp_filter.join(", ")),
+            rpfilter::hint(&s.strict_rp_filter),
+        ));
     }
     out
 }
@@ -150,18 +180,35 @@ pub fn node_checks(s: &StatusReport, info: &AgentInfo, inst: &Result<Installed, 
 fn entry_problem(mode: &str, r: &RouteStatus, i: &Installed) -> Option<String> {
     let mac = r.vtep_mac.clone().unwrap_or_default();
     let Some(route) = i.routes.get(&r.cidr) else {
-        return Some(format!("{} (node {}): no route (proto {ROUTE_PROTOCOL})", r.cidr, r.node));
+        return Some(format!(
+            "{} (node {}): no route (proto {ROUTE_PROTOCOL})",
+            r.cidr, r.node
+        ));
     };
     match mode {
         "ebpf" => {
             if route.oif != i.device.as_ref().map(|d| d.index) {
-                return Some(format!("{}: the route does not lead into {}", r.cidr, podmesh_common::TUNNEL_DEVICE));
+                return Some(format!(
+                    "{}: the route does not lead into {}",
+                    r.cidr,
+                    podmesh_common::TUNNEL_DEVICE
+                ));
             }
             match &i.lpm {
                 Some(Ok(m)) => match m.get(&r.cidr) {
-                    None => return Some(format!("{} (node {}): no entry in the LPM map", r.cidr, r.node)),
+                    None => {
+                        return Some(format!(
+                            "{} (node {}): no entry in the LPM map",
+                            r.cidr, r.node
+                        ));
+                    }
                     Some((a, m)) if *a != r.node_addr || format_mac(*m) != mac => {
-                        return Some(format!("{}: the LPM map sends to {a} ({}), not {} ({mac})", r.cidr, format_mac(*m), r.node_addr));
+                        return Some(format!(
+                            "{}: the LPM map sends to {a} ({}), not {} ({mac})",
+                            r.cidr,
+                            format_mac(*m),
+                            r.node_addr
+                        ));
                     }
                     Some(_) => {}
                 },
@@ -172,18 +219,44 @@ fn entry_problem(mode: &str, r: &RouteStatus, i: &Installed) -> Option<String> {
         _ => {
             let via = route.nhid.and_then(|id| i.nexthops.get(&id));
             match via {
-                None => return Some(format!("{} (node {}): the route has no podmesh nexthop", r.cidr, r.node)),
-                Some(a) if *a != r.node_addr => return Some(format!("{}: the route goes via {a}, not {}", r.cidr, r.node_addr)),
+                None => {
+                    return Some(format!(
+                        "{} (node {}): the route has no podmesh nexthop",
+                        r.cidr, r.node
+                    ));
+                }
+                Some(a) if *a != r.node_addr => {
+                    return Some(format!(
+                        "{}: the route goes via {a}, not {}",
+                        r.cidr, r.node_addr
+                    ));
+                }
                 Some(_) => {}
             }
             if mode == "vxlan" {
                 match i.neighbours.get(&r.node_addr) {
                     Some(m) if format_mac(*m) == mac => {}
-                    other => return Some(format!("{}: neighbour {} is {}, not {mac}", r.cidr, r.node_addr, other.map(|m| format_mac(*m)).unwrap_or_else(|| "missing".into()))),
+                    other => {
+                        return Some(format!(
+                            "{}: neighbour {} is {}, not {mac}",
+                            r.cidr,
+                            r.node_addr,
+                            other
+                                .map(|m| format_mac(*m))
+                                .unwrap_or_else(|| "missing".into())
+                        ));
+                    }
                 }
-                let fdb = r.vtep_mac.as_deref().and_then(crate::model::parse_mac).and_then(|m| i.fdb.get(&m));
+                let fdb = r
+                    .vtep_mac
+                    .as_deref()
+                    .and_then(crate::model::parse_mac)
+                    .and_then(|m| i.fdb.get(&m));
                 if fdb != Some(&r.node_addr) {
-                    return Some(format!("{}: no fdb entry {mac} dst {}", r.cidr, r.node_addr));
+                    return Some(format!(
+                        "{}: no fdb entry {mac} dst {}",
+                        r.cidr, r.node_addr
+                    ));
                 }
             }
         }
@@ -196,16 +269,35 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
     let c = Some(cluster);
     let desired: Vec<&RouteStatus> = s.routes.iter().filter(|r| r.cluster == cluster).collect();
     if info.dry_run {
-        return Check::pass(L, c, check::ENTRIES, format!("{} routes desired; dry run, nothing in the kernel", desired.len()));
+        return Check::pass(
+            L,
+            c,
+            check::ENTRIES,
+            format!(
+                "{} routes desired; dry run, nothing in the kernel",
+                desired.len()
+            ),
+        );
     }
-    let problems: Vec<String> = desired.iter().filter_map(|r| entry_problem(&info.datapath, r, inst)).collect();
+    let problems: Vec<String> = desired
+        .iter()
+        .filter_map(|r| entry_problem(&info.datapath, r, inst))
+        .collect();
     if problems.is_empty() {
         let what = match info.datapath.as_str() {
             "ebpf" => "route and LPM map entry",
             "vxlan" => "route, nexthop, neighbour and fdb entry",
             _ => "route and nexthop",
         };
-        Check::pass(L, c, check::ENTRIES, format!("{} Pod CIDRs desired, each with its {what} in place", desired.len()))
+        Check::pass(
+            L,
+            c,
+            check::ENTRIES,
+            format!(
+                "{} Pod CIDRs desired, each with its {what} in place",
+                desired.len()
+            ),
+        )
     } else {
         Check::fail(
             L,
@@ -218,9 +310,19 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
 }
 
 /// One probe per remote node of `cluster`, from `src` (an address of this node's Pod CIDR).
-pub async fn probes(cluster: &str, s: &StatusReport, info: &AgentInfo, wait: Duration) -> Vec<Check> {
+pub async fn probes(
+    cluster: &str,
+    s: &StatusReport,
+    info: &AgentInfo,
+    wait: Duration,
+) -> Vec<Check> {
     let c = Some(cluster);
-    let routes: Vec<RouteStatus> = s.routes.iter().filter(|r| r.cluster == cluster).cloned().collect();
+    let routes: Vec<RouteStatus> = s
+        .routes
+        .iter()
+        .filter(|r| r.cluster == cluster)
+        .cloned()
+        .collect();
     if routes.is_empty() || info.dry_run {
         return Vec::new();
     }
@@ -229,17 +331,32 @@ pub async fn probes(cluster: &str, s: &StatusReport, info: &AgentInfo, wait: Dur
             L,
             c,
             check::TUNNEL_PROBE,
-            format!("skipped: no address of this node's Pod CIDRs ({}) is assigned here to send from", info.node_pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+            format!(
+                "skipped: no address of this node's Pod CIDRs ({}) is assigned here to send from",
+                info.node_pod_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         )];
     };
     let mut tasks = Vec::new();
     for r in routes {
-        let Some(dst) = probe::target(&r.cidr) else { continue };
-        tasks.push(tokio::task::spawn_blocking(move || (r.clone(), dst, probe::echo(src, dst, wait))));
+        let Some(dst) = probe::target(&r.cidr) else {
+            continue;
+        };
+        tasks.push(tokio::task::spawn_blocking(move || {
+            (r.clone(), dst, probe::echo(src, dst, wait))
+        }));
     }
     let mut out = Vec::new();
     let port = info.tunnel_port;
-    let local = info.node_addresses.first().map(ToString::to_string).unwrap_or_else(|| "this node".into());
+    let local = info
+        .node_addresses
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "this node".into());
     for t in tasks {
         let Ok((r, dst, res)) = t.await else { continue };
         out.push(match res {

@@ -89,7 +89,12 @@ pub struct Check {
 
 impl Check {
     /// A passed check.
-    pub fn pass(layer: Layer, cluster: Option<&str>, check: &'static str, evidence: impl Into<String>) -> Self {
+    pub fn pass(
+        layer: Layer,
+        cluster: Option<&str>,
+        check: &'static str,
+        evidence: impl Into<String>,
+    ) -> Self {
         Self {
             layer,
             cluster: cluster.map(str::to_string),

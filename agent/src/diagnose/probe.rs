@@ -18,7 +18,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub fn local_pod_address(cidrs: &[IpNet]) -> Option<Ipv4Addr> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs {
-        let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else {
+        let Some(ip) = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip())
+        else {
             continue;
         };
         if cidrs.iter().any(|c| c.contains(&IpAddr::V4(ip))) {
@@ -69,12 +74,23 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, St
     loop {
         let left = wait.saturating_sub(started.elapsed());
         if left.is_zero() {
-            return Err(format!("no echo reply from {dst} to {src} within {}s", wait.as_secs_f64()));
+            return Err(format!(
+                "no echo reply from {dst} to {src} within {}s",
+                wait.as_secs_f64()
+            ));
         }
-        sock.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
         let n = match (&sock).read(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(format!("receiving: {e}")),
         };
         let p = &buf[..n];
@@ -84,7 +100,12 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, St
         let ihl = usize::from(p[0] & 0x0f) * 4;
         let from = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
         let Some(icmp) = p.get(ihl..) else { continue };
-        if from == dst && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() && icmp[6..8] == seq.to_be_bytes() {
+        if from == dst
+            && icmp.len() >= 8
+            && icmp[0] == 0
+            && icmp[4..6] == id.to_be_bytes()
+            && icmp[6..8] == seq.to_be_bytes()
+        {
             return Ok(started.elapsed());
         }
     }
@@ -96,9 +117,15 @@ mod tests {
 
     #[test]
     fn targets_and_checksums() {
-        assert_eq!(target(&"10.2.3.0/24".parse().unwrap()), Some(Ipv4Addr::new(10, 2, 3, 1)));
+        assert_eq!(
+            target(&"10.2.3.0/24".parse().unwrap()),
+            Some(Ipv4Addr::new(10, 2, 3, 1))
+        );
         assert_eq!(target(&"fd00::/64".parse().unwrap()), None);
         // RFC 1071's example.
-        assert_eq!(checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
     }
 }

@@ -21,8 +21,18 @@ pub fn table(r: &Report) -> String {
         .max()
         .unwrap_or(7)
         .max(7);
-    let w_check = r.checks.iter().map(|c| c.check.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(out, "{:<8}  {:<w_cl$}  {:<w_check$}  {:<4}  EVIDENCE", "LAYER", "CLUSTER", "CHECK", "OK");
+    let w_check = r
+        .checks
+        .iter()
+        .map(|c| c.check.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:<8}  {:<w_cl$}  {:<w_check$}  {:<4}  EVIDENCE",
+        "LAYER", "CLUSTER", "CHECK", "OK"
+    );
     for c in &r.checks {
         let result = match (c.ok, c.severity) {
             (true, _) => "ok",
@@ -40,11 +50,22 @@ pub fn table(r: &Report) -> String {
             safe(&c.evidence)
         );
         if !c.ok && !c.fix.is_empty() {
-            let _ = writeln!(out, "{:<8}  {:<w_cl$}  {:<w_check$}        fix: {}", "", "", "", safe(&c.fix));
+            let _ = writeln!(
+                out,
+                "{:<8}  {:<w_cl$}  {:<w_check$}        fix: {}",
+                "",
+                "",
+                "",
+                safe(&c.fix)
+            );
         }
     }
     let failed = r.checks.iter().filter(|c| c.is_failure()).count();
-    let warned = r.checks.iter().filter(|c| !c.ok && c.severity == Severity::Warning).count();
+    let warned = r
+        .checks
+        .iter()
+        .filter(|c| !c.ok && c.severity == Severity::Warning)
+        .count();
     let _ = writeln!(
         out,
         "\n{}: {} checks, {failed} failed, {warned} warnings",

@@ -58,9 +58,25 @@ fn failed(checks: &[Check]) -> bool {
 /// Runs the diagnosis.
 pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
     let mut checks = Vec::new();
-    let status = match tokio::time::timeout(o.timeout.max(Duration::from_secs(5)), fetch_async(&o.addr)).await {
+    let status = match tokio::time::timeout(
+        o.timeout.max(Duration::from_secs(5)),
+        fetch_async(&o.addr),
+    )
+    .await
+    {
         Ok(Ok(s)) => {
-            checks.push(Check::pass(Layer::Sync, None, check::AGENT, format!("agent at {} (cluster {}, node {}, {})", o.addr, s.local.cluster, s.local.node, if s.ready { "ready" } else { "not ready" })));
+            checks.push(Check::pass(
+                Layer::Sync,
+                None,
+                check::AGENT,
+                format!(
+                    "agent at {} (cluster {}, node {}, {})",
+                    o.addr,
+                    s.local.cluster,
+                    s.local.node,
+                    if s.ready { "ready" } else { "not ready" }
+                ),
+            ));
             Some(s)
         }
         Ok(Err(e)) => {
@@ -68,7 +84,17 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
             None
         }
         Err(_) => {
-            checks.push(Check::fail(Layer::Sync, None, check::AGENT, format!("the agent at {} did not answer within {}s", o.addr, o.timeout.as_secs()), "the agent is overloaded or hung: its log says why"));
+            checks.push(Check::fail(
+                Layer::Sync,
+                None,
+                check::AGENT,
+                format!(
+                    "the agent at {} did not answer within {}s",
+                    o.addr,
+                    o.timeout.as_secs()
+                ),
+                "the agent is overloaded or hung: its log says why",
+            ));
             None
         }
     };
@@ -78,8 +104,15 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
         .clone()
         .or_else(|| info.as_ref().and_then(|i| i.clustermesh_config.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CLUSTERMESH_DIR));
-    let secret = config::read_dir(&dir, &mut checks).map_err(|e| CannotRun(format!("{e} (give the Secret's directory with --clustermesh-config)")))?;
-    let local = status.as_ref().map(|s| s.local.cluster.clone()).filter(|c| !c.is_empty());
+    let secret = config::read_dir(&dir, &mut checks).map_err(|e| {
+        CannotRun(format!(
+            "{e} (give the Secret's directory with --clustermesh-config)"
+        ))
+    })?;
+    let local = status
+        .as_ref()
+        .map(|s| s.local.cluster.clone())
+        .filter(|c| !c.is_empty());
     let mut names: Vec<String> = secret.entries.keys().map(ToString::to_string).collect();
     if !o.clusters.is_empty() {
         for c in &o.clusters {
@@ -93,28 +126,54 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
     let installed = match &info {
         Some(i) if !i.dry_run => {
             let i = i.clone();
-            Some(tokio::task::spawn_blocking(move || datapath::read_installed(&i)).await.unwrap_or_else(|e| Err(e.to_string())))
+            Some(
+                tokio::task::spawn_blocking(move || datapath::read_installed(&i))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string())),
+            )
         }
         _ => None,
     };
     if let (Some(s), Some(i)) = (&status, &info) {
         let none = Ok(datapath::Installed::default());
-        checks.extend(datapath::node_checks(s, i, installed.as_ref().unwrap_or(&none)));
+        checks.extend(datapath::node_checks(
+            s,
+            i,
+            installed.as_ref().unwrap_or(&none),
+        ));
     }
     let walks = futures::future::join_all(names.iter().map(|name| {
-        let listed = secret.entries.iter().find(|(k, _)| k.as_str() == name).map(|(_, l)| l);
-        walk(name, listed, local.as_deref(), status.as_ref(), info.as_ref(), installed.as_ref(), o.timeout)
+        let listed = secret
+            .entries
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, l)| l);
+        walk(
+            name,
+            listed,
+            local.as_deref(),
+            status.as_ref(),
+            info.as_ref(),
+            installed.as_ref(),
+            o.timeout,
+        )
     }))
     .await;
     // The plan layer: the live records of every cluster read, and of this one.
     let mut live_clusters: Vec<LiveCluster> = Vec::new();
-    let kv_path = o.kvstore_config.clone().or_else(|| info.as_ref().and_then(|i| i.kvstore_config.clone()));
+    let kv_path = o
+        .kvstore_config
+        .clone()
+        .or_else(|| info.as_ref().and_then(|i| i.kvstore_config.clone()));
     if let (Some(local), Some(path)) = (&local, &kv_path) {
         live_clusters.push(read_local(local, path, o.timeout).await);
     }
     for (name, w) in names.iter().zip(&walks) {
         if let Some(r) = &w.records {
-            live_clusters.push(LiveCluster { name: name.clone(), records: Ok(r.clone()) });
+            live_clusters.push(LiveCluster {
+                name: name.clone(),
+                records: Ok(r.clone()),
+            });
         }
     }
     let findings = live::check(&live_clusters).findings;
@@ -125,7 +184,10 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
         checks.extend(w.checks);
     }
     if let Some(l) = &local {
-        let own: Vec<&validate::Finding> = findings.iter().filter(|f| f.clusters.iter().all(|c| c == l) && f.clusters.contains(l)).collect();
+        let own: Vec<&validate::Finding> = findings
+            .iter()
+            .filter(|f| f.clusters.iter().all(|c| c == l) && f.clusters.contains(l))
+            .collect();
         if !own.is_empty() {
             checks.push(plan_check_of(l, &own));
         }
@@ -140,18 +202,30 @@ async fn read_local(local: &str, path: &Path, wait: Duration) -> LiveCluster {
         read::read_records(&client, wait).await
     }
     .await;
-    LiveCluster { name: local.to_string(), records }
+    LiveCluster {
+        name: local.to_string(),
+        records,
+    }
 }
 
 fn plan_check(cluster: &str, findings: &[validate::Finding]) -> Check {
-    let mine: Vec<&validate::Finding> = findings.iter().filter(|f| f.clusters.iter().any(|c| c == cluster)).collect();
+    let mine: Vec<&validate::Finding> = findings
+        .iter()
+        .filter(|f| f.clusters.iter().any(|c| c == cluster))
+        .collect();
     plan_check_of(cluster, &mine)
 }
 
 fn plan_check_of(cluster: &str, mine: &[&validate::Finding]) -> Check {
     let c = Some(cluster);
-    let errors: Vec<&&validate::Finding> = mine.iter().filter(|f| f.severity == validate::Severity::Error).collect();
-    let warnings: Vec<&&validate::Finding> = mine.iter().filter(|f| f.severity == validate::Severity::Warning).collect();
+    let errors: Vec<&&validate::Finding> = mine
+        .iter()
+        .filter(|f| f.severity == validate::Severity::Error)
+        .collect();
+    let warnings: Vec<&&validate::Finding> = mine
+        .iter()
+        .filter(|f| f.severity == validate::Severity::Warning)
+        .collect();
     let text = |fs: &[&&validate::Finding]| {
         fs.iter()
             .map(|f| format!("[{}] {}", f.code, f.message))
@@ -164,7 +238,12 @@ fn plan_check_of(cluster: &str, mine: &[&validate::Finding]) -> Check {
     } else if !warnings.is_empty() {
         Check::warn(Layer::Plan, c, check::PLAN, text(&warnings), fix)
     } else {
-        Check::pass(Layer::Plan, c, check::PLAN, "no overlap, hijack or invalid record among the live records of this cluster and the others read")
+        Check::pass(
+            Layer::Plan,
+            c,
+            check::PLAN,
+            "no overlap, hijack or invalid record among the live records of this cluster and the others read",
+        )
     }
 }
 
@@ -178,7 +257,11 @@ async fn walk(
     installed: Option<&Result<datapath::Installed, String>>,
     wait: Duration,
 ) -> Walked {
-    let mut w = Walked { checks: Vec::new(), records: None, reached_plan: false };
+    let mut w = Walked {
+        checks: Vec::new(),
+        records: None,
+        reached_plan: false,
+    };
     let Some(listed) = listed else {
         return w;
     };
@@ -188,7 +271,8 @@ async fn walk(
     }
     let Listed::File(f) = listed else { return w };
     let Ok(cfg) = &f.config else { return w };
-    w.checks.extend(reach::check_cluster(name, &f.path, cfg, wait).await);
+    w.checks
+        .extend(reach::check_cluster(name, &f.path, cfg, wait).await);
     if failed(&w.checks) {
         return w;
     }
@@ -210,19 +294,41 @@ async fn walk(
                     if failed(&w.checks) {
                         return w;
                     }
-                    w.checks.extend(datapath::probes(name, s, i, wait.min(Duration::from_secs(3))).await);
+                    w.checks.extend(
+                        datapath::probes(name, s, i, wait.min(Duration::from_secs(3))).await,
+                    );
                     if failed(&w.checks) {
                         return w;
                     }
                 }
-                (Some(i), None) if i.dry_run => w.checks.push(datapath::check_entries(name, s, i, &datapath::Installed::default())),
+                (Some(i), None) if i.dry_run => w.checks.push(datapath::check_entries(
+                    name,
+                    s,
+                    i,
+                    &datapath::Installed::default(),
+                )),
                 (Some(_), _) => {}
-                (None, _) => w.checks.push(skipped(Layer::Datapath, name, check::ENTRIES, "the agent's status does not say its datapath settings (an older agent)")),
+                (None, _) => w.checks.push(skipped(
+                    Layer::Datapath,
+                    name,
+                    check::ENTRIES,
+                    "the agent's status does not say its datapath settings (an older agent)",
+                )),
             }
         }
         None => {
-            w.checks.push(skipped(Layer::Sync, name, check::CONNECTED, "the agent cannot be reached"));
-            w.checks.push(skipped(Layer::Datapath, name, check::ENTRIES, "the agent cannot be reached"));
+            w.checks.push(skipped(
+                Layer::Sync,
+                name,
+                check::CONNECTED,
+                "the agent cannot be reached",
+            ));
+            w.checks.push(skipped(
+                Layer::Datapath,
+                name,
+                check::ENTRIES,
+                "the agent cannot be reached",
+            ));
         }
     }
     w.reached_plan = true;

@@ -44,7 +44,12 @@ pub fn check_cluster(cluster: &str, s: &StatusReport) -> Vec<Check> {
         ));
         return out;
     }
-    out.push(Check::pass(L, c, check::CONNECTED, format!("connected to {}", r.endpoints.join(", "))));
+    out.push(Check::pass(
+        L,
+        c,
+        check::CONNECTED,
+        format!("connected to {}", r.endpoints.join(", ")),
+    ));
     if !r.synced {
         out.push(Check::fail(
             L,
@@ -62,7 +67,9 @@ pub fn check_cluster(cluster: &str, s: &StatusReport) -> Vec<Check> {
         format!(
             "synced {}{}",
             r.last_sync.map(age).unwrap_or_default(),
-            r.sync_seconds.map(|s| format!(" (the list took {s:.1}s)")).unwrap_or_default()
+            r.sync_seconds
+                .map(|s| format!(" (the list took {s:.1}s)"))
+                .unwrap_or_default()
         ),
     ));
     let rejected: usize = r.rejected_by_reason.values().sum();
@@ -70,11 +77,23 @@ pub fn check_cluster(cluster: &str, s: &StatusReport) -> Vec<Check> {
         L,
         c,
         check::RECORDS,
-        format!("{} records held, {} nodes programmed, {rejected} rejected{}", r.entries, r.nodes_programmed, r.empty_grace_until.map(|_| "; came back empty: its routes are kept for the grace period").unwrap_or_default()),
+        format!(
+            "{} records held, {} nodes programmed, {rejected} rejected{}",
+            r.entries,
+            r.nodes_programmed,
+            r.empty_grace_until
+                .map(|_| "; came back empty: its routes are kept for the grace period")
+                .unwrap_or_default()
+        ),
     ));
     for rec in &r.records {
         if let RecordState::Rejected(j) = &rec.state {
-            let cidrs = rec.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let cidrs = rec
+                .pod_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
             out.push(Check::warn(
                 L,
                 c,

@@ -61,9 +61,13 @@ impl ServerCertVerifier for Recording {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let res =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        let res = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
         let mut g = self.seen.lock().expect("recording lock");
         g.0 = std::iter::once(end_entity)
             .chain(intermediates)
@@ -148,7 +152,9 @@ pub async fn handshake(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in cas {
-        roots.add(c.clone()).map_err(|e| format!("trusted-ca-file: {e}"))?;
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("trusted-ca-file: {e}"))?;
     }
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -190,11 +196,7 @@ pub async fn handshake(
         Err(_) => out.failure = Some(io_timeout()),
         Ok(Err(e)) => out.failure = Some(e),
         Ok(Ok(mut tls)) => {
-            out.version = tls
-                .get_ref()
-                .1
-                .protocol_version()
-                .map(|v| format!("{v:?}"));
+            out.version = tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"));
             let exchange = async {
                 tls.write_all(PREFACE).await?;
                 tls.flush().await?;

@@ -73,7 +73,9 @@ pub fn decode_cidr(v: &serde_json::Value) -> Result<Option<IpNet>, String> {
                 .get("IP")
                 .and_then(|v| v.as_str())
                 .ok_or("a CIDR object without \"IP\"")?;
-            let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an address"))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("{ip:?} is not an address"))?;
             let mask = o
                 .get("Mask")
                 .and_then(|v| v.as_str())
@@ -167,7 +169,10 @@ mod tests {
         let new = br#"{"Name":"n2","Cluster":"east","ClusterID":3,"IPv4AllocCIDR":"10.6.7.0/24","IPv4SecondaryAllocCIDRs":["10.9.0.0/25"],"IPv6AllocCIDR":{"IP":"fd00::","Mask":"//////////////////8AAA=="}}"#;
         let n = decode(new).unwrap();
         assert_eq!(
-            n.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            n.pod_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             ["10.6.7.0/24", "fd00::/112", "10.9.0.0/25"]
         );
     }

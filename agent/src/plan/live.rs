@@ -114,7 +114,8 @@ pub fn check(clusters: &[LiveCluster]) -> LiveCheck {
         for rec in records {
             if let Ok(key) = Key::parse(&rec.key) {
                 if key.cluster() != lc.name {
-                    out.findings.push(foreign(&lc.name, key.cluster(), &rec.key));
+                    out.findings
+                        .push(foreign(&lc.name, key.cluster(), &rec.key));
                     continue;
                 }
                 match key {
@@ -133,7 +134,10 @@ pub fn check(clusters: &[LiveCluster]) -> LiveCheck {
                                 }
                                 specs.insert(cluster, spec);
                             }
-                            Err(e) => out.findings.push(invalid(&cluster, &rec.key, &e.to_string())),
+                            Err(e) => {
+                                out.findings
+                                    .push(invalid(&cluster, &rec.key, &e.to_string()))
+                            }
                         }
                     }
                     Key::Node { cluster, node } => {
@@ -149,7 +153,10 @@ pub fn check(clusters: &[LiveCluster]) -> LiveCheck {
                                     cidrs: r.pod_cidrs,
                                 });
                             }
-                            Err(e) => out.findings.push(invalid(&cluster, &rec.key, &e.to_string())),
+                            Err(e) => {
+                                out.findings
+                                    .push(invalid(&cluster, &rec.key, &e.to_string()))
+                            }
                         }
                     }
                 }
@@ -239,7 +246,10 @@ pub fn check(clusters: &[LiveCluster]) -> LiveCheck {
                 service_cidrs: spec.service_cidrs.clone(),
             };
             let f = check_node_in_cluster(&cl.cluster, &cl.node, rec.id, &cl.cidrs, &rec);
-            out.findings.extend(f.into_iter().filter(|f| f.code != vcode::RECORD_KEY_MISMATCH));
+            out.findings.extend(
+                f.into_iter()
+                    .filter(|f| f.code != vcode::RECORD_KEY_MISMATCH),
+            );
         }
     }
     out.findings.extend(cross_claims(&claims, &listed));
@@ -328,19 +338,14 @@ fn cross_claims(claims: &[Claim], clusters: &[ClusterSpec]) -> Vec<Finding> {
     out
 }
 
-fn hijack(
-    who: &str,
-    what: &str,
-    inner: IpNet,
-    victim: &str,
-    whose: &str,
-    outer: IpNet,
-) -> Finding {
+fn hijack(who: &str, what: &str, inner: IpNet, victim: &str, whose: &str, outer: IpNet) -> Finding {
     err(
         code::POD_CIDR_HIJACK,
         vec![who.to_string(), victim.to_string()],
         vec![inner, outer],
-        format!("{what} of cluster {who} claims Pod CIDR {inner} inside cluster {victim}'s {whose} {outer}: longest-prefix match sends that part of {victim}'s traffic to {who}; fix the record in {who}'s mesh etcd or renumber one cluster"),
+        format!(
+            "{what} of cluster {who} claims Pod CIDR {inner} inside cluster {victim}'s {whose} {outer}: longest-prefix match sends that part of {victim}'s traffic to {who}; fix the record in {who}'s mesh etcd or renumber one cluster"
+        ),
     )
 }
 
@@ -364,15 +369,27 @@ mod tests {
         let east = LiveCluster {
             name: "east".into(),
             records: Ok(vec![
-                rec("podmesh/v1/clusters/east", r#"{"name":"east","id":1,"podCIDRs":["10.1.0.0/16"]}"#),
-                rec("podmesh/v1/nodes/east/n1", r#"{"name":"n1","cluster":"east","clusterID":1,"addresses":["192.168.1.1"],"podCIDRs":["10.1.1.0/24"]}"#),
+                rec(
+                    "podmesh/v1/clusters/east",
+                    r#"{"name":"east","id":1,"podCIDRs":["10.1.0.0/16"]}"#,
+                ),
+                rec(
+                    "podmesh/v1/nodes/east/n1",
+                    r#"{"name":"n1","cluster":"east","clusterID":1,"addresses":["192.168.1.1"],"podCIDRs":["10.1.1.0/24"]}"#,
+                ),
             ]),
         };
         let west = LiveCluster {
             name: "west".into(),
             records: Ok(vec![
-                rec("podmesh/v1/clusters/west", r#"{"name":"west","id":2,"podCIDRs":["10.2.0.0/16"]}"#),
-                rec("podmesh/v1/nodes/west/w1", r#"{"name":"w1","cluster":"west","clusterID":2,"addresses":["192.168.2.1"],"podCIDRs":["10.2.1.0/24"]}"#),
+                rec(
+                    "podmesh/v1/clusters/west",
+                    r#"{"name":"west","id":2,"podCIDRs":["10.2.0.0/16"]}"#,
+                ),
+                rec(
+                    "podmesh/v1/nodes/west/w1",
+                    r#"{"name":"w1","cluster":"west","clusterID":2,"addresses":["192.168.2.1"],"podCIDRs":["10.2.1.0/24"]}"#,
+                ),
             ]),
         };
         let c = check(&[east.clone(), west.clone()]);
@@ -387,8 +404,15 @@ mod tests {
         let codes = codes(&c);
         assert!(codes.contains(&dcode::RECORD_FOREIGN_CLUSTER), "{codes:?}");
         assert!(codes.contains(&code::POD_CIDR_HIJACK), "{codes:?}");
-        assert!(codes.contains(&vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER), "{codes:?}");
-        let h = c.findings.iter().find(|f| f.code == code::POD_CIDR_HIJACK).unwrap();
+        assert!(
+            codes.contains(&vcode::NODE_POD_CIDR_OUTSIDE_CLUSTER),
+            "{codes:?}"
+        );
+        let h = c
+            .findings
+            .iter()
+            .find(|f| f.code == code::POD_CIDR_HIJACK)
+            .unwrap();
         assert_eq!(h.clusters, ["west", "east"]);
     }
 
@@ -397,20 +421,40 @@ mod tests {
         let east = LiveCluster {
             name: "east".into(),
             records: Ok(vec![
-                rec("cilium/state/nodes/v1/east/e1", r#"{"Name":"e1","Cluster":"east","ClusterID":1,"IPv4AllocCIDR":{"IP":"10.6.6.0","Mask":"////AA=="}}"#),
-                rec("cilium/state/nodes/v1/east/e2", r#"{"Name":"e2","Cluster":"east","ClusterID":1,"IPv4AllocCIDR":"10.6.7.0/24"}"#),
+                rec(
+                    "cilium/state/nodes/v1/east/e1",
+                    r#"{"Name":"e1","Cluster":"east","ClusterID":1,"IPv4AllocCIDR":{"IP":"10.6.6.0","Mask":"////AA=="}}"#,
+                ),
+                rec(
+                    "cilium/state/nodes/v1/east/e2",
+                    r#"{"Name":"e2","Cluster":"east","ClusterID":1,"IPv4AllocCIDR":"10.6.7.0/24"}"#,
+                ),
             ]),
         };
         let west = LiveCluster {
             name: "west".into(),
             records: Ok(vec![
-                rec("cilium/state/nodes/v1/west/w1", r#"{"Name":"w1","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":"10.6.6.0/24"}"#),
-                rec("cilium/state/nodes/v1/west/w2", r#"{"Name":"w2","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":{"IP":"10.6.7.128","Mask":"/////4A="}}"#),
-                rec("cilium/state/nodes/v1/west/w3", r#"{"Name":"w3","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":"10.8.0.0/24"}"#),
+                rec(
+                    "cilium/state/nodes/v1/west/w1",
+                    r#"{"Name":"w1","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":"10.6.6.0/24"}"#,
+                ),
+                rec(
+                    "cilium/state/nodes/v1/west/w2",
+                    r#"{"Name":"w2","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":{"IP":"10.6.7.128","Mask":"////gA=="}}"#,
+                ),
+                rec(
+                    "cilium/state/nodes/v1/west/w3",
+                    r#"{"Name":"w3","Cluster":"west","ClusterID":2,"IPv4AllocCIDR":"10.8.0.0/24"}"#,
+                ),
             ]),
         };
         let c = check(&[east, west]);
-        assert_eq!(codes(&c), [vcode::POD_CIDR_OVERLAP, code::POD_CIDR_HIJACK], "{:?}", c.findings);
+        assert_eq!(
+            codes(&c),
+            [vcode::POD_CIDR_OVERLAP, code::POD_CIDR_HIJACK],
+            "{:?}",
+            c.findings
+        );
         assert_eq!(c.plan.clusters.len(), 2);
         assert_eq!(c.nodes, 5);
     }
@@ -419,11 +463,17 @@ mod tests {
     fn duplicate_ids_and_unreadable_clusters() {
         let a = LiveCluster {
             name: "a".into(),
-            records: Ok(vec![rec("cilium/state/nodes/v1/a/n", r#"{"Name":"n","ClusterID":7,"IPv4AllocCIDR":"10.1.0.0/24"}"#)]),
+            records: Ok(vec![rec(
+                "cilium/state/nodes/v1/a/n",
+                r#"{"Name":"n","ClusterID":7,"IPv4AllocCIDR":"10.1.0.0/24"}"#,
+            )]),
         };
         let b = LiveCluster {
             name: "b".into(),
-            records: Ok(vec![rec("cilium/state/nodes/v1/b/n", r#"{"Name":"n","ClusterID":7,"IPv4AllocCIDR":"10.2.0.0/24"}"#)]),
+            records: Ok(vec![rec(
+                "cilium/state/nodes/v1/b/n",
+                r#"{"Name":"n","ClusterID":7,"IPv4AllocCIDR":"10.2.0.0/24"}"#,
+            )]),
         };
         let c = LiveCluster {
             name: "c".into(),

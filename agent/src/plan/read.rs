@@ -52,7 +52,10 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Every key and value under `prefix`, in pages, at one revision.
-pub async fn read_prefix(kv: &mut KvClient, prefix: &str) -> Result<Vec<RawRecord>, etcd_client::Error> {
+pub async fn read_prefix(
+    kv: &mut KvClient,
+    prefix: &str,
+) -> Result<Vec<RawRecord>, etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;

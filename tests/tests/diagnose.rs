@@ -1,0 +1,496 @@
+//! `podmesh diagnose` against a real mesh (two clusters, real agents on the
+//! ebpf datapath, mesh etcds with mTLS, proxies): a healthy mesh diagnoses
+//! clean; each broken link is found in its layer, naming the cluster or
+//! CIDR, with a fix. And `podmesh plan check --from-clustermesh` auditing
+//! real etcds that hold Cilium's node records (both CIDR encodings).
+//!
+//! The broken Secrets are copies of the east cluster's Secret directory
+//! handed to `diagnose --clustermesh-config`, so the agents keep running on
+//! the good one; the broken kernel state (a route deleted by hand, a
+//! firewall rule) and the overlapping record are made live.
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, ensure};
+use podmesh_tests::{
+    describe_output,
+    etcd::{Etcd, write_client_config},
+    eventually,
+    mesh::{Mesh, workspace_binary},
+    pki::{CertSpec, Pki},
+    require_root,
+};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(90);
+
+/// The JSON report and exit status of `podmesh diagnose args…` on `node`.
+fn diagnose(m: &Mesh, node: &str, args: &[&str]) -> anyhow::Result<(i32, Value)> {
+    let mut all = vec!["diagnose", "-o", "json", "--timeout", "3s"];
+    all.extend(args);
+    let out = m.podmesh(node, &all)?;
+    let code = out.status.code().unwrap_or(-1);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("not a JSON report: {}", describe_output(&out)))?;
+    Ok((code, v))
+}
+
+/// The failed checks of a report, as (layer, cluster, check, evidence, fix).
+fn failures(v: &Value) -> Vec<(String, String, String, String, String)> {
+    let s = |c: &Value, k: &str| c[k].as_str().unwrap_or("").to_string();
+    v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["ok"] == false && c["severity"] == "error")
+        .map(|c| {
+            (
+                s(c, "layer"),
+                s(c, "cluster"),
+                s(c, "check"),
+                s(c, "evidence"),
+                s(c, "fix"),
+            )
+        })
+        .collect()
+}
+
+/// The one failure of `cluster` in the report: in `layer`, by `check`, its
+/// evidence naming `needle`, with a fix.
+fn expect_failure(
+    v: &Value,
+    cluster: &str,
+    layer: &str,
+    check: &str,
+    needle: &str,
+) -> anyhow::Result<()> {
+    let f: Vec<_> = failures(v).into_iter().filter(|f| f.1 == cluster).collect();
+    ensure!(
+        f.len() == 1,
+        "expected one failure of {cluster}, got {f:#?}\n{v:#}"
+    );
+    let (l, _, c, evidence, fix) = &f[0];
+    ensure!(
+        l == layer && c == check,
+        "expected {layer}/{check}, got {l}/{c}: {evidence}"
+    );
+    ensure!(
+        evidence.contains(needle),
+        "{layer}/{check} evidence does not name {needle:?}: {evidence}"
+    );
+    ensure!(!fix.is_empty(), "{layer}/{check} has no fix");
+    // The walk stopped there: no check of a later layer ran for the cluster.
+    let order = ["config", "reach", "authz", "sync", "datapath", "plan"];
+    let at = order.iter().position(|x| *x == layer).unwrap_or(0);
+    let later: Vec<&Value> = v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["cluster"] == cluster)
+        .filter(|c| order.iter().position(|x| c["layer"] == *x).unwrap_or(0) > at)
+        .collect();
+    ensure!(
+        later.is_empty(),
+        "checks after the failure in {layer}: {later:#?}"
+    );
+    Ok(())
+}
+
+/// A copy of `src` (a Secret directory: the visible files, resolved) with
+/// `changes` applied (name → content; `None` removes).
+fn secret_copy(src: &Path, dst: &Path, changes: &[(&str, Option<Vec<u8>>)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("..") {
+            continue;
+        }
+        std::fs::write(dst.join(&name), std::fs::read(e.path())?)?;
+    }
+    for (name, content) in changes {
+        match content {
+            Some(c) => std::fs::write(dst.join(name), c)?,
+            None => std::fs::remove_file(dst.join(name))?,
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Result<()> {
+    if !require_root("diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer") {
+        return Ok(());
+    }
+    // A long resync: a route deleted by hand stays deleted while we look.
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .agent_args(&["--resync-interval", "1h"])
+        .start()?;
+    m.wait_ready(READY)?;
+    let east = "east-n0";
+    let cps = m.control_planes();
+    let west_cp = cps.iter().find(|c| c.cluster == "west").context("west")?;
+    let east_secret = cps
+        .iter()
+        .find(|c| c.cluster == "east")
+        .context("east")?
+        .secret_dir
+        .clone();
+    let west_node = m.node("west-n0")?;
+    let west_cidr = west_node.pod_cidr.to_string();
+    let east_cidr = m.node(east)?.pod_cidr.to_string();
+
+    // 1. Healthy: every layer passes for west, exit 0, the probe answered.
+    let (code, v) = eventually(Duration::from_secs(30), || {
+        let (code, v) = diagnose(&m, east, &[]).map_err(|e| format!("{e:#}"))?;
+        if code == 0 {
+            Ok((code, v))
+        } else {
+            Err(format!("exit {code}: {:#?}", failures(&v)))
+        }
+    })?;
+    ensure!(code == 0 && v["ok"] == true, "{v:#}");
+    for (layer, check) in [
+        ("config", "cert-expiry"),
+        ("reach", "tls-handshake"),
+        ("authz", "read"),
+        ("authz", "write-refused"),
+        ("sync", "synced"),
+        ("datapath", "entries"),
+        ("datapath", "tunnel-probe"),
+        ("plan", "plan"),
+    ] {
+        ensure!(
+            v["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["cluster"] == "west"
+                    && c["layer"] == layer
+                    && c["check"] == check
+                    && c["ok"] == true),
+            "no passed {layer}/{check} for west: {v:#}"
+        );
+    }
+
+    let tmp = tempfile::tempdir()?;
+    // 2. A foreign CA in west's entry: the server's certificate is not trusted.
+    let foreign = Pki::new("foreign")?;
+    let dir = tmp.path().join("foreign-ca");
+    secret_copy(
+        &east_secret,
+        &dir,
+        &[("west.ca.crt", Some(std::fs::read(foreign.ca())?))],
+    )?;
+    let (code, v) = diagnose(&m, east, &["--clustermesh-config", dir.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "reach", "tls-handshake", "foreign")?;
+
+    // 3. An expired client certificate.
+    let expired = foreign.issue(&CertSpec {
+        name: "east-agents",
+        file: Some("expired"),
+        sans: vec![],
+        server: false,
+        client: true,
+        expired: true,
+    })?;
+    let dir = tmp.path().join("expired");
+    secret_copy(
+        &east_secret,
+        &dir,
+        &[
+            ("west.client.crt", Some(std::fs::read(&expired.cert)?)),
+            ("west.client.key", Some(std::fs::read(&expired.key)?)),
+        ],
+    )?;
+    let (code, v) = diagnose(&m, east, &["--clustermesh-config", dir.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "config", "cert-expiry", "expired")?;
+
+    // 4. An endpoint where nothing listens.
+    let dead = format!("https://{}:2399", west_cp.address);
+    let yaml =
+        std::fs::read_to_string(east_secret.join("west"))?.replace(&west_cp.proxy_endpoint, &dead);
+    let dir = tmp.path().join("dead");
+    secret_copy(&east_secret, &dir, &[("west", Some(yaml.into_bytes()))])?;
+    let (code, v) = diagnose(&m, east, &["--clustermesh-config", dir.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "reach", "tcp", "2399")?;
+
+    // 5. An endpoint that accepts writes: west's mesh etcd itself, with
+    // the read-write credentials of west's agents.
+    let west_kv = west_cp
+        .secret_dir
+        .parent()
+        .context("west's dir")?
+        .join("kvstore.yaml");
+    let dir = tmp.path().join("writable");
+    secret_copy(
+        &east_secret,
+        &dir,
+        &[("west", Some(std::fs::read(&west_kv)?))],
+    )?;
+    let (code, v) = diagnose(&m, east, &["--clustermesh-config", dir.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "authz", "write-refused", "accepted a write")?;
+    let probe = m.etcdctl("west", &["get", "podmesh/v1/diagnose-write-probe"])?;
+    ensure!(probe.trim().is_empty(), "the write probe wrote: {probe}");
+
+    // 6. The agent cannot be reached: exit 1, and the checks that need no agent ran.
+    let (code, v) = diagnose(
+        &m,
+        east,
+        &[
+            "--addr",
+            "127.0.0.1:1",
+            "--clustermesh-config",
+            east_secret.to_str().unwrap(),
+        ],
+    )?;
+    ensure!(code == 1, "exit {code}");
+    let f = failures(&v);
+    ensure!(f.len() == 1 && f[0].2 == "agent", "{f:#?}");
+    ensure!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["cluster"] == "west" && c["check"] == "write-refused" && c["ok"] == true),
+        "authz did not run without the agent: {v:#}"
+    );
+
+    // 7. West's node drops tunnel traffic (a firewall rule in its namespace).
+    let wns = west_node.ns.name().to_string();
+    let nft = |script: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &wns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })?;
+        ensure!(out.status.success(), "nft: {}", describe_output(&out));
+        Ok(())
+    };
+    nft(
+        "table inet pmdiagtest {\n chain input {\n type filter hook input priority -10;\n udp dport 8472 drop\n }\n}\n",
+    )?;
+    let res = diagnose(&m, east, &[]);
+    nft("delete table inet pmdiagtest\n")?;
+    let (code, v) = res?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "datapath", "tunnel-probe", &west_cidr)?;
+
+    // 8. An overlapping record: west publishes a node claiming east-n0's Pod CIDR.
+    let rogue = serde_json::json!({"name": "rogue", "cluster": "west", "clusterID": 2,
+        "addresses": ["172.31.2.99"], "podCIDRs": [east_cidr], "vtepMAC": "02:00:00:00:00:99"});
+    m.put_raw("west", "podmesh/v1/nodes/west/rogue", &rogue.to_string())?;
+    let v = eventually(Duration::from_secs(30), || {
+        let (_, v) = diagnose(&m, east, &[]).map_err(|e| format!("{e:#}"))?;
+        let seen = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "rejected-record");
+        if seen {
+            Ok(v)
+        } else {
+            Err(format!("{:#?}", failures(&v)))
+        }
+    })?;
+    m.delete_raw("west", "podmesh/v1/nodes/west/rogue")?;
+    expect_failure(&v, "west", "plan", "plan", &east_cidr)?;
+    let rejected = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "rejected-record")
+        .unwrap();
+    ensure!(
+        rejected["cluster"] == "west"
+            && rejected["evidence"]
+                .as_str()
+                .unwrap()
+                .contains("pod-cidr-overlap"),
+        "{rejected:#}"
+    );
+
+    // 9. A podmesh route deleted by hand, before a resync repairs it.
+    m.node(east)?
+        .ns
+        .ip(&["route", "del", &west_cidr, "proto", "80"])?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(&v, "west", "datapath", "entries", &west_cidr)?;
+    Ok(())
+}
+
+/// A Cilium ClusterMesh audited live: two etcds with Cilium's node records
+/// (both CIDR encodings), one overlap and one hijack; nothing is written.
+#[test]
+fn plan_check_audits_cilium_records_in_a_live_mesh() -> anyhow::Result<()> {
+    if !require_root("plan_check_audits_cilium_records_in_a_live_mesh") {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let east = Etcd::start_with(Arc::new(Pki::new("cilium-east")?), "cilium-east")?;
+    let west = Etcd::start_with(Arc::new(Pki::new("cilium-west")?), "cilium-west")?;
+    let node = |cluster: &str, id: u32, name: &str, cidr: Value| {
+        serde_json::json!({"Name": name, "Cluster": cluster, "ClusterID": id,
+            "IPAddresses": [{"Type": "InternalIP", "IP": "192.168.0.1"}],
+            "IPv4AllocCIDR": cidr, "IPv6AllocCIDR": null, "BootID": "b"})
+        .to_string()
+    };
+    let records = [
+        (
+            &east,
+            "east",
+            node(
+                "east",
+                1,
+                "e1",
+                serde_json::json!({"IP": "10.6.6.0", "Mask": "////AA=="}),
+            ),
+        ),
+        (
+            &east,
+            "east",
+            node("east", 1, "e2", serde_json::json!("10.6.7.0/24")),
+        ),
+        (
+            &west,
+            "west",
+            node("west", 2, "w1", serde_json::json!("10.6.6.0/24")),
+        ),
+        (
+            &west,
+            "west",
+            node(
+                "west",
+                2,
+                "w2",
+                serde_json::json!({"IP": "10.6.7.128", "Mask": "////gA=="}),
+            ),
+        ),
+        (
+            &west,
+            "west",
+            node("west", 2, "w3", serde_json::json!("10.8.0.0/24")),
+        ),
+    ];
+    let revisions = rt.block_on(async {
+        for (etcd, cluster, value) in &records {
+            let name = serde_json::from_str::<Value>(value)?["Name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            etcd.connect()
+                .await?
+                .put(
+                    format!("cilium/state/nodes/v1/{cluster}/{name}"),
+                    value.as_str(),
+                    None,
+                )
+                .await?;
+        }
+        let mut revs = Vec::new();
+        for e in [&east, &west] {
+            revs.push(
+                e.connect()
+                    .await?
+                    .get("x", None)
+                    .await?
+                    .header()
+                    .map_or(0, |h| h.revision()),
+            );
+        }
+        anyhow::Ok(revs)
+    })?;
+    let dir = tempfile::tempdir()?;
+    for (e, name) in [(&east, "east"), (&west, "west")] {
+        write_client_config(
+            &dir.path().join(name),
+            &[e.endpoint()],
+            e.pki().ca(),
+            e.root_client(),
+        )?;
+    }
+    let cli = workspace_binary("podmesh-agent", "podmesh")?;
+    let out = std::process::Command::new(&cli)
+        .args(["plan", "check", "--from-clustermesh"])
+        .arg(dir.path())
+        .args(["-o", "json"])
+        .output()?;
+    ensure!(out.status.code() == Some(1), "{}", describe_output(&out));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let findings = v["findings"].as_array().context("findings")?;
+    let find = |code: &str| {
+        findings
+            .iter()
+            .filter(|f| f["code"] == code)
+            .collect::<Vec<_>>()
+    };
+    let overlap = find("pod-cidr-overlap");
+    ensure!(overlap.len() == 1, "{v:#}");
+    ensure!(
+        overlap[0]["cidrs"] == serde_json::json!(["10.6.6.0/24"])
+            && overlap[0]["clusters"] == serde_json::json!(["east", "west"]),
+        "{:#}",
+        overlap[0]
+    );
+    let hijack = find("pod-cidr-hijack");
+    ensure!(hijack.len() == 1, "{v:#}");
+    ensure!(
+        hijack[0]["clusters"] == serde_json::json!(["west", "east"])
+            && hijack[0]["cidrs"] == serde_json::json!(["10.6.7.128/25", "10.6.7.0/24"]),
+        "{:#}",
+        hijack[0]
+    );
+    ensure!(
+        findings.len() == 2,
+        "only the overlap and the hijack: {v:#}"
+    );
+    ensure!(v["summary"]["clusters"] == 2, "{v:#}");
+    // Read-only: neither etcd's revision moved.
+    let after = rt.block_on(async {
+        let mut revs = Vec::new();
+        for e in [&east, &west] {
+            revs.push(
+                e.connect()
+                    .await?
+                    .get("x", None)
+                    .await?
+                    .header()
+                    .map_or(0, |h| h.revision()),
+            );
+        }
+        anyhow::Ok(revs)
+    })?;
+    ensure!(
+        after == revisions,
+        "the audit wrote: revisions {revisions:?} -> {after:?}"
+    );
+    // The table names both.
+    let out = std::process::Command::new(&cli)
+        .args(["plan", "check", "--from-clustermesh"])
+        .arg(dir.path())
+        .output()?;
+    let t = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        t.contains("pod-cidr-hijack") && t.contains("10.6.6.0/24"),
+        "{t}"
+    );
+    Ok(())
+}
