@@ -11,6 +11,8 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, ensure};
+use aya::maps::{LpmTrie, MapData};
+use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
 use podmesh_tests::{
     describe_output,
     etcd::{Etcd, write_client_config},
@@ -152,6 +154,9 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
         }
     })?;
     ensure!(code == 0 && v["ok"] == true, "{v:#}");
+    let table = m.podmesh(east, &["diagnose"])?;
+    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    ensure!(table.status.success(), "{}", describe_output(&table));
     for (layer, check) in [
         ("config", "cert-expiry"),
         ("reach", "tls-handshake"),
@@ -325,13 +330,47 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
         "{rejected:#}"
     );
 
-    // 9. A podmesh route deleted by hand, before a resync repairs it.
+    // 9. The LPM map entry of west's node deleted by hand, then its route,
+    // before a resync repairs them.
+    let data = MapData::from_pin(m.bpf_pin_dir(east).join(REMOTES_V4_MAP))?;
+    let mut map: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let cidr = west_node.pod_cidr;
+    map.remove(&aya::maps::lpm_trie::Key::new(
+        u32::from(cidr.prefix_len()),
+        cidr.network().octets(),
+    ))?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "entries",
+        &format!("{west_cidr} (node west-n0): no entry in the LPM map"),
+    )?;
     m.node(east)?
         .ns
         .ip(&["route", "del", &west_cidr, "proto", "80"])?;
     let (code, v) = diagnose(&m, east, &[])?;
     ensure!(code == 1, "exit {code}");
-    expect_failure(&v, "west", "datapath", "entries", &west_cidr)?;
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "entries",
+        &format!("{west_cidr} (node west-n0): no route"),
+    )?;
+    // The table says the same, with the fix.
+    let out = m.podmesh(east, &["diagnose", "--timeout", "3s"])?;
+    let t = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(1)
+            && t.contains("FAIL")
+            && t.contains("fix: ")
+            && t.contains(&west_cidr),
+        "{t}"
+    );
     Ok(())
 }
 
@@ -491,6 +530,86 @@ fn plan_check_audits_cilium_records_in_a_live_mesh() -> anyhow::Result<()> {
     ensure!(
         t.contains("pod-cidr-hijack") && t.contains("10.6.6.0/24"),
         "{t}"
+    );
+    Ok(())
+}
+
+/// The vxlan datapath: desired against the routes, nexthops, neighbours and
+/// fdb entries it programs, and its tunnel device.
+#[test]
+fn diagnose_compares_neighbours_and_fdb_in_vxlan_mode() -> anyhow::Result<()> {
+    if !require_root("diagnose_compares_neighbours_and_fdb_in_vxlan_mode") {
+        return Ok(());
+    }
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .datapath("vxlan")
+        .agent_args(&["--resync-interval", "1h"])
+        .start()?;
+    m.wait_ready(READY)?;
+    let east = "east-n0";
+    let (code, v) = eventually(Duration::from_secs(30), || {
+        let (code, v) = diagnose(&m, east, &[]).map_err(|e| format!("{e:#}"))?;
+        if code == 0 {
+            Ok((code, v))
+        } else {
+            Err(format!("exit {code}: {:#?}", failures(&v)))
+        }
+    })?;
+    ensure!(code == 0, "{v:#}");
+    let entries = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "entries" && c["cluster"] == "west")
+        .context("entries")?;
+    ensure!(
+        entries["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("neighbour and fdb"),
+        "{entries:#}"
+    );
+    let west = m.node("west-n0")?;
+    let west_addr = west.addr.to_string();
+    let west_cidr = west.pod_cidr.to_string();
+    // West's VTEP MAC, as east's status has it.
+    let s: Value = serde_json::from_str(&m.status(east)?)?;
+    let mac = s["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cluster"] == "west")
+        .and_then(|r| r["vtepMAC"].as_str())
+        .context("west's vtepMAC")?
+        .to_string();
+    let ns = &m.node(east)?.ns;
+    ns.run(
+        "bridge",
+        &["fdb", "del", &mac, "dev", "podmesh-vx", "dst", &west_addr],
+    )?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "entries",
+        &format!("{west_cidr}: no fdb entry"),
+    )?;
+    // The tunnel device down: a node-wide failure.
+    ns.ip(&["link", "set", "podmesh-vx", "down"])?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}");
+    let dev = failures(&v)
+        .into_iter()
+        .find(|f| f.2 == "tunnel-device")
+        .context("no tunnel-device failure")?;
+    ensure!(
+        dev.0 == "datapath" && dev.1.is_empty() && dev.3.contains("podmesh-vx is down"),
+        "{dev:?}"
     );
     Ok(())
 }

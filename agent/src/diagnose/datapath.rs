@@ -23,6 +23,9 @@ use crate::{
 
 const L: Layer = Layer::Datapath;
 
+/// The LPM maps' entries: Pod CIDR → (tunnel endpoint, VTEP MAC).
+pub type LpmEntries = BTreeMap<IpNet, (IpAddr, [u8; 6])>;
+
 /// What the kernel holds of podmesh's, in this network namespace.
 #[derive(Debug, Default)]
 pub struct Installed {
@@ -33,7 +36,7 @@ pub struct Installed {
     /// podmesh's nexthop objects: id → gateway.
     pub nexthops: BTreeMap<u32, IpAddr>,
     /// ebpf: the LPM maps (CIDR → tunnel endpoint, VTEP MAC), or why they cannot be read.
-    pub lpm: Option<Result<BTreeMap<IpNet, (IpAddr, [u8; 6])>, String>>,
+    pub lpm: Option<Result<LpmEntries, String>>,
     /// vxlan: neighbours of the device (address → MAC).
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// vxlan: fdb entries of the device (MAC → remote).

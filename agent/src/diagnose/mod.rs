@@ -163,3 +163,6 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -80,7 +80,7 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
             Some(s)
         }
         Ok(Err(e)) => {
-            checks.push(Check::fail(Layer::Sync, None, check::AGENT, e.to_string(), format!("run this where the agent runs (`kubectl -n podmesh exec ds/podmesh-agent -c agent -- podmesh diagnose`), or give its --status-addr with --addr; the checks that need no agent ran")));
+            checks.push(Check::fail(Layer::Sync, None, check::AGENT, e.to_string(), "run this where the agent runs (`kubectl -n podmesh exec ds/podmesh-agent -c agent -- podmesh diagnose`), or give its --status-addr with --addr; the checks that need no agent ran"));
             None
         }
         Err(_) => {

@@ -78,7 +78,7 @@ pub fn check_cluster(cluster: &str, s: &StatusReport) -> Vec<Check> {
         c,
         check::RECORDS,
         format!(
-            "{} records held, {} nodes programmed, {rejected} rejected{}",
+            "{} records held, {} node(s) programmed, {rejected} rejected{}",
             r.entries,
             r.nodes_programmed,
             r.empty_grace_until

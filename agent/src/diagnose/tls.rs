@@ -106,23 +106,31 @@ struct Resolver {
     hints: Arc<Mutex<Option<Vec<String>>>>,
 }
 
-/// A distinguished name as rustls passes it (DER without the outer
-/// SEQUENCE), as text.
-fn dn_text(inner: &[u8]) -> String {
+/// A distinguished name of a CertificateRequest, as text. On the wire it
+/// is the DER of the Name (a SEQUENCE); a writer that left the outer
+/// SEQUENCE off is read too.
+fn dn_text(der: &[u8]) -> String {
     use x509_parser::prelude::FromDer;
-    let mut der = vec![0x30];
-    let n = inner.len();
-    if n < 0x80 {
-        der.push(n as u8);
-    } else if n < 0x100 {
-        der.extend([0x81, n as u8]);
-    } else {
-        der.extend([0x82, (n >> 8) as u8, n as u8]);
+    let parse = |b: &[u8]| {
+        x509_parser::x509::X509Name::from_der(b)
+            .ok()
+            .filter(|(rest, n)| rest.is_empty() && n.iter().next().is_some())
+            .map(|(_, n)| n.to_string())
+    };
+    if let Some(t) = parse(der) {
+        return t;
     }
-    der.extend_from_slice(inner);
-    x509_parser::x509::X509Name::from_der(&der)
-        .map(|(_, n)| n.to_string())
-        .unwrap_or_else(|_| "(unparsable name)".into())
+    let mut wrapped = vec![0x30];
+    let n = der.len();
+    if n < 0x80 {
+        wrapped.push(n as u8);
+    } else if n < 0x100 {
+        wrapped.extend([0x81, n as u8]);
+    } else {
+        wrapped.extend([0x82, (n >> 8) as u8, n as u8]);
+    }
+    wrapped.extend_from_slice(der);
+    parse(&wrapped).unwrap_or_else(|| "(unparsable name)".into())
 }
 
 impl ResolvesClientCert for Resolver {
