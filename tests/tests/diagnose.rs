@@ -215,6 +215,35 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
     ensure!(code == 1, "exit {code}");
     expect_failure(&v, "west", "config", "cert-expiry", "expired")?;
 
+    // 3b. A valid client certificate of a CA west's proxy does not accept:
+    // refused, with the CAs the server accepts and the certificate's issuer.
+    let stranger = foreign.client("east-agents")?;
+    let dir = tmp.path().join("stranger");
+    secret_copy(
+        &east_secret,
+        &dir,
+        &[
+            ("west.client.crt", Some(std::fs::read(&stranger.cert)?)),
+            ("west.client.key", Some(std::fs::read(&stranger.key)?)),
+        ],
+    )?;
+    let (code, v) = diagnose(&m, east, &["--clustermesh-config", dir.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}");
+    expect_failure(
+        &v,
+        "west",
+        "reach",
+        "tls-handshake",
+        "accepts client certificates issued by: \"CN=podmesh test CA west proxy\"",
+    )?;
+    expect_failure(
+        &v,
+        "west",
+        "reach",
+        "tls-handshake",
+        "cert-file is issued by \"CN=podmesh test CA foreign\"",
+    )?;
+
     // 4. An endpoint where nothing listens.
     let dead = format!("https://{}:2399", west_cp.address);
     let yaml =
