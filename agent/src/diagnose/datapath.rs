@@ -4,7 +4,11 @@
 //! fdb, the pinned LPM maps), the tunnel device, what the agent found of
 //! the CNI, the masquerade exemption and rp_filter, and a probe per remote
 //! node ([`super::probe`]).
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 
@@ -22,6 +26,9 @@ use crate::{
 };
 
 const L: Layer = Layer::Datapath;
+
+/// Probes sent at once.
+const PROBES_AT_ONCE: usize = 64;
 
 /// The LPM maps' entries: Pod CIDR → (tunnel endpoint, VTEP MAC).
 pub type LpmEntries = BTreeMap<IpNet, (IpAddr, [u8; 6])>;
@@ -138,6 +145,9 @@ pub fn node_checks(
             },
         }),
     }
+    if let Ok(i) = inst {
+        out.extend(stale(s, i));
+    }
     for f in &s.cni {
         let evidence = format!("{}: {}; {}", f.cni, f.evidence.join(", "), f.podmesh);
         out.push(if f.severity == crate::cni::Severity::Warning {
@@ -177,6 +187,33 @@ pub fn node_checks(
         ));
     }
     out
+}
+
+/// podmesh's entries in the kernel that no remote cluster wants now.
+fn stale(s: &StatusReport, i: &Installed) -> Option<Check> {
+    let desired: BTreeSet<IpNet> = s.routes.iter().map(|r| r.cidr).collect();
+    let mut extra: Vec<String> = i
+        .routes
+        .keys()
+        .filter(|c| !desired.contains(c))
+        .map(|c| format!("route {c}"))
+        .collect();
+    if let Some(Ok(m)) = &i.lpm {
+        extra.extend(
+            m.keys()
+                .filter(|c| !desired.contains(c))
+                .map(|c| format!("LPM map entry {c}")),
+        );
+    }
+    (!extra.is_empty()).then(|| {
+        Check::warn(
+            L,
+            None,
+            check::STALE_ENTRIES,
+            format!("installed but wanted by no remote cluster: {}", extra.join(", ")),
+            "the agent prunes them at its next full resync (--resync-interval); if they stay, something else installs routes with podmesh's protocol 80 (a second agent on the node?)",
+        )
+    })
 }
 
 /// What is wrong with one desired route in the kernel, if anything.
@@ -344,14 +381,25 @@ pub async fn probes(
             ),
         )];
     };
-    let mut tasks = Vec::new();
-    for r in routes {
-        let Some(dst) = probe::target(&r.cidr) else {
-            continue;
-        };
-        tasks.push(tokio::task::spawn_blocking(move || {
-            (r.clone(), dst, probe::echo(src, dst, wait))
-        }));
+    let jobs: Vec<(RouteStatus, Ipv4Addr)> = routes
+        .into_iter()
+        .filter_map(|r| probe::target(&r.cidr).map(|dst| (r, dst)))
+        .collect();
+    // A bounded number of probes at once (each waits up to `wait`).
+    let mut results = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(PROBES_AT_ONCE) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|(r, dst)| {
+                tokio::task::spawn_blocking(move || (r, dst, probe::echo(src, dst, wait)))
+            })
+            .collect();
+        for t in tasks {
+            if let Ok(res) = t.await {
+                results.push(res);
+            }
+        }
     }
     let mut out = Vec::new();
     let port = info.tunnel_port;
@@ -360,8 +408,7 @@ pub async fn probes(
         .first()
         .map(ToString::to_string)
         .unwrap_or_else(|| "this node".into());
-    for t in tasks {
-        let Ok((r, dst, res)) = t.await else { continue };
+    for (r, dst, res) in results {
         out.push(match res {
             Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through the tunnel to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
             Err(e) => Check::fail(

@@ -273,6 +273,45 @@ fn entries_compare_desired_with_installed_per_mode() {
     let c = datapath::check_entries("west", &s, &ebpf, &inst);
     assert!(c.evidence.contains("no route"), "{c:#?}");
 
+    // An entry no remote wants: a warning of the node.
+    let extra: ipnet::IpNet = "10.9.0.0/24".parse().unwrap();
+    let stale = datapath::Installed {
+        routes: [
+            (
+                cidr,
+                Route {
+                    dst: cidr,
+                    oif: Some(7),
+                    nhid: None,
+                    mtu: None,
+                },
+            ),
+            (
+                extra,
+                Route {
+                    dst: extra,
+                    oif: Some(7),
+                    nhid: None,
+                    mtu: None,
+                },
+            ),
+        ]
+        .into(),
+        lpm: Some(Ok([(cidr, (addr, mac))].into())),
+        ..Default::default()
+    };
+    let c = datapath::node_checks(&s, &ebpf, &Ok(stale));
+    let st = c
+        .iter()
+        .find(|c| c.check == check::STALE_ENTRIES)
+        .expect("stale-entries");
+    assert!(
+        st.severity == Severity::Warning
+            && st.evidence.contains("route 10.9.0.0/24")
+            && !st.evidence.contains("10.2.0.0"),
+        "{st:#?}"
+    );
+
     let vxlan = AgentInfo {
         datapath: "vxlan".into(),
         ..AgentInfo::default()
