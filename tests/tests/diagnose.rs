@@ -180,6 +180,46 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
         );
     }
 
+    // 1b. Without CAP_NET_RAW the probe uses the kernel's ping socket when
+    // ping_group_range allows this group, and is skipped (saying why) when not.
+    let probe_without_net_raw = |m: &Mesh| -> anyhow::Result<(i32, Value)> {
+        let cli = workspace_binary("podmesh-agent", "podmesh")?;
+        let out = m
+            .node(east)?
+            .ns
+            .command("setpriv")
+            .args(["--bounding-set", "-net_raw"])
+            .arg(&cli)
+            .args(["diagnose", "-o", "json", "--timeout", "3s"])
+            .output()?;
+        let v: Value =
+            serde_json::from_slice(&out.stdout).with_context(|| describe_output(&out))?;
+        Ok((out.status.code().unwrap_or(-1), v))
+    };
+    let probe_of = |v: &Value| -> anyhow::Result<String> {
+        let c = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "tunnel-probe")
+            .context("no tunnel-probe")?;
+        ensure!(c["ok"] == true, "{c:#}");
+        Ok(c["evidence"].as_str().unwrap_or("").to_string())
+    };
+    let ns = &m.node(east)?.ns;
+    ns.sysctl("net.ipv4.ping_group_range", "1 0")?;
+    let (code, v) = probe_without_net_raw(&m)?;
+    let ev = probe_of(&v)?;
+    ensure!(
+        code == 0 && ev.starts_with("skipped") && ev.contains("CAP_NET_RAW"),
+        "exit {code}: {ev}"
+    );
+    ns.sysctl("net.ipv4.ping_group_range", "0 0")?;
+    let (code, v) = probe_without_net_raw(&m)?;
+    let ev = probe_of(&v)?;
+    ensure!(code == 0 && ev.contains("answered"), "exit {code}: {ev}");
+    ns.sysctl("net.ipv4.ping_group_range", "1 0")?;
+
     let tmp = tempfile::tempdir()?;
     // 2. A foreign CA in west's entry: the server's certificate is not trusted.
     let foreign = Pki::new("foreign")?;

@@ -411,7 +411,13 @@ pub async fn probes(
     for (r, dst, res) in results {
         out.push(match res {
             Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through the tunnel to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
-            Err(e) => Check::fail(
+            Err(probe::ProbeError::NotPermitted(e)) => Check::pass(
+                L,
+                c,
+                check::TUNNEL_PROBE,
+                format!("skipped for node {} ({}): {e}", r.node, r.cidr),
+            ),
+            Err(probe::ProbeError::Failed(e)) => Check::fail(
                 L,
                 c,
                 check::TUNNEL_PROBE,

@@ -4,7 +4,8 @@
 //! Both addresses are pod addresses, so the request is routed into the
 //! tunnel here and the reply into the tunnel there: an answer proves the
 //! encapsulated path in both directions, including the firewalls between
-//! the two nodes and the remote node's route back. Needs CAP_NET_RAW.
+//! the two nodes and the remote node's route back. Needs CAP_NET_RAW, or a
+//! group in `net.ipv4.ping_group_range` (the kernel's ping socket).
 use std::{
     io::Read,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -52,13 +53,43 @@ fn checksum(b: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// Why a probe gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// This process may not send ICMP (neither CAP_NET_RAW nor a group in
+    /// net.ipv4.ping_group_range): the probe cannot run here.
+    NotPermitted(String),
+    /// Sent, and no reply came (or sending failed).
+    Failed(String),
+}
+
+/// An ICMP socket: raw (CAP_NET_RAW), else the kernel's unprivileged ping
+/// socket (a group in `net.ipv4.ping_group_range`); `true` for raw.
+fn icmp_socket() -> Result<(Socket, bool), ProbeError> {
+    match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) {
+        Ok(s) => Ok((s, true)),
+        Err(raw) => Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))
+            .map(|s| (s, false))
+            .map_err(|dgram| {
+                ProbeError::NotPermitted(format!(
+                    "cannot open an ICMP socket: raw: {raw} (needs CAP_NET_RAW), ping socket: {dgram} (needs a group in net.ipv4.ping_group_range)"
+                ))
+            }),
+    }
+}
+
 /// Sends one echo request from `src` to `dst` and waits `wait` for its
 /// reply; the round trip when it came.
-pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, String> {
-    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        .map_err(|e| format!("cannot open a raw ICMP socket (needs CAP_NET_RAW): {e}"))?;
+pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, ProbeError> {
+    let failed = ProbeError::Failed;
+    let (sock, raw) = icmp_socket()?;
     sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())
-        .map_err(|e| format!("cannot send from {src}: {e}"))?;
+        .map_err(|e| failed(format!("cannot send from {src}: {e}")))?;
+    // Connected: a raw socket then receives only what `dst` sends.
+    sock.connect(&SocketAddr::V4(SocketAddrV4::new(dst, 0)).into())
+        .map_err(|e| failed(format!("{dst}: {e}")))?;
+    // A ping socket's identifier is its own (the kernel sets it); the
+    // sequence number tells the reply apart.
     let id = (std::process::id() & 0xffff) as u16;
     let seq: u16 = 0x5044; // "PD"
     let mut pkt = vec![8u8, 0, 0, 0];
@@ -68,19 +99,19 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, St
     let c = checksum(&pkt);
     pkt[2..4].copy_from_slice(&c.to_be_bytes());
     let started = Instant::now();
-    sock.send_to(&pkt, &SocketAddr::V4(SocketAddrV4::new(dst, 0)).into())
-        .map_err(|e| format!("sending to {dst}: {e}"))?;
+    sock.send(&pkt)
+        .map_err(|e| failed(format!("sending to {dst}: {e}")))?;
     let mut buf = [0u8; 1500];
     loop {
         let left = wait.saturating_sub(started.elapsed());
         if left.is_zero() {
-            return Err(format!(
+            return Err(failed(format!(
                 "no echo reply from {dst} to {src} within {}s",
                 wait.as_secs_f64()
-            ));
+            )));
         }
         sock.set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         let n = match (&sock).read(&mut buf) {
             Ok(n) => n,
             Err(e)
@@ -91,19 +122,22 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, St
             {
                 continue;
             }
-            Err(e) => return Err(format!("receiving: {e}")),
+            Err(e) => return Err(failed(format!("receiving from {dst}: {e}"))),
         };
         let p = &buf[..n];
-        if p.len() < 20 {
-            continue;
-        }
-        let ihl = usize::from(p[0] & 0x0f) * 4;
-        let from = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-        let Some(icmp) = p.get(ihl..) else { continue };
-        if from == dst
-            && icmp.len() >= 8
+        // A raw socket reads the IP header too; a ping socket only the ICMP message.
+        let icmp = if raw {
+            let ihl = usize::from(p.first().copied().unwrap_or(0) & 0x0f) * 4;
+            match p.get(ihl..) {
+                Some(i) if p.len() >= 20 && p[12..16] == dst.octets() => i,
+                _ => continue,
+            }
+        } else {
+            p
+        };
+        if icmp.len() >= 8
             && icmp[0] == 0
-            && icmp[4..6] == id.to_be_bytes()
+            && (!raw || icmp[4..6] == id.to_be_bytes())
             && icmp[6..8] == seq.to_be_bytes()
         {
             return Ok(started.elapsed());
