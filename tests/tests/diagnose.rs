@@ -382,7 +382,41 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
             Err(format!("{:#?}", failures(&v)))
         }
     })?;
+    // The audit of east's Secret (west, through its read-only proxy) sees it too.
+    let audit = |m: &Mesh| -> anyhow::Result<(i32, Value)> {
+        let out = m.podmesh(
+            east,
+            &[
+                "plan",
+                "check",
+                "--from-clustermesh",
+                east_secret.to_str().unwrap(),
+                "-o",
+                "json",
+            ],
+        )?;
+        let v: Value =
+            serde_json::from_slice(&out.stdout).with_context(|| describe_output(&out))?;
+        Ok((out.status.code().unwrap_or(-1), v))
+    };
+    let (code, a) = audit(&m)?;
+    let outside = a["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "node-pod-cidr-outside-cluster")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        code == 1 && outside["cidrs"][0] == east_cidr.as_str() && outside["clusters"][0] == "west",
+        "exit {code}: {a:#}"
+    );
     m.delete_raw("west", "podmesh/v1/nodes/west/rogue")?;
+    let (code, a) = audit(&m)?;
+    ensure!(
+        code == 0 && a["summary"]["clusters"] == 1,
+        "exit {code}: {a:#}"
+    );
     expect_failure(&v, "west", "plan", "plan", &east_cidr)?;
     let rejected = v["checks"]
         .as_array()
