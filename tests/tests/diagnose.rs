@@ -154,8 +154,13 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
         }
     })?;
     ensure!(code == 0 && v["ok"] == true, "{v:#}");
+    let started = std::time::Instant::now();
     let table = m.podmesh(east, &["diagnose"])?;
-    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    eprintln!(
+        "{}(podmesh diagnose took {:.0?})",
+        String::from_utf8_lossy(&table.stdout),
+        started.elapsed()
+    );
     ensure!(table.status.success(), "{}", describe_output(&table));
     for (layer, check) in [
         ("config", "cert-expiry"),
