@@ -707,6 +707,23 @@ fn diagnose_compares_neighbours_and_fdb_in_vxlan_mode() -> anyhow::Result<()> {
         "entries",
         &format!("{west_cidr}: no fdb entry"),
     )?;
+    // An underlay narrower than the tunnel device plus VXLAN: a warning.
+    ns.ip(&["link", "set", "eth0", "mtu", "1400"])?;
+    let (_, v) = diagnose(&m, east, &[])?;
+    let w = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "tunnel-mtu")
+        .context("no tunnel-mtu")?;
+    let ev = w["evidence"].as_str().unwrap_or("");
+    ensure!(
+        w["ok"] == false
+            && w["severity"] == "warning"
+            && ev.contains("podmesh-vx has MTU 1450")
+            && ev.contains("eth0's MTU 1400"),
+        "{w:#}"
+    );
     // The tunnel device down: a node-wide failure.
     ns.ip(&["link", "set", "podmesh-vx", "down"])?;
     let (code, v) = diagnose(&m, east, &[])?;

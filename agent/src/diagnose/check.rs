@@ -47,6 +47,8 @@ pub const LAST_EVENT: &str = "last-event";
 pub const TUNNEL_DEVICE: &str = "tunnel-device";
 /// What should be programmed for the remote is what the kernel holds.
 pub const ENTRIES: &str = "entries";
+/// The tunnel device's MTU with the encapsulation fits the underlay device's.
+pub const TUNNEL_MTU: &str = "tunnel-mtu";
 /// podmesh's entries in the kernel that no remote cluster wants.
 pub const STALE_ENTRIES: &str = "stale-entries";
 /// What the agent found of the node's CNI.

@@ -15,7 +15,9 @@ use ipnet::IpNet;
 use super::{Check, Layer, check, probe};
 use crate::{
     datapath::{
-        ROUTE_PROTOCOL, ebpf, nexthop,
+        ROUTE_PROTOCOL,
+        device::{IPIP_OVERHEAD, VXLAN_OVERHEAD},
+        ebpf, nexthop,
         nl::{Netlink, consts::AF_BRIDGE},
         routes::{IPIP_DEVICE, VXLAN_DEVICE},
         rpfilter,
@@ -48,6 +50,8 @@ pub struct Installed {
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// vxlan: fdb entries of the device (MAC → remote).
     pub fdb: BTreeMap<[u8; 6], IpAddr>,
+    /// The device holding this node's tunnel endpoint: (name, MTU).
+    pub underlay: Option<(String, u32)>,
 }
 
 /// The tunnel device of a mode.
@@ -67,6 +71,15 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
     if let Some(name) = device_name(&info.datapath) {
         out.device =
             rtnl::link_by_name(&mut nl, name).map_err(|e| format!("reading {name}: {e}"))?;
+    }
+    if let Some(addr) = info.node_addresses.first()
+        && let Ok(Some(index)) = rtnl::link_with_address(&mut nl, *addr)
+    {
+        out.underlay = rtnl::links(&mut nl)
+            .map_err(|e| format!("listing links: {e}"))?
+            .into_iter()
+            .find(|l| l.index == index)
+            .map(|l| (l.name, l.mtu));
     }
     out.routes = rtnl::routes_with_protocol(&mut nl, ROUTE_PROTOCOL)
         .map_err(|e| format!("listing podmesh's routes: {e}"))?
@@ -146,6 +159,7 @@ pub fn node_checks(
         }),
     }
     if let Ok(i) = inst {
+        out.extend(mtu(info, i));
         out.extend(stale(s, i));
     }
     for f in &s.cni {
@@ -187,6 +201,41 @@ pub fn node_checks(
         ));
     }
     out
+}
+
+/// Whether the tunnel device's MTU plus the encapsulation fits the underlay
+/// device's: a larger one sends packets the underlay must fragment or drop.
+fn mtu(info: &AgentInfo, i: &Installed) -> Option<Check> {
+    let overhead = match info.datapath.as_str() {
+        "ebpf" | "vxlan" => VXLAN_OVERHEAD,
+        "ipip" => IPIP_OVERHEAD,
+        _ => return None,
+    };
+    let (dev, (under, under_mtu)) = (i.device.as_ref()?, i.underlay.as_ref()?);
+    Some(if dev.mtu + overhead > *under_mtu {
+        Check::warn(
+            L,
+            None,
+            check::TUNNEL_MTU,
+            format!(
+                "{} has MTU {}, which with {overhead} bytes of encapsulation passes {under}'s MTU {under_mtu}",
+                dev.name, dev.mtu
+            ),
+            format!(
+                "large packets between clusters are fragmented or dropped: set underlay-mtu to {under_mtu} (or less, if the path between the clusters is narrower) and restart the agent"
+            ),
+        )
+    } else {
+        Check::pass(
+            L,
+            None,
+            check::TUNNEL_MTU,
+            format!(
+                "{} MTU {} + {overhead} bytes of encapsulation fits {under}'s MTU {under_mtu}",
+                dev.name, dev.mtu
+            ),
+        )
+    })
 }
 
 /// podmesh's entries in the kernel that no remote cluster wants now.

@@ -312,6 +312,30 @@ fn entries_compare_desired_with_installed_per_mode() {
         "{st:#?}"
     );
 
+    // The tunnel device's MTU with VXLAN against the underlay's.
+    let narrow = datapath::Installed {
+        device: Some(Link {
+            index: 7,
+            name: "podmesh0".into(),
+            flags: 1,
+            mtu: 1450,
+            mac: vec![],
+            kind: None,
+            vxlan: None,
+        }),
+        underlay: Some(("eth0".into(), 1400)),
+        ..Default::default()
+    };
+    let c = datapath::node_checks(&s, &ebpf, &Ok(narrow));
+    let m = c
+        .iter()
+        .find(|c| c.check == check::TUNNEL_MTU)
+        .expect("tunnel-mtu");
+    assert!(
+        !m.ok && m.severity == Severity::Warning && m.evidence.contains("eth0's MTU 1400"),
+        "{m:#?}"
+    );
+
     let vxlan = AgentInfo {
         datapath: "vxlan".into(),
         ..AgentInfo::default()
