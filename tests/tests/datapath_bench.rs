@@ -100,12 +100,7 @@ async fn time_map(routes: &[RemoteRoute], bpffs: &Bpffs) -> anyhow::Result<(Dura
         let (IpNet::V4(net), IpAddr::V4(addr)) = (r.cidr, r.node_addr) else {
             unreachable!()
         };
-        let v = RemoteNode {
-            addr_v4: u32::from(addr),
-            vni: 1,
-            vtep_mac: r.vtep_mac.expect("mac"),
-            _pad: [0; 2],
-        };
+        let v = RemoteNode::new(addr.into(), 1, r.vtep_mac.expect("mac"));
         map.insert(
             &Key::new(u32::from(net.prefix_len()), net.network().octets()),
             v,

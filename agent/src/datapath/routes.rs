@@ -5,7 +5,10 @@
 //! at it: per-route gateways are quadratic to install in the kernel, nexthop
 //! objects are not. `vxlan` adds a permanent neighbour (node address → its
 //! VTEP MAC) and an fdb entry (VTEP MAC → node address) on `podmesh-vx`,
-//! flannel style; `ipip` routes onlink through `tunl0`.
+//! flannel style; `ipip` routes onlink through `tunl0` (over an IPv6
+//! underlay: through `podmesh-ip6`, an `ip6tnl` device in "any" mode). Over
+//! an IPv6 underlay the nexthops are IPv6 for IPv4 Pod CIDRs too: Linux
+//! routes IPv4 through an IPv6 gateway (RFC 5549).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -18,7 +21,7 @@ use super::{
         DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport,
         ROUTE_PROTOCOL, RefusalReason, RemoteRoute,
     },
-    device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
+    device::{self, IPIP_OVERHEAD, VxlanSpec, vxlan_overhead},
     error::{Refusal, netlink_err, upsert_result},
     nexthop,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
@@ -30,6 +33,10 @@ use super::{
 pub const VXLAN_DEVICE: &str = "podmesh-vx";
 /// The IPIP fallback device the `ipip` module creates in every namespace.
 pub const IPIP_DEVICE: &str = "tunl0";
+/// The `ipip` mode's device over an IPv6 underlay: ip6tnl, mode any.
+pub const IP6_TUNNEL_DEVICE: &str = "podmesh-ip6";
+/// Bytes an IPv6 tunnel adds: the outer IPv6 header.
+pub const IP6_TUNNEL_OVERHEAD: u32 = 40;
 
 /// How routes leave the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +45,7 @@ pub enum RouteMode {
     Vxlan { ifindex: u32, mac: [u8; 6] },
     /// Straight to the node address over the underlay.
     Direct,
-    /// Through `tunl0` (ifindex).
+    /// Through `tunl0`, or `podmesh-ip6` over IPv6 (ifindex).
     Ipip { ifindex: u32 },
 }
 
@@ -47,6 +54,7 @@ pub enum RouteMode {
 pub struct RouteDatapath {
     nl: Netlink,
     mode: RouteMode,
+    underlay: crate::model::UnderlayFamily,
     route_mtu: Option<u32>,
     /// Our nexthop objects by gateway (node address), adopted at start.
     nexthops: BTreeMap<IpAddr, u32>,
@@ -64,7 +72,18 @@ impl RouteDatapath {
     /// `vxlan`: creates or adopts `podmesh-vx`.
     pub fn vxlan(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
-        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - VXLAN_OVERHEAD;
+        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)?
+            - vxlan_overhead(cfg.underlay);
+        // A device with a VNI has one socket family, set by its source
+        // address (drivers/net/vxlan/vxlan_core.c, `vxlan_config_validate`):
+        // the node's IPv6 address, or any (`::`) while it is not known.
+        let local = match cfg.underlay {
+            crate::model::UnderlayFamily::Ipv4 => None,
+            crate::model::UnderlayFamily::Ipv6 => Some(
+                cfg.node_ip
+                    .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            ),
+        };
         let link = device::ensure_vxlan(
             &mut nl,
             VxlanSpec {
@@ -74,6 +93,7 @@ impl RouteDatapath {
                 mtu,
                 noarp: false,
                 mac: cfg.tunnel_mac,
+                local,
             },
         )?;
         let mode = RouteMode::Vxlan {
@@ -90,8 +110,13 @@ impl RouteDatapath {
     }
 
     /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
+    /// Over an IPv6 underlay: through `podmesh-ip6`; refuses on a kernel
+    /// without IPv6 tunnels.
     pub fn ipip(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
+        if cfg.underlay == crate::model::UnderlayFamily::Ipv6 {
+            return Self::ip6tnl(nl, cfg);
+        }
         let mut tunl =
             rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(netlink_err("looking up tunl0"))?;
         if tunl.is_none() {
@@ -124,6 +149,46 @@ impl RouteDatapath {
         )
     }
 
+    /// `ipip` over an IPv6 underlay: `podmesh-ip6`, an ip6tnl device in
+    /// "any" mode (IPv4 and IPv6 inside) with no fixed remote, so that each
+    /// packet goes to its route's IPv6 gateway
+    /// (net/ipv6/ip6_tunnel.c, `ip6_tnl_xmit`: `rt_gw6` for IPv4, the
+    /// neighbour's address for IPv6).
+    fn ip6tnl(mut nl: Netlink, cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let mtu =
+            device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IP6_TUNNEL_OVERHEAD;
+        let find = |nl: &mut Netlink| {
+            rtnl::link_by_name(nl, IP6_TUNNEL_DEVICE).map_err(netlink_err("looking up podmesh-ip6"))
+        };
+        let mut dev = find(&mut nl)?;
+        if dev.is_none() {
+            let mut created = rtnl::create_ip6tnl(&mut nl, IP6_TUNNEL_DEVICE, mtu);
+            if created.is_err() {
+                let _ = std::process::Command::new("modprobe")
+                    .arg("ip6_tunnel")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                created = rtnl::create_ip6tnl(&mut nl, IP6_TUNNEL_DEVICE, mtu);
+            }
+            if let Err(e) = created {
+                return Err(DatapathError::Unavailable(format!(
+                    "this kernel has no IPv6 tunnel support for the ipip mode over an IPv6 \
+                     underlay: creating an ip6tnl device failed ({e}), even after `modprobe \
+                     ip6_tunnel` (hint: use --datapath ebpf (default), vxlan or direct, which \
+                     run over IPv6, or a kernel with CONFIG_IPV6_TUNNEL)"
+                )));
+            }
+            dev = find(&mut nl)?;
+        }
+        let dev = dev.ok_or_else(|| {
+            DatapathError::Other(format!("{IP6_TUNNEL_DEVICE} vanished after creation"))
+        })?;
+        rtnl::set_link(&mut nl, dev.index, rtnl::IFF_UP, rtnl::IFF_UP, Some(mtu))
+            .map_err(netlink_err("setting up podmesh-ip6"))?;
+        Self::with(nl, RouteMode::Ipip { ifindex: dev.index }, Some(mtu), cfg)
+    }
+
     fn with(
         mut nl: Netlink,
         mode: RouteMode,
@@ -146,6 +211,7 @@ impl RouteDatapath {
         Ok(Self {
             nl,
             mode,
+            underlay: cfg.underlay,
             route_mtu,
             nexthops,
             used_ids,
@@ -160,7 +226,13 @@ impl RouteDatapath {
     pub fn device_lost(&mut self) -> Result<Option<String>, DatapathError> {
         match self.mode {
             RouteMode::Vxlan { ifindex, .. } => device::lost(&mut self.nl, VXLAN_DEVICE, ifindex),
-            RouteMode::Ipip { ifindex } => device::lost(&mut self.nl, IPIP_DEVICE, ifindex),
+            RouteMode::Ipip { ifindex } => {
+                let name = match self.underlay {
+                    crate::model::UnderlayFamily::Ipv4 => IPIP_DEVICE,
+                    crate::model::UnderlayFamily::Ipv6 => IP6_TUNNEL_DEVICE,
+                };
+                device::lost(&mut self.nl, name, ifindex)
+            }
             RouteMode::Direct => Ok(None),
         }
     }
@@ -215,6 +287,13 @@ impl RouteDatapath {
     ) -> Result<(Vec<&'a RemoteRoute>, BTreeMap<IpAddr, u32>), DatapathError> {
         let mut usable: Vec<&RemoteRoute> = Vec::with_capacity(routes.len());
         for r in routes {
+            if !self.underlay.holds(r.node_addr) {
+                refused.push(r.refusal(RefusalReason::UnderlayFamily {
+                    addr: r.node_addr,
+                    underlay: self.underlay,
+                }));
+                continue;
+            }
             if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
                 refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "vxlan" }));
                 continue;
@@ -360,7 +439,10 @@ impl RouteDatapath {
         let macs: BTreeMap<IpAddr, [u8; 6]> = match self.mode {
             RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(
                 &mut self.nl,
-                rtnl::family_of(IpAddr::from([0u8; 4])),
+                rtnl::family_of(match self.underlay {
+                    crate::model::UnderlayFamily::Ipv4 => IpAddr::from([0u8; 4]),
+                    crate::model::UnderlayFamily::Ipv6 => IpAddr::from([0u16; 8]),
+                }),
                 ifindex,
             )
             .map_err(netlink_err("listing neighbours"))?
