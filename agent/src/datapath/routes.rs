@@ -336,20 +336,21 @@ impl RouteDatapath {
         }
         let mut node_msgs: Vec<(IpNet, Msg)> = Vec::with_capacity(nodes.len() * 3);
         for (a, (cidr, mac)) in &nodes {
-            let id = match self.nexthops.get(a) {
+            let gw = self.gateway(*a, *mac);
+            let id = match self.nexthops.get(&gw) {
                 Some(id) => *id,
                 None => {
                     let id = self.allocate_id()?;
-                    self.nexthops.insert(*a, id);
+                    self.nexthops.insert(gw, id);
                     id
                 }
             };
             node_msgs.push((
                 *cidr,
-                nexthop::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
+                nexthop::nexthop_replace(id, gw, oifs[a], onlink, ROUTE_PROTOCOL),
             ));
             if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
-                node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, *a, *mac)));
+                node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, gw, *mac)));
                 node_msgs.push((*cidr, rtnl::fdb_replace(ifindex, *mac, *a)));
             }
         }
@@ -372,7 +373,7 @@ impl RouteDatapath {
             .map(|r| {
                 rtnl::route_replace(
                     r.cidr,
-                    RouteTarget::Nexthop(self.nexthops[&r.node_addr]),
+                    RouteTarget::Nexthop(self.nexthops[&self.gateway(r.node_addr, r.vtep_mac)]),
                     ROUTE_PROTOCOL,
                     self.route_mtu,
                 )
@@ -451,12 +452,29 @@ impl RouteDatapath {
             .collect(),
             _ => BTreeMap::new(),
         };
+        // vxlan over IPv6: the gateway is the VTEP's link-local address;
+        // the fdb entry of its MAC holds the node address.
+        let fdb: BTreeMap<[u8; 6], IpAddr> = match (self.mode, self.ll_gateways()) {
+            (RouteMode::Vxlan { ifindex, .. }, true) => {
+                rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
+                    .map_err(netlink_err("listing fdb entries"))?
+                    .into_iter()
+                    .filter_map(|(ip, mac)| Some((mac?, ip?)))
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         let mut out = Vec::new();
         for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(netlink_err("listing podmesh's routes"))?
         {
-            let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
+            let Some(gw) = r.nhid.and_then(|id| by_id.get(&id)) else {
                 continue;
+            };
+            let mac = macs.get(gw).copied();
+            let addr = match mac.and_then(|m| fdb.get(&m)) {
+                Some(a) if self.ll_gateways() => a,
+                _ => gw,
             };
             let (cluster, node) = match (self.routes.get(&r.dst), &self.owners) {
                 (Some(k), _) => (k.cluster.clone(), k.node.clone()),
@@ -468,7 +486,7 @@ impl RouteDatapath {
                 cluster,
                 node,
                 node_addr: *addr,
-                vtep_mac: macs.get(addr).copied(),
+                vtep_mac: mac,
             });
         }
         Ok(out)
@@ -495,6 +513,25 @@ fn open_owners(cfg: &KernelConfig) -> Option<Owners> {
 }
 
 impl RouteDatapath {
+    /// Whether nexthops go to the VTEPs' link-local addresses: vxlan over
+    /// IPv6, where the kernel refuses an onlink gateway on `podmesh-vx` that
+    /// a connected route of another device covers (net/ipv6/route.c,
+    /// `ip6_route_check_nh_onlink`: "device mismatch"), and skips that check
+    /// for link-local gateways. Flannel's IPv6 VXLAN avoids it the same way,
+    /// with a gateway that is not an underlay address.
+    fn ll_gateways(&self) -> bool {
+        matches!(self.mode, RouteMode::Vxlan { .. })
+            && self.underlay == crate::model::UnderlayFamily::Ipv6
+    }
+
+    /// The nexthop gateway towards the node at `addr` with VTEP `mac`.
+    fn gateway(&self, addr: IpAddr, mac: Option<[u8; 6]>) -> IpAddr {
+        match mac {
+            Some(m) if self.ll_gateways() => IpAddr::V6(link_local_of(m)),
+            _ => addr,
+        }
+    }
+
     /// Deletes our nexthop objects (and vxlan neighbour/fdb entries) that no
     /// podmesh route uses any more.
     fn collect_nexthops(&mut self) -> Result<(), DatapathError> {
@@ -532,11 +569,18 @@ impl RouteDatapath {
                     }
                 }
             }
+            let ll = self.ll_gateways();
             for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
                 .map_err(netlink_err("listing fdb entries"))?
             {
+                // With link-local gateways an fdb entry lives while the
+                // gateway of its MAC does.
                 if let (Some(ip), Some(mac)) = (ip, mac)
-                    && !live.contains(&ip)
+                    && !live.contains(&if ll {
+                        IpAddr::V6(link_local_of(mac))
+                    } else {
+                        ip
+                    })
                 {
                     msgs.push(rtnl::fdb_delete(ifindex, mac, ip));
                 }
@@ -549,5 +593,40 @@ impl RouteDatapath {
         self.nexthops.retain(|_, id| used.contains(id));
         self.used_ids.retain(|id| used.contains(id));
         Ok(())
+    }
+}
+
+/// The EUI-64 link-local address of `mac` (RFC 4291, appendix A): what the
+/// kernel gives the remote VTEP device of that MAC.
+pub fn link_local_of(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let m = mac;
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 2,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn link_local_of_a_mac() {
+        assert_eq!(
+            super::link_local_of([0x02, 0, 0xc0, 0xa8, 1, 10]).to_string(),
+            "fe80::c0ff:fea8:10a"
+        );
     }
 }

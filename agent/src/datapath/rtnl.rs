@@ -430,12 +430,21 @@ pub fn routes_with_protocol(nl: &mut Netlink, proto: u8) -> Result<Vec<Route>, N
         .collect())
 }
 
-/// Directly connected networks of the main table (scope link, no gateway):
-/// (network, device).
+/// Directly connected networks of the main table (no gateway; IPv4: scope
+/// link; IPv6, whose routes are all scope universe: the kernel's own
+/// prefix routes of its addresses): (network, device).
 pub fn connected_routes(nl: &mut Netlink) -> Result<Vec<(IpNet, u32)>, NlError> {
+    /// `RTPROT_KERNEL`: routes the kernel added for an address.
+    const RTPROT_KERNEL: u8 = 2;
     Ok(main_routes(nl)?
         .into_iter()
-        .filter(|(_, scope, gw, r)| *scope == RT_SCOPE_LINK && gw.is_none() && r.nhid.is_none())
+        .filter(|(proto, scope, gw, r)| {
+            let connected = match r.dst {
+                IpNet::V4(_) => *scope == RT_SCOPE_LINK,
+                IpNet::V6(_) => *proto == RTPROT_KERNEL,
+            };
+            connected && gw.is_none() && r.nhid.is_none()
+        })
         .filter_map(|(_, _, _, r)| Some((r.dst, r.oif?)))
         .collect())
 }
