@@ -1195,6 +1195,37 @@ impl Mesh {
         v
     }
 
+    /// Every pair from a pod of one cluster to the IPv6 address of a pod of
+    /// another cluster (dual-stack pods; empty without).
+    pub fn cross_cluster_pairs6(&self) -> Vec<(String, Ipv6Addr)> {
+        let mut v = Vec::new();
+        for a in &self.clusters {
+            for b in self.clusters.iter().filter(|b| b.name != a.name) {
+                for p in self.pods_of(&a.name) {
+                    for q in self.pods_of(&b.name) {
+                        v.extend(q.addr6.map(|to| (p.name.clone(), to)));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The pairs of `pairs` (to IPv6 addresses) that do not answer one ping.
+    pub fn unreachable6(&self, pairs: &[(String, Ipv6Addr)]) -> Vec<(String, Ipv6Addr)> {
+        pairs
+            .iter()
+            .filter(|(from, to)| {
+                !self
+                    .topo
+                    .pods()
+                    .find(|(_, p)| p.name == *from)
+                    .is_some_and(|(_, p)| p.ns.ping(&to.to_string(), 1, None))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Every pair from a pod of one cluster to a pod of another cluster.
     pub fn cross_cluster_pairs(&self) -> Vec<(String, Ipv4Addr)> {
         let names: Vec<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
