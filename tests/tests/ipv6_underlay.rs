@@ -232,3 +232,48 @@ async fn ipip_over_ipv6_refuses_clearly_without_ip6_tunnels() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// An LPM map pinned with the value of earlier versions (16 bytes, IPv4
+/// endpoints only) is carried over into the current layout when the ebpf
+/// datapath starts: its entries keep forwarding to the same endpoints.
+#[tokio::test]
+async fn ebpf_maps_of_the_earlier_layout_are_carried_over() -> anyhow::Result<()> {
+    use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+    use podmesh_agent::datapath::{KernelConfig, from_config};
+    use podmesh_common::{REMOTES_V4_MAP, RemoteNode, RemoteNodeV1};
+    use podmesh_tests::netns::NetNs;
+
+    if !require_root("ebpf_maps_of_the_earlier_layout_are_carried_over") {
+        return Ok(());
+    }
+    let bpffs = datapath_support::Bpffs::new()?;
+    let pin_dir = bpffs.path().join("node");
+    std::fs::create_dir_all(&pin_dir)?;
+    let key = Key::new(24, [10, 2, 0, 0]);
+    let mut old: LpmTrie<MapData, [u8; 4], RemoteNodeV1> = LpmTrie::create(1024, 1)?;
+    old.insert(
+        &key,
+        RemoteNodeV1 {
+            addr_v4: u32::from(std::net::Ipv4Addr::new(172, 31, 2, 1)),
+            vni: 1,
+            vtep_mac: [2, 0, 0, 0, 0, 1],
+            _pad: [0; 2],
+        },
+        0,
+    )?;
+    old.pin(pin_dir.join(REMOTES_V4_MAP))?;
+
+    let ns = NetNs::new("v1map")?;
+    let mut cfg =
+        KernelConfig::new(DatapathMode::Ebpf).in_netns(format!("/run/netns/{}", ns.name()));
+    cfg.pin_dir = pin_dir.clone();
+    let _dp = from_config(&cfg)?;
+    let data = MapData::from_pin(pin_dir.join(REMOTES_V4_MAP))?;
+    let now: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let v = now.get(&key, 0)?;
+    assert_eq!(v.endpoint(), IpAddr::from([172, 31, 2, 1]));
+    assert_eq!(v.vtep_mac, [2, 0, 0, 0, 0, 1]);
+    assert_eq!(v.vni, 1);
+    Ok(())
+}

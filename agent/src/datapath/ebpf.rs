@@ -412,12 +412,15 @@ impl EbpfDatapath {
     }
 }
 
+/// LPM map entries, keyed by `K` (`[u8; 4]` or `[u8; 16]`).
+type Entries<K> = Vec<(Key<K>, RemoteNode)>;
+
 /// The entries of LPM maps pinned by an earlier version, whose value
 /// ([`RemoteNodeV1`]) had no room for an IPv6 endpoint.
 #[derive(Default)]
 struct CarriedOver {
-    v4: Vec<(Key<[u8; 4]>, RemoteNode)>,
-    v6: Vec<(Key<[u8; 16]>, RemoteNode)>,
+    v4: Entries<[u8; 4]>,
+    v6: Entries<[u8; 16]>,
 }
 
 /// Reads the entries of LPM maps pinned with the earlier value layout and
@@ -425,7 +428,7 @@ struct CarriedOver {
 /// (the program in the pinned link keeps the old maps, and forwarding, until
 /// the new program replaces it). Maps of the current layout are left alone.
 fn take_v1_maps(pin_dir: &Path) -> Result<CarriedOver, DatapathError> {
-    fn take<K: aya::Pod>(path: &Path) -> Result<Option<Vec<(Key<K>, RemoteNode)>>, DatapathError> {
+    fn take<K: aya::Pod>(path: &Path) -> Result<Option<Entries<K>>, DatapathError> {
         let Ok(data) = MapData::from_pin(path) else {
             return Ok(None);
         };
@@ -465,7 +468,7 @@ fn carry_over(ebpf: &mut Ebpf, c: CarriedOver) -> Result<(), DatapathError> {
     fn put<K: aya::Pod>(
         ebpf: &mut Ebpf,
         name: &str,
-        entries: Vec<(Key<K>, RemoteNode)>,
+        entries: Entries<K>,
     ) -> Result<(), DatapathError> {
         if entries.is_empty() {
             return Ok(());

@@ -6,7 +6,8 @@
 //! objects are not. `vxlan` adds a permanent neighbour (node address → its
 //! VTEP MAC) and an fdb entry (VTEP MAC → node address) on `podmesh-vx`,
 //! flannel style; `ipip` routes onlink through `tunl0` (over an IPv6
-//! underlay: through `podmesh-ip6`, an `ip6tnl` device in "any" mode). Over
+//! underlay: lightweight-tunnel nexthops on `podmesh-ip6`, an external
+//! `ip6tnl` device). Over
 //! an IPv6 underlay the nexthops are IPv6 for IPv4 Pod CIDRs too: Linux
 //! routes IPv4 through an IPv6 gateway (RFC 5549).
 use std::{
@@ -149,11 +150,12 @@ impl RouteDatapath {
         )
     }
 
-    /// `ipip` over an IPv6 underlay: `podmesh-ip6`, an ip6tnl device in
-    /// "any" mode (IPv4 and IPv6 inside) with no fixed remote, so that each
-    /// packet goes to its route's IPv6 gateway
-    /// (net/ipv6/ip6_tunnel.c, `ip6_tnl_xmit`: `rt_gw6` for IPv4, the
-    /// neighbour's address for IPv6).
+    /// `ipip` over an IPv6 underlay: `podmesh-ip6`, an external
+    /// (collect_md) ip6tnl device in "any" mode (IPv4 and IPv6 inside); each
+    /// remote node is an `encap ip6 dst <node>` nexthop on it. (A gateway
+    /// nexthop cannot do: Linux refuses an IPv6 gateway on the tunnel device
+    /// that a connected route of the underlay device covers,
+    /// `ip6_route_check_nh_onlink`.)
     fn ip6tnl(mut nl: Netlink, cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mtu =
             device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IP6_TUNNEL_OVERHEAD;
@@ -202,7 +204,7 @@ impl RouteDatapath {
                 ))
             })?
             .into_iter()
-            .filter_map(|nh| Some((nh.gateway?, nh.id)))
+            .filter_map(|nh| Some((nh.target()?, nh.id)))
             .collect::<BTreeMap<IpAddr, u32>>();
         let used_ids: BTreeSet<u32> = nexthops.values().copied().collect();
         let next_id = used_ids
@@ -345,10 +347,13 @@ impl RouteDatapath {
                     id
                 }
             };
-            node_msgs.push((
-                *cidr,
-                nexthop::nexthop_replace(id, gw, oifs[a], onlink, ROUTE_PROTOCOL),
-            ));
+            let nh = match (self.mode, gw) {
+                (RouteMode::Ipip { ifindex }, IpAddr::V6(dst)) => {
+                    nexthop::nexthop_encap_ip6_replace(id, dst, ifindex, ROUTE_PROTOCOL)
+                }
+                _ => nexthop::nexthop_replace(id, gw, oifs[a], onlink, ROUTE_PROTOCOL),
+            };
+            node_msgs.push((*cidr, nh));
             if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
                 node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, gw, *mac)));
                 node_msgs.push((*cidr, rtnl::fdb_replace(ifindex, *mac, *a)));
@@ -435,7 +440,7 @@ impl RouteDatapath {
             nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
                 .map_err(netlink_err("listing podmesh's nexthop objects"))?
                 .into_iter()
-                .filter_map(|nh| Some((nh.id, nh.gateway?)))
+                .filter_map(|nh| Some((nh.id, nh.target()?)))
                 .collect();
         let macs: BTreeMap<IpAddr, [u8; 6]> = match self.mode {
             RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(
@@ -545,12 +550,12 @@ impl RouteDatapath {
         let unused: Vec<(u32, Option<IpAddr>)> = all
             .iter()
             .filter(|nh| !used.contains(&nh.id))
-            .map(|nh| (nh.id, nh.gateway))
+            .map(|nh| (nh.id, nh.target()))
             .collect();
         let live: BTreeSet<IpAddr> = all
             .iter()
             .filter(|nh| used.contains(&nh.id))
-            .filter_map(|nh| nh.gateway)
+            .filter_map(|nh| nh.target())
             .collect();
         let mut msgs: Vec<Msg> = unused
             .iter()

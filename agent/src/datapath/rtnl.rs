@@ -200,9 +200,9 @@ pub fn vxlan_create(
     }
 }
 
-/// RTM_NEWLINK of an ip6tnl device in "any" mode (IPv4 and IPv6 inside),
-/// with neither local nor remote address: each packet goes to its route's
-/// IPv6 gateway.
+/// RTM_NEWLINK of an external (collect_md) ip6tnl device in "any" mode
+/// (IPv4 and IPv6 inside): each packet's outer destination comes from its
+/// route's `encap ip6` nexthop.
 pub fn ip6tnl_create(name: &str, mtu: u32) -> Msg {
     use netlink_packet_route::{IpProtocol, link::InfoIpTunnel};
     let mut m = link_message(0, 0, 0);
@@ -211,9 +211,10 @@ pub fn ip6tnl_create(name: &str, mtu: u32) -> Msg {
         LinkAttribute::Mtu(mtu),
         LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Ip6Tnl),
-            LinkInfo::Data(InfoData::IpTunnel(vec![InfoIpTunnel::Protocol(
-                IpProtocol::from(0u8),
-            )])),
+            LinkInfo::Data(InfoData::IpTunnel(vec![
+                InfoIpTunnel::Protocol(IpProtocol::from(0u8)),
+                InfoIpTunnel::CollectMetadata,
+            ])),
         ]),
     ];
     Msg {
