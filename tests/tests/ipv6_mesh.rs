@@ -142,6 +142,103 @@ fn direct_mesh_over_an_ipv6_only_underlay() -> anyhow::Result<()> {
     ipv6_only("direct")
 }
 
+/// The hijack cases over IPv6, written into the mesh etcd of a cluster that
+/// runs only its control plane: a node claiming `::/0`, one of this
+/// cluster's IPv6 ranges, a link-local or a multicast range, this node's own
+/// address, or offering no IPv6 endpoint; each is rejected with its code and
+/// never programmed, the honest node beside them is, and no pod loses its
+/// peers.
+#[test]
+fn ipv6_hijacks_through_a_remote_etcd_are_rejected() -> anyhow::Result<()> {
+    if !require_root("ipv6_hijacks_through_a_remote_etcd_are_rejected") {
+        return Ok(());
+    }
+    // rogue runs only its control plane: the test writes its records.
+    let mut m = Mesh::builder()
+        .cluster("east", 2)
+        .cluster("west", 2)
+        .cluster("rogue", 0)
+        .pods(1)
+        .underlay(Underlay::Ipv6)
+        .dual_stack_pods()
+        .start()?;
+    m.wait_ready(READY)?;
+    all_pods_answer(&m)?;
+    let east_n0 = m.node("east-n0")?.addr6.expect("IPv6 underlay").to_string();
+    m.put_raw(
+        "rogue",
+        "podmesh/v1/clusters/rogue",
+        &serde_json::json!({"name": "rogue", "id": 3,
+            "podCIDRs": ["fd00:3::/48", "10.3.0.0/16"], "serviceCIDRs": []})
+        .to_string(),
+    )?;
+    let cases = [
+        ("r-default", "fd31::3:1", "::/0", "cidr-default-route"),
+        (
+            "r-local",
+            "fd31::3:2",
+            "fd00:1:0:9::/64",
+            "pod-cidr-overlap",
+        ),
+        ("r-linklocal", "fd31::3:3", "fe80::/64", "cidr-reserved"),
+        ("r-multicast", "fd31::3:4", "ff05::/64", "cidr-reserved"),
+        (
+            "r-myaddr",
+            &east_n0,
+            "fd00:3:0:5::/64",
+            "node-address-local",
+        ),
+        (
+            "r-v4only",
+            "172.31.3.6",
+            "fd00:3:0:6::/64",
+            "node-address-family-missing",
+        ),
+        ("r-honest", "fd31::3:7", "fd00:3:0:7::/64", "programmed"),
+    ];
+    for (n, addr, pod, _) in cases {
+        m.put_raw(
+            "rogue",
+            &format!("podmesh/v1/nodes/rogue/{n}"),
+            &serde_json::json!({"name": n, "cluster": "rogue", "clusterID": 3,
+                "addresses": [addr], "podCIDRs": [pod], "vtepMAC": "02:00:00:00:03:01"})
+            .to_string(),
+        )?;
+    }
+    let codes = |s: &StatusReport| -> Result<Vec<(String, String)>, String> {
+        let r = s.remotes.get("rogue").ok_or("no remote rogue")?;
+        Ok(r.records
+            .iter()
+            .filter(|o| o.kind == "node")
+            .map(|o| {
+                let code = match &o.state {
+                    RecordState::Programmed => "programmed".to_string(),
+                    RecordState::Rejected(j) => j.code.clone(),
+                };
+                (o.name.clone().unwrap_or_default(), code)
+            })
+            .collect())
+    };
+    let s = eventually(CONVERGE, || {
+        let s = status(&m, "east-n0")?;
+        let got = codes(&s)?;
+        if got.len() == cases.len() {
+            Ok(s)
+        } else {
+            Err(format!("rogue records so far: {got:?}"))
+        }
+    })?;
+    let got = codes(&s).map_err(anyhow::Error::msg)?;
+    for (n, _, pod, want) in cases {
+        let code = &got.iter().find(|(name, _)| name == n).expect("listed").1;
+        assert_eq!(code, want, "{n}");
+        let routed = s.routes.iter().any(|r| r.cidr.to_string() == pod);
+        assert_eq!(routed, want == "programmed", "{n}: {pod} routed: {routed}");
+    }
+    all_pods_answer(&m)?;
+    Ok(())
+}
+
 /// Dual-stack nodes publish both addresses; `--underlay-family` decides
 /// which ones every node tunnels to.
 #[test]
