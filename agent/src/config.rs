@@ -12,7 +12,10 @@ use ipnet::IpNet;
 use podmesh_plumbing::duration;
 use podmesh_plumbing::flags::{self, LoadError};
 
-use crate::{kvstore::client_config::EtcdClientConfig, model::ClusterName};
+use crate::{
+    kvstore::client_config::EtcdClientConfig,
+    model::{ClusterName, UnderlayFamily},
+};
 
 /// The forwarding mode the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -46,9 +49,12 @@ pub struct AgentArgs {
     /// This node's name (default: $NODE_NAME, then the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's underlay address (the tunnel endpoint). With --pod-cidr the Node is not read; alone, the Pod CIDRs come from the Kubernetes Node and this address replaces its InternalIP (in a DaemonSet: NODE_IP from the downward API's status.hostIP, `--node-ip=$(NODE_IP)`); without either, both come from the Node.
-    #[arg(long)]
-    pub node_ip: Option<IpAddr>,
+    /// This node's underlay address (repeatable: one IPv4 and one IPv6 address for a dual-stack underlay; the record carries both, and each node tunnels to the address of its --underlay-family). With --pod-cidr the Node is not read; alone, the Pod CIDRs come from the Kubernetes Node and these addresses replace its InternalIPs of the same family (in a DaemonSet: NODE_IP from the downward API's status.hostIP, `--node-ip=$(NODE_IP)`); without either, both come from the Node.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ip: Vec<IpAddr>,
+    /// Address family of the underlay: tunnels and next hops go to the remote nodes' addresses of this family, and a remote node without one is rejected (node-address-family-missing). Default: the family of the first --node-ip; ipv4 when the addresses come from the Kubernetes Node.
+    #[arg(long, value_enum, value_name = "FAMILY")]
+    pub underlay_family: Option<UnderlayFamily>,
     /// A Pod CIDR of this node (repeatable).
     #[arg(long = "pod-cidr", value_name = "CIDR")]
     pub pod_cidrs: Vec<IpNet>,
@@ -73,7 +79,7 @@ pub struct AgentArgs {
     /// VXLAN network identifier (0-16777215).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
-    /// MTU of the underlay network; routes into the tunnel get this minus the encapsulation overhead (VXLAN 50, IPIP 20). Default: the MTU of the device holding --node-ip or, when the Node comes from Kubernetes, of the device the default route leaves by; else 1500.
+    /// MTU of the underlay network; routes into the tunnel get this minus the encapsulation overhead (VXLAN 50 over IPv4, 70 over IPv6; IPIP 20). Default: the MTU of the device holding --node-ip or, when the Node comes from Kubernetes, of the device the default route leaves by; else 1500.
     #[arg(long, value_name = "BYTES")]
     pub underlay_mtu: Option<u32>,
     /// Directory on a bpffs where the ebpf datapath pins its maps and tc link (the route modes: only the map of which cluster and node each route belongs to). It must outlive the agent (in a DaemonSet: hostPath /sys/fs/bpf) so that forwarding survives a restart and the next agent adopts what it finds; in ebpf mode a bpffs is mounted on its parent when there is none.
@@ -144,18 +150,18 @@ impl std::fmt::Display for NodeNameOrigin {
 pub enum NodeSource {
     /// `--node-ip` and `--pod-cidr` given.
     Static {
-        /// The tunnel endpoint.
-        ip: IpAddr,
+        /// The node's addresses (at most one per family), the underlay family's first.
+        ips: Vec<IpAddr>,
         /// The node's Pod CIDRs.
         pod_cidrs: Vec<IpNet>,
     },
     /// Read (and watched) from the Kubernetes Node object named `node_name`;
-    /// with `address` (`--node-ip` alone, e.g. the Pod's `status.hostIP`
-    /// from the downward API), that is the tunnel endpoint and only the Pod
-    /// CIDRs come from the Node.
+    /// with `addresses` (`--node-ip` alone, e.g. the Pod's `status.hostIP`
+    /// from the downward API), those replace the Node's InternalIPs of their
+    /// family and only the Pod CIDRs come from the Node.
     Kubernetes {
-        /// The tunnel endpoint given by `--node-ip`, instead of the Node's InternalIP.
-        address: Option<IpAddr>,
+        /// The addresses given by `--node-ip`, instead of the Node's InternalIPs of their family.
+        addresses: Vec<IpAddr>,
     },
 }
 
@@ -172,6 +178,8 @@ pub struct AgentConfig {
     pub node_name_origin: NodeNameOrigin,
     /// Where the node's address and Pod CIDRs come from.
     pub node_source: NodeSource,
+    /// The underlay's address family (`--underlay-family`, resolved).
+    pub underlay_family: UnderlayFamily,
     /// Declared Pod CIDRs of this cluster.
     pub cluster_pod_cidrs: Vec<IpNet>,
     /// Service CIDRs of this cluster.
@@ -210,6 +218,21 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Deadline of connect, handshake and first answer towards an etcd.
     pub connect_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// The node addresses given by `--node-ip`, the underlay family's first.
+    pub fn node_ips(&self) -> &[IpAddr] {
+        match &self.node_source {
+            NodeSource::Static { ips, .. } => ips,
+            NodeSource::Kubernetes { addresses } => addresses,
+        }
+    }
+
+    /// This node's tunnel endpoint, when `--node-ip` gives it.
+    pub fn underlay_ip(&self) -> Option<IpAddr> {
+        self.underlay_family.endpoint(self.node_ips())
+    }
 }
 
 /// The local mesh etcd's client YAML (`--kvstore-config`), read and checked
@@ -342,14 +365,54 @@ impl AgentArgs {
         check_cidrs("pod-cidr", &self.pod_cidrs)?;
         check_cidrs("cluster-pod-cidr", &self.cluster_pod_cidrs)?;
         check_cidrs("service-cidr", &self.service_cidrs)?;
-        let node_source = match (self.node_ip, self.pod_cidrs.is_empty()) {
-            (Some(ip), false) => NodeSource::Static {
-                ip,
+        let mut ips = self.node_ip.clone();
+        for (i, a) in ips.iter().enumerate() {
+            if let Some(b) = ips[..i]
+                .iter()
+                .find(|b| UnderlayFamily::of(**b) == UnderlayFamily::of(*a))
+            {
+                return Err(ConfigError::invalid(
+                    "node-ip",
+                    format!(
+                        "{b} and {a} are both {}; give at most one address per family (one IPv4, one IPv6)",
+                        UnderlayFamily::of(*a)
+                    ),
+                ));
+            }
+            if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
+                return Err(ConfigError::invalid(
+                    "node-ip",
+                    format!("{a} cannot be a tunnel endpoint; give the node's underlay address"),
+                ));
+            }
+        }
+        let underlay_family = self
+            .underlay_family
+            .or_else(|| ips.first().map(|a| UnderlayFamily::of(*a)))
+            .unwrap_or_default();
+        if !ips.is_empty() && underlay_family.endpoint(&ips).is_none() {
+            return Err(ConfigError::invalid(
+                "underlay-family",
+                format!(
+                    "{} needs an {underlay_family} --node-ip (given: {})",
+                    underlay_family.flag(),
+                    ips.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        // The underlay family's address first: the record's readers that
+        // take addresses[0] (older agents) tunnel to it.
+        ips.sort_by_key(|a| !underlay_family.holds(*a));
+        let node_source = match (ips.is_empty(), self.pod_cidrs.is_empty()) {
+            (false, false) => NodeSource::Static {
+                ips,
                 pod_cidrs: self.pod_cidrs.clone(),
             },
-            (None, true) => NodeSource::Kubernetes { address: None },
-            (Some(ip), true) => NodeSource::Kubernetes { address: Some(ip) },
-            (None, false) => {
+            (_, true) => NodeSource::Kubernetes { addresses: ips },
+            (true, false) => {
                 return Err(ConfigError::invalid(
                     "node-ip",
                     "required with --pod-cidr (or give neither to read the Node from Kubernetes)",
@@ -441,6 +504,7 @@ impl AgentArgs {
             node_name,
             node_name_origin,
             node_source,
+            underlay_family,
             cluster_pod_cidrs: self.cluster_pod_cidrs,
             service_cidrs: self.service_cidrs,
             kvstore_config,
@@ -499,12 +563,58 @@ mod tests {
         assert_eq!(
             c.node_source,
             NodeSource::Kubernetes {
-                address: Some("192.168.1.10".parse().unwrap())
+                addresses: vec!["192.168.1.10".parse().unwrap()]
             }
         );
         let mut a = base();
         a.extend(["--pod-cidr", "10.1.1.0/24"]);
         assert!(load_from(a).unwrap_err().to_string().contains("node-ip"));
+    }
+
+    /// `--node-ip` once per family; the underlay family defaults to the
+    /// first one's and its address is published first.
+    #[test]
+    fn dual_stack_node_addresses_and_underlay_family() {
+        let mut a = base();
+        a.extend([
+            "--node-ip",
+            "fd00::a",
+            "--node-ip",
+            "192.168.1.10",
+            "--pod-cidr",
+            "10.1.1.0/24",
+        ]);
+        let c = load_from(a.clone()).unwrap();
+        assert_eq!(c.underlay_family, UnderlayFamily::Ipv6);
+        assert_eq!(c.underlay_ip(), Some("fd00::a".parse().unwrap()));
+        a.extend(["--underlay-family", "ipv4"]);
+        let c = load_from(a).unwrap();
+        assert_eq!(c.underlay_family, UnderlayFamily::Ipv4);
+        assert_eq!(
+            c.node_ips(),
+            [
+                "192.168.1.10".parse::<IpAddr>().unwrap(),
+                "fd00::a".parse().unwrap()
+            ]
+        );
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--node-ip", "192.168.1.11"]);
+        assert!(
+            load_from(a)
+                .unwrap_err()
+                .to_string()
+                .contains("one address per family")
+        );
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--underlay-family", "ipv6"]);
+        assert!(
+            load_from(a)
+                .unwrap_err()
+                .to_string()
+                .starts_with("--underlay-family")
+        );
+        let c = load_from(base()).unwrap();
+        assert_eq!(c.underlay_family, UnderlayFamily::Ipv4);
     }
 
     #[test]

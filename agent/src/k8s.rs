@@ -9,7 +9,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, runtime::watcher};
 use tokio::sync::watch;
 
-use crate::{config::NodeNameOrigin, publish::LocalNode, remote::backoff::Backoff, status::Status};
+use crate::{
+    config::NodeNameOrigin, model::UnderlayFamily, publish::LocalNode, remote::backoff::Backoff,
+    status::Status,
+};
 
 mod problem;
 pub use problem::{CLUSTER_ROLE, NODE_VERBS, RETRY_BASE, RETRY_CAP, code};
@@ -246,16 +249,18 @@ fn credentials_hint(e: &kube::client::AuthError) -> &'static str {
     }
 }
 
-/// The tunnel endpoint (InternalIP first) and Pod CIDRs of `node`.
+/// The addresses (InternalIPs of both families first) and Pod CIDRs of `node`.
 pub fn node_addresses(node: &Node) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError> {
-    node_addresses_with(node, None)
+    node_addresses_with(node, &[], None)
 }
 
-/// [`node_addresses`], with `address` (from `--node-ip`) as the tunnel
-/// endpoint instead of the Node's InternalIP, which may then be missing.
+/// [`node_addresses`], with `given` (from `--node-ip`) instead of the Node's
+/// InternalIPs of their family, which may then be missing; with `underlay`,
+/// the InternalIP of that family first (the endpoint older readers take).
 pub fn node_addresses_with(
     node: &Node,
-    address: Option<IpAddr>,
+    given: &[IpAddr],
+    underlay: Option<UnderlayFamily>,
 ) -> Result<(Vec<IpAddr>, Vec<IpNet>), K8sError> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let incomplete = |message: &str| K8sError::Incomplete {
@@ -277,11 +282,12 @@ pub fn node_addresses_with(
             a.address.parse().ok().map(|ip| (rank, ip))
         })
         .collect();
-    addrs.sort_by_key(|(r, _)| *r);
-    if let Some(a) = address {
-        addrs.retain(|(_, ip)| *ip != a);
-        addrs.insert(0, (0, a));
+    for a in given {
+        let family = UnderlayFamily::of(*a);
+        addrs.retain(|(r, ip)| *ip != *a && !(*r == 0 && family.holds(*ip)));
+        addrs.push((0, *a));
     }
+    addrs.sort_by_key(|(r, ip)| (*r, underlay.is_some_and(|u| !u.holds(*ip))));
     if addrs.first().is_none_or(|(r, _)| *r != 0) {
         return Err(incomplete(
             "status.addresses has no InternalIP; fix the kubelet's --node-ip, or give the agent --node-ip (in the DaemonSet: NODE_IP from the downward API's status.hostIP)",
@@ -318,8 +324,10 @@ pub struct NodeFollower<A> {
     pub api: A,
     /// The Node's name.
     pub name: String,
-    /// The tunnel endpoint from `--node-ip`, replacing the Node's InternalIP.
-    pub address: Option<IpAddr>,
+    /// The addresses from `--node-ip`, replacing the Node's InternalIPs of their family.
+    pub addresses: Vec<IpAddr>,
+    /// The underlay family, whose address is published first.
+    pub underlay: UnderlayFamily,
     /// Where that name came from (said when no Node has it).
     pub origin: NodeNameOrigin,
     /// This node's VTEP MAC, carried into the [`LocalNode`].
@@ -340,7 +348,8 @@ pub async fn follow_node<A: NodeApi>(
     NodeFollower {
         api,
         name,
-        address: None,
+        addresses: Vec::new(),
+        underlay: UnderlayFamily::default(),
         origin: NodeNameOrigin::Flag,
         vtep_mac,
         cluster_pod_cidrs: Vec::new(),
@@ -384,13 +393,14 @@ impl<A: NodeApi> NodeFollower<A> {
                         continue;
                     }
                 };
-                let (addresses, pod_cidrs) = match node_addresses_with(&node, self.address) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        self.report(&e, &mut said);
-                        continue;
-                    }
-                };
+                let (addresses, pod_cidrs) =
+                    match node_addresses_with(&node, &self.addresses, Some(self.underlay)) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.report(&e, &mut said);
+                            continue;
+                        }
+                    };
                 if said.take().is_some() {
                     tracing::info!(node = %self.name, "this node's Node is read again");
                 }
@@ -493,7 +503,7 @@ pub(crate) mod tests {
     fn an_address_from_the_flag_replaces_the_internal_ip() {
         let host: IpAddr = "192.168.7.7".parse().unwrap();
         let n: Node = serde_json::from_value(node_json("10.1.1.0/24")).unwrap();
-        let (a, p) = node_addresses_with(&n, Some(host)).unwrap();
+        let (a, p) = node_addresses_with(&n, &[host], None).unwrap();
         assert_eq!(a[0], host);
         assert_eq!(p, vec!["10.1.1.0/24".parse::<IpNet>().unwrap()]);
         let mut no_internal = n.clone();
@@ -501,8 +511,29 @@ pub(crate) mod tests {
             s.addresses = Some(Vec::new());
         }
         assert!(node_addresses(&no_internal).is_err());
-        let (a, _) = node_addresses_with(&no_internal, Some(host)).unwrap();
+        let (a, _) = node_addresses_with(&no_internal, &[host], None).unwrap();
         assert_eq!(a, vec![host]);
+    }
+
+    /// A dual-stack Node: both InternalIPs are published, the underlay
+    /// family's first; `--node-ip` replaces only the one of its family.
+    #[test]
+    fn dual_stack_internal_ips() {
+        let mut j = node_json("10.1.1.0/24");
+        j["status"]["addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "InternalIP", "address": "fd00::10"}));
+        let n: Node = serde_json::from_value(j).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, _) = node_addresses_with(&n, &[], Some(UnderlayFamily::Ipv6)).unwrap();
+        assert_eq!(a[..2], [ip("fd00::10"), ip("192.168.1.10")]);
+        let (a, _) = node_addresses_with(&n, &[], Some(UnderlayFamily::Ipv4)).unwrap();
+        assert_eq!(a[..2], [ip("192.168.1.10"), ip("fd00::10")]);
+        let (a, _) =
+            node_addresses_with(&n, &[ip("fd00::99")], Some(UnderlayFamily::Ipv6)).unwrap();
+        assert_eq!(a[..2], [ip("fd00::99"), ip("192.168.1.10")]);
+        assert!(!a.contains(&ip("fd00::10")));
     }
 
     #[test]

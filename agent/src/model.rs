@@ -162,7 +162,10 @@ pub struct NodeRecord {
     /// Cluster ID of the node's cluster.
     #[serde(rename = "clusterID")]
     pub cluster_id: u32,
-    /// Underlay addresses; `addresses[0]` is the tunnel endpoint.
+    /// Underlay addresses, at most one per family; the tunnel endpoint is
+    /// the first of the reader's underlay family ([`UnderlayFamily::endpoint`]).
+    /// The publisher lists its own underlay family first, so that readers
+    /// that take `addresses[0]` keep working.
     pub addresses: Vec<IpAddr>,
     /// The node's Pod CIDRs.
     #[serde(rename = "podCIDRs", default)]
@@ -173,6 +176,74 @@ pub struct NodeRecord {
     /// Boot ID of the node, so that a reboot is visible.
     #[serde(rename = "bootID", default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+}
+
+/// The address family of the underlay: which of a node's addresses are the
+/// tunnel endpoints (`--underlay-family`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderlayFamily {
+    /// Tunnels and next hops between IPv4 node addresses.
+    #[default]
+    Ipv4,
+    /// Tunnels and next hops between IPv6 node addresses.
+    Ipv6,
+}
+
+impl UnderlayFamily {
+    /// The family of `a`.
+    pub fn of(a: IpAddr) -> Self {
+        match a {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    /// Whether `a` is of this family.
+    pub fn holds(self, a: IpAddr) -> bool {
+        Self::of(a) == self
+    }
+
+    /// The tunnel endpoint of a node with these addresses: the first one of
+    /// this family, if any.
+    pub fn endpoint(self, addresses: &[IpAddr]) -> Option<IpAddr> {
+        addresses.iter().copied().find(|a| self.holds(*a))
+    }
+
+    /// `"IPv4"` or `"IPv6"`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
+    }
+
+    /// `ipv4` or `ipv6`, the flag's value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+impl fmt::Display for UnderlayFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// What a key under [`PREFIX`] names.
@@ -344,6 +415,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.id, 1);
+    }
+
+    /// A dual-stack record carries both addresses; each reader takes the
+    /// one of its underlay family, and an old single-address record still
+    /// decodes.
+    #[test]
+    fn endpoints_by_underlay_family() {
+        let v =
+            r#"{"name":"n","cluster":"east","clusterID":1,"addresses":["fd00::a","192.168.1.10"]}"#;
+        let r: NodeRecord = serde_json::from_str(v).unwrap();
+        assert_eq!(
+            UnderlayFamily::Ipv4.endpoint(&r.addresses),
+            Some("192.168.1.10".parse().unwrap())
+        );
+        assert_eq!(
+            UnderlayFamily::Ipv6.endpoint(&r.addresses),
+            Some("fd00::a".parse().unwrap())
+        );
+        let old: NodeRecord = serde_json::from_str(
+            r#"{"name":"n","cluster":"east","clusterID":1,"addresses":["192.168.1.10"]}"#,
+        )
+        .unwrap();
+        assert_eq!(UnderlayFamily::Ipv6.endpoint(&old.addresses), None);
     }
 
     #[test]

@@ -69,8 +69,8 @@ impl Drop for Agent {
 pub fn local_ranges(cfg: &AgentConfig, node: Option<&LocalNode>) -> LocalRanges {
     let (own_pods, addrs): (&[IpNet], Vec<IpAddr>) = match (node, &cfg.node_source) {
         (Some(n), _) => (&n.pod_cidrs, n.addresses.clone()),
-        (None, NodeSource::Static { ip, pod_cidrs }) => (pod_cidrs, vec![*ip]),
-        (None, NodeSource::Kubernetes { address }) => (&[], address.iter().copied().collect()),
+        (None, NodeSource::Static { ips, pod_cidrs }) => (pod_cidrs, ips.clone()),
+        (None, NodeSource::Kubernetes { addresses }) => (&[], addresses.clone()),
     };
     let mut pod = cfg.cluster_pod_cidrs.clone();
     for c in own_pods {
@@ -90,6 +90,7 @@ pub fn local_ranges(cfg: &AgentConfig, node: Option<&LocalNode>) -> LocalRanges 
         pod,
         service: cfg.service_cidrs.clone(),
         node: host,
+        underlay: cfg.underlay_family,
     }
 }
 
@@ -223,9 +224,9 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
     let (node_tx, node_rx) = watch::channel(None::<LocalNode>);
     let mac = vtep_mac.map(format_mac);
     match &cfg.node_source {
-        NodeSource::Static { ip, pod_cidrs } => {
+        NodeSource::Static { ips, pod_cidrs } => {
             let _ = node_tx.send(Some(LocalNode {
-                addresses: vec![*ip],
+                addresses: ips.clone(),
                 pod_cidrs: pod_cidrs.clone(),
                 vtep_mac: mac,
             }));
@@ -234,11 +235,12 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
                 node_tx.closed().await;
             }));
         }
-        NodeSource::Kubernetes { address } => {
+        NodeSource::Kubernetes { addresses } => {
             let api = k8s::KubeNodes::from_env().await?;
             let follower = k8s::NodeFollower {
                 api,
-                address: *address,
+                addresses: addresses.clone(),
+                underlay: cfg.underlay_family,
                 name: cfg.node_name.clone(),
                 origin: cfg.node_name_origin,
                 vtep_mac: mac,

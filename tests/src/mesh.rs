@@ -1,6 +1,8 @@
 //! A whole mesh: clusters of nodes and pods, a mesh etcd and proxy per cluster, agents.
 //!
-//! Per cluster: a control-plane namespace on the underlay (`172.31.<c+1>.250`)
+//! Per cluster: a control-plane namespace on the underlay (`172.31.<c+1>.250`,
+//! or `fd31::<c+1>:250` when the underlay has IPv6: then etcd and the proxy
+//! are reached over IPv6)
 //! running the cluster's mesh etcd (mTLS) and a `podmesh-etcd-proxy` in
 //! front of it (port 2379 on that address, its own CA), a clustermesh
 //! directory laid out like a mounted Kubernetes Secret (`..data` symlink
@@ -24,7 +26,7 @@
 //! so that [`Kept::remove`] (the demo's `down`) removes exactly those.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{Arc, OnceLock},
@@ -32,15 +34,23 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     etcd::{Etcd, http_get, write_client_config},
     netns::{self, NetNs},
     pki::Pki,
-    topo::{ClusterPlan, Node, Pod, Topology},
+    topo::{ClusterPlan, Node, Pod, Topology, Underlay},
 };
+
+/// `ip` as the host of a URL: `[v6]` in brackets.
+pub fn url_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
 
 /// Port of every agent's status server (on its node's loopback).
 pub const STATUS_PORT: u16 = 9090;
@@ -228,9 +238,27 @@ pub struct MeshBuilder {
     quick_retries: bool,
     agent_args: Vec<String>,
     cni: Option<Vec<crate::cni::Cni>>,
+    underlay: Underlay,
+    dual_stack_pods: bool,
 }
 
 impl MeshBuilder {
+    /// The address families of every node's and control plane's underlay
+    /// (default IPv4). With IPv6, the mesh etcds and proxies listen on the
+    /// control planes' IPv6 addresses, and the agents get every node
+    /// address (`--node-ip` per family).
+    pub fn underlay(mut self, underlay: Underlay) -> Self {
+        self.underlay = underlay;
+        self
+    }
+
+    /// Dual-stack pods: cluster `i` also gets the IPv6 Pod CIDR
+    /// `fd00:<i+1>::/48`, node `n` its `n`-th /64.
+    pub fn dual_stack_pods(mut self) -> Self {
+        self.dual_stack_pods = true;
+        self
+    }
+
     /// Adds cluster `name` with `nodes` nodes. Cluster `i` (0-based, in the
     /// order added) gets ID `i+1` and Pod CIDR `10.<i+1>.0.0/16`. A cluster
     /// without nodes runs only its control plane: its mesh etcd is what a
@@ -301,7 +329,12 @@ impl MeshBuilder {
             .iter()
             .enumerate()
             .map(|(i, (n, nodes))| {
-                let plan = ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), *nodes, self.pods);
+                let mut plan =
+                    ClusterPlan::new(n, &format!("10.{}.0.0/16", i + 1), *nodes, self.pods)
+                        .with_underlay(self.underlay);
+                if self.dual_stack_pods {
+                    plan = plan.with_ipv6(&format!("fd00:{}::/48", i + 1));
+                }
                 match &self.cni {
                     Some(cni) => plan.with_cni(cni),
                     None => plan,
@@ -381,7 +414,8 @@ struct ClusterCp {
     name: String,
     id: u8,
     pod_cidr: Ipv4Net,
-    cp_ip: Ipv4Addr,
+    pod_cidr_v6: Option<Ipv6Net>,
+    cp_ip: IpAddr,
     dir: PathBuf,
     secret: SecretDir,
     // Dropped in this order: the proxy, etcd, the namespace.
@@ -478,8 +512,8 @@ pub struct ControlPlane {
     pub pod_cidr: Ipv4Net,
     /// The namespace holding its mesh etcd and proxy.
     pub namespace: String,
-    /// Its underlay address.
-    pub address: Ipv4Addr,
+    /// Its underlay address (IPv6 when the underlay has IPv6).
+    pub address: IpAddr,
     /// `https://<address>:<port>` of the mesh etcd, once started.
     pub etcd_endpoint: Option<String>,
     /// `https://<address>:2379`, where the other clusters reach its proxy.
@@ -635,6 +669,8 @@ impl Mesh {
             quick_retries: true,
             agent_args: Vec::new(),
             cni: None,
+            underlay: Underlay::Ipv4,
+            dual_stack_pods: false,
         }
     }
 
@@ -660,15 +696,28 @@ impl Mesh {
 
     /// Adds cluster `ci`'s control-plane namespace to the underlay.
     fn add_control_plane(&self, ci: usize, plan: &ClusterPlan) -> anyhow::Result<ClusterCp> {
-        let cp_ip = Ipv4Addr::new(172, 31, ci as u8 + 1, 250);
+        let v4 = Ipv4Addr::new(172, 31, ci as u8 + 1, 250);
+        let v6 = Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, ci as u16 + 1, 0x250);
+        let u = plan.underlay;
+        let cp_ip = if u.has_v6() {
+            IpAddr::V6(v6)
+        } else {
+            IpAddr::V4(v4)
+        };
         let topo = &self.topo;
         let cp = topo.namespace(&format!("{}-cp", plan.name))?;
-        topo.attach(&cp, &format!("u{ci}cp"), cp_ip)?;
+        topo.attach_addrs(
+            &cp,
+            &format!("u{ci}cp"),
+            u.has_v4().then_some(v4),
+            u.has_v6().then_some(v6),
+        )?;
         let dir = self.dir().join(&plan.name);
         Ok(ClusterCp {
             name: plan.name.clone(),
             id: ci as u8 + 1,
             pod_cidr: plan.pod_cidr,
+            pod_cidr_v6: plan.pod_cidr_v6,
             cp_ip,
             secret: SecretDir {
                 root: dir.join("clustermesh"),
@@ -703,14 +752,9 @@ impl Mesh {
             &format!("{} etcd", c.name),
         )?);
         let etcd = in_netns(c.cp.name(), || {
-            Etcd::start_listening_in(
-                pki.clone(),
-                &format!("{}-mesh", c.name),
-                IpAddr::V4(c.cp_ip),
-                &c.dir,
-            )
+            Etcd::start_listening_in(pki.clone(), &format!("{}-mesh", c.name), c.cp_ip, &c.dir)
         })?;
-        let endpoint = format!("https://{}:{}", c.cp_ip, etcd.port());
+        let endpoint = format!("https://{}:{}", url_host(c.cp_ip), etcd.port());
         let agent_cert = pki.client(&format!("{}-agent", c.name))?;
         let agents = write_client_config(
             &c.dir.join("kvstore.yaml"),
@@ -750,8 +794,9 @@ impl Mesh {
                 f.insert(
                     r.clone(),
                     format!(
-                        "endpoints:\n- https://{ip}:{PROXY_PORT}\ntrusted-ca-file: {r}.ca.crt\n\
-                         cert-file: {r}.client.crt\nkey-file: {r}.client.key\n"
+                        "endpoints:\n- https://{}:{PROXY_PORT}\ntrusted-ca-file: {r}.ca.crt\n\
+                         cert-file: {r}.client.crt\nkey-file: {r}.client.key\n",
+                        url_host(*ip)
                     )
                     .into_bytes(),
                 );
@@ -796,8 +841,8 @@ impl Mesh {
                 etcd_endpoint: c
                     .kv
                     .as_ref()
-                    .map(|kv| format!("https://{}:{}", c.cp_ip, kv.etcd.port())),
-                proxy_endpoint: format!("https://{}:{PROXY_PORT}", c.cp_ip),
+                    .map(|kv| format!("https://{}:{}", url_host(c.cp_ip), kv.etcd.port())),
+                proxy_endpoint: format!("https://{}:{PROXY_PORT}", url_host(c.cp_ip)),
                 secret_dir: c.secret.root.clone(),
             })
             .collect()
@@ -867,7 +912,7 @@ impl Mesh {
             .server(&format!("{}-proxy", c.name), &[&c.cp_ip.to_string()])?;
         let mut args: Vec<String> = vec![
             "--listen".into(),
-            format!("{}:{PROXY_PORT}", c.cp_ip),
+            SocketAddr::new(c.cp_ip, PROXY_PORT).to_string(),
             "--upstream-config".into(),
             kv.upstream.display().to_string(),
             "--tls-cert".into(),
@@ -931,8 +976,6 @@ impl Mesh {
             c.id.to_string(),
             "--node-name".into(),
             n.name.clone(),
-            "--node-ip".into(),
-            n.addr.to_string(),
             "--pod-cidr".into(),
             n.pod_cidr.to_string(),
             "--cluster-pod-cidr".into(),
@@ -948,6 +991,17 @@ impl Mesh {
             "--bpf-pin-dir".into(),
             pin_dir.display().to_string(),
         ];
+        for a in n.underlay_addrs() {
+            args.extend(["--node-ip".into(), a.to_string()]);
+        }
+        if let (Some(node6), Some(cluster6)) = (n.pod_cidr_v6, c.pod_cidr_v6) {
+            args.extend([
+                "--pod-cidr".into(),
+                node6.to_string(),
+                "--cluster-pod-cidr".into(),
+                cluster6.to_string(),
+            ]);
+        }
         if self.quick_retries {
             args.extend(["--secret-poll-ms", "200", "--max-backoff", "2"].map(String::from));
         }
@@ -1139,6 +1193,37 @@ impl Mesh {
             }
         }
         v
+    }
+
+    /// Every pair from a pod of one cluster to the IPv6 address of a pod of
+    /// another cluster (dual-stack pods; empty without).
+    pub fn cross_cluster_pairs6(&self) -> Vec<(String, Ipv6Addr)> {
+        let mut v = Vec::new();
+        for a in &self.clusters {
+            for b in self.clusters.iter().filter(|b| b.name != a.name) {
+                for p in self.pods_of(&a.name) {
+                    for q in self.pods_of(&b.name) {
+                        v.extend(q.addr6.map(|to| (p.name.clone(), to)));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The pairs of `pairs` (to IPv6 addresses) that do not answer one ping.
+    pub fn unreachable6(&self, pairs: &[(String, Ipv6Addr)]) -> Vec<(String, Ipv6Addr)> {
+        pairs
+            .iter()
+            .filter(|(from, to)| {
+                !self
+                    .topo
+                    .pods()
+                    .find(|(_, p)| p.name == *from)
+                    .is_some_and(|(_, p)| p.ns.ping(&to.to_string(), 1, None))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Every pair from a pod of one cluster to a pod of another cluster.

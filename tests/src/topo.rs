@@ -1,14 +1,15 @@
 //! Topology builder: an underlay bridge, clusters of nodes, pods attached by the real CNI plugins.
 //!
 //! Addresses come from a small plan: cluster `c` (0-based) node `n` gets the
-//! underlay address `172.31.<c+1>.<n+1>/16`, the Pod CIDR block `n` of the
+//! underlay address `172.31.<c+1>.<n+1>/16` and/or `fd31::<c+1>:<n+1>/64`
+//! (the plan's [`Underlay`]), the Pod CIDR block `n` of the
 //! cluster's Pod CIDR (a /24 by default), and its pods `.10`, `.11`, … of
 //! that block, attached by the standard CNI plugins (`bridge` or `ptp` with
 //! `host-local` and `ipMasq`, see [`crate::cni`]; the node's plan says which).
 //! Same-cluster pod routes between nodes (the cluster CNI's overlay) are
 //! installed; cross-cluster ones are what podmesh is for.
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -19,6 +20,30 @@ use crate::{
     cni::{Cni, CniNetwork},
     netns::NetNs,
 };
+
+/// The address families on a cluster's node underlay devices (`eth0`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Underlay {
+    /// `172.31.<c+1>.<n+1>/16` only.
+    #[default]
+    Ipv4,
+    /// `fd31::<c+1>:<n+1>/64` only: no IPv4 address on `eth0`.
+    Ipv6,
+    /// Both.
+    Dual,
+}
+
+impl Underlay {
+    /// Whether nodes have an IPv4 underlay address.
+    pub fn has_v4(self) -> bool {
+        self != Self::Ipv6
+    }
+
+    /// Whether nodes have an IPv6 underlay address.
+    pub fn has_v6(self) -> bool {
+        self != Self::Ipv4
+    }
+}
 
 /// A cluster to build.
 #[derive(Clone, Debug)]
@@ -38,6 +63,8 @@ pub struct ClusterPlan {
     /// An IPv6 Pod CIDR (a /48 or shorter) for dual-stack pods: node `n`
     /// gets its `n`-th /64.
     pub pod_cidr_v6: Option<Ipv6Net>,
+    /// The address families of the nodes' underlay.
+    pub underlay: Underlay,
 }
 
 impl ClusterPlan {
@@ -52,7 +79,14 @@ impl ClusterPlan {
             pods_per_node: pods,
             cni: vec![Cni::Bridge, Cni::Ptp],
             pod_cidr_v6: None,
+            underlay: Underlay::Ipv4,
         }
+    }
+
+    /// The nodes' underlay address families.
+    pub fn with_underlay(mut self, underlay: Underlay) -> Self {
+        self.underlay = underlay;
+        self
     }
 
     /// Every node of the cluster on these CNI layouts, cycled.
@@ -96,8 +130,12 @@ pub struct Node {
     pub cluster_index: usize,
     /// e.g. `east-n0`.
     pub name: String,
-    /// Underlay address on `eth0`.
+    /// IPv4 underlay address, on `eth0` unless the underlay is IPv6-only.
     pub addr: Ipv4Addr,
+    /// IPv6 underlay address on `eth0` (IPv6 and dual-stack underlays).
+    pub addr6: Option<Ipv6Addr>,
+    /// The address families on `eth0`.
+    pub underlay: Underlay,
     /// The node's Pod CIDR.
     pub pod_cidr: Ipv4Net,
     /// The node's IPv6 Pod CIDR (dual-stack plans).
@@ -131,6 +169,35 @@ pub struct Topology {
 
 /// Underlay prefix length: all clusters share one L2 segment.
 pub const UNDERLAY_PREFIX_LEN: u8 = 16;
+/// IPv6 underlay prefix length (`fd31::/64`): the same segment.
+pub const UNDERLAY6_PREFIX_LEN: u8 = 64;
+
+impl Node {
+    /// The underlay addresses on `eth0`, IPv4 first.
+    pub fn underlay_addrs(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if self.underlay.has_v4() {
+            out.push(IpAddr::V4(self.addr));
+        }
+        out.extend(self.addr6.map(IpAddr::V6));
+        out
+    }
+
+    /// The address other nodes use as next hop towards this one: IPv4
+    /// where it has one.
+    pub fn next_hop(&self) -> IpAddr {
+        self.underlay_addrs()[0]
+    }
+}
+
+/// `via` arguments of `ip route` towards `gw` (`via inet6 …` for an IPv6
+/// gateway of an IPv4 route).
+fn via(gw: IpAddr) -> Vec<String> {
+    match gw {
+        IpAddr::V4(a) => vec!["via".into(), a.to_string()],
+        IpAddr::V6(a) => vec!["via".into(), "inet6".into(), a.to_string()],
+    }
+}
 
 impl Topology {
     /// Builds the clusters of `plans` on one underlay bridge.
@@ -204,6 +271,18 @@ impl Topology {
     /// bridge end is `port` and whose other end is `eth0` in `ns`, with
     /// `addr` on it.
     pub fn attach(&self, ns: &NetNs, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        self.attach_addrs(ns, port, Some(addr), None)
+    }
+
+    /// Like [`Topology::attach`], with an IPv4 address, an IPv6 address
+    /// (`/64`, no duplicate address detection), or both on `eth0`.
+    pub fn attach_addrs(
+        &self,
+        ns: &NetNs,
+        port: &str,
+        addr: Option<Ipv4Addr>,
+        addr6: Option<Ipv6Addr>,
+    ) -> anyhow::Result<()> {
         self.underlay.ip(&[
             "link",
             "add",
@@ -218,13 +297,26 @@ impl Topology {
         ])?;
         self.underlay
             .ip(&["link", "set", port, "master", "br0", "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
-            "dev",
-            "eth0",
-        ])?;
+        if let Some(addr) = addr {
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        if let Some(a6) = addr6 {
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a6}/{UNDERLAY6_PREFIX_LEN}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ns.ip(&["link", "set", "eth0", "up"]).map(drop)
     }
 
@@ -238,7 +330,16 @@ impl Topology {
         let name = format!("{}-n{ni}", plan.name);
         let ns = Self::netns(self.prefix.as_deref(), &name)?;
         let addr = Ipv4Addr::new(172, 31, ci as u8 + 1, ni as u8 + 1);
-        self.attach(&ns, &format!("u{ci}n{ni}"), addr)?;
+        let addr6 = plan
+            .underlay
+            .has_v6()
+            .then(|| Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, ci as u16 + 1, ni as u16 + 1));
+        self.attach_addrs(
+            &ns,
+            &format!("u{ci}n{ni}"),
+            plan.underlay.has_v4().then_some(addr),
+            addr6,
+        )?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let pod_cidr_v6 = match plan.pod_cidr_v6 {
             Some(v6) => Some(
@@ -249,7 +350,7 @@ impl Topology {
             ),
             None => None,
         };
-        if pod_cidr_v6.is_some() {
+        if pod_cidr_v6.is_some() || addr6.is_some() {
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         let mut node = Node {
@@ -263,6 +364,8 @@ impl Topology {
             },
             name,
             addr,
+            addr6,
+            underlay: plan.underlay,
             pod_cidr,
             pod_cidr_v6,
             pods_made: 0,
@@ -341,20 +444,8 @@ impl Topology {
             .with_context(|| format!("cluster {cluster} has no Pod CIDR block left"))?;
         let node = self.add_node(ci, &plan, ni, block)?;
         for other in self.cluster_nodes(cluster) {
-            node.ns.ip(&[
-                "route",
-                "add",
-                &other.pod_cidr.to_string(),
-                "via",
-                &other.addr.to_string(),
-            ])?;
-            other.ns.ip(&[
-                "route",
-                "add",
-                &node.pod_cidr.to_string(),
-                "via",
-                &node.addr.to_string(),
-            ])?;
+            route_to(&node, other)?;
+            route_to(other, &node)?;
         }
         self.nodes.push(node);
         Ok(self.nodes.last().expect("just pushed"))
@@ -368,13 +459,7 @@ impl Topology {
                 .iter()
                 .filter(|b| b.cluster == a.cluster && b.name != a.name)
             {
-                a.ns.ip(&[
-                    "route",
-                    "add",
-                    &b.pod_cidr.to_string(),
-                    "via",
-                    &b.addr.to_string(),
-                ])?;
+                route_to(a, b)?;
             }
         }
         Ok(())
@@ -409,4 +494,23 @@ impl Topology {
             .iter()
             .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
     }
+}
+
+/// On node `a`, the routes of node `b`'s Pod CIDRs (IPv4, and IPv6 when it
+/// has one) through `b`'s underlay address.
+fn route_to(a: &Node, b: &Node) -> anyhow::Result<()> {
+    let mut args: Vec<String> = vec!["route".into(), "add".into(), b.pod_cidr.to_string()];
+    args.extend(via(b.next_hop()));
+    a.ns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    if let (Some(v6), Some(gw)) = (b.pod_cidr_v6, b.addr6) {
+        a.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &v6.to_string(),
+            "via",
+            &gw.to_string(),
+        ])?;
+    }
+    Ok(())
 }

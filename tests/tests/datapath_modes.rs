@@ -113,6 +113,66 @@ async fn ipip_mode_connects_every_pod_pair_across_clusters() -> anyhow::Result<(
     Ok(())
 }
 
+/// ipip over an IPv6-only underlay: IPv4 and IPv6 pods through the kernel's
+/// IPv6 tunnel (`podmesh-ip6`, external ip6tnl with `encap ip6` nexthops).
+/// Runs where the kernel has ip6tnl: `cargo xtask vm-test` (Debian's kernel).
+#[tokio::test]
+#[ignore = "needs a kernel with ip6tnl: cargo xtask vm-test runs it in a VM"]
+async fn ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair() -> anyhow::Result<()> {
+    use podmesh_agent::{datapath::Datapath, model::UnderlayFamily};
+    use podmesh_tests::topo::{ClusterPlan, Underlay};
+
+    if !require_root("ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair") {
+        return Ok(());
+    }
+    let plans = [
+        ClusterPlan::new("east", "10.1.0.0/16", 2, 1)
+            .with_ipv6("fd00:1::/48")
+            .with_underlay(Underlay::Ipv6),
+        ClusterPlan::new("west", "10.2.0.0/16", 2, 1)
+            .with_ipv6("fd00:2::/48")
+            .with_underlay(Underlay::Ipv6),
+    ];
+    let mut mesh = Mesh::with_underlay(DatapathMode::Ipip, &plans, UnderlayFamily::Ipv6)?;
+    for i in 0..mesh.dps.len() {
+        let mut want = mesh.desired_dual(i);
+        mesh.dps[i].upsert(&want).await?;
+        let mut got = mesh.dps[i].installed().await?;
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "node {i} reads back what it installed");
+    }
+    let failed = mesh.cross_cluster_failures(None);
+    assert!(failed.is_empty(), "IPv4 unreachable: {failed:#?}");
+    let mut failed6 = Vec::new();
+    for (from_node, from) in mesh.topo.pods() {
+        for (to_node, to) in mesh.topo.pods() {
+            let to6 = to.addr6.expect("dual-stack pod").to_string();
+            if from_node.cluster != to_node.cluster
+                && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
+                    if from.ns.ping(&to6, 2, None) {
+                        Ok(())
+                    } else {
+                        Err(String::new())
+                    }
+                })
+                .is_err()
+            {
+                failed6.push(format!("{} -> {to6}", from.name));
+            }
+        }
+    }
+    assert!(failed6.is_empty(), "IPv6 unreachable: {failed6:#?}");
+    let nh = mesh.ip(0, &["nexthop", "show", "proto", "80"])?;
+    assert!(
+        nh.contains("encap ip6") && nh.contains("dev podmesh-ip6"),
+        "{nh}"
+    );
+    let route = mesh.ip(0, &["route", "show", "10.2.0.0/24"])?;
+    assert!(route.contains("mtu 1460"), "IPv6 tunnel MTU: {route}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn ipip_mode_refuses_clearly_without_kernel_support() -> anyhow::Result<()> {
     if !require_root("ipip_mode_refuses_clearly_without_kernel_support") {

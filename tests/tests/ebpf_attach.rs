@@ -100,12 +100,7 @@ fn tc_egress_program_attaches_to_podmesh0() -> anyhow::Result<()> {
     assert!(pinned.exists(), "{} not pinned", pinned.display());
     let mut remotes: LpmTrie<_, [u8; 4], RemoteNode> =
         LpmTrie::try_from(ebpf.map_mut(REMOTES_V4_MAP).context("map")?)?;
-    let node = RemoteNode {
-        addr_v4: u32::from(std::net::Ipv4Addr::new(192, 168, 50, 21)),
-        vni: 1,
-        vtep_mac: [2, 0, 0, 0, 0, 1],
-        _pad: [0; 2],
-    };
+    let node = RemoteNode::new([192, 168, 50, 21].into(), 1, [2, 0, 0, 0, 0, 1]);
     remotes.insert(&Key::new(24, [10, 2, 1, 0]), node, 0)?;
     assert_eq!(remotes.get(&Key::new(32, [10, 2, 1, 7]), 0)?, node);
     Ok(())

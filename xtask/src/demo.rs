@@ -16,8 +16,8 @@
 //! the directory. It uses only addresses inside the namespaces it creates,
 //! and loopback.
 use std::{
+    fmt::Display,
     fs,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use podmesh_tests::{
     mesh::{Binaries, Kept, KeptProcess, Mesh, MeshBuilder, remove_namespace, unmount_below},
     netns,
-    topo::ClusterPlan,
+    topo::{ClusterPlan, Underlay},
 };
 
 use crate::util::{cargo, sh, target_dir};
@@ -66,9 +66,24 @@ pub struct DemoArgs {
     /// Cilium do); host-local addresses and ipMasq either way.
     #[arg(long, default_value = "bridge")]
     cni: podmesh_tests::cni::Cni,
+    /// Address families: `ipv4` (an IPv4 underlay, IPv4 pods), `ipv6` (an
+    /// IPv6-only underlay: no IPv4 address on any node's underlay device,
+    /// mesh etcds and proxies reached over IPv6; dual-stack pods) or `dual`
+    /// (a dual-stack underlay, tunnels over IPv4 unless the agents get
+    /// `--underlay-family ipv6`; dual-stack pods).
+    #[arg(long, value_enum, default_value = "ipv4")]
+    ip_family: IpFamily,
     /// How long to wait for every pair of pods to reach each other.
     #[arg(long, default_value_t = 90)]
     timeout_secs: u64,
+}
+
+/// The demo's address families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IpFamily {
+    Ipv4,
+    Ipv6,
+    Dual,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -131,7 +146,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let bins = locate_binaries()?;
     let cli = bins.cli.clone().expect("located with the CLI");
 
-    let builder = NAMES[..usize::from(args.clusters)]
+    let mut builder = NAMES[..usize::from(args.clusters)]
         .iter()
         .fold(Mesh::builder(), |b, name| b.cluster(name, NODES))
         .pods(PODS)
@@ -142,6 +157,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .binaries(bins)
         // What a user runs: the agents' and proxies' default timings.
         .quick_retries(false);
+    builder = match args.ip_family {
+        IpFamily::Ipv4 => builder,
+        IpFamily::Ipv6 => builder.underlay(Underlay::Ipv6).dual_stack_pods(),
+        IpFamily::Dual => builder.underlay(Underlay::Dual).dual_stack_pods(),
+    };
 
     step(2, "address plan (podmesh plan check), network namespaces");
     save_state(&Kept::default())?;
@@ -225,13 +245,23 @@ fn check_plan(builder: &MeshBuilder, cli: &Path) -> anyhow::Result<()> {
     let plans: Vec<ClusterPlan> = builder.plans();
     let mut y = String::from("clusters:\n");
     for (ci, p) in plans.iter().enumerate() {
+        let mut pods = vec![p.pod_cidr.to_string()];
+        pods.extend(p.pod_cidr_v6.map(|c| format!("\"{c}\"")));
+        let mut nodes = Vec::new();
+        if p.underlay.has_v4() {
+            nodes.push(format!("172.31.{}.0/24", ci + 1));
+        }
+        if p.underlay.has_v6() {
+            // fd31::<c+1>:<n+1>: one /112 per cluster.
+            nodes.push(format!("\"fd31::{:x}:0/112\"", ci + 1));
+        }
         y.push_str(&format!(
             "- name: {}\n  id: {}\n  podCIDRs: [{}]\n  serviceCIDRs: []\n  \
-             nodeCIDRs: [172.31.{}.0/24]\n  nodeMaskSize: {{ipv4: {}}}\n  nodes: {}\n",
+             nodeCIDRs: [{}]\n  nodeMaskSize: {{ipv4: {}, ipv6: 64}}\n  nodes: {}\n",
             p.name,
             ci + 1,
-            p.pod_cidr,
-            ci + 1,
+            pods.join(", "),
+            nodes.join(", "),
             p.node_prefix_len,
             p.nodes
         ));
@@ -262,7 +292,15 @@ fn bring_up(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<bool> {
         let nodes: Vec<String> = mesh
             .topo
             .cluster_nodes(&cp.cluster)
-            .map(|n| format!("{} {} pods {}", n.name, n.addr, n.pod_cidr))
+            .map(|n| {
+                let addrs: Vec<String> =
+                    n.underlay_addrs().iter().map(ToString::to_string).collect();
+                let mut pods = n.pod_cidr.to_string();
+                if let Some(v6) = n.pod_cidr_v6 {
+                    pods.push_str(&format!(" {v6}"));
+                }
+                format!("{} {} pods {pods}", n.name, addrs.join(" "))
+            })
             .collect();
         eprintln!(
             "  {} (ID {}, Pod CIDR {}): nodes {} ; control plane {} ({})",
@@ -324,9 +362,17 @@ fn bring_up(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<bool> {
     step(7, "ping every pod of every other cluster");
     let timeout = Duration::from_secs(args.timeout_secs);
     let pairs = mesh.cross_cluster_pairs();
-    let (unreachable, converged) = ping_all(mesh, &pairs, timeout, agents_started);
+    let (unreachable, converged) =
+        ping_all(&pairs, |p| mesh.unreachable(p), timeout, agents_started);
     let total = pairs.len();
     let ok = total - unreachable.len();
+    let pairs6 = mesh.cross_cluster_pairs6();
+    let mut unreachable6 = Vec::new();
+    if !pairs6.is_empty() {
+        eprintln!("  IPv6 (dual-stack pods):");
+        let (bad, _) = ping_all(&pairs6, |p| mesh.unreachable6(p), timeout, agents_started);
+        unreachable6 = bad;
+    }
     eprintln!("\n==> summary");
     eprintln!(
         "  clusters {}, nodes {}, pods {}",
@@ -336,6 +382,13 @@ fn bring_up(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<bool> {
     );
     print_matrix(mesh, &unreachable);
     eprintln!("  cross-cluster pod pairs reachable: {ok}/{total}");
+    if !pairs6.is_empty() {
+        eprintln!(
+            "  cross-cluster pod pairs reachable over IPv6: {}/{}",
+            pairs6.len() - unreachable6.len(),
+            pairs6.len()
+        );
+    }
     let sources_kept = if unreachable.is_empty() {
         check_sources(mesh)
     } else {
@@ -347,7 +400,7 @@ fn bring_up(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<bool> {
         }
         None => eprintln!("  did not converge within {timeout:?}"),
     }
-    Ok(unreachable.is_empty() && sources_kept)
+    Ok(unreachable.is_empty() && unreachable6.is_empty() && sources_kept)
 }
 
 /// One TCP connection from the first pod of every cluster to the first pod
@@ -406,18 +459,18 @@ fn check_sources(mesh: &Mesh) -> bool {
 /// Pings every pair (1 packet each), retrying the pairs that do not answer
 /// yet; returns the pairs that never answered and the time from `since`
 /// until every pair had answered.
-fn ping_all(
-    mesh: &Mesh,
-    pairs: &[(String, Ipv4Addr)],
+fn ping_all<A: Clone + Display>(
+    pairs: &[(String, A)],
+    unreachable: impl Fn(&[(String, A)]) -> Vec<(String, A)>,
     timeout: Duration,
     since: Instant,
-) -> (Vec<(String, Ipv4Addr)>, Option<Duration>) {
+) -> (Vec<(String, A)>, Option<Duration>) {
     let total = pairs.len();
     let mut pending = pairs.to_vec();
     let deadline = Instant::now() + timeout;
     let mut last_report = Instant::now();
     loop {
-        pending = mesh.unreachable(&pending);
+        pending = unreachable(&pending);
         let ok = total - pending.len();
         if pending.is_empty() {
             eprintln!("  {ok}/{total} pairs answer");
@@ -441,7 +494,7 @@ fn ping_all(
 }
 
 /// Pairs that answered, per (from cluster, to cluster), as a table.
-fn print_matrix(mesh: &Mesh, unreachable: &[(String, Ipv4Addr)]) {
+fn print_matrix(mesh: &Mesh, unreachable: &[(String, std::net::Ipv4Addr)]) {
     let names: Vec<String> = mesh
         .control_planes()
         .into_iter()

@@ -18,12 +18,14 @@ use anyhow::{Context, bail};
 
 use crate::util::{cargo, output, sh};
 
-/// The tests the VM runs (tests/tests/datapath_modes.rs): ipip, which the
-/// host cannot run, and ebpf, which there attaches through cls_bpf instead
-/// of TCX (Linux < 6.6, as on Debian 12's stock kernel).
+/// The tests the VM runs (tests/tests/datapath_modes.rs): ipip, also over an
+/// IPv6 underlay (ip6tnl), which the host cannot run, and ebpf, which there
+/// attaches through cls_bpf instead of TCX (Linux < 6.6, as on Debian 12's
+/// stock kernel).
 const TEST_TARGET: &str = "datapath_modes";
 const TEST_NAMES: &[&str] = &[
     "ipip_mode_connects_every_pod_pair_across_clusters",
+    "ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair",
     "ebpf_mode_connects_every_pod_pair_across_clusters",
 ];
 /// Modules the guest loads, dependencies first (resolved from the modules'
@@ -40,6 +42,7 @@ const ROOT_MODULES: &[&str] = &[
     "veth",
     "bridge",
     "ipip",
+    "ip6_tunnel",
     "vxlan",
     "sch_ingress",
     "cls_bpf",

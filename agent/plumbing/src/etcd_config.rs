@@ -182,6 +182,20 @@ impl EtcdClientConfig {
             if rest.is_empty() || rest.contains(char::is_whitespace) {
                 return Err(invalid(format!("endpoint {e:?} has no valid host")));
             }
+            // An IPv6 address goes in brackets (RFC 3986): without them its
+            // colons cannot be told from the port's.
+            let authority = rest.split('/').next().unwrap_or_default();
+            let ipv6_ok = match authority.strip_prefix('[') {
+                Some(r) => r
+                    .split_once(']')
+                    .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok()),
+                None => authority.matches(':').count() <= 1,
+            };
+            if !ipv6_ok {
+                return Err(invalid(format!(
+                    "endpoint {e:?}: an IPv6 address goes in brackets, e.g. https://[fd00::1]:2379"
+                )));
+            }
         }
         if cfg.cert_file.is_some() != cfg.key_file.is_some() {
             return Err(invalid(
@@ -287,6 +301,18 @@ mod tests {
             Path::new("/etc/mesh/east.ca.crt")
         );
         assert_eq!(c.cert_file.unwrap(), Path::new("/abs/east.client.crt"));
+    }
+
+    #[test]
+    fn ipv6_endpoints_in_brackets() {
+        let c = parse("endpoints: [\"https://[fd00::1]:2379\"]\ntrusted-ca-file: ca\n").unwrap();
+        assert_eq!(c.endpoints, vec!["https://[fd00::1]:2379"]);
+        for bad in ["https://fd00::1:2379", "https://[fd00::zz]:2379"] {
+            let e = parse(&format!("endpoints: [\"{bad}\"]\ntrusted-ca-file: ca\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("in brackets"), "{bad}: {e}");
+        }
     }
 
     #[test]

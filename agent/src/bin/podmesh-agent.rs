@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use podmesh_agent::{
-    config::{self, NodeSource},
+    config,
     datapath::{KernelConfig, from_config, memory::MemoryDatapath},
     runtime,
 };
@@ -71,10 +71,8 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
             vni: cfg.vni,
             underlay_mtu: cfg.underlay_mtu,
             pin_dir: cfg.bpf_pin_dir.clone(),
-            node_ip: match &cfg.node_source {
-                NodeSource::Static { ip, .. } => Some(*ip),
-                NodeSource::Kubernetes { address } => *address,
-            },
+            node_ip: cfg.underlay_ip(),
+            underlay: cfg.underlay_family,
             ..KernelConfig::new(cfg.datapath)
         };
         let dp = from_config(&kc)?;

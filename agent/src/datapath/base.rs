@@ -13,7 +13,7 @@ use std::{
 use ipnet::IpNet;
 
 pub use super::error::{DatapathError, Refusal, RefusalReason};
-use crate::config::DatapathMode;
+use crate::{config::DatapathMode, model::UnderlayFamily};
 
 /// Route protocol number of every route podmesh installs (`ip route show
 /// proto 80`): prune and resync touch only routes with this number.
@@ -32,7 +32,7 @@ pub struct RemoteRoute {
     pub cluster: String,
     /// The remote node.
     pub node: String,
-    /// The remote node's tunnel endpoint / next hop (`addresses[0]`).
+    /// The remote node's tunnel endpoint / next hop (its address of the underlay family).
     pub node_addr: IpAddr,
     /// The remote node's tunnel device MAC, when it published one.
     pub vtep_mac: Option<[u8; 6]>,
@@ -96,8 +96,10 @@ pub struct KernelConfig {
     /// Underlay MTU; default: the MTU of the device holding `node_ip` (without
     /// one: of the default route's device), else 1500.
     pub underlay_mtu: Option<u32>,
-    /// This node's underlay address.
+    /// This node's underlay address (of the `underlay` family).
     pub node_ip: Option<IpAddr>,
+    /// The underlay's family: of the tunnel endpoints and next hops.
+    pub underlay: UnderlayFamily,
     /// Where the maps and the tc link are pinned (on bpffs).
     pub pin_dir: PathBuf,
     /// Network namespace to program (a file like `/run/netns/NAME`); `None`
@@ -118,6 +120,7 @@ impl KernelConfig {
             vni: 1,
             underlay_mtu: None,
             node_ip: None,
+            underlay: UnderlayFamily::Ipv4,
             pin_dir: PathBuf::from(podmesh_common::PIN_DIR),
             netns: None,
             tunnel_mac: None,

@@ -1,6 +1,8 @@
 //! Tunnel devices podmesh owns (`podmesh0`, `podmesh-vx`): create, or adopt when present.
 use std::net::IpAddr;
 
+use crate::model::UnderlayFamily;
+
 use super::{
     base::DatapathError,
     error::netlink_err,
@@ -10,8 +12,18 @@ use super::{
 
 /// Bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes VXLAN adds over IPv6: outer IPv6 header 40 + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub const VXLAN6_OVERHEAD: u32 = 70;
 /// Bytes IPIP adds: the outer IPv4 header.
 pub const IPIP_OVERHEAD: u32 = 20;
+
+/// Bytes VXLAN adds over an underlay of this family.
+pub fn vxlan_overhead(underlay: UnderlayFamily) -> u32 {
+    match underlay {
+        UnderlayFamily::Ipv4 => VXLAN_OVERHEAD,
+        UnderlayFamily::Ipv6 => VXLAN6_OVERHEAD,
+    }
+}
 
 /// The wanted shape of a VXLAN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +43,10 @@ pub struct VxlanSpec<'a> {
     /// device recreated while the agent runs keeps the address the node
     /// published as `vtepMAC`, which the remote nodes send to.
     pub mac: Option<[u8; 6]>,
+    /// Source address of a device with a VNI: an IPv6 one (`::` for any)
+    /// makes the device send and receive over IPv6; `None` is IPv4 (an
+    /// external device takes the family from each packet's tunnel key).
+    pub local: Option<IpAddr>,
 }
 
 /// Creates the device, or adopts an existing one of that name with the same
@@ -65,6 +81,7 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
         l.kind.as_deref() == Some("vxlan")
             && l.vxlan.is_some_and(|v| {
                 v.port == spec.port
+                    && v.local == spec.local.filter(|a| !a.is_unspecified())
                     && match spec.vni {
                         None => v.external,
                         Some(vni) => !v.external && v.vni == vni,
@@ -81,11 +98,15 @@ pub fn ensure_vxlan(nl: &mut Netlink, spec: VxlanSpec<'_>) -> Result<Link, Datap
                 spec.name
             );
             rtnl::delete_link(nl, l.index).map_err(|e| ctx("deleting", e))?;
-            rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac)
-                .map_err(|e| conflict(nl, "creating", e))?;
+            rtnl::create_vxlan(
+                nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac, spec.local,
+            )
+            .map_err(|e| conflict(nl, "creating", e))?;
         }
-        None => rtnl::create_vxlan(nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac)
-            .map_err(|e| conflict(nl, "creating", e))?,
+        None => rtnl::create_vxlan(
+            nl, spec.name, spec.vni, spec.port, spec.mtu, spec.mac, spec.local,
+        )
+        .map_err(|e| conflict(nl, "creating", e))?,
     }
     let link = rtnl::link_by_name(nl, spec.name)
         .map_err(|e| ctx("reading back", e))?

@@ -1,15 +1,16 @@
 //! The `ebpf` datapath: `podmesh0` (VXLAN, collect_md), a TCX egress program and pinned LPM maps.
 //!
 //! Remote Pod CIDRs are routed into `podmesh0` (protocol [`ROUTE_PROTOCOL`],
-//! MTU = underlay − 50); the program looks the destination up in the map of
-//! its family (IPv4 or IPv6 Pod CIDRs; the underlay is IPv4 for both),
-//! sets the tunnel key and rewrites the inner destination MAC. Maps and the
+//! MTU = underlay − 50, or − 70 over IPv6); the program looks the
+//! destination up in the map of its family (IPv4 or IPv6 Pod CIDRs; the
+//! underlay, IPv4 or IPv6, is independent of it), sets the tunnel key and
+//! rewrites the inner destination MAC. Maps and the
 //! TCX link are pinned under the pin directory, so a stopped agent leaves
 //! forwarding in place and a new one adopts them: it reuses the pinned maps
 //! and atomically swaps its program into the pinned link.
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -25,16 +26,18 @@ use aya::{
 };
 use ipnet::IpNet;
 use podmesh_common::{
-    COUNTERS_MAP, OWNERS_MAP, REMOTES_V4_MAP, REMOTES_V6_MAP, RemoteNode, TUNNEL_DEVICE,
-    TUNNEL_EGRESS_LINK_PIN, TUNNEL_EGRESS_PROG, counter,
+    COUNTERS_MAP, OWNERS_MAP, REMOTES_V4_MAP, REMOTES_V6_MAP, RemoteNode, RemoteNodeV1,
+    TUNNEL_DEVICE, TUNNEL_EGRESS_LINK_PIN, TUNNEL_EGRESS_PROG, counter,
 };
+
+use crate::model::UnderlayFamily;
 
 use super::{
     base::{
         Counters, DatapathError, KernelConfig, PruneReport, ROUTE_PROTOCOL, RefusalReason,
         RemoteRoute,
     },
-    device::{self, VXLAN_OVERHEAD, VxlanSpec},
+    device::{self, VxlanSpec, vxlan_overhead},
     error::{netlink_err, upsert_result},
     nexthop,
     nl::{Msg, Netlink, in_netns},
@@ -50,6 +53,7 @@ pub struct EbpfDatapath {
     mac: [u8; 6],
     route_mtu: u32,
     vni: u32,
+    underlay: UnderlayFamily,
     pin_dir: PathBuf,
     remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
     remotes_v6: LpmTrie<MapData, [u8; 16], RemoteNode>,
@@ -124,7 +128,10 @@ impl EbpfDatapath {
     pub fn new(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
         let underlay = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)?;
-        let route_mtu = underlay - VXLAN_OVERHEAD;
+        let route_mtu = underlay - vxlan_overhead(cfg.underlay);
+        // External (collect_md) devices listen on IPv4 and IPv6 alike
+        // (drivers/net/vxlan/vxlan_core.c, `vxlan_open`): the tunnel key
+        // chooses the family per packet.
         let link = device::ensure_vxlan(
             &mut nl,
             VxlanSpec {
@@ -134,10 +141,12 @@ impl EbpfDatapath {
                 mtu: route_mtu,
                 noarp: true,
                 mac: cfg.tunnel_mac,
+                local: None,
             },
         )?;
         let mac = device::mac_of(&link)?;
         ensure_pin_dir(&cfg.pin_dir)?;
+        let carried = take_v1_maps(&cfg.pin_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
@@ -150,6 +159,7 @@ impl EbpfDatapath {
                     e,
                 )
             })?;
+        carry_over(&mut ebpf, carried)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TUNNEL_EGRESS_PROG)
             .ok_or_else(|| DatapathError::Other(format!("{TUNNEL_EGRESS_PROG} not in object")))?
@@ -196,6 +206,7 @@ impl EbpfDatapath {
             mac,
             route_mtu,
             vni: cfg.vni,
+            underlay: cfg.underlay,
             pin_dir: cfg.pin_dir.clone(),
             remotes,
             remotes_v6,
@@ -274,9 +285,10 @@ pub fn pinned_entries(pin_dir: &Path) -> Result<Vec<(IpNet, RemoteNode)>, Datapa
 /// runs them off the async runtime's workers.
 impl EbpfDatapath {
     /// Installs every route that can be installed; one bad remote record
-    /// (no vtepMAC, IPv6 node address) never blocks the others. Returns the
-    /// first failure, else the refused records. IPv4 and IPv6 Pod CIDRs each have their LPM map; the
-    /// tunnel runs over the IPv4 underlay for both.
+    /// (no vtepMAC, a node address of the other family than the underlay's)
+    /// never blocks the others. Returns the first failure, else the refused
+    /// records. IPv4 and IPv6 Pod CIDRs each have their LPM map; the tunnel
+    /// runs over the configured underlay family for both.
     pub fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         let mut first_err = None;
         let mut refused = Vec::new();
@@ -284,20 +296,18 @@ impl EbpfDatapath {
         let mut cidrs = Vec::with_capacity(routes.len());
         let mut named = Vec::with_capacity(routes.len());
         for r in routes {
-            let IpAddr::V4(addr) = r.node_addr else {
-                refused.push(r.refusal(RefusalReason::Ipv6Underlay { addr: r.node_addr }));
+            if !self.underlay.holds(r.node_addr) {
+                refused.push(r.refusal(RefusalReason::UnderlayFamily {
+                    addr: r.node_addr,
+                    underlay: self.underlay,
+                }));
                 continue;
-            };
+            }
             let Some(vtep_mac) = r.vtep_mac else {
                 refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "ebpf" }));
                 continue;
             };
-            let value = RemoteNode {
-                addr_v4: u32::from(addr),
-                vni: self.vni,
-                vtep_mac,
-                _pad: [0; 2],
-            };
+            let value = RemoteNode::new(r.node_addr, self.vni, vtep_mac);
             let inserted = match r.cidr {
                 IpNet::V4(net) => self.remotes.insert(
                     &Key::new(u32::from(net.prefix_len()), net.network().octets()),
@@ -417,12 +427,88 @@ impl EbpfDatapath {
                 cidr,
                 cluster,
                 node,
-                node_addr: IpAddr::V4(Ipv4Addr::from(v.addr_v4)),
+                node_addr: v.endpoint(),
                 vtep_mac: Some(v.vtep_mac),
             });
         }
         Ok(out)
     }
+}
+
+/// LPM map entries, keyed by `K` (`[u8; 4]` or `[u8; 16]`).
+type Entries<K> = Vec<(Key<K>, RemoteNode)>;
+
+/// The entries of LPM maps pinned by an earlier version, whose value
+/// ([`RemoteNodeV1`]) had no room for an IPv6 endpoint.
+#[derive(Default)]
+struct CarriedOver {
+    v4: Entries<[u8; 4]>,
+    v6: Entries<[u8; 16]>,
+}
+
+/// Reads the entries of LPM maps pinned with the earlier value layout and
+/// removes their pins, so that loading creates maps of the current layout
+/// (the program in the pinned link keeps the old maps, and forwarding, until
+/// the new program replaces it). Maps of the current layout are left alone.
+fn take_v1_maps(pin_dir: &Path) -> Result<CarriedOver, DatapathError> {
+    fn take<K: aya::Pod>(path: &Path) -> Result<Option<Entries<K>>, DatapathError> {
+        let Ok(data) = MapData::from_pin(path) else {
+            return Ok(None);
+        };
+        let size = data
+            .info()
+            .map_err(|e| DatapathError::map(format!("reading {}", path.display()), e))?
+            .value_size();
+        if size as usize != std::mem::size_of::<RemoteNodeV1>() {
+            return Ok(None);
+        }
+        let map: LpmTrie<MapData, K, RemoteNodeV1> =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(data))
+                .map_err(|e| DatapathError::map(format!("opening {}", path.display()), e))?;
+        let entries = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, RemoteNode::from(v)))
+            .collect();
+        std::fs::remove_file(path).map_err(|e| {
+            DatapathError::io(
+                format!("removing the earlier layout's {}", path.display()),
+                e,
+            )
+        })?;
+        tracing::info!(pin = %path.display(), "carrying a map of the earlier layout (IPv4 endpoints only) over");
+        Ok(Some(entries))
+    }
+    Ok(CarriedOver {
+        v4: take(&pin_dir.join(REMOTES_V4_MAP))?.unwrap_or_default(),
+        v6: take(&pin_dir.join(REMOTES_V6_MAP))?.unwrap_or_default(),
+    })
+}
+
+/// Puts the carried-over entries into the freshly created maps, before the
+/// new program is attached.
+fn carry_over(ebpf: &mut Ebpf, c: CarriedOver) -> Result<(), DatapathError> {
+    fn put<K: aya::Pod>(
+        ebpf: &mut Ebpf,
+        name: &str,
+        entries: Entries<K>,
+    ) -> Result<(), DatapathError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let map = ebpf
+            .map_mut(name)
+            .ok_or_else(|| DatapathError::Other(format!("{name} not in object")))?;
+        let mut trie: LpmTrie<&mut MapData, K, RemoteNode> = LpmTrie::try_from(map)
+            .map_err(|e| DatapathError::program("opening the LPM map", "rebuild podmesh", e))?;
+        for (k, v) in entries {
+            trie.insert(&k, v, 0)
+                .map_err(|e| DatapathError::map(format!("carrying {name} over"), e))?;
+        }
+        Ok(())
+    }
+    put(ebpf, REMOTES_V4_MAP, c.v4)?;
+    put(ebpf, REMOTES_V6_MAP, c.v6)
 }
 
 /// Priority of podmesh's cls_bpf filter on kernels without TCX (< 6.6): first.

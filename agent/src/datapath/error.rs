@@ -217,10 +217,12 @@ pub enum RefusalReason {
         /// The datapath mode.
         mode: &'static str,
     },
-    /// The node's tunnel endpoint is IPv6; the ebpf datapath tunnels over IPv4.
-    Ipv6Underlay {
+    /// The node's tunnel endpoint is not of the underlay's family.
+    UnderlayFamily {
         /// The node address.
         addr: IpAddr,
+        /// The underlay's family.
+        underlay: crate::model::UnderlayFamily,
     },
     /// The node address is on no directly connected network (`direct`).
     NotConnected {
@@ -238,11 +240,12 @@ impl fmt::Display for Refusal {
                 "upsert {cidr}: node {cluster}/{node} published no vtepMAC; the {mode} datapath \
                  needs it (is the remote agent older or in another datapath mode?)"
             ),
-            RefusalReason::Ipv6Underlay { addr } => write!(
+            RefusalReason::UnderlayFamily { addr, underlay } => write!(
                 f,
-                "upsert {cidr}: node {cluster}/{node} has the IPv6 address {addr} as tunnel \
-                 endpoint; the ebpf datapath tunnels over an IPv4 underlay (hint: publish an IPv4 \
-                 node address first, or use --datapath vxlan or direct)"
+                "upsert {cidr}: node {cluster}/{node} has {addr} as tunnel endpoint; this \
+                 datapath tunnels over an {underlay} underlay (hint: give that node an {underlay} \
+                 --node-ip, or run this node with --underlay-family {})",
+                crate::model::UnderlayFamily::of(*addr).flag()
             ),
             RefusalReason::NotConnected { addr } => write!(
                 f,

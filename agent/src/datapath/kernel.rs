@@ -158,7 +158,10 @@ impl KernelDatapath {
         match self.cfg.mode {
             DatapathMode::Ebpf => Some(TUNNEL_DEVICE),
             DatapathMode::Vxlan => Some(VXLAN_DEVICE),
-            DatapathMode::Ipip => Some(super::routes::IPIP_DEVICE),
+            DatapathMode::Ipip => Some(match self.cfg.underlay {
+                crate::model::UnderlayFamily::Ipv4 => super::routes::IPIP_DEVICE,
+                crate::model::UnderlayFamily::Ipv6 => super::routes::IP6_TUNNEL_DEVICE,
+            }),
             DatapathMode::Direct => None,
         }
     }

@@ -6,7 +6,7 @@
 //! place that writes a message layout itself, from the kernel's uapi
 //! (include/uapi/linux/nexthop.h: `struct nhmsg` and the `NHA_*`
 //! attributes). Replace it with the crate's type once it has one.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use super::{
     nl::{Attrs, Msg, Netlink, NlError, as_u32, attrs, consts::*},
@@ -18,6 +18,12 @@ const RTNH_F_ONLINK: u32 = 4;
 const NHA_ID: u16 = 1;
 const NHA_OIF: u16 = 5;
 const NHA_GATEWAY: u16 = 6;
+const NHA_ENCAP_TYPE: u16 = 7;
+const NHA_ENCAP: u16 = 8;
+/// `LWTUNNEL_ENCAP_IP6` (include/uapi/linux/lwtunnel.h).
+const LWTUNNEL_ENCAP_IP6: u16 = 4;
+const LWTUNNEL_IP6_DST: u16 = 2;
+const LWTUNNEL_IP6_HOPLIMIT: u16 = 4;
 /// `struct nhmsg`: family, scope, protocol, reserved, flags (u32).
 const NHMSG_LEN: usize = 8;
 
@@ -32,6 +38,39 @@ pub struct Nexthop {
     pub gateway: Option<IpAddr>,
     /// Device.
     pub oif: Option<u32>,
+    /// Destination of an `encap ip6` (lightweight tunnel) nexthop.
+    pub encap_dst: Option<IpAddr>,
+}
+
+impl Nexthop {
+    /// Where it sends to: its gateway, or its tunnel destination.
+    pub fn target(&self) -> Option<IpAddr> {
+        self.gateway.or(self.encap_dst)
+    }
+}
+
+/// RTM_NEWNEXTHOP (create or replace): `encap ip6 dst <dst> hoplimit 64 dev oif proto`,
+/// a lightweight-tunnel nexthop for a collect_md IPv6 tunnel device: the
+/// device takes each packet's outer destination from it
+/// (net/ipv6/ip6_tunnel.c, `ip6_tnl_start_xmit` with `collect_md`). IPv4
+/// and IPv6 routes may both use it.
+pub fn nexthop_encap_ip6_replace(id: u32, dst: Ipv6Addr, oif: u32, proto: u8) -> Msg {
+    let mut h = vec![family_of(IpAddr::V6(dst)), RT_SCOPE_UNIVERSE, proto, 0];
+    h.extend_from_slice(&0u32.to_ne_bytes());
+    let mut encap = Attrs::with_header(&[]);
+    encap
+        .put(LWTUNNEL_IP6_DST, &dst.octets())
+        .put(LWTUNNEL_IP6_HOPLIMIT, &[64]);
+    let mut body = Attrs::with_header(&h);
+    body.u32(NHA_ID, id)
+        .u32(NHA_OIF, oif)
+        .put(NHA_ENCAP_TYPE, &LWTUNNEL_ENCAP_IP6.to_ne_bytes())
+        .nested(NHA_ENCAP, &encap);
+    Msg {
+        ty: RTM_NEWNEXTHOP,
+        flags: NLM_F_CREATE | NLM_F_REPLACE,
+        body: body.build(),
+    }
 }
 
 /// RTM_NEWNEXTHOP (create or replace): `via gateway dev oif [onlink] proto`.
@@ -77,12 +116,18 @@ pub fn nexthops_with_protocol(nl: &mut Netlink, proto: u8) -> Result<Vec<Nexthop
             proto,
             gateway: None,
             oif: None,
+            encap_dst: None,
         };
         for (ty, v) in attrs(&r.body[NHMSG_LEN..]) {
             match ty {
                 NHA_ID => nh.id = as_u32(v).unwrap_or_default(),
                 NHA_OIF => nh.oif = as_u32(v),
                 NHA_GATEWAY => nh.gateway = parse_ip(v),
+                NHA_ENCAP => {
+                    nh.encap_dst = attrs(v)
+                        .find(|(t, _)| *t == LWTUNNEL_IP6_DST)
+                        .and_then(|(_, a)| parse_ip(a));
+                }
                 _ => {}
             }
         }

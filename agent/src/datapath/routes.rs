@@ -5,7 +5,11 @@
 //! at it: per-route gateways are quadratic to install in the kernel, nexthop
 //! objects are not. `vxlan` adds a permanent neighbour (node address → its
 //! VTEP MAC) and an fdb entry (VTEP MAC → node address) on `podmesh-vx`,
-//! flannel style; `ipip` routes onlink through `tunl0`.
+//! flannel style; `ipip` routes onlink through `tunl0` (over an IPv6
+//! underlay: lightweight-tunnel nexthops on `podmesh-ip6`, an external
+//! `ip6tnl` device). Over
+//! an IPv6 underlay the nexthops are IPv6 for IPv4 Pod CIDRs too: Linux
+//! routes IPv4 through an IPv6 gateway (RFC 5549).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -18,7 +22,7 @@ use super::{
         DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST, PruneReport,
         ROUTE_PROTOCOL, RefusalReason, RemoteRoute,
     },
-    device::{self, IPIP_OVERHEAD, VXLAN_OVERHEAD, VxlanSpec},
+    device::{self, IPIP_OVERHEAD, VxlanSpec, vxlan_overhead},
     error::{Refusal, netlink_err, upsert_result},
     nexthop,
     nl::{Msg, Netlink, consts::AF_BRIDGE},
@@ -30,6 +34,10 @@ use super::{
 pub const VXLAN_DEVICE: &str = "podmesh-vx";
 /// The IPIP fallback device the `ipip` module creates in every namespace.
 pub const IPIP_DEVICE: &str = "tunl0";
+/// The `ipip` mode's device over an IPv6 underlay: ip6tnl, mode any.
+pub const IP6_TUNNEL_DEVICE: &str = "podmesh-ip6";
+/// Bytes an IPv6 tunnel adds: the outer IPv6 header.
+pub const IP6_TUNNEL_OVERHEAD: u32 = 40;
 
 /// How routes leave the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +46,7 @@ pub enum RouteMode {
     Vxlan { ifindex: u32, mac: [u8; 6] },
     /// Straight to the node address over the underlay.
     Direct,
-    /// Through `tunl0` (ifindex).
+    /// Through `tunl0`, or `podmesh-ip6` over IPv6 (ifindex).
     Ipip { ifindex: u32 },
 }
 
@@ -47,6 +55,7 @@ pub enum RouteMode {
 pub struct RouteDatapath {
     nl: Netlink,
     mode: RouteMode,
+    underlay: crate::model::UnderlayFamily,
     route_mtu: Option<u32>,
     /// Our nexthop objects by gateway (node address), adopted at start.
     nexthops: BTreeMap<IpAddr, u32>,
@@ -64,7 +73,18 @@ impl RouteDatapath {
     /// `vxlan`: creates or adopts `podmesh-vx`.
     pub fn vxlan(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
-        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - VXLAN_OVERHEAD;
+        let mtu = device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)?
+            - vxlan_overhead(cfg.underlay);
+        // A device with a VNI has one socket family, set by its source
+        // address (drivers/net/vxlan/vxlan_core.c, `vxlan_config_validate`):
+        // the node's IPv6 address, or any (`::`) while it is not known.
+        let local = match cfg.underlay {
+            crate::model::UnderlayFamily::Ipv4 => None,
+            crate::model::UnderlayFamily::Ipv6 => Some(
+                cfg.node_ip
+                    .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            ),
+        };
         let link = device::ensure_vxlan(
             &mut nl,
             VxlanSpec {
@@ -74,6 +94,7 @@ impl RouteDatapath {
                 mtu,
                 noarp: false,
                 mac: cfg.tunnel_mac,
+                local,
             },
         )?;
         let mode = RouteMode::Vxlan {
@@ -90,8 +111,13 @@ impl RouteDatapath {
     }
 
     /// `ipip`: onlink routes through `tunl0`; refuses on a kernel without IPIP.
+    /// Over an IPv6 underlay: through `podmesh-ip6`; refuses on a kernel
+    /// without IPv6 tunnels.
     pub fn ipip(cfg: &KernelConfig) -> Result<Self, DatapathError> {
         let mut nl = Netlink::open(cfg.netns.as_deref()).map_err(netlink_err("opening netlink"))?;
+        if cfg.underlay == crate::model::UnderlayFamily::Ipv6 {
+            return Self::ip6tnl(nl, cfg);
+        }
         let mut tunl =
             rtnl::link_by_name(&mut nl, IPIP_DEVICE).map_err(netlink_err("looking up tunl0"))?;
         if tunl.is_none() {
@@ -124,6 +150,47 @@ impl RouteDatapath {
         )
     }
 
+    /// `ipip` over an IPv6 underlay: `podmesh-ip6`, an external
+    /// (collect_md) ip6tnl device in "any" mode (IPv4 and IPv6 inside); each
+    /// remote node is an `encap ip6 dst <node>` nexthop on it. (A gateway
+    /// nexthop cannot do: Linux refuses an IPv6 gateway on the tunnel device
+    /// that a connected route of the underlay device covers,
+    /// `ip6_route_check_nh_onlink`.)
+    fn ip6tnl(mut nl: Netlink, cfg: &KernelConfig) -> Result<Self, DatapathError> {
+        let mtu =
+            device::underlay_mtu(&mut nl, cfg.underlay_mtu, cfg.node_ip)? - IP6_TUNNEL_OVERHEAD;
+        let find = |nl: &mut Netlink| {
+            rtnl::link_by_name(nl, IP6_TUNNEL_DEVICE).map_err(netlink_err("looking up podmesh-ip6"))
+        };
+        let mut dev = find(&mut nl)?;
+        if dev.is_none() {
+            let mut created = rtnl::create_ip6tnl(&mut nl, IP6_TUNNEL_DEVICE, mtu);
+            if created.is_err() {
+                let _ = std::process::Command::new("modprobe")
+                    .arg("ip6_tunnel")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                created = rtnl::create_ip6tnl(&mut nl, IP6_TUNNEL_DEVICE, mtu);
+            }
+            if let Err(e) = created {
+                return Err(DatapathError::Unavailable(format!(
+                    "this kernel has no IPv6 tunnel support for the ipip mode over an IPv6 \
+                     underlay: creating an ip6tnl device failed ({e}), even after `modprobe \
+                     ip6_tunnel` (hint: use --datapath ebpf (default), vxlan or direct, which \
+                     run over IPv6, or a kernel with CONFIG_IPV6_TUNNEL)"
+                )));
+            }
+            dev = find(&mut nl)?;
+        }
+        let dev = dev.ok_or_else(|| {
+            DatapathError::Other(format!("{IP6_TUNNEL_DEVICE} vanished after creation"))
+        })?;
+        rtnl::set_link(&mut nl, dev.index, rtnl::IFF_UP, rtnl::IFF_UP, Some(mtu))
+            .map_err(netlink_err("setting up podmesh-ip6"))?;
+        Self::with(nl, RouteMode::Ipip { ifindex: dev.index }, Some(mtu), cfg)
+    }
+
     fn with(
         mut nl: Netlink,
         mode: RouteMode,
@@ -137,7 +204,7 @@ impl RouteDatapath {
                 ))
             })?
             .into_iter()
-            .filter_map(|nh| Some((nh.gateway?, nh.id)))
+            .filter_map(|nh| Some((nh.target()?, nh.id)))
             .collect::<BTreeMap<IpAddr, u32>>();
         let used_ids: BTreeSet<u32> = nexthops.values().copied().collect();
         let next_id = used_ids
@@ -146,6 +213,7 @@ impl RouteDatapath {
         Ok(Self {
             nl,
             mode,
+            underlay: cfg.underlay,
             route_mtu,
             nexthops,
             used_ids,
@@ -160,7 +228,13 @@ impl RouteDatapath {
     pub fn device_lost(&mut self) -> Result<Option<String>, DatapathError> {
         match self.mode {
             RouteMode::Vxlan { ifindex, .. } => device::lost(&mut self.nl, VXLAN_DEVICE, ifindex),
-            RouteMode::Ipip { ifindex } => device::lost(&mut self.nl, IPIP_DEVICE, ifindex),
+            RouteMode::Ipip { ifindex } => {
+                let name = match self.underlay {
+                    crate::model::UnderlayFamily::Ipv4 => IPIP_DEVICE,
+                    crate::model::UnderlayFamily::Ipv6 => IP6_TUNNEL_DEVICE,
+                };
+                device::lost(&mut self.nl, name, ifindex)
+            }
             RouteMode::Direct => Ok(None),
         }
     }
@@ -215,6 +289,13 @@ impl RouteDatapath {
     ) -> Result<(Vec<&'a RemoteRoute>, BTreeMap<IpAddr, u32>), DatapathError> {
         let mut usable: Vec<&RemoteRoute> = Vec::with_capacity(routes.len());
         for r in routes {
+            if !self.underlay.holds(r.node_addr) {
+                refused.push(r.refusal(RefusalReason::UnderlayFamily {
+                    addr: r.node_addr,
+                    underlay: self.underlay,
+                }));
+                continue;
+            }
             if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
                 refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "vxlan" }));
                 continue;
@@ -257,20 +338,24 @@ impl RouteDatapath {
         }
         let mut node_msgs: Vec<(IpNet, Msg)> = Vec::with_capacity(nodes.len() * 3);
         for (a, (cidr, mac)) in &nodes {
-            let id = match self.nexthops.get(a) {
+            let gw = self.gateway(*a, *mac);
+            let id = match self.nexthops.get(&gw) {
                 Some(id) => *id,
                 None => {
                     let id = self.allocate_id()?;
-                    self.nexthops.insert(*a, id);
+                    self.nexthops.insert(gw, id);
                     id
                 }
             };
-            node_msgs.push((
-                *cidr,
-                nexthop::nexthop_replace(id, *a, oifs[a], onlink, ROUTE_PROTOCOL),
-            ));
+            let nh = match (self.mode, gw) {
+                (RouteMode::Ipip { ifindex }, IpAddr::V6(dst)) => {
+                    nexthop::nexthop_encap_ip6_replace(id, dst, ifindex, ROUTE_PROTOCOL)
+                }
+                _ => nexthop::nexthop_replace(id, gw, oifs[a], onlink, ROUTE_PROTOCOL),
+            };
+            node_msgs.push((*cidr, nh));
             if let (RouteMode::Vxlan { ifindex, .. }, Some(mac)) = (self.mode, mac) {
-                node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, *a, *mac)));
+                node_msgs.push((*cidr, rtnl::neigh_replace(ifindex, gw, *mac)));
                 node_msgs.push((*cidr, rtnl::fdb_replace(ifindex, *mac, *a)));
             }
         }
@@ -293,7 +378,7 @@ impl RouteDatapath {
             .map(|r| {
                 rtnl::route_replace(
                     r.cidr,
-                    RouteTarget::Nexthop(self.nexthops[&r.node_addr]),
+                    RouteTarget::Nexthop(self.nexthops[&self.gateway(r.node_addr, r.vtep_mac)]),
                     ROUTE_PROTOCOL,
                     self.route_mtu,
                 )
@@ -355,12 +440,15 @@ impl RouteDatapath {
             nexthop::nexthops_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
                 .map_err(netlink_err("listing podmesh's nexthop objects"))?
                 .into_iter()
-                .filter_map(|nh| Some((nh.id, nh.gateway?)))
+                .filter_map(|nh| Some((nh.id, nh.target()?)))
                 .collect();
         let macs: BTreeMap<IpAddr, [u8; 6]> = match self.mode {
             RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(
                 &mut self.nl,
-                rtnl::family_of(IpAddr::from([0u8; 4])),
+                rtnl::family_of(match self.underlay {
+                    crate::model::UnderlayFamily::Ipv4 => IpAddr::from([0u8; 4]),
+                    crate::model::UnderlayFamily::Ipv6 => IpAddr::from([0u16; 8]),
+                }),
                 ifindex,
             )
             .map_err(netlink_err("listing neighbours"))?
@@ -369,12 +457,29 @@ impl RouteDatapath {
             .collect(),
             _ => BTreeMap::new(),
         };
+        // vxlan over IPv6: the gateway is the VTEP's link-local address;
+        // the fdb entry of its MAC holds the node address.
+        let fdb: BTreeMap<[u8; 6], IpAddr> = match (self.mode, self.ll_gateways()) {
+            (RouteMode::Vxlan { ifindex, .. }, true) => {
+                rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
+                    .map_err(netlink_err("listing fdb entries"))?
+                    .into_iter()
+                    .filter_map(|(ip, mac)| Some((mac?, ip?)))
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         let mut out = Vec::new();
         for r in rtnl::routes_with_protocol(&mut self.nl, ROUTE_PROTOCOL)
             .map_err(netlink_err("listing podmesh's routes"))?
         {
-            let Some(addr) = r.nhid.and_then(|id| by_id.get(&id)) else {
+            let Some(gw) = r.nhid.and_then(|id| by_id.get(&id)) else {
                 continue;
+            };
+            let mac = macs.get(gw).copied();
+            let addr = match mac.and_then(|m| fdb.get(&m)) {
+                Some(a) if self.ll_gateways() => a,
+                _ => gw,
             };
             let (cluster, node) = match (self.routes.get(&r.dst), &self.owners) {
                 (Some(k), _) => (k.cluster.clone(), k.node.clone()),
@@ -386,7 +491,7 @@ impl RouteDatapath {
                 cluster,
                 node,
                 node_addr: *addr,
-                vtep_mac: macs.get(addr).copied(),
+                vtep_mac: mac,
             });
         }
         Ok(out)
@@ -413,6 +518,25 @@ fn open_owners(cfg: &KernelConfig) -> Option<Owners> {
 }
 
 impl RouteDatapath {
+    /// Whether nexthops go to the VTEPs' link-local addresses: vxlan over
+    /// IPv6, where the kernel refuses an onlink gateway on `podmesh-vx` that
+    /// a connected route of another device covers (net/ipv6/route.c,
+    /// `ip6_route_check_nh_onlink`: "device mismatch"), and skips that check
+    /// for link-local gateways. Flannel's IPv6 VXLAN avoids it the same way,
+    /// with a gateway that is not an underlay address.
+    fn ll_gateways(&self) -> bool {
+        matches!(self.mode, RouteMode::Vxlan { .. })
+            && self.underlay == crate::model::UnderlayFamily::Ipv6
+    }
+
+    /// The nexthop gateway towards the node at `addr` with VTEP `mac`.
+    fn gateway(&self, addr: IpAddr, mac: Option<[u8; 6]>) -> IpAddr {
+        match mac {
+            Some(m) if self.ll_gateways() => IpAddr::V6(link_local_of(m)),
+            _ => addr,
+        }
+    }
+
     /// Deletes our nexthop objects (and vxlan neighbour/fdb entries) that no
     /// podmesh route uses any more.
     fn collect_nexthops(&mut self) -> Result<(), DatapathError> {
@@ -426,12 +550,12 @@ impl RouteDatapath {
         let unused: Vec<(u32, Option<IpAddr>)> = all
             .iter()
             .filter(|nh| !used.contains(&nh.id))
-            .map(|nh| (nh.id, nh.gateway))
+            .map(|nh| (nh.id, nh.target()))
             .collect();
         let live: BTreeSet<IpAddr> = all
             .iter()
             .filter(|nh| used.contains(&nh.id))
-            .filter_map(|nh| nh.gateway)
+            .filter_map(|nh| nh.target())
             .collect();
         let mut msgs: Vec<Msg> = unused
             .iter()
@@ -450,11 +574,18 @@ impl RouteDatapath {
                     }
                 }
             }
+            let ll = self.ll_gateways();
             for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
                 .map_err(netlink_err("listing fdb entries"))?
             {
+                // With link-local gateways an fdb entry lives while the
+                // gateway of its MAC does.
                 if let (Some(ip), Some(mac)) = (ip, mac)
-                    && !live.contains(&ip)
+                    && !live.contains(&if ll {
+                        IpAddr::V6(link_local_of(mac))
+                    } else {
+                        ip
+                    })
                 {
                     msgs.push(rtnl::fdb_delete(ifindex, mac, ip));
                 }
@@ -467,5 +598,40 @@ impl RouteDatapath {
         self.nexthops.retain(|_, id| used.contains(id));
         self.used_ids.retain(|id| used.contains(id));
         Ok(())
+    }
+}
+
+/// The EUI-64 link-local address of `mac` (RFC 4291, appendix A): what the
+/// kernel gives the remote VTEP device of that MAC.
+pub fn link_local_of(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let m = mac;
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 2,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn link_local_of_a_mac() {
+        assert_eq!(
+            super::link_local_of([0x02, 0, 0xc0, 0xa8, 1, 10]).to_string(),
+            "fe80::c0ff:fea8:10a"
+        );
     }
 }

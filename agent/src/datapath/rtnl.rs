@@ -64,6 +64,8 @@ pub struct VxlanInfo {
     pub port: u16,
     /// collect_md: the tunnel key comes from the packet's metadata.
     pub external: bool,
+    /// Source address, when one is set.
+    pub local: Option<IpAddr>,
 }
 
 /// The body of a request: the message's fixed header and attributes.
@@ -125,12 +127,15 @@ fn link_of(m: &LinkMessage) -> Link {
                                 vni: 0,
                                 port: 0,
                                 external: false,
+                                local: None,
                             };
                             for d in data {
                                 match d {
                                     InfoVxlan::Id(vni) => v.vni = *vni,
                                     InfoVxlan::Port(port) => v.port = *port,
                                     InfoVxlan::CollectMetadata(on) => v.external = *on,
+                                    InfoVxlan::Local(a) => v.local = Some(IpAddr::V4(*a)),
+                                    InfoVxlan::Local6(a) => v.local = Some(IpAddr::V6(*a)),
                                     _ => {}
                                 }
                             }
@@ -156,19 +161,26 @@ fn link_message(index: u32, flags: u32, change: u32) -> LinkMessage {
 
 /// RTM_NEWLINK of a VXLAN device: external (collect_md) when `vni` is
 /// `None`, learning off either way (podmesh programs every entry itself);
-/// with `mac`, that Ethernet address instead of a random one.
+/// with `mac`, that Ethernet address instead of a random one; with an
+/// IPv6 `local` (`::` included), an IPv6 device.
 pub fn vxlan_create(
     name: &str,
     vni: Option<u32>,
     port: u16,
     mtu: u32,
     mac: Option<[u8; 6]>,
+    local: Option<IpAddr>,
 ) -> Msg {
     let mut data = vec![match vni {
         Some(vni) => InfoVxlan::Id(vni),
         None => InfoVxlan::CollectMetadata(true),
     }];
     data.extend([InfoVxlan::Port(port), InfoVxlan::Learning(false)]);
+    match local {
+        Some(IpAddr::V4(a)) => data.push(InfoVxlan::Local(a)),
+        Some(IpAddr::V6(a)) => data.push(InfoVxlan::Local6(a)),
+        None => {}
+    }
     let mut m = link_message(0, 0, 0);
     m.attributes = vec![
         LinkAttribute::IfName(name.to_string()),
@@ -188,6 +200,35 @@ pub fn vxlan_create(
     }
 }
 
+/// RTM_NEWLINK of an external (collect_md) ip6tnl device in "any" mode
+/// (IPv4 and IPv6 inside): each packet's outer destination comes from its
+/// route's `encap ip6` nexthop.
+pub fn ip6tnl_create(name: &str, mtu: u32) -> Msg {
+    use netlink_packet_route::{IpProtocol, link::InfoIpTunnel};
+    let mut m = link_message(0, 0, 0);
+    m.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::Mtu(mtu),
+        LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Ip6Tnl),
+            LinkInfo::Data(InfoData::IpTunnel(vec![
+                InfoIpTunnel::Protocol(IpProtocol::from(0u8)),
+                InfoIpTunnel::CollectMetadata,
+            ])),
+        ]),
+    ];
+    Msg {
+        ty: RTM_NEWLINK,
+        flags: NLM_F_CREATE | NLM_F_EXCL,
+        body: body(&m),
+    }
+}
+
+/// Creates an ip6tnl device (see [`ip6tnl_create`]).
+pub fn create_ip6tnl(nl: &mut Netlink, name: &str, mtu: u32) -> Result<(), NlError> {
+    nl.request(ip6tnl_create(name, mtu))
+}
+
 /// Creates a VXLAN device (see [`vxlan_create`]).
 pub fn create_vxlan(
     nl: &mut Netlink,
@@ -196,8 +237,9 @@ pub fn create_vxlan(
     port: u16,
     mtu: u32,
     mac: Option<[u8; 6]>,
+    local: Option<IpAddr>,
 ) -> Result<(), NlError> {
-    nl.request(vxlan_create(name, vni, port, mtu, mac))
+    nl.request(vxlan_create(name, vni, port, mtu, mac, local))
 }
 
 /// RTM_NEWLINK that sets the flags in `mask` to the values in `flags`, and the MTU when given.
@@ -389,12 +431,21 @@ pub fn routes_with_protocol(nl: &mut Netlink, proto: u8) -> Result<Vec<Route>, N
         .collect())
 }
 
-/// Directly connected networks of the main table (scope link, no gateway):
-/// (network, device).
+/// Directly connected networks of the main table (no gateway; IPv4: scope
+/// link; IPv6, whose routes are all scope universe: the kernel's own
+/// prefix routes of its addresses): (network, device).
 pub fn connected_routes(nl: &mut Netlink) -> Result<Vec<(IpNet, u32)>, NlError> {
+    /// `RTPROT_KERNEL`: routes the kernel added for an address.
+    const RTPROT_KERNEL: u8 = 2;
     Ok(main_routes(nl)?
         .into_iter()
-        .filter(|(_, scope, gw, r)| *scope == RT_SCOPE_LINK && gw.is_none() && r.nhid.is_none())
+        .filter(|(proto, scope, gw, r)| {
+            let connected = match r.dst {
+                IpNet::V4(_) => *scope == RT_SCOPE_LINK,
+                IpNet::V6(_) => *proto == RTPROT_KERNEL,
+            };
+            connected && gw.is_none() && r.nhid.is_none()
+        })
         .filter_map(|(_, _, _, r)| Some((r.dst, r.oif?)))
         .collect())
 }
@@ -729,11 +780,11 @@ mod tests {
         };
         let cases = [
             (
-                vxlan_create("podmesh0", None, 8472, 1450, None),
+                vxlan_create("podmesh0", None, 8472, 1450, None, None),
                 "16 0x600 000000000000000000000000000000000d000300706f646d657368300000000008000400aa0500002c0012800900010076786c616e0000001c000280050019000100000006000f00211800000500070000000000",
             ),
             (
-                vxlan_create("podmesh-vx", Some(1), 8472, 1450, Some(MAC)),
+                vxlan_create("podmesh-vx", Some(1), 8472, 1450, Some(MAC), None),
                 "16 0x600 000000000000000000000000000000000f000300706f646d6573682d7678000008000400aa0500002c0012800900010076786c616e0000001c000280080001000100000006000f002118000005000700000000000a0001000200c0a8010a0000",
             ),
             (
@@ -800,7 +851,7 @@ mod tests {
                     vec![192, 168, 1, 2]
                 )))
         );
-        let m = vxlan_create("podmesh0", None, 8472, 1450, None);
+        let m = vxlan_create("podmesh0", None, 8472, 1450, None, None);
         let l = link_of(&LinkMessage::parse(&m.body).unwrap());
         assert_eq!(l.name, "podmesh0");
         assert_eq!(l.kind.as_deref(), Some("vxlan"));
@@ -809,7 +860,8 @@ mod tests {
             Some(VxlanInfo {
                 vni: 0,
                 port: 8472,
-                external: true
+                external: true,
+                local: None,
             })
         );
     }

@@ -4,7 +4,7 @@
 //! upgrades and restarts). Once podmesh is taken off a node for good,
 //! `podmesh cleanup` removes exactly what is podmesh's: the routes and
 //! nexthop objects with its protocol number, its devices (`podmesh0`,
-//! `podmesh-vx`; `tunl0` belongs to the kernel's ipip module and only loses
+//! `podmesh-vx`, `podmesh-ip6`; `tunl0` belongs to the kernel's ipip module and only loses
 //! podmesh's routes), its pinned maps and program link, and the masquerade
 //! exemption (table `inet podmesh`). It keeps going after a failure and
 //! reports every one; the CNI's objects are never touched.
@@ -19,7 +19,7 @@ use super::{
     masq::MasqExemption,
     nexthop,
     nl::Netlink,
-    routes::VXLAN_DEVICE,
+    routes::{IP6_TUNNEL_DEVICE, VXLAN_DEVICE},
     rtnl,
 };
 
@@ -110,9 +110,13 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
         }
         Err(e) => r.failures.push(format!("listing nexthops: {e}")),
     }
-    for name in [TUNNEL_DEVICE, VXLAN_DEVICE] {
+    for (name, kind) in [
+        (TUNNEL_DEVICE, "vxlan"),
+        (VXLAN_DEVICE, "vxlan"),
+        (IP6_TUNNEL_DEVICE, "ip6tnl"),
+    ] {
         match rtnl::link_by_name(nl, name) {
-            Ok(Some(l)) if l.kind.as_deref() == Some("vxlan") => {
+            Ok(Some(l)) if l.kind.as_deref() == Some(kind) => {
                 match rtnl::delete_link(nl, l.index) {
                     Ok(()) => r.removed.push(format!("device {name}")),
                     Err(e) => r.failures.push(format!("device {name}: {e}")),

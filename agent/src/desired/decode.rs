@@ -32,10 +32,14 @@ pub mod code {
     pub const LOCAL_CLUSTER_CLAIMED: &str = "local-cluster-claimed";
     /// `vtepMAC` is not six colon-separated hex octets.
     pub const NODE_VTEP_MAC_INVALID: &str = "node-vtep-mac-invalid";
-    /// `addresses[0]` cannot be a tunnel endpoint (unspecified, loopback, multicast).
+    /// An address cannot be a tunnel endpoint (unspecified, loopback,
+    /// multicast, IPv6 link-local).
     pub const NODE_ADDRESS_INVALID: &str = "node-address-invalid";
-    /// `addresses[0]` is an address of this node.
+    /// An address of the node is an address of this node.
     pub const NODE_ADDRESS_LOCAL: &str = "node-address-local";
+    /// The node publishes no address of this node's underlay family
+    /// (`--underlay-family`): it has no tunnel endpoint here.
+    pub const NODE_ADDRESS_FAMILY_MISSING: &str = "node-address-family-missing";
     /// The datapath refused to install the node's entry (e.g. no `vtepMAC` in ebpf mode).
     pub const DATAPATH_REFUSED: &str = "datapath-refused";
 }
@@ -131,9 +135,7 @@ fn first_error(findings: Vec<Finding>) -> Option<Box<Rejection>> {
 fn node_data(cluster: &str, node: &str, r: NodeRecord) -> NodeData {
     let early = first_error(check_node_record(cluster, node, &r, None));
     let mut late = None;
-    if let Some(a) = r.addresses.first()
-        && (a.is_unspecified() || a.is_loopback() || a.is_multicast())
-    {
+    if let Some(a) = r.addresses.iter().find(|a| unusable_endpoint(a)) {
         late = Some(Box::new(Rejection::new(
             code::NODE_ADDRESS_INVALID,
             format!(
@@ -161,6 +163,15 @@ fn node_data(cluster: &str, node: &str, r: NodeRecord) -> NodeData {
         early,
         late,
     }
+}
+
+/// Whether `a` can never be a tunnel endpoint: unspecified, loopback,
+/// multicast, or an IPv6 link-local address (valid only with a scope).
+fn unusable_endpoint(a: &IpAddr) -> bool {
+    a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 fn decode_value(remote: &str, key: &str, value: &[u8]) -> Decoded {

@@ -508,7 +508,9 @@ impl Live {
                     return None;
                 }
                 match &remotes.get(&**c)?.entries.get(&**k)?.decoded {
-                    Decoded::Node(n) => Some(route_of(c, node_of(k), *cidr, n)),
+                    Decoded::Node(n) => {
+                        Some(route_of(c, node_of(k), *cidr, n, self.local.underlay))
+                    }
                     _ => None,
                 }
             }
@@ -544,7 +546,9 @@ impl Live {
                     .and_then(|cl| cl.seed.get(&cidr).cloned()),
                 Owner::Node(c, k) => self.cand(c, k).filter(|d| d.accepted).and_then(|_| {
                     match &remotes.get(&**c)?.entries.get(&**k)?.decoded {
-                        Decoded::Node(n) => Some(route_of(c, node_of(k), cidr, n)),
+                        Decoded::Node(n) => {
+                            Some(route_of(c, node_of(k), cidr, n, self.local.underlay))
+                        }
                         _ => None,
                     }
                 }),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::RemoteRoute,
-    model::{ClusterRecord, cluster_key},
+    model::{ClusterRecord, UnderlayFamily, cluster_key},
     validate::{
         Finding, Severity, code as vcode,
         overlap::{CidrIndex, overlaps},
@@ -45,6 +45,9 @@ pub struct LocalRanges {
     pub service: Vec<IpNet>,
     /// Node (underlay) addresses/CIDRs of this cluster known here.
     pub node: Vec<IpNet>,
+    /// The underlay's family: a remote node's tunnel endpoint is its
+    /// address of this family.
+    pub underlay: UnderlayFamily,
 }
 
 /// The entries of one remote cluster, as its connection keeps them.
@@ -217,15 +220,35 @@ pub(crate) fn entry_static<'e>(
             return Err(j);
         }
     }
-    // A remote node that names this node's own address as its tunnel
-    // endpoint would have this node send its remote traffic to itself.
-    if let Some(a) = n.addresses.first()
-        && local.node.iter().any(|h| h.contains(a))
+    // A remote node that names this node's own address (of either
+    // family) would have this node send its remote traffic to itself.
+    if let Some(a) = n
+        .addresses
+        .iter()
+        .find(|a| local.node.iter().any(|h| h.contains(*a)))
     {
         return Err(Rejection::new(
             code::NODE_ADDRESS_LOCAL,
             format!(
                 "node {node} of cluster {cluster} publishes tunnel endpoint {a}, an address of this node; its routes would loop back here (two nodes with the same address, or a record copied from this cluster)"
+            ),
+        ));
+    }
+    if local.underlay.endpoint(&n.addresses).is_none() {
+        let listed = n
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Rejection::new(
+            code::NODE_ADDRESS_FAMILY_MISSING,
+            format!(
+                "node {node} of cluster {cluster} publishes no {} address ({listed}), and this node's underlay is {}: there is no tunnel endpoint to send to (give that node's agent an {} --node-ip, or run this cluster with --underlay-family {})",
+                local.underlay,
+                local.underlay,
+                local.underlay,
+                UnderlayFamily::of(n.addresses[0]).flag()
             ),
         ));
     }
@@ -348,13 +371,20 @@ pub(crate) fn conflict<'o, S: AsRef<str>>(
     None
 }
 
-/// The route of an accepted node.
-pub(crate) fn route_of(cluster: &str, node: &str, cidr: IpNet, n: &NodeData) -> RemoteRoute {
+/// The route of an accepted node: to its address of the `underlay` family
+/// ([`entry_static`] rejects a node without one).
+pub(crate) fn route_of(
+    cluster: &str,
+    node: &str,
+    cidr: IpNet,
+    n: &NodeData,
+    underlay: UnderlayFamily,
+) -> RemoteRoute {
     RemoteRoute {
         cidr,
         cluster: cluster.to_string(),
         node: node.to_string(),
-        node_addr: n.addresses[0],
+        node_addr: underlay.endpoint(&n.addresses).unwrap_or(n.addresses[0]),
         vtep_mac: n.vtep_mac,
     }
 }

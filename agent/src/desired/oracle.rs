@@ -149,8 +149,10 @@ pub fn desired(
             None => {
                 for cidr in c.data.pod_cidrs.iter() {
                     owners.insert(*cidr, (c.cluster, c.node));
-                    out.routes
-                        .insert(*cidr, route_of(c.cluster, c.node, *cidr, c.data));
+                    out.routes.insert(
+                        *cidr,
+                        route_of(c.cluster, c.node, *cidr, c.data, local.underlay),
+                    );
                 }
                 out.records.push(outcome_row(
                     c.cluster,

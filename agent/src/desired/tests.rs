@@ -11,6 +11,7 @@ fn local() -> LocalRanges {
         pod: vec!["10.9.0.0/16".parse().unwrap()],
         service: vec!["10.96.0.0/12".parse().unwrap()],
         node: vec!["192.168.9.1/32".parse().unwrap()],
+        underlay: Default::default(),
     }
 }
 
@@ -400,4 +401,153 @@ fn a_remote_node_naming_this_nodes_address_is_rejected() {
         code::NODE_ADDRESS_LOCAL
     );
     assert_eq!(code_of(&d, "podmesh/v1/nodes/east/e2"), "programmed");
+}
+
+/// This node on an IPv6 underlay, with IPv6 Pod, service and node ranges.
+fn local6() -> LocalRanges {
+    LocalRanges {
+        pod: vec![
+            "10.9.0.0/16".parse().unwrap(),
+            "fd00:9::/48".parse().unwrap(),
+        ],
+        service: vec!["fd00:96::/108".parse().unwrap()],
+        node: vec![
+            "fd10::9/128".parse().unwrap(),
+            "192.168.9.1/32".parse().unwrap(),
+        ],
+        underlay: crate::model::UnderlayFamily::Ipv6,
+        ..local()
+    }
+}
+
+fn node_addrs(c: &str, id: u32, n: &str, addrs: &[&str], pods: &[&str]) -> String {
+    serde_json::json!({"name": n, "cluster": c, "clusterID": id, "addresses": addrs,
+        "podCIDRs": pods, "vtepMAC": "02:00:00:00:00:01"})
+    .to_string()
+}
+
+/// Each node tunnels to the remote's address of its own underlay family; a
+/// remote without one is rejected with its own code, the others stay.
+#[test]
+fn tunnel_endpoints_follow_the_underlay_family() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["10.1.0.0/16", "fd00:1::/48"]);
+    for (n, addrs, pods) in [
+        (
+            "dual",
+            &["192.168.1.10", "fd10::10"][..],
+            &["10.1.1.0/24", "fd00:1:0:1::/64"][..],
+        ),
+        ("v4only", &["192.168.1.11"][..], &["10.1.2.0/24"][..]),
+        ("v6only", &["fd10::12"][..], &["fd00:1:0:3::/64"][..]),
+    ] {
+        let v = node_addrs("east", 1, n, addrs, pods);
+        m.put("east", &crate::model::node_key("east", n), &v, 2);
+    }
+    let d = desired(&local6(), &m.0, &BTreeMap::new());
+    let via = |cidr: &str| d.routes[&cidr.parse().unwrap()].node_addr.to_string();
+    assert_eq!(via("10.1.1.0/24"), "fd10::10");
+    assert_eq!(via("fd00:1:0:1::/64"), "fd10::10");
+    assert_eq!(via("fd00:1:0:3::/64"), "fd10::12");
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/v4only"),
+        code::NODE_ADDRESS_FAMILY_MISSING
+    );
+    let d = desired(&local(), &m.0, &BTreeMap::new());
+    assert_eq!(
+        d.routes[&"10.1.1.0/24".parse().unwrap()]
+            .node_addr
+            .to_string(),
+        "192.168.1.10"
+    );
+    assert_eq!(
+        code_of(&d, "podmesh/v1/nodes/east/v6only"),
+        code::NODE_ADDRESS_FAMILY_MISSING
+    );
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/v4only"), "programmed");
+}
+
+/// The hijack cases in IPv6: `::/0`, a local IPv6 range, link-local and
+/// multicast ranges and endpoints, an address of this node: each rejected,
+/// none programmed, the honest node beside them programmed.
+#[test]
+fn ipv6_hijacks_are_rejected() {
+    let mut m = Mesh::default();
+    m.cluster("east", 1, &["fd00:1::/48"]);
+    let cases = [
+        (
+            "default",
+            &["fd10::1"][..],
+            "::/0",
+            vcode::CIDR_DEFAULT_ROUTE,
+        ),
+        (
+            "localpod",
+            &["fd10::2"][..],
+            "fd00:9:0:1::/64",
+            vcode::POD_CIDR_OVERLAP,
+        ),
+        (
+            "localsvc",
+            &["fd10::3"][..],
+            "fd00:96::/112",
+            vcode::POD_CIDR_OVERLAPS_SERVICE,
+        ),
+        (
+            "linklocal",
+            &["fd10::4"][..],
+            "fe80::/64",
+            vcode::CIDR_RESERVED,
+        ),
+        (
+            "multicast",
+            &["fd10::5"][..],
+            "ff02::/64",
+            vcode::CIDR_RESERVED,
+        ),
+        (
+            "mynode",
+            &["fd10::9"][..],
+            "fd00:1:0:6::/64",
+            code::NODE_ADDRESS_LOCAL,
+        ),
+        (
+            "mynode4",
+            &["fd10::7", "192.168.9.1"][..],
+            "fd00:1:0:7::/64",
+            code::NODE_ADDRESS_LOCAL,
+        ),
+        (
+            "llendpoint",
+            &["fe80::8"][..],
+            "fd00:1:0:8::/64",
+            code::NODE_ADDRESS_INVALID,
+        ),
+        (
+            "mcendpoint",
+            &["ff05::9"][..],
+            "fd00:1:0:9::/64",
+            code::NODE_ADDRESS_INVALID,
+        ),
+    ];
+    for (n, addrs, pod, _) in cases {
+        let v = node_addrs("east", 1, n, addrs, &[pod]);
+        m.put("east", &crate::model::node_key("east", n), &v, 2);
+    }
+    let v = node_addrs("east", 1, "honest", &["fd10::10"], &["fd00:1:0:10::/64"]);
+    m.put("east", &crate::model::node_key("east", "honest"), &v, 2);
+    let d = desired(&local6(), &m.0, &BTreeMap::new());
+    for (n, _, pod, want) in cases {
+        assert_eq!(
+            code_of(&d, &format!("podmesh/v1/nodes/east/{n}")),
+            want,
+            "{n}"
+        );
+        assert!(
+            !d.routes.contains_key(&pod.parse().unwrap()),
+            "{n} programmed"
+        );
+    }
+    assert_eq!(code_of(&d, "podmesh/v1/nodes/east/honest"), "programmed");
+    assert_eq!(d.routes.len(), 1);
 }

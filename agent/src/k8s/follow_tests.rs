@@ -184,7 +184,8 @@ fn start(mode: Mode, declared: &[&str]) -> Agent {
     let follower = NodeFollower {
         api: KubeNodes::new(Client::new(svc, "default")),
         name: "n1".into(),
-        address: None,
+        addresses: Vec::new(),
+        underlay: crate::model::UnderlayFamily::Ipv4,
         origin: NodeNameOrigin::Env,
         vtep_mac: None,
         cluster_pod_cidrs: declared.iter().map(|c| c.parse().unwrap()).collect(),

@@ -133,6 +133,49 @@ clusters:
         assert!(p.check().is_empty(), "{:?}", p.check());
     }
 
+    /// Node (underlay) CIDRs and per-node masks of both families are checked
+    /// alike: an IPv6-only or dual-stack mesh plans like an IPv4 one.
+    #[test]
+    fn ipv6_node_cidrs_and_masks_are_checked() {
+        let p = parse(
+            r#"
+clusters:
+- name: east
+  id: 1
+  podCIDRs: ["fd00:1::/56", 10.1.0.0/16]
+  nodeCIDRs: ["fd31:1::/64", 172.31.1.0/24]
+  nodeMaskSize: {ipv4: 24, ipv6: 64}
+  nodes: 200
+- name: west
+  id: 2
+  podCIDRs: ["fd00:2::/56", "fd31:1::/80"]
+  nodeCIDRs: ["fd31:1::1/64", "fe80::/64", "fd31:2::/64"]
+  nodeMaskSize: {ipv6: 129}
+"#,
+        )
+        .unwrap();
+        let codes: Vec<(&str, String)> = p
+            .check()
+            .iter()
+            .map(|f| (f.code, f.cidrs[0].to_string()))
+            .collect();
+        for want in [
+            (validate::code::CIDR_NOT_CANONICAL, "fd31:1::1/64"),
+            (validate::code::CIDR_RESERVED, "fe80::/64"),
+            (validate::code::POD_CIDR_OVERLAPS_NODE, "fd31:1::/80"),
+            (validate::code::NODE_MASK_SIZE_INVALID, "fd00:2::/56"),
+        ] {
+            assert!(
+                codes.iter().any(|(c, n)| *c == want.0 && n == want.1),
+                "{want:?} not in {codes:?}"
+            );
+        }
+        assert!(
+            !codes.iter().any(|(_, n)| n.starts_with("fd00:1::")),
+            "east's own ranges are fine: {codes:?}"
+        );
+    }
+
     fn syntax(s: &str) -> (usize, String) {
         match parse(s) {
             Err(PlanError::Syntax { line, message, .. }) => (line, message),

@@ -42,7 +42,10 @@ fn the_node_from_kubernetes_is_local_once_known() {
     let mut args = KUBERNETES_FLAGS.to_vec();
     args.extend(["--cluster-pod-cidr", "10.9.0.0/16"]);
     let cfg = config::load_from(args.clone()).unwrap();
-    assert_eq!(cfg.node_source, NodeSource::Kubernetes { address: None });
+    assert_eq!(
+        cfg.node_source,
+        NodeSource::Kubernetes { addresses: vec![] }
+    );
     let before = local_ranges(&cfg, None);
     assert_eq!(before.pod, [net("10.9.0.0/16")]);
     assert!(before.node.is_empty());

@@ -42,18 +42,83 @@ pub mod counter {
 /// Value of the remote-CIDR LPM map: where to send packets for that CIDR.
 ///
 /// The key is `aya::maps::lpm_trie::Key<[u8; 4]>` (IPv4) or `Key<[u8; 16]>`
-/// (IPv6): prefix length, address in network byte order. The underlay is
-/// IPv4 in both cases.
+/// (IPv6): prefix length, address in network byte order. The underlay (the
+/// tunnel endpoint) is IPv4 or IPv6 independently of the key's family:
+/// [`REMOTE_IPV6`] in `flags` says which address field holds it.
+///
+/// The first 16 bytes keep the layout of the IPv4-only value of earlier
+/// versions (`flags` was padding, zero), which [`RemoteNodeV1`] describes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteNode {
     /// Underlay IPv4 address of the remote node, host byte order (as
-    /// `bpf_skb_set_tunnel_key` expects `remote_ipv4`).
+    /// `bpf_skb_set_tunnel_key` expects `remote_ipv4`); unused with [`REMOTE_IPV6`].
     pub addr_v4: u32,
     /// VXLAN network identifier.
     pub vni: u32,
     /// MAC address of the remote node's tunnel device: the inner
     /// destination MAC (the receiving stack drops frames not addressed to it).
+    pub vtep_mac: [u8; 6],
+    /// [`REMOTE_IPV6`] or zero.
+    pub flags: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+    /// Underlay IPv6 address of the remote node, network byte order (as
+    /// `bpf_skb_set_tunnel_key` copies `remote_ipv6`); with [`REMOTE_IPV6`].
+    pub addr_v6: [u8; 16],
+}
+
+/// [`RemoteNode::flags`]: the tunnel endpoint is `addr_v6` (an IPv6 underlay).
+pub const REMOTE_IPV6: u8 = 1;
+
+impl RemoteNode {
+    /// The value for a remote node whose tunnel endpoint is `endpoint`.
+    pub fn new(endpoint: core::net::IpAddr, vni: u32, vtep_mac: [u8; 6]) -> Self {
+        let (addr_v4, flags, addr_v6) = match endpoint {
+            core::net::IpAddr::V4(a) => (u32::from(a), 0, [0; 16]),
+            core::net::IpAddr::V6(a) => (0, REMOTE_IPV6, a.octets()),
+        };
+        Self {
+            addr_v4,
+            vni,
+            vtep_mac,
+            flags,
+            _pad: 0,
+            addr_v6,
+        }
+    }
+
+    /// The tunnel endpoint.
+    pub fn endpoint(&self) -> core::net::IpAddr {
+        if self.flags & REMOTE_IPV6 != 0 {
+            core::net::IpAddr::from(self.addr_v6)
+        } else {
+            core::net::IpAddr::from(core::net::Ipv4Addr::from(self.addr_v4))
+        }
+    }
+}
+
+impl From<RemoteNodeV1> for RemoteNode {
+    fn from(v: RemoteNodeV1) -> Self {
+        Self::new(
+            core::net::IpAddr::from(core::net::Ipv4Addr::from(v.addr_v4)),
+            v.vni,
+            v.vtep_mac,
+        )
+    }
+}
+
+/// The LPM maps' value before IPv6 underlays (16 bytes, IPv4 endpoint only):
+/// what a map pinned by an earlier version holds, read once to carry its
+/// entries over into maps of the current layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteNodeV1 {
+    /// Underlay IPv4 address, host byte order.
+    pub addr_v4: u32,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// MAC address of the remote node's tunnel device.
     pub vtep_mac: [u8; 6],
     /// Reserved, zero.
     pub _pad: [u8; 2],
@@ -105,4 +170,6 @@ mod user {
     // SAFETY: RemoteNode is repr(C), Copy, has no padding holes (explicit
     // `_pad`) and every bit pattern is valid.
     unsafe impl aya::Pod for super::RemoteNode {}
+    // SAFETY: as RemoteNode: repr(C), Copy, explicit padding, any bits valid.
+    unsafe impl aya::Pod for super::RemoteNodeV1 {}
 }

@@ -2,19 +2,19 @@
 //!
 //! For each IPv4 or IPv6 packet routed into the tunnel device it looks the
 //! inner destination up in the remote-CIDR LPM map of its family, sets the tunnel key (remote
-//! node address + VNI) that the VXLAN driver reads in collect_md mode
+//! node address, IPv4 or IPv6, + VNI) that the VXLAN driver reads in collect_md mode
 //! (drivers/net/vxlan/vxlan_core.c, `vxlan_xmit`: `skb_tunnel_info`), and
 //! rewrites the inner destination MAC to the remote tunnel device's MAC,
 //! because the receiving stack drops frames that are not addressed to it
 //! (net/core/dev.c, `eth_type_trans` -> PACKET_OTHERHOST).
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::bpf_skb_set_tunnel_key,
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use podmesh_common::counter;
+use podmesh_common::{REMOTE_IPV6, counter};
 
 use crate::maps::{PODMESH_REMOTES_V4, PODMESH_REMOTES_V6, count};
 
@@ -64,7 +64,22 @@ fn try_tunnel_egress(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: bpf_tunnel_key is plain data; all-zero is a valid value.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = remote.vni;
-    key.__bindgen_anon_1.remote_ipv4 = remote.addr_v4;
+    let flags = if remote.flags & REMOTE_IPV6 != 0 {
+        // The kernel copies remote_ipv6 as bytes in network order
+        // (net/core/filter.c, `bpf_skb_set_tunnel_key`: memcpy into
+        // `info->key.u.ipv6.dst`), unlike remote_ipv4, which it byte-swaps.
+        let a = remote.addr_v6;
+        key.__bindgen_anon_1.remote_ipv6 = [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ];
+        u64::from(BPF_F_TUNINFO_IPV6)
+    } else {
+        key.__bindgen_anon_1.remote_ipv4 = remote.addr_v4;
+        0
+    };
     key.tunnel_ttl = 64;
     // SAFETY: the helper reads `size` bytes of `key`, which lives on our stack.
     let ret = unsafe {
@@ -72,7 +87,7 @@ fn try_tunnel_egress(ctx: &TcContext) -> Result<i32, i32> {
             ctx.skb.skb,
             &mut key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
+            flags,
         )
     };
     if ret != 0 {

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use podmesh_agent::{
     config::DatapathMode,
     datapath::{Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config},
+    model::UnderlayFamily,
 };
 use podmesh_tests::topo::{ClusterPlan, Node, Topology};
 
@@ -52,6 +53,8 @@ pub struct Mesh {
     pub topo: Topology,
     pub bpffs: Bpffs,
     pub mode: DatapathMode,
+    /// The tunnel endpoints' family.
+    pub underlay: UnderlayFamily,
 }
 
 impl Mesh {
@@ -77,6 +80,16 @@ impl Mesh {
     }
 
     pub fn with_plans(mode: DatapathMode, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        Self::with_underlay(mode, plans, UnderlayFamily::Ipv4)
+    }
+
+    /// Like [`Mesh::with_plans`], tunnelling between the nodes' addresses
+    /// of `underlay` (the plans give the nodes addresses of that family).
+    pub fn with_underlay(
+        mode: DatapathMode,
+        plans: &[ClusterPlan],
+        underlay: UnderlayFamily,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::build(plans)?;
         let bpffs = Bpffs::new()?;
         let mut mesh = Self {
@@ -84,6 +97,7 @@ impl Mesh {
             topo,
             bpffs,
             mode,
+            underlay,
         };
         for i in 0..mesh.topo.nodes.len() {
             let dp = mesh.datapath(i)?;
@@ -97,7 +111,8 @@ impl Mesh {
         let node = &self.topo.nodes[i];
         let mut cfg =
             KernelConfig::new(self.mode).in_netns(format!("/run/netns/{}", node.ns.name()));
-        cfg.node_ip = Some(IpAddr::V4(node.addr));
+        cfg.node_ip = self.underlay.endpoint(&node.underlay_addrs());
+        cfg.underlay = self.underlay;
         cfg.pin_dir = self.bpffs.path().join(&node.name);
         cfg
     }
@@ -125,9 +140,32 @@ impl Mesh {
             cidr: IpNet::V4(n.pod_cidr),
             cluster: n.cluster.clone(),
             node: n.name.clone(),
-            node_addr: IpAddr::V4(n.addr),
+            node_addr: self.endpoint(j),
             vtep_mac: self.dps[j].vtep_mac(),
         }
+    }
+
+    /// Node `j`'s tunnel endpoint: its address of the underlay family.
+    pub fn endpoint(&self, j: usize) -> IpAddr {
+        let n = &self.topo.nodes[j];
+        self.underlay
+            .endpoint(&n.underlay_addrs())
+            .unwrap_or(IpAddr::V4(n.addr))
+    }
+
+    /// [`Mesh::desired`] plus the IPv6 Pod CIDRs of dual-stack nodes.
+    pub fn desired_dual(&self, i: usize) -> Vec<RemoteRoute> {
+        let me = &self.topo.nodes[i];
+        let mut out = self.desired(i);
+        for (j, n) in self.topo.nodes.iter().enumerate() {
+            if let (true, Some(v6)) = (n.cluster != me.cluster, n.pod_cidr_v6) {
+                out.push(RemoteRoute {
+                    cidr: IpNet::V6(v6),
+                    ..self.route_to(j, n)
+                });
+            }
+        }
+        out
     }
 
     /// The periodic resync: repair the device, prune to the desired set,

@@ -56,6 +56,7 @@ fn locals(i: usize) -> LocalRanges {
         pod,
         service: cidrs(&["10.96.0.0/12"]),
         node,
+        underlay: Default::default(),
     }
 }
 
