@@ -428,21 +428,21 @@ impl StreamTask {
         }
         let header = self.hub.header(revision);
         let mut events: Vec<&PbEvent> = Vec::new();
-        let mut shared: Option<Arc<[EncodedEvent]>> = None;
+        // The updates' shared encodings, referenced (never copied): one
+        // list per pass of this stream, whatever its number of watchers.
+        let mut parts: Vec<Arc<[EncodedEvent]>> = Vec::new();
         for u in batch {
             if let Update::Events {
                 events: e, encoded, ..
             } = u
             {
                 events.extend(e.iter());
-                // One update (the usual case): its encodings as they are.
-                shared = match shared {
-                    None => Some(encoded.clone()),
-                    Some(prev) => Some(prev.iter().chain(encoded.iter()).cloned().collect()),
-                };
+                parts.push(encoded.clone());
             }
         }
         self.delivered = revision;
+        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> =
+            (!parts.is_empty()).then(|| parts.into());
         let Some(shared) = shared else {
             for w in self.watchers.values_mut() {
                 w.next_rev = w.next_rev.max(revision + 1);

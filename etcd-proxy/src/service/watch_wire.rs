@@ -14,7 +14,7 @@ use etcd_client::proto::{PbEvent, PbResponseHeader, PbWatchRequest, PbWatchRespo
 use prost::Message;
 use prost::bytes::{BufMut, Bytes, BytesMut};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::budget::Reservation;
 
@@ -66,7 +66,8 @@ pub enum Out {
         header: PbResponseHeader,
         watch_id: i64,
         prev_kv: bool,
-        batch: Arc<[EncodedEvent]>,
+        /// The encoded events of the updates in this response, in order.
+        batch: Arc<[Arc<[EncodedEvent]>]>,
         pick: Pick,
     },
 }
@@ -77,6 +78,21 @@ pub enum Out {
 pub enum Pick {
     All,
     Some(Vec<u32>),
+}
+
+/// Bytes tonic sets aside per Watch stream for encoding responses and for
+/// decoding requests (its default is 8 KiB each). A stream with one watcher
+/// answers a few hundred bytes at a time and reads requests of a few dozen:
+/// at thousands of connections with one stream each, the default buffers
+/// were a large part of the proxy's memory. A larger response grows the
+/// buffer as it needs.
+const STREAM_BUFFER: usize = 512;
+/// Encoded responses tonic gathers before handing them to HTTP/2 (its
+/// default): one catching-up stream still sends large writes.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
 }
 
 /// Encodes [`Out`], decodes WatchRequest with prost.
@@ -108,6 +124,10 @@ impl Encoder for OutEncoder {
     type Item = Out;
     type Error = Status;
 
+    fn buffer_settings(&self) -> BufferSettings {
+        buffer_settings()
+    }
+
     fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let (header, watch_id, prev_kv, batch, pick) = match item {
             Out::Msg(m) => return encode(&m, dst),
@@ -138,12 +158,23 @@ impl Encoder for OutEncoder {
                 &x.without_prev
             });
         };
+        let all = batch.iter().flat_map(|u| u.iter());
         match pick {
-            Pick::All => batch.iter().for_each(&mut put),
-            Pick::Some(idx) => idx
-                .iter()
-                .filter_map(|&i| batch.get(i as usize))
-                .for_each(&mut put),
+            Pick::All => all.for_each(&mut put),
+            Pick::Some(idx) => {
+                // `idx` is ascending: one walk over the batch.
+                let mut want = idx.iter().copied().peekable();
+                for (i, x) in all.enumerate() {
+                    match want.peek() {
+                        Some(&w) if w as usize == i => {
+                            want.next();
+                            put(x);
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -157,6 +188,10 @@ fn encode(m: &PbWatchResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
 impl Decoder for RequestDecoder {
     type Item = PbWatchRequest;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffer_settings()
+    }
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<PbWatchRequest>, Status> {
         PbWatchRequest::decode(src)
