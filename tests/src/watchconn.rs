@@ -119,6 +119,18 @@ impl WatchConn {
         tls: Arc<rustls::ClientConfig>,
         create: WatchCreate,
     ) -> Result<WatchConn, Refused> {
+        Self::open_with_window(addr, source, tls, create, 65_535).await
+    }
+
+    /// Like [`WatchConn::open`], with an HTTP/2 receive window of `window`
+    /// bytes (the server stops sending once that much is unread).
+    pub async fn open_with_window(
+        addr: SocketAddr,
+        source: IpAddr,
+        tls: Arc<rustls::ClientConfig>,
+        create: WatchCreate,
+        window: u32,
+    ) -> Result<WatchConn, Refused> {
         let sock = TcpSocket::new_v4()?;
         sock.bind(SocketAddr::new(source, 0))?;
         let tcp = sock.connect(addr).await?;
@@ -127,7 +139,11 @@ impl WatchConn {
         let io = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await?;
-        let (mut send, conn) = h2::client::handshake(io).await?;
+        let (mut send, conn) = h2::client::Builder::new()
+            .initial_window_size(window)
+            .initial_connection_window_size(window.max(65_535))
+            .handshake(io)
+            .await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -140,11 +156,14 @@ impl WatchConn {
         let msg = WatchRequest {
             create: Some(create),
         };
-        requests.send_data(rawgrpc::frame(&msg.encode_to_vec()), false)?;
+        // A server that refuses the call may have answered (and closed the
+        // stream) already: its answer says why.
+        let sent = requests.send_data(rawgrpc::frame(&msg.encode_to_vec()), false);
         let head = answer.await?;
         if let Some((code, msg)) = rawgrpc::grpc_status(head.headers()) {
             return Err(Refused::Status(code, msg));
         }
+        sent?;
         Ok(WatchConn {
             body: head.into_body(),
             buf: BytesMut::new(),

@@ -515,7 +515,11 @@ async fn proxy_connections_bench() {
             let etcd = Etcd::start().unwrap();
             let row = match which.as_str() {
                 "podmesh-etcd-proxy" => {
-                    let flags: Vec<&str> = extra.iter().map(String::as_str).collect();
+                    // Room for every connection of the measurement (and the
+                    // readiness check's), unless the flags say otherwise.
+                    let max = (n + 64).to_string();
+                    let mut flags: Vec<&str> = vec!["--max-connections", &max];
+                    flags.extend(extra.iter().map(String::as_str));
                     let p = Proxy::start(&etcd, &flags).unwrap();
                     let t = Target {
                         name: "podmesh-etcd-proxy",

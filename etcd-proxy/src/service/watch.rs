@@ -474,7 +474,6 @@ impl StreamTask {
         }
         let mut n = 0;
         for (watch_id, prev_kv, count, pick) in out {
-            n += count as u64;
             let frame = Out::Events {
                 header,
                 watch_id,
@@ -482,10 +481,41 @@ impl StreamTask {
                 batch: shared.clone(),
                 pick,
             };
-            self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
+            // Live events never wait for a slow reader: a stream whose
+            // backlog is full is cut off (below) rather than holding
+            // updates, and the memory they keep, for a client that may
+            // never read them.
+            match self.tx.try_send(Ok(frame)) {
+                Ok(()) => n += count as u64,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Gone),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.hub.metrics.events_out.inc_by(n);
+                    return self.backlog_full().await;
+                }
+            }
         }
         self.hub.metrics.events_out.inc_by(n);
         Ok(())
+    }
+
+    /// The client has not read the stream's whole backlog: every watcher
+    /// of the stream is cancelled with the reason, after the responses
+    /// already queued (so the client knows the last revision it has, and
+    /// watches again from the one after it; the proxy replays from its
+    /// history).
+    async fn backlog_full(&mut self) -> Result<(), Gone> {
+        let backlog = self.tx.max_capacity();
+        let last = self.delivered;
+        let reason = format!(
+            "the watch stream's backlog of {backlog} responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again if it is compacted"
+        );
+        tracing::warn!(
+            backlog,
+            revision = last,
+            watchers = self.watchers.len(),
+            "cutting off the watchers of a stream whose client does not read; hint: the client must read its watch stream, or raise --watch-backlog"
+        );
+        self.cancel_all("slow_watcher", 0, reason).await
     }
 
     async fn lagged(&mut self, n: u64) -> Result<(), Gone> {
