@@ -15,7 +15,7 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
-use super::watch_wire::{EncodedEvent, Out, Pick, WatchCodec};
+use super::watch_wire::{EncodedEvent, Events, Out, Pick, WatchCodec};
 use crate::budget::{
     ConnectionBudget, MAX_KEY_BYTES, MAX_WATCHERS_PER_STREAM, REPLAY_CHUNK_BYTES,
     STREAM_REPLAY_BYTES, StreamBudget,
@@ -166,16 +166,19 @@ impl StreamTask {
                     .await;
                     break;
                 }
+                // The handlers are boxed: this loop is what every idle
+                // stream holds, and it should not be as large as the
+                // largest of them (a watch's creation with its replay).
                 req = requests.next() => match req {
-                    Some(Ok(r)) => self.request(r).await,
+                    Some(Ok(r)) => Box::pin(self.request(r)).await,
                     Some(Err(_)) | None => break,
                 },
                 upd = updates.recv() => match upd {
-                    Ok(u) => self.updates(u, &mut updates).await,
-                    Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n).await,
+                    Ok(u) => Box::pin(self.updates(u, &mut updates)).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => Box::pin(self.lagged(n)).await,
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                _ = tick.tick() => self.progress_tick().await,
+                _ = tick.tick() => Box::pin(self.progress_tick()).await,
             };
             if step.is_err() {
                 break;
@@ -368,7 +371,7 @@ impl StreamTask {
                 self.hub.metrics.events_out.inc_by(r.events.len() as u64);
                 w.sent_since_tick = true;
                 self.tx
-                    .send(Ok(Out::Replay(Box::new(r), held)))
+                    .send(Ok(Out::Replay(Box::new((r, held)))))
                     .await
                     .map_err(|_| Gone)?;
             }
@@ -474,13 +477,13 @@ impl StreamTask {
         }
         let mut n = 0;
         for (watch_id, prev_kv, count, pick) in out {
-            let frame = Out::Events {
+            let frame = Out::Events(Box::new(Events {
                 header,
                 watch_id,
                 prev_kv,
                 batch: shared.clone(),
                 pick,
-            };
+            }));
             // Live events never wait for a slow reader: a stream whose
             // backlog is full is cut off (below) rather than holding
             // updates, and the memory they keep, for a client that may
@@ -507,7 +510,7 @@ impl StreamTask {
         let backlog = self.tx.max_capacity();
         let last = self.delivered;
         let reason = format!(
-            "the watch stream's backlog of {backlog} responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again if it is compacted"
+            "watch stream fell behind: its backlog of {backlog} responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again and watch from the list's revision + 1"
         );
         tracing::warn!(
             backlog,

@@ -52,24 +52,30 @@ impl EncodedEvent {
     }
 }
 
-/// One message towards a watch client.
+/// One message towards a watch client. Every variant is one pointer: a
+/// stream's queue of them is allocated in blocks of 32 whether or not it is
+/// used, so their size is paid by every idle connection.
 #[derive(Debug)]
 pub enum Out {
     /// A message built in full: created, cancelled, progress.
     Msg(Box<PbWatchResponse>),
     /// Part of a replay, with its bytes reserved from the connection's and
     /// the proxy's budget until it is encoded.
-    Replay(Box<PbWatchResponse>, Reservation),
-    /// Live events of one watcher: the head is encoded per watcher, the
-    /// events were encoded once for all; `pick` says which of the batch's.
-    Events {
-        header: PbResponseHeader,
-        watch_id: i64,
-        prev_kv: bool,
-        /// The encoded events of the updates in this response, in order.
-        batch: Arc<[Arc<[EncodedEvent]>]>,
-        pick: Pick,
-    },
+    Replay(Box<(PbWatchResponse, Reservation)>),
+    /// Live events of one watcher.
+    Events(Box<Events>),
+}
+
+/// Live events of one watcher: the head is encoded per watcher, the events
+/// were encoded once for all; `pick` says which of the batch's.
+#[derive(Debug)]
+pub struct Events {
+    pub header: PbResponseHeader,
+    pub watch_id: i64,
+    pub prev_kv: bool,
+    /// The encoded events of the updates in this response, in order.
+    pub batch: Arc<[Arc<[EncodedEvent]>]>,
+    pub pick: Pick,
 }
 
 /// Which events of a batch one watcher gets: usually all of them, which
@@ -129,20 +135,21 @@ impl Encoder for OutEncoder {
     }
 
     fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let (header, watch_id, prev_kv, batch, pick) = match item {
+        let Events {
+            header,
+            watch_id,
+            prev_kv,
+            batch,
+            pick,
+        } = match item {
             Out::Msg(m) => return encode(&m, dst),
-            Out::Replay(m, held) => {
+            Out::Replay(replay) => {
+                let (m, held) = *replay;
                 let r = encode(&m, dst);
                 drop(held);
                 return r;
             }
-            Out::Events {
-                header,
-                watch_id,
-                prev_kv,
-                batch,
-                pick,
-            } => (header, watch_id, prev_kv, batch, pick),
+            Out::Events(e) => *e,
         };
         let head = PbWatchResponse {
             header: Some(header),
