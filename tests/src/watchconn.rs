@@ -178,7 +178,8 @@ impl WatchConn {
     pub async fn next(&mut self) -> anyhow::Result<Option<PbWatchResponse>> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap_or_default()) as usize;
+                let len =
+                    u32::from_be_bytes(self.buf[1..5].try_into().unwrap_or_default()) as usize;
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let m = self.buf.split_to(len);
@@ -194,10 +195,10 @@ impl WatchConn {
                 None => {
                     // The trailers say why a stream ended.
                     let trailers = self.body.trailers().await.ok().flatten();
-                    if let Some((code, msg)) = trailers.as_ref().and_then(rawgrpc::grpc_status) {
-                        if code != 0 {
-                            anyhow::bail!("watch stream ended with gRPC status {code}: {msg}");
-                        }
+                    if let Some((code, msg)) = trailers.as_ref().and_then(rawgrpc::grpc_status)
+                        && code != 0
+                    {
+                        anyhow::bail!("watch stream ended with gRPC status {code}: {msg}");
                     }
                     return Ok(None);
                 }
@@ -207,7 +208,10 @@ impl WatchConn {
 
     /// The next response, which must be the watch's creation.
     pub async fn created(&mut self) -> anyhow::Result<PbWatchResponse> {
-        let r = self.next().await?.context("watch stream ended before created")?;
+        let r = self
+            .next()
+            .await?
+            .context("watch stream ended before created")?;
         anyhow::ensure!(
             r.created && !r.canceled,
             "expected a created response, got {r:?}"

@@ -67,7 +67,11 @@ async fn revisions_counted(
             .map_err(|_| anyhow::anyhow!("no event for 120 s after {} of {n}", got.len()))??
             .ok_or_else(|| anyhow::anyhow!("stream ended after {} of {n} events", got.len()))?;
         anyhow::ensure!(!r.canceled, "cancelled: {}", r.cancel_reason);
-        got.extend(r.events.iter().filter_map(|e| Some(e.kv.as_ref()?.mod_revision)));
+        got.extend(
+            r.events
+                .iter()
+                .filter_map(|e| Some(e.kv.as_ref()?.mod_revision)),
+        );
         count.fetch_add(r.events.len(), Ordering::Relaxed);
     }
     Ok(got)
@@ -154,7 +158,10 @@ async fn proxy_connections_every_watcher_gets_every_event_once_in_order_and_a_sl
     let mut want = put(&etcd, SMALL, 8, "s", paced).await;
     want.extend(put(&etcd, LARGE, 2048, "l", paced).await);
     for (i, r) in readers.into_iter().enumerate() {
-        let got = r.await.unwrap().unwrap_or_else(|e| panic!("watcher {i}: {e:#}"));
+        let got = r
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("watcher {i}: {e:#}"));
         assert_eq!(got, want, "watcher {i}: every event once, in order");
     }
 
@@ -164,7 +171,9 @@ async fn proxy_connections_every_watcher_gets_every_event_once_in_order_and_a_sl
         let n = proxy
             .metric("podmesh_proxy_watchers_cancelled_total", "slow_watcher")
             .map_err(|e| e.to_string())?;
-        (n >= 1.0).then_some(()).ok_or(format!("slow_watcher cancels: {n}"))
+        (n >= 1.0)
+            .then_some(())
+            .ok_or(format!("slow_watcher cancels: {n}"))
     })
     .unwrap();
     // What it reads now: a prefix of the events, in order, then the
@@ -176,7 +185,11 @@ async fn proxy_connections_every_watcher_gets_every_event_once_in_order_and_a_sl
             .expect("the slow reader's cancellation never came")
             .unwrap()
             .expect("the slow reader's stream ended without a cancellation");
-        got.extend(r.events.iter().filter_map(|e| Some(e.kv.as_ref()?.mod_revision)));
+        got.extend(
+            r.events
+                .iter()
+                .filter_map(|e| Some(e.kv.as_ref()?.mod_revision)),
+        );
         if r.canceled {
             break r.cancel_reason;
         }
@@ -207,20 +220,35 @@ async fn proxy_connections_beyond_max_connections_are_refused_with_the_reason_an
     let etcd = Etcd::start().unwrap();
     let proxy = Proxy::start(&etcd, &["--max-connections", &MAX.to_string()]).unwrap();
     let mut conns = open_many(&proxy, MAX).await;
-    assert_eq!(proxy.metric("podmesh_proxy_connections", "").unwrap(), MAX as f64);
+    assert_eq!(
+        proxy.metric("podmesh_proxy_connections", "").unwrap(),
+        MAX as f64
+    );
     let tls_cfg = tls(proxy.pki().ca(), proxy.client()).unwrap();
     for i in 0..EXTRA {
-        match WatchConn::open(addr(&proxy), source(i), tls_cfg.clone(), prefix_watch(PREFIX, 0)).await
+        match WatchConn::open(
+            addr(&proxy),
+            source(i),
+            tls_cfg.clone(),
+            prefix_watch(PREFIX, 0),
+        )
+        .await
         {
             Err(Refused::Status(code, msg)) => {
-                assert_eq!(code, 14, "UNAVAILABLE, so clients try another replica: {msg}");
+                assert_eq!(
+                    code, 14,
+                    "UNAVAILABLE, so clients try another replica: {msg}"
+                );
                 assert!(
                     msg.contains("--max-connections") && msg.contains(&MAX.to_string()),
                     "refusal message: {msg}"
                 );
             }
             Err(Refused::Other(e)) => panic!("refused without the reason: {e:#}"),
-            Ok(_) => panic!("connection {} beyond --max-connections {MAX} was served", MAX + i + 1),
+            Ok(_) => panic!(
+                "connection {} beyond --max-connections {MAX} was served",
+                MAX + i + 1
+            ),
         }
     }
     assert_eq!(
@@ -229,7 +257,10 @@ async fn proxy_connections_beyond_max_connections_are_refused_with_the_reason_an
             .unwrap(),
         EXTRA as f64
     );
-    assert_eq!(proxy.metric("podmesh_proxy_connections", "").unwrap(), MAX as f64);
+    assert_eq!(
+        proxy.metric("podmesh_proxy_connections", "").unwrap(),
+        MAX as f64
+    );
     // The connections served keep working.
     let want = put(&etcd, 3, 8, "m", None).await;
     for c in conns.iter_mut() {

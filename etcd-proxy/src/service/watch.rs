@@ -444,8 +444,7 @@ impl StreamTask {
             }
         }
         self.delivered = revision;
-        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> =
-            (!parts.is_empty()).then(|| parts.into());
+        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> = (!parts.is_empty()).then(|| parts.into());
         let Some(shared) = shared else {
             for w in self.watchers.values_mut() {
                 w.next_rev = w.next_rev.max(revision + 1);
