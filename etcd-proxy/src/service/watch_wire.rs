@@ -157,33 +157,38 @@ impl Encoder for OutEncoder {
             ..Default::default()
         };
         encode(&head, dst)?;
-        // Fields may come in any order; repeated `events` entries append.
-        let mut put = |x: &EncodedEvent| {
-            dst.put_slice(if prev_kv {
-                &x.with_prev
-            } else {
-                &x.without_prev
-            });
-        };
-        let all = batch.iter().flat_map(|u| u.iter());
-        match pick {
-            Pick::All => all.for_each(&mut put),
-            Pick::Some(idx) => {
-                // `idx` is ascending: one walk over the batch.
-                let mut want = idx.iter().copied().peekable();
-                for (i, x) in all.enumerate() {
-                    match want.peek() {
-                        Some(&w) if w as usize == i => {
-                            want.next();
-                            put(x);
-                        }
-                        Some(_) => {}
-                        None => break,
+        put_events(dst, prev_kv, &batch, &pick);
+        Ok(())
+    }
+}
+
+/// Appends the events `pick` selects from `batch` as `events` fields: fields
+/// may come in any order, and repeated `events` entries append.
+fn put_events(dst: &mut impl BufMut, prev_kv: bool, batch: &[Arc<[EncodedEvent]>], pick: &Pick) {
+    let mut put = |x: &EncodedEvent| {
+        dst.put_slice(if prev_kv {
+            &x.with_prev
+        } else {
+            &x.without_prev
+        });
+    };
+    let all = batch.iter().flat_map(|u| u.iter());
+    match pick {
+        Pick::All => all.for_each(&mut put),
+        Pick::Some(idx) => {
+            // `idx` is ascending: one walk over the batch.
+            let mut want = idx.iter().copied().peekable();
+            for (i, x) in all.enumerate() {
+                match want.peek() {
+                    Some(&w) if w as usize == i => {
+                        want.next();
+                        put(x);
                     }
+                    Some(_) => {}
+                    None => break,
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -258,6 +263,32 @@ mod tests {
         head.encode(&mut buf).unwrap();
         buf.put_slice(&x1.with_prev);
         let got = PbWatchResponse::decode(buf.freeze()).unwrap();
-        assert_eq!(got.events, vec![e1]);
+        assert_eq!(got.events, vec![e1.clone()]);
+    }
+
+    #[test]
+    fn events_picked_across_the_updates_of_a_batch_keep_their_order() {
+        let ev = |k: &str, rev: i64| PbEvent {
+            r#type: 0,
+            kv: Some(PbKeyValue {
+                key: k.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        };
+        let (a, b, c) = (ev("p/a", 1), ev("p/b", 2), ev("p/c", 3));
+        let batch: Vec<Arc<[EncodedEvent]>> = vec![
+            vec![EncodedEvent::new(&a), EncodedEvent::new(&b)].into(),
+            vec![EncodedEvent::new(&c)].into(),
+        ];
+        let decode = |pick: Pick| {
+            let mut buf = BytesMut::new();
+            put_events(&mut buf, false, &batch, &pick);
+            PbWatchResponse::decode(buf.freeze()).unwrap().events
+        };
+        assert_eq!(decode(Pick::All), vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(decode(Pick::Some(vec![0, 2])), vec![a, c.clone()]);
+        assert_eq!(decode(Pick::Some(vec![2])), vec![c]);
     }
 }
