@@ -53,10 +53,11 @@ pub struct Args {
     /// cancelled (they re-list); one slow client never holds up the others.
     #[arg(long, default_value_t = 4096)]
     pub watch_buffer: usize,
-    /// Responses a watch stream may have queued for its client, unread,
-    /// before its watchers are cut off with a cancel reason (they watch
-    /// again from the revision after their last event); bounds the memory
-    /// one slow reader holds.
+    /// Responses per watcher (each carrying every update the stream took at
+    /// once) a watch stream may have queued for its client, unread, before
+    /// its watchers are cut off with a cancel reason (they watch again from
+    /// the revision after their last event); bounds what one slow reader
+    /// holds.
     #[arg(long, default_value_t = 256)]
     pub watch_backlog: usize,
     /// Client connections served at once. Beyond it a new connection is

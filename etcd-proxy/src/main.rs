@@ -160,7 +160,8 @@ async fn run(
 
     let incoming = tls::accept_loop(listener, tls, hub.clone());
     let watch_cfg = service::watch::WatchConfig {
-        out_buffer: args.watch_backlog.max(1),
+        out_buffer: 256,
+        backlog: args.watch_backlog,
         progress_interval: args.progress_notify_interval,
     };
     let routes =

@@ -1,8 +1,8 @@
 //! etcd Watch served from the cache: create/cancel/progress per stream, replay from history, bounded fan-out.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::{Ready, ready};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +38,10 @@ pub struct WatchConfig {
     /// Responses queued per stream towards the client before the stream
     /// stops reading updates (and then lags on the broadcast).
     pub out_buffer: usize,
+    /// Passes of live events (each one response per watcher, carrying
+    /// every update the stream took at once) a stream may have queued and
+    /// unread before its watchers are cut off.
+    pub backlog: usize,
     /// Interval of progress notifications for watchers that asked for them.
     pub progress_interval: Duration,
 }
@@ -62,7 +66,9 @@ impl WatchService {
         requests: Streaming<PbWatchRequest>,
         conn: Option<ConnectionBudget>,
     ) -> ReceiverStream<Result<Out, Status>> {
-        let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(1));
+        // Room for the whole backlog of a stream with one watcher (what
+        // an agent holds), so that it is cut off before it would wait.
+        let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(self.cfg.backlog + 2));
         let (updates, revision) = self.hub.subscribe();
         let task = StreamTask {
             hub: self.hub.clone(),
@@ -72,6 +78,8 @@ impl WatchService {
             delivered: revision,
             conn,
             replay: StreamBudget::new(STREAM_REPLAY_BYTES),
+            passes: VecDeque::new(),
+            backlog: self.cfg.backlog.max(1),
         };
         self.hub.metrics.watch_streams.inc();
         tokio::spawn(task.run(requests, updates, self.cfg.progress_interval));
@@ -137,6 +145,11 @@ struct StreamTask {
     conn: Option<ConnectionBudget>,
     /// Replay bytes built on this stream and not yet sent.
     replay: StreamBudget,
+    /// The passes of live events queued and not all taken by the
+    /// connection yet: each response of a pass holds its token.
+    passes: VecDeque<Weak<()>>,
+    /// Passes that may be queued before the stream is cut off.
+    backlog: usize,
 }
 
 impl StreamTask {
@@ -474,6 +487,20 @@ impl StreamTask {
             };
             out.push((*id, w.prev_kv, idx.len(), pick));
         }
+        // The client reads too slowly when earlier passes are still
+        // queued: its watchers are cut off rather than holding updates,
+        // and the memory they keep, for a client that may never read them.
+        while self.passes.front().is_some_and(|p| p.strong_count() == 0) {
+            self.passes.pop_front();
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        if self.passes.len() >= self.backlog {
+            return self.backlog_full().await;
+        }
+        let pass = Arc::new(());
+        self.passes.push_back(Arc::downgrade(&pass));
         let mut n = 0;
         for (watch_id, prev_kv, count, pick) in out {
             let frame = Out::Events(Box::new(Events {
@@ -482,19 +509,10 @@ impl StreamTask {
                 prev_kv,
                 batch: shared.clone(),
                 pick,
+                _pass: pass.clone(),
             }));
-            // Live events never wait for a slow reader: a stream whose
-            // backlog is full is cut off (below) rather than holding
-            // updates, and the memory they keep, for a client that may
-            // never read them.
-            match self.tx.try_send(Ok(frame)) {
-                Ok(()) => n += count as u64,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Gone),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.hub.metrics.events_out.inc_by(n);
-                    return self.backlog_full().await;
-                }
-            }
+            self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
+            n += count as u64;
         }
         self.hub.metrics.events_out.inc_by(n);
         Ok(())
@@ -506,10 +524,10 @@ impl StreamTask {
     /// watches again from the one after it; the proxy replays from its
     /// history).
     async fn backlog_full(&mut self) -> Result<(), Gone> {
-        let backlog = self.tx.max_capacity();
+        let backlog = self.backlog;
         let last = self.delivered;
         let reason = format!(
-            "watch stream fell behind: its backlog of {backlog} responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again and watch from the list's revision + 1"
+            "watch stream fell behind: its backlog of {backlog} unread responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again and watch from the list's revision + 1"
         );
         tracing::warn!(
             backlog,

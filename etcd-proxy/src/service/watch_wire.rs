@@ -76,6 +76,9 @@ pub struct Events {
     /// The encoded events of the updates in this response, in order.
     pub batch: Arc<[Arc<[EncodedEvent]>]>,
     pub pick: Pick,
+    /// The token of the stream's pass this response belongs to, held until
+    /// the response is taken for encoding (held for its drop only).
+    pub _pass: Arc<()>,
 }
 
 /// Which events of a batch one watcher gets: usually all of them, which
@@ -141,6 +144,7 @@ impl Encoder for OutEncoder {
             prev_kv,
             batch,
             pick,
+            _pass: _,
         } = match item {
             Out::Msg(m) => return encode(&m, dst),
             Out::Replay(replay) => {
