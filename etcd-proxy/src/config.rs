@@ -53,6 +53,19 @@ pub struct Args {
     /// cancelled (they re-list); one slow client never holds up the others.
     #[arg(long, default_value_t = 4096)]
     pub watch_buffer: usize,
+    /// Responses per watcher (each carrying every update the stream took at
+    /// once) a watch stream may have queued for its client, unread, before
+    /// its watchers are cut off with a cancel reason (they watch again from
+    /// the revision after their last event); bounds what one slow reader
+    /// holds.
+    #[arg(long, default_value_t = 256)]
+    pub watch_backlog: usize,
+    /// Client connections served at once. Beyond it a new connection is
+    /// answered UNAVAILABLE with the reason (clients try another replica)
+    /// and closed, and counted. Size the proxy's memory limit from it
+    /// (docs/walkthrough.md, "Sizing the etcd proxy").
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Interval of progress notifications to watchers that ask for them.
     #[arg(long, default_value = "10m", value_parser = duration::with_unit)]
     pub progress_notify_interval: Duration,

@@ -53,6 +53,8 @@ pub struct Hub {
     /// text stays in the proxy's log and never reaches a client.
     last_error: Mutex<Option<(String, std::time::Instant)>>,
     shutdown: watch::Receiver<bool>,
+    /// Log lines about refused connections, throttled per cause.
+    pub refusals: crate::tls::Throttle,
 }
 
 /// Stable member ID derived from the advertised URL (FNV-1a), so that
@@ -92,6 +94,7 @@ impl Hub {
             state: AtomicI64::new(UpstreamState::Disconnected as i64),
             last_error: Mutex::new(None),
             shutdown,
+            refusals: crate::tls::Throttle::default(),
         }
     }
 

@@ -161,6 +161,7 @@ async fn run(
     let incoming = tls::accept_loop(listener, tls, hub.clone());
     let watch_cfg = service::watch::WatchConfig {
         out_buffer: 256,
+        backlog: args.watch_backlog,
         progress_interval: args.progress_notify_interval,
     };
     let routes =
@@ -178,7 +179,13 @@ async fn run(
             .add_service(RefuseService::<Auth>::new(hub.clone()))
             .add_service(RefuseService::<Lock>::new(hub.clone()))
             .add_service(RefuseService::<Election>::new(hub.clone()));
-    let server = serve::serve(incoming, routes, shutdown_rx.clone());
+    let server = serve::serve(
+        incoming,
+        routes,
+        shutdown_rx.clone(),
+        hub.clone(),
+        args.max_connections.max(1),
+    );
     tracing::info!(listen = %args.listen, advertise = %advertise, prefix = %prefix.display(), "serving");
 
     let signal = async {

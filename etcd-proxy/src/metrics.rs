@@ -43,6 +43,9 @@ pub struct Metrics {
     pub watchers_cancelled: Family<Reason, Counter>,
     pub tls_reloads: Counter,
     pub upstream_config_reloads: Counter,
+    pub connections: Gauge,
+    pub max_connections: Gauge,
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +73,9 @@ impl Metrics {
             watchers_cancelled: Family::default(),
             tls_reloads: Counter::default(),
             upstream_config_reloads: Counter::default(),
+            connections: Gauge::default(),
+            max_connections: Gauge::default(),
+            connections_refused: Counter::default(),
         };
         registry.register("watchers", "Active downstream watchers", m.watchers.clone());
         registry.register(
@@ -132,6 +138,21 @@ impl Metrics {
             "upstream_config_reloads",
             "Changes of the upstream config or of the credentials it names, each followed by a reconnect",
             m.upstream_config_reloads.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections in use (TLS done, HTTP/2 served)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "max_connections",
+            "Client connections the proxy serves at most (--max-connections)",
+            m.max_connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections refused because --max-connections were in use",
+            m.connections_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::service::Routes;
 
 use crate::budget::{CONNECTION_BYTES, ConnectionBudget, Held, Reservation};
-use crate::hub::stopped;
+use crate::hub::{Hub, stopped};
 
 /// How long an authenticated client may take to send the HTTP/2 connection
 /// preface after its handshake: a client that never sends it would otherwise
@@ -37,28 +37,105 @@ const PREFACE_LEN: u64 = 24;
 /// flow-control window lets through.
 const SEND_BUFFER: usize = 32 * 1024;
 
+/// How long a refused connection is kept to answer its first requests with
+/// the reason before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Refused connections answered at once; more are closed without an answer
+/// (and still counted), so that a flood of them costs nothing lasting.
+const REFUSING_AT_ONCE: usize = 64;
+
 /// Serves every connection from `incoming` until shutdown, then closes them
-/// gracefully (watch streams end on the same signal).
+/// gracefully (watch streams end on the same signal). At most
+/// `max_connections` are served at once: a connection beyond them is
+/// answered UNAVAILABLE with the reason (gRPC clients, etcd's among them,
+/// try another endpoint on UNAVAILABLE) and closed, instead of the proxy
+/// growing until it is killed for its memory.
 pub async fn serve(
     mut incoming: mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>,
     routes: Routes,
     mut shutdown: watch::Receiver<bool>,
+    hub: Arc<Hub>,
+    max_connections: usize,
 ) {
+    hub.metrics.max_connections.set(max_connections as i64);
+    let reason: Arc<str> = Arc::from(format!(
+        "podmesh-etcd-proxy: all {max_connections} connections (--max-connections) are in use; try another replica, or add replicas (docs/walkthrough.md, sizing the etcd proxy)"
+    ));
     let mut conns = tokio::task::JoinSet::new();
+    let mut refusing = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break,
             next = incoming.recv() => match next {
-                Some(Ok(io)) => {
+                Some(Ok(io)) if conns.len() < max_connections => {
                     conns.spawn(connection(io, routes.clone(), shutdown.clone()));
+                    hub.metrics.connections.set(conns.len() as i64);
+                }
+                Some(Ok(io)) => {
+                    hub.metrics.connections_refused.inc();
+                    if refusing.len() < REFUSING_AT_ONCE {
+                        refusing.spawn(refuse(io, reason.clone()));
+                    }
+                    if let Some(suppressed) = hub.refusals.admit("max_connections") {
+                        tracing::warn!(
+                            max_connections,
+                            suppressed,
+                            "refusing a connection: all --max-connections are in use; hint: add proxy replicas (each serves --max-connections) or raise --max-connections with the memory limit"
+                        );
+                    }
                 }
                 Some(Err(_)) => {}
                 None => break,
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            Some(_) = conns.join_next(), if !conns.is_empty() => {
+                hub.metrics.connections.set(conns.len() as i64);
+            }
+            Some(_) = refusing.join_next(), if !refusing.is_empty() => {}
         }
     }
-    while conns.join_next().await.is_some() {}
+    refusing.abort_all();
+    while conns.join_next().await.is_some() {
+        hub.metrics.connections.set(conns.len() as i64);
+    }
+}
+
+/// Answers the requests of a connection beyond `--max-connections` with
+/// UNAVAILABLE and `reason`, for a moment, then closes it.
+async fn refuse(io: TlsStream<TcpStream>, reason: Arc<str>) {
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(8)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(Refusing(reason)));
+    tokio::pin!(conn);
+    if tokio::time::timeout(REFUSAL_LINGER, conn.as_mut())
+        .await
+        .is_err()
+    {
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(REFUSAL_LINGER, conn).await;
+    }
+}
+
+/// Every request answered UNAVAILABLE with the reason.
+#[derive(Debug, Clone)]
+struct Refusing(Arc<str>);
+
+impl<B> tonic::codegen::Service<http::Request<B>> for Refusing {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(tonic::Status::unavailable(&*self.0).into_http()))
+    }
 }
 
 async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watch::Receiver<bool>) {

@@ -199,6 +199,9 @@ impl Reloading {
     }
 }
 
+/// TLS handshakes in progress at once.
+const HANDSHAKES_AT_ONCE: usize = 256;
+
 /// Accepts TCP connections and completes the TLS handshake of each in its own
 /// task, so that a slow or failing client never holds up the others.
 pub fn accept_loop(
@@ -208,9 +211,21 @@ pub fn accept_loop(
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let throttle = Arc::new(Throttle::default());
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
     tokio::spawn(async move {
         let mut shutdown = hub.shutdown();
         loop {
+            // A reconnecting fleet (a proxy restart puts every agent's
+            // connection back at once) handshakes a few hundred at a time;
+            // the others wait in the listen backlog instead of each holding
+            // a handshake's memory and CPU.
+            let permit = tokio::select! {
+                _ = crate::hub::stopped(&mut shutdown) => return,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 _ = crate::hub::stopped(&mut shutdown) => return,
                 r = listener.accept() => match r {
@@ -228,7 +243,10 @@ pub fn accept_loop(
             let hub = hub.clone();
             let throttle = throttle.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

@@ -17,6 +17,8 @@ pub mod proxy;
 pub mod rawgrpc;
 pub mod stall;
 pub mod topo;
+#[cfg(feature = "etcd-client")]
+pub mod watchconn;
 
 /// Whether privileged tests can run here (root, `ip netns` usable).
 ///

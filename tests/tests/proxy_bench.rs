@@ -1,5 +1,6 @@
 //! Load generator of `cargo xtask bench proxy` (ignored as a test; run in release by xtask): fan-out
-//! latency, proxy RSS and upstream watch count for podmesh-etcd-proxy, etcd grpc-proxy and direct etcd.
+//! latency, proxy RSS and upstream watch count for podmesh-etcd-proxy, etcd grpc-proxy and direct etcd,
+//! in two shapes: many watchers on few connections, and one connection per watch as agents hold them.
 use std::{
     process::{Child, Command, Stdio},
     sync::{
@@ -10,6 +11,7 @@ use std::{
 };
 
 use etcd_client::{Client, WatchOptions};
+use futures::StreamExt as _;
 use podmesh_tests::{
     env_or,
     etcd::{Etcd, connect},
@@ -335,6 +337,268 @@ async fn proxy_bench() {
                 p.p99_ms / d.p99_ms,
                 p.upstream_watches,
                 d.upstream_watches
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct ConnRow {
+    connections: usize,
+    target: &'static str,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    delivered: f64,
+    base_mib: f64,
+    idle_mib: f64,
+    peak_mib: f64,
+    upstream_watches: f64,
+    connect_s: f64,
+}
+
+impl ConnRow {
+    /// RSS each idle watching connection adds, in KiB.
+    fn per_conn_kib(&self) -> f64 {
+        (self.idle_mib - self.base_mib) * 1024.0 / self.connections as f64
+    }
+}
+
+/// `n` connections with one prefix watch each (spread over loopback source
+/// addresses), then `puts` puts at `rate`/s: put → event latency of every
+/// watcher, RSS before, idle and at the peak.
+async fn run_connections(
+    etcd: &Etcd,
+    t: &Target,
+    n: usize,
+    puts: usize,
+    rate: u64,
+) -> anyhow::Result<ConnRow> {
+    use podmesh_tests::watchconn::{WatchConn, prefix_watch, source, tls};
+    let addr: std::net::SocketAddr = t
+        .endpoint
+        .trim_start_matches("https://")
+        .parse()
+        .map_err(|e| anyhow::anyhow!("endpoint {}: {e}", t.endpoint))?;
+    // The target answers before the measurement starts.
+    drop(connect_retry(t).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base_kib = t.pid.map_or(0, rss_kib);
+    let tls = tls(&t.ca, &t.client)?;
+    let base = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..puts).map(|_| AtomicU64::new(0)).collect());
+    let started = Instant::now();
+    // Connections open a few dozen at a time, as agents starting over a
+    // while do; the proxy is measured once they all watch.
+    let mut conns = Vec::with_capacity(n);
+    let mut opening = futures::stream::iter((0..n).map(|i| {
+        let tls = tls.clone();
+        async move {
+            let mut last = None;
+            for _ in 0..20 {
+                match WatchConn::open(addr, source(i), tls.clone(), prefix_watch(PREFIX, 0)).await {
+                    Ok(mut c) => match c.created().await {
+                        Ok(_) => return Ok(c),
+                        Err(e) => last = Some(e),
+                    },
+                    Err(e) => last = Some(anyhow::anyhow!("{e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+        }
+    }))
+    .buffer_unordered(64);
+    while let Some(c) = futures::StreamExt::next(&mut opening).await {
+        conns.push(c.map_err(|e| anyhow::anyhow!("connection {}: {e:#}", conns.len()))?);
+    }
+    drop(opening);
+    let connect_s = started.elapsed().as_secs_f64();
+    // Let the proxies settle their upstream watches and allocations.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_kib = t.pid.map_or(0, rss_kib);
+    let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
+    let mut readers = Vec::with_capacity(n);
+    for mut c in conns {
+        let sent = sent.clone();
+        readers.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::with_capacity(puts);
+            let deadline = Duration::from_secs(60);
+            while lat.len() < puts {
+                let Ok(Ok(Some(resp))) = tokio::time::timeout(deadline, c.next()).await else {
+                    break;
+                };
+                let now = base.elapsed().as_nanos() as u64;
+                for e in &resp.events {
+                    let Some(seq) = e
+                        .kv
+                        .as_ref()
+                        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<usize>().ok())
+                    else {
+                        continue;
+                    };
+                    let at = sent[seq].load(Ordering::Acquire);
+                    lat.push(((now.saturating_sub(at)) / 1000) as u32);
+                }
+            }
+            lat
+        }));
+    }
+    let mut writer = etcd.connect().await?;
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    let mut peak = idle_kib;
+    for seq in 0..puts {
+        tick.tick().await;
+        sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
+        writer
+            .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
+            .await?;
+        if seq % 10 == 0 {
+            peak = peak.max(t.pid.map_or(0, rss_kib));
+        }
+    }
+    let mut lat = Vec::with_capacity(n * puts);
+    for r in readers {
+        lat.extend(r.await?);
+    }
+    peak = peak.max(t.pid.map_or(0, rss_kib));
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+        }
+    };
+    Ok(ConnRow {
+        connections: n,
+        target: t.name,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        delivered: lat.len() as f64 / (n * puts) as f64,
+        base_mib: base_kib as f64 / 1024.0,
+        idle_mib: idle_kib as f64 / 1024.0,
+        peak_mib: peak as f64 / 1024.0,
+        upstream_watches,
+        connect_s,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: run by `cargo xtask bench proxy --connections N`"]
+async fn proxy_connections_bench() {
+    let counts = env_list("PODMESH_BENCH_CONNECTIONS", "10000");
+    let puts: usize = env_or("PODMESH_BENCH_PUTS", 200);
+    let rate: u64 = env_or("PODMESH_BENCH_RATE", 50);
+    let extra: Vec<String> = std::env::var("PODMESH_BENCH_PROXY_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let targets: Vec<String> = std::env::var("PODMESH_BENCH_TARGETS")
+        .unwrap_or_else(|_| "podmesh-etcd-proxy,etcd grpc-proxy".into())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect();
+    // One descriptor per connection here, as many in the proxy.
+    let limit = podmesh_plumbing::limits::raise_nofile_limit().unwrap_or(0);
+    if let Some(&most) = counts.iter().max() {
+        assert!(
+            limit as usize > most + 512,
+            "the open-files limit ({limit}) is below {most} connections; raise the hard limit (ulimit -Hn)"
+        );
+    }
+    let mut rows = Vec::new();
+    for &n in &counts {
+        for which in &targets {
+            let etcd = Etcd::start().unwrap();
+            let row = match which.as_str() {
+                "podmesh-etcd-proxy" => {
+                    // Room for every connection of the measurement (and the
+                    // readiness check's), unless the flags say otherwise.
+                    let max = (n + 64).to_string();
+                    let mut flags: Vec<&str> = vec!["--max-connections", &max];
+                    flags.extend(extra.iter().map(String::as_str));
+                    let p = Proxy::start(&etcd, &flags).unwrap();
+                    let t = Target {
+                        name: "podmesh-etcd-proxy",
+                        endpoint: p.endpoint(),
+                        ca: p.pki().ca().to_path_buf(),
+                        client: p.client().clone(),
+                        pid: p.pid(),
+                    };
+                    let r = run_connections(&etcd, &t, n, puts, rate).await;
+                    if let Ok(m) = p.metric("podmesh_proxy_watchers_cancelled_total", "") {
+                        eprintln!("podmesh-etcd-proxy: watchers cancelled {m}");
+                    }
+                    r
+                }
+                "etcd grpc-proxy" => {
+                    let g = grpc_proxy(&etcd).unwrap();
+                    let t = Target {
+                        name: "etcd grpc-proxy",
+                        endpoint: format!("https://127.0.0.1:{}", g.port),
+                        ca: g.pki.ca().to_path_buf(),
+                        client: g.client.clone(),
+                        pid: Some(g.child.id()),
+                    };
+                    run_connections(&etcd, &t, n, puts, rate).await
+                }
+                other => panic!("unknown target {other:?}"),
+            };
+            let row = row.unwrap_or_else(|e| panic!("{which} at {n} connections: {e:#}"));
+            eprintln!("{row:?}");
+            rows.push(row);
+        }
+    }
+    println!();
+    println!(
+        "proxy bench, one connection per watch: {puts} puts at {rate}/s on prefix {PREFIX}, connections from {} loopback addresses",
+        podmesh_tests::watchconn::SOURCES
+    );
+    println!(
+        "{:>11}  {:<20} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10}",
+        "connections",
+        "target",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "delivered",
+        "base MiB",
+        "idle MiB",
+        "peak MiB",
+        "KiB per conn",
+        "upstream",
+        "connect s"
+    );
+    for r in &rows {
+        println!(
+            "{:>11}  {:<20} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1}",
+            r.connections,
+            r.target,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.delivered * 100.0,
+            r.base_mib,
+            r.idle_mib,
+            r.peak_mib,
+            r.per_conn_kib(),
+            r.upstream_watches,
+            r.connect_s
+        );
+    }
+    println!();
+    for &n in &counts {
+        let get = |t: &str| rows.iter().find(|r| r.connections == n && r.target == t);
+        if let (Some(p), Some(g)) = (get("podmesh-etcd-proxy"), get("etcd grpc-proxy")) {
+            println!(
+                "{n:>8} connections: podmesh/grpc-proxy  p50 {:.2}x  p99 {:.2}x  peak RSS {:.2}x  KiB per connection {:.2}x",
+                p.p50_ms / g.p50_ms,
+                p.p99_ms / g.p99_ms,
+                p.peak_mib / g.peak_mib,
+                p.per_conn_kib() / g.per_conn_kib()
             );
         }
     }

@@ -1,8 +1,8 @@
 //! etcd Watch served from the cache: create/cancel/progress per stream, replay from history, bounded fan-out.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::{Ready, ready};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
-use super::watch_wire::{EncodedEvent, Out, Pick, WatchCodec};
+use super::watch_wire::{EncodedEvent, Events, Out, Pick, WatchCodec};
 use crate::budget::{
     ConnectionBudget, MAX_KEY_BYTES, MAX_WATCHERS_PER_STREAM, REPLAY_CHUNK_BYTES,
     STREAM_REPLAY_BYTES, StreamBudget,
@@ -38,6 +38,10 @@ pub struct WatchConfig {
     /// Responses queued per stream towards the client before the stream
     /// stops reading updates (and then lags on the broadcast).
     pub out_buffer: usize,
+    /// Passes of live events (each one response per watcher, carrying
+    /// every update the stream took at once) a stream may have queued and
+    /// unread before its watchers are cut off.
+    pub backlog: usize,
     /// Interval of progress notifications for watchers that asked for them.
     pub progress_interval: Duration,
 }
@@ -62,7 +66,9 @@ impl WatchService {
         requests: Streaming<PbWatchRequest>,
         conn: Option<ConnectionBudget>,
     ) -> ReceiverStream<Result<Out, Status>> {
-        let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(1));
+        // Room for the whole backlog of a stream with one watcher (what
+        // an agent holds), so that it is cut off before it would wait.
+        let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(self.cfg.backlog + 2));
         let (updates, revision) = self.hub.subscribe();
         let task = StreamTask {
             hub: self.hub.clone(),
@@ -72,6 +78,8 @@ impl WatchService {
             delivered: revision,
             conn,
             replay: StreamBudget::new(STREAM_REPLAY_BYTES),
+            passes: VecDeque::new(),
+            backlog: self.cfg.backlog.max(1),
         };
         self.hub.metrics.watch_streams.inc();
         tokio::spawn(task.run(requests, updates, self.cfg.progress_interval));
@@ -137,6 +145,11 @@ struct StreamTask {
     conn: Option<ConnectionBudget>,
     /// Replay bytes built on this stream and not yet sent.
     replay: StreamBudget,
+    /// The passes of live events queued and not all taken by the
+    /// connection yet: each response of a pass holds its token.
+    passes: VecDeque<Weak<()>>,
+    /// Passes that may be queued before the stream is cut off.
+    backlog: usize,
 }
 
 impl StreamTask {
@@ -166,16 +179,19 @@ impl StreamTask {
                     .await;
                     break;
                 }
+                // The handlers are boxed: this loop is what every idle
+                // stream holds, and it should not be as large as the
+                // largest of them (a watch's creation with its replay).
                 req = requests.next() => match req {
-                    Some(Ok(r)) => self.request(r).await,
+                    Some(Ok(r)) => Box::pin(self.request(r)).await,
                     Some(Err(_)) | None => break,
                 },
                 upd = updates.recv() => match upd {
-                    Ok(u) => self.updates(u, &mut updates).await,
-                    Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n).await,
+                    Ok(u) => Box::pin(self.updates(u, &mut updates)).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => Box::pin(self.lagged(n)).await,
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                _ = tick.tick() => self.progress_tick().await,
+                _ = tick.tick() => Box::pin(self.progress_tick()).await,
             };
             if step.is_err() {
                 break;
@@ -368,7 +384,7 @@ impl StreamTask {
                 self.hub.metrics.events_out.inc_by(r.events.len() as u64);
                 w.sent_since_tick = true;
                 self.tx
-                    .send(Ok(Out::Replay(Box::new(r), held)))
+                    .send(Ok(Out::Replay(Box::new((r, held)))))
                     .await
                     .map_err(|_| Gone)?;
             }
@@ -428,21 +444,20 @@ impl StreamTask {
         }
         let header = self.hub.header(revision);
         let mut events: Vec<&PbEvent> = Vec::new();
-        let mut shared: Option<Arc<[EncodedEvent]>> = None;
+        // The updates' shared encodings, referenced (never copied): one
+        // list per pass of this stream, whatever its number of watchers.
+        let mut parts: Vec<Arc<[EncodedEvent]>> = Vec::new();
         for u in batch {
             if let Update::Events {
                 events: e, encoded, ..
             } = u
             {
                 events.extend(e.iter());
-                // One update (the usual case): its encodings as they are.
-                shared = match shared {
-                    None => Some(encoded.clone()),
-                    Some(prev) => Some(prev.iter().chain(encoded.iter()).cloned().collect()),
-                };
+                parts.push(encoded.clone());
             }
         }
         self.delivered = revision;
+        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> = (!parts.is_empty()).then(|| parts.into());
         let Some(shared) = shared else {
             for w in self.watchers.values_mut() {
                 w.next_rev = w.next_rev.max(revision + 1);
@@ -472,20 +487,55 @@ impl StreamTask {
             };
             out.push((*id, w.prev_kv, idx.len(), pick));
         }
+        // The client reads too slowly when earlier passes are still
+        // queued: its watchers are cut off rather than holding updates,
+        // and the memory they keep, for a client that may never read them.
+        while self.passes.front().is_some_and(|p| p.strong_count() == 0) {
+            self.passes.pop_front();
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        if self.passes.len() >= self.backlog {
+            return self.backlog_full().await;
+        }
+        let pass = Arc::new(());
+        self.passes.push_back(Arc::downgrade(&pass));
         let mut n = 0;
         for (watch_id, prev_kv, count, pick) in out {
-            n += count as u64;
-            let frame = Out::Events {
+            let frame = Out::Events(Box::new(Events {
                 header,
                 watch_id,
                 prev_kv,
                 batch: shared.clone(),
                 pick,
-            };
+                _pass: pass.clone(),
+            }));
             self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
+            n += count as u64;
         }
         self.hub.metrics.events_out.inc_by(n);
         Ok(())
+    }
+
+    /// The client has not read the stream's whole backlog: every watcher
+    /// of the stream is cancelled with the reason, after the responses
+    /// already queued (so the client knows the last revision it has, and
+    /// watches again from the one after it; the proxy replays from its
+    /// history).
+    async fn backlog_full(&mut self) -> Result<(), Gone> {
+        let backlog = self.backlog;
+        let last = self.delivered;
+        let reason = format!(
+            "watch stream fell behind: its backlog of {backlog} unread responses is full (the client reads too slowly); watch again from the revision after the last event received (the proxy replays its history), or list again and watch from the list's revision + 1"
+        );
+        tracing::warn!(
+            backlog,
+            revision = last,
+            watchers = self.watchers.len(),
+            "cutting off the watchers of a stream whose client does not read; hint: the client must read its watch stream, or raise --watch-backlog"
+        );
+        self.cancel_all("slow_watcher", 0, reason).await
     }
 
     async fn lagged(&mut self, n: u64) -> Result<(), Gone> {

@@ -14,7 +14,7 @@ use etcd_client::proto::{PbEvent, PbResponseHeader, PbWatchRequest, PbWatchRespo
 use prost::Message;
 use prost::bytes::{BufMut, Bytes, BytesMut};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::budget::Reservation;
 
@@ -52,23 +52,33 @@ impl EncodedEvent {
     }
 }
 
-/// One message towards a watch client.
+/// One message towards a watch client. Every variant is one pointer: a
+/// stream's queue of them is allocated in blocks of 32 whether or not it is
+/// used, so their size is paid by every idle connection.
 #[derive(Debug)]
 pub enum Out {
     /// A message built in full: created, cancelled, progress.
     Msg(Box<PbWatchResponse>),
     /// Part of a replay, with its bytes reserved from the connection's and
     /// the proxy's budget until it is encoded.
-    Replay(Box<PbWatchResponse>, Reservation),
-    /// Live events of one watcher: the head is encoded per watcher, the
-    /// events were encoded once for all; `pick` says which of the batch's.
-    Events {
-        header: PbResponseHeader,
-        watch_id: i64,
-        prev_kv: bool,
-        batch: Arc<[EncodedEvent]>,
-        pick: Pick,
-    },
+    Replay(Box<(PbWatchResponse, Reservation)>),
+    /// Live events of one watcher.
+    Events(Box<Events>),
+}
+
+/// Live events of one watcher: the head is encoded per watcher, the events
+/// were encoded once for all; `pick` says which of the batch's.
+#[derive(Debug)]
+pub struct Events {
+    pub header: PbResponseHeader,
+    pub watch_id: i64,
+    pub prev_kv: bool,
+    /// The encoded events of the updates in this response, in order.
+    pub batch: Arc<[Arc<[EncodedEvent]>]>,
+    pub pick: Pick,
+    /// The token of the stream's pass this response belongs to, held until
+    /// the response is taken for encoding (held for its drop only).
+    pub _pass: Arc<()>,
 }
 
 /// Which events of a batch one watcher gets: usually all of them, which
@@ -77,6 +87,21 @@ pub enum Out {
 pub enum Pick {
     All,
     Some(Vec<u32>),
+}
+
+/// Bytes tonic sets aside per Watch stream for encoding responses and for
+/// decoding requests (its default is 8 KiB each). A stream with one watcher
+/// answers a few hundred bytes at a time and reads requests of a few dozen:
+/// at thousands of connections with one stream each, the default buffers
+/// were a large part of the proxy's memory. A larger response grows the
+/// buffer as it needs.
+const STREAM_BUFFER: usize = 512;
+/// Encoded responses tonic gathers before handing them to HTTP/2 (its
+/// default): one catching-up stream still sends large writes.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
 }
 
 /// Encodes [`Out`], decodes WatchRequest with prost.
@@ -108,21 +133,27 @@ impl Encoder for OutEncoder {
     type Item = Out;
     type Error = Status;
 
+    fn buffer_settings(&self) -> BufferSettings {
+        buffer_settings()
+    }
+
     fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let (header, watch_id, prev_kv, batch, pick) = match item {
+        let Events {
+            header,
+            watch_id,
+            prev_kv,
+            batch,
+            pick,
+            _pass: _,
+        } = match item {
             Out::Msg(m) => return encode(&m, dst),
-            Out::Replay(m, held) => {
+            Out::Replay(replay) => {
+                let (m, held) = *replay;
                 let r = encode(&m, dst);
                 drop(held);
                 return r;
             }
-            Out::Events {
-                header,
-                watch_id,
-                prev_kv,
-                batch,
-                pick,
-            } => (header, watch_id, prev_kv, batch, pick),
+            Out::Events(e) => *e,
         };
         let head = PbWatchResponse {
             header: Some(header),
@@ -130,22 +161,38 @@ impl Encoder for OutEncoder {
             ..Default::default()
         };
         encode(&head, dst)?;
-        // Fields may come in any order; repeated `events` entries append.
-        let mut put = |x: &EncodedEvent| {
-            dst.put_slice(if prev_kv {
-                &x.with_prev
-            } else {
-                &x.without_prev
-            });
-        };
-        match pick {
-            Pick::All => batch.iter().for_each(&mut put),
-            Pick::Some(idx) => idx
-                .iter()
-                .filter_map(|&i| batch.get(i as usize))
-                .for_each(&mut put),
-        }
+        put_events(dst, prev_kv, &batch, &pick);
         Ok(())
+    }
+}
+
+/// Appends the events `pick` selects from `batch` as `events` fields: fields
+/// may come in any order, and repeated `events` entries append.
+fn put_events(dst: &mut impl BufMut, prev_kv: bool, batch: &[Arc<[EncodedEvent]>], pick: &Pick) {
+    let mut put = |x: &EncodedEvent| {
+        dst.put_slice(if prev_kv {
+            &x.with_prev
+        } else {
+            &x.without_prev
+        });
+    };
+    let all = batch.iter().flat_map(|u| u.iter());
+    match pick {
+        Pick::All => all.for_each(&mut put),
+        Pick::Some(idx) => {
+            // `idx` is ascending: one walk over the batch.
+            let mut want = idx.iter().copied().peekable();
+            for (i, x) in all.enumerate() {
+                match want.peek() {
+                    Some(&w) if w as usize == i => {
+                        want.next();
+                        put(x);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
     }
 }
 
@@ -157,6 +204,10 @@ fn encode(m: &PbWatchResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
 impl Decoder for RequestDecoder {
     type Item = PbWatchRequest;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffer_settings()
+    }
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<PbWatchRequest>, Status> {
         PbWatchRequest::decode(src)
@@ -216,6 +267,32 @@ mod tests {
         head.encode(&mut buf).unwrap();
         buf.put_slice(&x1.with_prev);
         let got = PbWatchResponse::decode(buf.freeze()).unwrap();
-        assert_eq!(got.events, vec![e1]);
+        assert_eq!(got.events, vec![e1.clone()]);
+    }
+
+    #[test]
+    fn events_picked_across_the_updates_of_a_batch_keep_their_order() {
+        let ev = |k: &str, rev: i64| PbEvent {
+            r#type: 0,
+            kv: Some(PbKeyValue {
+                key: k.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        };
+        let (a, b, c) = (ev("p/a", 1), ev("p/b", 2), ev("p/c", 3));
+        let batch: Vec<Arc<[EncodedEvent]>> = vec![
+            vec![EncodedEvent::new(&a), EncodedEvent::new(&b)].into(),
+            vec![EncodedEvent::new(&c)].into(),
+        ];
+        let decode = |pick: Pick| {
+            let mut buf = BytesMut::new();
+            put_events(&mut buf, false, &batch, &pick);
+            PbWatchResponse::decode(buf.freeze()).unwrap().events
+        };
+        assert_eq!(decode(Pick::All), vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(decode(Pick::Some(vec![0, 2])), vec![a, c.clone()]);
+        assert_eq!(decode(Pick::Some(vec![2])), vec![c]);
     }
 }
