@@ -34,6 +34,7 @@ fn remote(i: u32) -> RemoteRoute {
         node: format!("node-{i}"),
         node_addr: IpAddr::V4(addr),
         vtep_mac: Some([0x02, 0x00, b[0], b[1], b[2], b[3]]),
+        wireguard_key: None,
     }
 }
 

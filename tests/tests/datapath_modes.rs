@@ -186,6 +186,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
                     node: n.name.clone(),
                     node_addr: IpAddr::V4(n.addr),
                     vtep_mac: mesh.dps[j].vtep_mac(),
+                    wireguard_key: None,
                 });
             }
         }
@@ -249,6 +250,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
         node: "n6".into(),
         node_addr: "fd99::1".parse()?,
         vtep_mac: Some([2, 0, 0, 0, 0, 9]),
+        wireguard_key: None,
     };
     let e = mesh.dps[0]
         .upsert(std::slice::from_ref(&bad))
@@ -286,6 +288,7 @@ async fn route_mtu_follows_the_underlay_device_or_the_flag() -> anyhow::Result<(
         node: "west-n0".into(),
         node_addr: IpAddr::from([172, 30, 0, 9]),
         vtep_mac: Some([0x02, 0, 0xac, 0x1e, 0, 9]),
+        wireguard_key: None,
     };
     // (node_ip known?, --underlay-mtu, expected route MTU) on a 9000-byte underlay.
     let cases = [

@@ -396,6 +396,7 @@ impl EbpfDatapath {
                 node,
                 node_addr: IpAddr::V4(Ipv4Addr::from(v.addr_v4)),
                 vtep_mac: Some(v.vtep_mac),
+                wireguard_key: None,
             });
         }
         Ok(out)

@@ -387,6 +387,7 @@ impl RouteDatapath {
                 node,
                 node_addr: *addr,
                 vtep_mac: macs.get(addr).copied(),
+                wireguard_key: None,
             });
         }
         Ok(out)

@@ -356,6 +356,7 @@ pub(crate) fn route_of(cluster: &str, node: &str, cidr: IpNet, n: &NodeData) -> 
         node: node.to_string(),
         node_addr: n.addresses[0],
         vtep_mac: n.vtep_mac,
+        wireguard_key: n.wireguard_key,
     }
 }
 

@@ -127,6 +127,7 @@ impl Mesh {
             node: n.name.clone(),
             node_addr: IpAddr::V4(n.addr),
             vtep_mac: self.dps[j].vtep_mac(),
+            wireguard_key: None,
         }
     }
 
