@@ -7,8 +7,11 @@ use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
 use anyhow::{Context, bail};
 use ipnet::IpNet;
 use podmesh_agent::{
-    config::DatapathMode,
-    datapath::{Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config},
+    config::{DatapathMode, WireguardBackend},
+    datapath::{
+        Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config, wireguard::WgConfig,
+    },
+    model::parse_wireguard_key,
 };
 use podmesh_tests::topo::{ClusterPlan, Node, Topology};
 
@@ -52,6 +55,9 @@ pub struct Mesh {
     pub topo: Topology,
     pub bpffs: Bpffs,
     pub mode: DatapathMode,
+    /// With WireGuard of this backend towards the other cluster (keys under `wg_dir`).
+    pub wireguard: Option<WireguardBackend>,
+    pub wg_dir: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -77,6 +83,15 @@ impl Mesh {
     }
 
     pub fn with_plans(mode: DatapathMode, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
+        Self::with_wireguard(mode, plans, None)
+    }
+
+    /// Like [`Mesh::with_plans`], with WireGuard of `backend` between the clusters.
+    pub fn with_wireguard(
+        mode: DatapathMode,
+        plans: &[ClusterPlan],
+        wireguard: Option<WireguardBackend>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::build(plans)?;
         let bpffs = Bpffs::new()?;
         let mut mesh = Self {
@@ -84,6 +99,8 @@ impl Mesh {
             topo,
             bpffs,
             mode,
+            wireguard,
+            wg_dir: tempfile::tempdir()?,
         };
         for i in 0..mesh.topo.nodes.len() {
             let dp = mesh.datapath(i)?;
@@ -99,6 +116,21 @@ impl Mesh {
             KernelConfig::new(self.mode).in_netns(format!("/run/netns/{}", node.ns.name()));
         cfg.node_ip = Some(IpAddr::V4(node.addr));
         cfg.pin_dir = self.bpffs.path().join(&node.name);
+        cfg.wireguard = self.wireguard.map(|backend| {
+            let dir = self.wg_dir.path().join(&node.name);
+            WgConfig {
+                port: 51871,
+                strict: false,
+                key_dir: dir.join("keys"),
+                run_dir: dir.join("run"),
+                backend,
+                // The userspace process is started by the datapath, as the agent does.
+                userspace_binary: (backend == WireguardBackend::Userspace).then(|| {
+                    podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")
+                        .expect("podmesh-wireguard builds")
+                }),
+            }
+        });
         cfg
     }
 
@@ -127,7 +159,9 @@ impl Mesh {
             node: n.name.clone(),
             node_addr: IpAddr::V4(n.addr),
             vtep_mac: self.dps[j].vtep_mac(),
-            wireguard_key: None,
+            wireguard_key: self.dps[j]
+                .wireguard()
+                .and_then(|h| parse_wireguard_key(h.public_key().borrow().as_deref()?)),
         }
     }
 

@@ -647,20 +647,24 @@ fn bring_up(cfg: &WgConfig, kc: &KernelConfig, nl: &mut Netlink) -> Result<Contr
     let kernel_there = existing
         .as_ref()
         .is_some_and(|l| l.kind.as_deref() == Some("wireguard"));
-    let want_kernel = match cfg.backend {
+    let kernel = match cfg.backend {
         WireguardBackend::Userspace => false,
-        WireguardBackend::Kernel => true,
-        WireguardBackend::Auto => kernel_there || (existing.is_none() && genl::supported(nl)),
-    };
-    if want_kernel {
-        if !kernel_there {
-            if let Some(l) = &existing {
-                // A TUN left by a userspace process: the kernel device takes the name.
-                rtnl::delete_link(nl, l.index)
-                    .map_err(netlink_err("removing the userspace podmesh-wg"))?;
+        WireguardBackend::Kernel => {
+            if !kernel_there {
+                if let Some(l) = &existing {
+                    // A TUN left by a userspace process: the kernel device takes the name.
+                    rtnl::delete_link(nl, l.index)
+                        .map_err(netlink_err("removing the userspace podmesh-wg"))?;
+                }
+                genl::create_link(nl, WG_DEVICE)?;
             }
-            genl::create_link(nl, WG_DEVICE)?;
+            true
         }
+        WireguardBackend::Auto => {
+            kernel_there || (existing.is_none() && genl::try_create(nl, WG_DEVICE))
+        }
+    };
+    if kernel {
         return Ok(Control::Kernel(kc.netns.clone()));
     }
     if kernel_there {
