@@ -193,7 +193,7 @@ impl<S: KvStore> Publisher<S> {
                     }
                     wg_key.mark_unchanged();
                     if let Some(v) = &current {
-                        self.store.put(&&key, write(v), Some(lease)).await?;
+                        self.store.put(&key, write(v), Some(lease)).await?;
                         tracing::info!("node record updated with this node's new WireGuard public key");
                     }
                 }

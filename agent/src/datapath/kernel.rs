@@ -290,8 +290,20 @@ impl Datapath for KernelDatapath {
                 mut refused,
             } = wg.split(routes);
             let refused_cidrs: Vec<IpNet> = refused.iter().map(|r| r.cidr).collect();
-            // Refused here: never in clear, and off WireGuard.
+            // Refused here: never in clear (a route a previous run left
+            // goes), and off WireGuard.
             let mut first_err = wg.withdraw(&refused_cidrs).err();
+            let mut masq_removed = Ok(());
+            if !refused_cidrs.is_empty() {
+                let r = match &mut self.inner {
+                    Inner::Ebpf(d) => d.delete(&refused_cidrs),
+                    Inner::Routes(d) => d.delete(&refused_cidrs),
+                };
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+                masq_removed = self.masq.remove(&refused_cidrs);
+            }
             let mut note = |r: Result<(), DatapathError>| match r {
                 Ok(()) => {}
                 Err(DatapathError::Refused(mut more)) => refused.append(&mut more),
@@ -313,7 +325,7 @@ impl Datapath for KernelDatapath {
             let r = self
                 .masq
                 .add(encrypted.iter().chain(&clear).map(|r| r.cidr));
-            self.note_masq(r);
+            self.note_masq(masq_removed.and(r));
             super::error::upsert_result(first_err, refused)
         })
     }

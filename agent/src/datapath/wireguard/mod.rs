@@ -363,6 +363,33 @@ impl Wireguard {
         })
     }
 
+    /// A layer on no device, for tests of its decisions.
+    #[cfg(test)]
+    fn detached(cfg: WgConfig, pair: KeyPair) -> Self {
+        let (key_tx, _) = watch::channel(Some(pair.public_base64()));
+        Self {
+            netns: None,
+            handle: WgHandle {
+                shared: Arc::new(Mutex::new(Shared {
+                    pair,
+                    names: BTreeMap::new(),
+                    clear: BTreeMap::new(),
+                })),
+                key_tx: Arc::new(key_tx),
+                control: Control::Uapi(PathBuf::from("/nonexistent/podmesh-wg.sock")),
+                key_dir: cfg.key_dir.clone(),
+                port: cfg.port,
+                strict: cfg.strict,
+            },
+            cfg,
+            nl: Netlink::open(None).expect("a netlink socket"),
+            ifindex: 0,
+            mtu: 1440,
+            routes: BTreeMap::new(),
+            owners: None,
+        }
+    }
+
     /// The handle for the status, the publisher and rotation.
     pub fn handle(&self) -> WgHandle {
         self.handle.clone()
@@ -372,11 +399,17 @@ impl Wireguard {
     /// others in clear, or (strict) nowhere; a key that another node (or
     /// this one) already holds is refused for the newcomer.
     pub fn split(&mut self, routes: &[RemoteRoute]) -> Split {
-        let batch: BTreeSet<IpNet> = routes.iter().map(|r| r.cidr).collect();
+        let batch: BTreeMap<IpNet, &RemoteRoute> = routes.iter().map(|r| (r.cidr, r)).collect();
         let own = self.handle.lock().pair.public;
+        // The nodes that hold a key now keep it, unless this batch moves
+        // their entry to another key (a rotation) or another node.
         let mut holders: BTreeMap<[u8; 32], (String, String)> = BTreeMap::new();
-        for r in self.routes.values().filter(|r| !batch.contains(&r.cidr)) {
-            if let Some(k) = r.wireguard_key {
+        for r in self.routes.values() {
+            let Some(k) = r.wireguard_key else { continue };
+            let released = batch.get(&r.cidr).is_some_and(|n| {
+                n.wireguard_key != Some(k) || n.cluster != r.cluster || n.node != r.node
+            });
+            if !released {
                 holders
                     .entry(k)
                     .or_insert_with(|| (r.cluster.clone(), r.node.clone()));
@@ -483,24 +516,16 @@ impl Wireguard {
         Ok(())
     }
 
-    /// Refused CIDRs: off WireGuard, and their routes into the device gone.
+    /// Refused CIDRs: off WireGuard (the caller deletes their routes,
+    /// whichever device they use).
     pub fn withdraw(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
-        let ours: Vec<IpNet> = cidrs
-            .iter()
-            .filter(|c| self.routes.contains_key(c))
-            .copied()
-            .collect();
         {
             let mut g = self.handle.lock();
             for c in cidrs {
                 g.clear.remove(c);
             }
         }
-        if ours.is_empty() {
-            return Ok(());
-        }
-        rtnl::delete_routes(&mut self.nl, &ours)?;
-        self.forget(&ours, false)
+        self.forget(cidrs, false)
     }
 
     /// Only `keep` stays (a full resync); the peers follow.
@@ -749,6 +774,81 @@ fn spawn_userspace(cfg: &WgConfig, netns: Option<&Path>, bin: &Path) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(cidr: &str, node: &str, key: Option<u8>) -> RemoteRoute {
+        RemoteRoute {
+            cidr: cidr.parse().unwrap(),
+            cluster: "west".into(),
+            node: node.into(),
+            node_addr: "172.31.2.1".parse().unwrap(),
+            vtep_mac: None,
+            wireguard_key: key.map(|k| [k; 32]),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_for_the_newcomer_and_strict_refuses_clear_nodes() {
+        let cfg = WgConfig {
+            port: 51871,
+            strict: false,
+            key_dir: PathBuf::new(),
+            run_dir: PathBuf::new(),
+            backend: WireguardBackend::Userspace,
+            userspace_binary: None,
+        };
+        let mut wg = Wireguard::detached(cfg.clone(), KeyPair::from_private([1; 32]));
+        // n1 holds key 7 (programmed before).
+        wg.routes.insert(
+            "10.2.1.0/24".parse().unwrap(),
+            route("10.2.1.0/24", "n1", Some(7)),
+        );
+        // A resync re-upserts n1 after n0, which copies its key: n0 is the newcomer.
+        let s = wg.split(&[
+            route("10.2.0.0/24", "n0", Some(7)),
+            route("10.2.1.0/24", "n1", Some(7)),
+            route("10.2.2.0/24", "n2", None),
+        ]);
+        assert_eq!(
+            s.encrypted
+                .iter()
+                .map(|r| r.node.as_str())
+                .collect::<Vec<_>>(),
+            ["n1"]
+        );
+        assert_eq!(s.clear.len(), 1);
+        assert_eq!(s.refused.len(), 1);
+        assert_eq!(s.refused[0].node, "n0");
+        assert_eq!(
+            s.refused[0].reason.code(),
+            crate::desired::code::WIREGUARD_KEY_DUPLICATE
+        );
+        // n1 rotates to key 8 in the same batch: key 7 is free for n0.
+        let s = wg.split(&[
+            route("10.2.0.0/24", "n0", Some(7)),
+            route("10.2.1.0/24", "n1", Some(8)),
+        ]);
+        assert_eq!(s.encrypted.len(), 2);
+        // This node's own key is never a peer's.
+        let own = KeyPair::from_private([1; 32]).public[0];
+        let mut r = route("10.2.3.0/24", "n3", None);
+        r.wireguard_key = Some(KeyPair::from_private([1; 32]).public);
+        let s = wg.split(&[r]);
+        assert_eq!(s.refused.len(), 1, "own key {own}");
+        // Strict: a node without a key is refused, never clear.
+        let mut strict = Wireguard::detached(
+            WgConfig {
+                strict: true,
+                ..cfg
+            },
+            KeyPair::from_private([1; 32]),
+        );
+        let s = strict.split(&[route("10.2.2.0/24", "n2", None)]);
+        assert!(s.clear.is_empty());
+        assert_eq!(
+            s.refused[0].reason.code(),
+            crate::desired::code::ENCRYPTION_REQUIRED
+        );
+    }
 
     #[test]
     fn mapped_endpoints_compare_as_ipv4() {
