@@ -147,7 +147,7 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub wireguard_backend: WireguardBackend,
     /// The podmesh-wireguard program the agent starts when no process serves the UAPI socket; empty: never start one, wait for it (the DaemonSet runs it as a container of its own). Default: next to podmesh-agent, else on PATH.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = path_or_empty)]
     pub wireguard_userspace_binary: Option<PathBuf>,
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
@@ -294,14 +294,15 @@ impl ConfigError {
 }
 
 /// Flags whose relative values in the `--config` file are taken relative to the file.
-const PATH_FLAGS: [&str; 7] = [
+/// (Not `wireguard-userspace-binary`: a bare program name is looked up on
+/// PATH, and the empty value means "start none".)
+const PATH_FLAGS: [&str; 6] = [
     "kvstore-config",
     "clustermesh-config",
     "cni-conf-dir",
     "cilium-state-dir",
     "wireguard-key-dir",
     "wireguard-run-dir",
-    "wireguard-userspace-binary",
 ];
 
 /// Parses the process arguments (and `--config`) into a validated config.
@@ -330,6 +331,11 @@ where
         ..args
     }
     .validate()
+}
+
+/// A path, or the empty string (which clap's path parser refuses).
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 fn host_name() -> Option<String> {
@@ -744,6 +750,54 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("needs a scheme"), "{e}");
+    }
+
+    #[test]
+    fn encryption_flags() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        assert!(load_from(a.clone()).unwrap().wireguard.is_none());
+        let mut strict_alone = a.clone();
+        strict_alone.push("--encryption-strict");
+        let e = load_from(strict_alone).unwrap_err().to_string();
+        assert!(e.starts_with("--encryption-strict:"), "{e}");
+        let mut wg = a.clone();
+        wg.extend(["--encryption", "wireguard", "--encryption-strict"]);
+        let c = load_from(wg.clone()).unwrap().wireguard.unwrap();
+        assert_eq!(c.port, 51871);
+        assert!(c.strict);
+        assert_eq!(c.key_dir, PathBuf::from("/var/lib/podmesh/wireguard"));
+        assert_eq!(
+            c.socket(),
+            PathBuf::from("/var/run/wireguard/podmesh-wg.sock")
+        );
+        assert!(c.userspace_binary.is_some());
+        let mut external = wg.clone();
+        external.extend(["--wireguard-userspace-binary", ""]);
+        assert!(
+            load_from(external)
+                .unwrap()
+                .wireguard
+                .unwrap()
+                .userspace_binary
+                .is_none()
+        );
+        // As the DaemonSet's config file says it: the userspace WireGuard is a container.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "encryption: wireguard\nwireguard-userspace-binary: \"\"\nwireguard-run-dir: /var/run/wireguard\n",
+        )
+        .unwrap();
+        let mut file = a.clone();
+        file.extend(["--config", f.to_str().unwrap()]);
+        let c = load_from(file).unwrap().wireguard.unwrap();
+        assert!(c.userspace_binary.is_none());
+        assert_eq!(c.run_dir, PathBuf::from("/var/run/wireguard"));
+        wg.extend(["--wireguard-port", "8472"]);
+        let e = load_from(wg).unwrap_err().to_string();
+        assert!(e.starts_with("--wireguard-port:"), "{e}");
     }
 
     #[test]
