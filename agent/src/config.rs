@@ -31,6 +31,28 @@ pub enum DatapathMode {
     Direct,
 }
 
+/// Whether traffic to remote clusters' nodes is encrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionMode {
+    /// In clear, as the datapath sends it.
+    None,
+    /// WireGuard from node to node for everything sent to a remote cluster's node.
+    Wireguard,
+}
+
+/// Which WireGuard implementation carries the encrypted traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireguardBackend {
+    /// Kernel WireGuard where the kernel has it, else userspace.
+    Auto,
+    /// Kernel WireGuard, configured over generic netlink.
+    Kernel,
+    /// The `podmesh-wireguard` process on a TUN device, configured through its UAPI socket.
+    Userspace,
+}
+
 /// podmesh node agent: publishes this node into its cluster's mesh etcd,
 /// follows the remote clusters listed in the clustermesh Secret, validates
 /// their records and programs the cross-cluster datapath.
@@ -112,6 +134,27 @@ pub struct AgentArgs {
     /// Deadline of a connection attempt to an etcd (the local one and every remote cluster's): TCP connect, TLS handshake and the first answer (10s, 1m). An endpoint that accepts connections and never answers is retried with backoff and reported as timed out.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::with_unit)]
     pub connect_timeout: Duration,
+    /// Encryption of what this node sends to remote clusters' nodes: with wireguard, every remote node that publishes a WireGuard key is reached through the WireGuard device podmesh-wg (kernel WireGuard where the kernel has it, else the podmesh-wireguard process); traffic inside the cluster is untouched.
+    #[arg(long, value_enum, default_value = "none")]
+    pub encryption: EncryptionMode,
+    /// UDP port of WireGuard (--encryption wireguard); the remote nodes send to it.
+    #[arg(long, default_value_t = 51871)]
+    pub wireguard_port: u16,
+    /// With --encryption wireguard: a remote node that publishes no WireGuard key is not programmed (rejected, encryption-required) instead of being reached in clear.
+    #[arg(long)]
+    pub encryption_strict: bool,
+    /// Directory of this node's WireGuard private key (created on first start, mode 0600); it must outlive the agent (in a DaemonSet: a hostPath) so that a restart keeps the key.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/podmesh/wireguard")]
+    pub wireguard_key_dir: PathBuf,
+    /// Directory of the userspace WireGuard process's UAPI socket (podmesh-wg.sock), shared with it (in a DaemonSet: a hostPath both containers mount).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/wireguard")]
+    pub wireguard_run_dir: PathBuf,
+    /// Which WireGuard to use: kernel (refused where the kernel has no WireGuard), userspace (the podmesh-wireguard process), or auto (kernel where it can, else userspace).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub wireguard_backend: WireguardBackend,
+    /// The podmesh-wireguard program the agent starts when no process serves the UAPI socket; empty: never start one, wait for it (the DaemonSet runs it as a container of its own). Default: next to podmesh-agent, else on PATH.
+    #[arg(long, value_name = "FILE", value_parser = path_or_empty)]
+    pub wireguard_userspace_binary: Option<PathBuf>,
     /// Program nothing in the kernel; keep the desired routes in memory and show them in /status (testing and dry runs).
     #[arg(long, hide = true)]
     pub datapath_dry_run: bool,
@@ -218,6 +261,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Deadline of connect, handshake and first answer towards an etcd.
     pub connect_timeout: Duration,
+    /// WireGuard between this node and remote clusters' nodes (`None`: `--encryption none`).
+    pub wireguard: Option<crate::datapath::wireguard::WgConfig>,
 }
 
 impl AgentConfig {
@@ -272,11 +317,15 @@ impl ConfigError {
 }
 
 /// Flags whose relative values in the `--config` file are taken relative to the file.
-const PATH_FLAGS: [&str; 4] = [
+/// (Not `wireguard-userspace-binary`: a bare program name is looked up on
+/// PATH, and the empty value means "start none".)
+const PATH_FLAGS: [&str; 6] = [
     "kvstore-config",
     "clustermesh-config",
     "cni-conf-dir",
     "cilium-state-dir",
+    "wireguard-key-dir",
+    "wireguard-run-dir",
 ];
 
 /// Parses the process arguments (and `--config`) into a validated config.
@@ -305,6 +354,11 @@ where
         ..args
     }
     .validate()
+}
+
+/// A path, or the empty string (which clap's path parser refuses).
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 fn host_name() -> Option<String> {
@@ -498,7 +552,40 @@ impl AgentArgs {
         if self.resync_interval.is_zero() {
             return Err(ConfigError::invalid("resync-interval", "must be positive"));
         }
+        let wireguard = match self.encryption {
+            EncryptionMode::None => None,
+            EncryptionMode::Wireguard => {
+                if self.wireguard_port == 0 {
+                    return Err(ConfigError::invalid("wireguard-port", "must not be 0"));
+                }
+                if self.wireguard_port == self.tunnel_port {
+                    return Err(ConfigError::invalid(
+                        "wireguard-port",
+                        format!("{} is --tunnel-port too", self.wireguard_port),
+                    ));
+                }
+                Some(crate::datapath::wireguard::WgConfig {
+                    port: self.wireguard_port,
+                    strict: self.encryption_strict,
+                    key_dir: self.wireguard_key_dir.clone(),
+                    run_dir: self.wireguard_run_dir.clone(),
+                    backend: self.wireguard_backend,
+                    userspace_binary: match self.wireguard_userspace_binary.clone() {
+                        Some(p) if p.as_os_str().is_empty() => None,
+                        Some(p) => Some(p),
+                        None => Some(crate::datapath::wireguard::default_userspace_binary()),
+                    },
+                })
+            }
+        };
+        if wireguard.is_none() && self.encryption_strict {
+            return Err(ConfigError::invalid(
+                "encryption-strict",
+                "needs --encryption wireguard",
+            ));
+        }
         Ok(AgentConfig {
+            wireguard,
             cluster_name,
             cluster_id,
             node_name,
@@ -773,6 +860,54 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("needs a scheme"), "{e}");
+    }
+
+    #[test]
+    fn encryption_flags() {
+        let mut a = base();
+        a.extend(["--node-ip", "192.168.1.10", "--pod-cidr", "10.1.1.0/24"]);
+        assert!(load_from(a.clone()).unwrap().wireguard.is_none());
+        let mut strict_alone = a.clone();
+        strict_alone.push("--encryption-strict");
+        let e = load_from(strict_alone).unwrap_err().to_string();
+        assert!(e.starts_with("--encryption-strict:"), "{e}");
+        let mut wg = a.clone();
+        wg.extend(["--encryption", "wireguard", "--encryption-strict"]);
+        let c = load_from(wg.clone()).unwrap().wireguard.unwrap();
+        assert_eq!(c.port, 51871);
+        assert!(c.strict);
+        assert_eq!(c.key_dir, PathBuf::from("/var/lib/podmesh/wireguard"));
+        assert_eq!(
+            c.socket(),
+            PathBuf::from("/var/run/wireguard/podmesh-wg.sock")
+        );
+        assert!(c.userspace_binary.is_some());
+        let mut external = wg.clone();
+        external.extend(["--wireguard-userspace-binary", ""]);
+        assert!(
+            load_from(external)
+                .unwrap()
+                .wireguard
+                .unwrap()
+                .userspace_binary
+                .is_none()
+        );
+        // As the DaemonSet's config file says it: the userspace WireGuard is a container.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "encryption: wireguard\nwireguard-userspace-binary: \"\"\nwireguard-run-dir: /var/run/wireguard\n",
+        )
+        .unwrap();
+        let mut file = a.clone();
+        file.extend(["--config", f.to_str().unwrap()]);
+        let c = load_from(file).unwrap().wireguard.unwrap();
+        assert!(c.userspace_binary.is_none());
+        assert_eq!(c.run_dir, PathBuf::from("/var/run/wireguard"));
+        wg.extend(["--wireguard-port", "8472"]);
+        let e = load_from(wg).unwrap_err().to_string();
+        assert!(e.starts_with("--wireguard-port:"), "{e}");
     }
 
     #[test]

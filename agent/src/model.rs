@@ -176,6 +176,13 @@ pub struct NodeRecord {
     /// Boot ID of the node, so that a reboot is visible.
     #[serde(rename = "bootID", default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The node's WireGuard public key (base64 of 32 bytes), when it runs `--encryption wireguard`.
+    #[serde(
+        rename = "wireguardPublicKey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wireguard_public_key: Option<String>,
 }
 
 /// The address family of the underlay: which of a node's addresses are the
@@ -328,6 +335,26 @@ pub fn cluster_key(cluster: &str) -> String {
 /// The key of a node record.
 pub fn node_key(cluster: &str, node: &str) -> String {
     format!("{NODES_PREFIX}{cluster}/{node}")
+}
+
+/// Parses a WireGuard key as `wg(8)` writes it: standard base64 (with its
+/// padding) of 32 bytes, 44 characters.
+pub fn parse_wireguard_key(s: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    if s.len() != 44 {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
+/// Formats a WireGuard key as `wg(8)` does (standard base64).
+pub fn format_wireguard_key(key: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(key)
 }
 
 /// Parses a MAC address written as six colon-separated hex octets.

@@ -50,6 +50,9 @@ pub struct Publisher<S> {
     pub node: watch::Receiver<Option<LocalNode>>,
     /// Deadline of the first answers of each publication (`--connect-timeout`).
     pub connect_timeout: Duration,
+    /// This node's WireGuard public key (base64), published as
+    /// `wireguardPublicKey`; changes when the key is rotated.
+    pub wireguard_key: watch::Receiver<Option<String>>,
 }
 
 /// This machine's boot ID.
@@ -69,6 +72,7 @@ impl<S: KvStore> Publisher<S> {
             pod_cidrs: n.pod_cidrs.clone(),
             vtep_mac: n.vtep_mac.clone(),
             boot_id: self.boot_id.clone(),
+            wireguard_public_key: self.wireguard_key.borrow().clone(),
         }
     }
 
@@ -147,6 +151,9 @@ impl<S: KvStore> Publisher<S> {
         let mut tick = tokio::time::interval(period);
         tick.tick().await;
         let mut node = self.node.clone();
+        let mut wg_key = self.wireguard_key.clone();
+        wg_key.mark_unchanged();
+        let mut key_alive = true;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -178,6 +185,17 @@ impl<S: KvStore> Publisher<S> {
                         tracing::info!(key, "node record updated");
                     }
                     current = n;
+                }
+                r = wg_key.changed(), if key_alive => {
+                    if r.is_err() {
+                        key_alive = false;
+                        continue;
+                    }
+                    wg_key.mark_unchanged();
+                    if let Some(v) = &current {
+                        self.store.put(&key, write(v), Some(lease)).await?;
+                        tracing::info!("node record updated with this node's new WireGuard public key");
+                    }
                 }
             }
         }
@@ -244,6 +262,7 @@ mod tests {
             status: status.clone(),
             node: rx,
             connect_timeout: lifecycle::CONNECT_TIMEOUT,
+            wireguard_key: watch::channel(None).1,
         };
         (p, tx, status)
     }

@@ -259,11 +259,11 @@ impl<D: Datapath> Reconciler<D> {
         self.status.update(|s| {
             for (name, rs) in s.remotes.iter_mut() {
                 let (entries, mut counts) = per.get(name.as_str()).cloned().unwrap_or_default();
-                if let Some(n) = refused.get(name.as_str()).copied() {
-                    counts.nodes_programmed = counts.nodes_programmed.saturating_sub(n);
+                for (code, n) in refused.get(name.as_str()).into_iter().flatten() {
+                    counts.nodes_programmed = counts.nodes_programmed.saturating_sub(*n);
                     *counts
                         .rejected_by_reason
-                        .entry(crate::desired::code::DATAPATH_REFUSED.to_string())
+                        .entry((*code).to_string())
                         .or_default() += n;
                 }
                 rs.entries = entries;

@@ -171,6 +171,7 @@ impl lifecycle::Handler for LocalEtcd {
             status: p.status.clone(),
             node: p.node.clone(),
             connect_timeout: p.connect_timeout,
+            wireguard_key: p.wireguard_key.clone(),
         }
         .run()
         .await;
@@ -197,11 +198,32 @@ pub async fn start<D: Datapath + 'static>(
     start_with(cfg, datapath, vtep_mac, EtcdConnector).await
 }
 
+/// Starts the agent with real etcd connections, publishing this node's
+/// WireGuard public key as `key` says (it changes when the key is rotated).
+pub async fn start_encrypted<D: Datapath + 'static>(
+    cfg: &AgentConfig,
+    datapath: D,
+    vtep_mac: Option<[u8; 6]>,
+    key: watch::Receiver<Option<String>>,
+) -> Result<Agent, StartError> {
+    start_inner(cfg, datapath, vtep_mac, key, EtcdConnector).await
+}
+
 /// Starts the agent; remote clusters are reached through `connector`.
 pub async fn start_with<D: Datapath + 'static, C: Connector>(
     cfg: &AgentConfig,
     datapath: D,
     vtep_mac: Option<[u8; 6]>,
+    connector: C,
+) -> Result<Agent, StartError> {
+    start_inner(cfg, datapath, vtep_mac, watch::channel(None).1, connector).await
+}
+
+async fn start_inner<D: Datapath + 'static, C: Connector>(
+    cfg: &AgentConfig,
+    datapath: D,
+    vtep_mac: Option<[u8; 6]>,
+    wireguard_key: watch::Receiver<Option<String>>,
     connector: C,
 ) -> Result<Agent, StartError> {
     let status = Status::new(cfg.cluster_name.as_str(), &cfg.node_name);
@@ -272,6 +294,7 @@ pub async fn start_with<D: Datapath + 'static, C: Connector>(
                 status: status.clone(),
                 node: node_rx.clone(),
                 connect_timeout: cfg.connect_timeout,
+                wireguard_key,
             },
         };
         let settings = lifecycle::Settings {

@@ -6,12 +6,14 @@
 //! `$CI` is set instead of passing silently ([`require_root`]).
 use std::time::{Duration, Instant};
 
+pub mod capture;
 pub mod cni;
 pub mod daemon;
 pub mod etcd;
 pub mod flow;
 pub mod mesh;
 pub mod netns;
+pub mod ping;
 pub mod pki;
 pub mod proxy;
 pub mod rawgrpc;

@@ -377,6 +377,7 @@ impl MeshBuilder {
             bins,
             quick_retries: self.quick_retries,
             agent_args: self.agent_args,
+            node_args: BTreeMap::new(),
             dir,
         };
         for (ci, plan) in plans.iter().enumerate() {
@@ -652,6 +653,8 @@ pub struct Mesh {
     bins: Binaries,
     quick_retries: bool,
     agent_args: Vec<String>,
+    /// Per node: flags used instead of `agent_args`.
+    node_args: BTreeMap<String, Vec<String>>,
     dir: tempfile::TempDir,
 }
 
@@ -1005,7 +1008,26 @@ impl Mesh {
         if self.quick_retries {
             args.extend(["--secret-poll-ms", "200", "--max-backoff", "2"].map(String::from));
         }
-        args.extend(self.agent_args.iter().cloned());
+        let extra = self.node_args.get(node).unwrap_or(&self.agent_args).clone();
+        if extra
+            .windows(2)
+            .any(|w| w[0] == "--encryption" && w[1] == "wireguard")
+        {
+            // Per node, as a DaemonSet's hostPaths are: the key and the
+            // userspace WireGuard's socket outlive the agent.
+            let wg = self.wireguard_dir(node);
+            args.extend([
+                "--wireguard-key-dir".into(),
+                wg.join("keys").display().to_string(),
+                "--wireguard-run-dir".into(),
+                wg.join("run").display().to_string(),
+                "--wireguard-userspace-binary".into(),
+                workspace_binary("podmesh-wireguard", "podmesh-wireguard")?
+                    .display()
+                    .to_string(),
+            ]);
+        }
+        args.extend(extra);
         let ns = n.ns.name().to_string();
         let child = self.spawn_in(&ns, node, &self.bins.agent, &args)?;
         self.agents.push(AgentProc {
@@ -1013,6 +1035,21 @@ impl Mesh {
             child: Owned(Some(child)),
         });
         Ok(())
+    }
+
+    /// Where the agent on `node` keeps its WireGuard key (`keys/`) and
+    /// finds the userspace WireGuard's socket and log (`run/`).
+    pub fn wireguard_dir(&self, node: &str) -> PathBuf {
+        self.dir().join("wg").join(node)
+    }
+
+    /// The agent on `node` runs with `args` instead of the mesh's agent
+    /// flags from its next start on.
+    pub fn set_node_args(&mut self, node: &str, args: &[&str]) {
+        self.node_args.insert(
+            node.to_string(),
+            args.iter().map(|a| a.to_string()).collect(),
+        );
     }
 
     /// A node by name (e.g. `east-n0`).

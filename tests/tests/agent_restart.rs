@@ -4,15 +4,7 @@
 //! ids; the program is swapped inside the link) instead of recreating them.
 //! The running agent's own periodic resync puts back a route and a map entry
 //! deleted by hand, and SIGTERM stops it without removing anything.
-use std::{
-    collections::BTreeSet,
-    io::Read,
-    net::Ipv4Addr,
-    path::Path,
-    process::{Child, Stdio},
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
 use aya::{
@@ -23,119 +15,17 @@ use aya::{
     },
 };
 use podmesh_common::{COUNTERS_MAP, REMOTES_V4_MAP, RemoteNode, TUNNEL_EGRESS_LINK_PIN, counter};
-use podmesh_tests::{eventually, mesh::Mesh, require_root};
+use podmesh_tests::{
+    eventually,
+    mesh::Mesh,
+    ping::{PingResult, PingStream},
+    require_root,
+};
 
 const READY: Duration = Duration::from_secs(90);
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Where the agent is killed and restarted.
 const NODE: &str = "east-n0";
-
-/// A `ping -i 0.05` stream whose output is collected on a thread (a long
-/// stream would fill the pipe).
-struct PingStream {
-    child: Child,
-    out: Option<JoinHandle<String>>,
-}
-
-impl PingStream {
-    fn start(m: &Mesh, from: &str, to: Ipv4Addr) -> anyhow::Result<Self> {
-        let (_, pod) = m
-            .topo
-            .pods()
-            .find(|(_, p)| p.name == from)
-            .with_context(|| format!("no pod {from}"))?;
-        // -O: say so when a reply is missing before the next request goes.
-        let mut child = pod
-            .ns
-            .command("ping")
-            .args(["-n", "-O", "-i", "0.05", "-W", "1", &to.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut stdout = child.stdout.take().context("ping stdout")?;
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        Ok(Self {
-            child,
-            out: Some(out),
-        })
-    }
-
-    fn running(&mut self) -> anyhow::Result<()> {
-        if let Some(st) = self.child.try_wait()? {
-            anyhow::bail!("ping exited early with {st}");
-        }
-        Ok(())
-    }
-
-    /// Stops the stream (SIGINT: ping prints its summary) and returns its output.
-    fn stop(mut self) -> anyhow::Result<String> {
-        // `ip netns exec` execs ping: the child is ping itself.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )?;
-        self.child.wait()?;
-        self.out
-            .take()
-            .context("output taken")?
-            .join()
-            .map_err(|_| anyhow::anyhow!("ping reader panicked"))
-    }
-}
-
-impl Drop for PingStream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// What the stream saw: requests sent and the sequence numbers answered.
-#[derive(Debug)]
-struct PingResult {
-    transmitted: u32,
-    answered: BTreeSet<u32>,
-}
-
-impl PingResult {
-    fn parse(out: &str) -> anyhow::Result<Self> {
-        let mut answered = BTreeSet::new();
-        for line in out.lines().filter(|l| l.contains(" bytes from ")) {
-            if let Some(seq) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("icmp_seq="))
-            {
-                answered.insert(seq.parse()?);
-            }
-        }
-        let summary = out
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("no summary in ping's output:\n{out}"))?;
-        let transmitted = summary
-            .split_whitespace()
-            .next()
-            .context("empty summary")?
-            .parse()
-            .with_context(|| format!("summary: {summary}"))?;
-        Ok(Self {
-            transmitted,
-            answered,
-        })
-    }
-
-    /// Requests without a reply. The last one may still have been in flight
-    /// when the stream was stopped: it does not count.
-    fn lost(&self) -> Vec<u32> {
-        (1..self.transmitted)
-            .filter(|s| !self.answered.contains(s))
-            .collect()
-    }
-}
 
 /// Ids of what the ebpf datapath pinned, and the program the link runs.
 #[derive(Debug, PartialEq, Eq)]

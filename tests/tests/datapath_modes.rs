@@ -93,6 +93,72 @@ async fn direct_mode_connects_every_pod_pair_across_clusters() -> anyhow::Result
     Ok(())
 }
 
+/// Kernel WireGuard between the clusters over the vxlan datapath (which keeps
+/// carrying nodes without a key): every pod pair answers through
+/// `podmesh-wg`, a kernel `wireguard` device with one peer per remote node,
+/// routes with the MTU less WireGuard's 60 bytes. Runs only where the kernel
+/// has WireGuard: `cargo xtask vm-test` runs it on Debian's kernel.
+#[tokio::test]
+#[ignore = "needs a kernel with WireGuard: cargo xtask vm-test runs it in a VM"]
+async fn wireguard_kernel_connects_every_pod_pair_across_clusters() -> anyhow::Result<()> {
+    if !require_root("wireguard_kernel_connects_every_pod_pair_across_clusters") {
+        return Ok(());
+    }
+    let mut mesh = Mesh::with_wireguard(
+        DatapathMode::Vxlan,
+        &[
+            podmesh_tests::topo::ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
+            podmesh_tests::topo::ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
+        ],
+        Some(podmesh_agent::config::WireguardBackend::Kernel),
+    )?;
+    mesh.resync_all().await?;
+    for i in 0..mesh.dps.len() {
+        let link = mesh.ip(i, &["-d", "link", "show", "podmesh-wg"])?;
+        assert!(
+            link.contains("wireguard"),
+            "node {i}: not kernel WireGuard: {link}"
+        );
+        let routes = mesh.ip(i, &["route", "show", "dev", "podmesh-wg"])?;
+        assert_eq!(routes.lines().count(), 2, "node {i}: {routes}");
+        assert!(routes.contains("mtu 1440"), "node {i}: {routes}");
+        let wg = mesh.dps[i].wireguard().expect("wireguard").status();
+        assert_eq!(wg.backend, "kernel");
+        assert_eq!(wg.peers.len(), 2, "node {i}: {wg:?}");
+    }
+    let failed = mesh.cross_cluster_failures(None);
+    assert!(
+        failed.is_empty(),
+        "kernel WireGuard: unreachable: {failed:#?}"
+    );
+    let failed = mesh.cross_cluster_failures(Some(1400));
+    assert!(
+        failed.is_empty(),
+        "kernel WireGuard, 1400 bytes with DF: {failed:#?}"
+    );
+    for i in 0..mesh.dps.len() {
+        let wg = mesh.dps[i].wireguard().expect("wireguard").status();
+        assert!(
+            wg.peers
+                .iter()
+                .all(|p| p.latest_handshake_age.is_some() && p.rx_bytes > 0 && p.tx_bytes > 0),
+            "node {i}: {wg:?}"
+        );
+    }
+    // A second pass changes nothing (the sessions stay).
+    let before = mesh.dps[0].wireguard().expect("wireguard").status();
+    mesh.resync_all().await?;
+    let after = mesh.dps[0].wireguard().expect("wireguard").status();
+    let keys = |s: &podmesh_agent::status::WireguardStatus| {
+        s.peers
+            .iter()
+            .map(|p| (p.public_key.clone(), p.latest_handshake_age.is_some()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&before), keys(&after));
+    Ok(())
+}
+
 /// Runs only where the kernel has IPIP: `cargo xtask vm-test` boots a Debian
 /// kernel in qemu and runs it there.
 #[tokio::test]
@@ -246,6 +312,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
                     node: n.name.clone(),
                     node_addr: IpAddr::V4(n.addr),
                     vtep_mac: mesh.dps[j].vtep_mac(),
+                    wireguard_key: None,
                 });
             }
         }
@@ -309,6 +376,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
         node: "n6".into(),
         node_addr: "fd99::1".parse()?,
         vtep_mac: Some([2, 0, 0, 0, 0, 9]),
+        wireguard_key: None,
     };
     let e = mesh.dps[0]
         .upsert(std::slice::from_ref(&bad))
@@ -346,6 +414,7 @@ async fn route_mtu_follows_the_underlay_device_or_the_flag() -> anyhow::Result<(
         node: "west-n0".into(),
         node_addr: IpAddr::from([172, 30, 0, 9]),
         vtep_mac: Some([0x02, 0, 0xac, 0x1e, 0, 9]),
+        wireguard_key: None,
     };
     // (node_ip known?, --underlay-mtu, expected route MTU) on a 9000-byte underlay.
     let cases = [

@@ -1,4 +1,4 @@
-//! `cargo xtask vm-test`: the `ipip` and `ebpf` datapaths on Debian's kernel, in qemu.
+//! `cargo xtask vm-test`: the `ipip` and `ebpf` datapaths and kernel WireGuard on Debian's kernel, in qemu.
 //!
 //! The host kernel has no IPIP, so the ipip connectivity test (ignored on the
 //! host) runs in a VM: Debian's `linux-image-amd64` kernel (extracted, not
@@ -27,6 +27,7 @@ const TEST_NAMES: &[&str] = &[
     "ipip_mode_connects_every_pod_pair_across_clusters",
     "ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair",
     "ebpf_mode_connects_every_pod_pair_across_clusters",
+    "wireguard_kernel_connects_every_pod_pair_across_clusters",
 ];
 /// Modules the guest loads, dependencies first (resolved from the modules'
 /// own `depends=`): 9p over virtio for the host filesystem, then what the
@@ -44,6 +45,7 @@ const ROOT_MODULES: &[&str] = &[
     "ipip",
     "ip6_tunnel",
     "vxlan",
+    "wireguard",
     "sch_ingress",
     "cls_bpf",
     // libcrc32c (nf_tables, nf_conntrack) asks the crypto API for crc32c at

@@ -61,6 +61,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Rotates this node's WireGuard key on every SIGUSR1: a new key file, the
+/// device's new private key, the new public key in the node record; the
+/// remote nodes follow the record.
+async fn rotate_on_signal(h: podmesh_agent::datapath::wireguard::WgHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        tracing::warn!("cannot listen for SIGUSR1; WireGuard key rotation by signal is off");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        match tokio::task::spawn_blocking({
+            let h = h.clone();
+            move || h.rotate()
+        })
+        .await
+        {
+            Ok(Ok(public)) => {
+                tracing::info!(public_key = %public, "rotated this node's WireGuard key; publishing the new public key")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "rotating the WireGuard key failed; the old key stays")
+            }
+            Err(e) => tracing::error!(error = %e, "rotating the WireGuard key failed"),
+        }
+    }
+}
+
 async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
     // The one place where the datapath is chosen.
     let mut agent = if cfg.datapath_dry_run {
@@ -73,6 +100,7 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
             pin_dir: cfg.bpf_pin_dir.clone(),
             node_ip: cfg.underlay_ip(),
             underlay: cfg.underlay_family,
+            wireguard: cfg.wireguard.clone(),
             ..KernelConfig::new(cfg.datapath)
         };
         let dp = from_config(&kc)?;
@@ -80,7 +108,16 @@ async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         let packets = dp.counter_reader();
         let exemption = dp.exemption();
         let rp_strict = dp.rp_filter_strict();
-        let agent = runtime::start(&cfg, dp, mac).await?;
+        let wg = dp.wireguard();
+        let agent = match &wg {
+            Some(h) => runtime::start_encrypted(&cfg, dp, mac, h.public_key()).await?,
+            None => runtime::start(&cfg, dp, mac).await?,
+        };
+        if let Some(h) = wg {
+            let read = h.clone();
+            agent.status.set_wireguard_source(move || read.status());
+            tokio::spawn(rotate_on_signal(h));
+        }
         agent.status.set_exemption_source(exemption);
         agent.status.set_rp_filter_source(rp_strict);
         match packets {

@@ -260,6 +260,28 @@ pub fn table(s: &StatusReport) -> String {
             }
         }
     }
+    if let Some(w) = &s.wireguard {
+        let _ = writeln!(
+            o,
+            "encryption: WireGuard ({}, port {}{}), {} remote nodes encrypted{}",
+            w.backend,
+            w.port,
+            if w.strict { ", strict" } else { "" },
+            w.peers.len(),
+            if w.unencrypted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} IN CLEAR (no key): {}",
+                    w.unencrypted.len(),
+                    safe(&w.unencrypted.join(", "))
+                )
+            }
+        );
+        if let Some(e) = &w.error {
+            let _ = writeln!(o, "WireGuard device unreadable: {}", safe(e));
+        }
+    }
     let _ = writeln!(
         o,
         "\n{:<20} {:<9} {:<6} {:>7} {:>10} {:>8}  LAST ERROR",

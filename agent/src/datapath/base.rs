@@ -36,6 +36,9 @@ pub struct RemoteRoute {
     pub node_addr: IpAddr,
     /// The remote node's tunnel device MAC, when it published one.
     pub vtep_mac: Option<[u8; 6]>,
+    /// The remote node's WireGuard public key, when it published one.
+    #[serde(skip)]
+    pub wireguard_key: Option<[u8; 32]>,
 }
 
 impl RemoteRoute {
@@ -109,6 +112,8 @@ pub struct KernelConfig {
     /// The Ethernet address of a tunnel device this creates (`None`:
     /// random). Set when a running datapath recreates its device.
     pub tunnel_mac: Option<[u8; 6]>,
+    /// WireGuard towards remote nodes (`None`: `--encryption none`).
+    pub wireguard: Option<super::wireguard::WgConfig>,
 }
 
 impl KernelConfig {
@@ -124,6 +129,7 @@ impl KernelConfig {
             pin_dir: PathBuf::from(podmesh_common::PIN_DIR),
             netns: None,
             tunnel_mac: None,
+            wireguard: None,
         }
     }
 

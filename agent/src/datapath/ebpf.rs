@@ -429,6 +429,7 @@ impl EbpfDatapath {
                 node,
                 node_addr: v.endpoint(),
                 vtep_mac: Some(v.vtep_mac),
+                wireguard_key: None,
             });
         }
         Ok(out)

@@ -229,6 +229,28 @@ pub enum RefusalReason {
         /// The node address.
         addr: IpAddr,
     },
+    /// `--encryption-strict` and the node published no WireGuard key.
+    EncryptionRequired,
+    /// The node's WireGuard key is already the key of `owner` (another node,
+    /// or this node itself), which keeps it.
+    WireguardKeyDuplicate {
+        /// Who holds the key (`cluster/node`, or `this node`).
+        owner: String,
+    },
+}
+
+impl RefusalReason {
+    /// The stable reason code the record's rejection carries.
+    pub fn code(&self) -> &'static str {
+        use crate::desired::code;
+        match self {
+            Self::EncryptionRequired => code::ENCRYPTION_REQUIRED,
+            Self::WireguardKeyDuplicate { .. } => code::WIREGUARD_KEY_DUPLICATE,
+            Self::NoVtepMac { .. } | Self::UnderlayFamily { .. } | Self::NotConnected { .. } => {
+                code::DATAPATH_REFUSED
+            }
+        }
+    }
 }
 
 impl fmt::Display for Refusal {
@@ -251,6 +273,18 @@ impl fmt::Display for Refusal {
                 f,
                 "upsert {cidr}: node address {addr} is not on a directly connected network \
                  (hint: the direct datapath needs a shared L2 underlay; use ebpf or vxlan)"
+            ),
+            RefusalReason::EncryptionRequired => write!(
+                f,
+                "upsert {cidr}: node {cluster}/{node} publishes no wireguardPublicKey and this \
+                 node runs --encryption-strict, so it is not reached in clear (hint: run its \
+                 agent with --encryption wireguard)"
+            ),
+            RefusalReason::WireguardKeyDuplicate { owner } => write!(
+                f,
+                "upsert {cidr}: node {cluster}/{node} publishes the wireguardPublicKey of \
+                 {owner}, which keeps it; a key identifies one node (hint: remove the copied \
+                 key file under --wireguard-key-dir on {node} and restart its agent)"
             ),
         }
     }

@@ -14,6 +14,7 @@ use super::{
     nl::Netlink,
     routes::{RouteDatapath, VXLAN_DEVICE},
     rtnl,
+    wireguard::{Split, WgHandle, Wireguard},
 };
 use crate::config::DatapathMode;
 
@@ -28,6 +29,8 @@ pub struct KernelDatapath {
     masq_failure: Option<String>,
     /// Devices with strict reverse-path filtering, for `/status`.
     rp_strict: RpStrictHandle,
+    /// WireGuard towards remote nodes that publish a key (`--encryption wireguard`).
+    wg: Option<Box<Wireguard>>,
 }
 
 /// Devices with strict reverse-path filtering, as last checked.
@@ -67,12 +70,17 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
             tracing::warn!(error = %e, "cannot remove the masquerade exemption the previous mode left");
         }
     }
+    let wg = match &cfg.wireguard {
+        Some(w) => Some(Box::new(Wireguard::new(w, cfg)?)),
+        None => None,
+    };
     let mut dp = KernelDatapath {
         cfg: cfg.clone(),
         inner,
         masq,
         masq_failure: None,
         rp_strict: RpStrictHandle::default(),
+        wg,
     };
     let r = dp.masq.ensure().map(drop);
     dp.note_masq(r);
@@ -189,6 +197,11 @@ impl KernelDatapath {
         self.rp_strict.clone()
     }
 
+    /// The WireGuard device's handle (status, public key, rotation), with `--encryption wireguard`.
+    pub fn wireguard(&self) -> Option<WgHandle> {
+        self.wg.as_ref().map(|w| w.handle())
+    }
+
     /// The masquerade exemption's state, for `/status`.
     pub fn exemption(&self) -> ExemptionHandle {
         self.masq.handle()
@@ -263,15 +276,60 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 impl Datapath for KernelDatapath {
     async fn upsert(&mut self, routes: &[RemoteRoute]) -> Result<(), DatapathError> {
         off_runtime(|| {
-            let programmed = match &mut self.inner {
-                Inner::Ebpf(d) => d.upsert(routes),
-                Inner::Routes(d) => d.upsert(routes),
+            let Some(wg) = &mut self.wg else {
+                let programmed = match &mut self.inner {
+                    Inner::Ebpf(d) => d.upsert(routes),
+                    Inner::Routes(d) => d.upsert(routes),
+                };
+                // Also when one entry was refused: the others are installed,
+                // and an exempt CIDR without a route is harmless.
+                let r = self.masq.add(routes.iter().map(|r| r.cidr));
+                self.note_masq(r);
+                return programmed;
             };
-            // Also when one entry was refused: the others are installed,
-            // and an exempt CIDR without a route is harmless.
-            let r = self.masq.add(routes.iter().map(|r| r.cidr));
-            self.note_masq(r);
-            programmed
+            let Split {
+                encrypted,
+                clear,
+                mut refused,
+            } = wg.split(routes);
+            let refused_cidrs: Vec<IpNet> = refused.iter().map(|r| r.cidr).collect();
+            // Refused here: never in clear (a route a previous run left
+            // goes), and off WireGuard.
+            let mut first_err = wg.withdraw(&refused_cidrs).err();
+            let mut masq_removed = Ok(());
+            if !refused_cidrs.is_empty() {
+                let r = match &mut self.inner {
+                    Inner::Ebpf(d) => d.delete(&refused_cidrs),
+                    Inner::Routes(d) => d.delete(&refused_cidrs),
+                };
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+                masq_removed = self.masq.remove(&refused_cidrs);
+            }
+            let mut note = |r: Result<(), DatapathError>| match r {
+                Ok(()) => {}
+                Err(DatapathError::Refused(mut more)) => refused.append(&mut more),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            };
+            // The clear ones first: a CIDR leaving WireGuard gets its new
+            // route (a replace) before its peer lets it go.
+            if !clear.is_empty() {
+                note(match &mut self.inner {
+                    Inner::Ebpf(d) => d.upsert(&clear),
+                    Inner::Routes(d) => d.upsert(&clear),
+                });
+                let moved: Vec<IpNet> = clear.iter().map(|r| r.cidr).collect();
+                note(wg.forget(&moved, true));
+            }
+            note(wg.upsert(&encrypted));
+            let r = self
+                .masq
+                .add(encrypted.iter().chain(&clear).map(|r| r.cidr));
+            self.note_masq(masq_removed.and(r));
+            super::error::upsert_result(first_err, refused)
         })
     }
 
@@ -281,9 +339,14 @@ impl Datapath for KernelDatapath {
             // exempt is harmless, the other way round is not.
             let r = self.masq.remove(cidrs);
             self.note_masq(r);
-            match &mut self.inner {
+            // The routes go by destination, whichever device they use.
+            let r = match &mut self.inner {
                 Inner::Ebpf(d) => d.delete(cidrs),
                 Inner::Routes(d) => d.delete(cidrs),
+            };
+            match &mut self.wg {
+                Some(wg) => r.and(wg.forget(cidrs, false)),
+                None => r,
             }
         })
     }
@@ -294,6 +357,9 @@ impl Datapath for KernelDatapath {
                 Inner::Ebpf(d) => d.prune(keep),
                 Inner::Routes(d) => d.prune(keep),
             }?;
+            if let Some(wg) = &mut self.wg {
+                wg.prune(keep)?;
+            }
             let r = self.masq.sync(keep).map(|(added, removed)| {
                 if added + removed > 0 {
                     tracing::info!(
@@ -320,6 +386,14 @@ impl Datapath for KernelDatapath {
                     None
                 }
             };
+            let wg_lost = match &mut self.wg {
+                Some(wg) => wg.repair()?,
+                None => None,
+            };
+            let masq = match (masq, wg_lost) {
+                (Some(m), Some(w)) => Some(format!("{w}; {m}")),
+                (m, w) => m.or(w),
+            };
             let lost = match &mut self.inner {
                 Inner::Ebpf(d) => d.device_lost()?,
                 Inner::Routes(d) => d.device_lost()?,
@@ -343,9 +417,19 @@ impl Datapath for KernelDatapath {
     }
 
     async fn installed(&mut self) -> Result<Vec<RemoteRoute>, DatapathError> {
-        off_runtime(|| match &mut self.inner {
-            Inner::Ebpf(d) => d.installed(),
-            Inner::Routes(d) => d.installed(),
+        off_runtime(|| {
+            let mut routes = match &mut self.inner {
+                Inner::Ebpf(d) => d.installed(),
+                Inner::Routes(d) => d.installed(),
+            }?;
+            if let Some(wg) = &mut self.wg {
+                let encrypted = wg.installed()?;
+                let cidrs: std::collections::BTreeSet<IpNet> =
+                    encrypted.iter().map(|r| r.cidr).collect();
+                routes.retain(|r| !cidrs.contains(&r.cidr));
+                routes.extend(encrypted);
+            }
+            Ok(routes)
         })
     }
 }

@@ -26,7 +26,10 @@
 //!    exemption), [`rpfilter`].
 //! 5. The modes: [`ebpf`] and [`routes`] (vxlan, direct, ipip); neither
 //!    uses the other.
-//! 6. [`kernel`]: the configured mode behind one type, plus the exemption;
+//! 6. [`wireguard`]: encryption towards remote nodes (`--encryption
+//!    wireguard`), beside whichever mode carries the clear traffic.
+//! 7. [`kernel`]: the configured mode behind one type, plus the exemption
+//!    and WireGuard;
 //!    [`uninstall`] (removing all of it) and [`memory`] (the in-memory fake)
 //!    sit beside it.
 pub mod base;
@@ -45,6 +48,7 @@ pub mod routes;
 pub mod rpfilter;
 pub mod rtnl;
 pub mod uninstall;
+pub mod wireguard;
 
 pub use base::{
     Counters, Datapath, DatapathError, KernelConfig, NEXTHOP_ID_FIRST, NEXTHOP_ID_LAST,

@@ -17,7 +17,7 @@ use std::{
 
 use netlink_sys::{
     Socket, SocketAddr,
-    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
+    protocols::{NETLINK_GENERIC, NETLINK_NETFILTER, NETLINK_ROUTE},
 };
 
 /// Netlink message types and flags used by podmesh.
@@ -133,6 +133,14 @@ impl Netlink {
         match netns {
             None => Self::open_here(NETLINK_NETFILTER),
             Some(path) => in_netns(path, || Self::open_here(NETLINK_NETFILTER)),
+        }
+    }
+
+    /// Like [`Netlink::open`], a NETLINK_GENERIC socket (kernel WireGuard).
+    pub fn open_generic(netns: Option<&Path>) -> Result<Self, NlError> {
+        match netns {
+            None => Self::open_here(NETLINK_GENERIC),
+            Some(path) => in_netns(path, || Self::open_here(NETLINK_GENERIC)),
         }
     }
 

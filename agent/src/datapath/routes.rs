@@ -492,6 +492,7 @@ impl RouteDatapath {
                 node,
                 node_addr: *addr,
                 vtep_mac: mac,
+                wireguard_key: None,
             });
         }
         Ok(out)

@@ -129,4 +129,17 @@ fn netlink_objects(nl: &mut Netlink, r: &mut Removal) {
             Err(e) => r.failures.push(format!("device {name}: {e}")),
         }
     }
+    // The kernel WireGuard device goes; a userspace one (a TUN) belongs to
+    // its process or container, which removes it when it stops.
+    let wg = super::wireguard::WG_DEVICE;
+    match rtnl::link_by_name(nl, wg) {
+        Ok(Some(l)) if l.kind.as_deref() == Some("wireguard") => {
+            match rtnl::delete_link(nl, l.index) {
+                Ok(()) => r.removed.push(format!("device {wg}")),
+                Err(e) => r.failures.push(format!("device {wg}: {e}")),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => r.failures.push(format!("device {wg}: {e}")),
+    }
 }

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use crate::{
     compact::Few,
-    model::{ClusterRecord, Key, MAX_VALUE_LEN, NodeRecord, parse_mac},
+    model::{ClusterRecord, Key, MAX_VALUE_LEN, NodeRecord, parse_mac, parse_wireguard_key},
     validate::{Finding, Severity, record::check_node_record},
 };
 
@@ -42,6 +42,12 @@ pub mod code {
     pub const NODE_ADDRESS_FAMILY_MISSING: &str = "node-address-family-missing";
     /// The datapath refused to install the node's entry (e.g. no `vtepMAC` in ebpf mode).
     pub const DATAPATH_REFUSED: &str = "datapath-refused";
+    /// `wireguardPublicKey` is not base64 of 32 bytes.
+    pub const NODE_WIREGUARD_KEY_INVALID: &str = "node-wireguard-key-invalid";
+    /// The node's `wireguardPublicKey` is already another node's (or this node's own).
+    pub const WIREGUARD_KEY_DUPLICATE: &str = "wireguard-key-duplicate";
+    /// `--encryption-strict` and the node publishes no `wireguardPublicKey`.
+    pub const ENCRYPTION_REQUIRED: &str = "encryption-required";
 }
 
 /// Why a record is not programmed: a stable code and a message with a hint.
@@ -87,6 +93,8 @@ pub struct NodeData {
     pub pod_cidrs: Few<IpNet>,
     /// The parsed `vtepMAC`, when it published a valid one.
     pub vtep_mac: Option<[u8; 6]>,
+    /// The parsed `wireguardPublicKey`, when it published a valid one.
+    pub wireguard_key: Option<[u8; 32]>,
     /// The first problem of the record on its own that comes before the checks
     /// against its cluster record (key vs value, IDs, CIDRs, no address).
     pub early: Option<Box<Rejection>>,
@@ -155,11 +163,27 @@ fn node_data(cluster: &str, node: &str, r: NodeRecord) -> NodeData {
             ),
         )));
     }
+    let wireguard_key = r
+        .wireguard_public_key
+        .as_deref()
+        .and_then(parse_wireguard_key);
+    if late.is_none()
+        && let Some(k) = &r.wireguard_public_key
+        && wireguard_key.is_none()
+    {
+        late = Some(Box::new(Rejection::new(
+            code::NODE_WIREGUARD_KEY_INVALID,
+            format!(
+                "node {node} of cluster {cluster} publishes wireguardPublicKey {k:?}, not the base64 of 32 bytes (44 characters, as wg(8) prints keys)"
+            ),
+        )));
+    }
     NodeData {
         cluster_id: r.cluster_id,
         addresses: r.addresses.into(),
         pod_cidrs: r.pod_cidrs.into(),
         vtep_mac,
+        wireguard_key,
         early,
         late,
     }
@@ -253,6 +277,55 @@ mod tests {
             reason("podmesh/v1/nodes/east/n1", &huge),
             code::RECORD_TOO_LARGE
         );
+    }
+
+    #[test]
+    fn wireguard_keys_decode_or_reject() {
+        let node = |k: &str| {
+            format!(
+                r#"{{"name":"n1","cluster":"east","clusterID":1,"addresses":["192.168.1.10"],"podCIDRs":["10.1.1.0/24"],"wireguardPublicKey":"{k}"}}"#
+            )
+        };
+        let good = crate::model::format_wireguard_key(&[7; 32]);
+        match decode(
+            "east",
+            "podmesh/v1/nodes/east/n1",
+            node(&good).as_bytes(),
+            1,
+            1,
+        )
+        .decoded
+        {
+            Decoded::Node(n) => {
+                assert_eq!(n.wireguard_key, Some([7; 32]));
+                assert!(n.late.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "",
+            "short",
+            &good[..43],
+            &format!("{good}A"),
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!=",
+        ] {
+            match decode(
+                "east",
+                "podmesh/v1/nodes/east/n1",
+                node(bad).as_bytes(),
+                1,
+                1,
+            )
+            .decoded
+            {
+                Decoded::Node(n) => assert_eq!(
+                    n.late.map(|r| r.code),
+                    Some(code::NODE_WIREGUARD_KEY_INVALID.to_string()),
+                    "{bad:?}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

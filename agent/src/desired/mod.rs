@@ -386,6 +386,7 @@ pub(crate) fn route_of(
         node: node.to_string(),
         node_addr: underlay.endpoint(&n.addresses).unwrap_or(n.addresses[0]),
         vtep_mac: n.vtep_mac,
+        wireguard_key: n.wireguard_key,
     }
 }
 

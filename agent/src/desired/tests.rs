@@ -278,6 +278,7 @@ fn diff_upserts_changes_and_deletes_leftovers() {
         node: n.into(),
         node_addr: "192.168.1.1".parse().unwrap(),
         vtep_mac: None,
+        wireguard_key: None,
     };
     let installed: BTreeMap<_, _> = [r("10.1.1.0/24", "a"), r("10.1.2.0/24", "b")]
         .into_iter()

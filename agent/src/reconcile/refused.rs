@@ -20,6 +20,7 @@ use crate::{
 struct Refused {
     cluster: String,
     node: String,
+    code: &'static str,
     message: String,
 }
 
@@ -60,6 +61,7 @@ impl Refusals {
             let now = Refused {
                 cluster: r.cluster.clone(),
                 node: r.node.clone(),
+                code: f.reason.code(),
                 message: f.to_string(),
             };
             if before.get(&f.cidr) != Some(&now) {
@@ -99,16 +101,19 @@ impl Refusals {
         self.lock().is_empty()
     }
 
-    /// Node records with a refused entry, by cluster.
-    pub fn nodes_by_cluster(&self) -> BTreeMap<String, usize> {
+    /// Node records with a refused entry, by cluster and reason code.
+    pub fn nodes_by_cluster(&self) -> BTreeMap<String, BTreeMap<&'static str, usize>> {
         let g = self.lock();
-        let nodes: BTreeSet<(&str, &str)> = g
+        let nodes: BTreeMap<(&str, &str), &'static str> = g
             .values()
-            .map(|r| (r.cluster.as_str(), r.node.as_str()))
+            .map(|r| ((r.cluster.as_str(), r.node.as_str()), r.code))
             .collect();
-        let mut out = BTreeMap::new();
-        for (c, _) in nodes {
-            *out.entry(c.to_string()).or_default() += 1;
+        let mut out: BTreeMap<String, BTreeMap<&'static str, usize>> = BTreeMap::new();
+        for ((c, _), code) in nodes {
+            *out.entry(c.to_string())
+                .or_default()
+                .entry(code)
+                .or_default() += 1;
         }
         out
     }
@@ -133,6 +138,9 @@ impl Refusals {
 }
 
 fn rejection(r: &Refused) -> Rejection {
+    if r.code != code::DATAPATH_REFUSED {
+        return Rejection::new(r.code, r.message.clone());
+    }
     Rejection::new(
         code::DATAPATH_REFUSED,
         format!(

@@ -25,6 +25,12 @@ struct CniLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    cluster: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LocalReasonLabel {
     reason: String,
 }
@@ -254,11 +260,62 @@ pub fn render(s: &StatusReport) -> String {
             repairs,
         );
     }
+    if let Some(w) = &s.wireguard {
+        wireguard_metrics(&mut reg, w);
+    }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();
     }
     out
+}
+
+/// Per remote node: the handshake age and the bytes each way; the nodes in clear.
+fn wireguard_metrics(reg: &mut Registry, w: &super::WireguardStatus) {
+    let age = Family::<PeerLabel, Gauge>::default();
+    let rx = Family::<PeerLabel, Counter>::default();
+    let tx = Family::<PeerLabel, Counter>::default();
+    for p in &w.peers {
+        let l = PeerLabel {
+            cluster: p.cluster.clone(),
+            node: p.node.clone(),
+        };
+        if let Some(a) = p.latest_handshake_age {
+            age.get_or_create(&l)
+                .set(i64::try_from(a).unwrap_or(i64::MAX));
+        }
+        rx.get_or_create(&l).inc_by(p.rx_bytes);
+        tx.get_or_create(&l).inc_by(p.tx_bytes);
+    }
+    reg.register(
+        "wireguard_latest_handshake_age_seconds",
+        "Seconds since the latest WireGuard handshake with each remote node (absent: none yet)",
+        age,
+    );
+    reg.register(
+        "wireguard_rx_bytes",
+        "Bytes received through WireGuard from each remote node",
+        rx,
+    );
+    reg.register(
+        "wireguard_tx_bytes",
+        "Bytes sent through WireGuard to each remote node",
+        tx,
+    );
+    let peers = Gauge::<i64>::default();
+    peers.set(i64::try_from(w.peers.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "wireguard_peers",
+        "WireGuard peers (remote nodes reached encrypted)",
+        peers,
+    );
+    let clear = Gauge::<i64>::default();
+    clear.set(i64::try_from(w.unencrypted.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "wireguard_unencrypted_nodes",
+        "Remote nodes reached in clear because they publish no WireGuard key (named in /status)",
+        clear,
+    );
 }
 
 #[cfg(test)]

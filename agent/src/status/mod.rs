@@ -231,6 +231,57 @@ pub struct StatusReport {
     /// What the agent runs with (`podmesh diagnose` compares the node against it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<agent_info::AgentInfo>,
+    /// WireGuard towards remote nodes (`--encryption wireguard`), read at request time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardStatus>,
+}
+
+/// The WireGuard device and its peers, as `/status` shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardStatus {
+    /// `kernel` or `userspace`.
+    pub backend: String,
+    /// This node's public key, as published.
+    #[serde(rename = "publicKey")]
+    pub public_key: String,
+    /// The UDP port.
+    pub port: u16,
+    /// `--encryption-strict`.
+    pub strict: bool,
+    /// One entry per remote node reached through WireGuard.
+    pub peers: Vec<WireguardPeerStatus>,
+    /// Remote nodes (`cluster/node`) reached in clear: they publish no key.
+    #[serde(default)]
+    pub unencrypted: Vec<String>,
+    /// Why the device could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One WireGuard peer: a remote node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardPeerStatus {
+    /// Its cluster.
+    pub cluster: String,
+    /// Its node.
+    pub node: String,
+    /// Its public key.
+    #[serde(rename = "publicKey")]
+    pub public_key: String,
+    /// Where this node sends to.
+    pub endpoint: Option<String>,
+    /// Its Pod CIDRs.
+    #[serde(rename = "allowedIPs")]
+    pub allowed_ips: Vec<ipnet::IpNet>,
+    /// Seconds since the latest handshake (none yet: absent).
+    #[serde(rename = "latestHandshakeAgeSeconds")]
+    pub latest_handshake_age: Option<u64>,
+    /// Bytes received from it.
+    #[serde(rename = "rxBytes")]
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    #[serde(rename = "txBytes")]
+    pub tx_bytes: u64,
 }
 
 impl StatusReport {
@@ -256,6 +307,17 @@ pub struct Status {
     exemption: Arc<Mutex<Option<ExemptionHandle>>>,
     /// Devices with strict reverse-path filtering, read at request time.
     rp_strict: Arc<Mutex<Option<RpStrictHandle>>>,
+    /// The WireGuard device, read at request time.
+    wireguard: Arc<Mutex<Option<WireguardSource>>>,
+}
+
+/// Reads the WireGuard device's state.
+struct WireguardSource(Box<dyn Fn() -> WireguardStatus + Send>);
+
+impl std::fmt::Debug for WireguardSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireguardSource")
+    }
 }
 
 /// Every remote record with its outcome, and every desired route, as
@@ -363,6 +425,12 @@ impl Status {
         *self.rp_strict.lock().expect("status rp_filter lock") = Some(handle);
     }
 
+    /// Reads the WireGuard device with `read` whenever the status is asked for.
+    pub fn set_wireguard_source(&self, read: impl Fn() -> WireguardStatus + Send + 'static) {
+        *self.wireguard.lock().expect("status wireguard lock") =
+            Some(WireguardSource(Box::new(read)));
+    }
+
     /// A copy of the status with `ready` computed, without the per-record and route lists.
     pub fn summary(&self) -> StatusReport {
         let mut s = self.update(|r| r.clone());
@@ -375,6 +443,9 @@ impl Status {
         }
         if let Some(h) = &*self.rp_strict.lock().expect("status rp_filter lock") {
             s.strict_rp_filter = h.lock().expect("rp_filter lock").clone();
+        }
+        if let Some(read) = &*self.wireguard.lock().expect("status wireguard lock") {
+            s.wireguard = Some((read.0)());
         }
         if let Some(read) = &*self.packets.lock().expect("status packets lock") {
             match (read.0)() {

@@ -7,9 +7,11 @@ use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
 use anyhow::{Context, bail};
 use ipnet::IpNet;
 use podmesh_agent::{
-    config::DatapathMode,
-    datapath::{Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config},
-    model::UnderlayFamily,
+    config::{DatapathMode, WireguardBackend},
+    datapath::{
+        Datapath, KernelConfig, KernelDatapath, RemoteRoute, from_config, wireguard::WgConfig,
+    },
+    model::{UnderlayFamily, parse_wireguard_key},
 };
 use podmesh_tests::topo::{ClusterPlan, Node, Topology};
 
@@ -55,6 +57,9 @@ pub struct Mesh {
     pub mode: DatapathMode,
     /// The tunnel endpoints' family.
     pub underlay: UnderlayFamily,
+    /// With WireGuard of this backend towards the other cluster (keys under `wg_dir`).
+    pub wireguard: Option<WireguardBackend>,
+    pub wg_dir: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -80,7 +85,7 @@ impl Mesh {
     }
 
     pub fn with_plans(mode: DatapathMode, plans: &[ClusterPlan]) -> anyhow::Result<Self> {
-        Self::with_underlay(mode, plans, UnderlayFamily::Ipv4)
+        Self::assemble(mode, plans, UnderlayFamily::Ipv4, None)
     }
 
     /// Like [`Mesh::with_plans`], tunnelling between the nodes' addresses
@@ -90,6 +95,24 @@ impl Mesh {
         plans: &[ClusterPlan],
         underlay: UnderlayFamily,
     ) -> anyhow::Result<Self> {
+        Self::assemble(mode, plans, underlay, None)
+    }
+
+    /// Like [`Mesh::with_plans`], with WireGuard of `backend` between the clusters.
+    pub fn with_wireguard(
+        mode: DatapathMode,
+        plans: &[ClusterPlan],
+        wireguard: Option<WireguardBackend>,
+    ) -> anyhow::Result<Self> {
+        Self::assemble(mode, plans, UnderlayFamily::Ipv4, wireguard)
+    }
+
+    fn assemble(
+        mode: DatapathMode,
+        plans: &[ClusterPlan],
+        underlay: UnderlayFamily,
+        wireguard: Option<WireguardBackend>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::build(plans)?;
         let bpffs = Bpffs::new()?;
         let mut mesh = Self {
@@ -98,6 +121,8 @@ impl Mesh {
             bpffs,
             mode,
             underlay,
+            wireguard,
+            wg_dir: tempfile::tempdir()?,
         };
         for i in 0..mesh.topo.nodes.len() {
             let dp = mesh.datapath(i)?;
@@ -114,6 +139,21 @@ impl Mesh {
         cfg.node_ip = self.underlay.endpoint(&node.underlay_addrs());
         cfg.underlay = self.underlay;
         cfg.pin_dir = self.bpffs.path().join(&node.name);
+        cfg.wireguard = self.wireguard.map(|backend| {
+            let dir = self.wg_dir.path().join(&node.name);
+            WgConfig {
+                port: 51871,
+                strict: false,
+                key_dir: dir.join("keys"),
+                run_dir: dir.join("run"),
+                backend,
+                // The userspace process is started by the datapath, as the agent does.
+                userspace_binary: (backend == WireguardBackend::Userspace).then(|| {
+                    podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")
+                        .expect("podmesh-wireguard builds")
+                }),
+            }
+        });
         cfg
     }
 
@@ -142,6 +182,9 @@ impl Mesh {
             node: n.name.clone(),
             node_addr: self.endpoint(j),
             vtep_mac: self.dps[j].vtep_mac(),
+            wireguard_key: self.dps[j]
+                .wireguard()
+                .and_then(|h| parse_wireguard_key(h.public_key().borrow().as_deref()?)),
         }
     }
 

@@ -176,6 +176,7 @@ fn route(c: &str, n: &str, cidr: &str) -> RemoteRoute {
         node: n.into(),
         node_addr: "192.168.0.1".parse().unwrap(),
         vtep_mac: None,
+        wireguard_key: None,
     }
 }
 

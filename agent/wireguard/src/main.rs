@@ -1,0 +1,200 @@
+//! `podmesh-wireguard`: userspace WireGuard for nodes whose kernel has none.
+//!
+//! It creates a TUN device, runs gotatun (a maintained boringtun fork) on it
+//! and serves the standard WireGuard configuration protocol (UAPI) on
+//! `<run-dir>/<interface>.sock`, the socket `wg(8)` and wireguard-go use. It
+//! holds no configuration of its own: podmesh-agent sets the key, the port
+//! and the peers through the socket, and so can `wg`.
+//!
+//! It is a process of its own, in a session of its own, so that the agent
+//! can be killed, restarted or upgraded while encrypted traffic keeps
+//! flowing: the agent adopts the running process through the socket and only
+//! changes what differs. (Cilium removed its in-agent userspace WireGuard
+//! because an agent restart cut every connection.) In a DaemonSet it is a
+//! container of its own. It stops on SIGTERM or SIGINT; the TUN device goes
+//! with it.
+use std::{
+    io::ErrorKind,
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use gotatun::{
+    device::{DeviceBuilder, uapi::UapiServer},
+    udp::{
+        UdpTransportFactory, UdpTransportFactoryParams,
+        socket::{UdpSocket, UdpSocketFactory},
+    },
+};
+
+/// Userspace WireGuard on a TUN device, configured through the WireGuard UAPI socket.
+#[derive(Debug, Parser)]
+#[command(name = "podmesh-wireguard", version, about, long_about = None)]
+struct Args {
+    /// Name of the TUN device to create (podmesh-agent expects podmesh-wg).
+    #[arg(long, default_value = "podmesh-wg")]
+    interface: String,
+    /// Directory of the UAPI socket `<interface>.sock` and the pid file `<interface>.pid` (the directory `wg` looks in is /var/run/wireguard).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/wireguard")]
+    run_dir: PathBuf,
+    /// Worker threads of the packet path.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+/// gotatun's UDP sockets, bound again when the port is still held by the
+/// connection a reconfiguration (a new private key) just stopped: gotatun
+/// aborts the old connection's tasks and binds the same port at once, while
+/// the runtime has not dropped the old socket yet (EADDRINUSE, and the device
+/// would stay without a socket). Retried for up to a second.
+#[derive(Debug, Default)]
+struct Rebinding(UdpSocketFactory);
+
+impl UdpTransportFactory for Rebinding {
+    type Send = UdpSocket;
+    type Recv = UdpSocket;
+
+    async fn bind(
+        &mut self,
+        params: &UdpTransportFactoryParams,
+    ) -> std::io::Result<(UdpSocket, UdpSocket)> {
+        let mut tries = 0;
+        loop {
+            match self.0.bind(params).await {
+                Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Exit status when another process already serves the socket.
+const EXIT_ALREADY_SERVED: u8 = 3;
+
+/// Returns when the device is gone. gotatun reports a "fatal" error also when
+/// a reconfiguration (a new private key or port) replaces its connection and
+/// the old connection's tasks see their channels close, while the new
+/// connection carries on: so an error ends this process only when the TUN
+/// device is gone too.
+async fn watch_device<T: gotatun::device::DeviceTransports>(
+    device: &mut gotatun::device::Device<T>,
+    interface: &str,
+) -> anyhow::Result<()> {
+    device.wait().await;
+    tracing::info!(
+        "the WireGuard device reported an error (also seen when it is reconfigured); carrying on while {interface} exists"
+    );
+    loop {
+        if nix::net::if_::if_nametoindex(interface).is_err() {
+            anyhow::bail!("{interface} is gone");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    // A session of its own: a signal to the starter's process group or
+    // session (a terminal's Ctrl-C, a supervisor's group kill) is not ours.
+    // Already a session leader (started as one) is fine.
+    let _ = nix::unistd::setsid();
+    let sock = args.run_dir.join(format!("{}.sock", args.interface));
+    if UnixStream::connect(&sock).is_ok() {
+        eprintln!(
+            "podmesh-wireguard: {} is already served by a running process; not starting a second one",
+            sock.display()
+        );
+        return ExitCode::from(EXIT_ALREADY_SERVED);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("podmesh-wireguard: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(run(&args, &sock)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podmesh-wireguard: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating {}", args.run_dir.display()))?;
+    let (client, server) = UapiServer::new();
+    let mut device = DeviceBuilder::new()
+        .with_udp(Rebinding::default())
+        .create_tun(&args.interface)
+        .with_context(|| {
+            format!(
+                "creating TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)",
+                args.interface
+            )
+        })?
+        .with_uapi(server)
+        .build()
+        .await
+        .context("starting the WireGuard device")?;
+    match std::fs::remove_file(sock) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the stale {}", sock.display()));
+        }
+        _ => {}
+    }
+    let listener =
+        UnixListener::bind(sock).with_context(|| format!("binding {}", sock.display()))?;
+    let pid_file = args.run_dir.join(format!("{}.pid", args.interface));
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    // One thread per UAPI connection (the agent holds one at a time).
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => client.clone().wrap_read_write(s),
+                Err(e) => tracing::warn!(error = %e, "accepting a UAPI connection failed"),
+            }
+        }
+    });
+    tracing::info!(
+        interface = %args.interface,
+        socket = %sock.display(),
+        "serving WireGuard; configure it through the UAPI socket"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        r = watch_device(&mut device, &args.interface) => r,
+    };
+    // Only our own files: a successor may already have replaced them.
+    if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(sock);
+    }
+    device.stop().await;
+    tracing::info!("stopped; the TUN device goes with this process");
+    result
+}
