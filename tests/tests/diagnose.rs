@@ -20,6 +20,7 @@ use podmesh_tests::{
     mesh::{Mesh, workspace_binary},
     pki::{CertSpec, Pki},
     require_root,
+    topo::Underlay,
 };
 use serde_json::Value;
 
@@ -735,6 +736,73 @@ fn diagnose_compares_neighbours_and_fdb_in_vxlan_mode() -> anyhow::Result<()> {
     ensure!(
         dev.0 == "datapath" && dev.1.is_empty() && dev.3.contains("podmesh-vx is down"),
         "{dev:?}"
+    );
+    Ok(())
+}
+
+/// A healthy mesh diagnoses clean once it runs over an IPv6-only underlay
+/// (vxlan: routes through the remote VTEPs' link-local addresses; ebpf:
+/// IPv6 endpoints in the LPM map) and with WireGuard between the clusters
+/// (routes into `podmesh-wg` instead of the tunnel); a WireGuard route
+/// deleted by hand is then found in the datapath layer.
+#[test]
+fn diagnose_is_clean_over_an_ipv6_underlay_and_through_wireguard() -> anyhow::Result<()> {
+    if !require_root("diagnose_is_clean_over_an_ipv6_underlay_and_through_wireguard") {
+        return Ok(());
+    }
+    let east = "east-n0";
+    let clean = |m: &Mesh| -> anyhow::Result<Value> {
+        let (code, v) = eventually(Duration::from_secs(30), || {
+            let (code, v) = diagnose(m, east, &[]).map_err(|e| format!("{e:#}"))?;
+            if code == 0 {
+                Ok((code, v))
+            } else {
+                Err(format!("exit {code}: {:#?}", failures(&v)))
+            }
+        })?;
+        ensure!(code == 0 && v["ok"] == true, "{v:#}");
+        Ok(v)
+    };
+    for datapath in ["vxlan", "ebpf"] {
+        let mut m = Mesh::builder()
+            .cluster("east", 1)
+            .cluster("west", 1)
+            .pods(1)
+            .underlay(Underlay::Ipv6)
+            .dual_stack_pods()
+            .datapath(datapath)
+            .start()?;
+        m.wait_ready(READY)?;
+        clean(&m).with_context(|| format!("{datapath} over an IPv6-only underlay"))?;
+        drop(m);
+    }
+    let mut m = Mesh::builder()
+        .cluster("east", 1)
+        .cluster("west", 1)
+        .pods(1)
+        .datapath("ebpf")
+        .agent_args(&["--encryption", "wireguard", "--resync-interval", "1h"])
+        .start()?;
+    m.wait_ready(READY)?;
+    let v = clean(&m).context("ebpf with WireGuard between the clusters")?;
+    ensure!(
+        v.to_string().contains("tunnel-probe"),
+        "the probe ran through WireGuard: {v:#}"
+    );
+    let west_cidr = m.node("west-n0")?.pod_cidr.to_string();
+    m.node(east)?
+        .ns
+        .run("ip", &["route", "del", &west_cidr, "dev", "podmesh-wg"])?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}: {v:#}");
+    let f = failures(&v);
+    ensure!(
+        f.iter()
+            .any(|(layer, cluster, check, evidence, _)| layer == "datapath"
+                && cluster == "west"
+                && check == "entries"
+                && evidence.contains(&west_cidr)),
+        "{f:#?}"
     );
     Ok(())
 }

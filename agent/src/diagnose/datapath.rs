@@ -16,12 +16,13 @@ use super::{Check, Layer, check, probe};
 use crate::{
     datapath::{
         ROUTE_PROTOCOL,
-        device::{IPIP_OVERHEAD, VXLAN_OVERHEAD},
+        device::{IPIP_OVERHEAD, VXLAN_OVERHEAD, VXLAN6_OVERHEAD},
         ebpf, nexthop,
         nl::{Netlink, consts::AF_BRIDGE},
-        routes::{IPIP_DEVICE, VXLAN_DEVICE},
+        routes::{IP6_TUNNEL_OVERHEAD, IPIP_DEVICE, VXLAN_DEVICE, link_local_of},
         rpfilter,
         rtnl::{self, IFF_UP, Link, Route},
+        wireguard::WG_DEVICE,
     },
     model::format_mac,
     status::{RouteStatus, StatusReport, agent_info::AgentInfo},
@@ -52,6 +53,8 @@ pub struct Installed {
     pub fdb: BTreeMap<[u8; 6], IpAddr>,
     /// The device holding this node's tunnel endpoint: (name, MTU).
     pub underlay: Option<(String, u32)>,
+    /// The WireGuard device (`--encryption wireguard`), when it is there.
+    pub wireguard: Option<Link>,
 }
 
 /// The tunnel device of a mode.
@@ -72,6 +75,8 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
         out.device =
             rtnl::link_by_name(&mut nl, name).map_err(|e| format!("reading {name}: {e}"))?;
     }
+    out.wireguard =
+        rtnl::link_by_name(&mut nl, WG_DEVICE).map_err(|e| format!("reading {WG_DEVICE}: {e}"))?;
     if let Some(addr) = info.node_addresses.first()
         && let Ok(Some(index)) = rtnl::link_with_address(&mut nl, *addr)
     {
@@ -97,27 +102,23 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
                 ebpf::pinned_entries(&info.bpf_pin_dir)
                     .map(|v| {
                         v.into_iter()
-                            .map(|(c, n)| {
-                                (
-                                    c,
-                                    (
-                                        IpAddr::from(std::net::Ipv4Addr::from(n.addr_v4)),
-                                        n.vtep_mac,
-                                    ),
-                                )
-                            })
+                            .map(|(c, n)| (c, (n.endpoint(), n.vtep_mac)))
                             .collect()
                     })
                     .map_err(|e| e.to_string()),
             );
         }
         ("vxlan", Some(dev)) => {
-            out.neighbours =
-                rtnl::neighbours(&mut nl, rtnl::family_of(IpAddr::from([0u8; 4])), dev.index)
-                    .map_err(|e| format!("listing neighbours: {e}"))?
-                    .into_iter()
-                    .filter_map(|(ip, mac)| Some((ip?, mac?)))
-                    .collect();
+            // IPv4 next hops over an IPv4 underlay; over an IPv6 one, the
+            // remote VTEPs' link-local addresses.
+            for any in [IpAddr::from([0u8; 4]), IpAddr::from([0u8; 16])] {
+                out.neighbours.extend(
+                    rtnl::neighbours(&mut nl, rtnl::family_of(any), dev.index)
+                        .map_err(|e| format!("listing neighbours: {e}"))?
+                        .into_iter()
+                        .filter_map(|(ip, mac)| Some((ip?, mac?))),
+                );
+            }
             out.fdb = rtnl::neighbours(&mut nl, AF_BRIDGE, dev.index)
                 .map_err(|e| format!("listing fdb entries: {e}"))?
                 .into_iter()
@@ -206,9 +207,13 @@ pub fn node_checks(
 /// Whether the tunnel device's MTU plus the encapsulation fits the underlay
 /// device's: a larger one sends packets the underlay must fragment or drop.
 fn mtu(info: &AgentInfo, i: &Installed) -> Option<Check> {
-    let overhead = match info.datapath.as_str() {
-        "ebpf" | "vxlan" => VXLAN_OVERHEAD,
-        "ipip" => IPIP_OVERHEAD,
+    // The tunnel endpoint is the first node address (the underlay family's).
+    let v6 = info.node_addresses.first().is_some_and(IpAddr::is_ipv6);
+    let overhead = match (info.datapath.as_str(), v6) {
+        ("ebpf" | "vxlan", false) => VXLAN_OVERHEAD,
+        ("ebpf" | "vxlan", true) => VXLAN6_OVERHEAD,
+        ("ipip", false) => IPIP_OVERHEAD,
+        ("ipip", true) => IP6_TUNNEL_OVERHEAD,
         _ => return None,
     };
     let (dev, (under, under_mtu)) = (i.device.as_ref()?, i.underlay.as_ref()?);
@@ -266,13 +271,45 @@ fn stale(s: &StatusReport, i: &Installed) -> Option<Check> {
 }
 
 /// What is wrong with one desired route in the kernel, if anything.
-fn entry_problem(mode: &str, r: &RouteStatus, i: &Installed) -> Option<String> {
+fn entry_problem(mode: &str, r: &RouteStatus, wg_peer: bool, i: &Installed) -> Option<String> {
     let mac = r.vtep_mac.clone().unwrap_or_default();
     let Some(route) = i.routes.get(&r.cidr) else {
         return Some(format!(
             "{} (node {}): no route (proto {ROUTE_PROTOCOL})",
             r.cidr, r.node
         ));
+    };
+    // A node with a WireGuard key is reached through the WireGuard device
+    // instead of the mode's tunnel.
+    let into_wg = i
+        .wireguard
+        .as_ref()
+        .is_some_and(|d| route.oif == Some(d.index));
+    match (into_wg, wg_peer) {
+        (true, true) => return None,
+        (true, false) => {
+            return Some(format!(
+                "{}: the route leads into {WG_DEVICE}, which has no peer for node {} with it in its allowed IPs",
+                r.cidr, r.node
+            ));
+        }
+        (false, true) => {
+            return Some(format!(
+                "{}: node {} is a WireGuard peer, but the route does not lead into {WG_DEVICE}",
+                r.cidr, r.node
+            ));
+        }
+        (false, false) => {}
+    }
+    // The next hop: the node's address, or over an IPv6 underlay in vxlan
+    // mode its VTEP's link-local address (the fdb maps that MAC to the node).
+    let hop = match (
+        mode,
+        r.node_addr,
+        r.vtep_mac.as_deref().and_then(crate::model::parse_mac),
+    ) {
+        ("vxlan", IpAddr::V6(_), Some(m)) => IpAddr::V6(link_local_of(m)),
+        _ => r.node_addr,
     };
     match mode {
         "ebpf" => {
@@ -314,22 +351,19 @@ fn entry_problem(mode: &str, r: &RouteStatus, i: &Installed) -> Option<String> {
                         r.cidr, r.node
                     ));
                 }
-                Some(a) if *a != r.node_addr => {
-                    return Some(format!(
-                        "{}: the route goes via {a}, not {}",
-                        r.cidr, r.node_addr
-                    ));
+                Some(a) if *a != hop => {
+                    return Some(format!("{}: the route goes via {a}, not {hop}", r.cidr));
                 }
                 Some(_) => {}
             }
             if mode == "vxlan" {
-                match i.neighbours.get(&r.node_addr) {
+                match i.neighbours.get(&hop) {
                     Some(m) if format_mac(*m) == mac => {}
                     other => {
                         return Some(format!(
                             "{}: neighbour {} is {}, not {mac}",
                             r.cidr,
-                            r.node_addr,
+                            hop,
                             other
                                 .map(|m| format_mac(*m))
                                 .unwrap_or_else(|| "missing".into())
@@ -370,7 +404,14 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
     }
     let problems: Vec<String> = desired
         .iter()
-        .filter_map(|r| entry_problem(&info.datapath, r, inst))
+        .filter_map(|r| {
+            let wg_peer = s.wireguard.as_ref().is_some_and(|w| {
+                w.peers.iter().any(|p| {
+                    p.cluster == r.cluster && p.node == r.node && p.allowed_ips.contains(&r.cidr)
+                })
+            });
+            entry_problem(&info.datapath, r, wg_peer, inst)
+        })
         .collect();
     if problems.is_empty() {
         let what = match info.datapath.as_str() {
