@@ -607,3 +607,124 @@ async fn strict_rp_filter_is_reported_and_only_podmesh_device_cleared() -> anyho
     );
     Ok(())
 }
+
+/// vxlan over an IPv4 underlay carries IPv6 Pod CIDRs too: Linux routes IPv6
+/// through no IPv4 gateway, so their nexthops are the remote VTEPs'
+/// link-local addresses, whose fdb entries send to the nodes' IPv4
+/// addresses. direct mode cannot, and says so.
+#[tokio::test]
+async fn vxlan_mode_forwards_ipv6_pod_cidrs_over_an_ipv4_underlay() -> anyhow::Result<()> {
+    use std::net::IpAddr;
+
+    use podmesh_agent::datapath::{Datapath, RemoteRoute};
+
+    if !require_root("vxlan_mode_forwards_ipv6_pod_cidrs_over_an_ipv4_underlay") {
+        return Ok(());
+    }
+    for mode in [DatapathMode::Vxlan, DatapathMode::Direct] {
+        let mut mesh = Mesh::build_dual_stack(mode)?;
+        mesh.resync_all().await?;
+        let mut pod_v6 = Vec::new();
+        for (i, node) in mesh.topo.nodes.iter().enumerate() {
+            for pod in &node.pods {
+                pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
+            }
+        }
+        for i in 0..mesh.dps.len() {
+            let me = mesh.topo.nodes[i].cluster.clone();
+            let mut routes = mesh.desired(i);
+            let mut v6 = Vec::new();
+            for (j, n) in mesh.topo.nodes.iter().enumerate() {
+                if n.cluster != me {
+                    v6.push(RemoteRoute {
+                        cidr: ipnet::IpNet::V6(n.pod_cidr_v6.expect("dual-stack node")),
+                        cluster: n.cluster.clone(),
+                        node: n.name.clone(),
+                        node_addr: IpAddr::V4(n.addr),
+                        vtep_mac: mesh.dps[j].vtep_mac(),
+                        wireguard_key: None,
+                    });
+                }
+            }
+            routes.extend(v6.iter().cloned());
+            let res = mesh.dps[i].upsert(&routes).await;
+            if mode == DatapathMode::Direct {
+                let e = res.expect_err("direct refuses IPv6 Pod CIDRs behind IPv4 next hops");
+                assert!(
+                    e.to_string()
+                        .contains("cannot route an IPv6 Pod CIDR through an IPv4 next hop"),
+                    "unclear refusal: {e}"
+                );
+                let shown = mesh.ip(i, &["-6", "route", "show", "proto", "80"])?;
+                assert!(
+                    shown.trim().is_empty(),
+                    "refused IPv6 routes installed: {shown}"
+                );
+                let v4 = mesh.ip(i, &["route", "show", "proto", "80"])?;
+                assert!(
+                    !v4.trim().is_empty(),
+                    "the IPv4 routes beside them went too"
+                );
+                continue;
+            }
+            res?;
+            let mut installed = mesh.dps[i].installed().await?;
+            installed.sort();
+            routes.sort();
+            assert_eq!(installed, routes, "node {i} reads back what it installed");
+        }
+        if mode == DatapathMode::Direct {
+            continue;
+        }
+        let route = mesh.ip(0, &["-6", "route", "show", "proto", "80"])?;
+        assert!(
+            route.contains("podmesh-vx") && route.contains("mtu 1450"),
+            "IPv6 routes: {route}"
+        );
+        let mut failed = Vec::new();
+        for (from_node, from) in mesh.topo.pods() {
+            for (j, to) in &pod_v6 {
+                if mesh.topo.nodes[*j].cluster != from_node.cluster
+                    && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
+                        if from.ns.ping(to, 2, None) {
+                            Ok(())
+                        } else {
+                            Err(String::new())
+                        }
+                    })
+                    .is_err()
+                {
+                    failed.push(format!("{} -> {to}", from.name));
+                }
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "IPv6 unreachable over vxlan: {failed:#?}"
+        );
+        // IPv4 still answers beside it, through the IPv4 nexthops.
+        let f = mesh.cross_cluster_failures(None);
+        assert!(f.is_empty(), "IPv4 unreachable beside IPv6: {f:#?}");
+        // Withdrawing the IPv6 routes leaves the IPv4 ones and their fdb.
+        let v6: Vec<ipnet::IpNet> = mesh
+            .topo
+            .nodes
+            .iter()
+            .filter(|n| n.cluster != mesh.topo.nodes[0].cluster)
+            .map(|n| ipnet::IpNet::V6(n.pod_cidr_v6.unwrap()))
+            .collect();
+        mesh.dps[0].delete(&v6).await?;
+        assert!(
+            mesh.ip(0, &["-6", "route", "show", "proto", "80"])?
+                .trim()
+                .is_empty(),
+            "IPv6 routes left"
+        );
+        let f = mesh.cross_cluster_failures(None);
+        assert!(
+            f.is_empty(),
+            "IPv4 unreachable after the IPv6 withdrawal: {f:#?}"
+        );
+    }
+    Ok(())
+}

@@ -224,6 +224,14 @@ pub enum RefusalReason {
         /// The underlay's family.
         underlay: crate::model::UnderlayFamily,
     },
+    /// An IPv6 Pod CIDR behind an IPv4 next hop (`direct`, `ipip`): Linux
+    /// routes IPv6 through no IPv4 gateway.
+    Ipv6OverIpv4 {
+        /// The datapath mode.
+        mode: &'static str,
+        /// The node address.
+        addr: IpAddr,
+    },
     /// The node address is on no directly connected network (`direct`).
     NotConnected {
         /// The node address.
@@ -246,9 +254,10 @@ impl RefusalReason {
         match self {
             Self::EncryptionRequired => code::ENCRYPTION_REQUIRED,
             Self::WireguardKeyDuplicate { .. } => code::WIREGUARD_KEY_DUPLICATE,
-            Self::NoVtepMac { .. } | Self::UnderlayFamily { .. } | Self::NotConnected { .. } => {
-                code::DATAPATH_REFUSED
-            }
+            Self::NoVtepMac { .. }
+            | Self::UnderlayFamily { .. }
+            | Self::Ipv6OverIpv4 { .. }
+            | Self::NotConnected { .. } => code::DATAPATH_REFUSED,
         }
     }
 }
@@ -268,6 +277,13 @@ impl fmt::Display for Refusal {
                  datapath tunnels over an {underlay} underlay (hint: give that node an {underlay} \
                  --node-ip, or run this node with --underlay-family {})",
                 crate::model::UnderlayFamily::of(*addr).flag()
+            ),
+            RefusalReason::Ipv6OverIpv4 { mode, addr } => write!(
+                f,
+                "upsert {cidr}: node {cluster}/{node} is reached through the IPv4 address {addr}, \
+                 and the {mode} datapath cannot route an IPv6 Pod CIDR through an IPv4 next hop \
+                 (hint: the ebpf and vxlan datapaths carry IPv6 Pod CIDRs over an IPv4 underlay; \
+                 or give the nodes IPv6 addresses and run with --underlay-family ipv6)"
             ),
             RefusalReason::NotConnected { addr } => write!(
                 f,

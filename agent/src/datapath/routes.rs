@@ -9,7 +9,9 @@
 //! underlay: lightweight-tunnel nexthops on `podmesh-ip6`, an external
 //! `ip6tnl` device). Over
 //! an IPv6 underlay the nexthops are IPv6 for IPv4 Pod CIDRs too: Linux
-//! routes IPv4 through an IPv6 gateway (RFC 5549).
+//! routes IPv4 through an IPv6 gateway (RFC 5549). It routes IPv6 through no
+//! IPv4 gateway: over an IPv4 underlay, `vxlan` sends IPv6 Pod CIDRs to the
+//! remote VTEP's link-local address, and `direct` and `ipip` refuse them.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -296,6 +298,21 @@ impl RouteDatapath {
                 }));
                 continue;
             }
+            if r.cidr.addr().is_ipv6() && r.node_addr.is_ipv4() {
+                let mode = match self.mode {
+                    RouteMode::Direct => Some("direct"),
+                    RouteMode::Ipip { .. } => Some("ipip"),
+                    // Through the remote VTEP's link-local address.
+                    RouteMode::Vxlan { .. } => None,
+                };
+                if let Some(mode) = mode {
+                    refused.push(r.refusal(RefusalReason::Ipv6OverIpv4 {
+                        mode,
+                        addr: r.node_addr,
+                    }));
+                    continue;
+                }
+            }
             if matches!(self.mode, RouteMode::Vxlan { .. }) && r.vtep_mac.is_none() {
                 refused.push(r.refusal(RefusalReason::NoVtepMac { mode: "vxlan" }));
                 continue;
@@ -331,14 +348,18 @@ impl RouteDatapath {
         let mut refused = Vec::new();
         let (usable, oifs) = self.usable(routes, &mut refused)?;
         let onlink = !matches!(self.mode, RouteMode::Direct);
-        // Per node: nexthop (+ neighbour and fdb for vxlan); then the routes.
-        let mut nodes: BTreeMap<IpAddr, (IpNet, Option<[u8; 6]>)> = BTreeMap::new();
+        // Per gateway (one per node, two for a vxlan node with IPv4 and
+        // IPv6 Pod CIDRs over an IPv4 underlay): nexthop (+ neighbour and
+        // fdb for vxlan); then the routes.
+        let mut nodes: BTreeMap<IpAddr, (IpAddr, IpNet, Option<[u8; 6]>)> = BTreeMap::new();
         for r in &usable {
-            nodes.entry(r.node_addr).or_insert((r.cidr, r.vtep_mac));
+            nodes
+                .entry(self.gateway(r.cidr, r.node_addr, r.vtep_mac))
+                .or_insert((r.node_addr, r.cidr, r.vtep_mac));
         }
         let mut node_msgs: Vec<(IpNet, Msg)> = Vec::with_capacity(nodes.len() * 3);
-        for (a, (cidr, mac)) in &nodes {
-            let gw = self.gateway(*a, *mac);
+        for (gw, (a, cidr, mac)) in &nodes {
+            let gw = *gw;
             let id = match self.nexthops.get(&gw) {
                 Some(id) => *id,
                 None => {
@@ -378,7 +399,9 @@ impl RouteDatapath {
             .map(|r| {
                 rtnl::route_replace(
                     r.cidr,
-                    RouteTarget::Nexthop(self.nexthops[&self.gateway(r.node_addr, r.vtep_mac)]),
+                    RouteTarget::Nexthop(
+                        self.nexthops[&self.gateway(r.cidr, r.node_addr, r.vtep_mac)],
+                    ),
                     ROUTE_PROTOCOL,
                     self.route_mtu,
                 )
@@ -442,31 +465,25 @@ impl RouteDatapath {
                 .into_iter()
                 .filter_map(|nh| Some((nh.id, nh.target()?)))
                 .collect();
-        let macs: BTreeMap<IpAddr, [u8; 6]> = match self.mode {
-            RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(
-                &mut self.nl,
-                rtnl::family_of(match self.underlay {
-                    crate::model::UnderlayFamily::Ipv4 => IpAddr::from([0u8; 4]),
-                    crate::model::UnderlayFamily::Ipv6 => IpAddr::from([0u16; 8]),
-                }),
-                ifindex,
-            )
-            .map_err(netlink_err("listing neighbours"))?
-            .into_iter()
-            .filter_map(|(ip, mac)| Some((ip?, mac?)))
-            .collect(),
-            _ => BTreeMap::new(),
-        };
-        // vxlan over IPv6: the gateway is the VTEP's link-local address;
-        // the fdb entry of its MAC holds the node address.
-        let fdb: BTreeMap<[u8; 6], IpAddr> = match (self.mode, self.ll_gateways()) {
-            (RouteMode::Vxlan { ifindex, .. }, true) => {
-                rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
-                    .map_err(netlink_err("listing fdb entries"))?
-                    .into_iter()
-                    .filter_map(|(ip, mac)| Some((mac?, ip?)))
-                    .collect()
+        let mut macs: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
+        if let RouteMode::Vxlan { ifindex, .. } = self.mode {
+            for any in [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])] {
+                macs.extend(
+                    rtnl::neighbours(&mut self.nl, rtnl::family_of(any), ifindex)
+                        .map_err(netlink_err("listing neighbours"))?
+                        .into_iter()
+                        .filter_map(|(ip, mac)| Some((ip?, mac?))),
+                );
             }
+        }
+        // A link-local gateway is the VTEP's (vxlan over IPv6, or an IPv6
+        // Pod CIDR over IPv4); the fdb entry of its MAC holds the node address.
+        let fdb: BTreeMap<[u8; 6], IpAddr> = match self.mode {
+            RouteMode::Vxlan { ifindex, .. } => rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
+                .map_err(netlink_err("listing fdb entries"))?
+                .into_iter()
+                .filter_map(|(ip, mac)| Some((mac?, ip?)))
+                .collect(),
             _ => BTreeMap::new(),
         };
         let mut out = Vec::new();
@@ -477,8 +494,9 @@ impl RouteDatapath {
                 continue;
             };
             let mac = macs.get(gw).copied();
+            let link_local = matches!(gw, IpAddr::V6(g) if g.is_unicast_link_local());
             let addr = match mac.and_then(|m| fdb.get(&m)) {
-                Some(a) if self.ll_gateways() => a,
+                Some(a) if link_local => a,
                 _ => gw,
             };
             let (cluster, node) = match (self.routes.get(&r.dst), &self.owners) {
@@ -525,15 +543,18 @@ impl RouteDatapath {
     /// `ip6_route_check_nh_onlink`: "device mismatch"), and skips that check
     /// for link-local gateways. Flannel's IPv6 VXLAN avoids it the same way,
     /// with a gateway that is not an underlay address.
-    fn ll_gateways(&self) -> bool {
+    /// Also an IPv6 Pod CIDR over an IPv4 underlay: Linux routes IPv6
+    /// through no IPv4 gateway, and the fdb entry of the VTEP's MAC still
+    /// sends to the node's IPv4 address.
+    fn ll_gateway(&self, cidr: IpNet) -> bool {
         matches!(self.mode, RouteMode::Vxlan { .. })
-            && self.underlay == crate::model::UnderlayFamily::Ipv6
+            && (self.underlay == crate::model::UnderlayFamily::Ipv6 || cidr.addr().is_ipv6())
     }
 
-    /// The nexthop gateway towards the node at `addr` with VTEP `mac`.
-    fn gateway(&self, addr: IpAddr, mac: Option<[u8; 6]>) -> IpAddr {
+    /// The nexthop gateway of `cidr` towards the node at `addr` with VTEP `mac`.
+    fn gateway(&self, cidr: IpNet, addr: IpAddr, mac: Option<[u8; 6]>) -> IpAddr {
         match mac {
-            Some(m) if self.ll_gateways() => IpAddr::V6(link_local_of(m)),
+            Some(m) if self.ll_gateway(cidr) => IpAddr::V6(link_local_of(m)),
             _ => addr,
         }
     }
@@ -575,18 +596,14 @@ impl RouteDatapath {
                     }
                 }
             }
-            let ll = self.ll_gateways();
             for (ip, mac) in rtnl::neighbours(&mut self.nl, AF_BRIDGE, ifindex)
                 .map_err(netlink_err("listing fdb entries"))?
             {
-                // With link-local gateways an fdb entry lives while the
-                // gateway of its MAC does.
+                // An fdb entry lives while the node address or, with
+                // link-local gateways, the gateway of its MAC does.
                 if let (Some(ip), Some(mac)) = (ip, mac)
-                    && !live.contains(&if ll {
-                        IpAddr::V6(link_local_of(mac))
-                    } else {
-                        ip
-                    })
+                    && !live.contains(&ip)
+                    && !live.contains(&IpAddr::V6(link_local_of(mac)))
                 {
                     msgs.push(rtnl::fdb_delete(ifindex, mac, ip));
                 }

@@ -301,14 +301,16 @@ fn entry_problem(mode: &str, r: &RouteStatus, wg_peer: bool, i: &Installed) -> O
         }
         (false, false) => {}
     }
-    // The next hop: the node's address, or over an IPv6 underlay in vxlan
-    // mode its VTEP's link-local address (the fdb maps that MAC to the node).
+    // The next hop: the node's address, or in vxlan mode over an IPv6
+    // underlay or for an IPv6 Pod CIDR its VTEP's link-local address (the
+    // fdb maps that MAC to the node).
     let hop = match (
         mode,
-        r.node_addr,
         r.vtep_mac.as_deref().and_then(crate::model::parse_mac),
     ) {
-        ("vxlan", IpAddr::V6(_), Some(m)) => IpAddr::V6(link_local_of(m)),
+        ("vxlan", Some(m)) if r.node_addr.is_ipv6() || r.cidr.addr().is_ipv6() => {
+            IpAddr::V6(link_local_of(m))
+        }
         _ => r.node_addr,
     };
     match mode {
