@@ -61,3 +61,11 @@ pub const RP_FILTER: &str = "rp-filter";
 pub const TUNNEL_PROBE: &str = "tunnel-probe";
 /// The address plan over the live records.
 pub const PLAN: &str = "plan";
+/// The WireGuard device is there, up, on the configured port, with the key this node publishes.
+pub const WIREGUARD_DEVICE: &str = "wireguard-device";
+/// Every remote node with a key is a peer with its Pod CIDRs and its address.
+pub const WIREGUARD_PEER: &str = "wireguard-peer";
+/// Remote nodes reached in clear: they publish no WireGuard key.
+pub const WIREGUARD_CLEAR: &str = "wireguard-clear";
+/// How long ago each remote node's WireGuard session was last keyed.
+pub const WIREGUARD_HANDSHAKE: &str = "wireguard-handshake";

@@ -3,16 +3,17 @@
 //! (podmesh's routes and nexthop objects, the VXLAN device's neighbours and
 //! fdb, the pinned LPM maps), the tunnel device, what the agent found of
 //! the CNI, the masquerade exemption and rp_filter, and a probe per remote
-//! node ([`super::probe`]).
+//! node's Pod CIDR ([`super::probe`]); with WireGuard, the device as
+//! WireGuard reports it ([`super::wireguard`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     time::Duration,
 };
 
 use ipnet::IpNet;
 
-use super::{Check, Layer, check, probe};
+use super::{Check, Layer, check, probe, wireguard};
 use crate::{
     datapath::{
         ROUTE_PROTOCOL,
@@ -22,10 +23,10 @@ use crate::{
         routes::{IP6_TUNNEL_OVERHEAD, IPIP_DEVICE, VXLAN_DEVICE, link_local_of},
         rpfilter,
         rtnl::{self, IFF_UP, Link, Route},
-        wireguard::WG_DEVICE,
+        wireguard::{WG_DEVICE, uapi::DeviceState},
     },
     model::format_mac,
-    status::{RouteStatus, StatusReport, agent_info::AgentInfo},
+    status::{RouteStatus, StatusReport, WireguardStatus, agent_info::AgentInfo},
 };
 
 const L: Layer = Layer::Datapath;
@@ -55,6 +56,8 @@ pub struct Installed {
     pub underlay: Option<(String, u32)>,
     /// The WireGuard device (`--encryption wireguard`), when it is there.
     pub wireguard: Option<Link>,
+    /// The WireGuard device as WireGuard reports it (`--encryption wireguard`), or why it cannot be read.
+    pub wg_device: Option<Result<DeviceState, String>>,
 }
 
 /// The tunnel device of a mode.
@@ -67,8 +70,9 @@ pub fn device_name(mode: &str) -> Option<&'static str> {
     }
 }
 
-/// Reads what is installed for `info`'s mode (blocking: netlink and bpf syscalls).
-pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
+/// Reads what is installed for `info`'s mode, and the WireGuard device when
+/// the agent runs one (`wg`; blocking: netlink, bpf syscalls, the UAPI socket).
+pub fn read_installed(info: &AgentInfo, wg: Option<&WireguardStatus>) -> Result<Installed, String> {
     let mut nl = Netlink::open(None).map_err(|e| format!("opening netlink: {e}"))?;
     let mut out = Installed::default();
     if let Some(name) = device_name(&info.datapath) {
@@ -77,6 +81,7 @@ pub fn read_installed(info: &AgentInfo) -> Result<Installed, String> {
     }
     out.wireguard =
         rtnl::link_by_name(&mut nl, WG_DEVICE).map_err(|e| format!("reading {WG_DEVICE}: {e}"))?;
+    out.wg_device = wg.map(|w| wireguard::read_device(info, w));
     if let Some(addr) = info.node_addresses.first()
         && let Ok(Some(index)) = rtnl::link_with_address(&mut nl, *addr)
     {
@@ -280,7 +285,7 @@ fn entry_problem(mode: &str, r: &RouteStatus, wg_peer: bool, i: &Installed) -> O
         ));
     };
     // A node with a WireGuard key is reached through the WireGuard device
-    // instead of the mode's tunnel.
+    // instead of the mode's tunnel (its peer is the wireguard-peer check's).
     let into_wg = i
         .wireguard
         .as_ref()
@@ -289,13 +294,13 @@ fn entry_problem(mode: &str, r: &RouteStatus, wg_peer: bool, i: &Installed) -> O
         (true, true) => return None,
         (true, false) => {
             return Some(format!(
-                "{}: the route leads into {WG_DEVICE}, which has no peer for node {} with it in its allowed IPs",
+                "{}: the route leads into {WG_DEVICE}, but node {} publishes no WireGuard key",
                 r.cidr, r.node
             ));
         }
         (false, true) => {
             return Some(format!(
-                "{}: node {} is a WireGuard peer, but the route does not lead into {WG_DEVICE}",
+                "{}: node {} publishes a WireGuard key, but the route does not lead into {WG_DEVICE}",
                 r.cidr, r.node
             ));
         }
@@ -407,11 +412,7 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
     let problems: Vec<String> = desired
         .iter()
         .filter_map(|r| {
-            let wg_peer = s.wireguard.as_ref().is_some_and(|w| {
-                w.peers.iter().any(|p| {
-                    p.cluster == r.cluster && p.node == r.node && p.allowed_ips.contains(&r.cidr)
-                })
-            });
+            let wg_peer = s.wireguard.is_some() && r.wireguard_public_key.is_some();
             entry_problem(&info.datapath, r, wg_peer, inst)
         })
         .collect();
@@ -441,11 +442,15 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
     }
 }
 
-/// One probe per remote node of `cluster`, from `src` (an address of this node's Pod CIDR).
+/// One probe per Pod CIDR of `cluster`'s nodes, in its family: from an
+/// address of this node's Pod CIDRs of that family to the remote CIDR's
+/// first address. `wg`: the WireGuard device, for the evidence of a probe
+/// through it that failed.
 pub async fn probes(
     cluster: &str,
     s: &StatusReport,
     info: &AgentInfo,
+    wg: Option<&DeviceState>,
     wait: Duration,
 ) -> Vec<Check> {
     let c = Some(cluster);
@@ -458,33 +463,45 @@ pub async fn probes(
     if routes.is_empty() || info.dry_run {
         return Vec::new();
     }
-    let Some(src) = probe::local_pod_address(&info.node_pod_cidrs) else {
-        return vec![Check::pass(
+    let mut out = Vec::new();
+    let mut jobs: Vec<(RouteStatus, IpAddr, IpAddr)> = Vec::new();
+    let mut unsourced: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in routes {
+        let Some(dst) = probe::target(&r.cidr) else {
+            continue;
+        };
+        match probe::local_pod_address(&info.node_pod_cidrs, dst) {
+            Some(src) => jobs.push((r, src, dst)),
+            None => unsourced
+                .entry(if dst.is_ipv4() { "IPv4" } else { "IPv6" })
+                .or_default()
+                .push(r.cidr.to_string()),
+        }
+    }
+    for (family, cidrs) in unsourced {
+        out.push(Check::pass(
             L,
             c,
             check::TUNNEL_PROBE,
             format!(
-                "skipped: no address of this node's Pod CIDRs ({}) is assigned here to send from",
+                "skipped for {}: no {family} address of this node's Pod CIDRs ({}) is assigned here to send from",
+                cidrs.join(", "),
                 info.node_pod_cidrs
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-        )];
-    };
-    let jobs: Vec<(RouteStatus, Ipv4Addr)> = routes
-        .into_iter()
-        .filter_map(|r| probe::target(&r.cidr).map(|dst| (r, dst)))
-        .collect();
+        ));
+    }
     // A bounded number of probes at once (each waits up to `wait`).
     let mut results = Vec::with_capacity(jobs.len());
     for chunk in jobs.chunks(PROBES_AT_ONCE) {
         let tasks: Vec<_> = chunk
             .iter()
             .cloned()
-            .map(|(r, dst)| {
-                tokio::task::spawn_blocking(move || (r, dst, probe::echo(src, dst, wait)))
+            .map(|(r, src, dst)| {
+                tokio::task::spawn_blocking(move || (r, src, dst, probe::echo(src, dst, wait)))
             })
             .collect();
         for t in tasks {
@@ -493,16 +510,22 @@ pub async fn probes(
             }
         }
     }
-    let mut out = Vec::new();
     let port = info.tunnel_port;
     let local = info
         .node_addresses
         .first()
         .map(ToString::to_string)
         .unwrap_or_else(|| "this node".into());
-    for (r, dst, res) in results {
+    for (r, src, dst, res) in results {
+        // Through WireGuard: the node publishes a key and this agent encrypts.
+        let wg_key = s.wireguard.as_ref().and(r.wireguard_public_key.as_deref());
+        let path = if wg_key.is_some() {
+            "WireGuard"
+        } else {
+            "the tunnel"
+        };
         out.push(match res {
-            Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through the tunnel to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
+            Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through {path} to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
             Err(probe::ProbeError::NotPermitted(e)) => Check::pass(
                 L,
                 c,
@@ -513,11 +536,21 @@ pub async fn probes(
                 L,
                 c,
                 check::TUNNEL_PROBE,
-                format!("node {} ({}, tunnel endpoint {}): {e}", r.node, r.cidr, r.node_addr),
-                if info.datapath == "direct" {
-                    format!("packets between {local} and {} are dropped: firewalls and security groups must pass traffic between the two nodes' Pod CIDRs; the remote node must route this node's Pod CIDR back (run podmesh diagnose there)", r.node_addr)
-                } else {
-                    format!("the encapsulated path between {local} and {} is broken: UDP {port} (tunnel-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same tunnel-port and vni; the remote node must route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr)
+                format!(
+                    "node {} ({}, {} endpoint {}): {e}{}",
+                    r.node,
+                    r.cidr,
+                    if wg_key.is_some() { "WireGuard" } else { "tunnel" },
+                    r.node_addr,
+                    match (wg_key, wg) {
+                        (Some(k), Some(d)) => wireguard::peer_evidence(d, k),
+                        _ => String::new(),
+                    }
+                ),
+                match (wg_key, s.wireguard.as_ref()) {
+                    (Some(_), Some(w)) => format!("the WireGuard path between {local} and {} is broken: UDP {} (wireguard-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same wireguard-port, and the remote node must hold this node's current key and route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr, w.port),
+                    _ if info.datapath == "direct" => format!("packets between {local} and {} are dropped: firewalls and security groups must pass traffic between the two nodes' Pod CIDRs; the remote node must route this node's Pod CIDR back (run podmesh diagnose there)", r.node_addr),
+                    _ => format!("the encapsulated path between {local} and {} is broken: UDP {port} (tunnel-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same tunnel-port and vni; the remote node must route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr),
                 },
             ),
         });

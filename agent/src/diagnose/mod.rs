@@ -20,6 +20,7 @@ pub mod render;
 pub mod run;
 pub mod sync;
 pub mod tls;
+pub mod wireguard;
 
 pub use run::{Options, diagnose};
 

@@ -1,43 +1,52 @@
-//! The tunnel probe: an ICMP echo from an address of this node's Pod CIDR
-//! to the first address of a remote node's Pod CIDR (the CNI's gateway
-//! address on that node: bridge, ptp and host-local give it to the node).
-//! Both addresses are pod addresses, so the request is routed into the
-//! tunnel here and the reply into the tunnel there: an answer proves the
+//! The tunnel probe: an ICMP echo (ICMPv6 for an IPv6 Pod CIDR) from an
+//! address of this node's Pod CIDRs of the same family to the first address
+//! of a remote node's Pod CIDR (the CNI's gateway address on that node:
+//! bridge, ptp and host-local give it to the node, in both families). Both
+//! addresses are pod addresses, so the request is routed into the tunnel
+//! (or WireGuard) here and the reply into it there: an answer proves the
 //! encapsulated path in both directions, including the firewalls between
 //! the two nodes and the remote node's route back. Needs CAP_NET_RAW, or a
-//! group in `net.ipv4.ping_group_range` (the kernel's ping socket).
+//! group in `net.ipv4.ping_group_range` (the kernel's ping socket, for both
+//! families).
 use std::{
     io::Read,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// An address of this node inside one of `cidrs` (IPv4), if any is assigned.
-pub fn local_pod_address(cidrs: &[IpNet]) -> Option<Ipv4Addr> {
+/// An address of this node inside one of `cidrs` of `dst`'s family, if any
+/// is assigned.
+pub fn local_pod_address(cidrs: &[IpNet], dst: IpAddr) -> Option<IpAddr> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs {
-        let Some(ip) = a
-            .address
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in())
-            .map(|s| s.ip())
-        else {
+        let Some(s) = a.address.as_ref() else {
             continue;
         };
-        if cidrs.iter().any(|c| c.contains(&IpAddr::V4(ip))) {
+        let ip = match (s.as_sockaddr_in(), s.as_sockaddr_in6()) {
+            (Some(v4), _) => IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => IpAddr::V6(v6.ip()),
+            _ => continue,
+        };
+        if ip.is_ipv4() == dst.is_ipv4() && cidrs.iter().any(|c| c.contains(&ip)) {
             return Some(ip);
         }
     }
     None
 }
 
-/// The address the probe sends to in a remote node's Pod CIDR: its first host address.
-pub fn target(cidr: &IpNet) -> Option<Ipv4Addr> {
+/// The address the probe sends to in a remote node's Pod CIDR: its first
+/// host address (none in a CIDR too small to hold a gateway and pods).
+pub fn target(cidr: &IpNet) -> Option<IpAddr> {
     match cidr {
-        IpNet::V4(n) if n.prefix_len() < 31 => Some(Ipv4Addr::from(u32::from(n.network()) + 1)),
+        IpNet::V4(n) if n.prefix_len() < 31 => {
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + 1)))
+        }
+        IpNet::V6(n) if n.prefix_len() < 127 => {
+            Some(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1)))
+        }
         _ => None,
     }
 }
@@ -63,12 +72,17 @@ pub enum ProbeError {
     Failed(String),
 }
 
-/// An ICMP socket: raw (CAP_NET_RAW), else the kernel's unprivileged ping
-/// socket (a group in `net.ipv4.ping_group_range`); `true` for raw.
-fn icmp_socket() -> Result<(Socket, bool), ProbeError> {
-    match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) {
+/// An ICMP socket of `dst`'s family: raw (CAP_NET_RAW), else the kernel's
+/// unprivileged ping socket (a group in `net.ipv4.ping_group_range`, which
+/// governs ICMPv6 ping sockets too); `true` for raw.
+fn icmp_socket(dst: IpAddr) -> Result<(Socket, bool), ProbeError> {
+    let (domain, proto) = match dst {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    match Socket::new(domain, Type::RAW, Some(proto)) {
         Ok(s) => Ok((s, true)),
-        Err(raw) => Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))
+        Err(raw) => Socket::new(domain, Type::DGRAM, Some(proto))
             .map(|s| (s, false))
             .map_err(|dgram| {
                 ProbeError::NotPermitted(format!(
@@ -78,26 +92,55 @@ fn icmp_socket() -> Result<(Socket, bool), ProbeError> {
     }
 }
 
-/// Sends one echo request from `src` to `dst` and waits `wait` for its
-/// reply; the round trip when it came.
-pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, ProbeError> {
+/// Echo request and reply types: ICMP 8 and 0, ICMPv6 128 and 129.
+fn echo_types(dst: IpAddr) -> (u8, u8) {
+    match dst {
+        IpAddr::V4(_) => (8, 0),
+        IpAddr::V6(_) => (128, 129),
+    }
+}
+
+/// The ICMP message of what a socket read: a raw IPv4 socket reads the IP
+/// header too (and anything `dst`'s address family sends this host is
+/// checked to come from `dst`); raw ICMPv6 and ping sockets read only the
+/// message.
+fn icmp_of(p: &[u8], raw: bool, dst: IpAddr) -> Option<&[u8]> {
+    match dst {
+        IpAddr::V4(d) if raw => {
+            let ihl = usize::from(p.first().copied().unwrap_or(0) & 0x0f) * 4;
+            (p.len() >= 20 && p[12..16] == d.octets())
+                .then(|| p.get(ihl..))
+                .flatten()
+        }
+        _ => Some(p),
+    }
+}
+
+/// Sends one echo request from `src` to `dst` (both of one family) and
+/// waits `wait` for its reply; the round trip when it came.
+pub fn echo(src: IpAddr, dst: IpAddr, wait: Duration) -> Result<Duration, ProbeError> {
     let failed = ProbeError::Failed;
-    let (sock, raw) = icmp_socket()?;
-    sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())
+    let (sock, raw) = icmp_socket(dst)?;
+    sock.bind(&SocketAddr::new(src, 0).into())
         .map_err(|e| failed(format!("cannot send from {src}: {e}")))?;
     // Connected: a raw socket then receives only what `dst` sends.
-    sock.connect(&SocketAddr::V4(SocketAddrV4::new(dst, 0)).into())
+    sock.connect(&SocketAddr::new(dst, 0).into())
         .map_err(|e| failed(format!("{dst}: {e}")))?;
     // A ping socket's identifier is its own (the kernel sets it); the
     // sequence number tells the reply apart.
     let id = (std::process::id() & 0xffff) as u16;
     let seq: u16 = 0x5044; // "PD"
-    let mut pkt = vec![8u8, 0, 0, 0];
+    let (request, reply) = echo_types(dst);
+    let mut pkt = vec![request, 0, 0, 0];
     pkt.extend(id.to_be_bytes());
     pkt.extend(seq.to_be_bytes());
     pkt.extend(b"podmesh diagnose");
-    let c = checksum(&pkt);
-    pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    // ICMPv6's checksum covers a pseudo-header the kernel fills in: it
+    // computes it for ICMPv6 sockets of both kinds (RFC 3542, 3.1).
+    if dst.is_ipv4() {
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    }
     let started = Instant::now();
     sock.send(&pkt)
         .map_err(|e| failed(format!("sending to {dst}: {e}")))?;
@@ -124,19 +167,11 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, wait: Duration) -> Result<Duration, Pr
             }
             Err(e) => return Err(failed(format!("receiving from {dst}: {e}"))),
         };
-        let p = &buf[..n];
-        // A raw socket reads the IP header too; a ping socket only the ICMP message.
-        let icmp = if raw {
-            let ihl = usize::from(p.first().copied().unwrap_or(0) & 0x0f) * 4;
-            match p.get(ihl..) {
-                Some(i) if p.len() >= 20 && p[12..16] == dst.octets() => i,
-                _ => continue,
-            }
-        } else {
-            p
+        let Some(icmp) = icmp_of(&buf[..n], raw, dst) else {
+            continue;
         };
         if icmp.len() >= 8
-            && icmp[0] == 0
+            && icmp[0] == reply
             && (!raw || icmp[4..6] == id.to_be_bytes())
             && icmp[6..8] == seq.to_be_bytes()
         {
@@ -153,9 +188,15 @@ mod tests {
     fn targets_and_checksums() {
         assert_eq!(
             target(&"10.2.3.0/24".parse().unwrap()),
-            Some(Ipv4Addr::new(10, 2, 3, 1))
+            Some(IpAddr::V4(Ipv4Addr::new(10, 2, 3, 1)))
         );
-        assert_eq!(target(&"fd00::/64".parse().unwrap()), None);
+        assert_eq!(
+            target(&"fd00:2:0:3::/64".parse().unwrap()),
+            Some("fd00:2:0:3::1".parse().unwrap())
+        );
+        assert_eq!(target(&"10.2.3.4/31".parse().unwrap()), None);
+        assert_eq!(target(&"fd00::/127".parse().unwrap()), None);
+        assert_eq!(echo_types("fd00::1".parse().unwrap()), (128, 129));
         // RFC 1071's example.
         assert_eq!(
             checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),

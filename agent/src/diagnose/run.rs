@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Check, Layer, Report, authz, check, config, datapath, reach, sync};
+use super::{Check, Layer, Report, authz, check, config, datapath, reach, sync, wireguard};
 use crate::{
     cli::status::fetch_async,
     kvstore::client_config::EtcdClientConfig,
@@ -123,24 +123,53 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
         names.retain(|n| o.clusters.contains(n));
     }
     // The kernel's state, read once for every cluster.
+    let wg = status.as_ref().and_then(|s| s.wireguard.clone());
     let installed = match &info {
         Some(i) if !i.dry_run => {
-            let i = i.clone();
+            let (i, wg) = (i.clone(), wg.clone());
             Some(
-                tokio::task::spawn_blocking(move || datapath::read_installed(&i))
+                tokio::task::spawn_blocking(move || datapath::read_installed(&i, wg.as_ref()))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string())),
             )
         }
         _ => None,
     };
+    // This cluster's records: this node's own (its published WireGuard
+    // key), and the plan layer's.
+    let kv_path = o
+        .kvstore_config
+        .clone()
+        .or_else(|| info.as_ref().and_then(|i| i.kvstore_config.clone()));
+    let local_live = match (&local, &kv_path) {
+        (Some(local), Some(path)) => Some(read_local(local, path, o.timeout).await),
+        _ => None,
+    };
     if let (Some(s), Some(i)) = (&status, &info) {
         let none = Ok(datapath::Installed::default());
-        checks.extend(datapath::node_checks(
-            s,
-            i,
-            installed.as_ref().unwrap_or(&none),
-        ));
+        let inst = installed.as_ref().unwrap_or(&none);
+        checks.extend(datapath::node_checks(s, i, inst));
+        if let (Some(w), Ok(inst)) = (&wg, inst)
+            && let Some(dev) = &inst.wg_device
+        {
+            let key = crate::model::node_key(&s.local.cluster, &s.local.node);
+            let record = local_live
+                .as_ref()
+                .and_then(|l| l.records.as_ref().ok())
+                .map(|rs| {
+                    let published = rs
+                        .iter()
+                        .find(|r| r.key == key)
+                        .and_then(|r| wireguard::published_key(&r.value));
+                    (key.clone(), published)
+                });
+            checks.push(wireguard::device_check(
+                w,
+                inst.wireguard.as_ref(),
+                dev,
+                record,
+            ));
+        }
     }
     let walks = futures::future::join_all(names.iter().map(|name| {
         let listed = secret
@@ -161,13 +190,7 @@ pub async fn diagnose(o: &Options) -> Result<Report, CannotRun> {
     .await;
     // The plan layer: the live records of every cluster read, and of this one.
     let mut live_clusters: Vec<LiveCluster> = Vec::new();
-    let kv_path = o
-        .kvstore_config
-        .clone()
-        .or_else(|| info.as_ref().and_then(|i| i.kvstore_config.clone()));
-    if let (Some(local), Some(path)) = (&local, &kv_path) {
-        live_clusters.push(read_local(local, path, o.timeout).await);
-    }
+    live_clusters.extend(local_live);
     for (name, w) in names.iter().zip(&walks) {
         if let Some(r) = &w.records {
             live_clusters.push(LiveCluster {
@@ -294,11 +317,28 @@ async fn walk(
                     if failed(&w.checks) {
                         return w;
                     }
+                    let dev = inst.wg_device.as_ref().and_then(|d| d.as_ref().ok());
+                    if let Some(d) = dev {
+                        w.checks.extend(wireguard::peer_checks(name, s, d));
+                        if failed(&w.checks) {
+                            return w;
+                        }
+                    }
                     w.checks.extend(
-                        datapath::probes(name, s, i, wait.min(Duration::from_secs(3))).await,
+                        datapath::probes(name, s, i, dev, wait.min(Duration::from_secs(3))).await,
                     );
                     if failed(&w.checks) {
                         return w;
+                    }
+                    // The handshakes after the probes' traffic, read again.
+                    if let (Some(_), Some(wg)) = (dev, &s.wireguard) {
+                        let (i, wg) = (i.clone(), wg.clone());
+                        if let Ok(Ok(after)) =
+                            tokio::task::spawn_blocking(move || wireguard::read_device(&i, &wg))
+                                .await
+                        {
+                            w.checks.extend(wireguard::handshake_check(name, s, &after));
+                        }
                     }
                 }
                 (Some(i), None) if i.dry_run => w.checks.push(datapath::check_entries(

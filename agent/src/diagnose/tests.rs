@@ -215,6 +215,7 @@ fn route(cidr: &str, node: &str, addr: &str, mac: &str) -> RouteStatus {
         node: node.into(),
         node_addr: addr.parse().unwrap(),
         vtep_mac: Some(mac.into()),
+        wireguard_public_key: None,
     }
 }
 

@@ -42,6 +42,10 @@ pub struct AgentInfo {
     /// This node's Pod CIDRs (empty until known).
     #[serde(default, rename = "nodePodCIDRs")]
     pub node_pod_cidrs: Vec<IpNet>,
+    /// The userspace WireGuard's UAPI socket (`--encryption wireguard`;
+    /// the kernel's device is read over netlink instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_socket: Option<PathBuf>,
 }
 
 /// The name of a datapath mode as its flag spells it.
@@ -69,6 +73,7 @@ impl AgentInfo {
             cluster_pod_cidrs: cfg.cluster_pod_cidrs.clone(),
             node_addresses: Vec::new(),
             node_pod_cidrs: Vec::new(),
+            wireguard_socket: cfg.wireguard.as_ref().map(|w| w.socket()),
         }
     }
 }

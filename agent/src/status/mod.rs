@@ -15,7 +15,7 @@ use crate::{
         masq::{ExemptionHandle, ExemptionStatus},
     },
     desired::RecordOutcome,
-    model::format_mac,
+    model::{format_mac, format_wireguard_key},
 };
 
 pub mod agent_info;
@@ -45,6 +45,13 @@ pub struct RouteStatus {
     /// Remote VTEP MAC.
     #[serde(rename = "vtepMAC", default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<String>,
+    /// The remote node's WireGuard public key (base64), when it publishes one.
+    #[serde(
+        rename = "wireguardPublicKey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wireguard_public_key: Option<String>,
 }
 
 impl From<&RemoteRoute> for RouteStatus {
@@ -55,6 +62,7 @@ impl From<&RemoteRoute> for RouteStatus {
             node: r.node.clone(),
             node_addr: r.node_addr,
             vtep_mac: r.vtep_mac.map(format_mac),
+            wireguard_public_key: r.wireguard_key.as_ref().map(format_wireguard_key),
         }
     }
 }

@@ -18,6 +18,7 @@
 mod bringup;
 pub mod genl;
 pub mod keys;
+pub mod read;
 pub mod uapi;
 
 use std::{
@@ -102,9 +103,7 @@ enum Control {
 impl Control {
     fn get(&self) -> Result<DeviceState, DatapathError> {
         match self {
-            Self::Uapi(sock) => uapi::get(sock).map_err(|e| {
-                DatapathError::io(format!("reading WireGuard through {}", sock.display()), e)
-            }),
+            Self::Uapi(sock) => read::uapi(sock),
             Self::Kernel(netns) => genl::get(netns.as_deref(), WG_DEVICE),
         }
     }
