@@ -7,11 +7,20 @@
 //! The broken Secrets are copies of the east cluster's Secret directory
 //! handed to `diagnose --clustermesh-config`, so the agents keep running on
 //! the good one; the broken kernel state (a route deleted by hand, a
-//! firewall rule) and the overlapping record are made live.
+//! firewall rule, a WireGuard peer changed by hand) and the overlapping
+//! record are made live. Also the vxlan and direct datapaths, IPv6 Pod
+//! CIDRs over an IPv6 underlay, and WireGuard between the clusters.
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, ensure};
 use aya::maps::{LpmTrie, MapData};
+use podmesh_agent::{
+    datapath::wireguard::{
+        genl as wg_genl,
+        uapi::{self as wg_uapi, PeerChange},
+    },
+    model::parse_wireguard_key,
+};
 use podmesh_common::{REMOTES_V4_MAP, RemoteNode};
 use podmesh_tests::{
     describe_output,
@@ -94,6 +103,49 @@ fn expect_failure(
     ensure!(
         later.is_empty(),
         "checks after the failure in {layer}: {later:#?}"
+    );
+    Ok(())
+}
+
+/// Runs the nftables `script` in the network namespace `ns`.
+fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(script.as_bytes())?;
+            c.wait_with_output()
+        })?;
+    ensure!(out.status.success(), "nft: {}", describe_output(&out));
+    Ok(())
+}
+
+/// The checks of `cluster` named `check` that passed, by their evidence.
+fn passed(v: &Value, cluster: &str, check: &str) -> Vec<String> {
+    v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["cluster"] == cluster && c["check"] == check && c["ok"] == true)
+        .map(|c| c["evidence"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// The probe of `cidr` answered, through `path` ("the tunnel", "WireGuard").
+fn probe_answered(v: &Value, cidr: &str, path: &str) -> anyhow::Result<()> {
+    let ok = passed(v, "west", "tunnel-probe");
+    ensure!(
+        ok.iter().any(|e| e.contains(&format!("({cidr})"))
+            && e.contains("answered")
+            && e.contains(&format!("through {path}"))),
+        "no answered probe of {cidr} through {path}: {ok:#?}\n{v:#}"
     );
     Ok(())
 }
@@ -344,29 +396,12 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
 
     // 7. West's node drops tunnel traffic (a firewall rule in its namespace).
     let wns = west_node.ns.name().to_string();
-    let nft = |script: &str| -> anyhow::Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &wns, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(script.as_bytes())?;
-                c.wait_with_output()
-            })?;
-        ensure!(out.status.success(), "nft: {}", describe_output(&out));
-        Ok(())
-    };
     nft(
+        &wns,
         "table inet pmdiagtest {\n chain input {\n type filter hook input priority -10;\n udp dport 8472 drop\n }\n}\n",
     )?;
     let res = diagnose(&m, east, &[]);
-    nft("delete table inet pmdiagtest\n")?;
+    nft(&wns, "delete table inet pmdiagtest\n")?;
     let (code, v) = res?;
     ensure!(code == 1, "exit {code}");
     expect_failure(&v, "west", "datapath", "tunnel-probe", &west_cidr)?;
@@ -740,30 +775,20 @@ fn diagnose_compares_neighbours_and_fdb_in_vxlan_mode() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A healthy mesh diagnoses clean once it runs over an IPv6-only underlay
+/// A healthy dual-stack mesh diagnoses clean over an IPv6-only underlay
 /// (vxlan: routes through the remote VTEPs' link-local addresses; ebpf:
-/// IPv6 endpoints in the LPM map) and with WireGuard between the clusters
-/// (routes into `podmesh-wg` instead of the tunnel); a WireGuard route
-/// deleted by hand is then found in the datapath layer.
+/// IPv6 endpoints in the LPM map; direct), with an ICMPv6 probe of each
+/// remote IPv6 Pod CIDR next to the ICMP one of its IPv4 Pod CIDR. A
+/// firewall rule on the remote node that drops what the tunnel brings from
+/// this node's IPv6 Pod CIDR fails the IPv6 probe alone; one that drops
+/// the tunnel's UDP over the IPv6 underlay fails both.
 #[test]
-fn diagnose_is_clean_over_an_ipv6_underlay_and_through_wireguard() -> anyhow::Result<()> {
-    if !require_root("diagnose_is_clean_over_an_ipv6_underlay_and_through_wireguard") {
+fn diagnose_probes_ipv6_pod_cidrs_over_an_ipv6_underlay() -> anyhow::Result<()> {
+    if !require_root("diagnose_probes_ipv6_pod_cidrs_over_an_ipv6_underlay") {
         return Ok(());
     }
     let east = "east-n0";
-    let clean = |m: &Mesh| -> anyhow::Result<Value> {
-        let (code, v) = eventually(Duration::from_secs(30), || {
-            let (code, v) = diagnose(m, east, &[]).map_err(|e| format!("{e:#}"))?;
-            if code == 0 {
-                Ok((code, v))
-            } else {
-                Err(format!("exit {code}: {:#?}", failures(&v)))
-            }
-        })?;
-        ensure!(code == 0 && v["ok"] == true, "{v:#}");
-        Ok(v)
-    };
-    for datapath in ["vxlan", "ebpf"] {
+    for datapath in ["vxlan", "ebpf", "direct"] {
         let mut m = Mesh::builder()
             .cluster("east", 1)
             .cluster("west", 1)
@@ -773,36 +798,187 @@ fn diagnose_is_clean_over_an_ipv6_underlay_and_through_wireguard() -> anyhow::Re
             .datapath(datapath)
             .start()?;
         m.wait_ready(READY)?;
-        clean(&m).with_context(|| format!("{datapath} over an IPv6-only underlay"))?;
+        let west = m.node("west-n0")?;
+        let (west_v4, west_v6) = (
+            west.pod_cidr.to_string(),
+            west.pod_cidr_v6.context("dual-stack")?.to_string(),
+        );
+        let v =
+            clean(&m, east).with_context(|| format!("{datapath} over an IPv6-only underlay"))?;
+        let path = if datapath == "direct" {
+            "the direct route"
+        } else {
+            "the tunnel"
+        };
+        probe_answered(&v, &west_v4, path).context(datapath)?;
+        probe_answered(&v, &west_v6, path).context(datapath)?;
+        if datapath != "vxlan" {
+            continue;
+        }
+        // West drops the IPv6 pod traffic the tunnel brings from east.
+        let wns = west.ns.name().to_string();
+        let east_v6 = m.node(east)?.pod_cidr_v6.context("dual-stack")?;
+        nft(
+            &wns,
+            &format!(
+                "table ip6 pmdiagtest {{\n chain input {{\n type filter hook input priority -10;\n ip6 saddr {east_v6} icmpv6 type echo-request drop\n }}\n}}\n"
+            ),
+        )?;
+        let res = diagnose(&m, east, &[]);
+        nft(&wns, "delete table ip6 pmdiagtest\n")?;
+        let (code, v) = res?;
+        ensure!(code == 1, "exit {code}: {v:#}");
+        expect_failure(
+            &v,
+            "west",
+            "datapath",
+            "tunnel-probe",
+            &format!("node west-n0 ({west_v6}"),
+        )?;
+        probe_answered(&v, &west_v4, "the tunnel")?;
+        // West drops the tunnel itself (VXLAN over the IPv6 underlay).
+        nft(
+            &wns,
+            "table ip6 pmdiagtest {\n chain input {\n type filter hook input priority -10;\n udp dport 8472 drop\n }\n}\n",
+        )?;
+        let res = diagnose(&m, east, &[]);
+        nft(&wns, "delete table ip6 pmdiagtest\n")?;
+        let (code, v) = res?;
+        ensure!(code == 1, "exit {code}: {v:#}");
+        let f = failures(&v);
+        ensure!(
+            f.len() == 2
+                && f.iter().all(|(l, c, k, _, fix)| l == "datapath"
+                    && c == "west"
+                    && k == "tunnel-probe"
+                    && fix.contains("UDP 8472"))
+                && f.iter().any(|x| x.3.contains(&west_v6))
+                && f.iter().any(|x| x.3.contains(&west_v4)),
+            "{f:#?}"
+        );
         drop(m);
     }
+    Ok(())
+}
+
+/// A report of `east` with exit 0 (retried while the mesh settles).
+fn clean(m: &Mesh, east: &str) -> anyhow::Result<Value> {
+    let (code, v) = eventually(Duration::from_secs(30), || {
+        let (code, v) = diagnose(m, east, &[]).map_err(|e| format!("{e:#}"))?;
+        if code == 0 {
+            Ok((code, v))
+        } else {
+            Err(format!("exit {code}: {:#?}", failures(&v)))
+        }
+    })?;
+    ensure!(code == 0 && v["ok"] == true, "{v:#}");
+    Ok(v)
+}
+
+/// With WireGuard between the clusters (dual-stack pods): the device, the
+/// peers and the handshakes check out and both probes go through
+/// WireGuard; a peer whose allowed IPs lose a Pod CIDR, then a peer
+/// removed, both by hand through WireGuard's own interface, and a route
+/// deleted by hand are each found in the datapath layer.
+#[test]
+fn diagnose_checks_wireguard_peers_and_probes_through_them() -> anyhow::Result<()> {
+    if !require_root("diagnose_checks_wireguard_peers_and_probes_through_them") {
+        return Ok(());
+    }
+    let east = "east-n0";
     let mut m = Mesh::builder()
         .cluster("east", 1)
         .cluster("west", 1)
         .pods(1)
+        .dual_stack_pods()
         .datapath("ebpf")
         .agent_args(&["--encryption", "wireguard", "--resync-interval", "1h"])
         .start()?;
     m.wait_ready(READY)?;
-    let v = clean(&m).context("ebpf with WireGuard between the clusters")?;
-    ensure!(
-        v.to_string().contains("tunnel-probe"),
-        "the probe ran through WireGuard: {v:#}"
+    let west = m.node("west-n0")?;
+    let (west_v4, west_v6) = (
+        west.pod_cidr.to_string(),
+        west.pod_cidr_v6.context("dual-stack")?.to_string(),
     );
-    let west_cidr = m.node("west-n0")?.pod_cidr.to_string();
-    m.node(east)?
-        .ns
-        .run("ip", &["route", "del", &west_cidr, "dev", "podmesh-wg"])?;
+    let v = clean(&m, east).context("ebpf with WireGuard between the clusters")?;
+    probe_answered(&v, &west_v4, "WireGuard")?;
+    probe_answered(&v, &west_v6, "WireGuard")?;
+    for (cluster, check, needle) in [
+        (
+            "",
+            "wireguard-device",
+            "published in podmesh/v1/nodes/east/east-n0",
+        ),
+        ("west", "wireguard-peer", "1 node(s) with a WireGuard key"),
+        ("west", "wireguard-handshake", "west-n0"),
+    ] {
+        let ok = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == check && c["ok"] == true)
+            .filter(|c| c["cluster"].as_str().unwrap_or("") == cluster)
+            .filter_map(|c| c["evidence"].as_str())
+            .any(|e| e.contains(needle));
+        ensure!(ok, "no passed {check} naming {needle:?}: {v:#}");
+    }
+    // West's peer in east's device, as WireGuard itself is changed.
+    let s: Value = serde_json::from_str(&m.status(east)?)?;
+    let backend = s["wireguard"]["backend"].as_str().unwrap_or("").to_string();
+    let key = s["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cluster"] == "west")
+        .and_then(|r| r["wireguardPublicKey"].as_str())
+        .and_then(parse_wireguard_key)
+        .context("west's key in east's routes")?;
+    let sock = m.wireguard_dir(east).join("run/podmesh-wg.sock");
+    let netns = std::path::PathBuf::from("/run/netns").join(m.node(east)?.ns.name());
+    let set = |change: PeerChange| -> anyhow::Result<()> {
+        if backend == "kernel" {
+            wg_genl::set(Some(&netns), "podmesh-wg", None, None, &[change])?;
+        } else {
+            wg_uapi::set(&sock, None, None, &[change])?;
+        }
+        Ok(())
+    };
+    let west_addr = m.node("west-n0")?.addr;
+    set(PeerChange::Upsert {
+        public_key: key,
+        endpoint: std::net::SocketAddr::new(west_addr.into(), 51871),
+        allowed_ips: [west_v4.parse()?].into(),
+    })?;
     let (code, v) = diagnose(&m, east, &[])?;
     ensure!(code == 1, "exit {code}: {v:#}");
-    let f = failures(&v);
-    ensure!(
-        f.iter()
-            .any(|(layer, cluster, check, evidence, _)| layer == "datapath"
-                && cluster == "west"
-                && check == "entries"
-                && evidence.contains(&west_cidr)),
-        "{f:#?}"
-    );
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "wireguard-peer",
+        &format!("node west-n0: its peer's allowed IPs ({west_v4}) lack its Pod CIDR {west_v6}"),
+    )?;
+    set(PeerChange::Remove(key))?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}: {v:#}");
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "wireguard-peer",
+        "node west-n0: no peer with its key",
+    )?;
+    m.node(east)?
+        .ns
+        .run("ip", &["route", "del", &west_v4, "dev", "podmesh-wg"])?;
+    let (code, v) = diagnose(&m, east, &[])?;
+    ensure!(code == 1, "exit {code}: {v:#}");
+    expect_failure(
+        &v,
+        "west",
+        "datapath",
+        "entries",
+        &format!("{west_v4} (node west-n0): no route"),
+    )?;
     Ok(())
 }

@@ -519,10 +519,10 @@ pub async fn probes(
     for (r, src, dst, res) in results {
         // Through WireGuard: the node publishes a key and this agent encrypts.
         let wg_key = s.wireguard.as_ref().and(r.wireguard_public_key.as_deref());
-        let path = if wg_key.is_some() {
-            "WireGuard"
-        } else {
-            "the tunnel"
+        let path = match (wg_key, info.datapath.as_str()) {
+            (Some(_), _) => "WireGuard",
+            (None, "direct") => "the direct route",
+            (None, _) => "the tunnel",
         };
         out.push(match res {
             Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through {path} to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
