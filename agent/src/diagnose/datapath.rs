@@ -23,7 +23,10 @@ use crate::{
         routes::{IP6_TUNNEL_OVERHEAD, IPIP_DEVICE, VXLAN_DEVICE, link_local_of},
         rpfilter,
         rtnl::{self, IFF_UP, Link, Route},
-        wireguard::{WG_DEVICE, uapi::DeviceState},
+        wireguard::{
+            OVERHEAD_V4 as WG_OVERHEAD_V4, OVERHEAD_V6 as WG_OVERHEAD_V6, WG_DEVICE,
+            uapi::DeviceState,
+        },
     },
     model::format_mac,
     status::{RouteStatus, StatusReport, WireguardStatus, agent_info::AgentInfo},
@@ -210,18 +213,30 @@ pub fn node_checks(
 }
 
 /// Whether the tunnel device's MTU plus the encapsulation fits the underlay
-/// device's: a larger one sends packets the underlay must fragment or drop.
-fn mtu(info: &AgentInfo, i: &Installed) -> Option<Check> {
+/// device's (and the WireGuard device's plus WireGuard's): a larger one
+/// sends packets the underlay must fragment or drop.
+fn mtu(info: &AgentInfo, i: &Installed) -> Vec<Check> {
     // The tunnel endpoint is the first node address (the underlay family's).
     let v6 = info.node_addresses.first().is_some_and(IpAddr::is_ipv6);
     let overhead = match (info.datapath.as_str(), v6) {
-        ("ebpf" | "vxlan", false) => VXLAN_OVERHEAD,
-        ("ebpf" | "vxlan", true) => VXLAN6_OVERHEAD,
-        ("ipip", false) => IPIP_OVERHEAD,
-        ("ipip", true) => IP6_TUNNEL_OVERHEAD,
-        _ => return None,
+        ("ebpf" | "vxlan", false) => Some(VXLAN_OVERHEAD),
+        ("ebpf" | "vxlan", true) => Some(VXLAN6_OVERHEAD),
+        ("ipip", false) => Some(IPIP_OVERHEAD),
+        ("ipip", true) => Some(IP6_TUNNEL_OVERHEAD),
+        _ => None,
     };
-    let (dev, (under, under_mtu)) = (i.device.as_ref()?, i.underlay.as_ref()?);
+    let wg = if v6 { WG_OVERHEAD_V6 } else { WG_OVERHEAD_V4 };
+    [
+        overhead.and_then(|o| fits(i.device.as_ref(), o, i.underlay.as_ref())),
+        fits(i.wireguard.as_ref(), wg, i.underlay.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn fits(dev: Option<&Link>, overhead: u32, under: Option<&(String, u32)>) -> Option<Check> {
+    let (dev, (under, under_mtu)) = (dev?, under?);
     Some(if dev.mtu + overhead > *under_mtu {
         Check::warn(
             L,
@@ -422,14 +437,27 @@ pub fn check_entries(cluster: &str, s: &StatusReport, info: &AgentInfo, inst: &I
             "vxlan" => "route, nexthop, neighbour and fdb entry",
             _ => "route and nexthop",
         };
+        let encrypted = desired
+            .iter()
+            .filter(|r| s.wireguard.is_some() && r.wireguard_public_key.is_some())
+            .count();
         Check::pass(
             L,
             c,
             check::ENTRIES,
-            format!(
-                "{} Pod CIDRs desired, each with its {what} in place",
-                desired.len()
-            ),
+            match encrypted {
+                0 => format!(
+                    "{} Pod CIDRs desired, each with its {what} in place",
+                    desired.len()
+                ),
+                n if n == desired.len() => {
+                    format!("{n} Pod CIDRs desired, each with its route into {WG_DEVICE}")
+                }
+                n => format!(
+                    "{} Pod CIDRs desired: {n} with their route into {WG_DEVICE}, the others each with its {what} in place",
+                    desired.len()
+                ),
+            },
         )
     } else {
         Check::fail(
