@@ -815,6 +815,20 @@ fn diagnose_probes_ipv6_pod_cidrs_over_an_ipv6_underlay() -> anyhow::Result<()> 
         if datapath != "vxlan" {
             continue;
         }
+        // Without CAP_NET_RAW, through the kernel's ICMPv6 ping socket.
+        let ns = &m.node(east)?.ns;
+        ns.sysctl("net.ipv4.ping_group_range", "0 0")?;
+        let out = ns
+            .command("setpriv")
+            .args(["--bounding-set", "-net_raw"])
+            .arg(workspace_binary("podmesh-agent", "podmesh")?)
+            .args(["diagnose", "-o", "json", "--timeout", "3s"])
+            .output()?;
+        ns.sysctl("net.ipv4.ping_group_range", "1 0")?;
+        let v: Value =
+            serde_json::from_slice(&out.stdout).with_context(|| describe_output(&out))?;
+        ensure!(out.status.success(), "{v:#}");
+        probe_answered(&v, &west_v6, path).context("through the ping socket")?;
         // West drops the IPv6 pod traffic the tunnel brings from east.
         let wns = west.ns.name().to_string();
         let east_v6 = m.node(east)?.pod_cidr_v6.context("dual-stack")?;
