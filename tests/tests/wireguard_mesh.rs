@@ -9,7 +9,8 @@
 //! 20 pps ping loses nothing (the userspace process outlives it). A key
 //! rotation (SIGUSR1) is followed by the other nodes; what a 20 pps ping loses
 //! across it is printed. A node without a key is reached in clear, or refused
-//! (`encryption-required`) with `--encryption-strict`; a key published by two
+//! (`encryption-required`) with `--encryption-strict`, and `podmesh diagnose`
+//! names it (`wireguard-clear`, `rejected-record`); a key published by two
 //! nodes is refused for the newcomer (`wireguard-key-duplicate`).
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
@@ -415,6 +416,52 @@ fn nodes_without_keys_and_duplicate_keys_are_handled_as_configured() -> anyhow::
         !routes.contains(&m.node("west-n0")?.pod_cidr.to_string()),
         "east-n0 routes the refused node:\n{routes}"
     );
+    // `podmesh diagnose` says the same: on east-n1 the node in clear is a
+    // warning (the probes answer, in clear and through WireGuard), on
+    // east-n0 the refused node a rejected record with its code.
+    let warning = |node: &str, check: &str, needle: &str| {
+        eventually(CONVERGE, || {
+            let out = m
+                .podmesh(node, &["diagnose", "-o", "json", "--timeout", "3s"])
+                .map_err(|e| format!("{e:#}"))?;
+            let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let found = v["checks"].as_array().into_iter().flatten().any(|c| {
+                c["cluster"] == "west"
+                    && c["check"] == check
+                    && c["severity"] == "warning"
+                    && c["evidence"].as_str().unwrap_or("").contains(needle)
+                    && !c["fix"].as_str().unwrap_or("").is_empty()
+            });
+            match (out.status.code(), found) {
+                (Some(0), true) => Ok(v),
+                (code, _) => Err(format!(
+                    "{node}: exit {code:?}, {check} naming {needle:?}: {v:#}"
+                )),
+            }
+        })
+    };
+    let v = warning(
+        "east-n1",
+        "wireguard-clear",
+        "node(s) west-n0 publish no WireGuard key",
+    )?;
+    let probes: Vec<&str> = v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["check"] == "tunnel-probe" && c["ok"] == true)
+        .filter_map(|c| c["evidence"].as_str())
+        .collect();
+    ensure!(
+        probes
+            .iter()
+            .any(|e| e.starts_with("node west-n0") && e.contains("through the tunnel"))
+            && probes
+                .iter()
+                .any(|e| e.starts_with("node west-n1") && e.contains("through WireGuard")),
+        "{probes:#?}"
+    );
+    warning("east-n0", "rejected-record", "[encryption-required]")?;
 
     // A key used twice: a record copying west-n1's key is the newcomer.
     let key = status(&m, "west-n1")?["wireguard"]["publicKey"]
