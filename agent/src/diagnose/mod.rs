@@ -7,7 +7,8 @@
 //! them. The layers reuse the agent's own cores: the Secret scan and etcd
 //! client settings (`remote::secret`, `kvstore`), the TLS cause classifier
 //! (`remote::hint`), `/status`, the datapath's readers of routes, nexthops,
-//! neighbours and pinned maps, and the validation core of `plan check`.
+//! neighbours, pinned maps and the WireGuard device, and the validation
+//! core of `plan check`.
 use serde::Serialize;
 
 pub mod authz;

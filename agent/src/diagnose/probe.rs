@@ -7,8 +7,9 @@
 //! encapsulated path in both directions, including the firewalls between
 //! the two nodes and the remote node's route back. Needs CAP_NET_RAW, or a
 //! group in `net.ipv4.ping_group_range` (the kernel's ping socket, for both
-//! families).
+//! families). [`checks`] probes every Pod CIDR of a remote cluster.
 use std::{
+    collections::BTreeMap,
     io::Read,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
@@ -16,6 +17,17 @@ use std::{
 
 use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Check, Layer, check, wireguard};
+use crate::{
+    datapath::wireguard::uapi::DeviceState,
+    status::{RouteStatus, StatusReport, agent_info::AgentInfo},
+};
+
+const L: Layer = Layer::Datapath;
+
+/// Probes sent at once.
+const PROBES_AT_ONCE: usize = 64;
 
 /// An address of this node inside one of `cidrs` of `dst`'s family, if any
 /// is assigned.
@@ -178,6 +190,122 @@ pub fn echo(src: IpAddr, dst: IpAddr, wait: Duration) -> Result<Duration, ProbeE
             return Ok(started.elapsed());
         }
     }
+}
+
+/// One probe per Pod CIDR of `cluster`'s nodes, in its family: from an
+/// address of this node's Pod CIDRs of that family to the remote CIDR's
+/// first address. `wg`: the WireGuard device, for the evidence of a probe
+/// through it that failed.
+pub async fn checks(
+    cluster: &str,
+    s: &StatusReport,
+    info: &AgentInfo,
+    wg: Option<&DeviceState>,
+    wait: Duration,
+) -> Vec<Check> {
+    let c = Some(cluster);
+    let routes: Vec<RouteStatus> = s
+        .routes
+        .iter()
+        .filter(|r| r.cluster == cluster)
+        .cloned()
+        .collect();
+    if routes.is_empty() || info.dry_run {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut jobs: Vec<(RouteStatus, IpAddr, IpAddr)> = Vec::new();
+    let mut unsourced: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in routes {
+        let Some(dst) = target(&r.cidr) else {
+            continue;
+        };
+        match local_pod_address(&info.node_pod_cidrs, dst) {
+            Some(src) => jobs.push((r, src, dst)),
+            None => unsourced
+                .entry(if dst.is_ipv4() { "IPv4" } else { "IPv6" })
+                .or_default()
+                .push(r.cidr.to_string()),
+        }
+    }
+    for (family, cidrs) in unsourced {
+        out.push(Check::pass(
+            L,
+            c,
+            check::TUNNEL_PROBE,
+            format!(
+                "skipped for {}: no {family} address of this node's Pod CIDRs ({}) is assigned here to send from",
+                cidrs.join(", "),
+                info.node_pod_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    // A bounded number of probes at once (each waits up to `wait`).
+    let mut results = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(PROBES_AT_ONCE) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|(r, src, dst)| {
+                tokio::task::spawn_blocking(move || (r, src, dst, echo(src, dst, wait)))
+            })
+            .collect();
+        for t in tasks {
+            if let Ok(res) = t.await {
+                results.push(res);
+            }
+        }
+    }
+    let port = info.tunnel_port;
+    let local = info
+        .node_addresses
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "this node".into());
+    for (r, src, dst, res) in results {
+        // Through WireGuard: the node publishes a key and this agent encrypts.
+        let wg_key = s.wireguard.as_ref().and(r.wireguard_public_key.as_deref());
+        let path = match (wg_key, info.datapath.as_str()) {
+            (Some(_), _) => "WireGuard",
+            (None, "direct") => "the direct route",
+            (None, _) => "the tunnel",
+        };
+        out.push(match res {
+            Ok(rtt) => Check::pass(L, c, check::TUNNEL_PROBE, format!("node {} ({}): {src} -> {dst} answered in {:.1} ms through {path} to {}", r.node, r.cidr, rtt.as_secs_f64() * 1000.0, r.node_addr)),
+            Err(ProbeError::NotPermitted(e)) => Check::pass(
+                L,
+                c,
+                check::TUNNEL_PROBE,
+                format!("skipped for node {} ({}): {e}", r.node, r.cidr),
+            ),
+            Err(ProbeError::Failed(e)) => Check::fail(
+                L,
+                c,
+                check::TUNNEL_PROBE,
+                format!(
+                    "node {} ({}, {} endpoint {}): {e}{}",
+                    r.node,
+                    r.cidr,
+                    if wg_key.is_some() { "WireGuard" } else { "tunnel" },
+                    r.node_addr,
+                    match (wg_key, wg) {
+                        (Some(k), Some(d)) => wireguard::peer_evidence(d, k),
+                        _ => String::new(),
+                    }
+                ),
+                match (wg_key, s.wireguard.as_ref()) {
+                    (Some(_), Some(w)) => format!("the WireGuard path between {local} and {} is broken: UDP {} (wireguard-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same wireguard-port, and the remote node must hold this node's current key and route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr, w.port),
+                    _ if info.datapath == "direct" => format!("packets between {local} and {} are dropped: firewalls and security groups must pass traffic between the two nodes' Pod CIDRs; the remote node must route this node's Pod CIDR back (run podmesh diagnose there)", r.node_addr),
+                    _ => format!("the encapsulated path between {local} and {} is broken: UDP {port} (tunnel-port) must pass both ways between the two nodes (firewalls, security groups, nft/iptables on either node), every cluster must use the same tunnel-port and vni; the remote node must route this node's Pod CIDR back (run podmesh diagnose there); its CNI gives the node the first address of its Pod CIDR, which this probe pings", r.node_addr),
+                },
+            ),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Check, Layer, Report, authz, check, config, datapath, reach, sync, wireguard};
+use super::{Check, Layer, Report, authz, check, config, datapath, probe, reach, sync, wireguard};
 use crate::{
     cli::status::fetch_async,
     kvstore::client_config::EtcdClientConfig,
@@ -325,7 +325,7 @@ async fn walk(
                         }
                     }
                     w.checks.extend(
-                        datapath::probes(name, s, i, dev, wait.min(Duration::from_secs(3))).await,
+                        probe::checks(name, s, i, dev, wait.min(Duration::from_secs(3))).await,
                     );
                     if failed(&w.checks) {
                         return w;
