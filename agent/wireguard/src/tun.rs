@@ -78,8 +78,10 @@ async fn write_loop(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
             return;
         }
         let n = batch.len();
+        // Each buffer may become the head that the packets after it are
+        // appended to, and tun-rs coalesces only into the capacity there is.
         while bufs.len() < n {
-            bufs.push(BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + SEGMENT_BUF));
+            bufs.push(BytesMut::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65535));
         }
         for (buf, packet) in bufs.iter_mut().zip(batch.drain(..)) {
             buf.clear();
