@@ -181,6 +181,84 @@ fn loss_across(
     Ok((PingResult::parse(&out)?, out))
 }
 
+/// Bytes and packets that the kernel handed to the userspace WireGuard on
+/// `node` (what its `podmesh-wg` transmitted).
+fn wg_tx(m: &Mesh, node: &str) -> anyhow::Result<(u64, u64)> {
+    let out = m
+        .node(node)?
+        .ns
+        .ip(&["-s", "-j", "link", "show", "dev", "podmesh-wg"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    let tx = &v[0]["stats64"]["tx"];
+    Ok((
+        tx["bytes"]
+            .as_u64()
+            .context("podmesh-wg without tx bytes")?,
+        tx["packets"]
+            .as_u64()
+            .context("podmesh-wg without tx packets")?,
+    ))
+}
+
+/// 32 MB by TCP from east-n0's pod to west-n0's pod, through the offloads
+/// of the userspace WireGuard: the sender's TUN hands over TCP segments
+/// larger than the MTU (TSO), which the process cuts into packets, and the
+/// receiver coalesces them again before writing (GRO). A wrong checksum or
+/// length on either side would stall the transfer instead of finishing it.
+fn bulk_tcp_crosses(m: &Mesh) -> anyhow::Result<()> {
+    const BYTES: u64 = 32 << 20;
+    let from = &m.node("east-n0")?.pods[0];
+    let to = &m.node("west-n0")?.pods[0];
+    let mut server = to
+        .ns
+        .command("iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    eventually(Duration::from_secs(5), || {
+        let o = to
+            .ns
+            .exec("ss", &["-ltn", "sport = :5201"])
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&o.stdout).contains("5201") {
+            Ok(())
+        } else {
+            Err("iperf3 not listening".into())
+        }
+    })?;
+    let before = wg_tx(m, "east-n0")?;
+    let addr = to.addr.to_string();
+    let out = from.ns.run(
+        "timeout",
+        &[
+            "120", "iperf3", "-c", &addr, "-p", "5201", "-n", "32M", "-J",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: Value = serde_json::from_str(&out?)?;
+    let sent = json["end"]["sum_sent"]["bytes"]
+        .as_u64()
+        .context("iperf3 JSON without end.sum_sent.bytes")?;
+    let received = json["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .context("iperf3 JSON without end.sum_received.bytes")?;
+    // The server stops counting when the client's end message arrives,
+    // which can overtake the last data in flight: most, not all.
+    ensure!(
+        sent >= BYTES && received >= BYTES / 2,
+        "{sent} bytes sent, {received} of them received, of {BYTES}"
+    );
+    let after = wg_tx(m, "east-n0")?;
+    let (bytes, packets) = (after.0 - before.0, after.1 - before.1);
+    ensure!(
+        packets > 0 && bytes / packets > 2 * 1440,
+        "east-n0's TUN handed over {bytes} bytes in {packets} reads: no TCP segmentation offload"
+    );
+    Ok(())
+}
+
 #[test]
 fn wireguard_encrypts_cross_cluster_traffic_and_survives_agent_restarts() -> anyhow::Result<()> {
     if !require_root("wireguard_encrypts_cross_cluster_traffic_and_survives_agent_restarts") {
@@ -195,6 +273,7 @@ fn wireguard_encrypts_cross_cluster_traffic_and_survives_agent_restarts() -> any
         .start()?;
     m.wait_ready(READY)?;
     all_pairs_answer(&m, &m.cross_cluster_pairs(), "cross-cluster")?;
+    bulk_tcp_crosses(&m)?;
 
     // Every node has one peer per node of the other cluster, none of its own.
     for n in &m.topo.nodes {

@@ -20,6 +20,9 @@ use std::{
     process::ExitCode,
 };
 
+mod tun;
+mod udp;
+
 use anyhow::Context;
 use clap::Parser;
 use gotatun::{
@@ -29,6 +32,8 @@ use gotatun::{
         socket::{UdpSocket, UdpSocketFactory},
     },
 };
+use nix::sys::socket::{setsockopt, sockopt};
+use udp::GsoSocket;
 
 /// Userspace WireGuard on a TUN device, configured through the WireGuard UAPI socket.
 #[derive(Debug, Parser)]
@@ -49,18 +54,20 @@ struct Args {
 /// connection a reconfiguration (a new private key) just stopped: gotatun
 /// aborts the old connection's tasks and binds the same port at once, while
 /// the runtime has not dropped the old socket yet (EADDRINUSE, and the device
-/// would stay without a socket). Retried for up to a second.
+/// would stay without a socket). Retried for up to a second. The socket's
+/// buffers are raised to [`SOCKET_BUFFER`] and batches are sent with UDP GSO
+/// ([`GsoSocket`]).
 #[derive(Debug, Default)]
 struct Rebinding(UdpSocketFactory);
 
 impl UdpTransportFactory for Rebinding {
-    type Send = UdpSocket;
+    type Send = GsoSocket;
     type Recv = UdpSocket;
 
     async fn bind(
         &mut self,
         params: &UdpTransportFactoryParams,
-    ) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    ) -> std::io::Result<(GsoSocket, UdpSocket)> {
         let mut tries = 0;
         loop {
             match self.0.bind(params).await {
@@ -68,11 +75,22 @@ impl UdpTransportFactory for Rebinding {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                r => return r,
+                r => {
+                    let (send, recv) = r?;
+                    // Past net.core.rmem_max/wmem_max (we hold CAP_NET_ADMIN):
+                    // a burst the receiver cannot take at once waits here
+                    // instead of being dropped and retransmitted by TCP.
+                    let _ = setsockopt(&recv, sockopt::RcvBufForce, &SOCKET_BUFFER);
+                    let _ = setsockopt(&send, sockopt::SndBufForce, &SOCKET_BUFFER);
+                    return Ok((GsoSocket::new(send), recv));
+                }
             }
         }
     }
 }
+
+/// Bytes of the UDP socket's buffers (the kernel doubles it for overhead).
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Exit status when another process already serves the socket.
 const EXIT_ALREADY_SERVED: u8 = 3;
@@ -144,15 +162,18 @@ async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     let (client, server) = UapiServer::new();
+    let (tx, rx) = tun::create(&args.interface).with_context(|| {
+        format!(
+            "creating TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)",
+            args.interface
+        )
+    })?;
     let mut device = DeviceBuilder::new()
-        .with_udp(Rebinding::default())
-        .create_tun(&args.interface)
-        .with_context(|| {
-            format!(
-                "creating TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)",
-                args.interface
-            )
-        })?
+        .with_udp(Rebinding(UdpSocketFactory {
+            recv_buffer_size: Some(SOCKET_BUFFER),
+            send_buffer_size: Some(SOCKET_BUFFER),
+        }))
+        .with_ip_pair(tx, rx)
         .with_uapi(server)
         .build()
         .await
