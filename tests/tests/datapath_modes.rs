@@ -236,6 +236,40 @@ async fn ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair() -> anyhow::Re
     );
     let route = mesh.ip(0, &["route", "show", "10.2.0.0/24"])?;
     assert!(route.contains("mtu 1460"), "IPv6 tunnel MTU: {route}");
+
+    // East's first node switches to direct: podmesh-ip6 goes with the
+    // switch, its routes are direct's, and the node that still runs ipip
+    // keeps its tunnel.
+    mesh.mode = DatapathMode::Direct;
+    mesh.dps[0] = mesh.datapath(0)?;
+    let links = mesh.ip(0, &["-d", "link", "show"])?;
+    assert!(
+        !links.contains("podmesh-ip6") && !links.contains("ip6tnl"),
+        "the ipip tunnel outlived the switch to direct: {links}"
+    );
+    let want = mesh.desired_dual(0);
+    let keep: std::collections::BTreeSet<_> = want.iter().map(|r| r.cidr).collect();
+    mesh.dps[0].prune(&keep).await?;
+    mesh.dps[0].upsert(&want).await?;
+    let routes6: std::collections::BTreeSet<String> = mesh
+        .ip(0, &["-6", "route", "show", "proto", "80"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    let mut got = podmesh_routes(&mesh, 0)?;
+    got.extend(routes6);
+    assert_eq!(
+        got,
+        keep.iter().map(ToString::to_string).collect(),
+        "direct's routes (both families) after the switch"
+    );
+    let nh = mesh.ip(0, &["nexthop", "show", "proto", "80"])?;
+    assert!(
+        nh.contains("dev eth0") && !nh.contains("encap") && !nh.contains("podmesh-ip6"),
+        "direct's next hops on the underlay after the switch: {nh}"
+    );
+    let other = mesh.ip(1, &["-d", "link", "show", "podmesh-ip6"])?;
+    assert!(other.contains("ip6tnl"), "node 1 lost its tunnel: {other}");
     Ok(())
 }
 
