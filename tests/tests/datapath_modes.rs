@@ -3,7 +3,7 @@
 //! ipip mode refuses clearly on a kernel without IPIP.
 mod datapath_support;
 
-use datapath_support::{Mesh, podmesh_routes};
+use datapath_support::{DEFERS_TO_KERNEL, Mesh, WireguardContainer, podmesh_routes};
 use podmesh_agent::{config::DatapathMode, datapath::DatapathError};
 use podmesh_tests::{netns::NetNs, require_root};
 
@@ -104,14 +104,46 @@ async fn wireguard_kernel_connects_every_pod_pair_across_clusters() -> anyhow::R
     if !require_root("wireguard_kernel_connects_every_pod_pair_across_clusters") {
         return Ok(());
     }
-    let mut mesh = Mesh::with_wireguard(
+    let mut mesh = Mesh::without_datapaths(
         DatapathMode::Vxlan,
         &[
             podmesh_tests::topo::ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
             podmesh_tests::topo::ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
         ],
-        Some(podmesh_agent::config::WireguardBackend::Kernel),
+        podmesh_agent::model::UnderlayFamily::Ipv4,
+        Some(podmesh_agent::config::WireguardBackend::Auto),
     )?;
+    // As in the DaemonSet: the userspace WireGuard's container starts on
+    // every node first and, the kernel having WireGuard, stands by.
+    let mut containers = Vec::new();
+    for i in 0..mesh.topo.nodes.len() {
+        let run_dir = mesh.config(i).wireguard.expect("wireguard").run_dir;
+        let log = mesh
+            .wg_dir
+            .path()
+            .join(format!("{}.container.log", mesh.topo.nodes[i].name));
+        let mut c = WireguardContainer::start(&mesh.topo.nodes[i].ns, &run_dir, &log)?;
+        c.wait_for_log(DEFERS_TO_KERNEL)?;
+        containers.push(c);
+    }
+    for (i, c) in containers.iter_mut().enumerate() {
+        assert!(c.running(), "node {i}: the container exited");
+        assert!(
+            mesh.ip(i, &["link", "show", "podmesh-wg"]).is_err(),
+            "node {i}: the standing-by container holds podmesh-wg"
+        );
+        let files: Vec<_> = std::fs::read_dir(&c.run_dir)?.collect();
+        assert!(
+            files.is_empty(),
+            "node {i}: the standing-by container wrote {files:?}"
+        );
+        let links = mesh.ip(i, &["-d", "link", "show"])?;
+        assert!(
+            !links.contains("wireguard") && !links.contains(" tun "),
+            "node {i}: the probe left a link: {links}"
+        );
+    }
+    mesh.build_datapaths()?;
     mesh.resync_all().await?;
     for i in 0..mesh.dps.len() {
         let link = mesh.ip(i, &["-d", "link", "show", "podmesh-wg"])?;
@@ -156,6 +188,64 @@ async fn wireguard_kernel_connects_every_pod_pair_across_clusters() -> anyhow::R
             .collect::<Vec<_>>()
     };
     assert_eq!(keys(&before), keys(&after));
+    // The containers stood by all along, and stop on SIGTERM.
+    for (i, c) in containers.iter_mut().enumerate() {
+        assert!(c.running(), "node {i}: the container exited");
+        let st = c.terminate()?;
+        assert!(st.success(), "node {i}: the container ended with {st}");
+    }
+    Ok(())
+}
+
+/// `podmesh-wireguard --defer-to-kernel-wireguard` serves the userspace
+/// device where the kernel has no WireGuard, and stands by where it has
+/// (`wireguard_kernel_connects_every_pod_pair_across_clusters` covers that
+/// case with a mesh, in the VM).
+#[tokio::test]
+async fn userspace_wireguard_defers_only_to_a_kernel_with_wireguard() -> anyhow::Result<()> {
+    if !require_root("userspace_wireguard_defers_only_to_a_kernel_with_wireguard") {
+        return Ok(());
+    }
+    let ns = NetNs::new("wgdefer")?;
+    // The kernel's answer, asked independently of the program.
+    let kernel_has_it = ns
+        .ip(&["link", "add", "wgdefer-probe", "type", "wireguard"])
+        .is_ok();
+    if kernel_has_it {
+        ns.ip(&["link", "del", "wgdefer-probe"])?;
+    }
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let mut c = WireguardContainer::start(&ns, &run_dir, &dir.path().join("log"))?;
+    if kernel_has_it {
+        c.wait_for_log(DEFERS_TO_KERNEL)?;
+        assert!(ns.ip(&["link", "show", "podmesh-wg"]).is_err());
+        assert!(!run_dir.join("podmesh-wg.sock").exists());
+    } else {
+        c.wait_for_log("serving WireGuard")?;
+        let sock = run_dir.join("podmesh-wg.sock");
+        podmesh_tests::eventually(std::time::Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock)
+                .map(drop)
+                .map_err(|e| format!("{}: {e}", sock.display()))
+        })?;
+        let link = ns.ip(&["-d", "link", "show", "podmesh-wg"])?;
+        assert!(link.contains("tun"), "not the userspace TUN: {link}");
+        let log = std::fs::read_to_string(&c.log)?;
+        assert!(!log.contains(DEFERS_TO_KERNEL), "{log}");
+        let links = ns.ip(&["link", "show"])?;
+        assert!(
+            !links.contains("podmesh-wgprobe"),
+            "the probe left its link: {links}"
+        );
+    }
+    assert!(
+        c.running(),
+        "it exited: {}",
+        std::fs::read_to_string(&c.log)?
+    );
+    let st = c.terminate()?;
+    assert!(st.success(), "ended with {st}");
     Ok(())
 }
 
