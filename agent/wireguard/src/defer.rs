@@ -126,13 +126,14 @@ fn put_attr(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
 
 /// Stands by until SIGTERM or SIGINT: no TUN device, no socket.
 pub async fn stand_by(interface: &str) -> anyhow::Result<()> {
+    // Before the log line: whoever waits for it may send SIGTERM at once.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(
         interface,
         "the kernel's WireGuard serves this node (--defer-to-kernel-wireguard): \
          standing by without a TUN device or a UAPI socket until SIGTERM; \
          podmesh-agent's --wireguard-backend auto takes the kernel's device"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
