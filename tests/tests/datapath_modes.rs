@@ -3,7 +3,7 @@
 //! ipip mode refuses clearly on a kernel without IPIP.
 mod datapath_support;
 
-use datapath_support::{Mesh, podmesh_routes};
+use datapath_support::{DEFERS_TO_KERNEL, Mesh, WireguardContainer, podmesh_routes};
 use podmesh_agent::{config::DatapathMode, datapath::DatapathError};
 use podmesh_tests::{netns::NetNs, require_root};
 
@@ -104,14 +104,46 @@ async fn wireguard_kernel_connects_every_pod_pair_across_clusters() -> anyhow::R
     if !require_root("wireguard_kernel_connects_every_pod_pair_across_clusters") {
         return Ok(());
     }
-    let mut mesh = Mesh::with_wireguard(
+    let mut mesh = Mesh::without_datapaths(
         DatapathMode::Vxlan,
         &[
             podmesh_tests::topo::ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
             podmesh_tests::topo::ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
         ],
-        Some(podmesh_agent::config::WireguardBackend::Kernel),
+        podmesh_agent::model::UnderlayFamily::Ipv4,
+        Some(podmesh_agent::config::WireguardBackend::Auto),
     )?;
+    // As in the DaemonSet: the userspace WireGuard's container starts on
+    // every node first and, the kernel having WireGuard, stands by.
+    let mut containers = Vec::new();
+    for i in 0..mesh.topo.nodes.len() {
+        let run_dir = mesh.config(i).wireguard.expect("wireguard").run_dir;
+        let log = mesh
+            .wg_dir
+            .path()
+            .join(format!("{}.container.log", mesh.topo.nodes[i].name));
+        let mut c = WireguardContainer::start(&mesh.topo.nodes[i].ns, &run_dir, &log)?;
+        c.wait_for_log(DEFERS_TO_KERNEL)?;
+        containers.push(c);
+    }
+    for (i, c) in containers.iter_mut().enumerate() {
+        assert!(c.running(), "node {i}: the container exited");
+        assert!(
+            mesh.ip(i, &["link", "show", "podmesh-wg"]).is_err(),
+            "node {i}: the standing-by container holds podmesh-wg"
+        );
+        let files: Vec<_> = std::fs::read_dir(&c.run_dir)?.collect();
+        assert!(
+            files.is_empty(),
+            "node {i}: the standing-by container wrote {files:?}"
+        );
+        let links = mesh.ip(i, &["-d", "link", "show"])?;
+        assert!(
+            !links.contains("wireguard") && !links.contains("podmesh-wgprobe"),
+            "node {i}: the probe left a link: {links}"
+        );
+    }
+    mesh.build_datapaths()?;
     mesh.resync_all().await?;
     for i in 0..mesh.dps.len() {
         let link = mesh.ip(i, &["-d", "link", "show", "podmesh-wg"])?;
@@ -156,6 +188,64 @@ async fn wireguard_kernel_connects_every_pod_pair_across_clusters() -> anyhow::R
             .collect::<Vec<_>>()
     };
     assert_eq!(keys(&before), keys(&after));
+    // The containers stood by all along, and stop on SIGTERM.
+    for (i, c) in containers.iter_mut().enumerate() {
+        assert!(c.running(), "node {i}: the container exited");
+        let st = c.terminate()?;
+        assert!(st.success(), "node {i}: the container ended with {st}");
+    }
+    Ok(())
+}
+
+/// `podmesh-wireguard --defer-to-kernel-wireguard` serves the userspace
+/// device where the kernel has no WireGuard, and stands by where it has
+/// (`wireguard_kernel_connects_every_pod_pair_across_clusters` covers that
+/// case with a mesh, in the VM).
+#[tokio::test]
+async fn userspace_wireguard_defers_only_to_a_kernel_with_wireguard() -> anyhow::Result<()> {
+    if !require_root("userspace_wireguard_defers_only_to_a_kernel_with_wireguard") {
+        return Ok(());
+    }
+    let ns = NetNs::new("wgdefer")?;
+    // The kernel's answer, asked independently of the program.
+    let kernel_has_it = ns
+        .ip(&["link", "add", "wgdefer-probe", "type", "wireguard"])
+        .is_ok();
+    if kernel_has_it {
+        ns.ip(&["link", "del", "wgdefer-probe"])?;
+    }
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let mut c = WireguardContainer::start(&ns, &run_dir, &dir.path().join("log"))?;
+    if kernel_has_it {
+        c.wait_for_log(DEFERS_TO_KERNEL)?;
+        assert!(ns.ip(&["link", "show", "podmesh-wg"]).is_err());
+        assert!(!run_dir.join("podmesh-wg.sock").exists());
+    } else {
+        c.wait_for_log("serving WireGuard")?;
+        let sock = run_dir.join("podmesh-wg.sock");
+        podmesh_tests::eventually(std::time::Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock)
+                .map(drop)
+                .map_err(|e| format!("{}: {e}", sock.display()))
+        })?;
+        let link = ns.ip(&["-d", "link", "show", "podmesh-wg"])?;
+        assert!(link.contains("tun"), "not the userspace TUN: {link}");
+        let log = std::fs::read_to_string(&c.log)?;
+        assert!(!log.contains(DEFERS_TO_KERNEL), "{log}");
+        let links = ns.ip(&["link", "show"])?;
+        assert!(
+            !links.contains("podmesh-wgprobe"),
+            "the probe left its link: {links}"
+        );
+    }
+    assert!(
+        c.running(),
+        "it exited: {}",
+        std::fs::read_to_string(&c.log)?
+    );
+    let st = c.terminate()?;
+    assert!(st.success(), "ended with {st}");
     Ok(())
 }
 
@@ -236,6 +326,41 @@ async fn ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair() -> anyhow::Re
     );
     let route = mesh.ip(0, &["route", "show", "10.2.0.0/24"])?;
     assert!(route.contains("mtu 1460"), "IPv6 tunnel MTU: {route}");
+
+    // East's first node switches to direct: podmesh-ip6 goes with the
+    // switch, its routes are direct's, and the node that still runs ipip
+    // keeps its tunnel.
+    mesh.mode = DatapathMode::Direct;
+    mesh.dps[0] = mesh.datapath(0)?;
+    // (`ip6tnl0`, the kernel's own fallback device, stays.)
+    assert!(
+        mesh.ip(0, &["link", "show", "podmesh-ip6"]).is_err(),
+        "the ipip tunnel outlived the switch to direct: {}",
+        mesh.ip(0, &["-d", "link", "show"])?
+    );
+    let want = mesh.desired_dual(0);
+    let keep: std::collections::BTreeSet<_> = want.iter().map(|r| r.cidr).collect();
+    mesh.dps[0].prune(&keep).await?;
+    mesh.dps[0].upsert(&want).await?;
+    let routes6: std::collections::BTreeSet<String> = mesh
+        .ip(0, &["-6", "route", "show", "proto", "80"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    let mut got = podmesh_routes(&mesh, 0)?;
+    got.extend(routes6);
+    assert_eq!(
+        got,
+        keep.iter().map(ToString::to_string).collect(),
+        "direct's routes (both families) after the switch"
+    );
+    let nh = mesh.ip(0, &["nexthop", "show", "proto", "80"])?;
+    assert!(
+        nh.contains("dev eth0") && !nh.contains("encap") && !nh.contains("podmesh-ip6"),
+        "direct's next hops on the underlay after the switch: {nh}"
+    );
+    let other = mesh.ip(1, &["-d", "link", "show", "podmesh-ip6"])?;
+    assert!(other.contains("ip6tnl"), "node 1 lost its tunnel: {other}");
     Ok(())
 }
 

@@ -474,6 +474,48 @@ fn deploy_proxy_flags_are_flags_of_the_binary() {
     }
 }
 
+/// The DaemonSet's `wireguard` container fits every node: its flags are
+/// `podmesh-wireguard`'s, it defers to kernel WireGuard where there is one
+/// (the agent's `auto` then takes the kernel's device), and it serves the
+/// socket in the directory the agent looks in.
+#[test]
+fn deploy_wireguard_container_defers_to_kernel_wireguard() {
+    let d = docs(&render("base"));
+    let pod = &find(&d, "DaemonSet", "podmesh-agent")["spec"]["template"]["spec"];
+    let wg = container(pod, "wireguard");
+    assert_eq!(seq(&wg["command"])[0], "podmesh-wireguard");
+    let args: Vec<&str> = seq(&wg["args"]).iter().map(s).collect();
+    assert!(
+        args.contains(&"--defer-to-kernel-wireguard"),
+        "the container would hold podmesh-wg on nodes with kernel WireGuard: {args:?}"
+    );
+    let bin = podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")
+        .expect("podmesh-wireguard builds");
+    let out = Command::new(&bin).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for a in &args {
+        let name = a.split_once('=').map_or(*a, |(k, _)| k);
+        assert!(
+            help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")),
+            "podmesh-wireguard has no {name}:\n{help}"
+        );
+    }
+    let cfg = agent_config(&d);
+    assert!(
+        cfg["wireguard-backend"].is_null() || s(&cfg["wireguard-backend"]) == "auto",
+        "the agent must pick the backend the container leaves it"
+    );
+    let run_dir = s(&cfg["wireguard-run-dir"]);
+    assert!(
+        args.contains(&format!("--run-dir={run_dir}").as_str()),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--interface=podmesh-wg"), "{args:?}");
+    let agent = container(pod, "agent");
+    assert_eq!(mount(wg, run_dir)["name"], mount(agent, run_dir)["name"]);
+}
+
 #[test]
 fn deploy_mesh_etcd_and_proxy_use_mutual_tls() {
     let d = docs(&render("base"));

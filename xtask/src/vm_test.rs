@@ -28,7 +28,11 @@ const TEST_NAMES: &[&str] = &[
     "ipip_mode_over_an_ipv6_underlay_connects_every_pod_pair",
     "ebpf_mode_connects_every_pod_pair_across_clusters",
     "wireguard_kernel_connects_every_pod_pair_across_clusters",
+    "userspace_wireguard_defers_only_to_a_kernel_with_wireguard",
 ];
+/// Binaries the tests start, built here and copied into the guest's /tmp
+/// (`PODMESH_BIN_DIR`): the guest runs no cargo.
+const GUEST_BINS: &[(&str, &str)] = &[("podmesh-wireguard", "podmesh-wireguard")];
 /// Modules the guest loads, dependencies first (resolved from the modules'
 /// own `depends=`): 9p over virtio for the host filesystem, then what the
 /// test topology and the ipip datapath use: the CNI plugins' ipMasq rules
@@ -88,8 +92,12 @@ pub fn run(args: &VmTestArgs) -> anyhow::Result<()> {
     let (vmlinuz, modules) = debian_kernel(&cache)?;
     let busybox = debian_busybox(&cache)?;
     let test_bin = build_test_binary()?;
+    let bins = GUEST_BINS
+        .iter()
+        .map(|(package, bin)| build_binary(package, bin))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let initramfs = cache.join("initramfs.cpio");
-    write_initramfs(&initramfs, &busybox, &modules, &test_bin)?;
+    write_initramfs(&initramfs, &busybox, &modules, &test_bin, &bins)?;
     boot(args, &vmlinuz, &initramfs)
 }
 
@@ -226,22 +234,39 @@ fn build_test_binary() -> anyhow::Result<PathBuf> {
         "--no-run",
         "--message-format=json",
     ]))?;
-    // Without a JSON dependency: the artifact line of the test target names
-    // its executable.
+    executable(&out, TEST_TARGET)
+}
+
+/// Builds binary `bin` of `package` in the profile of the test binary (dev).
+fn build_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let out = output(cargo().args([
+        "build",
+        "-p",
+        package,
+        "--bin",
+        bin,
+        "--message-format=json",
+    ]))?;
+    executable(&out, bin)
+}
+
+/// The executable of target `name` in cargo's JSON output. Without a JSON
+/// dependency: the target's artifact line names its executable.
+fn executable(out: &str, name: &str) -> anyhow::Result<PathBuf> {
     let line = out
         .lines()
         .find(|l| {
             l.contains("\"reason\":\"compiler-artifact\"")
-                && l.contains(&format!("\"name\":\"{TEST_TARGET}\""))
+                && l.contains(&format!("\"name\":\"{name}\""))
                 && l.contains("\"executable\":\"")
         })
-        .context("no test executable in cargo's output")?;
+        .with_context(|| format!("no executable of {name} in cargo's output"))?;
     let start = line.find("\"executable\":\"").expect("checked") + "\"executable\":\"".len();
     let end = line[start..].find('"').context("unterminated path")? + start;
     Ok(PathBuf::from(&line[start..end]))
 }
 
-fn init_script(modules: &[PathBuf], test_bin: &Path) -> String {
+fn init_script(modules: &[PathBuf], test_bin: &Path, bins: &[PathBuf]) -> String {
     let insmods: String = modules
         .iter()
         .map(|m| {
@@ -252,6 +277,16 @@ fn init_script(modules: &[PathBuf], test_bin: &Path) -> String {
             )
         })
         .collect();
+    // Copied before the guest's tmpfs hides the host's /tmp, moved after.
+    let (mut bins_in, mut bins_mv) = (String::new(), String::new());
+    for b in bins {
+        let name = b.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        bins_in.push_str(&format!(
+            "$B cp /host{} /{name} || echo 'copying {name} failed'\n",
+            b.display()
+        ));
+        bins_mv.push_str(&format!("$B mv /{name} /host/tmp/{name}\n"));
+    }
     format!(
         r#"#!/bin/busybox sh
 B=/bin/busybox
@@ -267,11 +302,11 @@ $B mount -t devtmpfs dev /host/dev
 # The test binary may live under the host's /tmp or /run (CARGO_TARGET_DIR),
 # which the guest's own tmpfs mounts hide: it runs from a copy.
 $B cp /host{bin} /podmesh-vm-test || echo 'copying the test binary failed'
-$B mount -t tmpfs tmp /host/run
+{bins_in}$B mount -t tmpfs tmp /host/run
 $B mount -t tmpfs tmp /host/tmp
 $B mv /podmesh-vm-test /host/tmp/podmesh-vm-test
-echo "PODMESH-VM-KERNEL $($B uname -r)"
-$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 /tmp/podmesh-vm-test --include-ignored --exact {tests} --test-threads=1 --nocapture
+{bins_mv}echo "PODMESH-VM-KERNEL $($B uname -r)"
+$B chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=1 PODMESH_BIN_DIR=/tmp /tmp/podmesh-vm-test --include-ignored --exact {tests} --test-threads=1 --nocapture
 echo "PODMESH-VM-EXIT $?"
 $B poweroff -f
 "#,
@@ -286,6 +321,7 @@ fn write_initramfs(
     busybox: &Path,
     modules: &[PathBuf],
     test_bin: &Path,
+    bins: &[PathBuf],
 ) -> anyhow::Result<()> {
     let mut a = Vec::new();
     let mut ino = 1u32;
@@ -331,7 +367,7 @@ fn write_initramfs(
         &mut a,
         "init",
         0o100755,
-        init_script(modules, test_bin).as_bytes(),
+        init_script(modules, test_bin, bins).as_bytes(),
     );
     entry(&mut a, "TRAILER!!!", 0, &[]);
     fs::write(path, a).with_context(|| format!("writing {}", path.display()))

@@ -12,11 +12,11 @@ use super::{
     ebpf::EbpfDatapath,
     masq::{ExemptionHandle, MasqExemption},
     nl::Netlink,
-    routes::{RouteDatapath, VXLAN_DEVICE},
+    routes::{IP6_TUNNEL_DEVICE, RouteDatapath, VXLAN_DEVICE},
     rtnl,
     wireguard::{Split, WgHandle, Wireguard},
 };
-use crate::config::DatapathMode;
+use crate::{config::DatapathMode, model::UnderlayFamily};
 
 /// The datapath of the configured mode.
 #[derive(Debug)]
@@ -90,7 +90,8 @@ pub fn from_config(cfg: &KernelConfig) -> Result<KernelDatapath, DatapathError> 
 
 /// Removes what another mode left when the node ran it; returns whether
 /// there was anything: its VXLAN device
-/// (which takes its routes with it) and, away from ebpf, the program's link
+/// (which takes its routes with it), ipip's `podmesh-ip6` (ip6tnl) unless
+/// this is ipip over an IPv6 underlay, and, away from ebpf, the program's link
 /// and maps (the owners map stays: every mode keeps it). Before the new
 /// mode is built (`before`), only a device on the UDP port the new mode
 /// needs goes (ebpf's external `podmesh0` and vxlan's `podmesh-vx` cannot
@@ -130,6 +131,26 @@ fn remove_other_modes(cfg: &KernelConfig, before: bool) -> Result<bool, Datapath
     }
     if before {
         return Ok(removed);
+    }
+    // ipip over an IPv6 underlay's ip6tnl: any other mode, or ipip over IPv4,
+    // leaves it unused (tunl0 is the kernel's own and stays).
+    let ip6_in_use = cfg.mode == DatapathMode::Ipip && cfg.underlay == UnderlayFamily::Ipv6;
+    if !ip6_in_use {
+        let link = rtnl::link_by_name(&mut nl, IP6_TUNNEL_DEVICE).map_err(|e| {
+            DatapathError::netlink(format!("listing links for {IP6_TUNNEL_DEVICE}"), e)
+        })?;
+        if let Some(l) = link.filter(|l| l.kind.as_deref() == Some("ip6tnl")) {
+            tracing::warn!(
+                device = IP6_TUNNEL_DEVICE,
+                "removing {IP6_TUNNEL_DEVICE}, left by the Ipip datapath over an IPv6 underlay: \
+                 this node now runs {:?} over {:?}; its routes come back with the first sync",
+                cfg.mode,
+                cfg.underlay
+            );
+            rtnl::delete_link(&mut nl, l.index)
+                .map_err(|e| DatapathError::netlink(format!("removing {IP6_TUNNEL_DEVICE}"), e))?;
+            removed = true;
+        }
     }
     // The program's pinned link marks a node that ran ebpf. (The route
     // modes pin the object's maps too, empty, to keep the owners map.)

@@ -20,6 +20,7 @@ use std::{
     process::ExitCode,
 };
 
+mod defer;
 mod tun;
 mod udp;
 
@@ -48,6 +49,11 @@ struct Args {
     /// Worker threads of the packet path.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Where the kernel has WireGuard, create nothing and wait for SIGTERM, so that
+    /// podmesh-agent's `--wireguard-backend auto` takes the kernel's device (a DaemonSet
+    /// container that runs on every node, whatever its kernel).
+    #[arg(long)]
+    defer_to_kernel_wireguard: bool,
 }
 
 /// gotatun's UDP sockets, bound again when the port is still held by the
@@ -159,6 +165,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
+    if args.defer_to_kernel_wireguard {
+        match defer::kernel_has_wireguard() {
+            Ok(()) => return defer::stand_by(&args.interface).await,
+            Err(why) => {
+                tracing::info!(reason = %why, "no kernel WireGuard; serving it in userspace")
+            }
+        }
+    }
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     let (client, server) = UapiServer::new();

@@ -113,9 +113,22 @@ impl Mesh {
         underlay: UnderlayFamily,
         wireguard: Option<WireguardBackend>,
     ) -> anyhow::Result<Self> {
+        let mut mesh = Self::without_datapaths(mode, plans, underlay, wireguard)?;
+        mesh.build_datapaths()?;
+        Ok(mesh)
+    }
+
+    /// The namespaces and directories of a mesh, no datapath built yet (see
+    /// [`Mesh::build_datapaths`]): for what must run on the nodes first.
+    pub fn without_datapaths(
+        mode: DatapathMode,
+        plans: &[ClusterPlan],
+        underlay: UnderlayFamily,
+        wireguard: Option<WireguardBackend>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::build(plans)?;
         let bpffs = Bpffs::new()?;
-        let mut mesh = Self {
+        Ok(Self {
             dps: Vec::new(),
             topo,
             bpffs,
@@ -123,12 +136,16 @@ impl Mesh {
             underlay,
             wireguard,
             wg_dir: tempfile::tempdir()?,
-        };
-        for i in 0..mesh.topo.nodes.len() {
-            let dp = mesh.datapath(i)?;
-            mesh.dps.push(dp);
+        })
+    }
+
+    /// Builds the datapath of every node that has none yet.
+    pub fn build_datapaths(&mut self) -> anyhow::Result<()> {
+        for i in self.dps.len()..self.topo.nodes.len() {
+            let dp = self.datapath(i)?;
+            self.dps.push(dp);
         }
-        Ok(mesh)
+        Ok(())
     }
 
     /// The datapath configuration of node `i`.
@@ -268,4 +285,77 @@ pub fn podmesh_routes(mesh: &Mesh, i: usize) -> anyhow::Result<BTreeSet<String>>
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect())
+}
+
+/// `podmesh-wireguard --defer-to-kernel-wireguard` in one namespace, as the
+/// DaemonSet's `wireguard` container runs it; killed on drop.
+#[derive(Debug)]
+pub struct WireguardContainer {
+    pub child: Option<std::process::Child>,
+    /// Its stderr.
+    pub log: PathBuf,
+    /// Its `--run-dir` (the UAPI socket's directory).
+    pub run_dir: PathBuf,
+}
+
+/// What `podmesh-wireguard --defer-to-kernel-wireguard` logs when it stands by.
+pub const DEFERS_TO_KERNEL: &str = "the kernel's WireGuard serves this node";
+
+impl WireguardContainer {
+    /// Starts it in `ns` with `run_dir` (created), logging to `log`.
+    pub fn start(
+        ns: &podmesh_tests::netns::NetNs,
+        run_dir: &std::path::Path,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(run_dir)?;
+        let bin = podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")?;
+        let err = std::fs::File::create(log)?;
+        let child = ns
+            .command(&bin.display().to_string())
+            .arg("--interface=podmesh-wg")
+            .arg(format!("--run-dir={}", run_dir.display()))
+            .arg("--defer-to-kernel-wireguard")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .context("starting podmesh-wireguard")?;
+        Ok(Self {
+            child: Some(child),
+            log: log.to_path_buf(),
+            run_dir: run_dir.to_path_buf(),
+        })
+    }
+
+    /// Waits until its log says `line` (fails at once if it exits).
+    pub fn wait_for_log(&mut self, line: &str) -> anyhow::Result<()> {
+        let log = self.log.clone();
+        podmesh_tests::daemon::wait_until(
+            "podmesh-wireguard",
+            &mut self.child,
+            &log,
+            std::time::Duration::from_secs(30),
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(line)),
+        )
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops it with SIGTERM, as the kubelet does, and returns its exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        podmesh_tests::daemon::terminate(&mut child, std::time::Duration::from_secs(10))
+    }
+}
+
+impl Drop for WireguardContainer {
+    fn drop(&mut self) {
+        podmesh_tests::daemon::kill(&mut self.child);
+    }
 }
