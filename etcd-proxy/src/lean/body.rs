@@ -129,7 +129,9 @@ mod tests {
         assert!(poll(&mut rx).is_pending());
         tx.push(Bytes::from_static(b"abc"), false);
         tx.push(Bytes::from_static(b"de"), true);
-        let Poll::Ready(Some(Ok(f))) = poll(&mut rx) else { panic!() };
+        let Poll::Ready(Some(Ok(f))) = poll(&mut rx) else {
+            panic!()
+        };
         assert_eq!(f.into_data().unwrap(), &b"abc"[..]);
         let cx = Context::from_waker(Waker::noop());
         assert_eq!(tx.take_consumed(&cx), 3);

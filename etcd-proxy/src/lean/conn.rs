@@ -181,7 +181,11 @@ where
         if self.failed {
             return;
         }
-        tracing::debug!(?reason, last_stream = self.last_stream, "closing a connection on a protocol error");
+        tracing::debug!(
+            ?reason,
+            last_stream = self.last_stream,
+            "closing a connection on a protocol error"
+        );
         self.failed = true;
         self.streams.clear();
         // A client that does not read the GOAWAY does not keep the
@@ -431,7 +435,9 @@ where
             return Err(Reason::Protocol);
         }
         if id <= self.last_stream {
-            return Err(Reason::StreamClosed);
+            // A stream this side has finished or reset (its client may not
+            // have seen that yet): the block was decoded, nothing else to do.
+            return Ok(());
         }
         self.last_stream = id;
         let head = match decoded {
@@ -692,8 +698,7 @@ const ROUNDS: usize = 16;
 impl<IO, S, B> Future for Conn<IO, S, B>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
-    S: Service<http::Request<RecvBody>, Response = http::Response<B>, Error = Infallible>
-        + Unpin,
+    S: Service<http::Request<RecvBody>, Response = http::Response<B>, Error = Infallible> + Unpin,
     S::Future: Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -725,7 +730,9 @@ where
                 Ok(wrote) => progress |= wrote,
             }
             let quiet = this.wbuf.is_empty() && !this.need_flush;
-            if quiet && (this.failed || ((this.draining || this.peer_away) && this.streams.is_empty())) {
+            if quiet
+                && (this.failed || ((this.draining || this.peer_away) && this.streams.is_empty()))
+            {
                 return Poll::Ready(());
             }
             if !progress {

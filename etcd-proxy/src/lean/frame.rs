@@ -50,7 +50,6 @@ pub enum Reason {
     Protocol = 0x1,
     Internal = 0x2,
     FlowControl = 0x3,
-    StreamClosed = 0x5,
     FrameSize = 0x6,
     RefusedStream = 0x7,
     Compression = 0x9,
@@ -121,13 +120,25 @@ pub fn put_goaway(out: &mut Vec<u8>, last_stream: u32, reason: Reason) {
 }
 
 pub fn put_data(out: &mut Vec<u8>, stream: u32, data: &[u8], end: bool) {
-    put_head(out, data.len(), DATA, if end { END_STREAM } else { 0 }, stream);
+    put_head(
+        out,
+        data.len(),
+        DATA,
+        if end { END_STREAM } else { 0 },
+        stream,
+    );
     out.extend_from_slice(data);
 }
 
 /// Appends a header block as HEADERS and, past `max_frame` bytes,
 /// CONTINUATION frames.
-pub fn put_header_block(out: &mut Vec<u8>, stream: u32, block: &[u8], end_stream: bool, max_frame: usize) {
+pub fn put_header_block(
+    out: &mut Vec<u8>,
+    stream: u32,
+    block: &[u8],
+    end_stream: bool,
+    max_frame: usize,
+) {
     let mut chunks = block.chunks(max_frame.max(1)).peekable();
     let mut kind = HEADERS;
     let mut flags = if end_stream { END_STREAM } else { 0 };
@@ -174,7 +185,12 @@ mod tests {
         put_head(&mut b, 0x01_02_03, HEADERS, END_HEADERS, 0x7fff_fffe);
         assert_eq!(
             Head::parse(&b),
-            Head { len: 0x01_02_03, kind: HEADERS, flags: END_HEADERS, stream: 0x7fff_fffe }
+            Head {
+                len: 0x01_02_03,
+                kind: HEADERS,
+                flags: END_HEADERS,
+                stream: 0x7fff_fffe
+            }
         );
     }
 
@@ -183,17 +199,31 @@ mod tests {
         let mut b = Vec::new();
         put_header_block(&mut b, 3, &[7u8; 10], true, 4);
         let first = Head::parse(&b);
-        assert_eq!((first.kind, first.flags, first.len), (HEADERS, END_STREAM, 4));
+        assert_eq!(
+            (first.kind, first.flags, first.len),
+            (HEADERS, END_STREAM, 4)
+        );
         let second = Head::parse(&b[13..]);
-        assert_eq!((second.kind, second.flags, second.len), (CONTINUATION, 0, 4));
+        assert_eq!(
+            (second.kind, second.flags, second.len),
+            (CONTINUATION, 0, 4)
+        );
         let third = Head::parse(&b[26..]);
-        assert_eq!((third.kind, third.flags, third.len), (CONTINUATION, END_HEADERS, 2));
+        assert_eq!(
+            (third.kind, third.flags, third.len),
+            (CONTINUATION, END_HEADERS, 2)
+        );
         assert_eq!(b.len(), 3 * 9 + 10);
     }
 
     #[test]
     fn padding_is_stripped_and_checked() {
-        let head = Head { len: 0, kind: DATA, flags: PADDED, stream: 1 };
+        let head = Head {
+            len: 0,
+            kind: DATA,
+            flags: PADDED,
+            stream: 1,
+        };
         assert_eq!(unpad(&head, &[2, b'a', b'b', 0, 0]).unwrap(), &b"ab"[..]);
         assert!(unpad(&head, &[5, b'a']).is_none());
     }

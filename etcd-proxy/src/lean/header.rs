@@ -217,9 +217,7 @@ mod tests {
             decode(&mut d, &block).unwrap_err(),
             HeaderError::Malformed("no :path")
         );
-        let block = enc.encode(
-            [(&b"te"[..], &b"trailers"[..]), (b":path", b"/")].into_iter(),
-        );
+        let block = enc.encode([(&b"te"[..], &b"trailers"[..]), (b":path", b"/")].into_iter());
         assert_eq!(
             decode(&mut d, &block).unwrap_err(),
             HeaderError::Malformed("pseudo-header after a regular header")
@@ -231,7 +229,12 @@ mod tests {
         let big = vec![b'a'; MAX_HEADER_LIST];
         let mut enc = loona_hpack::Encoder::new();
         let block = enc.encode(
-            [(&b":method"[..], &b"POST"[..]), (b":path", b"/"), (b"x-big", &big[..])].into_iter(),
+            [
+                (&b":method"[..], &b"POST"[..]),
+                (b":path", b"/"),
+                (b"x-big", &big[..]),
+            ]
+            .into_iter(),
         );
         let mut d = loona_hpack::Decoder::new();
         assert_eq!(decode(&mut d, &block).unwrap_err(), HeaderError::TooLarge);
@@ -245,12 +248,18 @@ mod tests {
     fn response_fields_roundtrip_through_a_decoder() {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-message", HeaderValue::from_bytes(&[b'x'; 300]).unwrap());
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_bytes(&[b'x'; 300]).unwrap(),
+        );
         let block = encode_response(http::StatusCode::OK, &h);
         let mut d = loona_hpack::Decoder::new();
         let fields = d.decode(&block).unwrap();
         assert_eq!(fields[0], (b":status".to_vec(), b"200".to_vec()));
-        assert_eq!(fields[1], (b"content-type".to_vec(), b"application/grpc".to_vec()));
+        assert_eq!(
+            fields[1],
+            (b"content-type".to_vec(), b"application/grpc".to_vec())
+        );
         assert_eq!(fields[2].1.len(), 300);
         let block = encode_response(http::StatusCode::NOT_FOUND, &HeaderMap::new());
         assert_eq!(

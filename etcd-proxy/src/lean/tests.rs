@@ -27,7 +27,10 @@ enum TestBody {
     /// The request body back, then `grpc-status: 0` trailers.
     Echo(RecvBody, bool),
     /// `left` chunks of 1,000 bytes; counts the chunks taken.
-    Counted { left: usize, taken: Arc<AtomicUsize> },
+    Counted {
+        left: usize,
+        taken: Arc<AtomicUsize>,
+    },
 }
 
 impl http_body::Body for TestBody {
@@ -54,7 +57,10 @@ impl http_body::Body for TestBody {
                 }
                 *left -= 1;
                 taken.fetch_add(1, Ordering::SeqCst);
-                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![7u8; 1000])))))
+                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+                    7u8;
+                    1000
+                ])))))
             }
         }
     }
@@ -91,7 +97,11 @@ impl tonic::codegen::Service<http::Request<RecvBody>> for TestService {
     }
 }
 
-fn start() -> (DuplexStream, Arc<AtomicUsize>, tokio::task::JoinHandle<(usize, usize)>) {
+fn start() -> (
+    DuplexStream,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<(usize, usize)>,
+) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let taken = Arc::new(AtomicUsize::new(0));
     let mut conn = Conn::new(
@@ -131,7 +141,10 @@ async fn an_h2_client_gets_its_request_body_back_with_trailers() {
         for chunk in sent2.chunks(10_000) {
             tx.reserve_capacity(chunk.len());
             while tx.capacity() < chunk.len() {
-                std::future::poll_fn(|cx| tx.poll_capacity(cx)).await.unwrap().unwrap();
+                std::future::poll_fn(|cx| tx.poll_capacity(cx))
+                    .await
+                    .unwrap()
+                    .unwrap();
             }
             tx.send_data(Bytes::copy_from_slice(chunk), false).unwrap();
         }
@@ -244,7 +257,9 @@ async fn read_goaway(io: &mut DuplexStream) -> Option<u32> {
 #[tokio::test]
 async fn a_bad_preface_is_refused() {
     let (mut io, _, task) = start();
-    io.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    io.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     assert_eq!(read_goaway(&mut io).await, Some(Reason::Protocol as u32));
     task.await.unwrap();
 }
