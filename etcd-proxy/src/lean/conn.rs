@@ -203,8 +203,10 @@ where
     /// Reads and handles frames; `Ready(false)` at the end of the client's
     /// stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Reason>> {
-        let mut stack = [0u8; READ_CHUNK];
-        let mut rb = ReadBuf::new(&mut stack);
+        // Uninitialised: tokio-rustls copies into it without zeroing it
+        // first, so a read costs what it reads.
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = ReadBuf::uninit(&mut stack);
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => {
@@ -213,11 +215,10 @@ where
             }
             Poll::Ready(Ok(())) => {}
         }
-        let n = rb.filled().len();
-        if n == 0 {
+        let got = rb.filled();
+        if got.is_empty() {
             return Poll::Ready(Ok(false));
         }
-        let got = &stack[..n];
         if self.rbuf.is_empty() {
             let used = self.process(got, cx)?;
             self.rbuf.extend_from_slice(&got[used..]);
@@ -466,6 +467,10 @@ where
         *req.headers_mut() = head.headers;
         *req.version_mut() = http::Version::HTTP_2;
         let fut = self.svc.call(req);
+        if self.streams.is_empty() {
+            // Most connections hold one stream (an agent's watch).
+            self.streams.reserve_exact(1);
+        }
         self.streams.push(Stream {
             id,
             body: Some(tx),
@@ -519,12 +524,9 @@ where
                     // client allows: no buffer needs more.
                     self.peer_max_frame = frame::MAX_FRAME;
                 }
-                // The table size bounds an encoder table this side does not
-                // keep; the rest are advisory for a server.
-                frame::SETTINGS_HEADER_TABLE_SIZE
-                | frame::SETTINGS_MAX_CONCURRENT_STREAMS
-                | frame::SETTINGS_MAX_HEADER_LIST_SIZE
-                | frame::SETTINGS_ENABLE_PUSH => {}
+                // The header table size bounds an encoder table this side
+                // does not keep; the others are advisory for a server, and
+                // unknown ones are ignored (RFC 9113 §6.5.2).
                 _ => {}
             }
         }
@@ -617,6 +619,9 @@ where
                 }
             }
             i += 1;
+        }
+        if self.streams.is_empty() && self.streams.capacity() > 1 {
+            self.streams = Vec::new();
         }
         if self.conn_unacked >= frame::DEFAULT_WINDOW as usize / 2 {
             frame::put_window_update(&mut self.wbuf, 0, self.conn_unacked as u32);
