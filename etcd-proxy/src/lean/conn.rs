@@ -432,7 +432,7 @@ where
             }
             return Ok(());
         }
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return Err(Reason::Protocol);
         }
         if id <= self.last_stream {
@@ -494,7 +494,7 @@ where
                 Err(Reason::FrameSize)
             };
         }
-        if head.len % 6 != 0 {
+        if !head.len.is_multiple_of(6) {
             return Err(Reason::FrameSize);
         }
         for s in payload.chunks_exact(6) {

@@ -170,17 +170,14 @@ mod tests {
 
     fn request_block() -> Vec<u8> {
         let mut enc = loona_hpack::Encoder::new();
-        enc.encode(
-            [
-                (&b":method"[..], &b"POST"[..]),
-                (b":scheme", b"https"),
-                (b":authority", b"proxy:2379"),
-                (b":path", b"/etcdserverpb.Watch/Watch"),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-            ]
-            .into_iter(),
-        )
+        enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"https"),
+            (b":authority", b"proxy:2379"),
+            (b":path", b"/etcdserverpb.Watch/Watch"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ])
     }
 
     #[test]
@@ -211,13 +208,13 @@ mod tests {
     #[test]
     fn missing_path_and_late_pseudo_headers_are_malformed() {
         let mut enc = loona_hpack::Encoder::new();
-        let block = enc.encode([(&b":method"[..], &b"POST"[..])].into_iter());
+        let block = enc.encode([(&b":method"[..], &b"POST"[..])]);
         let mut d = loona_hpack::Decoder::new();
         assert_eq!(
             decode(&mut d, &block).unwrap_err(),
             HeaderError::Malformed("no :path")
         );
-        let block = enc.encode([(&b"te"[..], &b"trailers"[..]), (b":path", b"/")].into_iter());
+        let block = enc.encode([(&b"te"[..], &b"trailers"[..]), (b":path", b"/")]);
         assert_eq!(
             decode(&mut d, &block).unwrap_err(),
             HeaderError::Malformed("pseudo-header after a regular header")
@@ -228,14 +225,11 @@ mod tests {
     fn oversized_list_is_refused_and_garbage_is_a_compression_error() {
         let big = vec![b'a'; MAX_HEADER_LIST];
         let mut enc = loona_hpack::Encoder::new();
-        let block = enc.encode(
-            [
-                (&b":method"[..], &b"POST"[..]),
-                (b":path", b"/"),
-                (b"x-big", &big[..]),
-            ]
-            .into_iter(),
-        );
+        let block = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":path", b"/"),
+            (b"x-big", &big[..]),
+        ]);
         let mut d = loona_hpack::Decoder::new();
         assert_eq!(decode(&mut d, &block).unwrap_err(), HeaderError::TooLarge);
         assert!(matches!(

@@ -284,14 +284,11 @@ async fn an_oversized_frame_is_refused() {
 async fn data_beyond_the_window_is_a_flow_control_error() {
     let (io, _, task) = start();
     let mut b = preface_and_settings();
-    let block = loona_hpack::Encoder::new().encode(
-        [
-            (&b":method"[..], &b"POST"[..]),
-            (b":scheme", b"https"),
-            (b":path", b"/many"),
-        ]
-        .into_iter(),
-    );
+    let block = loona_hpack::Encoder::new().encode([
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"https"),
+        (b":path", b"/many"),
+    ]);
     // `/many` does not read its request body: nothing is given back.
     frame::put_header_block(&mut b, 1, &block, false, frame::MAX_FRAME);
     // 5 frames of 16 KiB: 81,920 bytes against a 65,535-byte window.
@@ -313,17 +310,14 @@ async fn data_beyond_the_window_is_a_flow_control_error() {
 async fn headers_in_continuation_pieces_make_one_request() {
     let (mut io, _, _task) = start();
     let mut b = preface_and_settings();
-    let block = loona_hpack::Encoder::new().encode(
-        [
-            (&b":method"[..], &b"POST"[..]),
-            (b":scheme", b"https"),
-            (b":authority", b"proxy.test"),
-            (b":path", b"/echo"),
-            (b"content-type", b"application/grpc"),
-            (b"x-padding", &[b'p'; 100][..]),
-        ]
-        .into_iter(),
-    );
+    let block = loona_hpack::Encoder::new().encode([
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"https"),
+        (b":authority", b"proxy.test"),
+        (b":path", b"/echo"),
+        (b"content-type", b"application/grpc"),
+        (b"x-padding", &[b'p'; 100][..]),
+    ]);
     // HEADERS and CONTINUATIONs of 7 bytes each.
     frame::put_header_block(&mut b, 1, &block, false, 7);
     frame::put_data(&mut b, 1, b"piecewise", true);
@@ -365,8 +359,8 @@ async fn headers_in_continuation_pieces_make_one_request() {
 async fn a_frame_between_headers_and_continuation_is_refused() {
     let (mut io, _, task) = start();
     let mut b = preface_and_settings();
-    let block = loona_hpack::Encoder::new()
-        .encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/echo")].into_iter());
+    let block =
+        loona_hpack::Encoder::new().encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/echo")]);
     frame::put_head(&mut b, 3, frame::HEADERS, 0, 1);
     b.extend_from_slice(&block[..3]);
     frame::put_ping(&mut b, 0, [0; 8]);
