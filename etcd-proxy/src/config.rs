@@ -66,6 +66,11 @@ pub struct Args {
     /// (docs/walkthrough.md, "Sizing the etcd proxy").
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// HTTP/2 server of client connections: `lean`, the proxy's own (buffers
+    /// sized by the traffic, about half the memory per idle connection), or
+    /// `hyper`, hyper's (h2) connection.
+    #[arg(long, value_enum, default_value = "lean")]
+    pub http2_server: crate::serve::Http2Server,
     /// Interval of progress notifications to watchers that ask for them.
     #[arg(long, default_value = "10m", value_parser = duration::with_unit)]
     pub progress_notify_interval: Duration,

@@ -11,6 +11,7 @@ mod budget;
 mod cache;
 mod config;
 mod hub;
+mod lean;
 mod metrics;
 mod prefix;
 mod purpose;
@@ -185,6 +186,7 @@ async fn run(
         shutdown_rx.clone(),
         hub.clone(),
         args.max_connections.max(1),
+        args.http2_server,
     );
     tracing::info!(listen = %args.listen, advertise = %advertise, prefix = %prefix.display(), "serving");
 

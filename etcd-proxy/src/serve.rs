@@ -1,4 +1,5 @@
-//! HTTP/2 serving of the gRPC routes on accepted TLS connections, with a small per-stream send buffer.
+//! HTTP/2 serving of the gRPC routes on accepted TLS connections, by the lean server
+//! (`crate::lean`) or by hyper's, with a small per-stream send buffer.
 //!
 //! tonic's own server leaves hyper's per-stream send buffer at its default
 //! (400 KiB): with thousands of watchers on a few hundred streams, a client
@@ -23,6 +24,7 @@ use tonic::service::Routes;
 
 use crate::budget::{CONNECTION_BYTES, ConnectionBudget, Held, Reservation};
 use crate::hub::{Hub, stopped};
+use crate::lean;
 
 /// How long an authenticated client may take to send the HTTP/2 connection
 /// preface after its handshake: a client that never sends it would otherwise
@@ -36,6 +38,27 @@ const PREFACE_LEN: u64 = 24;
 /// Encoded responses hyper may hold per stream beyond what the client's
 /// flow-control window lets through.
 const SEND_BUFFER: usize = 32 * 1024;
+
+/// Interval of keepalive PINGs, and how long one may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The lean connection's times, the same as hyper's connection is given.
+const LEAN_TIMING: lean::Timing = lean::Timing {
+    preface: PREFACE_DEADLINE,
+    keepalive: KEEPALIVE,
+    keepalive_timeout: KEEPALIVE_TIMEOUT,
+};
+
+/// The HTTP/2 server of client connections (`--http2-server`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Http2Server {
+    /// The proxy's own connection (`crate::lean`): buffers sized by the
+    /// traffic, no task per stream.
+    Lean,
+    /// hyper's (h2) connection, with its fixed per-connection buffers.
+    Hyper,
+}
 
 /// How long a refused connection is kept to answer its first requests with
 /// the reason before it is closed.
@@ -57,6 +80,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     hub: Arc<Hub>,
     max_connections: usize,
+    server: Http2Server,
 ) {
     hub.metrics.max_connections.set(max_connections as i64);
     let reason: Arc<str> = Arc::from(format!(
@@ -69,13 +93,20 @@ pub async fn serve(
             _ = stopped(&mut shutdown) => break,
             next = incoming.recv() => match next {
                 Some(Ok(io)) if conns.len() < max_connections => {
-                    conns.spawn(connection(io, routes.clone(), shutdown.clone()));
+                    let (routes, shutdown) = (routes.clone(), shutdown.clone());
+                    match server {
+                        Http2Server::Lean => conns.spawn(lean_connection(io, routes, shutdown)),
+                        Http2Server::Hyper => conns.spawn(connection(io, routes, shutdown)),
+                    };
                     hub.metrics.connections.set(conns.len() as i64);
                 }
                 Some(Ok(io)) => {
                     hub.metrics.connections_refused.inc();
                     if refusing.len() < REFUSING_AT_ONCE {
-                        refusing.spawn(refuse(io, reason.clone()));
+                        match server {
+                            Http2Server::Lean => refusing.spawn(lean_refuse(io, reason.clone())),
+                            Http2Server::Hyper => refusing.spawn(refuse(io, reason.clone())),
+                        };
                     }
                     if let Some(suppressed) = hub.refusals.admit("max_connections") {
                         tracing::warn!(
@@ -117,6 +148,18 @@ async fn refuse(io: TlsStream<TcpStream>, reason: Arc<str>) {
     }
 }
 
+/// [`refuse`] by the lean server.
+async fn lean_refuse(io: TlsStream<TcpStream>, reason: Arc<str>) {
+    let mut conn = lean::Conn::new(io, Refusing(reason), LEAN_TIMING);
+    if tokio::time::timeout(REFUSAL_LINGER, &mut conn)
+        .await
+        .is_err()
+    {
+        conn.shutdown();
+        let _ = tokio::time::timeout(REFUSAL_LINGER, conn).await;
+    }
+}
+
 /// Every request answered UNAVAILABLE with the reason.
 #[derive(Debug, Clone)]
 struct Refusing(Arc<str>);
@@ -138,13 +181,36 @@ impl<B> tonic::codegen::Service<http::Request<B>> for Refusing {
     }
 }
 
+/// Serves one client connection with the lean server until it ends, or
+/// until shutdown and then until its streams have ended.
+async fn lean_connection(
+    io: TlsStream<TcpStream>,
+    routes: Routes,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conn = lean::Conn::new(
+        io,
+        Budgeted {
+            routes,
+            budget: ConnectionBudget::new(CONNECTION_BYTES),
+        },
+        LEAN_TIMING,
+    );
+    tokio::select! {
+        () = &mut conn => return,
+        _ = stopped(&mut shutdown) => {}
+    }
+    conn.shutdown();
+    conn.await;
+}
+
 async fn connection(io: TlsStream<TcpStream>, routes: Routes, mut shutdown: watch::Receiver<bool>) {
     let io = Counted::new(io);
     let received = io.received.clone();
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_interval(Some(KEEPALIVE))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_send_buf_size(SEND_BUFFER)
         .serve_connection(
             TokioIo::new(io),

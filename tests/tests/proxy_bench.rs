@@ -497,7 +497,7 @@ async fn proxy_connections_bench() {
         .map(str::to_owned)
         .collect();
     let targets: Vec<String> = std::env::var("PODMESH_BENCH_TARGETS")
-        .unwrap_or_else(|_| "podmesh-etcd-proxy,etcd grpc-proxy".into())
+        .unwrap_or_else(|_| "podmesh-etcd-proxy,podmesh-etcd-proxy (hyper),etcd grpc-proxy".into())
         .split(',')
         .map(|s| s.trim().to_owned())
         .collect();
@@ -514,15 +514,22 @@ async fn proxy_connections_bench() {
         for which in &targets {
             let etcd = Etcd::start().unwrap();
             let row = match which.as_str() {
-                "podmesh-etcd-proxy" => {
+                "podmesh-etcd-proxy" | "podmesh-etcd-proxy (hyper)" => {
                     // Room for every connection of the measurement (and the
                     // readiness check's), unless the flags say otherwise.
                     let max = (n + 64).to_string();
                     let mut flags: Vec<&str> = vec!["--max-connections", &max];
+                    // The default HTTP/2 server (lean), or hyper's, in the same run.
+                    let name = if which.ends_with("(hyper)") {
+                        flags.extend(["--http2-server", "hyper"]);
+                        "podmesh-etcd-proxy (hyper)"
+                    } else {
+                        "podmesh-etcd-proxy"
+                    };
                     flags.extend(extra.iter().map(String::as_str));
                     let p = Proxy::start(&etcd, &flags).unwrap();
                     let t = Target {
-                        name: "podmesh-etcd-proxy",
+                        name,
                         endpoint: p.endpoint(),
                         ca: p.pki().ca().to_path_buf(),
                         client: p.client().clone(),
@@ -558,7 +565,7 @@ async fn proxy_connections_bench() {
         podmesh_tests::watchconn::SOURCES
     );
     println!(
-        "{:>11}  {:<20} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10}",
+        "{:>11}  {:<27} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10}",
         "connections",
         "target",
         "p50 ms",
@@ -574,7 +581,7 @@ async fn proxy_connections_bench() {
     );
     for r in &rows {
         println!(
-            "{:>11}  {:<20} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1}",
+            "{:>11}  {:<27} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1}",
             r.connections,
             r.target,
             r.p50_ms,
@@ -599,6 +606,15 @@ async fn proxy_connections_bench() {
                 p.p99_ms / g.p99_ms,
                 p.peak_mib / g.peak_mib,
                 p.per_conn_kib() / g.per_conn_kib()
+            );
+        }
+        if let (Some(l), Some(h)) = (get("podmesh-etcd-proxy"), get("podmesh-etcd-proxy (hyper)")) {
+            println!(
+                "{n:>8} connections: lean/hyper HTTP/2 server  p50 {:.2}x  p99 {:.2}x  peak RSS {:.2}x  KiB per connection {:.2}x",
+                l.p50_ms / h.p50_ms,
+                l.p99_ms / h.p99_ms,
+                l.peak_mib / h.peak_mib,
+                l.per_conn_kib() / h.per_conn_kib()
             );
         }
     }

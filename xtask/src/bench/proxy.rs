@@ -11,7 +11,10 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub watchers: Option<String>,
     /// Connection counts, comma separated: one TLS connection with one watch each, spread over
-    /// 8 loopback source addresses (default 10000).
+    /// 8 loopback source addresses (default 10000). Targets: `PODMESH_BENCH_TARGETS`, comma
+    /// separated, of `podmesh-etcd-proxy` (its default, lean HTTP/2 server),
+    /// `podmesh-etcd-proxy (hyper)` (`--http2-server hyper`) and `etcd grpc-proxy` (all three
+    /// by default).
     #[arg(long)]
     pub connections: Option<String>,
     /// Puts per second on the watched prefix [default: 100 with --watchers, 50 with --connections].
