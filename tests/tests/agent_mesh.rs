@@ -1245,6 +1245,10 @@ async fn agent_relists_when_its_live_watch_falls_behind_a_compaction() -> anyhow
                 && s.remotes["east"].compactions > 0
                 && status_routes(s) == want
                 && held(s) == in_etcd
+                // Records and routes are read live from the cache; the
+                // entry count is written when the reconcile pass that
+                // follows them ends.
+                && s.remotes["east"].entries == in_etcd.len()
         })
         .await?;
     let after = s.remotes["east"].clone();
