@@ -7,6 +7,41 @@ use datapath_support::{DEFERS_TO_KERNEL, Mesh, WireguardContainer, podmesh_route
 use podmesh_agent::{config::DatapathMode, datapath::DatapathError};
 use podmesh_tests::{netns::NetNs, require_root};
 
+/// Every pod's IPv6 address, with the index of its node.
+fn pod_v6_addresses(mesh: &Mesh) -> Vec<(usize, String)> {
+    let mut pod_v6 = Vec::new();
+    for (i, node) in mesh.topo.nodes.iter().enumerate() {
+        for pod in &node.pods {
+            pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
+        }
+    }
+    pod_v6
+}
+
+/// Pairs of pods in different clusters whose IPv6 ping gets no answer. First
+/// contact resolves IPv6 neighbours on four hops: a pair gets a few seconds
+/// to answer, not just its first two requests.
+fn ipv6_cross_cluster_failures(mesh: &Mesh, pod_v6: &[(usize, String)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (from_node, from) in mesh.topo.pods() {
+        for (j, to) in pod_v6 {
+            if mesh.topo.nodes[*j].cluster != from_node.cluster
+                && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
+                    if from.ns.ping(to, 2, None) {
+                        Ok(())
+                    } else {
+                        Err(String::new())
+                    }
+                })
+                .is_err()
+            {
+                failed.push(format!("{} -> {to}", from.name));
+            }
+        }
+    }
+    failed
+}
+
 async fn every_pod_reaches_every_remote_pod(mode: DatapathMode) -> anyhow::Result<Mesh> {
     let mut mesh = Mesh::build(mode)?;
     // Before programming nothing crosses: the test can fail.
@@ -408,12 +443,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
     let v6_cidr = |i: usize| -> ipnet::IpNet {
         ipnet::IpNet::V6(mesh.topo.nodes[i].pod_cidr_v6.expect("dual-stack node"))
     };
-    let mut pod_v6 = Vec::new();
-    for (i, node) in mesh.topo.nodes.iter().enumerate() {
-        for pod in &node.pods {
-            pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
-        }
-    }
+    let pod_v6 = pod_v6_addresses(&mesh);
     let from = &mesh.topo.nodes[mesh.index("east-n0")].pods[0];
     let (_, to) = pod_v6
         .iter()
@@ -452,25 +482,7 @@ async fn ebpf_mode_forwards_ipv6_pod_cidrs() -> anyhow::Result<()> {
         route.contains("dev podmesh0") && route.contains("mtu 1450"),
         "IPv6 routes: {route}"
     );
-    // First contact resolves IPv6 neighbours on four hops: a pair gets a
-    // few seconds to answer, not just its first two requests.
-    let mut failed = Vec::new();
-    for (from_node, from) in mesh.topo.pods() {
-        for (j, to) in &pod_v6 {
-            if mesh.topo.nodes[*j].cluster != from_node.cluster
-                && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
-                    if from.ns.ping(to, 2, None) {
-                        Ok(())
-                    } else {
-                        Err(String::new())
-                    }
-                })
-                .is_err()
-            {
-                failed.push(format!("{} -> {to}", from.name));
-            }
-        }
-    }
+    let failed = ipv6_cross_cluster_failures(&mesh, &pod_v6);
     assert!(failed.is_empty(), "IPv6 unreachable: {failed:#?}");
     // The CNI masquerades IPv6 too (ip6tables); the exemption's IPv6 set
     // keeps the pod's own address towards remote pods.
@@ -749,12 +761,7 @@ async fn vxlan_mode_forwards_ipv6_pod_cidrs_over_an_ipv4_underlay() -> anyhow::R
     for mode in [DatapathMode::Vxlan, DatapathMode::Direct] {
         let mut mesh = Mesh::build_dual_stack(mode)?;
         mesh.resync_all().await?;
-        let mut pod_v6 = Vec::new();
-        for (i, node) in mesh.topo.nodes.iter().enumerate() {
-            for pod in &node.pods {
-                pod_v6.push((i, pod.addr6.expect("dual-stack pod").to_string()));
-            }
-        }
+        let pod_v6 = pod_v6_addresses(&mesh);
         for i in 0..mesh.dps.len() {
             let me = mesh.topo.nodes[i].cluster.clone();
             let mut routes = mesh.desired(i);
@@ -806,23 +813,7 @@ async fn vxlan_mode_forwards_ipv6_pod_cidrs_over_an_ipv4_underlay() -> anyhow::R
             route.contains("podmesh-vx") && route.contains("mtu 1450"),
             "IPv6 routes: {route}"
         );
-        let mut failed = Vec::new();
-        for (from_node, from) in mesh.topo.pods() {
-            for (j, to) in &pod_v6 {
-                if mesh.topo.nodes[*j].cluster != from_node.cluster
-                    && podmesh_tests::eventually(std::time::Duration::from_secs(5), || {
-                        if from.ns.ping(to, 2, None) {
-                            Ok(())
-                        } else {
-                            Err(String::new())
-                        }
-                    })
-                    .is_err()
-                {
-                    failed.push(format!("{} -> {to}", from.name));
-                }
-            }
-        }
+        let failed = ipv6_cross_cluster_failures(&mesh, &pod_v6);
         assert!(
             failed.is_empty(),
             "IPv6 unreachable over vxlan: {failed:#?}"
