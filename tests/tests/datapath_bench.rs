@@ -446,8 +446,11 @@ async fn bench_datapath() -> anyhow::Result<()> {
     // Encrypted: WireGuard between the clusters, the userspace process
     // (this kernel has none), beside vxlan: podmesh's own packet loop, and
     // gotatun's device (`--packet-loop gotatun`) to compare it with.
+    // PODMESH_BENCH_WG_LOOPS: which, as `loop[:threads]`, comma-separated.
+    let loops = std::env::var("PODMESH_BENCH_WG_LOOPS").unwrap_or_else(|_| "own,gotatun".into());
     let mut wg_names = Vec::new();
-    for packet_loop in ["own", "gotatun"] {
+    for which in loops.split(',').filter(|l| !l.is_empty()) {
+        let (packet_loop, threads) = which.split_once(':').unwrap_or((which, "2"));
         let mut wg = Mesh::without_datapaths(
             DatapathMode::Vxlan,
             &[
@@ -464,7 +467,7 @@ async fn bench_datapath() -> anyhow::Result<()> {
         std::fs::write(
             &wrapper,
             format!(
-                "#!/bin/sh\nPODMESH_WIREGUARD_PACKET_LOOP={packet_loop} exec {} \"$@\"\n",
+                "#!/bin/sh\nPODMESH_WIREGUARD_PACKET_LOOP={packet_loop} PODMESH_WIREGUARD_THREADS={threads} exec {} \"$@\"\n",
                 bin.display()
             ),
         )?;
@@ -483,7 +486,10 @@ async fn bench_datapath() -> anyhow::Result<()> {
             .wireguard()
             .map(|h| h.status().backend)
             .unwrap_or_default();
-        wg_names.push(format!("wireguard ({backend}, {packet_loop} loop)"));
+        wg_names.push(format!(
+            "wireguard ({backend}, {packet_loop} loop, {threads} thread{})",
+            if threads == "1" { "" } else { "s" }
+        ));
         meshes.push(wg);
     }
     let base = baseline()?;

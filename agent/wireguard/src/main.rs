@@ -49,7 +49,7 @@ struct Args {
     run_dir: PathBuf,
     /// Threads of the packet path: with `--packet-loop own`, 2 is one per direction and 1 one
     /// for both; with gotatun, the runtime's workers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PODMESH_WIREGUARD_THREADS", default_value_t = 2)]
     threads: usize,
     /// What moves the packets: `own`, podmesh's loop around gotatun's WireGuard sessions
     /// (batches from TUN offloads and UDP GSO/GRO, no task switches per packet), or `gotatun`,
