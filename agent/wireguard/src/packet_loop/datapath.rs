@@ -62,14 +62,35 @@ fn address(ip: &[u8], v4_at: usize, v6_at: usize) -> Option<IpAddr> {
     }
 }
 
-/// `ip` in a packet buffer, zero-padded to a multiple of 16 bytes but not
-/// past the MTU (the padding WireGuard's whitepaper asks for).
-pub fn padded(ip: &[u8], mtu: usize) -> Packet {
-    let len = ip.len().next_multiple_of(16).min(mtu.max(ip.len()));
-    let mut b = BytesMut::with_capacity(len);
-    b.extend_from_slice(ip);
-    b.resize(len, 0);
-    Packet::from_bytes(b)
+/// Packet buffers carved out of one allocation: a copy into it is a view of a
+/// shared buffer instead of an allocation of its own, and the buffer is used
+/// again once every view of it is gone (gotatun's sessions take and give
+/// packets as `BytesMut`).
+#[derive(Debug)]
+pub struct Scratch(BytesMut);
+
+impl Scratch {
+    const SIZE: usize = 256 * 1024;
+
+    pub fn new() -> Self {
+        Self(BytesMut::with_capacity(Self::SIZE))
+    }
+
+    /// `data` zero-padded to `len` bytes.
+    pub fn copy(&mut self, data: &[u8], len: usize) -> Packet {
+        if self.0.capacity() < len {
+            self.0.reserve(Self::SIZE);
+        }
+        self.0.extend_from_slice(data);
+        self.0.resize(len.max(data.len()), 0);
+        Packet::from_bytes(self.0.split())
+    }
+
+    /// `ip` zero-padded to a multiple of 16 bytes but not past the MTU (the
+    /// padding WireGuard's whitepaper asks for).
+    pub fn padded(&mut self, ip: &[u8], mtu: usize) -> Packet {
+        self.copy(ip, ip.len().next_multiple_of(16).min(mtu.max(ip.len())))
+    }
 }
 
 /// Whether `e` only says "nothing now" (a non-blocking or timed-out call).
@@ -89,6 +110,7 @@ pub struct Outbound {
     sizes: Vec<usize>,
     batch: Vec<Packet>,
     handshakes: Vec<WgKind>,
+    scratch: Scratch,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -107,6 +129,7 @@ impl Outbound {
             sizes: vec![0; IDEAL_BATCH_SIZE],
             batch: Vec::with_capacity(IDEAL_BATCH_SIZE),
             handshakes: Vec::new(),
+            scratch: Scratch::new(),
         }
     }
 
@@ -146,7 +169,7 @@ impl Outbound {
                 return;
             };
             for k in run {
-                match st.seal(padded(&self.segs[k][..self.sizes[k]], mtu)) {
+                match st.seal(self.scratch.padded(&self.segs[k][..self.sizes[k]], mtu)) {
                     Sealed::Data(p) => self.batch.push(p),
                     Sealed::Handshake(h) => {
                         self.dev.register(&h, &peer);
@@ -183,6 +206,7 @@ pub struct Inbound {
     /// The latest inner source address found allowed, and for which peer
     /// (its address, only compared).
     last_allowed: Option<(IpAddr, usize)>,
+    scratch: Scratch,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -209,6 +233,7 @@ impl Inbound {
             socket: None,
             last_peer: None,
             last_allowed: None,
+            scratch: Scratch::new(),
         }
     }
 
@@ -281,7 +306,7 @@ impl Inbound {
         };
         let packet = {
             let mut st = lock(&peer.state);
-            let Some(packet) = st.open(d) else {
+            let Some(packet) = st.open(d, &mut self.scratch) else {
                 return Ok(());
             };
             // Roaming: an authenticated packet says where the peer is now.
@@ -409,10 +434,20 @@ mod tests {
     }
 
     #[test]
-    fn padding_stops_at_the_mtu() {
-        assert_eq!(padded(&[1; 20], 1420).len(), 32);
-        assert_eq!(padded(&[1; 32], 1420).len(), 32);
-        assert_eq!(padded(&[1; 1415], 1420).len(), 1420);
-        assert_eq!(&padded(&[1; 17], 1420)[17..], &[0; 15]);
+    fn padding_stops_at_the_mtu_and_buffers_are_views_of_one() {
+        let mut s = Scratch::new();
+        assert_eq!(s.padded(&[1; 20], 1420).len(), 32);
+        assert_eq!(s.padded(&[1; 32], 1420).len(), 32);
+        assert_eq!(s.padded(&[1; 1415], 1420).len(), 1420);
+        let p = s.padded(&[1; 17], 1420);
+        assert_eq!(&p[..17], &[1; 17]);
+        assert_eq!(&p[17..], &[0; 15]);
+        // Past the buffer's size: a new one, the old views stay intact.
+        let held: Vec<Packet> = (0..400).map(|i| s.copy(&[i as u8; 1000], 1000)).collect();
+        assert!(
+            held.iter()
+                .enumerate()
+                .all(|(i, p)| p.iter().all(|&b| b == i as u8))
+        );
     }
 }

@@ -21,7 +21,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::BytesMut;
 use gotatun::{
     device::uapi::command::{Set, SetPeer, SetUnset},
     noise::{
@@ -33,7 +32,7 @@ use gotatun::{
 };
 use ipnetwork::IpNetwork;
 
-use super::socket::Socket;
+use super::{datapath::Scratch, socket::Socket};
 
 /// Handshakes per second from all peers before the device asks for cookies
 /// (the figure gotatun's own device uses).
@@ -149,13 +148,15 @@ impl PeerState {
     }
 
     /// Opens one data datagram: the IP packet inside (empty for a keepalive).
-    pub fn open(&mut self, datagram: &[u8]) -> Option<Packet> {
+    pub fn open(&mut self, datagram: &[u8], scratch: &mut Scratch) -> Option<Packet> {
         let tunn = self.tunn.as_mut()?;
-        match tunn.handle_incoming_packet(data_packet(datagram)?) {
+        let packet = scratch.copy(datagram, datagram.len()).try_into_wg().ok()?;
+        match tunn.handle_incoming_packet(packet) {
             TunnResult::WriteToTunnel(p) => Some(p),
             TunnResult::Err(WireGuardError::NoCurrentSession) => {
                 let (old, _) = self.retired.as_mut()?;
-                match old.handle_incoming_packet(data_packet(datagram)?) {
+                let packet = scratch.copy(datagram, datagram.len()).try_into_wg().ok()?;
+                match old.handle_incoming_packet(packet) {
                     TunnResult::WriteToTunnel(p) => Some(p),
                     _ => None,
                 }
@@ -207,12 +208,6 @@ impl PeerState {
         }
         (tx, rx)
     }
-}
-
-fn data_packet(datagram: &[u8]) -> Option<WgKind> {
-    Packet::from_bytes(BytesMut::from(datagram))
-        .try_into_wg()
-        .ok()
 }
 
 /// The device: configuration, sessions by index, and the TUN device's MTU.
@@ -530,6 +525,7 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use std::str::FromStr;
 
     fn set(text: &str) -> Set {
@@ -675,6 +671,7 @@ mod tests {
         // then a's key changes and a's old session still carries data.
         let a = Device::new(1420);
         let b = Device::new(1420);
+        let mut sc = Scratch::new();
         let (ka, kb) = (key(1), key(2));
         a.set(set(&format!(
             "set=1\nprivate_key={}\npublic_key={}\nendpoint=127.0.0.1:9\nallowed_ip=10.2.0.0/16\n",
@@ -724,25 +721,31 @@ mod tests {
             panic!("a keepalive")
         };
         let opened = lock(&pb.state)
-            .open(&Packet::from(keepalive))
+            .open(&Packet::from(keepalive), &mut sc)
             .expect("opens");
         assert!(opened.is_empty(), "a keepalive");
         let Sealed::Data(data) = lock(&pa.state).seal(ip(64)) else {
             panic!("sealed with the session")
         };
-        assert_eq!(lock(&pb.state).open(&data).expect("opens").len(), 64);
+        assert_eq!(
+            lock(&pb.state).open(&data, &mut sc).expect("opens").len(),
+            64
+        );
         // a's key changes: the old session still seals and b still opens it.
         a.set(set(&format!("set=1\nprivate_key={}\n", hex(&key(9)))));
         let Sealed::Data(data) = lock(&pa.state).seal(ip(80)) else {
             panic!("sealed with the retired session")
         };
-        assert_eq!(lock(&pb.state).open(&data).expect("opens").len(), 80);
+        assert_eq!(
+            lock(&pb.state).open(&data, &mut sc).expect("opens").len(),
+            80
+        );
         let Sealed::Data(back) = lock(&pb.state).seal(ip(96)) else {
             panic!("b seals")
         };
         assert_eq!(
             lock(&pa.state)
-                .open(&back)
+                .open(&back, &mut sc)
                 .expect("the retired session opens")
                 .len(),
             96
