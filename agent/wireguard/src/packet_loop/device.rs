@@ -478,6 +478,11 @@ impl Device {
     pub fn tick(&self) {
         let now = Instant::now();
         let cfg = self.cfg.read().unwrap_or_else(|e| e.into_inner());
+        // Also without peers (whose timers reset it too): handshakes from
+        // unknown senders must not leave the device "under load" for good.
+        if let Some(k) = &cfg.key {
+            k.limiter.try_reset_count();
+        }
         for peer in cfg.peers.values() {
             let mut st = lock(&peer.state);
             st.expire_retired(now);
