@@ -1,7 +1,9 @@
 //! `podmesh-wireguard`: userspace WireGuard for nodes whose kernel has none.
 //!
-//! It creates a TUN device, runs gotatun (a maintained boringtun fork) on it
-//! and serves the standard WireGuard configuration protocol (UAPI) on
+//! It creates a TUN device, moves its packets with podmesh's own loop around
+//! gotatun's WireGuard sessions (gotatun is a maintained boringtun fork; its
+//! own device stays selectable with `--packet-loop gotatun`, see
+//! [`packet_loop`]) and serves the standard WireGuard configuration protocol (UAPI) on
 //! `<run-dir>/<interface>.sock`, the socket `wg(8)` and wireguard-go use. It
 //! holds no configuration of its own: podmesh-agent sets the key, the port
 //! and the peers through the socket, and so can `wg`.
