@@ -444,25 +444,54 @@ async fn bench_datapath() -> anyhow::Result<()> {
         meshes.push(mesh);
     }
     // Encrypted: WireGuard between the clusters, the userspace process
-    // (this kernel has none), beside vxlan.
-    let mut wg = Mesh::with_wireguard(
-        DatapathMode::Vxlan,
-        &[
-            podmesh_tests::topo::ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
-            podmesh_tests::topo::ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
-        ],
-        Some(podmesh_agent::config::WireguardBackend::Userspace),
-    )?;
-    wg.resync_all().await?;
-    let failed = wg.cross_cluster_failures(None);
-    if !failed.is_empty() {
-        bail!("wireguard: not connected: {failed:?}");
+    // (this kernel has none), beside vxlan: podmesh's own packet loop, and
+    // gotatun's device (`--packet-loop gotatun`) to compare it with.
+    // PODMESH_BENCH_WG_LOOPS: which, as `loop[:threads]`, comma-separated.
+    let loops = std::env::var("PODMESH_BENCH_WG_LOOPS").unwrap_or_else(|_| "own,gotatun".into());
+    let mut wg_names = Vec::new();
+    for which in loops.split(',').filter(|l| !l.is_empty()) {
+        let (packet_loop, threads) = which.split_once(':').unwrap_or((which, "2"));
+        let mut wg = Mesh::without_datapaths(
+            DatapathMode::Vxlan,
+            &[
+                podmesh_tests::topo::ClusterPlan::new("east", "10.1.0.0/16", 2, 2),
+                podmesh_tests::topo::ClusterPlan::new("west", "10.2.0.0/16", 2, 2),
+            ],
+            podmesh_agent::model::UnderlayFamily::Ipv4,
+            Some(podmesh_agent::config::WireguardBackend::Userspace),
+        )?;
+        // The process is started by the datapath, with the arguments the
+        // agent gives it: the packet loop goes through its environment.
+        let bin = podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")?;
+        let wrapper = wg.wg_dir.path().join("podmesh-wireguard");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nPODMESH_WIREGUARD_PACKET_LOOP={packet_loop} PODMESH_WIREGUARD_THREADS={threads} exec {} \"$@\"\n",
+                bin.display()
+            ),
+        )?;
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        wg.wg_binary = Some(wrapper);
+        wg.build_datapaths()?;
+        wg.resync_all().await?;
+        let failed = wg.cross_cluster_failures(None);
+        if !failed.is_empty() {
+            bail!("wireguard ({packet_loop}): not connected: {failed:?}");
+        }
+        let backend = wg.dps[0]
+            .wireguard()
+            .map(|h| h.status().backend)
+            .unwrap_or_default();
+        wg_names.push(format!(
+            "wireguard ({backend}, {packet_loop} loop, {threads} thread{})",
+            if threads == "1" { "" } else { "s" }
+        ));
+        meshes.push(wg);
     }
-    let wg_backend = wg.dps[0]
-        .wireguard()
-        .map(|h| h.status().backend)
-        .unwrap_or_default();
-    meshes.push(wg);
     let base = baseline()?;
     // The pod pair of each path; the last is the plain veth pair.
     let mut paths: Vec<(&NetNs, &NetNs, String)> = meshes
@@ -477,10 +506,8 @@ async fn bench_datapath() -> anyhow::Result<()> {
     let mut samples: Vec<Samples> = modes
         .iter()
         .map(|m| format!("{m:?}").to_lowercase())
-        .chain([
-            format!("wireguard ({wg_backend})"),
-            "plain veth".to_string(),
-        ])
+        .chain(wg_names)
+        .chain(["plain veth".to_string()])
         .map(|name| Samples {
             name,
             rounds: Vec::new(),

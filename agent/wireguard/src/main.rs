@@ -1,7 +1,9 @@
 //! `podmesh-wireguard`: userspace WireGuard for nodes whose kernel has none.
 //!
-//! It creates a TUN device, runs gotatun (a maintained boringtun fork) on it
-//! and serves the standard WireGuard configuration protocol (UAPI) on
+//! It creates a TUN device, moves its packets with podmesh's own loop around
+//! gotatun's WireGuard sessions (gotatun is a maintained boringtun fork; its
+//! own device stays selectable with `--packet-loop gotatun`, see
+//! [`packet_loop`]) and serves the standard WireGuard configuration protocol (UAPI) on
 //! `<run-dir>/<interface>.sock`, the socket `wg(8)` and wireguard-go use. It
 //! holds no configuration of its own: podmesh-agent sets the key, the port
 //! and the peers through the socket, and so can `wg`.
@@ -21,6 +23,7 @@ use std::{
 };
 
 mod defer;
+mod packet_loop;
 mod tun;
 mod udp;
 
@@ -46,14 +49,27 @@ struct Args {
     /// Directory of the UAPI socket `<interface>.sock` and the pid file `<interface>.pid` (the directory `wg` looks in is /var/run/wireguard).
     #[arg(long, value_name = "DIR", default_value = "/var/run/wireguard")]
     run_dir: PathBuf,
-    /// Worker threads of the packet path.
-    #[arg(long, default_value_t = 2)]
+    /// Threads of the packet path: with `--packet-loop own`, 2 is one per direction and 1 one
+    /// for both; with gotatun, the runtime's workers.
+    #[arg(long, env = "PODMESH_WIREGUARD_THREADS", default_value_t = 2)]
     threads: usize,
+    /// What moves the packets: `own`, podmesh's loop around gotatun's WireGuard sessions
+    /// (batches from TUN offloads and UDP GSO/GRO, no task switches per packet), or `gotatun`,
+    /// gotatun's own device.
+    #[arg(long, value_enum, env = "PODMESH_WIREGUARD_PACKET_LOOP", default_value_t = PacketLoop::Own)]
+    packet_loop: PacketLoop,
     /// Where the kernel has WireGuard, create nothing and wait for SIGTERM, so that
     /// podmesh-agent's `--wireguard-backend auto` takes the kernel's device (a DaemonSet
     /// container that runs on every node, whatever its kernel).
     #[arg(long)]
     defer_to_kernel_wireguard: bool,
+}
+
+/// See [`Args::packet_loop`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PacketLoop {
+    Own,
+    Gotatun,
 }
 
 /// gotatun's UDP sockets, bound again when the port is still held by the
@@ -122,6 +138,28 @@ async fn watch_device<T: gotatun::device::DeviceTransports>(
     }
 }
 
+/// What serves the TUN device.
+enum Served {
+    Own(packet_loop::Running),
+    Gotatun(
+        gotatun::device::Device<(Rebinding, tun::TunSend, tun::TunRecv)>,
+        gotatun::device::uapi::UapiClient,
+    ),
+}
+
+impl Served {
+    /// Returns when the device is gone.
+    async fn watch(&mut self, interface: &str) -> anyhow::Result<()> {
+        match self {
+            Served::Own(running) => match running.stopped.recv().await {
+                Some(why) => anyhow::bail!("{why}"),
+                None => std::future::pending().await,
+            },
+            Served::Gotatun(device, _) => watch_device(device, interface).await,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -175,23 +213,32 @@ async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
-    let (client, server) = UapiServer::new();
-    let (tx, rx) = tun::create(&args.interface).with_context(|| {
+    let tun_context = || {
         format!(
             "creating TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)",
             args.interface
         )
-    })?;
-    let mut device = DeviceBuilder::new()
-        .with_udp(Rebinding(UdpSocketFactory {
-            recv_buffer_size: Some(SOCKET_BUFFER),
-            send_buffer_size: Some(SOCKET_BUFFER),
-        }))
-        .with_ip_pair(tx, rx)
-        .with_uapi(server)
-        .build()
-        .await
-        .context("starting the WireGuard device")?;
+    };
+    let mut served = match args.packet_loop {
+        PacketLoop::Own => Served::Own(
+            packet_loop::start(&args.interface, args.threads).with_context(tun_context)?,
+        ),
+        PacketLoop::Gotatun => {
+            let (client, server) = UapiServer::new();
+            let (tx, rx) = tun::create(&args.interface).with_context(tun_context)?;
+            let device = DeviceBuilder::new()
+                .with_udp(Rebinding(UdpSocketFactory {
+                    recv_buffer_size: Some(SOCKET_BUFFER),
+                    send_buffer_size: Some(SOCKET_BUFFER),
+                }))
+                .with_ip_pair(tx, rx)
+                .with_uapi(server)
+                .build()
+                .await
+                .context("starting the WireGuard device")?;
+            Served::Gotatun(device, client)
+        }
+    };
     match std::fs::remove_file(sock) {
         Err(e) if e.kind() != ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing the stale {}", sock.display()));
@@ -204,10 +251,23 @@ async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
     // One thread per UAPI connection (the agent holds one at a time).
+    let uapi: Box<dyn Fn(UnixStream) + Send> = match &served {
+        Served::Own(running) => {
+            let device = std::sync::Arc::clone(&running.device);
+            Box::new(move |s| {
+                let device = std::sync::Arc::clone(&device);
+                std::thread::spawn(move || packet_loop::uapi::serve(&device, s));
+            })
+        }
+        Served::Gotatun(_, client) => {
+            let client = client.clone();
+            Box::new(move |s| client.clone().wrap_read_write(s))
+        }
+    };
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             match stream {
-                Ok(s) => client.clone().wrap_read_write(s),
+                Ok(s) => uapi(s),
                 Err(e) => tracing::warn!(error = %e, "accepting a UAPI connection failed"),
             }
         }
@@ -215,13 +275,14 @@ async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
     tracing::info!(
         interface = %args.interface,
         socket = %sock.display(),
+        packet_loop = ?args.packet_loop,
         "serving WireGuard; configure it through the UAPI socket"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
-        r = watch_device(&mut device, &args.interface) => r,
+        r = served.watch(&args.interface) => r,
     };
     // Only our own files: a successor may already have replaced them.
     if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
@@ -229,7 +290,9 @@ async fn run(args: &Args, sock: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_file(sock);
     }
-    device.stop().await;
+    if let Served::Gotatun(device, _) = served {
+        device.stop().await;
+    }
     tracing::info!("stopped; the TUN device goes with this process");
     result
 }

@@ -60,6 +60,8 @@ pub struct Mesh {
     /// With WireGuard of this backend towards the other cluster (keys under `wg_dir`).
     pub wireguard: Option<WireguardBackend>,
     pub wg_dir: tempfile::TempDir,
+    /// The userspace WireGuard program to start (default: the workspace's).
+    pub wg_binary: Option<std::path::PathBuf>,
 }
 
 impl Mesh {
@@ -136,6 +138,7 @@ impl Mesh {
             underlay,
             wireguard,
             wg_dir: tempfile::tempdir()?,
+            wg_binary: None,
         })
     }
 
@@ -166,8 +169,13 @@ impl Mesh {
                 backend,
                 // The userspace process is started by the datapath, as the agent does.
                 userspace_binary: (backend == WireguardBackend::Userspace).then(|| {
-                    podmesh_tests::mesh::workspace_binary("podmesh-wireguard", "podmesh-wireguard")
+                    self.wg_binary.clone().unwrap_or_else(|| {
+                        podmesh_tests::mesh::workspace_binary(
+                            "podmesh-wireguard",
+                            "podmesh-wireguard",
+                        )
                         .expect("podmesh-wireguard builds")
+                    })
                 }),
             }
         });

@@ -1,5 +1,7 @@
 //! `cargo xtask bench datapath`: iperf3 TCP throughput and ping RTT pod to pod
-//! across clusters for ebpf, vxlan, direct and a plain veth pair, same run;
+//! across clusters for ebpf, vxlan, direct, WireGuard between the clusters
+//! (the userspace process with its own packet loop and with gotatun's device)
+//! and a plain veth pair, same run;
 //! with `--ip-family ipv6`, each mode over an IPv6-only underlay next to the
 //! same mode over IPv4, same run.
 use crate::util::sh;
