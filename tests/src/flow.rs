@@ -141,3 +141,37 @@ pub fn exchange(from: &NetNs, to: IpAddr, bytes: usize) -> anyhow::Result<Seen> 
         .unwrap_or_else(|_| bail!("exchange thread panicked"))
     })
 }
+
+/// The port [`iperf3_server`] listens on.
+pub const IPERF3_PORT: u16 = 5201;
+
+/// A one-shot `iperf3` server (`-s -1`) in `ns` on [`IPERF3_PORT`], returned
+/// once it listens, so that a client started right after does not race it.
+/// The caller kills or waits for the child.
+pub fn iperf3_server(ns: &NetNs) -> anyhow::Result<std::process::Child> {
+    let port = IPERF3_PORT.to_string();
+    let mut server = ns
+        .command("iperf3")
+        .args(["-s", "-1", "-p", &port])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s (is iperf3 installed?)")?;
+    let filter = format!("sport = :{port}");
+    let listening = crate::eventually(Duration::from_secs(5), || {
+        let o = ns
+            .exec("ss", &["-ltn", &filter])
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&o.stdout).contains(&format!(":{port}")) {
+            Ok(())
+        } else {
+            Err(format!("iperf3 not listening on {port} in {}", ns.name()))
+        }
+    });
+    if let Err(e) = listening {
+        let _ = server.kill();
+        let _ = server.wait();
+        return Err(e);
+    }
+    Ok(server)
+}

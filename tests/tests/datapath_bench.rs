@@ -7,7 +7,6 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,7 +19,7 @@ use podmesh_agent::{
     datapath::{Datapath, KernelConfig, ROUTE_PROTOCOL, RemoteRoute, from_config, owners::Owners},
 };
 use podmesh_common::{OWNERS_MAP, REMOTES_V4_MAP, RemoteNode};
-use podmesh_tests::{env_or, eventually, netns::NetNs, require_root};
+use podmesh_tests::{env_or, netns::NetNs, require_root};
 
 /// Remote node `i` of the install benchmark: a /26 Pod CIDR in 10.0.0.0/8
 /// and an underlay address in 100.64.0.0/10 (on the scratch veth).
@@ -338,22 +337,7 @@ fn rcu_softirqs() -> anyhow::Result<u64> {
 }
 
 fn measure(from: &NetNs, to: &NetNs, addr: &str, seconds: u32) -> anyhow::Result<Figures> {
-    let mut server: Child = to
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    eventually(Duration::from_secs(5), || {
-        let o = to
-            .exec("ss", &["-ltn", "sport = :5201"])
-            .map_err(|e| e.to_string())?;
-        if String::from_utf8_lossy(&o.stdout).contains("5201") {
-            Ok(())
-        } else {
-            Err("iperf3 not listening".into())
-        }
-    })?;
+    let mut server = podmesh_tests::flow::iperf3_server(to)?;
     let t = seconds.to_string();
     let rcu_before = rcu_softirqs()?;
     let (busy_before, _) = cpu_ticks()?;

@@ -209,24 +209,7 @@ fn bulk_tcp_crosses(m: &Mesh) -> anyhow::Result<()> {
     const BYTES: u64 = 32 << 20;
     let from = &m.node("east-n0")?.pods[0];
     let to = &m.node("west-n0")?.pods[0];
-    let mut server = to
-        .ns
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    eventually(Duration::from_secs(5), || {
-        let o = to
-            .ns
-            .exec("ss", &["-ltn", "sport = :5201"])
-            .map_err(|e| e.to_string())?;
-        if String::from_utf8_lossy(&o.stdout).contains("5201") {
-            Ok(())
-        } else {
-            Err("iperf3 not listening".into())
-        }
-    })?;
+    let mut server = podmesh_tests::flow::iperf3_server(&to.ns)?;
     let before = wg_tx(m, "east-n0")?;
     let addr = to.addr.to_string();
     let out = from.ns.run(
