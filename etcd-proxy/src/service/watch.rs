@@ -163,9 +163,14 @@ impl StreamTask {
         let mut tick = tokio::time::interval(progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        // One wait for shutdown for the stream's life: a new one per pass
+        // would join and leave the shutdown channel's list of waiters (one
+        // lock, shared by every stream) twice per update.
+        let stop = crate::hub::stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
             let step = tokio::select! {
-                _ = crate::hub::stopped(&mut shutdown) => {
+                _ = &mut stop => {
                     // What etcd itself says when it stops: UNAVAILABLE is
                     // what etcd's clients retry (Go's clientv3 resumes every
                     // watcher from its last revision on another endpoint);
@@ -443,49 +448,58 @@ impl StreamTask {
             }
         }
         let header = self.hub.header(revision);
-        let mut events: Vec<&PbEvent> = Vec::new();
         // The updates' shared encodings, referenced (never copied): one
         // list per pass of this stream, whatever its number of watchers.
-        let mut parts: Vec<Arc<[EncodedEvent]>> = Vec::new();
+        let mut parts: Vec<Arc<[EncodedEvent]>> = Vec::with_capacity(batch.len());
+        let mut count = 0;
         for u in batch {
             if let Update::Events {
-                events: e, encoded, ..
+                events, encoded, ..
             } = u
             {
-                events.extend(e.iter());
+                count += events.len();
                 parts.push(encoded.clone());
             }
         }
         self.delivered = revision;
-        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> = (!parts.is_empty()).then(|| parts.into());
-        let Some(shared) = shared else {
+        if parts.is_empty() {
             for w in self.watchers.values_mut() {
                 w.next_rev = w.next_rev.max(revision + 1);
             }
             return Ok(());
+        }
+        let shared: Arc<[Arc<[EncodedEvent]>]> = parts.into();
+        // The batch's events in order, without a list of them: a stream
+        // (one watcher, as a rule) walks them once or twice per pass.
+        let events = || {
+            batch.iter().flat_map(|u| match u {
+                Update::Events { events, .. } => events.as_slice(),
+                _ => &[],
+            })
         };
-        let mut out = Vec::new();
-        let mut idx = Vec::new();
+        let mut out = Vec::with_capacity(self.watchers.len());
         for (id, w) in self.watchers.iter_mut() {
-            idx.clear();
-            idx.extend(
-                events
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| w.wants(e))
-                    .map(|(i, _)| i as u32),
-            );
+            // Usually the watcher takes every event: no list of picks.
+            let taken = events().filter(|e| w.wants(e)).count();
+            let pick = if taken == count {
+                Pick::All
+            } else if taken == 0 {
+                Pick::Some(Vec::new())
+            } else {
+                Pick::Some(
+                    events()
+                        .enumerate()
+                        .filter(|(_, e)| w.wants(e))
+                        .map(|(i, _)| i as u32)
+                        .collect(),
+                )
+            };
             w.next_rev = w.next_rev.max(revision + 1);
-            if idx.is_empty() {
+            if taken == 0 {
                 continue;
             }
             w.sent_since_tick = true;
-            let pick = if idx.len() == events.len() {
-                Pick::All
-            } else {
-                Pick::Some(idx.clone())
-            };
-            out.push((*id, w.prev_kv, idx.len(), pick));
+            out.push((*id, w.prev_kv, taken, pick));
         }
         // The client reads too slowly when earlier passes are still
         // queued: its watchers are cut off rather than holding updates,
