@@ -333,8 +333,10 @@ mod tests {
             events: vec![ev("p/a", "17"), ev("p/b", ""), ev("p/c", &"x".repeat(300))],
             ..Default::default()
         };
-        let got: Vec<&[u8]> = event_values(&resp.encode_to_vec()).collect();
-        assert_eq!(got, vec![&b"17"[..], b"", "x".repeat(300).as_bytes()]);
+        let encoded = resp.encode_to_vec();
+        let got: Vec<&[u8]> = event_values(&encoded).collect();
+        let long = "x".repeat(300);
+        assert_eq!(got, vec![&b"17"[..], b"", long.as_bytes()]);
         let none = PbWatchResponse {
             created: true,
             ..Default::default()
