@@ -460,7 +460,8 @@ impl StreamTask {
         first: Update,
         updates: &mut broadcast::Receiver<Update>,
     ) -> Result<(), Gone> {
-        // As a rule the stream is not behind: one update, and no list.
+        // Here when the stream is behind or the update is a reset; what is
+        // queued after `first` joins it, up to MAX_BATCH.
         let second = match updates.try_recv() {
             Ok(u) => u,
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
