@@ -379,6 +379,10 @@ struct ConnRow {
     target_cpu_ms: f64,
     /// CPU the load client (this process) used per put over the same time.
     client_cpu_ms: f64,
+    /// Watch responses received per put, over every connection: fewer than
+    /// connections when a target that falls behind sends several events in
+    /// one response, which costs it (and the client) less per put.
+    responses_per_put: f64,
 }
 
 impl ConnRow {
@@ -442,11 +446,14 @@ async fn run_connections(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_kib = t.pid.map_or(0, rss_kib);
     let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
+    // One task per connection: the reader is also the connection's only
+    // reader and writer (`WatchConn` has no task of its own).
     let mut readers = Vec::with_capacity(n);
     for mut c in conns {
         let sent = sent.clone();
         readers.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(puts);
+            let mut responses = 0usize;
             // One deadline for the whole reading (the puts' time and a
             // minute): a timeout per message would add a timer to insert
             // and remove per delivery to the client's work.
@@ -456,6 +463,7 @@ async fn run_connections(
                     let Ok(Some(resp)) = c.next_raw().await else {
                         break;
                     };
+                    responses += 1;
                     let now = base.elapsed().as_nanos() as u64;
                     // Only the values (the put's sequence number) are read:
                     // the client shares the cores with the target it measures.
@@ -472,7 +480,7 @@ async fn run_connections(
                 }
             })
             .await;
-            lat
+            (lat, responses)
         }));
     }
     let mut writer = etcd.connect().await?;
@@ -491,8 +499,11 @@ async fn run_connections(
         }
     }
     let mut lat = Vec::with_capacity(n * puts);
+    let mut responses = 0;
     for r in readers {
-        lat.extend(r.await?);
+        let (l, m) = r.await?;
+        lat.extend(l);
+        responses += m;
     }
     let cpu_after = (cpu_ms(&target_pid), cpu_ms("self"));
     peak = peak.max(t.pid.map_or(0, rss_kib));
@@ -518,6 +529,7 @@ async fn run_connections(
         connect_s,
         target_cpu_ms: (cpu_after.0 - cpu_before.0) / puts as f64,
         client_cpu_ms: (cpu_after.1 - cpu_before.1) / puts as f64,
+        responses_per_put: responses as f64 / puts as f64,
     })
 }
 
@@ -601,7 +613,7 @@ async fn proxy_connections_bench() {
         podmesh_tests::watchconn::SOURCES
     );
     println!(
-        "{:>11}  {:<27} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10} {:>12} {:>12}",
+        "{:>11}  {:<27} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10} {:>12} {:>12} {:>13}",
         "connections",
         "target",
         "p50 ms",
@@ -615,11 +627,12 @@ async fn proxy_connections_bench() {
         "upstream",
         "connect s",
         "CPU ms/put",
-        "client ms/put"
+        "client ms/put",
+        "responses/put"
     );
     for r in &rows {
         println!(
-            "{:>11}  {:<27} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1} {:>12.1} {:>12.1}",
+            "{:>11}  {:<27} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1} {:>12.1} {:>12.1} {:>13.0}",
             r.connections,
             r.target,
             r.p50_ms,
@@ -633,7 +646,8 @@ async fn proxy_connections_bench() {
             r.upstream_watches,
             r.connect_s,
             r.target_cpu_ms,
-            r.client_cpu_ms
+            r.client_cpu_ms,
+            r.responses_per_put
         );
     }
     println!();
