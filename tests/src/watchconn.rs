@@ -658,6 +658,36 @@ mod tests {
     use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader};
 
     #[test]
+    fn request_headers_decode_as_sent_and_padding_is_removed() {
+        let long = "v".repeat(300);
+        let sent = [
+            (":method", "POST"),
+            (":path", "/etcdserverpb.Watch/Watch"),
+            ("x-long", long.as_str()),
+            ("te", "trailers"),
+        ];
+        let mut block = Vec::new();
+        for (n, v) in sent {
+            hpack_literal(&mut block, n.as_bytes(), v.as_bytes());
+        }
+        let got = loona_hpack::Decoder::new().decode(&block).unwrap();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = sent
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(got, want);
+
+        let mut p = BytesMut::from(&[3, b'a', b'b', 0, 0, 0][..]);
+        unpad(&mut p, PADDED).unwrap();
+        assert_eq!(&p[..], b"ab");
+        let mut bad = BytesMut::from(&[9, b'a'][..]);
+        assert!(unpad(&mut bad, PADDED).is_err(), "padding past the frame");
+        let mut plain = BytesMut::from(&b"ab"[..]);
+        unpad(&mut plain, 0).unwrap();
+        assert_eq!(&plain[..], b"ab");
+    }
+
+    #[test]
     fn event_values_reads_what_a_full_decode_does() {
         let ev = |k: &str, v: &str| PbEvent {
             r#type: 0,
