@@ -43,6 +43,10 @@ pub struct Identity {
 pub struct Hub {
     cache: Mutex<Cache>,
     tx: broadcast::Sender<Update>,
+    /// The revision of the last update published: a stream that has just
+    /// received an older one knows that more are queued for it, without
+    /// asking the broadcast (which takes its lock).
+    published: AtomicI64,
     pub prefix: Prefix,
     pub metrics: Metrics,
     /// Bytes of built, unsent Range and Txn answers, proxy-wide.
@@ -80,6 +84,7 @@ impl Hub {
         Hub {
             cache: Mutex::new(Cache::new(history)),
             tx,
+            published: AtomicI64::new(0),
             prefix,
             metrics: Metrics::new(),
             budget: ProxyBudget::new(PROXY_BYTES),
@@ -113,6 +118,11 @@ impl Hub {
         (self.tx.subscribe(), c.revision())
     }
 
+    /// The revision of the last update published (events or progress).
+    pub fn published(&self) -> i64 {
+        self.published.load(Ordering::Acquire)
+    }
+
     pub fn shutdown(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
     }
@@ -128,6 +138,7 @@ impl Hub {
         self.metrics.cache_revision.set(c.revision());
         if !out.is_empty() {
             let encoded = out.iter().map(EncodedEvent::new).collect();
+            self.published.store(c.revision(), Ordering::Release);
             let _ = self.tx.send(Update::Events {
                 revision: c.revision(),
                 events: Arc::new(out),
@@ -141,6 +152,7 @@ impl Hub {
         let mut c = self.lock();
         if c.advance(revision) {
             self.metrics.cache_revision.set(revision);
+            self.published.store(revision, Ordering::Release);
             let _ = self.tx.send(Update::Progress(revision));
         }
     }

@@ -43,6 +43,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in milliseconds
+/// (`/proc/<pid>/stat`, clock ticks of 10 ms); 0 when it cannot be read.
+fn cpu_ms(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name, which may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 * 10.0
+}
+
 #[derive(Debug, Clone, Default)]
 struct Row {
     watchers: usize,
@@ -355,6 +372,17 @@ struct ConnRow {
     peak_mib: f64,
     upstream_watches: f64,
     connect_s: f64,
+    /// CPU the target used per put, from the first put until every
+    /// connection has its events: what a delivery to all of them costs,
+    /// which the load of other processes on the cores changes far less
+    /// than it changes latency.
+    target_cpu_ms: f64,
+    /// CPU the load client (this process) used per put over the same time.
+    client_cpu_ms: f64,
+    /// Watch responses received per put, over every connection: fewer than
+    /// connections when a target that falls behind sends several events in
+    /// one response, which costs it (and the client) less per put.
+    responses_per_put: f64,
 }
 
 impl ConnRow {
@@ -374,7 +402,7 @@ async fn run_connections(
     puts: usize,
     rate: u64,
 ) -> anyhow::Result<ConnRow> {
-    use podmesh_tests::watchconn::{WatchConn, prefix_watch, source, tls};
+    use podmesh_tests::watchconn::{WatchConn, event_values, prefix_watch, source, tls};
     let addr: std::net::SocketAddr = t
         .endpoint
         .trim_start_matches("https://")
@@ -418,33 +446,46 @@ async fn run_connections(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_kib = t.pid.map_or(0, rss_kib);
     let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
+    // One task per connection: the reader is also the connection's only
+    // reader and writer (`WatchConn` has no task of its own).
     let mut readers = Vec::with_capacity(n);
     for mut c in conns {
         let sent = sent.clone();
         readers.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(puts);
-            let deadline = Duration::from_secs(60);
-            while lat.len() < puts {
-                let Ok(Ok(Some(resp))) = tokio::time::timeout(deadline, c.next()).await else {
-                    break;
-                };
-                let now = base.elapsed().as_nanos() as u64;
-                for e in &resp.events {
-                    let Some(seq) = e
-                        .kv
-                        .as_ref()
-                        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<usize>().ok())
-                    else {
-                        continue;
+            let mut responses = 0usize;
+            // One deadline for the whole reading (the puts' time and a
+            // minute): a timeout per message would add a timer to insert
+            // and remove per delivery to the client's work.
+            let deadline = Duration::from_secs(60 + puts as u64 / rate);
+            let _ = tokio::time::timeout(deadline, async {
+                while lat.len() < puts {
+                    let Ok(Some(resp)) = c.next_raw().await else {
+                        break;
                     };
-                    let at = sent[seq].load(Ordering::Acquire);
-                    lat.push(((now.saturating_sub(at)) / 1000) as u32);
+                    responses += 1;
+                    let now = base.elapsed().as_nanos() as u64;
+                    // Only the values (the put's sequence number) are read:
+                    // the client shares the cores with the target it measures.
+                    for value in event_values(&resp) {
+                        let Some(seq) = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse::<usize>().ok())
+                        else {
+                            continue;
+                        };
+                        let at = sent[seq].load(Ordering::Acquire);
+                        lat.push(((now.saturating_sub(at)) / 1000) as u32);
+                    }
                 }
-            }
-            lat
+            })
+            .await;
+            (lat, responses)
         }));
     }
     let mut writer = etcd.connect().await?;
+    let target_pid = t.pid.map(|p| p.to_string()).unwrap_or_default();
+    let cpu_before = (cpu_ms(&target_pid), cpu_ms("self"));
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     let mut peak = idle_kib;
     for seq in 0..puts {
@@ -458,9 +499,13 @@ async fn run_connections(
         }
     }
     let mut lat = Vec::with_capacity(n * puts);
+    let mut responses = 0;
     for r in readers {
-        lat.extend(r.await?);
+        let (l, m) = r.await?;
+        lat.extend(l);
+        responses += m;
     }
+    let cpu_after = (cpu_ms(&target_pid), cpu_ms("self"));
     peak = peak.max(t.pid.map_or(0, rss_kib));
     lat.sort_unstable();
     let pct = |p: f64| {
@@ -482,6 +527,9 @@ async fn run_connections(
         peak_mib: peak as f64 / 1024.0,
         upstream_watches,
         connect_s,
+        target_cpu_ms: (cpu_after.0 - cpu_before.0) / puts as f64,
+        client_cpu_ms: (cpu_after.1 - cpu_before.1) / puts as f64,
+        responses_per_put: responses as f64 / puts as f64,
     })
 }
 
@@ -565,7 +613,7 @@ async fn proxy_connections_bench() {
         podmesh_tests::watchconn::SOURCES
     );
     println!(
-        "{:>11}  {:<27} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10}",
+        "{:>11}  {:<27} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>10} {:>12} {:>12} {:>13}",
         "connections",
         "target",
         "p50 ms",
@@ -577,11 +625,14 @@ async fn proxy_connections_bench() {
         "peak MiB",
         "KiB per conn",
         "upstream",
-        "connect s"
+        "connect s",
+        "CPU ms/put",
+        "client ms/put",
+        "responses/put"
     );
     for r in &rows {
         println!(
-            "{:>11}  {:<27} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1}",
+            "{:>11}  {:<27} {:>8.1} {:>8.1} {:>8.1} {:>9.1}% {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9} {:>10.1} {:>12.1} {:>12.1} {:>13.0}",
             r.connections,
             r.target,
             r.p50_ms,
@@ -593,7 +644,10 @@ async fn proxy_connections_bench() {
             r.peak_mib,
             r.per_conn_kib(),
             r.upstream_watches,
-            r.connect_s
+            r.connect_s,
+            r.target_cpu_ms,
+            r.client_cpu_ms,
+            r.responses_per_put
         );
     }
     println!();

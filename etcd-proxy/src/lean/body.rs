@@ -103,7 +103,11 @@ impl http_body::Body for RecvBody {
         if i.end {
             return Poll::Ready(None);
         }
-        i.reader = Some(cx.waker().clone());
+        // Polled again on every pass of its watch stream: the waker is
+        // cloned only when it changed.
+        if !i.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            i.reader = Some(cx.waker().clone());
+        }
         Poll::Pending
     }
 

@@ -583,9 +583,9 @@ where
     }
 
     /// Moves every stream's answer on, removes finished streams and returns
-    /// the window of what the services have taken.
+    /// the window of what the services have taken; true when a stream
+    /// stopped at `WRITE_HIGH` (it has more once the output is written).
     fn poll_streams(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut progress = false;
         let n = self.streams.len();
         if n > 0 {
             self.turn = (self.turn + 1) % n;
@@ -595,11 +595,13 @@ where
             buf: &mut self.wbuf,
             conn_window: &mut self.conn_send,
             max_frame: self.peer_max_frame,
+            full: false,
         };
         for k in 0..n {
             let s = &mut self.streams[(self.turn + k) % n];
-            progress |= s.poll_send(cx, &mut out);
+            s.poll_send(cx, &mut out);
         }
+        let full = out.full;
         let mut i = 0;
         while i < self.streams.len() {
             if matches!(self.streams[i].reply, Reply::Done) {
@@ -628,7 +630,7 @@ where
             self.conn_recv += self.conn_unacked as i64;
             self.conn_unacked = 0;
         }
-        progress
+        full
     }
 
     /// Writes what is queued; `Err` when the socket failed.
@@ -713,26 +715,35 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         for _ in 0..ROUNDS {
-            let mut progress = false;
+            // Another round is due only when this one may have left work
+            // that no waker will report: frames read (the socket is read
+            // until it has nothing), or a stream held back by the queued
+            // output once that output is written. Everything else that
+            // returned Pending has registered the task: a round that only
+            // wrote what the streams gave is the last one.
+            let mut again = false;
             if !this.poll_timer(cx) {
                 return Poll::Ready(());
             }
+            let mut full = false;
             if !this.failed {
                 if this.queued() < READ_PAUSE {
                     match this.poll_read(cx) {
-                        Poll::Ready(Ok(true)) => progress = true,
+                        Poll::Ready(Ok(true)) => again = true,
                         Poll::Ready(Ok(false)) => return Poll::Ready(()),
                         Poll::Ready(Err(reason)) => this.fail(reason),
                         Poll::Pending => {}
                     }
+                } else {
+                    // Reading resumes once the output is written.
+                    full = true;
                 }
                 if !this.failed {
-                    progress |= this.poll_streams(cx);
+                    full |= this.poll_streams(cx);
                 }
             }
-            match this.poll_write(cx) {
-                Err(()) => return Poll::Ready(()),
-                Ok(wrote) => progress |= wrote,
+            if this.poll_write(cx).is_err() {
+                return Poll::Ready(());
             }
             let quiet = this.wbuf.is_empty() && !this.need_flush;
             if quiet
@@ -740,7 +751,9 @@ where
             {
                 return Poll::Ready(());
             }
-            if !progress {
+            // Written in full (else the socket's waker is registered).
+            again |= full && this.queued() == 0;
+            if !again {
                 return Poll::Pending;
             }
         }

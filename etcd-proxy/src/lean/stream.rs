@@ -70,6 +70,10 @@ pub struct Out<'a> {
     pub queued: usize,
     pub conn_window: &'a mut i64,
     pub max_frame: usize,
+    /// A stream stopped taking from its body because `WRITE_HIGH` was
+    /// reached (not because the body had nothing): once the output is
+    /// written, the streams are to be polled again.
+    pub full: bool,
 }
 
 impl<F, B> Stream<F, B>
@@ -124,6 +128,7 @@ where
                         continue;
                     }
                     if out.queued >= WRITE_HIGH {
+                        out.full = true;
                         return progress;
                     }
                     let before = out.buf.len();

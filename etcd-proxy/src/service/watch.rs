@@ -15,7 +15,7 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
-use super::watch_wire::{EncodedEvent, Events, Out, Pick, WatchCodec};
+use super::watch_wire::{Batch, Events, Out, Pick, WatchCodec};
 use crate::budget::{
     ConnectionBudget, MAX_KEY_BYTES, MAX_WATCHERS_PER_STREAM, REPLAY_CHUNK_BYTES,
     STREAM_REPLAY_BYTES, StreamBudget,
@@ -133,6 +133,24 @@ impl Watcher {
 /// The client is gone; the stream ends.
 struct Gone;
 
+/// How far a pass went without waiting.
+enum Now {
+    /// Every response is queued (or the client is gone).
+    Done(Result<(), Gone>),
+    /// The stream's backlog is full: its watchers are to be cut off.
+    Cut,
+    /// The responses the queue had no room for, in order.
+    Rest(Vec<Out>),
+}
+
+/// What is left of a pass that has to wait.
+enum Later {
+    /// The update, untouched: a pass of it and of what is queued after it.
+    Update(Update),
+    Cut,
+    Rest(Vec<Out>),
+}
+
 #[derive(Debug)]
 struct StreamTask {
     hub: Arc<Hub>,
@@ -163,9 +181,19 @@ impl StreamTask {
         let mut tick = tokio::time::interval(progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        // One wait for shutdown for the stream's life: a new one per pass
+        // would join and leave the shutdown channel's list of waiters (one
+        // lock, shared by every stream) twice per update.
+        let stop = crate::hub::stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
+            // Biased, in this order: shutdown, then requests (a stream that
+            // is behind still reads them), then updates, then the tick; a
+            // random order would poll the tick too on half the wake-ups
+            // for an update (what almost every pass is).
             let step = tokio::select! {
-                _ = crate::hub::stopped(&mut shutdown) => {
+                biased;
+                _ = &mut stop => {
                     // What etcd itself says when it stops: UNAVAILABLE is
                     // what etcd's clients retry (Go's clientv3 resumes every
                     // watcher from its last revision on another endpoint);
@@ -187,7 +215,15 @@ impl StreamTask {
                     Some(Err(_)) | None => break,
                 },
                 upd = updates.recv() => match upd {
-                    Ok(u) => Box::pin(self.updates(u, &mut updates)).await,
+                    // Most passes: one update, taken by the watchers with
+                    // room in the queue, nothing to wait for; the general
+                    // path (a boxed future, an allocation) is for the rest.
+                    Ok(u) => match self.pass_now(u) {
+                        Ok(r) => r,
+                        Err(Later::Update(u)) => Box::pin(self.updates(u, &mut updates)).await,
+                        Err(Later::Cut) => Box::pin(self.backlog_full()).await,
+                        Err(Later::Rest(rest)) => Box::pin(self.send_all(rest)).await,
+                    },
                     Err(broadcast::error::RecvError::Lagged(n)) => Box::pin(self.lagged(n)).await,
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -398,6 +434,25 @@ impl StreamTask {
         Ok(())
     }
 
+    /// A pass of the one update `u` as far as it goes without waiting,
+    /// when nothing else is queued for the stream (the hub has published
+    /// nothing after it); otherwise `u` is given back, untouched, for
+    /// [`StreamTask::updates`], which takes what is queued with it.
+    fn pass_now(&mut self, u: Update) -> Result<Result<(), Gone>, Later> {
+        let revision = match &u {
+            Update::Events { revision, .. } | Update::Progress(revision) => *revision,
+            Update::Reset { .. } => return Err(Later::Update(u)),
+        };
+        if revision < self.hub.published() {
+            return Err(Later::Update(u));
+        }
+        match self.events_now(std::slice::from_ref(&u)) {
+            Now::Done(r) => Ok(r),
+            Now::Cut => Err(Later::Cut),
+            Now::Rest(rest) => Err(Later::Rest(rest)),
+        }
+    }
+
     /// Handles `first` and whatever else is already queued (up to
     /// [`MAX_BATCH`]): every watcher gets one response for the lot.
     async fn updates(
@@ -405,17 +460,32 @@ impl StreamTask {
         first: Update,
         updates: &mut broadcast::Receiver<Update>,
     ) -> Result<(), Gone> {
-        let mut batch = vec![first];
+        // Here when the stream is behind or the update is a reset; what is
+        // queued after `first` joins it, up to MAX_BATCH.
+        let second = match updates.try_recv() {
+            Ok(u) => u,
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                self.pass(std::slice::from_ref(&first)).await?;
+                return self.lagged(n).await;
+            }
+            Err(_) => return self.pass(std::slice::from_ref(&first)).await,
+        };
+        let mut batch = vec![first, second];
         while batch.len() < MAX_BATCH {
             match updates.try_recv() {
                 Ok(u) => batch.push(u),
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    self.events(&batch).await?;
+                    self.pass(&batch).await?;
                     return self.lagged(n).await;
                 }
                 Err(_) => break,
             }
         }
+        self.pass(&batch).await
+    }
+
+    /// Handles the updates a pass took.
+    async fn pass(&mut self, batch: &[Update]) -> Result<(), Gone> {
         // A reset cancels everyone: what came before it is sent first.
         if let Some(i) = batch.iter().position(|u| matches!(u, Update::Reset { .. })) {
             self.events(&batch[..i]).await?;
@@ -431,11 +501,13 @@ impl StreamTask {
             // created later start from the cache.
             return self.events(&batch[i + 1..]).await;
         }
-        self.events(&batch).await
+        self.events(batch).await
     }
 
-    /// Sends each watcher the events it selects from `batch` in one response.
-    async fn events(&mut self, batch: &[Update]) -> Result<(), Gone> {
+    /// The pass of [`StreamTask::events`] as far as it goes without
+    /// waiting: every response queued (as a rule), or the stream to be cut
+    /// off, or the responses the queue had no room for.
+    fn events_now(&mut self, batch: &[Update]) -> Now {
         let mut revision = self.delivered;
         for u in batch {
             if let Update::Events { revision: r, .. } | Update::Progress(r) = u {
@@ -443,49 +515,35 @@ impl StreamTask {
             }
         }
         let header = self.hub.header(revision);
-        let mut events: Vec<&PbEvent> = Vec::new();
-        // The updates' shared encodings, referenced (never copied): one
-        // list per pass of this stream, whatever its number of watchers.
-        let mut parts: Vec<Arc<[EncodedEvent]>> = Vec::new();
+        let mut count = 0;
+        let mut parts = 0;
+        let mut first = None;
         for u in batch {
             if let Update::Events {
-                events: e, encoded, ..
+                events, encoded, ..
             } = u
             {
-                events.extend(e.iter());
-                parts.push(encoded.clone());
+                count += events.len();
+                parts += 1;
+                first.get_or_insert(encoded);
             }
         }
-        self.delivered = revision;
-        let shared: Option<Arc<[Arc<[EncodedEvent]>]>> = (!parts.is_empty()).then(|| parts.into());
-        let Some(shared) = shared else {
+        // The batch's events in order, without a list of them: a stream
+        // (one watcher, as a rule) walks them once or twice per pass.
+        let events = || {
+            batch.iter().flat_map(|u| match u {
+                Update::Events { events, .. } => events.as_slice(),
+                _ => &[],
+            })
+        };
+        let taken_by_any =
+            count > 0 && self.watchers.values().any(|w| events().any(|e| w.wants(e)));
+        if !taken_by_any {
             for w in self.watchers.values_mut() {
                 w.next_rev = w.next_rev.max(revision + 1);
             }
-            return Ok(());
-        };
-        let mut out = Vec::new();
-        let mut idx = Vec::new();
-        for (id, w) in self.watchers.iter_mut() {
-            idx.clear();
-            idx.extend(
-                events
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| w.wants(e))
-                    .map(|(i, _)| i as u32),
-            );
-            w.next_rev = w.next_rev.max(revision + 1);
-            if idx.is_empty() {
-                continue;
-            }
-            w.sent_since_tick = true;
-            let pick = if idx.len() == events.len() {
-                Pick::All
-            } else {
-                Pick::Some(idx.clone())
-            };
-            out.push((*id, w.prev_kv, idx.len(), pick));
+            self.delivered = revision;
+            return Now::Done(Ok(()));
         }
         // The client reads too slowly when earlier passes are still
         // queued: its watchers are cut off rather than holding updates,
@@ -493,28 +551,90 @@ impl StreamTask {
         while self.passes.front().is_some_and(|p| p.strong_count() == 0) {
             self.passes.pop_front();
         }
-        if out.is_empty() {
-            return Ok(());
-        }
+        self.delivered = revision;
         if self.passes.len() >= self.backlog {
-            return self.backlog_full().await;
+            return Now::Cut;
         }
+        // The updates' shared encodings, referenced (never copied): one
+        // list per pass of this stream, whatever its number of watchers,
+        // and none for a pass of one update.
+        let shared = match first {
+            Some(one) if parts == 1 => Batch::One(one.clone()),
+            _ => Batch::Many(
+                batch
+                    .iter()
+                    .filter_map(|u| match u {
+                        Update::Events { encoded, .. } => Some(encoded.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        };
         let pass = Arc::new(());
         self.passes.push_back(Arc::downgrade(&pass));
         let mut n = 0;
-        for (watch_id, prev_kv, count, pick) in out {
+        let mut rest = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            // Usually the watcher takes every event: no list of picks.
+            let taken = events().filter(|e| w.wants(e)).count();
+            if taken == 0 {
+                w.next_rev = w.next_rev.max(revision + 1);
+                continue;
+            }
+            let pick = if taken == count {
+                Pick::All
+            } else {
+                Pick::Some(
+                    events()
+                        .enumerate()
+                        .filter(|(_, e)| w.wants(e))
+                        .map(|(i, _)| i as u32)
+                        .collect(),
+                )
+            };
+            w.next_rev = w.next_rev.max(revision + 1);
+            w.sent_since_tick = true;
             let frame = Out::Events(Box::new(Events {
                 header,
-                watch_id,
-                prev_kv,
+                watch_id: *id,
+                prev_kv: w.prev_kv,
                 batch: shared.clone(),
                 pick,
                 _pass: pass.clone(),
             }));
-            self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
-            n += count as u64;
+            n += taken as u64;
+            if !rest.is_empty() {
+                rest.push(frame);
+                continue;
+            }
+            match self.tx.try_send(Ok(frame)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(Ok(frame))) => rest.push(frame),
+                Err(_) => return Now::Done(Err(Gone)),
+            }
         }
         self.hub.metrics.events_out.inc_by(n);
+        if rest.is_empty() {
+            Now::Done(Ok(()))
+        } else {
+            Now::Rest(rest)
+        }
+    }
+
+    /// Sends each watcher the events it selects from `batch` in one response.
+    async fn events(&mut self, batch: &[Update]) -> Result<(), Gone> {
+        match self.events_now(batch) {
+            Now::Done(r) => r,
+            Now::Cut => self.backlog_full().await,
+            Now::Rest(rest) => self.send_all(rest).await,
+        }
+    }
+
+    /// Responses that did not fit in the queue when they were built.
+    async fn send_all(&self, rest: Vec<Out>) -> Result<(), Gone> {
+        for frame in rest {
+            self.tx.send(Ok(frame)).await.map_err(|_| Gone)?;
+        }
         Ok(())
     }
 

@@ -74,11 +74,31 @@ pub struct Events {
     pub watch_id: i64,
     pub prev_kv: bool,
     /// The encoded events of the updates in this response, in order.
-    pub batch: Arc<[Arc<[EncodedEvent]>]>,
+    pub batch: Batch,
     pub pick: Pick,
     /// The token of the stream's pass this response belongs to, held until
     /// the response is taken for encoding (held for its drop only).
     pub _pass: Arc<()>,
+}
+
+/// The encoded events of the updates a pass of a stream took: as a rule
+/// one update, whose shared encodings are referenced as they are (nothing
+/// is allocated for it); the list of several when the stream was behind.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    One(Arc<[EncodedEvent]>),
+    Many(Arc<[Arc<[EncodedEvent]>]>),
+}
+
+impl Batch {
+    /// Every event of the batch, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &EncodedEvent> {
+        let (one, many): (&[EncodedEvent], &[Arc<[EncodedEvent]>]) = match self {
+            Batch::One(u) => (u, &[]),
+            Batch::Many(m) => (&[], m),
+        };
+        one.iter().chain(many.iter().flat_map(|u| u.iter()))
+    }
 }
 
 /// Which events of a batch one watcher gets: usually all of them, which
@@ -168,7 +188,7 @@ impl Encoder for OutEncoder {
 
 /// Appends the events `pick` selects from `batch` as `events` fields: fields
 /// may come in any order, and repeated `events` entries append.
-fn put_events(dst: &mut impl BufMut, prev_kv: bool, batch: &[Arc<[EncodedEvent]>], pick: &Pick) {
+fn put_events(dst: &mut impl BufMut, prev_kv: bool, batch: &Batch, pick: &Pick) {
     let mut put = |x: &EncodedEvent| {
         dst.put_slice(if prev_kv {
             &x.with_prev
@@ -176,7 +196,7 @@ fn put_events(dst: &mut impl BufMut, prev_kv: bool, batch: &[Arc<[EncodedEvent]>
             &x.without_prev
         });
     };
-    let all = batch.iter().flat_map(|u| u.iter());
+    let all = batch.iter();
     match pick {
         Pick::All => all.for_each(&mut put),
         Pick::Some(idx) => {
@@ -282,17 +302,27 @@ mod tests {
             prev_kv: None,
         };
         let (a, b, c) = (ev("p/a", 1), ev("p/b", 2), ev("p/c", 3));
-        let batch: Vec<Arc<[EncodedEvent]>> = vec![
-            vec![EncodedEvent::new(&a), EncodedEvent::new(&b)].into(),
-            vec![EncodedEvent::new(&c)].into(),
-        ];
+        let batch = Batch::Many(
+            vec![
+                Arc::from(vec![EncodedEvent::new(&a), EncodedEvent::new(&b)]),
+                Arc::from(vec![EncodedEvent::new(&c)]),
+            ]
+            .into(),
+        );
         let decode = |pick: Pick| {
             let mut buf = BytesMut::new();
             put_events(&mut buf, false, &batch, &pick);
             PbWatchResponse::decode(buf.freeze()).unwrap().events
         };
         assert_eq!(decode(Pick::All), vec![a.clone(), b.clone(), c.clone()]);
-        assert_eq!(decode(Pick::Some(vec![0, 2])), vec![a, c.clone()]);
-        assert_eq!(decode(Pick::Some(vec![2])), vec![c]);
+        assert_eq!(decode(Pick::Some(vec![0, 2])), vec![a.clone(), c.clone()]);
+        assert_eq!(decode(Pick::Some(vec![2])), vec![c.clone()]);
+        let one = Batch::One(vec![EncodedEvent::new(&a), EncodedEvent::new(&c)].into());
+        let mut buf = BytesMut::new();
+        put_events(&mut buf, false, &one, &Pick::Some(vec![1]));
+        assert_eq!(
+            PbWatchResponse::decode(buf.freeze()).unwrap().events,
+            vec![c]
+        );
     }
 }
