@@ -37,6 +37,7 @@ use gotatun::{
     },
 };
 use nix::sys::socket::{setsockopt, sockopt};
+use packet_loop::socket::SOCKET_BUFFER;
 use udp::GsoSocket;
 
 /// Userspace WireGuard on a TUN device, configured through the WireGuard UAPI socket.
@@ -110,9 +111,6 @@ impl UdpTransportFactory for Rebinding {
         }
     }
 }
-
-/// Bytes of the UDP socket's buffers (the kernel doubles it for overhead).
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Exit status when another process already serves the socket.
 const EXIT_ALREADY_SERVED: u8 = 3;

@@ -21,7 +21,7 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Packets the device's send queue holds (the kernel drops what does not fit;
 /// the default of 1,000 overflows while a TCP sender's burst waits for a read).
-const TX_QUEUE_LEN: u32 = 10_000;
+pub const TX_QUEUE_LEN: u32 = 10_000;
 
 /// Decrypted packets waiting for the TUN writer. A full queue makes gotatun
 /// wait, and it stops reading the UDP socket.

@@ -23,10 +23,8 @@ use gotatun::{
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
 use tokio::io::Interest;
 
-/// Datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
-const MAX_SEGMENTS: usize = 64;
-/// Bytes of datagrams per GSO send: they travel as one IP packet until cut.
-const MAX_BYTES: usize = 65_000;
+use crate::packet_loop::socket::{gso_refused, run_len};
+
 /// Datagrams gotatun hands over at once.
 const MAX_BATCH: usize = 128;
 
@@ -79,23 +77,15 @@ impl GsoSocket {
 }
 
 /// Where a run of datagrams starting at `packets[0]` ends: same destination,
-/// same size (the last may be shorter), within the GSO limits.
-fn run_len(packets: &[(Packet, SocketAddr)]) -> usize {
-    let (first, dst) = (&packets[0].0, packets[0].1);
-    let size = first.len();
-    let mut total = size;
-    let mut n = 1;
-    for (p, d) in &packets[1..] {
-        if n == MAX_SEGMENTS || *d != dst || p.len() > size || total + p.len() > MAX_BYTES {
-            break;
-        }
-        total += p.len();
-        n += 1;
-        if p.len() < size {
-            break;
-        }
-    }
-    n
+/// and within that [`run_len`]'s rule (same size, the GSO limits).
+fn run_to_one(packets: &[(Packet, SocketAddr)]) -> usize {
+    let dst = packets[0].1;
+    run_len(
+        packets
+            .iter()
+            .take_while(|(_, d)| *d == dst)
+            .map(|(p, _)| p.len()),
+    )
 }
 
 impl UdpSend for GsoSocket {
@@ -114,7 +104,7 @@ impl UdpSend for GsoSocket {
         let mut start = 0;
         let mut result = Ok(());
         while start < packets.len() {
-            let n = run_len(&packets[start..]);
+            let n = run_to_one(&packets[start..]);
             let run = &packets[start..start + n];
             let dst = run[0].1;
             let sent = if n > 1 && self.gso.load(Ordering::Relaxed) {
@@ -123,10 +113,7 @@ impl UdpSend for GsoSocket {
                     Err(e) => {
                         // No checksum offload on the route's device, or a
                         // kernel without UDP_SEGMENT: not on this socket.
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
-                        ) {
+                        if e.raw_os_error().is_some_and(gso_refused) {
                             tracing::info!(error = %e, "UDP GSO refused; sending datagram by datagram");
                             self.gso.store(false, Ordering::Relaxed);
                         }

@@ -5,7 +5,7 @@
 //! protocol served on the same device state.
 mod datapath;
 mod device;
-mod socket;
+pub mod socket;
 pub mod uapi;
 
 use std::{
@@ -21,10 +21,6 @@ use tokio::sync::mpsc;
 pub use device::Device;
 
 use datapath::{Inbound, Outbound, would_block};
-
-/// Packets the device's send queue holds (the kernel drops what does not fit;
-/// the default of 1,000 overflows while a TCP sender's burst waits for a read).
-const TX_QUEUE_LEN: u32 = 10_000;
 
 /// How often the WireGuard timers run.
 const TICK: Duration = Duration::from_millis(250);
@@ -43,7 +39,7 @@ pub fn start(name: &str, threads: usize) -> io::Result<Running> {
     let tun = tun_rs::DeviceBuilder::new()
         .name(name)
         .offload(true)
-        .tx_queue_len(TX_QUEUE_LEN)
+        .tx_queue_len(crate::tun::TX_QUEUE_LEN)
         .build_sync()?;
     let tun = Arc::new(tun);
     let device = Arc::new(Device::new(tun.mtu()?));

@@ -27,7 +27,7 @@ const MAX_BYTES: usize = 65_000;
 /// Bytes of the socket's buffers (the kernel doubles it for overhead), past
 /// net.core.rmem_max/wmem_max (the process holds CAP_NET_ADMIN): a burst
 /// the receiver cannot take at once waits instead of being dropped.
-const SOCKET_BUFFER: usize = 4 << 20;
+pub const SOCKET_BUFFER: usize = 4 << 20;
 /// How long a blocking receive waits before the loop looks at the
 /// configuration again (a new port means a new socket).
 const RECV_TIMEOUT: Duration = Duration::from_millis(200);
@@ -117,7 +117,7 @@ impl Socket {
         let mut start = 0;
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_SEGMENTS);
         while start < packets.len() {
-            let n = run_len(&packets[start..]);
+            let n = run_len(packets[start..].iter().map(|p| p.as_ref().len()));
             let run = &packets[start..start + n];
             start += n;
             if n > 1 && self.gso.load(Ordering::Relaxed) {
@@ -135,12 +135,7 @@ impl Socket {
                 ) {
                     Ok(_) => continue,
                     Err(e) => {
-                        if matches!(
-                            e,
-                            nix::errno::Errno::EIO
-                                | nix::errno::Errno::ENOPROTOOPT
-                                | nix::errno::Errno::EOPNOTSUPP
-                        ) {
+                        if gso_refused(e as i32) {
                             tracing::info!(error = %e, "UDP GSO refused; sending datagram by datagram");
                             self.gso.store(false, Ordering::Relaxed);
                         } else {
@@ -197,14 +192,22 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     Some(SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
-/// Where a run of datagrams starting at `packets[0]` ends: same size (the
-/// last may be shorter), within the GSO limits.
-pub fn run_len<T: AsRef<[u8]>>(packets: &[T]) -> usize {
-    let size = packets[0].as_ref().len();
+/// Whether a GSO send's error `errno` means the kernel will not take GSO
+/// on this socket at all (`EIO`: no checksum offload on the route's device;
+/// the others: a kernel without `UDP_SEGMENT`), rather than a failed send.
+pub fn gso_refused(errno: i32) -> bool {
+    matches!(errno, libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+}
+
+/// How many datagrams, of the sizes `lens` in sending order, one GSO send
+/// takes: the same size as the first (the last may be shorter), within the
+/// GSO limits. At least one: `lens` is not empty.
+pub fn run_len(lens: impl IntoIterator<Item = usize>) -> usize {
+    let mut lens = lens.into_iter();
+    let size = lens.next().unwrap_or(0);
     let mut total = size;
     let mut n = 1;
-    for p in &packets[1..] {
-        let len = p.as_ref().len();
+    for len in lens {
         if n == MAX_SEGMENTS || len > size || total + len > MAX_BYTES {
             break;
         }
@@ -221,26 +224,14 @@ pub fn run_len<T: AsRef<[u8]>>(packets: &[T]) -> usize {
 mod tests {
     use super::*;
 
-    fn sizes(s: &[usize]) -> Vec<Vec<u8>> {
-        s.iter().map(|&n| vec![0; n]).collect()
-    }
-
     #[test]
     fn runs_end_at_a_larger_or_shorter_datagram_and_at_the_limits() {
-        assert_eq!(run_len(&sizes(&[100, 100, 100])), 3);
-        assert_eq!(
-            run_len(&sizes(&[100, 100, 60, 100])),
-            3,
-            "a shorter one ends it"
-        );
-        assert_eq!(
-            run_len(&sizes(&[100, 120])),
-            1,
-            "a larger one starts the next"
-        );
-        assert_eq!(run_len(&sizes(&[100; 100])), MAX_SEGMENTS);
-        assert_eq!(run_len(&sizes(&[1500; 60])), MAX_BYTES / 1500);
-        assert_eq!(run_len(&sizes(&[40])), 1);
+        assert_eq!(run_len([100, 100, 100]), 3);
+        assert_eq!(run_len([100, 100, 60, 100]), 3, "a shorter one ends it");
+        assert_eq!(run_len([100, 120]), 1, "a larger one starts the next");
+        assert_eq!(run_len([100; 100]), MAX_SEGMENTS);
+        assert_eq!(run_len([1500; 60]), MAX_BYTES / 1500);
+        assert_eq!(run_len([40]), 1);
     }
 
     #[test]
@@ -248,7 +239,7 @@ mod tests {
         let a = Socket::bind(0).expect("bind");
         let b = Socket::bind(0).expect("bind");
         let dst: SocketAddr = (Ipv4Addr::LOCALHOST, b.port()).into();
-        let packets = sizes(&[1000, 1000, 1000, 400]);
+        let packets: Vec<Vec<u8>> = [1000, 1000, 1000, 400].map(|n| vec![0; n]).into();
         a.send_batch(&packets, dst).expect("send");
         let mut buf = vec![0u8; 65536];
         let mut got = 0;
