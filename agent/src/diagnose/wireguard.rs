@@ -166,16 +166,6 @@ fn wanted(cluster: &str, s: &StatusReport) -> BTreeMap<String, Wanted> {
     out
 }
 
-fn normalize(e: SocketAddr) -> SocketAddr {
-    match e {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => e,
-        },
-        SocketAddr::V4(_) => e,
-    }
-}
-
 /// The peers of `cluster`'s nodes in the device against the agent's routes;
 /// and the nodes of `cluster` reached in clear (a warning).
 pub fn peer_checks(cluster: &str, s: &StatusReport, dev: &DeviceState) -> Vec<Check> {
@@ -213,7 +203,7 @@ pub fn peer_checks(cluster: &str, s: &StatusReport, dev: &DeviceState) -> Vec<Ch
             ));
         }
         let want = w.endpoint.map(|a| SocketAddr::new(a, wg.port));
-        if p.endpoint.map(normalize) != want {
+        if p.endpoint.map(read::normalize_endpoint) != want {
             problems.push(format!(
                 "node {node}: its peer's endpoint is {}, not {}",
                 p.endpoint

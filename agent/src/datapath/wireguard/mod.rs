@@ -268,16 +268,6 @@ impl std::fmt::Debug for Wireguard {
     }
 }
 
-fn normalize(e: SocketAddr) -> SocketAddr {
-    match e {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => e,
-        },
-        SocketAddr::V4(_) => e,
-    }
-}
-
 impl Wireguard {
     /// Reads (or creates) the key pair, brings up or adopts the device and
     /// sets its key and port when they differ. Peers and routes already there
@@ -542,7 +532,7 @@ impl Wireguard {
         let mut by_cidr: BTreeMap<IpNet, ([u8; 32], Option<SocketAddr>)> = BTreeMap::new();
         for p in &state.peers {
             for a in &p.allowed_ips {
-                by_cidr.insert(*a, (p.public_key, p.endpoint.map(normalize)));
+                by_cidr.insert(*a, (p.public_key, p.endpoint.map(read::normalize_endpoint)));
             }
         }
         let mut out = Vec::new();
@@ -632,7 +622,9 @@ impl Wireguard {
             match want.get(&p.public_key) {
                 None => changes.push(PeerChange::Remove(p.public_key)),
                 Some((endpoint, allowed)) => {
-                    if p.endpoint.map(normalize) != Some(*endpoint) || p.allowed_ips != *allowed {
+                    if p.endpoint.map(read::normalize_endpoint) != Some(*endpoint)
+                        || p.allowed_ips != *allowed
+                    {
                         changes.push(PeerChange::Upsert {
                             public_key: p.public_key,
                             endpoint: *endpoint,
@@ -746,8 +738,11 @@ mod tests {
     #[test]
     fn mapped_endpoints_compare_as_ipv4() {
         let a: SocketAddr = "[::ffff:172.31.0.2]:51871".parse().unwrap();
-        assert_eq!(normalize(a), "172.31.0.2:51871".parse().unwrap());
+        assert_eq!(
+            read::normalize_endpoint(a),
+            "172.31.0.2:51871".parse().unwrap()
+        );
         let b: SocketAddr = "[fd00::1]:51871".parse().unwrap();
-        assert_eq!(normalize(b), b);
+        assert_eq!(read::normalize_endpoint(b), b);
     }
 }
