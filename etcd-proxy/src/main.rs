@@ -88,13 +88,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args, prefix, upstream, tls)) {
+    let control = match control_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("podmesh-etcd-proxy: cannot start the control runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = match rt.block_on(run(args, prefix, upstream, tls, control.handle())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("podmesh-etcd-proxy: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    control.shutdown_background();
+    status
+}
+
+/// The runtime of the upstream watch, the file pollers and the metrics and
+/// health endpoint: one thread of its own, beside the runtime that serves
+/// clients. With thousands of watching connections, a task woken on the
+/// clients' runtime waits behind every connection woken before it (a whole
+/// fan-out of the previous update), and so would an event arriving from
+/// the upstream before it is even published, or a kubelet's probe. Here
+/// they run when they are woken, and the clients' runtime has only the
+/// fan-out to do.
+fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("podmesh-control")
+        .enable_all()
+        .build()
 }
 
 async fn run(
@@ -102,15 +127,19 @@ async fn run(
     prefix: Prefix,
     upstream: Settings,
     tls: Arc<Reloading>,
+    control: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let metrics_listener = match args.metrics_addr {
+        // Bound on the control runtime, whose thread serves it.
         Some(a) => Some(
-            admin::bind(a)
+            control
+                .spawn(admin::bind(a))
                 .await
+                .context("the control runtime stopped")?
                 .with_context(|| format!("cannot listen on --metrics-addr {a}"))?,
         ),
         None => None,
@@ -130,33 +159,43 @@ async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     let (settings_tx, settings_rx) = tokio::sync::watch::channel(Arc::new(upstream));
-    tasks.spawn(upstream::settings::watch_files(
-        args.upstream_config.clone(),
-        settings_tx,
-        hub.clone(),
-        args.tls_reload_interval,
-    ));
-    tasks.spawn(upstream::run(
-        settings_rx,
-        prefix.as_bytes().to_vec(),
-        hub.clone(),
-        podmesh_plumbing::lifecycle::Settings {
-            min_backoff: Duration::from_millis(200),
-            max_backoff: args.max_backoff,
-            connect_timeout: args.connect_timeout,
-        },
-    ));
-    tasks.spawn(
+    tasks.spawn_on(
+        upstream::settings::watch_files(
+            args.upstream_config.clone(),
+            settings_tx,
+            hub.clone(),
+            args.tls_reload_interval,
+        ),
+        control,
+    );
+    tasks.spawn_on(
+        upstream::run(
+            settings_rx,
+            prefix.as_bytes().to_vec(),
+            hub.clone(),
+            podmesh_plumbing::lifecycle::Settings {
+                min_backoff: Duration::from_millis(200),
+                max_backoff: args.max_backoff,
+                connect_timeout: args.connect_timeout,
+            },
+        ),
+        control,
+    );
+    tasks.spawn_on(
         tls.clone()
             .watch_files(hub.clone(), args.tls_reload_interval),
+        control,
     );
     if let Some(l) = metrics_listener {
         let (hub, rx) = (hub.clone(), shutdown_rx.clone());
-        tasks.spawn(async move {
-            if let Err(e) = admin::serve(l, hub, rx).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
-            }
-        });
+        tasks.spawn_on(
+            async move {
+                if let Err(e) = admin::serve(l, hub, rx).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            },
+            control,
+        );
     }
 
     let incoming = tls::accept_loop(listener, tls, hub.clone());

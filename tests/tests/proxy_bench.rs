@@ -480,33 +480,57 @@ async fn run_connections(
                 }
             })
             .await;
-            (lat, responses)
+            // The connection stays open until every reader is done: a
+            // reader that closes its own while others still wait for their
+            // last events would have the target (and the client) tear down
+            // thousands of connections in the middle of the measurement.
+            (lat, responses, c)
         }));
     }
-    let mut writer = etcd.connect().await?;
     let target_pid = t.pid.map(|p| p.to_string()).unwrap_or_default();
     let cpu_before = (cpu_ms(&target_pid), cpu_ms("self"));
-    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
-    let mut peak = idle_kib;
-    for seq in 0..puts {
-        tick.tick().await;
-        sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
-        writer
-            .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
-            .await?;
-        if seq % 10 == 0 {
-            peak = peak.max(t.pid.map_or(0, rss_kib));
-        }
-    }
+    // The writer has a thread and runtime of its own, as the agent that
+    // publishes is another process: on the readers' runtime its puts (and
+    // its etcd connection's task) would wait behind every reader woken
+    // before them, and that wait would count as the target's latency.
+    let write = || -> anyhow::Result<u64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut writer = etcd.connect().await?;
+            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            let mut peak = idle_kib;
+            for seq in 0..puts {
+                tick.tick().await;
+                sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
+                writer
+                    .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
+                    .await?;
+                if seq % 10 == 0 {
+                    peak = peak.max(t.pid.map_or(0, rss_kib));
+                }
+            }
+            Ok(peak)
+        })
+    };
+    // This worker's readers move to another while it waits.
+    let mut peak = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| s.spawn(write).join())
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))
+    })??;
     let mut lat = Vec::with_capacity(n * puts);
     let mut responses = 0;
+    let mut open = Vec::with_capacity(n);
     for r in readers {
-        let (l, m) = r.await?;
+        let (l, m, c) = r.await?;
         lat.extend(l);
         responses += m;
+        open.push(c);
     }
     let cpu_after = (cpu_ms(&target_pid), cpu_ms("self"));
     peak = peak.max(t.pid.map_or(0, rss_kib));
+    drop(open);
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
