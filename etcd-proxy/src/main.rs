@@ -28,6 +28,15 @@ use service::refuse::{Auth, Election, Lease, Lock, RefuseService};
 use tls::{Reloading, TlsFiles};
 use upstream::Settings;
 
+/// mimalloc rather than glibc's malloc: every response to a watcher
+/// allocates and frees a few short-lived buffers (the response, the HTTP/2
+/// output, the TLS record) on whichever worker runs its connection, and
+/// glibc's arenas spent about a tenth of the proxy's CPU on them at 10,000
+/// connections (docs/benchmarks.md). Built without transparent huge pages
+/// (`no_thp`): those would round every thread's heap up to 2 MiB of RSS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
