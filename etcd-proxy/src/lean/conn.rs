@@ -17,6 +17,7 @@ use super::body::{RecvBody, Sender};
 use super::frame::{self, Head, Reason};
 use super::header::{self, HeaderError};
 use super::stream::{Out, Reply, Stream, WRITE_HIGH};
+use super::tasks::{ConnTasks, LocalFuture};
 
 /// Streams a client may have open at once (hyper's default too).
 pub const MAX_STREAMS: usize = 200;
@@ -78,6 +79,11 @@ where
     need_flush: bool,
     decoder: loona_hpack::Decoder<'static>,
     streams: Vec<Stream<S::Future, B>>,
+    /// Work the service handed over (a watch stream's), given to every
+    /// request, and the work taken: polled in every round, before the
+    /// streams, so that what it produces is written in the same round.
+    tasks: ConnTasks,
+    local: Vec<LocalFuture>,
     partial: Option<Partial>,
     preface: bool,
     settings_seen: bool,
@@ -144,6 +150,8 @@ where
             need_flush: false,
             decoder: loona_hpack::Decoder::new(),
             streams: Vec::new(),
+            tasks: ConnTasks::default(),
+            local: Vec::new(),
             partial: None,
             preface: false,
             settings_seen: false,
@@ -188,6 +196,7 @@ where
         );
         self.failed = true;
         self.streams.clear();
+        self.local.clear();
         // A client that does not read the GOAWAY does not keep the
         // connection: it is closed at the keepalive timeout at the latest.
         self.clock = Clock::AwaitingPong;
@@ -466,6 +475,7 @@ where
         *req.uri_mut() = head.uri;
         *req.headers_mut() = head.headers;
         *req.version_mut() = http::Version::HTTP_2;
+        req.extensions_mut().insert(self.tasks.clone());
         let fut = self.svc.call(req);
         if self.streams.is_empty() {
             // Most connections hold one stream (an agent's watch).
@@ -633,6 +643,18 @@ where
         full
     }
 
+    /// Polls the work the service handed over, dropping what has ended.
+    fn poll_local(&mut self, cx: &mut Context<'_>) {
+        self.tasks.take_new(&mut self.local);
+        if self.local.is_empty() {
+            return;
+        }
+        self.local.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if self.local.is_empty() {
+            self.local = Vec::new();
+        }
+    }
+
     /// Writes what is queued; `Err` when the socket failed.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
         let mut wrote = false;
@@ -739,7 +761,11 @@ where
                     full = true;
                 }
                 if !this.failed {
+                    this.poll_local(cx);
                     full |= this.poll_streams(cx);
+                    // A stream's service answered by handing work over:
+                    // it runs in the next round.
+                    again |= this.tasks.take_new(&mut this.local);
                 }
             }
             if this.poll_write(cx).is_err() {

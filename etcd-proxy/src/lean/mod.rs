@@ -13,7 +13,8 @@
 //! flow control both ways (a stream's body is taken from the service only while the client's
 //! windows let it through, so a slow reader leaves its backlog in the service, where the watch
 //! backlog bound cuts it off), HEADERS with CONTINUATION (HPACK-decoded by `loona-hpack`), DATA,
-//! trailers, RST_STREAM and GOAWAY both ways. Responses are encoded as HPACK literals without
+//! trailers, RST_STREAM and GOAWAY both ways. A service may hand work to the connection
+//! ([`ConnTasks`], an extension of every request) to be polled on the connection's task. Responses are encoded as HPACK literals without
 //! indexing: no encoder table is kept. Frames larger than 16 KiB are refused (FRAME_SIZE_ERROR),
 //! and none larger is written.
 mod body;
@@ -21,8 +22,10 @@ mod conn;
 mod frame;
 mod header;
 mod stream;
+mod tasks;
 
 #[cfg(test)]
 mod tests;
 
 pub use conn::{Conn, Timing};
+pub use tasks::ConnTasks;

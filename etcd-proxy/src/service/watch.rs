@@ -9,7 +9,6 @@ use std::time::Duration;
 use etcd_client::proto::{PbEvent, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse};
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
@@ -22,6 +21,7 @@ use crate::budget::{
 };
 use crate::cache::{DELETE, PUT, in_range};
 use crate::hub::{Hub, Update};
+use crate::lean::ConnTasks;
 
 /// Updates a stream takes from the broadcast at once when it is behind: one
 /// response per watcher then carries all their events, so a stream that
@@ -59,13 +59,16 @@ impl WatchService {
 }
 
 impl WatchService {
-    /// Serves one Watch stream: a task per stream reads its requests and the
-    /// cache's updates and writes the responses into the returned stream.
+    /// Serves one Watch stream: the stream's work (reading its requests and
+    /// the cache's updates, writing the responses into the returned stream)
+    /// runs on its connection's task when the connection takes work
+    /// (`local`, the lean server), else on a task of its own.
     pub fn open(
         &self,
         requests: Streaming<PbWatchRequest>,
         conn: Option<ConnectionBudget>,
-    ) -> ReceiverStream<Result<Out, Status>> {
+        local: Option<ConnTasks>,
+    ) -> Outbox {
         // Room for the whole backlog of a stream with one watcher (what
         // an agent holds), so that it is cut off before it would wait.
         let (tx, rx) = mpsc::channel(self.cfg.out_buffer.max(self.cfg.backlog + 2));
@@ -82,8 +85,46 @@ impl WatchService {
             backlog: self.cfg.backlog.max(1),
         };
         self.hub.metrics.watch_streams.inc();
-        tokio::spawn(task.run(requests, updates, self.cfg.progress_interval));
-        ReceiverStream::new(rx)
+        let work = task.run(requests, updates, self.cfg.progress_interval);
+        match local {
+            Some(tasks) => {
+                tasks.spawn(work);
+                Outbox { rx, local: true }
+            }
+            None => {
+                tokio::spawn(work);
+                Outbox { rx, local: false }
+            }
+        }
+    }
+}
+
+/// The responses of one Watch stream, as its HTTP/2 body takes them.
+#[derive(Debug)]
+pub struct Outbox {
+    rx: mpsc::Receiver<Result<Out, Status>>,
+    /// The stream's work runs on the connection's task, in each of its
+    /// rounds before the body is polled: whatever it queued is here by
+    /// then, so the body registers no waker (the work's queueing would
+    /// only wake the task that is running it).
+    local: bool,
+}
+
+impl futures::Stream for Outbox {
+    type Item = Result<Out, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        if !self.local {
+            return self.rx.poll_recv(cx);
+        }
+        match self.rx.try_recv() {
+            Ok(item) => Poll::Ready(Some(item)),
+            Err(mpsc::error::TryRecvError::Empty) => Poll::Pending,
+            Err(mpsc::error::TryRecvError::Disconnected) => Poll::Ready(None),
+        }
     }
 }
 
@@ -170,6 +211,14 @@ struct StreamTask {
     backlog: usize,
 }
 
+impl Drop for StreamTask {
+    /// The stream ended, or its connection went with the stream's work.
+    fn drop(&mut self) {
+        self.hub.metrics.watchers.dec_by(self.watchers.len() as i64);
+        self.hub.metrics.watch_streams.dec();
+    }
+}
+
 impl StreamTask {
     async fn run(
         mut self,
@@ -233,8 +282,6 @@ impl StreamTask {
                 break;
             }
         }
-        self.hub.metrics.watchers.dec_by(self.watchers.len() as i64);
-        self.hub.metrics.watch_streams.dec();
     }
 
     async fn send(&self, resp: PbWatchResponse) -> Result<(), Gone> {
@@ -725,7 +772,7 @@ impl NamedService for WatchServer {
 struct Call(WatchService);
 
 impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
-    type Response = tonic::Response<ReceiverStream<Result<Out, Status>>>;
+    type Response = tonic::Response<Outbox>;
     type Error = Status;
     type Future = Ready<Result<Self::Response, Status>>;
 
@@ -735,9 +782,12 @@ impl Service<tonic::Request<tonic::Streaming<PbWatchRequest>>> for Call {
 
     fn call(&mut self, req: tonic::Request<tonic::Streaming<PbWatchRequest>>) -> Self::Future {
         let conn = req.extensions().get::<ConnectionBudget>().cloned();
-        ready(Ok(tonic::Response::new(
-            self.0.open(req.into_inner(), conn),
-        )))
+        let local = req.extensions().get::<ConnTasks>().cloned();
+        ready(Ok(tonic::Response::new(self.0.open(
+            req.into_inner(),
+            conn,
+            local,
+        ))))
     }
 }
 
