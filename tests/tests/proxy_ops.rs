@@ -143,6 +143,19 @@ async fn proxy_metrics_follow_upstream_state_events_cache_and_refusals() {
         }
     })
     .unwrap();
+    // A client that goes takes its stream and its watcher off the gauges;
+    // the other client's stay.
+    drop((_c1, w1));
+    eventually(Duration::from_secs(10), || {
+        match (
+            metric(&proxy, "podmesh_proxy_watchers", ""),
+            metric(&proxy, "podmesh_proxy_watch_streams", ""),
+        ) {
+            (1.0, 1.0) => Ok(()),
+            n => Err(format!("watchers and streams {n:?}")),
+        }
+    })
+    .unwrap();
     let listed = up
         .get("podmesh/v1/", Some(GetOptions::new().with_prefix()))
         .await

@@ -1,9 +1,11 @@
 //! Protocol tests of the lean connection over an in-memory pipe: an h2 client against it, and
 //! hand-written frames for what it must refuse or handle.
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use super::body::{Aborted, RecvBody};
 use super::conn::{Conn, Timing};
 use super::frame::{self, Head, Reason};
+use super::tasks::ConnTasks;
 
 const TIMING: Timing = Timing {
     preface: Duration::from_secs(10),
@@ -31,6 +34,9 @@ enum TestBody {
         left: usize,
         taken: Arc<AtomicUsize>,
     },
+    /// What work handed to the connection queued, taken without a waker:
+    /// the work runs in the connection's rounds before the body is polled.
+    Local(Arc<Mutex<VecDeque<Bytes>>>),
 }
 
 impl http_body::Body for TestBody {
@@ -62,15 +68,31 @@ impl http_body::Body for TestBody {
                     1000
                 ])))))
             }
+            TestBody::Local(queue) => match queue.lock().unwrap().pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+                None => Poll::Pending,
+            },
         }
     }
 }
 
 /// `/echo` answers with the request body; `/many` with 100 chunks of
-/// 1,000 bytes, counted in `taken`.
-#[derive(Debug, Clone)]
+/// 1,000 bytes, counted in `taken`; `/local` with what work it hands to
+/// the connection produces (three chunks, 10 ms apart, then it waits
+/// forever), setting `gone` when that work is dropped.
+#[derive(Debug, Clone, Default)]
 struct TestService {
     taken: Arc<AtomicUsize>,
+    gone: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl tonic::codegen::Service<http::Request<RecvBody>> for TestService {
@@ -88,6 +110,24 @@ impl tonic::codegen::Service<http::Request<RecvBody>> for TestService {
                 left: 100,
                 taken: self.taken.clone(),
             },
+            "/local" => {
+                let tasks = req
+                    .extensions()
+                    .get::<ConnTasks>()
+                    .expect("every request carries its connection's tasks")
+                    .clone();
+                let queue = Arc::new(Mutex::new(VecDeque::new()));
+                let (q, gone) = (queue.clone(), SetOnDrop(self.gone.clone()));
+                tasks.spawn(async move {
+                    let _gone = gone;
+                    for i in 0..3u8 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        q.lock().unwrap().push_back(Bytes::from(vec![i; 100]));
+                    }
+                    std::future::pending::<()>().await;
+                });
+                TestBody::Local(queue)
+            }
             _ => TestBody::Echo(req.into_body(), false),
         };
         let mut res = http::Response::new(body);
@@ -108,6 +148,7 @@ fn start() -> (
         server,
         TestService {
             taken: taken.clone(),
+            ..Default::default()
         },
         TIMING,
     );
@@ -174,6 +215,46 @@ async fn an_h2_client_gets_its_request_body_back_with_trailers() {
         let mut body = res.await.unwrap().into_body();
         assert_eq!(body.data().await.unwrap().unwrap(), &b"hello"[..]);
     }
+}
+
+/// Work a service hands to the connection is polled on the connection's
+/// task: its own timers wake it, what it queues reaches the body (which
+/// registers no waker) and the client, and it is dropped with the
+/// connection.
+#[tokio::test]
+async fn work_handed_to_the_connection_runs_on_it_and_goes_with_it() {
+    let (io, server) = tokio::io::duplex(64 * 1024);
+    let svc = TestService::default();
+    let gone = svc.gone.clone();
+    let mut conn = Conn::new(server, svc, TIMING);
+    let task = tokio::spawn(async move { (&mut conn).await });
+    let (mut client, h2conn) = h2::client::handshake(io).await.unwrap();
+    let h2conn = tokio::spawn(h2conn);
+    let (res, _tx) = client.send_request(request("/local"), false).unwrap();
+    let mut body = res.await.unwrap().into_body();
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        let d = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("what the work queued never came")
+            .unwrap()
+            .unwrap();
+        body.flow_control().release_capacity(d.len()).unwrap();
+        got.extend_from_slice(&d);
+    }
+    let want: Vec<u8> = (0..3u8).flat_map(|i| [i; 100]).collect();
+    assert_eq!(got, want);
+    assert!(!gone.load(Ordering::SeqCst), "the work is still running");
+    drop((client, body, _tx));
+    h2conn.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the connection did not end")
+        .unwrap();
+    assert!(
+        gone.load(Ordering::SeqCst),
+        "the work went with its connection"
+    );
 }
 
 #[tokio::test]
