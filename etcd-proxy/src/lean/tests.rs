@@ -226,8 +226,7 @@ async fn work_handed_to_the_connection_runs_on_it_and_goes_with_it() {
     let (io, server) = tokio::io::duplex(64 * 1024);
     let svc = TestService::default();
     let gone = svc.gone.clone();
-    let mut conn = Conn::new(server, svc, TIMING);
-    let task = tokio::spawn(async move { (&mut conn).await });
+    let task = tokio::spawn(Conn::new(server, svc, TIMING));
     let (mut client, h2conn) = h2::client::handshake(io).await.unwrap();
     let h2conn = tokio::spawn(h2conn);
     let (res, _tx) = client.send_request(request("/local"), false).unwrap();
