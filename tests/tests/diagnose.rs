@@ -127,6 +127,27 @@ fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Diagnoses from `node` while the network namespace `ns` drops what
+/// `rule` matches on input (an nftables table of `family`, removed again
+/// before the report is looked at, whatever it says).
+fn diagnose_while_dropping(
+    m: &Mesh,
+    node: &str,
+    ns: &str,
+    family: &str,
+    rule: &str,
+) -> anyhow::Result<(i32, Value)> {
+    nft(
+        ns,
+        &format!(
+            "table {family} pmdiagtest {{\n chain input {{\n type filter hook input priority -10;\n {rule} drop\n }}\n}}\n"
+        ),
+    )?;
+    let res = diagnose(m, node, &[]);
+    nft(ns, &format!("delete table {family} pmdiagtest\n"))?;
+    res
+}
+
 /// The checks of `cluster` named `check` that passed, by their evidence.
 fn passed(v: &Value, cluster: &str, check: &str) -> Vec<String> {
     v["checks"]
@@ -396,13 +417,7 @@ fn diagnose_a_healthy_mesh_then_each_broken_link_in_its_layer() -> anyhow::Resul
 
     // 7. West's node drops tunnel traffic (a firewall rule in its namespace).
     let wns = west_node.ns.name().to_string();
-    nft(
-        &wns,
-        "table inet pmdiagtest {\n chain input {\n type filter hook input priority -10;\n udp dport 8472 drop\n }\n}\n",
-    )?;
-    let res = diagnose(&m, east, &[]);
-    nft(&wns, "delete table inet pmdiagtest\n")?;
-    let (code, v) = res?;
+    let (code, v) = diagnose_while_dropping(&m, east, &wns, "inet", "udp dport 8472")?;
     ensure!(code == 1, "exit {code}");
     expect_failure(&v, "west", "datapath", "tunnel-probe", &west_cidr)?;
 
@@ -832,15 +847,13 @@ fn diagnose_probes_ipv6_pod_cidrs_over_an_ipv6_underlay() -> anyhow::Result<()> 
         // West drops the IPv6 pod traffic the tunnel brings from east.
         let wns = west.ns.name().to_string();
         let east_v6 = m.node(east)?.pod_cidr_v6.context("dual-stack")?;
-        nft(
+        let (code, v) = diagnose_while_dropping(
+            &m,
+            east,
             &wns,
-            &format!(
-                "table ip6 pmdiagtest {{\n chain input {{\n type filter hook input priority -10;\n ip6 saddr {east_v6} icmpv6 type echo-request drop\n }}\n}}\n"
-            ),
+            "ip6",
+            &format!("ip6 saddr {east_v6} icmpv6 type echo-request"),
         )?;
-        let res = diagnose(&m, east, &[]);
-        nft(&wns, "delete table ip6 pmdiagtest\n")?;
-        let (code, v) = res?;
         ensure!(code == 1, "exit {code}: {v:#}");
         expect_failure(
             &v,
@@ -851,13 +864,7 @@ fn diagnose_probes_ipv6_pod_cidrs_over_an_ipv6_underlay() -> anyhow::Result<()> 
         )?;
         probe_answered(&v, &west_v4, "the tunnel")?;
         // West drops the tunnel itself (VXLAN over the IPv6 underlay).
-        nft(
-            &wns,
-            "table ip6 pmdiagtest {\n chain input {\n type filter hook input priority -10;\n udp dport 8472 drop\n }\n}\n",
-        )?;
-        let res = diagnose(&m, east, &[]);
-        nft(&wns, "delete table ip6 pmdiagtest\n")?;
-        let (code, v) = res?;
+        let (code, v) = diagnose_while_dropping(&m, east, &wns, "ip6", "udp dport 8472")?;
         ensure!(code == 1, "exit {code}: {v:#}");
         let f = failures(&v);
         ensure!(
