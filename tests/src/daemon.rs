@@ -9,6 +9,23 @@ use anyhow::bail;
 
 use crate::pki::CertFiles;
 
+/// A podmesh-agent of cluster "home" (ID 9), node h1 at 192.168.9.1 with
+/// 10.9.1.0/24, on the dry-run datapath: the agent under test of the tests
+/// that need one node of a cluster of their own, before their own flags.
+pub const HOME_AGENT_FLAGS: &[&str] = &[
+    "--cluster-name",
+    "home",
+    "--cluster-id",
+    "9",
+    "--node-name",
+    "h1",
+    "--node-ip",
+    "192.168.9.1",
+    "--pod-cidr",
+    "10.9.1.0/24",
+    "--datapath-dry-run",
+];
+
 /// Clears every `ETCD*` variable from `cmd`'s environment: etcd and etcdctl
 /// read them as flags, so the caller's environment must not leak in.
 pub fn without_etcd_env(cmd: &mut Command) -> &mut Command {

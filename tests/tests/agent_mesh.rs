@@ -17,6 +17,7 @@ use podmesh_agent::{
     status::StatusReport,
 };
 use podmesh_tests::{
+    daemon::HOME_AGENT_FLAGS,
     etcd::{Etcd, http_get},
     eventually_async,
     pki::Pki,
@@ -191,25 +192,14 @@ async fn start_home(secret: &Path, extra: &[&str]) -> anyhow::Result<Home> {
     start_home_on(home_etcd()?, secret, extra).await
 }
 
-/// The agent under test: cluster "home" (ID 9, 10.9.0.0/16), node h1 at
-/// 192.168.9.1 with 10.9.1.0/24, the dry-run datapath, quick Secret polling
-/// and a short backoff cap.
+/// The agent under test, beyond `HOME_AGENT_FLAGS`: cluster "home"'s
+/// ranges (10.9.0.0/16, services 10.96.0.0/12), quick Secret polling and a
+/// short backoff cap.
 const HOME_FLAGS: &[&str] = &[
-    "--cluster-name",
-    "home",
-    "--cluster-id",
-    "9",
-    "--node-name",
-    "h1",
-    "--node-ip",
-    "192.168.9.1",
-    "--pod-cidr",
-    "10.9.1.0/24",
     "--cluster-pod-cidr",
     "10.9.0.0/16",
     "--service-cidr",
     "10.96.0.0/12",
-    "--datapath-dry-run",
     "--secret-poll-ms",
     "100",
     "--max-backoff",
@@ -221,6 +211,7 @@ async fn start_home_on(etcd: Etcd, secret: &Path, extra: &[&str]) -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let kv = etcd.client_config(&dir.path().join("local.yaml"))?;
     let mut args: Vec<String> = std::iter::once("podmesh-agent")
+        .chain(HOME_AGENT_FLAGS.iter().copied())
         .chain(HOME_FLAGS.iter().copied())
         .chain(["--status-addr", "127.0.0.1:0", "--lease-ttl", "5"])
         .map(str::to_string)
@@ -1064,6 +1055,7 @@ impl AgentProcess {
         let addr = format!("127.0.0.1:{}", podmesh_tests::free_port());
         let log = tempfile::NamedTempFile::new()?;
         let child = std::process::Command::new(bin)
+            .args(HOME_AGENT_FLAGS)
             .args(HOME_FLAGS)
             .args(["--status-addr", &addr, "--clustermesh-config"])
             .arg(secret)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use podmesh_agent::{config, datapath::memory::MemoryDatapath, runtime, status::StatusReport};
-use podmesh_tests::{etcd::Etcd, eventually_async, stall::Stall};
+use podmesh_tests::{daemon::HOME_AGENT_FLAGS, etcd::Etcd, eventually_async, stall::Stall};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -36,19 +36,9 @@ async fn remote_times_out_on_a_silent_endpoint_and_recovers_when_it_answers() {
         east.root_client(),
     )
     .unwrap();
-    let args = [
-        "podmesh-agent",
-        "--cluster-name",
-        "home",
-        "--cluster-id",
-        "9",
-        "--node-name",
-        "h1",
-        "--node-ip",
-        "192.168.9.1",
-        "--pod-cidr",
-        "10.9.1.0/24",
-        "--datapath-dry-run",
+    let mut args = vec!["podmesh-agent"];
+    args.extend(HOME_AGENT_FLAGS);
+    args.extend([
         "--status-addr",
         "127.0.0.1:0",
         "--max-backoff",
@@ -57,7 +47,7 @@ async fn remote_times_out_on_a_silent_endpoint_and_recovers_when_it_answers() {
         "1s",
         "--clustermesh-config",
         secret.path().to_str().unwrap(),
-    ];
+    ]);
     let cfg = config::load_from(args).expect("config");
     let dp = MemoryDatapath::new();
     let agent = runtime::start(&cfg, dp.clone(), None)
