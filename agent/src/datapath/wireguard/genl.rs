@@ -12,15 +12,8 @@ use ipnet::IpNet;
 use super::uapi::{DeviceState, PeerChange, PeerState};
 use crate::datapath::{
     base::DatapathError,
-    nl::{Attrs, Msg, Netlink, NlError, attrs},
+    nl::{Attrs, Msg, Netlink, NlError, attrs, link},
 };
-
-const RTM_NEWLINK: u16 = 16;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_EXCL: u16 = 0x200;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
 
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -53,22 +46,10 @@ fn genl_err(context: &'static str) -> impl FnOnce(NlError) -> DatapathError {
     move |e| DatapathError::netlink(context, e)
 }
 
-/// `ifinfomsg` (family, type, index, flags, change), all zero.
-const IFINFOMSG: [u8; 16] = [0; 16];
-
 /// Creates the kernel WireGuard device `name`; fails (EOPNOTSUPP) where the
 /// kernel has no WireGuard.
 pub fn create_link(nl: &mut Netlink, name: &str) -> Result<(), DatapathError> {
-    let mut kind = Attrs::default();
-    kind.put(IFLA_INFO_KIND, b"wireguard");
-    let mut a = Attrs::with_header(&IFINFOMSG);
-    a.put(IFLA_IFNAME, &nul(name)).nested(IFLA_LINKINFO, &kind);
-    nl.request(Msg {
-        ty: RTM_NEWLINK,
-        flags: NLM_F_CREATE | NLM_F_EXCL,
-        body: a.build(),
-    })
-    .map_err(|e| {
+    nl.request(link::create(name, "wireguard")).map_err(|e| {
         DatapathError::Unavailable(format!(
             "cannot create the kernel WireGuard device {name} ({e}): this kernel has no \
              WireGuard; use --wireguard-backend userspace or auto"
