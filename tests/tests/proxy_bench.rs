@@ -60,6 +60,34 @@ fn cpu_ms(pid: &str) -> f64 {
     f.iter().sum::<u64>() as f64 * 10.0
 }
 
+/// One put per entry of `sent` at `rate`/s on the bench prefix (keys
+/// `k0`..`k63`, the value the put's sequence number, which the readers
+/// look up in `sent`: when, since `base`, its put started); returns the
+/// largest RSS of `pid` seen every `sample_every` puts, at least `rss`.
+async fn write_paced(
+    etcd: &Etcd,
+    sent: &[AtomicU64],
+    base: Instant,
+    rate: u64,
+    pid: Option<u32>,
+    sample_every: usize,
+    mut rss: u64,
+) -> anyhow::Result<u64> {
+    let mut writer = etcd.connect().await?;
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    for (seq, at) in sent.iter().enumerate() {
+        tick.tick().await;
+        at.store(base.elapsed().as_nanos() as u64, Ordering::Release);
+        writer
+            .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
+            .await?;
+        if seq % sample_every == 0 {
+            rss = rss.max(pid.map_or(0, rss_kib));
+        }
+    }
+    Ok(rss)
+}
+
 #[derive(Debug, Clone, Default)]
 struct Row {
     watchers: usize,
@@ -227,19 +255,7 @@ async fn run_target(
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A fresh etcd per measurement: every watch it holds belongs to this target.
     let upstream_watches = etcd.metric("etcd_debugging_mvcc_watcher_total")?;
-    let mut writer = etcd.connect().await?;
-    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
-    let mut rss = 0;
-    for seq in 0..puts {
-        tick.tick().await;
-        sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
-        writer
-            .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
-            .await?;
-        if seq % 50 == 0 {
-            rss = rss.max(t.pid.map_or(0, rss_kib));
-        }
-    }
+    let mut rss = write_paced(etcd, &sent, base, rate, t.pid, 50, 0).await?;
     let mut lat = Vec::new();
     for r in readers {
         lat.extend(r.await?);
@@ -497,22 +513,7 @@ async fn run_connections(
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(async {
-            let mut writer = etcd.connect().await?;
-            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
-            let mut peak = idle_kib;
-            for seq in 0..puts {
-                tick.tick().await;
-                sent[seq].store(base.elapsed().as_nanos() as u64, Ordering::Release);
-                writer
-                    .put(format!("{PREFIX}k{}", seq % 64), seq.to_string(), None)
-                    .await?;
-                if seq % 10 == 0 {
-                    peak = peak.max(t.pid.map_or(0, rss_kib));
-                }
-            }
-            Ok(peak)
-        })
+        rt.block_on(write_paced(etcd, &sent, base, rate, t.pid, 10, idle_kib))
     };
     // This worker's readers move to another while it waits.
     let mut peak = tokio::task::block_in_place(|| {
